@@ -1,0 +1,7 @@
+"""aunn_fast: Absolute Unit Neural Networks, trained and run fast."""
+from .config import AUNNConfig
+from .model import AUNN
+from .params import AUNNParams
+
+__all__ = ["AUNN", "AUNNConfig", "AUNNParams"]
+__version__ = "0.1.0"

@@ -1,0 +1,114 @@
+"""Backend dispatch: which implementation computes logits, loss and predictions.
+
+Every backend takes flat, validated int64 indices [N] (and int64 targets [N]) plus
+the float32 parameters, and returns float32 logits [N, V], a scalar loss, or int64
+predictions [N]. ``reference`` always exists; ``compile`` is the reference under
+``torch.compile``; ``triton`` is the fused kernel path (``aunn_fast.kernels``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+from .config import PRECISIONS
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    logits: Callable[..., torch.Tensor]
+    loss: Callable[..., torch.Tensor]
+    predict: Callable[..., torch.Tensor]
+    precisions: tuple[str, ...]
+    unavailable_reason: Callable[[torch.device], str | None]
+
+
+def _always_available(device: torch.device) -> str | None:
+    return None
+
+
+def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    compiled: dict[str, Callable[..., torch.Tensor]] = {}
+
+    def run(*args: object, **kwargs: object) -> torch.Tensor:
+        if "fn" not in compiled:
+            compiled["fn"] = torch.compile(fn, dynamic=False)
+        return compiled["fn"](*args, **kwargs)
+
+    return run
+
+
+def _compile_unavailable(device: torch.device) -> str | None:
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception as exc:  # pragma: no cover - torch builds without dynamo
+        return f"torch.compile is unavailable: {exc}"
+    return None
+
+
+def _import_kernels():  # type: ignore[no-untyped-def]
+    """The fused-kernel module, imported on first use (importing triton is slow)."""
+    from . import kernels
+
+    return kernels
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    try:
+        kernels = _import_kernels()
+    except ImportError as exc:
+        return f"the triton backend needs the `triton` package, which failed to import: {exc}"
+    return kernels.unavailable_reason(device)
+
+
+def _triton_op(op: str) -> Callable[..., torch.Tensor]:
+    def run(*args: object, **kwargs: object) -> torch.Tensor:
+        return getattr(_import_kernels(), op)(*args, **kwargs)
+
+    return run
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", reference.logits, reference.loss, reference.predict,
+                         PRECISIONS, _always_available),
+    "compile": Backend("compile", _compiled(reference.logits), _compiled(reference.loss),
+                       _compiled(reference.predict), PRECISIONS, _compile_unavailable),
+    "triton": Backend("triton", _triton_op("logits"), _triton_op("loss"), _triton_op("predict"),
+                      PRECISIONS, _triton_unavailable),
+}
+
+
+def available_backends(device: torch.device | str) -> dict[str, str | None]:
+    """Every backend's name mapped to None (usable on device) or the reason it is not."""
+    device = torch.device(device)
+    return {name: backend.unavailable_reason(device) for name, backend in BACKENDS.items()}
+
+
+def resolve_backend(name: str, device: torch.device | str) -> Backend:
+    """The backend called ``name`` for tensors on ``device``; "auto" picks the fastest usable one."""
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda" and BACKENDS["triton"].unavailable_reason(device) is None:
+            return BACKENDS["triton"]
+        return BACKENDS["reference"]
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    reason = BACKENDS[name].unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is unavailable on {device}: {reason}")
+    return BACKENDS[name]
+
+
+def resolve_precision(name: str, device: torch.device | str, backend: Backend) -> str:
+    """The precision to run; "auto" is bf16 on CUDA (where the backend offers it), else fp32."""
+    device = torch.device(device)
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and "bf16" in backend.precisions else "fp32"
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; choose from auto, {', '.join(PRECISIONS)}")
+    if name not in backend.precisions:
+        raise ValueError(f"backend {backend.name!r} does not offer precision {name!r}")
+    return name

@@ -1,0 +1,139 @@
+"""Safetensors checkpoints (never pickles) and the seed notebook's state-dict layout.
+
+A checkpoint holds the parameters under their :class:`AUNNParams` names, any extra
+tensors (optimizer state, under an ``extra.`` prefix) and string metadata: the
+format tag, the config as JSON, the vocabulary and the data description.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import AUNNConfig
+from .params import AUNNParams
+
+if TYPE_CHECKING:
+    from .model import AUNN
+
+FORMAT = "aunn_fast/1"
+EXTRA_PREFIX = "extra."
+
+
+def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
+    """Call write(tmp_path) then rename tmp over path, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save(path: str | os.PathLike[str], model: "AUNN", extra: dict[str, torch.Tensor] | None = None,
+         extra_metadata: dict[str, str] | None = None) -> None:
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.params._asdict().items()}
+    for name, t in (extra or {}).items():
+        tensors[EXTRA_PREFIX + name] = t.detach().to("cpu").contiguous()
+    metadata = {
+        "format": FORMAT,
+        "config": model.cfg.to_json(),
+        "vocab": json.dumps(model.vocab),
+        "data": json.dumps(model.data_description),
+        **(extra_metadata or {}),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read(path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of an aunn_fast checkpoint; ValueError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise ValueError(f"{path} is a safetensors file but not an aunn_fast checkpoint "
+                                 f"(format tag {metadata.get('format')!r}, expected {FORMAT!r})")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ValueError(f"{path} is not a readable checkpoint (truncated, or not safetensors): {exc}") from exc
+    return tensors, metadata
+
+
+def load_model(cls: type["AUNN"], path: str | os.PathLike[str], backend: str, precision: str,
+               map_location: str | torch.device) -> "AUNN":
+    tensors, metadata = read(path, map_location)
+    try:
+        cfg = AUNNConfig.from_json(metadata["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} has no valid config: {exc}") from exc
+    model = cls(cfg, backend=backend, precision=precision).to(map_location)
+    model.load_params(tensors)
+    model.vocab = json.loads(metadata.get("vocab", "null"))
+    model.data_description = json.loads(metadata.get("data", "null"))
+    return model
+
+
+def extra_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors saved through ``extra``, with their prefix removed."""
+    return {name[len(EXTRA_PREFIX):]: t for name, t in tensors.items() if name.startswith(EXTRA_PREFIX)}
+
+
+# -- the seed notebook's layout: nn.Sequential(Linear, SiLU, RMSNorm) per layer ---------------
+
+def from_seed_state_dict(cls: type["AUNN"], state_dict: dict[str, torch.Tensor], **kwargs: Any) -> "AUNN":
+    try:
+        hidden, bits = state_dict["input_layer.0.weight"].shape
+        vocab = state_dict["output_layer.weight"].shape[0]
+    except KeyError as exc:
+        raise ValueError(f"not a seed AUNN state dict: missing {exc}") from exc
+    n_hidden = len({key.split(".")[1] for key in state_dict if key.startswith("layers.")})
+    config_fields = {f: kwargs.pop(f) for f in ("eps", "residual_every") if f in kwargs}
+    cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=n_hidden + 2, bits=bits, **config_fields)
+    model = cls(cfg, **kwargs)
+
+    def stack(suffix: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if n_hidden == 0:
+            return torch.empty(0, *shape)
+        return torch.stack([state_dict[f"layers.{i}.{suffix}"] for i in range(n_hidden)])
+
+    model.load_params({
+        "in_weight": state_dict["input_layer.0.weight"],
+        "in_bias": state_dict["input_layer.0.bias"],
+        "in_gain": state_dict["input_layer.2.weight"],
+        "hidden_weight": stack("0.weight", (hidden, hidden)),
+        "hidden_bias": stack("0.bias", (hidden,)),
+        "hidden_gain": stack("2.weight", (hidden,)),
+        "out_weight": state_dict["output_layer.weight"],
+        "out_bias": state_dict["output_layer.bias"],
+    })
+    return model
+
+
+def to_seed_state_dict(model: "AUNN") -> dict[str, torch.Tensor]:
+    p: AUNNParams = model.params
+    sd = {
+        "input_layer.0.weight": p.in_weight,
+        "input_layer.0.bias": p.in_bias,
+        "input_layer.2.weight": p.in_gain,
+        "output_layer.weight": p.out_weight,
+        "output_layer.bias": p.out_bias,
+    }
+    for i in range(model.cfg.hidden_layers):
+        sd[f"layers.{i}.0.weight"] = p.hidden_weight[i]
+        sd[f"layers.{i}.0.bias"] = p.hidden_bias[i]
+        sd[f"layers.{i}.2.weight"] = p.hidden_gain[i]
+    return {k: v.detach().clone() for k, v in sd.items()}

@@ -1,0 +1,283 @@
+"""The ``aunn`` command line: train, eval, generate, condition, demo, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import AUNNConfig
+from .data import data_from_description, decode, encode, load_data
+from .evaluate import evaluate
+from .inference import condition, generate, generate_by_backprop
+from .model import AUNN
+from .report import write_report
+from .train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, _read_log, load_run, save_run, train, make_optimizer
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--backend", default="auto", help="auto, reference, compile or triton (default auto)")
+    p.add_argument("--precision", default="auto", help="auto, fp32, tf32 or bf16 (default auto)")
+
+
+def _add_condition_options(p: argparse.ArgumentParser, steps: int = 1, lr: float = 0.1) -> None:
+    p.add_argument("--steps", type=int, default=steps, help=f"SGD steps of conditioning (default {steps})")
+    p.add_argument("--lr", type=float, default=lr, help=f"SGD learning rate of conditioning (default {lr})")
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hidden", type=int, default=64, help="hidden width H (default 64)")
+    p.add_argument("--layers", type=int, default=8, help="layers incl. input layer and head (default 8)")
+    p.add_argument("--bits", type=int, default=64, help="binary digits of the index (default 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="indices per step (default 2048)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=None, help="passes over the data (default 10)")
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides epochs)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the initial weights and batch order (default 0)")
+    p.add_argument("--log-every", type=int, default=None, help="steps between log rows (default 50)")
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default 2000)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aunn", description="Absolute Unit Neural Networks, trained and run fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on a dataset")
+    p.add_argument("--data", required=False, help="toy[:CHUNKS[:SEED]], text:PATH or bytes:PATH")
+    p.add_argument("--out", required=True, type=Path, help="run directory (checkpoint, log)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_training_options(p)
+    _add_runtime_options(p)
+
+    p = sub.add_parser("eval", help="write metrics.json, report.md and plots into a run directory")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--trials", type=int, default=30, help="conditioning trials (toy data; default 30)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled evaluations (default 0)")
+    _add_condition_options(p)
+    _add_runtime_options(p)
+
+    p = sub.add_parser("generate", help="print the model's tokens past the end of the data (or from any index)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--start", default="END", help="END (the first index after the data) or an index")
+    p.add_argument("--length", type=int, default=200, help="tokens to print (default 200)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = argmax (default), else softmax sampling")
+    p.add_argument("--by-backprop", action="store_true",
+                   help="Gwern's scheme: train on each prediction as data before predicting the next")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    _add_condition_options(p)
+    _add_runtime_options(p)
+
+    p = sub.add_parser("condition", help="teach a copy of the model a prompt by backprop, show what follows")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--prompt", required=True, help="text placed at --at .. --at+len-1")
+    p.add_argument("--at", default="END", help="END (the first index after the data) or an index")
+    p.add_argument("--show", type=int, default=40, help="tokens shown after the prompt (default 40)")
+    p.add_argument("--save", type=Path, default=None, help="write the conditioned model to this new run directory")
+    _add_condition_options(p, steps=1, lr=0.1)
+    _add_runtime_options(p)
+
+    p = sub.add_parser("demo", help="the seed experiment end to end: train on toy data, evaluate, plot")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="run directory (default ./demo_out)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu: sized for a 2-core CPU (default); seed: the seed notebook's own run (GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_runtime_options(p)
+
+    p = sub.add_parser("bench", help="the benchmark suite (same options as bench/run.py)", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _index(value: str, data_length: int) -> int:
+    if value.upper() == "END":
+        return data_length
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"aunn: expected END or an integer index, got {value!r}") from None
+
+
+def _open_run(args: argparse.Namespace) -> AUNN:
+    path = args.run_dir / CHECKPOINT_NAME
+    if not path.exists():
+        raise SystemExit(f"aunn: no checkpoint in {args.run_dir} (expected {CHECKPOINT_NAME})")
+    return AUNN.load(path, backend=args.backend, precision=args.precision, map_location=args.device)
+
+
+def _data_length(model: AUNN) -> int:
+    if not model.data_description:
+        raise SystemExit("aunn: the checkpoint does not say which data it was trained on; pass an index, not END")
+    return int(model.data_description["length"])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    saved: dict[str, Any] = {}
+    if args.resume:
+        model, state, _, _ = load_run(args.out, args.device, args.backend, args.precision)
+        saved = state.get("train_config", {})
+        data = data_from_description(model.data_description, model.vocab)
+        if args.data and load_data(args.data).describe() != data.describe():
+            raise SystemExit("aunn: --data differs from the data of the run being resumed")
+    else:
+        if not args.data:
+            raise SystemExit("aunn train: --data is required (toy, text:PATH or bytes:PATH)")
+        data = load_data(args.data)
+        cfg = AUNNConfig(vocab_size=data.vocab_size, hidden=args.hidden, layers=args.layers, bits=args.bits)
+        seed = args.seed if args.seed is not None else 0
+        model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=seed).to(args.device)
+    overrides = {name: getattr(args, name) for name in ("batch_size", "epochs", "steps", "lr", "weight_decay",
+                                                        "seed", "log_every", "save_every")
+                 if getattr(args, name) is not None}
+    if "epochs" in overrides:
+        saved.pop("steps", None)
+    train_cfg = TrainConfig(**{**saved, **overrides})
+    print(f"training {model.cfg} on {data.describe()} for {train_cfg.total_steps(data.length)} steps "
+          f"({args.device}, backend {model.active_backend().name}, precision {model.active_precision()})")
+    try:
+        rows = train(model, data, train_cfg, args.out, resume=args.resume, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted: resume with `aunn train --out {args.out} --resume`", file=sys.stderr)
+        return 130
+    if rows:
+        last = rows[-1]
+        print(f"done: step {int(last['step'])}, loss {last['loss']:.5f}, batch accuracy {last['accuracy']:.4f}; "
+              f"checkpoint {args.out / CHECKPOINT_NAME}")
+    return 0
+
+
+def _evaluate_run(model: AUNN, run_dir: Path, trials: int, steps: int, lr: float, seed: int) -> dict[str, Any]:
+    data = data_from_description(model.data_description, model.vocab)
+    metrics = evaluate(model, data, seed=seed, condition_trials=trials, condition_steps=steps, condition_lr=lr)
+    log_rows = [{k: float(v) for k, v in row.items()} for row in _read_log(run_dir / LOG_NAME, 1 << 62)]
+    write_report(run_dir, model, data, metrics, log_rows)
+    return metrics
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    lines = [f"training accuracy   {metrics['train_accuracy']:.4%}",
+             f"training loss       {metrics['train_loss']:.5f} nats ({metrics['bits_per_token']:.5f} bits/token)"]
+    hist = ", ".join(f"{t!r}: {h['predicted']:.3f}" for t, h in list(metrics["histogram"].items())[:8])
+    lines.append(f"predicted histogram {hist}")
+    if "extrapolation" in metrics:
+        ext = metrics["extrapolation"]
+        lines.append("valid |xxx chunks   " + ", ".join(f"{k}: {v:.3f}" for k, v in ext.items()))
+        cond = metrics["conditioning"]
+        lines.append(f"conditioning        {cond['success_rate']:.1%} success over {cond['trials']} trials "
+                     f"({cond['steps']} SGD step(s), lr {cond['lr']}); training accuracy after "
+                     f"{cond['train_accuracy_after']:.4%}")
+        for e in cond["examples"][:3]:
+            lines.append(f"    at {e['index']}: taught {e['taught']!r}: {e['before']!r} -> {e['after']!r}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model = _open_run(args)
+    metrics = _evaluate_run(model, args.run_dir, args.trials, args.steps, args.lr, args.seed)
+    print(_summary(metrics))
+    print(f"wrote {args.run_dir}/metrics.json, report.md and plots")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model = _open_run(args)
+    start = _index(args.start, _data_length(model) if args.start.upper() == "END" else 0)
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.by_backprop:
+        tokens = generate_by_backprop(model, start, args.length, args.temperature, args.steps, args.lr, generator)
+    else:
+        tokens = generate(model, start, args.length, args.temperature, generator)
+    print(decode(tokens, model.vocab))
+    return 0
+
+
+def cmd_condition(args: argparse.Namespace) -> int:
+    model = _open_run(args)
+    at = _index(args.at, _data_length(model) if args.at.upper() == "END" else 0)
+    try:
+        prompt = torch.tensor(encode(args.prompt, model.vocab), dtype=torch.int64)
+    except ValueError as exc:
+        raise SystemExit(f"aunn condition: {exc}") from None
+    after_prompt = at + prompt.numel()
+    tuned = condition(model, prompt, at, steps=args.steps, lr=args.lr)
+    span = prompt.numel() + args.show
+    print(f"prompt {args.prompt!r} taught at indices {at}..{after_prompt - 1} "
+          f"({args.steps} SGD step(s), lr {args.lr})")
+    print(f"before: {decode(generate(model, at, span), model.vocab)!r}")
+    print(f"after:  {decode(generate(tuned, at, span), model.vocab)!r}")
+    if args.save is not None:
+        args.save.mkdir(parents=True, exist_ok=True)
+        tuned.save(args.save / CHECKPOINT_NAME)
+        print(f"conditioned model saved to {args.save / CHECKPOINT_NAME}")
+    return 0
+
+
+@dataclass(frozen=True)
+class Preset:
+    data: str
+    hidden: int
+    layers: int
+    train: TrainConfig
+    condition_steps: int
+    condition_lr: float
+
+
+PRESETS = {
+    "cpu": Preset("toy:10000", 64, 8, TrainConfig(batch_size=2048, epochs=150, lr=3e-3, log_every=20,
+                                                  save_every=10**9), 1, 0.1),
+    "seed": Preset("toy:100000", 512, 8, TrainConfig(batch_size=2048, epochs=500, lr=1e-3, log_every=200,
+                                                     save_every=20_000), 1, 0.1),
+}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    preset = PRESETS[args.preset]
+    data = load_data(preset.data)
+    cfg = AUNNConfig(vocab_size=data.vocab_size, hidden=preset.hidden, layers=preset.layers)
+    model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=preset.train.seed).to(args.device)
+    if (args.out / CHECKPOINT_NAME).exists():
+        shutil.rmtree(args.out)
+    print(f"demo ({args.preset}): {data.describe()}, {cfg}, {preset.train.total_steps(data.length)} steps "
+          f"of {preset.train.batch_size} on {args.device} (backend {model.active_backend().name}, "
+          f"precision {model.active_precision()})")
+    began = time.perf_counter()
+    train(model, data, preset.train, args.out, progress=not args.quiet)
+    trained = time.perf_counter()
+    metrics = _evaluate_run(model, args.out, 30, preset.condition_steps, preset.condition_lr, 0)
+    print(f"trained in {trained - began:.1f} s, evaluated in {time.perf_counter() - trained:.1f} s")
+    print(_summary(metrics))
+    print(f"generated after the data: {decode(generate(model, data.length, 40), model.vocab)!r}")
+    print(f"wrote {args.out}/metrics.json, report.md, plots and the checkpoint")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.run import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "condition": cmd_condition,
+            "demo": cmd_demo, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"aunn {args.command}: error: {exc}", file=sys.stderr)
+        return 2

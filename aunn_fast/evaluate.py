@@ -1,0 +1,143 @@
+"""What ``aunn eval`` and ``aunn demo`` measure: fit, extrapolation and conditioning.
+
+All figures are computed from the model and the dataset; ``metrics.json`` holds them,
+``report.md`` and the PNG plots show them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .data import Dataset, ToyData, decode
+from .inference import condition
+from .model import AUNN
+
+EVAL_BATCH = 65_536
+FIT_SAMPLE_LIMIT = 1 << 22   # larger datasets are scored on a random sample of this many indices
+HISTOGRAM_SPAN = 100_000     # indices after the data whose predictions are histogrammed
+EXTRAPOLATION_WINDOW = 4_000
+
+
+def _batches(idx: torch.Tensor) -> list[torch.Tensor]:
+    return list(idx.split(EVAL_BATCH))
+
+
+@torch.no_grad()
+def fit(model: AUNN, data: Dataset, generator: torch.Generator) -> dict[str, Any]:
+    """Training accuracy, mean loss and bits per token over the data (or a sample of it)."""
+    if data.length <= FIT_SAMPLE_LIMIT:
+        idx = torch.arange(data.length, dtype=torch.int64)
+    else:
+        idx = torch.randint(0, data.length, (FIT_SAMPLE_LIMIT,), generator=generator)
+    correct, total_loss = 0, 0.0
+    for chunk in _batches(idx.to(model.device)):
+        targets = data.targets(chunk)
+        logits = model(chunk)
+        correct += int((logits.argmax(-1) == targets).sum())
+        total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
+    loss = total_loss / idx.numel()
+    return {"train_accuracy": correct / idx.numel(), "train_loss": loss, "bits_per_token": loss / math.log(2),
+            "scored_indices": idx.numel()}
+
+
+@torch.no_grad()
+def predictions(model: AUNN, start: int, length: int) -> torch.Tensor:
+    """int64 [length] argmax tokens at start .. start+length-1 (on the CPU)."""
+    idx = torch.arange(start, start + length, dtype=torch.int64, device=model.device)
+    return torch.cat([model.predict(chunk) for chunk in _batches(idx)]).cpu()
+
+
+def histogram(model: AUNN, data: Dataset, generator: torch.Generator) -> dict[str, dict[str, float]]:
+    """Fraction of each token among predictions past the data, beside its fraction in the data."""
+    vocab_size = model.cfg.vocab_size
+    predicted = torch.bincount(predictions(model, data.length, HISTOGRAM_SPAN), minlength=vocab_size).double()
+    sample = torch.randint(0, data.length, (min(data.length, HISTOGRAM_SPAN),), generator=generator)
+    actual = torch.bincount(data.targets(sample).cpu(), minlength=vocab_size).double()
+    names = _token_names(model)
+    predicted, actual = predicted / predicted.sum(), actual / actual.sum()
+    return {names[i]: {"predicted": float(predicted[i]), "training": float(actual[i])}
+            for i in range(vocab_size) if predicted[i] > 0 or actual[i] > 0}
+
+
+def _token_names(model: AUNN) -> list[str]:
+    if model.vocab is not None:
+        return list(model.vocab)
+    return [decode([i], None) if i < 128 else f"0x{i:02x}" for i in range(model.cfg.vocab_size)]
+
+
+def valid_chunk_fraction(tokens: torch.Tensor) -> float:
+    """Fraction of 4-token chunks (tokens [4k]) that read `|` then one letter three times."""
+    chunks = tokens.reshape(-1, 4)
+    valid = (chunks[:, 0] == 0) & (chunks[:, 1] > 0) & (chunks[:, 1:] == chunks[:, 1:2]).all(1)
+    return float(valid.double().mean())
+
+
+def extrapolation_windows(length: int) -> dict[str, tuple[int, int]]:
+    """(start, size) of each extrapolation bin; every start is 4-aligned."""
+    align = lambda i: (i + 3) // 4 * 4  # noqa: E731
+    boundary = 1 << max(length, 1).bit_length()  # the first power of two above the data
+    return {
+        "near": (align(length), 100),
+        "1k": (align(length + 1_000), EXTRAPOLATION_WINDOW),
+        "100k": (align(length + 100_000), EXTRAPOLATION_WINDOW),
+        "10M": (align(length + 10_000_000), EXTRAPOLATION_WINDOW),
+        "pow2_boundary": (align(boundary - EXTRAPOLATION_WINDOW // 2), EXTRAPOLATION_WINDOW),
+    }
+
+
+def extrapolation(model: AUNN, data: ToyData) -> dict[str, Any]:
+    """Per bin, the fraction of chunks predicted as a valid `|xxx`; plus the chance level."""
+    bins = {name: valid_chunk_fraction(predictions(model, start, size))
+            for name, (start, size) in extrapolation_windows(data.length).items()}
+    v = model.cfg.vocab_size
+    bins["chance_uniform"] = (1 / v) * (v - 1) * (1 / v) ** 3
+    return bins
+
+
+def conditioning(model: AUNN, data: ToyData, trials: int, steps: int, lr: float,
+                 generator: torch.Generator) -> dict[str, Any]:
+    """Teach `|` and a letter at a fresh chunk past the data; success when the chunk's last two predictions follow.
+
+    The letter taught is always one the model did not already predict there, so a
+    success is a real flip (e.g. `|aaa` to `|ccc`). Collateral drift is the training
+    accuracy of the conditioned copies on a fixed sample of training indices.
+    """
+    sample = torch.randint(0, data.length, (min(data.length, 8192),), generator=generator).to(model.device)
+    sample_targets = data.targets(sample)
+    successes, drift, examples = 0, [], []
+    for trial in range(trials):
+        chunk_start = data.length + 4 * (trial * 997 + 1)
+        before = predictions(model, chunk_start, 4)
+        choices = [t for t in (1, 2, 3) if t != int(before[1])]
+        letter = choices[int(torch.randint(0, len(choices), (1,), generator=generator))]
+        prompt = torch.tensor([0, letter], dtype=torch.int64)
+        tuned = condition(model, prompt, chunk_start, steps=steps, lr=lr)
+        after = predictions(tuned, chunk_start, 4)
+        success = bool((after[2:] == letter).all())
+        successes += success
+        with torch.no_grad():
+            drift.append(float((tuned.predict(sample) == sample_targets).float().mean()))
+        if trial < 5:
+            examples.append({"index": chunk_start, "taught": decode([0, letter], data.vocab),
+                             "before": decode(before, data.vocab), "after": decode(after, data.vocab),
+                             "success": success})
+    return {"success_rate": successes / trials, "trials": trials, "steps": steps, "lr": lr,
+            "optimizer": "SGD", "train_accuracy_after": sum(drift) / len(drift), "examples": examples}
+
+
+def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 30,
+             condition_steps: int = 1, condition_lr: float = 0.1) -> dict[str, Any]:
+    """Every metric of metrics.json for this model and dataset."""
+    generator = torch.Generator().manual_seed(seed)
+    metrics: dict[str, Any] = {"data": data.describe(), "config": model.cfg.__dict__.copy()}
+    metrics.update(fit(model, data, generator))
+    metrics["histogram"] = histogram(model, data, generator)
+    if isinstance(data, ToyData):
+        metrics["extrapolation"] = extrapolation(model, data)
+        metrics["extrapolation_windows"] = {k: list(v) for k, v in extrapolation_windows(data.length).items()}
+        metrics["conditioning"] = conditioning(model, data, condition_trials, condition_steps, condition_lr,
+                                               generator)
+    return metrics

@@ -1,0 +1,70 @@
+"""Generation and conditioning by backprop: the two ways an AUNN is prompted.
+
+Generation reads predictions at indices past the end of the data. Conditioning
+teaches a *copy* of the model a prompt at indices ``at .. at+P-1`` with a few SGD
+steps and then reads its predictions after the prompt; the original model is untouched.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .model import AUNN
+
+
+def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """float [..., V] logits -> int64 [...] tokens: argmax at temperature 0, else softmax sampling."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1, generator=generator)
+    return flat.reshape(logits.shape[:-1]).to(logits.device)
+
+
+@torch.no_grad()
+def generate(model: AUNN, start: int, length: int, temperature: float = 0.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Tokens at indices start .. start+length-1: int64 [length]."""
+    idx = torch.arange(start, start + length, device=model.device, dtype=torch.int64)
+    if temperature == 0:
+        return model.predict(idx)
+    return sample(model(idx), temperature, generator)
+
+
+def condition(model: AUNN, prompt: torch.Tensor, at: int, steps: int = 1, lr: float = 0.1) -> AUNN:
+    """A copy of ``model`` after ``steps`` SGD steps on the prompt (int64 [P]) placed at indices at..at+P-1."""
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    tuned = copy.deepcopy(model)
+    prompt = prompt.to(tuned.device, torch.int64)
+    idx = torch.arange(at, at + prompt.numel(), device=tuned.device, dtype=torch.int64)
+    optimizer = torch.optim.SGD(tuned.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        tuned.loss(idx, prompt).backward()
+        optimizer.step()
+    return tuned
+
+
+def generate_by_backprop(model: AUNN, start: int, length: int, temperature: float = 0.0, steps: int = 1,
+                         lr: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gwern's sampling scheme: predict index i, train a copy on (i, prediction) as data, move to i+1.
+
+    Returns int64 [length]; the model passed in is untouched.
+    """
+    tuned = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(tuned.parameters(), lr=lr)
+    out = torch.empty(length, dtype=torch.int64)
+    for offset in range(length):
+        idx = torch.tensor([start + offset], device=tuned.device, dtype=torch.int64)
+        with torch.no_grad():
+            token = sample(tuned(idx), temperature, generator)
+        out[offset] = token.item()
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            tuned.loss(idx, token).backward()
+            optimizer.step()
+    return out

@@ -1,0 +1,126 @@
+"""The AUNN module: parameters, input checks, and dispatch to a backend."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .backends import Backend, resolve_backend, resolve_precision
+from .config import AUNNConfig
+from .params import AUNNParams, init_params, param_shapes
+from .validation import check_indices, check_targets
+
+
+class AUNN(nn.Module):
+    """An MLP that predicts the token at an absolute index from the index alone.
+
+    ``backend``: "auto" (triton on CUDA when available, else reference), "reference",
+    "compile" or "triton". ``precision``: "auto" (bf16 on CUDA, fp32 on CPU), "fp32",
+    "tf32" or "bf16". Both can be changed later as attributes. ``validate`` (default
+    True) checks index and target ranges before every call; turning it off skips a
+    device sync, e.g. inside a captured CUDA graph.
+    """
+
+    def __init__(self, cfg: AUNNConfig | None = None, backend: str = "auto", precision: str = "auto",
+                 seed: int | None = None, **config_kwargs: Any) -> None:
+        super().__init__()
+        if cfg is None:
+            cfg = AUNNConfig(**config_kwargs)
+        elif config_kwargs:
+            raise TypeError("pass either an AUNNConfig or config keyword arguments, not both")
+        self.cfg = cfg
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, tensor in init_params(cfg, generator)._asdict().items():
+            self.register_parameter(name, nn.Parameter(tensor))
+        self.backend = backend
+        self.precision = precision
+        self.validate = True
+        self.vocab: list[str] | None = None
+        self.data_description: dict[str, Any] | None = None
+
+    # -- configuration -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.in_weight.device
+
+    @property
+    def params(self) -> AUNNParams:
+        return AUNNParams(*(getattr(self, name) for name in AUNNParams._fields))
+
+    def active_backend(self) -> Backend:
+        return resolve_backend(self.backend, self.device)
+
+    def active_precision(self) -> str:
+        return resolve_precision(self.precision, self.device, self.active_backend())
+
+    def extra_repr(self) -> str:
+        return f"{self.cfg}, backend={self.backend!r}, precision={self.precision!r}"
+
+    # -- compute ---------------------------------------------------------------------
+    def _indices(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = check_indices(idx, self.cfg, check_range=self.validate)
+        if idx.device != self.device:
+            raise ValueError(f"indices are on {idx.device} but the model is on {self.device}")
+        return idx
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """int64 indices [...] -> float32 logits [..., vocab]."""
+        idx = self._indices(idx)
+        backend = self.active_backend()
+        flat = backend.logits(idx.reshape(-1).contiguous(), self.params, self.cfg, self.active_precision())
+        return flat.reshape(*idx.shape, self.cfg.vocab_size)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of int targets at int64 indices (same shape); a float32 scalar."""
+        idx = self._indices(idx)
+        targets = check_targets(targets, idx, self.cfg, check_range=self.validate)
+        if idx.numel() == 0:
+            return sum(p.sum() for p in self.parameters()) * 0.0
+        backend = self.active_backend()
+        return backend.loss(idx.reshape(-1).contiguous(), targets.reshape(-1).contiguous(),
+                            self.params, self.cfg, self.active_precision())
+
+    @torch.no_grad()
+    def predict(self, idx: torch.Tensor) -> torch.Tensor:
+        """int64 indices [...] -> int64 argmax tokens [...]."""
+        idx = self._indices(idx)
+        backend = self.active_backend()
+        flat = backend.predict(idx.reshape(-1).contiguous(), self.params, self.cfg, self.active_precision())
+        return flat.reshape(idx.shape)
+
+    # -- persistence -------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], extra: dict[str, torch.Tensor] | None = None,
+             extra_metadata: dict[str, str] | None = None) -> None:
+        """Write parameters, config, vocabulary and data description to a safetensors file, atomically."""
+        checkpoint.save(path, self, extra, extra_metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], backend: str = "auto", precision: str = "auto",
+             map_location: str | torch.device = "cpu") -> "AUNN":
+        """Read a file written by :meth:`save`; raises ValueError for truncated or foreign files."""
+        return checkpoint.load_model(cls, path, backend, precision, map_location)
+
+    @classmethod
+    def from_seed_state_dict(cls, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> "AUNN":
+        """Build from the seed notebook's state dict; the config is inferred from its shapes."""
+        return checkpoint.from_seed_state_dict(cls, state_dict, **kwargs)
+
+    def to_seed_state_dict(self) -> dict[str, torch.Tensor]:
+        """The seed notebook's state-dict layout (inverse of :meth:`from_seed_state_dict`)."""
+        return checkpoint.to_seed_state_dict(self)
+
+    def load_params(self, params: dict[str, torch.Tensor]) -> None:
+        """Copy tensors named as in :class:`AUNNParams` into this model, checking every shape."""
+        expected = param_shapes(self.cfg)
+        missing = set(expected) - set(params)
+        if missing:
+            raise ValueError(f"missing parameters: {', '.join(sorted(missing))}")
+        with torch.no_grad():
+            for name, shape in expected.items():
+                tensor = params[name]
+                if tuple(tensor.shape) != shape:
+                    raise ValueError(f"parameter {name} has shape {tuple(tensor.shape)}, expected {shape}")
+                getattr(self, name).copy_(tensor)

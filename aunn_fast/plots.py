@@ -1,0 +1,84 @@
+"""PNG plots for ``aunn eval`` and ``aunn demo`` (matplotlib, headless)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+
+def loss_curve(rows: list[dict[str, float]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], label="loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    twin = ax.twinx()
+    twin.plot(steps, [r["accuracy"] for r in rows], color="tab:orange", label="batch accuracy")
+    twin.set_ylabel("batch accuracy")
+    twin.set_ylim(0, 1.02)
+    ax.set_title("Training loss and accuracy")
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.9))
+    _save(fig, path)
+
+
+def token_strips(strips: dict[str, torch.Tensor], start: int, vocab: list[str] | None, title: str,
+                 path: Path, marker: int | None = None) -> None:
+    """One coloured row of tokens per strip (all of equal length) over indices start.., optional marker line."""
+    names = list(strips)
+    grid = np.stack([strips[n].cpu().numpy() for n in names]).astype(float)
+    vocab_size = int(grid.max()) + 1 if vocab is None else len(vocab)
+    cmap = ListedColormap(plt.get_cmap("tab10" if vocab_size <= 10 else "tab20").colors[:max(vocab_size, 2)])
+    width = grid.shape[1]
+    fig, ax = plt.subplots(figsize=(min(16, 4 + width / 25), 1.2 + 0.5 * len(names)))
+    ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, interpolation="nearest",
+              extent=(start - 0.5, start + width - 0.5, len(names) - 0.5, -0.5))
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("index")
+    if marker is not None:
+        ax.axvline(marker - 0.5, color="black", linewidth=2)
+    if vocab is not None and len(vocab) <= 10:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(len(vocab))]
+        ax.legend(handles, [repr(t) for t in vocab], ncol=len(vocab), loc="upper center",
+                  bbox_to_anchor=(0.5, -0.35 - 0.1 * len(names)), frameon=False)
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def histogram(hist: dict[str, dict[str, float]], path: Path) -> None:
+    tokens = list(hist)
+    x = np.arange(len(tokens))
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(tokens)), 4))
+    ax.bar(x - 0.2, [hist[t]["training"] for t in tokens], width=0.4, label="training data")
+    ax.bar(x + 0.2, [hist[t]["predicted"] for t in tokens], width=0.4, label="predicted past the data")
+    ax.set_xticks(x, [repr(t) for t in tokens], rotation=90 if len(tokens) > 12 else 0)
+    ax.set_ylabel("fraction of tokens")
+    ax.set_title("Token histogram: training data vs 100,000 predictions after the data")
+    ax.legend()
+    _save(fig, path)
+
+
+def extrapolation(bins: dict[str, Any], path: Path) -> None:
+    names = [n for n in bins if n != "chance_uniform"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(names, [bins[n] for n in names])
+    ax.axhline(bins["chance_uniform"], color="red", linestyle="--", label="chance (uniform guesses)")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction of valid |xxx chunks")
+    ax.set_xlabel("window past the end of the data")
+    ax.set_title("Extrapolation: structure of predicted chunks")
+    ax.legend()
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,106 @@
+"""Writes what ``aunn eval`` produces in a run directory: metrics.json, report.md and PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import plots
+from .data import Dataset, ToyData, decode
+from .evaluate import EXTRAPOLATION_WINDOW, extrapolation_windows, predictions
+from .inference import condition
+from .model import AUNN
+
+STRIP = 200  # indices shown on each side of the end of the data
+
+
+def write_report(run_dir: Path, model: AUNN, data: Dataset, metrics: dict[str, Any],
+                 log_rows: list[dict[str, float]]) -> list[Path]:
+    """Write metrics.json, report.md and the plots into run_dir; returns the files written."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    written = [run_dir / "metrics.json"]
+    written[0].write_text(json.dumps(metrics, indent=2) + "\n")
+    images = _plots(run_dir, model, data, metrics, log_rows)
+    written += images
+    report = run_dir / "report.md"
+    report.write_text(_markdown(model, data, metrics, images))
+    written.append(report)
+    return written
+
+
+def _plots(run_dir: Path, model: AUNN, data: Dataset, metrics: dict[str, Any],
+           log_rows: list[dict[str, float]]) -> list[Path]:
+    images = []
+    if log_rows:
+        images.append(run_dir / "loss.png")
+        plots.loss_curve(log_rows, images[-1])
+    start = max(0, data.length - STRIP)
+    predicted = predictions(model, start, data.length + STRIP - start)
+    import torch
+
+    truth = torch.cat([data.targets(torch.arange(start, data.length)).cpu(),
+                       torch.full((STRIP,), -1, dtype=torch.int64)]).clamp(min=0)
+    images.append(run_dir / "end_of_data.png")
+    plots.token_strips({"data": truth[: predicted.numel()], "predicted": predicted}, start, model.vocab,
+                       "Predictions around the end of the data (black line); data row past it is blank",
+                       images[-1], marker=data.length)
+    far = data.length + 10_000_000
+    images.append(run_dir / "past_10M.png")
+    plots.token_strips({"predicted": predictions(model, far, 2 * STRIP)}, far, model.vocab,
+                       "Predictions 10 million indices past the end of the data", images[-1])
+    images.append(run_dir / "histogram.png")
+    plots.histogram(metrics["histogram"], images[-1])
+    if isinstance(data, ToyData):
+        images.append(run_dir / "extrapolation.png")
+        plots.extrapolation(metrics["extrapolation"], images[-1])
+        images.append(run_dir / "conditioning.png")
+        _conditioning_plot(model, metrics["conditioning"], images[-1])
+    return images
+
+
+def _conditioning_plot(model: AUNN, cond: dict[str, Any], path: Path) -> None:
+    example = cond["examples"][0]
+    at = example["index"]
+    import torch
+
+    prompt = torch.tensor([model.vocab.index(ch) for ch in example["taught"]], dtype=torch.int64)
+    tuned = condition(model, prompt, at, steps=cond["steps"], lr=cond["lr"])
+    start = at - 16
+    plots.token_strips({"before": predictions(model, start, 36), "after": predictions(tuned, start, 36)}, start,
+                       model.vocab, f"Conditioning: taught {example['taught']!r} at index {at} "
+                       f"({cond['steps']} SGD step(s), lr {cond['lr']})", path, marker=at)
+
+
+def _markdown(model: AUNN, data: Dataset, metrics: dict[str, Any], images: list[Path]) -> str:
+    lines = [
+        "# AUNN evaluation report", "",
+        f"Model: {model.cfg}", "", f"Data: {json.dumps(metrics['data'])}", "",
+        "| metric | value |", "|---|---|",
+        f"| training accuracy | {metrics['train_accuracy']:.4%} (over {metrics['scored_indices']:,} indices) |",
+        f"| training loss | {metrics['train_loss']:.5f} nats |",
+        f"| bits per token | {metrics['bits_per_token']:.5f} |", "",
+        "## Token histogram (100,000 predictions after the data)", "",
+        "| token | training | predicted |", "|---|---|---|",
+    ]
+    lines += [f"| {token!r} | {h['training']:.3f} | {h['predicted']:.3f} |"
+              for token, h in metrics["histogram"].items()]
+    if "extrapolation" in metrics:
+        windows = extrapolation_windows(data.length)
+        lines += ["", "## Extrapolation: fraction of valid `|xxx` chunks", "",
+                  "| window | first index | indices | valid |", "|---|---|---|---|"]
+        lines += [f"| {name} | {windows[name][0]:,} | {windows[name][1]:,} | {metrics['extrapolation'][name]:.3f} |"
+                  for name in windows]
+        lines += [f"| chance (uniform guesses) | | | {metrics['extrapolation']['chance_uniform']:.4f} |", "",
+                  f"Windows after `near` hold {EXTRAPOLATION_WINDOW:,} indices each."]
+        cond = metrics["conditioning"]
+        lines += ["", "## Conditioning by backprop", "",
+                  f"{cond['trials']} trials on fresh copies, {cond['steps']} {cond['optimizer']} step(s) at lr "
+                  f"{cond['lr']}: success rate **{cond['success_rate']:.1%}**; training accuracy of the "
+                  f"conditioned copies {cond['train_accuracy_after']:.4%}.", "",
+                  "| index | taught | before | after | success |", "|---|---|---|---|---|"]
+        lines += [f"| {e['index']:,} | `{e['taught']}` | `{e['before']}` | `{e['after']}` | {e['success']} |"
+                  for e in cond["examples"]]
+    sample = decode(predictions(model, data.length, 80), model.vocab)
+    lines += ["", "## Generated right after the data", "", "```", sample, "```", "", "## Plots", ""]
+    lines += [f"![{image.stem}]({image.name})" for image in images]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,200 @@
+"""Training loop: AdamW over shuffled index batches, logged, checkpointed, resumable.
+
+The batch at every step is a pure function of (seed, step), so a resumed run sees
+exactly the batches the uninterrupted run would have seen; with the optimizer state
+restored from the checkpoint, a resumed CPU run reproduces the same losses.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from .data import Dataset
+from .model import AUNN
+
+CHECKPOINT_NAME = "model.safetensors"
+LOG_NAME = "log.csv"
+LOG_FIELDS = ["step", "epoch", "loss", "accuracy", "indices_per_s", "elapsed_s"]
+PERMUTE_LIMIT = 1 << 27  # above this many indices an epoch samples uniformly instead of permuting
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Exactly one of ``epochs`` and ``steps`` sets the length (steps wins)."""
+
+    batch_size: int = 2048
+    epochs: float = 10.0
+    steps: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+    log_every: int = 50
+    save_every: int = 2000
+
+    def total_steps(self, length: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * self.steps_per_epoch(length)))
+
+    def steps_per_epoch(self, length: int) -> int:
+        return max(1, math.ceil(length / self.batch_size))
+
+
+class BatchSampler:
+    """Index batches for every step: a fresh permutation per epoch, or uniform draws for huge data."""
+
+    def __init__(self, length: int, batch_size: int, seed: int, device: torch.device) -> None:
+        self.length, self.batch_size, self.seed, self.device = length, batch_size, seed, device
+        self.steps_per_epoch = max(1, math.ceil(length / batch_size))
+        self._epoch: int | None = None
+        self._perm: torch.Tensor | None = None
+
+    def _generator(self, *key: int) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(hash((self.seed,) + key) & 0x7FFF_FFFF_FFFF_FFFF)
+        return gen
+
+    def indices(self, step: int) -> torch.Tensor:
+        """int64 [<= batch_size] indices for this step, on the sampler's device."""
+        if self.length > PERMUTE_LIMIT:
+            return torch.randint(0, self.length, (self.batch_size,), device=self.device,
+                                 generator=self._generator(1, step))
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._perm = torch.randperm(self.length, device=self.device, generator=self._generator(0, epoch))
+            self._epoch = epoch
+        assert self._perm is not None
+        return self._perm[within * self.batch_size:(within + 1) * self.batch_size]
+
+
+def make_optimizer(model: AUNN, cfg: TrainConfig) -> torch.optim.AdamW:
+    fused = model.device.type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    """Optimizer state as flat named tensors plus its param groups as JSON, for safetensors."""
+    state = optimizer.state_dict()
+    tensors = {f"optim.{pid}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
+               for pid, entry in state["state"].items() for key, value in entry.items()}
+    return tensors, json.dumps(state["param_groups"])
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: str) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(groups)})
+
+
+def save_run(run_dir: Path, model: AUNN, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+    tensors, groups = optimizer_tensors(optimizer)
+    model.save(run_dir / CHECKPOINT_NAME, extra=tensors, extra_metadata={
+        "optimizer_groups": groups,
+        "train_state": json.dumps({"step": step, "train_config": asdict(cfg)}),
+    })
+
+
+def load_run(run_dir: Path, device: torch.device | str = "cpu", backend: str = "auto",
+             precision: str = "auto") -> tuple[AUNN, dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+    """The model of a run directory, its training state, its extra tensors and its metadata."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    model = AUNN.load(path, backend=backend, precision=precision, map_location=device)
+    tensors, metadata = checkpoint.read(path, device)
+    state = json.loads(metadata.get("train_state", "null")) or {"step": 0}
+    return model, state, checkpoint.extra_tensors(tensors), metadata
+
+
+def _read_log(path: Path, up_to_step: int) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [row for row in csv.DictReader(f) if int(row["step"]) <= up_to_step]
+
+
+@torch.no_grad()
+def accuracy(model: AUNN, idx: torch.Tensor, targets: torch.Tensor) -> float:
+    return (model.predict(idx) == targets).float().mean().item() if idx.numel() else float("nan")
+
+
+def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | None = None,
+          resume: bool = False, progress: bool = True) -> list[dict[str, float]]:
+    """Train ``model`` on ``data``; returns the logged rows. Ctrl-C saves a checkpoint and re-raises.
+
+    With ``run_dir``, writes ``log.csv`` and ``model.safetensors`` there (every ``save_every``
+    steps and at the end, atomically). ``resume`` continues from that checkpoint.
+    """
+    run_path = Path(run_dir) if run_dir is not None else None
+    model.vocab, model.data_description = data.vocab, data.describe()
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    if resume:
+        if run_path is None:
+            raise ValueError("resume needs a run directory")
+        saved, state, extra, metadata = load_run(run_path, model.device)
+        model.load_params(saved.params._asdict())
+        restore_optimizer(optimizer, extra, metadata["optimizer_groups"])
+        start = int(state["step"])
+    total = cfg.total_steps(data.length)
+    sampler = BatchSampler(data.length, cfg.batch_size, cfg.seed, model.device)
+    rows = [{k: float(v) for k, v in r.items()} for r in _read_log(run_path / LOG_NAME, start)] if run_path else []
+    if run_path is not None:
+        run_path.mkdir(parents=True, exist_ok=True)
+        _write_log(run_path / LOG_NAME, rows)
+
+    step = start
+    began, seen = time.perf_counter(), 0
+    bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    try:
+        while step < total:
+            idx = sampler.indices(step)
+            targets = data.targets(idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss = model.loss(idx, targets)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            seen += idx.numel()
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - began
+                row = {"step": step, "epoch": step / sampler.steps_per_epoch, "loss": loss.item(),
+                       "accuracy": accuracy(model, idx, targets), "indices_per_s": seen / max(elapsed, 1e-9),
+                       "elapsed_s": elapsed}
+                rows.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
+                                idx_s=f"{row['indices_per_s']:.3g}")
+                if run_path is not None:
+                    _write_log(run_path / LOG_NAME, [row], append=True)
+            if run_path is not None and step % cfg.save_every == 0:
+                save_run(run_path, model, optimizer, step, cfg)
+    except KeyboardInterrupt:
+        if run_path is not None:
+            save_run(run_path, model, optimizer, step, cfg)
+            bar.write(f"interrupted at step {step}; checkpoint saved to {run_path / CHECKPOINT_NAME}")
+        raise
+    finally:
+        bar.close()
+    if run_path is not None:
+        save_run(run_path, model, optimizer, step, cfg)
+    return rows
+
+
+def _write_log(path: Path, rows: list[dict[str, float]], append: bool = False) -> None:
+    with path.open("a" if append else "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        if not append:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (int(row[k]) if k == "step" else row[k]) for k in LOG_FIELDS})

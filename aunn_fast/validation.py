@@ -1,0 +1,44 @@
+"""Input checks that run before any compute, so bad input fails with a clear message."""
+from __future__ import annotations
+
+import torch
+
+from .config import AUNNConfig
+
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_indices(idx: torch.Tensor, cfg: AUNNConfig, check_range: bool = True) -> torch.Tensor:
+    """Return idx as int64, raising TypeError/ValueError for anything that is not a valid index."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(idx).__name__}")
+    if idx.dtype not in INDEX_DTYPES:
+        raise TypeError(f"indices must be int64 (or int32), got {idx.dtype}; "
+                        "floating-point indices lose their low bits above 2**24")
+    idx = idx.to(torch.int64)
+    if check_range and idx.numel() > 0:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0:
+            raise ValueError(f"indices must be non-negative, got {lo}")
+        if hi > cfg.max_index:
+            raise ValueError(f"index {hi} does not fit in bits={cfg.bits} (largest valid index {cfg.max_index})")
+    return idx
+
+
+def check_targets(targets: torch.Tensor, idx: torch.Tensor, cfg: AUNNConfig, check_range: bool = True) -> torch.Tensor:
+    """Return targets as int64 of idx's shape, raising for wrong type, shape or out-of-vocabulary ids."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be integer token ids, got {targets.dtype}")
+    if targets.shape != idx.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match indices shape {tuple(idx.shape)}")
+    if targets.device != idx.device:
+        raise ValueError(f"targets are on {targets.device} but indices are on {idx.device}")
+    targets = targets.to(torch.int64)
+    if check_range and targets.numel() > 0:
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"target {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+    return targets

@@ -1,0 +1,78 @@
+"""Checkpoints: exact round trip, clear errors for truncated or foreign files, the seed layout."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from aunn_fast import AUNN, AUNNConfig
+
+from helpers import random_indices, random_model
+
+
+@pytest.fixture
+def model(generator):
+    m = random_model(AUNNConfig(vocab_size=3, hidden=16, layers=5, bits=33, residual_every=1), generator)
+    m.vocab = ["x", "y", "z"]
+    m.data_description = {"kind": "toy", "chunks": 7, "seed": 1, "length": 28}
+    return m
+
+
+def test_round_trip_is_exact(model, tmp_path, generator):
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    loaded = AUNN.load(path)
+    assert loaded.cfg == model.cfg and loaded.vocab == model.vocab
+    assert loaded.data_description == model.data_description
+    for a, b in zip(model.params, loaded.params):
+        assert torch.equal(a, b)
+    idx = random_indices(10, 33, generator)
+    assert torch.equal(model(idx), loaded(idx))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_truncated_checkpoint_is_a_value_error(model, tmp_path):
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    data = path.read_bytes()
+    for cut in (len(data) // 2, 20, 4):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="not a readable checkpoint"):
+            AUNN.load(path)
+
+
+def test_foreign_safetensors_file_is_a_value_error(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="not an aunn_fast checkpoint"):
+        AUNN.load(path)
+
+
+def test_pickle_is_never_loaded(model, tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(ValueError):
+        AUNN.load(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        AUNN.load(tmp_path / "nope.safetensors")
+
+
+def test_seed_state_dict_round_trip(model, generator):
+    sd = model.to_seed_state_dict()
+    assert set(sd) >= {"input_layer.0.weight", "input_layer.0.bias", "input_layer.2.weight",
+                       "layers.2.0.weight", "layers.2.2.weight", "output_layer.weight", "output_layer.bias"}
+    rebuilt = AUNN.from_seed_state_dict(sd, residual_every=1, backend="reference")
+    assert rebuilt.cfg == model.cfg
+    idx = random_indices(10, 33, generator)
+    assert torch.equal(rebuilt(idx), model(idx))
+    assert all(torch.equal(sd[k], v) for k, v in rebuilt.to_seed_state_dict().items())
+
+
+def test_seed_state_dict_with_wrong_shapes_is_rejected(model):
+    sd = model.to_seed_state_dict()
+    sd["layers.1.0.weight"] = torch.zeros(3, 3)
+    with pytest.raises((ValueError, RuntimeError)):
+        AUNN.from_seed_state_dict(sd)
+    with pytest.raises(ValueError, match="not a seed AUNN state dict"):
+        AUNN.from_seed_state_dict({"foo": torch.zeros(1)})

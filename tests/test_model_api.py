@@ -1,0 +1,131 @@
+"""The public AUNN API: shapes, dtypes, dispatch, empty batches and every bad-input error."""
+import pytest
+import torch
+
+from aunn_fast import AUNN, AUNNConfig
+from aunn_fast import backends
+
+from helpers import random_indices, random_model
+
+
+@pytest.fixture
+def model(generator):
+    return random_model(AUNNConfig(vocab_size=5, hidden=16, layers=4, bits=20), generator)
+
+
+def test_shapes_and_dtypes(model, generator):
+    idx = random_indices(12, 20, generator).reshape(3, 4)
+    logits = model(idx)
+    assert logits.shape == (3, 4, 5) and logits.dtype == torch.float32
+    pred = model.predict(idx)
+    assert pred.shape == (3, 4) and pred.dtype == torch.int64
+    assert torch.equal(pred, logits.argmax(-1))
+    loss = model.loss(idx, torch.randint(0, 5, (3, 4), generator=generator))
+    assert loss.shape == () and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_int32_indices_are_accepted(model, generator):
+    idx = random_indices(9, 20, generator)
+    assert torch.equal(model(idx.to(torch.int32)), model(idx))
+
+
+def test_empty_batch_returns_empty_result(model):
+    empty = torch.empty(0, dtype=torch.int64)
+    assert model(empty).shape == (0, 5)
+    assert model.predict(empty).shape == (0,)
+    loss = model.loss(empty, empty)
+    assert loss.item() == 0.0
+    loss.backward()
+
+
+def test_defaults_are_the_seed_model():
+    model = AUNN()
+    assert model.cfg == AUNNConfig(vocab_size=4, hidden=64, layers=8, bits=64, eps=None, residual_every=2)
+    assert model.hidden_weight.shape == (6, 64, 64)
+    assert torch.equal(model.in_gain, torch.ones(64)) and torch.equal(model.hidden_bias, torch.zeros(6, 64))
+    assert model.active_backend().name == "reference" and model.active_precision() == "fp32"  # CPU
+
+
+def test_init_is_kaiming_normal_fan_in():
+    model = AUNN(AUNNConfig(hidden=256, layers=3), seed=0)
+    assert abs(model.hidden_weight.std().item() - (2 / 256) ** 0.5) < 0.01 * (2 / 256) ** 0.5 * 5
+    assert abs(model.in_weight.std().item() - (2 / 64) ** 0.5) < 0.1 * (2 / 64) ** 0.5
+
+
+def test_seed_makes_init_reproducible():
+    assert torch.equal(AUNN(seed=3).hidden_weight, AUNN(seed=3).hidden_weight)
+    assert not torch.equal(AUNN(seed=3).hidden_weight, AUNN(seed=4).hidden_weight)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (torch.tensor([1.0, 2.0]), TypeError, "int64"),
+    (torch.tensor([1, 2], dtype=torch.int16), TypeError, "int64"),
+    ([1, 2], TypeError, "torch.Tensor"),
+    (torch.tensor([3, -1]), ValueError, "non-negative"),
+    (torch.tensor([2**20]), ValueError, "bits=20"),
+])
+def test_bad_indices_fail_before_compute(model, monkeypatch, bad, error, match):
+    _forbid_compute(monkeypatch)
+    for call in (model, model.predict, lambda i: model.loss(i, torch.zeros(2, dtype=torch.int64))):
+        with pytest.raises(error, match=match):
+            call(bad)
+
+
+@pytest.mark.parametrize("targets,error,match", [
+    (torch.tensor([0, 5]), ValueError, "outside the vocabulary"),
+    (torch.tensor([-1, 0]), ValueError, "outside the vocabulary"),
+    (torch.tensor([0.0, 1.0]), TypeError, "integer"),
+    (torch.tensor([0, 1, 2]), ValueError, "shape"),
+])
+def test_bad_targets_fail_before_compute(model, monkeypatch, targets, error, match):
+    _forbid_compute(monkeypatch)
+    with pytest.raises(error, match=match):
+        model.loss(torch.tensor([1, 2]), targets)
+
+
+def test_full_64_bit_range_is_valid():
+    model = AUNN(AUNNConfig(hidden=16, layers=3))
+    assert model.predict(torch.tensor([0, 2**63 - 1])).shape == (2,)
+
+
+def test_unknown_backend_and_precision_are_named():
+    model = AUNN(AUNNConfig(hidden=16, layers=3))
+    model.backend = "cuda-magic"
+    with pytest.raises(ValueError, match="unknown backend 'cuda-magic'"):
+        model(torch.tensor([1]))
+    model.backend, model.precision = "reference", "fp8"
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        model(torch.tensor([1]))
+
+
+def test_unavailable_backend_error_names_what_is_missing(monkeypatch):
+    monkeypatch.setitem(backends.BACKENDS, "triton", backends.Backend(
+        "triton", None, None, None, ("fp32",), lambda device: "the `triton` package is not installed"))
+    model = AUNN(AUNNConfig(hidden=16, layers=3), backend="triton")
+    with pytest.raises(RuntimeError, match="`triton` package is not installed"):
+        model(torch.tensor([1]))
+
+
+def test_backend_and_precision_can_be_set_as_attributes(generator):
+    model = random_model(AUNNConfig(hidden=16, layers=4), generator, backend="reference", precision="fp32")
+    idx = random_indices(20, 64, generator)
+    fp32 = model(idx)
+    model.precision = "bf16"
+    bf16 = model(idx)
+    assert not torch.equal(fp32, bf16) and torch.allclose(fp32, bf16, rtol=0.1, atol=0.1)
+
+
+def test_available_backends_lists_every_backend():
+    listed = backends.available_backends("cpu")
+    assert listed["reference"] is None and {"reference", "compile", "triton"} <= set(listed)
+
+
+def _forbid_compute(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("compute ran on bad input")
+
+    for name, backend in list(backends.BACKENDS.items()):
+        monkeypatch.setitem(backends.BACKENDS, name, backends.Backend(
+            name, boom, boom, boom, backend.precisions, backend.unavailable_reason))

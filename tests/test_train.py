@@ -1,0 +1,71 @@
+"""Training: it learns, checkpoints atomically, saves on Ctrl-C, and resumes exactly."""
+import csv
+
+import pytest
+import torch
+
+from aunn_fast import AUNN, AUNNConfig
+from aunn_fast.data import ToyData
+from aunn_fast.train import CHECKPOINT_NAME, LOG_NAME, BatchSampler, TrainConfig, load_run, train
+
+
+def _model(seed=0):
+    return AUNN(AUNNConfig(vocab_size=4, hidden=32, layers=4), seed=seed)
+
+
+def _losses(run_dir):
+    with (run_dir / LOG_NAME).open() as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def test_training_memorises_a_small_toy_sequence():
+    data = ToyData(chunks=50)
+    model = _model()
+    train(model, data, TrainConfig(batch_size=64, epochs=100, lr=3e-3, log_every=1000), progress=False)
+    idx = torch.arange(data.length)
+    assert (model.predict(idx) == data.targets(idx)).float().mean() == 1.0
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
+    data = ToyData(chunks=40)
+    cfg = TrainConfig(batch_size=32, steps=24, lr=3e-3, log_every=2, save_every=10)
+    train(_model(), data, cfg, tmp_path / "full", progress=False)
+    train(_model(), data, TrainConfig(**{**cfg.__dict__, "steps": 10}), tmp_path / "part", progress=False)
+    model, state, _, _ = load_run(tmp_path / "part")
+    assert state["step"] == 10
+    train(model, data, cfg, tmp_path / "part", resume=True, progress=False)
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+    full, part = AUNN.load(tmp_path / "full" / CHECKPOINT_NAME), AUNN.load(tmp_path / "part" / CHECKPOINT_NAME)
+    assert all(torch.equal(a, b) for a, b in zip(full.params, part.params))
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    class Interrupting(ToyData):
+        calls = 0
+
+        def targets(self, idx):
+            self.calls += 1
+            if self.calls == 6:
+                raise KeyboardInterrupt
+            return super().targets(idx)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), Interrupting(chunks=40), TrainConfig(batch_size=32, steps=50, save_every=1000),
+              tmp_path, progress=False)
+    _, state, extra, _ = load_run(tmp_path)
+    assert state["step"] == 5 and any(k.startswith("optim.") for k in extra)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_epoch_batches_cover_the_data_once():
+    sampler = BatchSampler(length=100, batch_size=32, seed=1, device=torch.device("cpu"))
+    batches = [sampler.indices(step) for step in range(4)]
+    assert sorted(torch.cat(batches).tolist()) == list(range(100))
+    assert not torch.equal(sampler.indices(4), batches[0])  # the next epoch is reshuffled
+
+
+def test_huge_datasets_are_sampled_uniformly():
+    sampler = BatchSampler(length=2**40, batch_size=1000, seed=1, device=torch.device("cpu"))
+    idx = sampler.indices(7)
+    assert idx.shape == (1000,) and idx.max() < 2**40 and idx.float().mean() > 2**38
+    assert torch.equal(idx, sampler.indices(7))
