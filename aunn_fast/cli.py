@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the seed experiment end to end: train on toy data, evaluate, plot")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="run directory (default ./demo_out)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: sized for a 2-core CPU (default); seed: the seed notebook's own run (GPU)")
+                   help="cpu: sized for a 2-core CPU (default); seed: the seed notebook's own run (GPU); tiny: a smoke test")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_runtime_options(p)
 
@@ -236,6 +236,8 @@ class Preset:
 
 
 PRESETS = {
+    "tiny": Preset("toy:100", 32, 4, TrainConfig(batch_size=128, epochs=60, lr=3e-3, log_every=10,
+                                                 save_every=10**9), 1, 0.1),
     "cpu": Preset("toy:10000", 64, 8, TrainConfig(batch_size=2048, epochs=150, lr=3e-3, log_every=20,
                                                   save_every=10**9), 1, 0.1),
     "seed": Preset("toy:100000", 512, 8, TrainConfig(batch_size=2048, epochs=500, lr=1e-3, log_every=200,

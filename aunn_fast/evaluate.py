@@ -78,13 +78,14 @@ def valid_chunk_fraction(tokens: torch.Tensor) -> float:
 def extrapolation_windows(length: int) -> dict[str, tuple[int, int]]:
     """(start, size) of each extrapolation bin; every start is 4-aligned."""
     align = lambda i: (i + 3) // 4 * 4  # noqa: E731
-    boundary = 1 << max(length, 1).bit_length()  # the first power of two above the data
+    half = EXTRAPOLATION_WINDOW // 2
+    boundary = 1 << (length + half).bit_length()  # a power of two with the whole window past the data
     return {
         "near": (align(length), 100),
         "1k": (align(length + 1_000), EXTRAPOLATION_WINDOW),
         "100k": (align(length + 100_000), EXTRAPOLATION_WINDOW),
         "10M": (align(length + 10_000_000), EXTRAPOLATION_WINDOW),
-        "pow2_boundary": (align(boundary - EXTRAPOLATION_WINDOW // 2), EXTRAPOLATION_WINDOW),
+        "pow2_boundary": (boundary - half, EXTRAPOLATION_WINDOW),
     }
 
 
