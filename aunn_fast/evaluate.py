@@ -98,7 +98,7 @@ def extrapolation(model: AUNN, data: ToyData) -> dict[str, Any]:
     return bins
 
 
-def conditioning(model: AUNN, data: ToyData, trials: int, steps: int, lr: float,
+def conditioning(model: AUNN, data: ToyData, trials: int, steps: int, lr: float, optimizer: str,
                  generator: torch.Generator) -> dict[str, Any]:
     """Teach `|` and a letter at a fresh chunk past the data; success when the chunk's last two predictions follow.
 
@@ -115,7 +115,7 @@ def conditioning(model: AUNN, data: ToyData, trials: int, steps: int, lr: float,
         choices = [t for t in (1, 2, 3) if t != int(before[1])]
         letter = choices[int(torch.randint(0, len(choices), (1,), generator=generator))]
         prompt = torch.tensor([0, letter], dtype=torch.int64)
-        tuned = condition(model, prompt, chunk_start, steps=steps, lr=lr)
+        tuned = condition(model, prompt, chunk_start, steps=steps, lr=lr, optimizer=optimizer)
         after = predictions(tuned, chunk_start, 4)
         success = bool((after[2:] == letter).all())
         successes += success
@@ -126,11 +126,11 @@ def conditioning(model: AUNN, data: ToyData, trials: int, steps: int, lr: float,
                              "before": decode(before, data.vocab), "after": decode(after, data.vocab),
                              "success": success})
     return {"success_rate": successes / trials, "trials": trials, "steps": steps, "lr": lr,
-            "optimizer": "SGD", "train_accuracy_after": sum(drift) / len(drift), "examples": examples}
+            "optimizer": optimizer, "train_accuracy_after": sum(drift) / len(drift), "examples": examples}
 
 
-def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 30,
-             condition_steps: int = 1, condition_lr: float = 0.1) -> dict[str, Any]:
+def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 30, condition_steps: int = 1,
+             condition_lr: float = 1e-3, condition_optimizer: str = "adam") -> dict[str, Any]:
     """Every metric of metrics.json for this model and dataset."""
     generator = torch.Generator().manual_seed(seed)
     metrics: dict[str, Any] = {"data": data.describe(), "config": model.cfg.__dict__.copy()}
@@ -140,5 +140,5 @@ def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 
         metrics["extrapolation"] = extrapolation(model, data)
         metrics["extrapolation_windows"] = {k: list(v) for k, v in extrapolation_windows(data.length).items()}
         metrics["conditioning"] = conditioning(model, data, condition_trials, condition_steps, condition_lr,
-                                               generator)
+                                               condition_optimizer, generator)
     return metrics

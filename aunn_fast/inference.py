@@ -1,8 +1,9 @@
 """Generation and conditioning by backprop: the two ways an AUNN is prompted.
 
 Generation reads predictions at indices past the end of the data. Conditioning
-teaches a *copy* of the model a prompt at indices ``at .. at+P-1`` with a few SGD
-steps and then reads its predictions after the prompt; the original model is untouched.
+teaches a *copy* of the model a prompt at indices ``at .. at+P-1`` with a few
+gradient steps (Adam by default, or plain SGD) and then reads its predictions after
+the prompt; the original model is untouched.
 """
 from __future__ import annotations
 
@@ -34,29 +35,43 @@ def generate(model: AUNN, start: int, length: int, temperature: float = 0.0,
     return sample(model(idx), temperature, generator)
 
 
-def condition(model: AUNN, prompt: torch.Tensor, at: int, steps: int = 1, lr: float = 0.1) -> AUNN:
-    """A copy of ``model`` after ``steps`` SGD steps on the prompt (int64 [P]) placed at indices at..at+P-1."""
+CONDITION_OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(model: AUNN, name: str, lr: float) -> torch.optim.Optimizer:
+    """The optimizer of a conditioning run: a fresh Adam (its first step moves every weight by ~lr) or SGD."""
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    raise ValueError(f"unknown conditioning optimizer {name!r}; choose from {', '.join(CONDITION_OPTIMIZERS)}")
+
+
+def condition(model: AUNN, prompt: torch.Tensor, at: int, steps: int = 1, lr: float = 1e-3,
+              optimizer: str = "adam") -> AUNN:
+    """A copy of ``model`` after ``steps`` optimizer steps on the prompt (int64 [P]) at indices at..at+P-1."""
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     tuned = copy.deepcopy(model)
     prompt = prompt.to(tuned.device, torch.int64)
     idx = torch.arange(at, at + prompt.numel(), device=tuned.device, dtype=torch.int64)
-    optimizer = torch.optim.SGD(tuned.parameters(), lr=lr)
+    opt = make_optimizer(tuned, optimizer, lr)
     for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         tuned.loss(idx, prompt).backward()
-        optimizer.step()
+        opt.step()
     return tuned
 
 
 def generate_by_backprop(model: AUNN, start: int, length: int, temperature: float = 0.0, steps: int = 1,
-                         lr: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
+                         lr: float = 1e-3, optimizer: str = "adam",
+                         generator: torch.Generator | None = None) -> torch.Tensor:
     """Gwern's sampling scheme: predict index i, train a copy on (i, prediction) as data, move to i+1.
 
     Returns int64 [length]; the model passed in is untouched.
     """
     tuned = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(tuned.parameters(), lr=lr)
+    opt = make_optimizer(tuned, optimizer, lr)
     out = torch.empty(length, dtype=torch.int64)
     for offset in range(length):
         idx = torch.tensor([start + offset], device=tuned.device, dtype=torch.int64)
@@ -64,7 +79,7 @@ def generate_by_backprop(model: AUNN, start: int, length: int, temperature: floa
             token = sample(tuned(idx), temperature, generator)
         out[offset] = token.item()
         for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             tuned.loss(idx, token).backward()
-            optimizer.step()
+            opt.step()
     return out

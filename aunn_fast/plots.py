@@ -31,13 +31,18 @@ def loss_curve(rows: list[dict[str, float]], path: Path) -> None:
 
 def token_strips(strips: dict[str, torch.Tensor], start: int, vocab: list[str] | None, title: str,
                  path: Path, marker: int | None = None) -> None:
-    """One coloured row of tokens per strip (all of equal length) over indices start.., optional marker line."""
+    """One coloured row of tokens per strip over indices start..; a negative token is left blank.
+
+    Strips are int64 [width] each; ``marker`` draws a vertical line before that index.
+    """
     names = list(strips)
     grid = np.stack([strips[n].cpu().numpy() for n in names]).astype(float)
-    vocab_size = int(grid.max()) + 1 if vocab is None else len(vocab)
+    grid[grid < 0] = np.nan
+    vocab_size = int(np.nanmax(grid)) + 1 if vocab is None else len(vocab)
     cmap = ListedColormap(plt.get_cmap("tab10" if vocab_size <= 10 else "tab20").colors[:max(vocab_size, 2)])
+    cmap.set_bad("white")
     width = grid.shape[1]
-    fig, ax = plt.subplots(figsize=(min(16, 4 + width / 25), 1.2 + 0.5 * len(names)))
+    fig, ax = plt.subplots(figsize=(min(16, 8 + width / 50), 1.5 + 0.4 * len(names)))
     ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, interpolation="nearest",
               extent=(start - 0.5, start + width - 0.5, len(names) - 0.5, -0.5))
     ax.set_yticks(range(len(names)), names)
@@ -46,8 +51,7 @@ def token_strips(strips: dict[str, torch.Tensor], start: int, vocab: list[str] |
         ax.axvline(marker - 0.5, color="black", linewidth=2)
     if vocab is not None and len(vocab) <= 10:
         handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(len(vocab))]
-        ax.legend(handles, [repr(t) for t in vocab], ncol=len(vocab), loc="upper center",
-                  bbox_to_anchor=(0.5, -0.35 - 0.1 * len(names)), frameon=False)
+        ax.legend(handles, [repr(t) for t in vocab], loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_title(title)
     _save(fig, path)
 

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import plots
 from .data import Dataset, ToyData, decode
 from .evaluate import EXTRAPOLATION_WINDOW, extrapolation_windows, predictions
@@ -36,13 +38,11 @@ def _plots(run_dir: Path, model: AUNN, data: Dataset, metrics: dict[str, Any],
         plots.loss_curve(log_rows, images[-1])
     start = max(0, data.length - STRIP)
     predicted = predictions(model, start, data.length + STRIP - start)
-    import torch
-
     truth = torch.cat([data.targets(torch.arange(start, data.length)).cpu(),
-                       torch.full((STRIP,), -1, dtype=torch.int64)]).clamp(min=0)
+                       torch.full((STRIP,), -1, dtype=torch.int64)])
     images.append(run_dir / "end_of_data.png")
     plots.token_strips({"data": truth[: predicted.numel()], "predicted": predicted}, start, model.vocab,
-                       "Predictions around the end of the data (black line); data row past it is blank",
+                       "Data and predictions around the end of the data (black line)",
                        images[-1], marker=data.length)
     far = data.length + 10_000_000
     images.append(run_dir / "past_10M.png")
@@ -61,14 +61,12 @@ def _plots(run_dir: Path, model: AUNN, data: Dataset, metrics: dict[str, Any],
 def _conditioning_plot(model: AUNN, cond: dict[str, Any], path: Path) -> None:
     example = cond["examples"][0]
     at = example["index"]
-    import torch
-
     prompt = torch.tensor([model.vocab.index(ch) for ch in example["taught"]], dtype=torch.int64)
-    tuned = condition(model, prompt, at, steps=cond["steps"], lr=cond["lr"])
+    tuned = condition(model, prompt, at, steps=cond["steps"], lr=cond["lr"], optimizer=cond["optimizer"])
     start = at - 16
     plots.token_strips({"before": predictions(model, start, 36), "after": predictions(tuned, start, 36)}, start,
                        model.vocab, f"Conditioning: taught {example['taught']!r} at index {at} "
-                       f"({cond['steps']} SGD step(s), lr {cond['lr']})", path, marker=at)
+                       f"({cond['steps']} {cond['optimizer']} step(s), lr {cond['lr']})", path, marker=at)
 
 
 def _markdown(model: AUNN, data: Dataset, metrics: dict[str, Any], images: list[Path]) -> str:

@@ -1,0 +1,83 @@
+"""A whole training step (forward, loss, backward, optimizer step) captured in one CUDA graph.
+
+At batch 8,192 an eager step is a few hundred kernel launches (~2.8 ms on an H100,
+see shared/anchors.md); replaying a captured graph removes that launch floor.
+Capture needs static shapes and no host syncs: the batch size is fixed, the model's
+range checks are switched off inside the graph (the caller validates), and the
+optimizer must be capturable.
+"""
+from __future__ import annotations
+
+import torch
+
+from .model import AUNN
+
+WARMUP_STEPS = 3
+
+
+class GraphedTrainStep:
+    """``step(idx, targets) -> loss`` replaying a captured graph; idx/targets int64 [batch_size] on CUDA.
+
+    Warm-up steps run before capture, as CUDA graphs require; the parameters and the
+    optimizer state are restored afterwards, so the first replayed step is the first
+    real step. Returns the static loss tensor (read it with ``.item()`` when needed).
+    """
+
+    def __init__(self, model: AUNN, optimizer: torch.optim.Optimizer, batch_size: int) -> None:
+        if model.device.type != "cuda":
+            raise ValueError("CUDA graph capture needs a model on a CUDA device")
+        for group in optimizer.param_groups:
+            if not group.get("capturable", False):
+                raise ValueError("the optimizer must be created with capturable=True")
+        self.model, self.optimizer, self.batch_size = model, optimizer, batch_size
+        self.idx = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
+        self.targets = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
+        self.graph = torch.cuda.CUDAGraph()
+        self.loss = self._capture()
+
+    def _one_step(self) -> torch.Tensor:
+        loss = self.model.loss(self.idx, self.targets)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def _capture(self) -> torch.Tensor:
+        saved_params = [p.detach().clone() for p in self.model.parameters()]
+        saved_state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                       for p, s in self.optimizer.state.items()}
+        validate, self.model.validate = self.model.validate, False
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    self.optimizer.zero_grad(set_to_none=False)
+                    self._one_step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.optimizer.zero_grad(set_to_none=False)
+            with torch.cuda.graph(self.graph):
+                self.optimizer.zero_grad(set_to_none=False)
+                loss = self._one_step()
+        finally:
+            self.model.validate = validate
+        with torch.no_grad():
+            for p, saved in zip(self.model.parameters(), saved_params):
+                p.copy_(saved)
+            for p, state in self.optimizer.state.items():
+                before = saved_state.get(p, {})
+                for key, value in state.items():
+                    if not torch.is_tensor(value):
+                        continue
+                    if key in before:
+                        value.copy_(before[key])
+                    else:  # state the warm-up created: zero is "no step taken yet"
+                        value.zero_()
+        return loss
+
+    def __call__(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if idx.shape != (self.batch_size,) or targets.shape != (self.batch_size,):
+            raise ValueError(f"a graphed step takes exactly {self.batch_size} indices and targets")
+        self.idx.copy_(idx)
+        self.targets.copy_(targets)
+        self.graph.replay()
+        return self.loss
