@@ -51,6 +51,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the initial weights and batch order (default 0)")
     p.add_argument("--log-every", type=int, default=None, help="steps between log rows (default 50)")
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default 2000)")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False, default=None,
+                   help="on CUDA, run every step eagerly instead of replaying a captured graph")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed = args.seed if args.seed is not None else 0
         model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=seed).to(args.device)
     overrides = {name: getattr(args, name) for name in ("batch_size", "epochs", "steps", "lr", "weight_decay",
-                                                        "seed", "log_every", "save_every")
+                                                        "seed", "log_every", "save_every", "cuda_graph")
                  if getattr(args, name) is not None}
     if "epochs" in overrides:
         saved.pop("steps", None)

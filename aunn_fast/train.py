@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint
+from .cuda_graph import GraphedTrainStep
 from .data import Dataset
 from .model import AUNN
 
@@ -39,6 +40,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     save_every: int = 2000
+    cuda_graph: bool = True  # on CUDA, replay full-size steps from one captured graph
 
     def total_steps(self, length: int) -> int:
         if self.steps is not None:
@@ -77,8 +79,10 @@ class BatchSampler:
 
 
 def make_optimizer(model: AUNN, cfg: TrainConfig) -> torch.optim.AdamW:
-    fused = model.device.type == "cuda"
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    """AdamW; fused and capturable (so it can live in a CUDA graph) on CUDA."""
+    on_cuda = model.device.type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=on_cuda, capturable=on_cuda)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
@@ -153,6 +157,10 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
         run_path.mkdir(parents=True, exist_ok=True)
         _write_log(run_path / LOG_NAME, rows)
 
+    graphed = None
+    if cfg.cuda_graph and model.device.type == "cuda":
+        graphed = GraphedTrainStep(model, optimizer, min(cfg.batch_size, data.length))
+
     step = start
     began, seen = time.perf_counter(), 0
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
@@ -160,10 +168,13 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
         while step < total:
             idx = sampler.indices(step)
             targets = data.targets(idx)
-            optimizer.zero_grad(set_to_none=True)
-            loss = model.loss(idx, targets)
-            loss.backward()
-            optimizer.step()
+            if graphed is not None and idx.numel() == graphed.batch_size:
+                loss = graphed(idx, targets)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                loss = model.loss(idx, targets)
+                loss.backward()
+                optimizer.step()
             step += 1
             seen += idx.numel()
             bar.update(1)
