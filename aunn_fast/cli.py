@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from .evaluate import evaluate
 from .inference import CONDITION_OPTIMIZERS, condition, generate, generate_by_backprop
 from .model import AUNN
 from .report import write_report
-from .train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, _read_log, load_run, save_run, train, make_optimizer
+from .train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, read_log, load_run, train
 
 
 def default_device() -> str:
@@ -97,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the seed experiment end to end: train on toy data, evaluate, plot")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="run directory (default ./demo_out)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: sized for a 2-core CPU (default); seed: the seed notebook's own run (GPU); tiny: a smoke test")
+                   help="cpu: sized for a 2-core CPU (default); seed: the seed notebook's own run (GPU); "
+                        "tiny: a smoke test")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_runtime_options(p)
 
@@ -168,7 +167,7 @@ def _evaluate_run(model: AUNN, run_dir: Path, trials: int, steps: int, lr: float
     data = data_from_description(model.data_description, model.vocab)
     metrics = evaluate(model, data, seed=seed, condition_trials=trials, condition_steps=steps, condition_lr=lr,
                        condition_optimizer=optimizer)
-    log_rows = [{k: float(v) for k, v in row.items()} for row in _read_log(run_dir / LOG_NAME, 1 << 62)]
+    log_rows = [{k: float(v) for k, v in row.items()} for row in read_log(run_dir / LOG_NAME, 1 << 62)]
     write_report(run_dir, model, data, metrics, log_rows)
     return metrics
 
@@ -254,13 +253,19 @@ PRESETS = {
 }
 
 
+DEMO_MARKER = "DEMO"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     data = load_data(preset.data)
     cfg = AUNNConfig(vocab_size=data.vocab_size, hidden=preset.hidden, layers=preset.layers)
     model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=preset.train.seed).to(args.device)
-    if (args.out / CHECKPOINT_NAME).exists():
-        shutil.rmtree(args.out)
+    marker = args.out / DEMO_MARKER
+    if (args.out / CHECKPOINT_NAME).exists() and not marker.exists():
+        raise SystemExit(f"aunn demo: {args.out} holds a run that is not a demo's; pass another --out")
+    args.out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"written by `aunn demo --preset {args.preset}`; the next demo here overwrites this run\n")
     print(f"demo ({args.preset}): {data.describe()}, {cfg}, {preset.train.total_steps(data.length)} steps "
           f"of {preset.train.batch_size} on {args.device} (backend {model.active_backend().name}, "
           f"precision {model.active_precision()})")

@@ -39,8 +39,8 @@ def token_strips(strips: dict[str, torch.Tensor], start: int, vocab: list[str] |
     grid = np.stack([strips[n].cpu().numpy() for n in names]).astype(float)
     grid[grid < 0] = np.nan
     vocab_size = int(np.nanmax(grid)) + 1 if vocab is None else len(vocab)
-    cmap = ListedColormap(plt.get_cmap("tab10" if vocab_size <= 10 else "tab20").colors[:max(vocab_size, 2)])
-    cmap.set_bad("white")
+    colors = plt.get_cmap("tab10" if vocab_size <= 10 else "tab20").colors[:max(vocab_size, 2)]
+    cmap = ListedColormap(colors).with_extremes(bad="white")
     width = grid.shape[1]
     fig, ax = plt.subplots(figsize=(min(16, 8 + width / 50), 1.5 + 0.4 * len(names)))
     ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, interpolation="nearest",

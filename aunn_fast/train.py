@@ -120,7 +120,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu", backend: str = "
     return model, state, checkpoint.extra_tensors(tensors), metadata
 
 
-def _read_log(path: Path, up_to_step: int) -> list[dict[str, str]]:
+def read_log(path: Path, up_to_step: int) -> list[dict[str, str]]:
     if not path.exists():
         return []
     with path.open() as f:
@@ -152,7 +152,7 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
         start = int(state["step"])
     total = cfg.total_steps(data.length)
     sampler = BatchSampler(data.length, cfg.batch_size, cfg.seed, model.device)
-    rows = [{k: float(v) for k, v in r.items()} for r in _read_log(run_path / LOG_NAME, start)] if run_path else []
+    rows = [{k: float(v) for k, v in r.items()} for r in read_log(run_path / LOG_NAME, start)] if run_path else []
     if run_path is not None:
         run_path.mkdir(parents=True, exist_ok=True)
         _write_log(run_path / LOG_NAME, rows)

@@ -67,6 +67,12 @@ def test_demo_tiny_preset(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "training accuracy" in out and "conditioning" in out
     assert (tmp_path / "demo" / "metrics.json").exists()
+    assert main(["demo", "--preset", "tiny", "--out", str(tmp_path / "demo"), "--quiet"]) == 0  # reruns in place
+
+
+def test_demo_never_overwrites_a_real_run(run_dir):
+    with pytest.raises(SystemExit, match="not a demo"):
+        main(["demo", "--preset", "tiny", "--out", str(run_dir), "--quiet"])
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
