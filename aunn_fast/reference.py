@@ -29,16 +29,21 @@ def binary_embedding(idx: torch.Tensor, bits: int, dtype: torch.dtype = torch.fl
 
 
 def round_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
-    """Round a matmul operand to what the tensor cores see, keeping x's dtype."""
+    """Round a matmul operand to what the tensor cores see, keeping x's dtype.
+
+    The gradient passes straight through the rounding, so the backward is the exact
+    derivative of the rounded forward.
+    """
     if precision == "fp32":
         return x
     if precision == "bf16":
-        return x.to(torch.bfloat16).to(x.dtype)
-    if precision == "tf32":
-        as_int = x.float().view(torch.int32)
-        rounded = (as_int + 0x1000) & ~0x1FFF  # round to nearest, 10 mantissa bits kept
-        return rounded.view(torch.float32).to(x.dtype)
-    raise ValueError(f"unknown precision {precision!r}")
+        rounded = x.detach().to(torch.bfloat16).to(x.dtype)
+    elif precision == "tf32":
+        as_int = x.detach().float().view(torch.int32)
+        rounded = ((as_int + 0x1000) & ~0x1FFF).view(torch.float32).to(x.dtype)  # nearest, 10 mantissa bits
+    else:
+        raise ValueError(f"unknown precision {precision!r}")
+    return x + (rounded - x).detach()
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, precision: str) -> torch.Tensor:

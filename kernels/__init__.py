@@ -1,0 +1,68 @@
+"""Fused Triton kernels for AUNN: logits, loss (with backward) and predictions.
+
+Installed as ``aunn_fast.kernels``. Importing this package does not import Triton;
+:func:`unavailable_reason` says whether the kernels can run on a device, and the
+first call of ``logits`` / ``loss`` / ``predict`` loads them. See NOTES.md.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from aunn_fast.config import AUNNConfig
+from aunn_fast.params import AUNNParams
+
+SUPPORTED_PRECISIONS = ("fp32", "tf32", "bf16")
+
+__all__ = ["SUPPORTED_PRECISIONS", "logits", "loss", "predict", "unavailable_reason"]
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None when the kernels can run on ``device``; otherwise what is missing."""
+    device = torch.device(device)
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"the `triton` package is not importable ({exc}); pip install triton"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda":
+        if interpret:
+            return "TRITON_INTERPRET=1 is set: Triton runs kernels on the CPU, not on CUDA tensors"
+        if not torch.cuda.is_available():
+            return "CUDA is not available to PyTorch"
+        return None
+    if device.type == "cpu":
+        if not interpret:
+            return ("Triton has no CPU backend; set TRITON_INTERPRET=1 before triton is first imported "
+                    "to run the kernels in the (slow) interpreter")
+        import sys
+        ops = sys.modules.get(__name__ + ".mlp_forward")
+        if ops is not None and not _is_interpreted(ops.aunn_forward_kernel):
+            return "the kernels were compiled before TRITON_INTERPRET=1 was set; set it before importing them"
+        return None
+    return f"Triton kernels do not run on device type {device.type!r}"
+
+
+def _is_interpreted(kernel: object) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(kernel, InterpretedFunction)
+
+
+def logits(idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> torch.Tensor:
+    """float32 logits [N, V] of int64 indices [N]; differentiable w.r.t. every parameter."""
+    from . import ops
+    return ops.logits(idx, params, cfg, precision)
+
+
+def loss(idx: torch.Tensor, targets: torch.Tensor, params: AUNNParams, cfg: AUNNConfig,
+         precision: str) -> torch.Tensor:
+    """Mean cross-entropy (float32 scalar); logits are never written to memory."""
+    from . import ops
+    return ops.loss(idx, targets, params, cfg, precision)
+
+
+def predict(idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> torch.Tensor:
+    """int64 [N] argmax of the logits (first maximum on ties); no gradient."""
+    from . import ops
+    return ops.predict(idx, params, cfg, precision)

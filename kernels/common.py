@@ -1,0 +1,248 @@
+"""Triton building blocks shared by the forward and backward kernels, and the tile choices.
+
+Conventions used by every kernel in this package:
+
+* activations are float32 row-major [N, H] (H = hidden, unpadded in memory);
+  inside a kernel a row block is a [BLOCK_M, BLOCK_H] register tile whose columns
+  >= H are exactly zero (masked loads with other=0), so sums over the padded tile
+  equal sums over the H real columns;
+* weights are stored as ``nn.Linear`` stores them, [out, in]; a kernel that needs
+  W.T loads it transposed through pointer arithmetic;
+* every matrix product goes through :func:`dot`, which applies the precision mode
+  (operands rounded per mode, accumulation always float32);
+* row offsets are int64 so that N * H and N * V may exceed 2**31.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+# How `dot` treats its operands. Under TRITON_INTERPRET=1 a bf16 tl.dot returns garbage
+# (anchors.md) and tf32 is not modelled, so the interpreter gets exact emulations:
+# operands rounded to bf16 / tf32 in registers, then an exact fp32 product, which is
+# what the tensor cores compute (products of rounded operands, fp32 accumulation).
+PRECISION_CODES = {"fp32": 0, "tf32": 1, "bf16": 2}
+INTERPRETER_CODES = {"fp32": 0, "tf32": 4, "bf16": 3}
+
+
+def _patch_interpreter_for_numpy_2_4() -> None:
+    """Triton 3.6's interpreter turns a scalar kernel argument into a 1-element 1-D array and
+    implements ``range(n)`` through ``int(array)``, which NumPy >= 2.4 rejects ("only 0-dimensional
+    arrays can be converted to Python scalars"). Re-point that one conversion at ``.item()``.
+    Only touches Triton's interpreter, and only when it is in use."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - other Triton layouts
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_aunn_numpy_fix", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._aunn_numpy_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_interpreter_for_numpy_2_4()
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch through ``torch.library.wrap_triton`` (traceable by torch.compile / export).
+
+    In the interpreter wrap_triton hands back the plain kernel, which cannot run on the fake
+    tensors torch.compile and opcheck trace with; there the launch is skipped, as the
+    traced graph only needs the output buffers' shapes.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.library import wrap_triton
+
+    if os.environ.get("TRITON_INTERPRET") == "1" and any(
+            isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+        return
+    wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def precision_code(precision: str) -> int:
+    """The PRECISION constexpr for `dot` on this machine."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return INTERPRETER_CODES[precision]
+    return PRECISION_CODES[precision]
+
+# Output tiles narrower than this crashed a Triton 3.6 kernel on an H100 (anchors.md),
+# so every dot output (hidden width, vocabulary chunk) is padded to at least 64 columns.
+MIN_TILE_N = 64
+
+# Hidden widths up to this run the whole trunk in registers (one launch); wider
+# models use one fused GEMM+epilogue launch per layer. Read at call time, so tests
+# may lower it to exercise the layer-wise path on small shapes.
+FUSED_MAX_HIDDEN = 128
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes for one model shape (all powers of two, dot dims >= 16)."""
+
+    fused: bool       # whole trunk in registers
+    block_h: int      # padded hidden width (>= 64)
+    block_bits: int   # padded bit count (>= 16, <= 64)
+    block_m: int      # rows per program, forward
+    block_m_bwd: int  # rows per program, backward
+    block_v: int      # vocabulary chunk of the head (>= 64)
+    block_k: int      # reduction chunk when an operand is streamed from memory
+    block_hc: int     # hidden-column chunk of the head backward kernels
+    block_k_head: int # reduction chunk of the head when it streams h from memory
+    num_warps: int
+
+
+def choose_tiles(hidden: int, bits: int, vocab: int) -> Tiles:
+    block_h = max(MIN_TILE_N, next_pow2(hidden))
+    fused = hidden <= FUSED_MAX_HIDDEN
+    if fused:
+        block_m = 128 if block_h <= 64 else 64
+        block_m_bwd = 64 if block_h <= 64 else 32
+    else:
+        block_m = 32 if block_h <= 256 else 16
+        block_m_bwd = block_m
+    return Tiles(
+        fused=fused,
+        block_h=block_h,
+        block_bits=max(16, next_pow2(bits)),
+        block_m=block_m,
+        block_m_bwd=block_m_bwd,
+        block_v=128 if (vocab > 64 and block_h <= 64) else 64,
+        block_k=max(16, min(64, 8192 // block_h)),
+        block_hc=min(block_h, 128),
+        block_k_head=block_h if fused else 64,
+        num_warps=4 if block_h <= 64 else 8,
+    )
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr):
+    """fp32 [M, K] @ fp32 [K, N] -> fp32 [M, N], fp32 accumulation.
+
+    PRECISION 0: exact fp32 (ieee); 1: tf32 tensor cores; 2: bf16 operands;
+    3 / 4: bf16 / tf32 emulated (operands rounded, exact fp32 product) for the interpreter.
+    """
+    if PRECISION == 2:
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    elif PRECISION == 1:
+        out = tl.dot(a, b, input_precision="tf32")
+    elif PRECISION == 3:
+        out = tl.dot(round_bf16(a), round_bf16(b), input_precision="ieee")
+    elif PRECISION == 4:
+        out = tl.dot(round_tf32(a), round_tf32(b), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision="ieee")
+    return out
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> fp32 holding the nearest bfloat16 (ties to even), as torch's .to(torch.bfloat16)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_tf32(x):
+    """fp32 -> fp32 rounded to TensorFloat-32 (10 mantissa bits, nearest), as reference.round_operand."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def index_bits(idx, k, BITS: tl.constexpr):
+    """int64 idx [M], int32 bit positions k [K] -> fp32 [M, K]: bit k of idx, 0 where k >= BITS."""
+    shift = tl.minimum(k, 63).to(tl.int64)
+    bit = (idx[:, None] >> shift[None, :]) & 1
+    return tl.where(k[None, :] < BITS, bit, 0).to(tl.float32)
+
+
+@triton.jit
+def silu_rmsnorm(z, gain, H, eps):
+    """z fp32 [M, BLOCK_H] (padded columns 0), gain [BLOCK_H] -> RMSNorm(SiLU(z)) * gain over the H real columns."""
+    s = z * tl.sigmoid(z)
+    inv_rms = tl.rsqrt(tl.sum(s * s, axis=1) / H + eps)
+    return s * inv_rms[:, None] * gain[None, :]
+
+
+@triton.jit
+def silu_rmsnorm_backward(dy, z, gain, H, eps):
+    """For y = RMSNorm(SiLU(z)) * gain: dL/dy [M, BLOCK_H] -> (dL/dz [M, BLOCK_H], dL/dgain summed over rows [BLOCK_H]).
+
+    With s = SiLU(z), r = rsqrt(mean(s^2) + eps), n = s * r:
+        dgain = sum_rows(dy * n);  dn = dy * gain;  ds = r * (dn - n * mean(dn * n));  dz = ds * SiLU'(z).
+    """
+    sig = tl.sigmoid(z)
+    s = z * sig
+    inv_rms = tl.rsqrt(tl.sum(s * s, axis=1) / H + eps)
+    n = s * inv_rms[:, None]
+    dgain = tl.sum(dy * n, axis=0)
+    dn = dy * gain[None, :]
+    ds = inv_rms[:, None] * (dn - n * (tl.sum(dn * n, axis=1) / H)[:, None])
+    dz = ds * (sig * (1.0 + z * (1.0 - sig)))
+    return dz, dgain
+
+
+@triton.jit
+def head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
+                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Logits [BLOCK_M, BLOCK_V] = h[rows] @ w[vcols].T + b[vcols], h [N, H] streamed from memory in BLOCK_K chunks."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < H
+        a = tl.load(h_ptr + rows[:, None] * H + k[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_ptr + vcols[None, :] * H + k[:, None], mask=kmask[:, None] & vmask[None, :], other=0.0)
+        acc += dot(a, wt, PRECISION)
+    return acc + tl.load(b_ptr + vcols, mask=vmask, other=0.0)[None, :]
+
+
+@triton.jit
+def dlogits(logits, lse, target, grad_row, vcols, vmask, row_mask):
+    """d(sum_rows grad_row * CE)/d logits for one tile: (softmax - onehot(target)) * grad_row; 0 outside valid rows/cols."""
+    p = tl.exp(logits - lse[:, None])
+    onehot = (vcols[None, :] == target[:, None]).to(tl.float32)
+    d = (p - onehot) * grad_row[:, None]
+    return tl.where(row_mask[:, None] & vmask[None, :], d, 0.0)
+
+
+@triton.jit
+def head_backward_rows(h_ptr, target_ptr, grad_ptr, lse_ptr, w_ptr, b_ptr, rows, row_mask, hcols, hmask,
+                       H, V, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_HC: tl.constexpr, PRECISION: tl.constexpr):
+    """dL/dh[rows, hcols] [BLOCK_M, BLOCK_HC] of the loss sum_rows grad_row * CE(h @ w.T + b, target).
+
+    Logits are recomputed chunk by chunk from h [N, H] and the saved per-row logsumexp; never stored.
+    """
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    target = tl.load(target_ptr + rows, mask=row_mask, other=0)
+    grad_row = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+    dh = tl.zeros((BLOCK_M, BLOCK_HC), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        vcols = v0 + tl.arange(0, BLOCK_V)
+        vmask = vcols < V
+        logits = head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
+                                  BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
+        d = dlogits(logits, lse, target, grad_row, vcols, vmask, row_mask)
+        w = tl.load(w_ptr + vcols[:, None] * H + hcols[None, :], mask=vmask[:, None] & hmask[None, :], other=0.0)
+        dh += dot(d, w, PRECISION)
+    return dh

@@ -1,0 +1,285 @@
+"""AUNN backward: gradients of every parameter from the activations the forward saved.
+
+Kernels:
+
+* :func:`aunn_backward_kernel` (hidden <= FUSED_MAX_HIDDEN) - one program per BLOCK_M rows:
+  recomputes the head's logits chunk by chunk from the last activation and the saved
+  logsumexp (or loads a given dL/dh), then walks the layers in reverse entirely in
+  registers, recomputing each pre-activation z = a @ W.T + b from the saved layer input,
+  applying the SiLU/RMSNorm backward and the residual bookkeeping, and propagating
+  dL/dh = dz @ W. It writes dz of every layer ([L-1, N, H]) and per-program partial
+  gain gradients ([programs, L-1, H]).
+* :func:`head_weight_grad_kernel` - dL/d out_weight and out_bias, split over the batch:
+  program (v-tile, h-tile, split) recomputes the logits of its rows and accumulates
+  dlogits.T @ h in registers; the [splits, V, H] partials are summed once afterwards.
+* :func:`head_dh_kernel`, :func:`layer_backward_kernel` - the layer-wise path for wide
+  models: dL/dh of the head (logits recomputed, never stored), and the per-layer
+  SiLU/RMSNorm backward from the stored pre-activations.
+
+The weight-gradient GEMMs of the trunk (dW = dz.T @ a, one batched product for all
+hidden layers), the bias gradients (dz summed over rows) and, on the layer-wise path,
+dL/dh = dz @ W run as PyTorch matmuls on the stored dz and activations.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from aunn_fast.reference import binary_embedding, round_operand
+
+from .common import (
+    choose_tiles,
+    dlogits,
+    dot,
+    head_backward_rows,
+    head_logits_tile,
+    index_bits,
+    launch,
+    precision_code,
+    silu_rmsnorm_backward,
+)
+from .mlp_forward import MODE_LOGITS, MODE_LOSS, new_buffer
+
+
+@triton.jit
+def aunn_backward_kernel(
+    idx_ptr, target_ptr, grad_ptr, lse_ptr, act_ptr, dz_ptr, dgain_ptr,
+    in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,
+    N, H, V, n_hidden, residual_every, eps, act_stride, head_in_offset,
+    BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr, HEAD_FROM_LSE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Trunk backward of BLOCK_M rows, all layers in registers.
+
+    HEAD_FROM_LSE: grad is the per-row upstream gradient of the row losses fp32 [N]
+    (targets int64 [N] and lse fp32 [N] from the forward); else grad is dL/dh_last fp32 [N, H].
+    act fp32 [L-1, N, H] from the forward; outputs dz fp32 [L-1, N, H] and
+    dgain fp32 [programs, L-1, H] (this program's row-sum of dL/dgain for each layer).
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    hcols = tl.arange(0, BLOCK_H)
+    hmask = hcols < H
+    hh_mask = hmask[:, None] & hmask[None, :]
+    act_row = rows[:, None] * H + hcols[None, :]
+    act_mask = row_mask[:, None] & hmask[None, :]
+    dgain_row = dgain_ptr + pid.to(tl.int64) * (n_hidden + 1) * H + hcols
+
+    if HEAD_FROM_LSE:
+        gh = head_backward_rows(act_ptr + head_in_offset, target_ptr, grad_ptr, lse_ptr, out_w_ptr, out_b_ptr,
+                                rows, row_mask, hcols, hmask, H, V,
+                                BLOCK_M, BLOCK_V, BLOCK_H, BLOCK_H, PRECISION)
+    else:
+        gh = tl.load(grad_ptr + act_row, mask=act_mask, other=0.0)
+
+    # gh: dL/dh_l along the layer chain; g_res: dL/d(res) accumulated from later residual adds.
+    g_res = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    # act[layer] and dz[layer + 1], stepped down one layer at a time
+    act_in_ptr = act_ptr + head_in_offset
+    dz_out_ptr = dz_ptr + head_in_offset
+    for i in range(n_hidden):
+        layer = n_hidden - 1 - i  # 0-based hidden layer; act[layer] is its input, act[layer + 1] its output
+        if (layer + 1) % residual_every == 0:
+            # h = y + res and res = h: both incoming gradients reach y and the earlier res
+            gh = gh + g_res
+            g_res = gh
+        act_in_ptr -= act_stride
+        a = tl.load(act_in_ptr + act_row, mask=act_mask, other=0.0)
+        w_t = tl.load(hid_w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None], mask=hh_mask, other=0.0)
+        z = dot(a, w_t, PRECISION) + tl.load(hid_b_ptr + layer * H + hcols, mask=hmask, other=0.0)[None, :]
+        dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(hid_g_ptr + layer * H + hcols, mask=hmask, other=0.0),
+                                          H, eps)
+        tl.store(dz_out_ptr + act_row, dz, mask=act_mask)
+        dz_out_ptr -= act_stride
+        tl.store(dgain_row + (layer + 1) * H, dgain, mask=hmask)
+        gh = dot(dz, tl.trans(w_t), PRECISION)
+
+    # input layer; res started as its output
+    gh = gh + g_res
+    idx = tl.load(idx_ptr + rows, mask=row_mask, other=0)
+    k = tl.arange(0, BLOCK_BITS)
+    w_in_t = tl.load(in_w_ptr + hcols[None, :] * BITS + k[:, None], mask=(k[:, None] < BITS) & hmask[None, :], other=0.0)
+    z = dot(index_bits(idx, k, BITS), w_in_t, PRECISION) + tl.load(in_b_ptr + hcols, mask=hmask, other=0.0)[None, :]
+    dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(in_g_ptr + hcols, mask=hmask, other=0.0), H, eps)
+    tl.store(dz_ptr + act_row, dz, mask=act_mask)
+    tl.store(dgain_row, dgain, mask=hmask)
+
+
+@triton.jit
+def head_weight_grad_kernel(
+    h_ptr, target_ptr, grad_ptr, lse_ptr, out_w_ptr, out_b_ptr, dw_ptr, db_ptr,
+    N, H, V, rows_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Partial head gradients of rows [split * rows_per_split, (split + 1) * rows_per_split).
+
+    h fp32 [N, H] (last activation); grad, lse fp32 [N]; target int64 [N].
+    dw fp32 [splits, V, H] += dlogits.T @ h over the split's rows; db fp32 [splits, V].
+    """
+    pid_v = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    split = tl.program_id(2)
+    vcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = vcols < V
+    hcols = pid_h * BLOCK_HC + tl.arange(0, BLOCK_HC)
+    hmask = hcols < H
+    dw = tl.zeros((BLOCK_V, BLOCK_HC), dtype=tl.float32)
+    db = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for r0 in range(0, rows_per_split, BLOCK_M):
+        rows = split.to(tl.int64) * rows_per_split + r0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < N
+        logits = head_logits_tile(h_ptr, rows, row_mask, out_w_ptr, out_b_ptr, vcols, vmask, H,
+                                  BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
+        d = dlogits(logits, tl.load(lse_ptr + rows, mask=row_mask, other=0.0),
+                    tl.load(target_ptr + rows, mask=row_mask, other=0),
+                    tl.load(grad_ptr + rows, mask=row_mask, other=0.0), vcols, vmask, row_mask)
+        h = tl.load(h_ptr + rows[:, None] * H + hcols[None, :], mask=row_mask[:, None] & hmask[None, :], other=0.0)
+        dw += dot(tl.trans(d), h, PRECISION)
+        db += tl.sum(d, axis=0)
+    out = split.to(tl.int64) * V + vcols
+    tl.store(dw_ptr + out[:, None] * H + hcols[None, :], dw, mask=vmask[:, None] & hmask[None, :])
+    tl.store(db_ptr + out, db, mask=vmask & (pid_h == 0))
+
+
+@triton.jit
+def head_dh_kernel(
+    h_ptr, target_ptr, grad_ptr, lse_ptr, out_w_ptr, out_b_ptr, dh_ptr,
+    N, H, V,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dL/dh fp32 [N, H] of sum_rows grad * CE, tile (BLOCK_M rows, BLOCK_HC columns) per program."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    hcols = tl.program_id(1) * BLOCK_HC + tl.arange(0, BLOCK_HC)
+    hmask = hcols < H
+    dh = head_backward_rows(h_ptr, target_ptr, grad_ptr, lse_ptr, out_w_ptr, out_b_ptr, rows, row_mask,
+                            hcols, hmask, H, V, BLOCK_M, BLOCK_V, BLOCK_K, BLOCK_HC, PRECISION)
+    tl.store(dh_ptr + rows[:, None] * H + hcols[None, :], dh, mask=row_mask[:, None] & hmask[None, :])
+
+
+@triton.jit
+def layer_backward_kernel(
+    dy_ptr, z_ptr, g_ptr, dz_ptr, dgain_ptr, N, H, eps, dgain_stride,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """SiLU/RMSNorm backward of one layer: dy, z fp32 [N, H] -> dz fp32 [N, H], dgain row-sums at
+    dgain_ptr + program * dgain_stride ([BLOCK_H] per program)."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    hcols = tl.arange(0, BLOCK_H)
+    hmask = hcols < H
+    off = rows[:, None] * H + hcols[None, :]
+    mask = row_mask[:, None] & hmask[None, :]
+    dz, dgain = silu_rmsnorm_backward(tl.load(dy_ptr + off, mask=mask, other=0.0),
+                                      tl.load(z_ptr + off, mask=mask, other=0.0),
+                                      tl.load(g_ptr + hcols, mask=hmask, other=0.0), H, eps)
+    tl.store(dz_ptr + off, dz, mask=mask)
+    tl.store(dgain_ptr + pid.to(tl.int64) * dgain_stride + hcols, dgain, mask=hmask)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """fp32 a @ b with operands rounded as `precision` says (bf16: bf16 GEMM, result upcast)."""
+    if precision == "bf16":
+        return torch.matmul(a.to(torch.bfloat16), b.to(torch.bfloat16)).to(torch.float32)
+    if precision == "tf32":
+        return torch.matmul(round_operand(a, "tf32"), round_operand(b, "tf32"))
+    return torch.matmul(a, b)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: torch.Tensor,
+             acts: torch.Tensor, zs: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor,
+             in_gain: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias: torch.Tensor,
+             hidden_gain: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
+             residual_every: int, eps: float, precision: str, mode: int) -> list[torch.Tensor]:
+    """Gradients of all eight parameters, in AUNNParams order.
+
+    mode MODE_LOSS: grad fp32 [N] is the upstream gradient of each row's cross-entropy
+    (targets, lse from the forward). mode MODE_LOGITS: grad fp32 [N, V] is dL/dlogits.
+    acts (and zs on the layer-wise path) are the forward's saved activations.
+    """
+    device = idx.device
+    n, (hidden, bits), vocab = idx.shape[0], in_weight.shape, out_weight.shape[0]
+    n_hidden = hidden_weight.shape[0]
+    t = choose_tiles(hidden, bits, vocab)
+    prec = precision_code(precision)
+    if n == 0:
+        return [torch.zeros_like(p) for p in (in_weight, in_bias, in_gain, hidden_weight, hidden_bias,
+                                              hidden_gain, out_weight, out_bias)]
+    h_last = acts[n_hidden]
+    act_stride, head_in_offset = n * hidden, n_hidden * n * hidden
+
+    # ---- head: dL/d out_weight, out_bias, and (unless fused below) dL/dh_last
+    dh = None
+    if mode == MODE_LOSS:
+        grid_v, grid_h = triton.cdiv(vocab, t.block_v), triton.cdiv(hidden, t.block_hc)
+        row_blocks = triton.cdiv(n, t.block_m_bwd)
+        splits = max(1, min(row_blocks, triton.cdiv(4 * _num_sms(device), grid_v * grid_h)))
+        rows_per_split = triton.cdiv(row_blocks, splits) * t.block_m_bwd
+        splits = triton.cdiv(n, rows_per_split)
+        dw_part = new_buffer((splits, vocab, hidden), torch.float32, device)
+        db_part = new_buffer((splits, vocab), torch.float32, device)
+        launch(head_weight_grad_kernel, (grid_v, grid_h, splits),
+               h_last, targets, grad, lse, out_weight, out_bias, dw_part, db_part,
+               n, hidden, vocab, rows_per_split,
+               BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
+               PRECISION=prec, num_warps=t.num_warps)
+        d_out_weight, d_out_bias = dw_part.sum(0), db_part.sum(0)
+        if not t.fused:
+            dh = new_buffer((n, hidden), torch.float32, device)
+            launch(head_dh_kernel, (row_blocks, grid_h),
+                   h_last, targets, grad, lse, out_weight, out_bias, dh, n, hidden, vocab,
+                   BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
+                   PRECISION=prec, num_warps=t.num_warps)
+    else:
+        assert mode == MODE_LOGITS
+        d_out_weight = matmul(grad.t(), h_last, precision)
+        d_out_bias = grad.sum(0)
+        dh = matmul(grad, out_weight, precision)
+
+    # ---- trunk: dz of every layer and per-program gain partials
+    dz = new_buffer((n_hidden + 1, n, hidden), torch.float32, device)
+    programs = triton.cdiv(n, t.block_m_bwd)
+    dgain_part = new_buffer((programs, n_hidden + 1, hidden), torch.float32, device)
+    if t.fused:
+        from_lse = dh is None
+        launch(aunn_backward_kernel, (programs,),
+               idx, targets, grad if from_lse else dh, lse, acts, dz, dgain_part,
+               in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
+               n, hidden, vocab, n_hidden, residual_every, eps, act_stride, head_in_offset,
+               BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v,
+               HEAD_FROM_LSE=from_lse, PRECISION=prec, num_warps=t.num_warps)
+    else:
+        gain_stride = (n_hidden + 1) * hidden
+        gh, g_res = dh, torch.zeros_like(dh)
+        for layer in reversed(range(-1, n_hidden)):  # -1 is the input layer
+            if layer == -1 or (layer + 1) % residual_every == 0:
+                gh = gh + g_res
+                g_res = gh
+            gain = in_gain if layer == -1 else hidden_gain[layer]
+            launch(layer_backward_kernel, (programs,),
+                   gh, zs[layer + 1], gain, dz[layer + 1], dgain_part[:, layer + 1],
+                   n, hidden, eps, gain_stride,
+                   BLOCK_M=t.block_m_bwd, BLOCK_H=t.block_h, num_warps=t.num_warps)
+            if layer >= 0:
+                gh = matmul(dz[layer + 1], hidden_weight[layer], precision)
+
+    # ---- weight and bias gradients of the trunk from dz and the saved activations
+    x = binary_embedding(idx, bits)
+    d_in_weight = matmul(dz[0].t(), x, precision)
+    d_hidden_weight = matmul(dz[1:].transpose(1, 2), acts[:n_hidden], precision)
+    d_bias = dz.sum(1)
+    d_gain = dgain_part.sum(0)
+    # slices cloned: an operator's outputs must not alias one another
+    return [d_in_weight, d_bias[0].clone(), d_gain[0].clone(), d_hidden_weight, d_bias[1:].clone(),
+            d_gain[1:].clone(), d_out_weight, d_out_bias]

@@ -1,0 +1,227 @@
+"""AUNN forward: trunk (input layer + hidden layers) and output head, fused.
+
+Two kernels:
+
+* :func:`aunn_forward_kernel` - one program per BLOCK_M indices. With FUSED_TRUNK the
+  whole trunk runs in registers (index bits -> input layer -> every hidden layer,
+  residuals included); the head then loops over the vocabulary in BLOCK_V chunks and
+  finishes per MODE: 0 stores logits, 1 keeps a running argmax, 2 keeps an online
+  logsumexp plus the target logit and stores the per-row loss and logsumexp. Without
+  FUSED_TRUNK the trunk's last activation is read from memory (layer-wise path).
+* :func:`layer_forward_kernel` - the layer-wise path for wide models: one launch per
+  layer, GEMM streamed over K, then bias + SiLU + RMSNorm * gain (+ residual).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import choose_tiles, dot, head_logits_tile, index_bits, launch, precision_code, silu_rmsnorm
+
+MODE_LOGITS, MODE_ARGMAX, MODE_LOSS = 0, 1, 2
+
+# When True, launchers fill the buffers they allocate with NaN (floats) / -1 (ints)
+# instead of leaving them uninitialized, so tests catch any element a kernel forgot.
+POISON_OUTPUTS = False
+
+
+def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer: uninitialized, or poisoned when POISON_OUTPUTS is set."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def aunn_forward_kernel(
+    idx_ptr, target_ptr, out_ptr, lse_ptr, act_ptr,
+    in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,
+    N, H, V, n_hidden, residual_every, eps, act_stride, head_in_offset,
+    BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    MODE: tl.constexpr, FUSED_TRUNK: tl.constexpr, STORE_ACTS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Forward of BLOCK_M indices.
+
+    idx int64 [N]; target int64 [N] (MODE 2); weights fp32 as in AUNNParams.
+    act fp32 [n_hidden + 1, N, H] (layer stride act_stride = N * H;
+    the last layer at head_in_offset): activation after each layer (the input of the next);
+    written when STORE_ACTS (fused trunk), read (last layer only) when not FUSED_TRUNK.
+    out: MODE 0 logits fp32 [N, V]; MODE 1 argmax int64 [N]; MODE 2 per-row CE fp32 [N]
+    (and lse fp32 [N], the per-row logsumexp the backward reuses).
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    hcols = tl.arange(0, BLOCK_H)
+    hmask = hcols < H
+    hh_mask = hmask[:, None] & hmask[None, :]
+    act_row = rows[:, None] * H + hcols[None, :]
+    act_mask = row_mask[:, None] & hmask[None, :]
+
+    if FUSED_TRUNK:
+        # input layer: h = RMSNorm(SiLU(bits @ W_in.T + b_in)) * g_in
+        idx = tl.load(idx_ptr + rows, mask=row_mask, other=0)
+        k = tl.arange(0, BLOCK_BITS)
+        x = index_bits(idx, k, BITS)
+        w_in_t = tl.load(in_w_ptr + hcols[None, :] * BITS + k[:, None],
+                         mask=(k[:, None] < BITS) & hmask[None, :], other=0.0)
+        z = dot(x, w_in_t, PRECISION) + tl.load(in_b_ptr + hcols, mask=hmask, other=0.0)[None, :]
+        h = silu_rmsnorm(z, tl.load(in_g_ptr + hcols, mask=hmask, other=0.0), H, eps)
+        res = h
+        out_act_ptr = act_ptr  # advanced one layer at a time: pointer + int never overflows int32
+        if STORE_ACTS:
+            tl.store(out_act_ptr + act_row, h, mask=act_mask)
+        # hidden layers l = 1..n_hidden, residual after every residual_every-th
+        for layer in range(n_hidden):
+            w_t = tl.load(hid_w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None], mask=hh_mask, other=0.0)
+            z = dot(h, w_t, PRECISION) + tl.load(hid_b_ptr + layer * H + hcols, mask=hmask, other=0.0)[None, :]
+            h = silu_rmsnorm(z, tl.load(hid_g_ptr + layer * H + hcols, mask=hmask, other=0.0), H, eps)
+            if (layer + 1) % residual_every == 0:
+                h = h + res
+                res = h
+            if STORE_ACTS:
+                out_act_ptr += act_stride
+                tl.store(out_act_ptr + act_row, h, mask=act_mask)
+
+    # head, BLOCK_V vocabulary entries at a time
+    best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    best_arg = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if MODE == 2:
+        target = tl.load(target_ptr + rows, mask=row_mask, other=0)
+    for v0 in range(0, V, BLOCK_V):
+        vcols = v0 + tl.arange(0, BLOCK_V)
+        vmask = vcols < V
+        if FUSED_TRUNK:
+            w_out_t = tl.load(out_w_ptr + vcols[None, :] * H + hcols[:, None],
+                              mask=hmask[:, None] & vmask[None, :], other=0.0)
+            logits = dot(h, w_out_t, PRECISION) + tl.load(out_b_ptr + vcols, mask=vmask, other=0.0)[None, :]
+        else:
+            logits = head_logits_tile(act_ptr + head_in_offset, rows, row_mask,
+                                      out_w_ptr, out_b_ptr, vcols, vmask, H,
+                                      BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
+        if MODE == 0:
+            tl.store(out_ptr + rows[:, None] * V + vcols[None, :], logits,
+                     mask=row_mask[:, None] & vmask[None, :])
+        else:
+            logits = tl.where(vmask[None, :], logits, float("-inf"))
+            chunk_max = tl.max(logits, axis=1)
+            if MODE == 1:
+                # strict '>' keeps the earlier chunk on ties; tl.argmax keeps the first within a chunk
+                better = chunk_max > best
+                best_arg = tl.where(better, tl.argmax(logits, axis=1, tie_break_left=True) + v0, best_arg)
+                best = tl.where(better, chunk_max, best)
+            else:
+                new_max = tl.maximum(run_max, chunk_max)
+                run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+                run_max = new_max
+                target_logit += tl.sum(tl.where(vcols[None, :] == target[:, None], logits, 0.0), axis=1)
+
+    if MODE == 1:
+        tl.store(out_ptr + rows, best_arg.to(tl.int64), mask=row_mask)
+    if MODE == 2:
+        lse = run_max + tl.log(run_sum)
+        tl.store(out_ptr + rows, lse - target_logit, mask=row_mask)
+        tl.store(lse_ptr + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def layer_forward_kernel(
+    x_ptr, w_ptr, b_ptr, g_ptr, res_ptr, z_ptr, h_ptr,
+    N, K, H, eps,
+    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    FROM_BITS: tl.constexpr, ADD_RES: tl.constexpr, STORE_Z: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One layer for BLOCK_M rows: z = x @ w.T + b; h = RMSNorm(SiLU(z)) * g (+ res).
+
+    x fp32 [N, K], or with FROM_BITS the int64 indices [N] whose K == BITS bits are the input;
+    w fp32 [H, K]; res, z, h fp32 [N, H] (z stored when STORE_Z, for the backward).
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    hcols = tl.arange(0, BLOCK_H)
+    hmask = hcols < H
+    if FROM_BITS:
+        idx = tl.load(x_ptr + rows, mask=row_mask, other=0)
+    acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        if FROM_BITS:
+            x = index_bits(idx, k, BITS)
+        else:
+            x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        w_t = tl.load(w_ptr + hcols[None, :] * K + k[:, None], mask=kmask[:, None] & hmask[None, :], other=0.0)
+        acc += dot(x, w_t, PRECISION)
+    z = acc + tl.load(b_ptr + hcols, mask=hmask, other=0.0)[None, :]
+    out_off = rows[:, None] * H + hcols[None, :]
+    out_mask = row_mask[:, None] & hmask[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + out_off, z, mask=out_mask)
+    h = silu_rmsnorm(z, tl.load(g_ptr + hcols, mask=hmask, other=0.0), H, eps)
+    if ADD_RES:
+        h += tl.load(res_ptr + out_off, mask=out_mask, other=0.0)
+    tl.store(h_ptr + out_off, h, mask=out_mask)
+
+
+def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor,
+            in_gain: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias: torch.Tensor,
+            hidden_gain: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
+            residual_every: int, eps: float, precision: str, mode: int, save: bool):
+    """Launch the forward. Returns (out, lse, acts, zs).
+
+    out: logits fp32 [N, V] (mode 0) | argmax int64 [N] (mode 1) | per-row CE fp32 [N] (mode 2).
+    lse: fp32 [N] in mode 2, else empty. acts: fp32 [L-1, N, H] activations after each layer
+    when save (or always on the layer-wise path), else empty. zs: fp32 [L-1, N, H]
+    pre-activations on the layer-wise path when save, else empty.
+    """
+    device = idx.device
+    n, (hidden, bits), vocab = idx.shape[0], in_weight.shape, out_weight.shape[0]
+    n_hidden = hidden_weight.shape[0]
+    t = choose_tiles(hidden, bits, vocab)
+    prec = precision_code(precision)
+    f32 = torch.float32
+    if mode == MODE_LOGITS:
+        out = new_buffer((n, vocab), f32, device)
+    else:
+        out = new_buffer((n,), torch.int64 if mode == MODE_ARGMAX else f32, device)
+    lse = new_buffer((n,) if mode == MODE_LOSS else (0,), f32, device)
+    empty = torch.empty(0, dtype=f32, device=device)
+    # (distinct empty tensors: an operator's outputs must not alias one another)
+    acts = new_buffer((n_hidden + 1, n, hidden), f32, device) if (save or not t.fused) else empty.new_empty(0)
+    zs = new_buffer((n_hidden + 1, n, hidden), f32, device) if (save and not t.fused) else empty.new_empty(0)
+    if n == 0:
+        return out, lse, acts, zs
+    if targets.numel() == 0:
+        targets = idx  # placeholder pointer, never read unless mode == MODE_LOSS
+
+    grid = (triton.cdiv(n, t.block_m),)
+    if not t.fused:
+        def layer(x, w, b, g, res, z, h, k, from_bits, block_k):
+            launch(layer_forward_kernel, grid, x, w, b, g, empty if res is None else res, z, h, n, k, hidden, eps,
+                   BITS=bits, BLOCK_M=t.block_m, BLOCK_H=t.block_h, BLOCK_K=block_k, FROM_BITS=from_bits,
+                   ADD_RES=res is not None, STORE_Z=save, PRECISION=prec, num_warps=t.num_warps)
+
+        layer(idx, in_weight, in_bias, in_gain, None, zs[0] if save else empty, acts[0],
+              bits, True, min(t.block_k, t.block_bits))
+        res = acts[0]
+        for i in range(n_hidden):
+            add_res = (i + 1) % residual_every == 0
+            layer(acts[i], hidden_weight[i], hidden_bias[i], hidden_gain[i], res if add_res else None,
+                  zs[i + 1] if save else empty, acts[i + 1], hidden, False, t.block_k)
+            if add_res:
+                res = acts[i + 1]
+
+    launch(aunn_forward_kernel, grid,
+           idx, targets, out, lse, acts,
+           in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
+           n, hidden, vocab, n_hidden, residual_every, eps, n * hidden, n_hidden * n * hidden,
+           BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
+           BLOCK_K=t.block_k_head, MODE=mode, FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused,
+           PRECISION=prec, num_warps=t.num_warps)
+    return out, lse, acts, zs

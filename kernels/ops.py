@@ -1,0 +1,112 @@
+"""The kernels as PyTorch operators: ``torch.ops.aunn_fast.forward`` / ``backward``.
+
+Both are ``torch.library.triton_op``s (kernels launched through ``wrap_triton``), so
+torch.compile and torch.export see the Triton kernels instead of an opaque call and
+no graph break occurs. Under TRITON_INTERPRET=1 they are plain ``custom_op``s with a
+fake implementation (see :func:`_operator`): still no graph break, kernels opaque. ``forward`` gets its autograd formula from
+``register_autograd``: its backward calls the ``backward`` operator on the
+activations the forward returned.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+from torch.library import custom_op, triton_op
+
+from aunn_fast.config import AUNNConfig
+from aunn_fast.params import AUNNParams
+
+from . import mlp_backward, mlp_forward
+from .mlp_forward import MODE_ARGMAX, MODE_LOGITS, MODE_LOSS
+
+
+def _operator(name: str):
+    """triton_op on GPUs; under TRITON_INTERPRET=1 an opaque custom_op instead.
+
+    A triton_op lets torch.compile trace into the kernels, but in the interpreter
+    wrap_triton returns the plain kernel, so a traced graph would contain no launches.
+    The custom_op's fake implementation is the same function: its launches are skipped
+    on fake tensors (common.launch) and it only allocates outputs of the right shapes.
+    """
+    def register(fn):
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            op = custom_op(name, fn, mutates_args=())
+            op.register_fake(fn)
+            return op
+        return triton_op(name, fn, mutates_args=())
+    return register
+
+
+@_operator("aunn_fast::forward")
+def forward_op(idx: Tensor, targets: Tensor, in_weight: Tensor, in_bias: Tensor, in_gain: Tensor,
+               hidden_weight: Tensor, hidden_bias: Tensor, hidden_gain: Tensor, out_weight: Tensor,
+               out_bias: Tensor, residual_every: int, eps: float, precision: str, mode: int,
+               save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, lse, acts, zs); see :func:`mlp_forward.forward`."""
+    return mlp_forward.forward(idx, targets, in_weight, in_bias, in_gain, hidden_weight, hidden_bias,
+                               hidden_gain, out_weight, out_bias, residual_every, eps, precision, mode, save)
+
+
+@_operator("aunn_fast::backward")
+def backward_op(idx: Tensor, targets: Tensor, grad: Tensor, lse: Tensor, acts: Tensor, zs: Tensor,
+                in_weight: Tensor, in_bias: Tensor, in_gain: Tensor, hidden_weight: Tensor,
+                hidden_bias: Tensor, hidden_gain: Tensor, out_weight: Tensor, out_bias: Tensor,
+                residual_every: int, eps: float, precision: str, mode: int) -> list[Tensor]:
+    """Gradients of the eight parameters; see :func:`mlp_backward.backward`."""
+    return mlp_backward.backward(idx, targets, grad, lse, acts, zs, in_weight, in_bias, in_gain,
+                                 hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
+                                 residual_every, eps, precision, mode)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    idx, targets, *params = inputs[:10]
+    residual_every, eps, precision, mode, save = inputs[10:]
+    out, lse, acts, zs = output
+    ctx.mark_non_differentiable(lse, acts, zs)
+    if mode == MODE_ARGMAX:
+        ctx.mark_non_differentiable(out)
+    ctx.save_for_backward(idx, targets, lse, acts, zs, *params)
+    ctx.hparams = (residual_every, eps, precision, mode, save)
+
+
+def _backward(ctx, grad_out, grad_lse, grad_acts, grad_zs):
+    idx, targets, lse, acts, zs, *params = ctx.saved_tensors
+    residual_every, eps, precision, mode, save = ctx.hparams
+    if mode == MODE_ARGMAX:
+        raise RuntimeError("argmax predictions have no gradient")
+    if not save:
+        raise RuntimeError("aunn_fast::forward ran with save=False: no activations were kept for backward")
+    grads = backward_op(idx, targets, grad_out.contiguous(), lse, acts, zs, *params,
+                        residual_every, eps, precision, mode)
+    return (None, None, *grads, None, None, None, None, None)
+
+
+forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run_forward(idx: Tensor, targets: Tensor | None, params: AUNNParams, cfg: AUNNConfig,
+                precision: str, mode: int) -> Tensor:
+    """The forward operator's first output; activations are saved only when autograd needs them."""
+    save = mode != MODE_ARGMAX and torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    if targets is None:
+        targets = idx.new_empty(0)
+    params = [p.contiguous() for p in params]
+    out, _, _, _ = torch.ops.aunn_fast.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps,
+                                              precision, mode, save)
+    return out
+
+
+def logits(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> Tensor:
+    return run_forward(idx, None, params, cfg, precision, MODE_LOGITS)
+
+
+def loss(idx: Tensor, targets: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> Tensor:
+    row_loss = run_forward(idx, targets, params, cfg, precision, MODE_LOSS)
+    return row_loss.sum() / max(idx.shape[0], 1)
+
+
+def predict(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> Tensor:
+    with torch.no_grad():
+        return run_forward(idx, None, params, cfg, precision, MODE_ARGMAX)

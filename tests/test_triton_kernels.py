@@ -1,0 +1,354 @@
+"""Tests of the fused Triton kernels (aunn_fast.kernels) against the PyTorch reference.
+
+On a machine without a GPU the kernels run in Triton's interpreter (conftest sets
+TRITON_INTERPRET=1); there bf16 and tf32 run as exact emulations (operands rounded in
+registers, exact fp32 products), so every precision is checked here too, and the
+hardware paths are checked by the GPU-only tests.
+
+Accuracy criterion ("2x rule"), per output tensor: with `oracle` the float64 reference
+(float64 parameters, the same operand rounding for tf32/bf16, and for gradients the exact
+derivative of that rounded forward) and err(x) = max|x - oracle|,
+
+    err(kernel) <= 2 * err(reference in the same precision, float32) + 1e-5 * max|oracle|
+
+i.e. the kernel is at most twice as far from the exact answer as PyTorch's own float32
+computation of the same math, plus a floor of ~100 float32 ulps of the tensor's scale
+(for tensors PyTorch happens to get almost exactly right). Gradients in tf32/bf16 use a
+factor of 4: the kernels round both operands of every backward product (as autocast
+does), the reference's autograd only each product's result; measured ratios reach ~3.3.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from aunn_fast import AUNNConfig, AUNNParams, kernels, reference
+from aunn_fast.params import init_params
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_REASON = kernels.unavailable_reason(DEVICE)
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton kernels unavailable: {_REASON}")
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+if _REASON is None:
+    from aunn_fast.kernels import common, mlp_forward
+
+ATOL_REL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN / -1, so an unwritten element fails."""
+    monkeypatch.setattr(mlp_forward, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture
+def layerwise(monkeypatch):
+    """Force the layer-wise (wide-model) path on small shapes."""
+    monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_params(cfg: AUNNConfig, generator: torch.Generator) -> AUNNParams:
+    """Seed-model init with every tensor perturbed: non-trivial biases and gains."""
+    base = init_params(cfg, generator)
+    return AUNNParams(*[(t + 0.3 * torch.randn(t.shape, generator=generator)).to(DEVICE) for t in base])
+
+
+def make_indices(cfg: AUNNConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Random valid indices; for bits == 64 half of them are within 2**40 of 2**63 - 1."""
+    if cfg.bits >= 63:
+        low = torch.randint(0, 2**62, (n,), generator=generator) * 2 + torch.randint(0, 2, (n,), generator=generator)
+        high = 2**63 - 1 - torch.randint(0, 2**40, (n,), generator=generator)
+        idx = torch.where(torch.rand(n, generator=generator) < 0.5, low, high)
+    else:
+        idx = torch.randint(0, 2**cfg.bits, (n,), generator=generator)
+    return idx.to(DEVICE)
+
+
+def as_double(params: AUNNParams) -> AUNNParams:
+    return AUNNParams(*[t.double() for t in params])
+
+
+def with_grad(params: AUNNParams) -> AUNNParams:
+    return AUNNParams(*[t.detach().clone().requires_grad_() for t in params])
+
+
+class _Round(torch.autograd.Function):
+    """reference.round_operand with a gradient: exact (straight through), or itself rounded."""
+
+    @staticmethod
+    def forward(ctx, x, precision, round_grad, original):
+        ctx.precision, ctx.round_grad, ctx.original = precision, round_grad, original
+        return original(x, precision)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.round_grad:
+            grad = ctx.original(grad, ctx.precision)
+        return grad, None, None, None
+
+
+@contextlib.contextmanager
+def differentiable_rounding(round_grad: bool):
+    """Choose how gradients flow through reference.round_operand.
+
+    round_grad=False gives the exact gradient of the rounded forward (the oracle's, and
+    the reference's own straight-through rounding); round_grad=True also rounds the
+    gradient flowing back through each rounded operand, as autocast's reduced-precision
+    backward does: that is "PyTorch in the same precision" for the 2x rule.
+    """
+    original = reference.round_operand
+    reference.round_operand = lambda x, precision: (
+        x if precision == "fp32" else _Round.apply(x, precision, round_grad, original))
+    try:
+        yield
+    finally:
+        reference.round_operand = original
+
+
+def assert_2x_rule(name: str, got: torch.Tensor, ref32: torch.Tensor, oracle: torch.Tensor,
+                   atol_rel: float = ATOL_REL, factor: float = 2.0) -> None:
+    assert got.shape == oracle.shape, f"{name}: shape {tuple(got.shape)} != {tuple(oracle.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten output?)"
+    if oracle.numel() == 0:
+        return
+    err = (got.double() - oracle).abs().max().item()
+    ref_err = (ref32.double() - oracle).abs().max().item()
+    bound = factor * ref_err + atol_rel * oracle.abs().max().item()
+    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (reference error {ref_err:.3e})"
+
+
+def grads_of(params: AUNNParams) -> list[torch.Tensor]:
+    """.grad of each tensor; an unused one (hidden_* of a 2-layer model) counts as zeros."""
+    return [t.grad if t.grad is not None else torch.zeros_like(t) for t in params]
+
+
+def run_loss(loss_fn, idx, targets, params, cfg, precision):
+    p = with_grad(params)
+    value = loss_fn(idx, targets, p, cfg, precision)
+    value.backward()
+    return value.detach(), grads_of(p)
+
+
+def check_model(cfg: AUNNConfig, n: int, generator: torch.Generator, precision: str = "fp32") -> None:
+    """logits, predictions, loss and all eight gradients of the kernels against the oracle."""
+    params = make_params(cfg, generator)
+    idx = make_indices(cfg, n, generator)
+    targets = torch.randint(0, cfg.vocab_size, (n,), generator=generator).to(DEVICE)
+    oracle_params = as_double(params)
+
+    # logits
+    got = kernels.logits(idx, params, cfg, precision)
+    assert got.dtype == torch.float32
+    ref32 = reference.logits(idx, params, cfg, precision)
+    oracle = reference.logits(idx, oracle_params, cfg, precision)
+    assert_2x_rule("logits", got, ref32, oracle)
+
+    # predictions: exact wherever the top-2 margin of the oracle logits is clear
+    pred = kernels.predict(idx, params, cfg, precision)
+    assert pred.dtype == torch.int64 and pred.shape == (n,)
+    if n:
+        top2 = oracle.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-4 * max(1.0, oracle.abs().max().item()) * (
+            1 if precision == "fp32" else 1e3)
+        assert torch.equal(pred[clear], oracle.argmax(-1)[clear])
+
+    # loss and gradients
+    loss, grads = run_loss(kernels.loss, idx, targets, params, cfg, precision)
+    with differentiable_rounding(round_grad=True):
+        loss32, grads32 = run_loss(reference.loss, idx, targets, params, cfg, precision)
+    with differentiable_rounding(round_grad=False):
+        loss64, grads64 = run_loss(reference.loss, idx, targets, oracle_params, cfg, precision)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_2x_rule("loss", loss, loss32, loss64)
+    # tf32/bf16 gradients: factor 4, because the kernels round both operands of every backward
+    # product (as autocast does) while the reference rounds only each product's result.
+    factor = 2.0 if precision == "fp32" else 4.0
+    for name, g, g32, g64 in zip(AUNNParams._fields, grads, grads32, grads64):
+        assert_2x_rule(f"d {name}", g, g32, g64, factor=factor)
+
+
+# ----------------------------------------------------------------------------- availability
+
+
+def test_unavailable_reason_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET" in kernels.unavailable_reason(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not torch.cuda.is_available():
+        assert kernels.unavailable_reason(torch.device("cpu")) is None
+    assert kernels.SUPPORTED_PRECISIONS == ("fp32", "tf32", "bf16")
+
+
+# ----------------------------------------------------------------------------- fp32, fused trunk
+
+FP32_CASES = [
+    # hidden, layers, residual_every, bits, vocab, batch
+    (16, 2, 1, 64, 5, 37),      # no hidden layer, tiny vocab padded to a 64-wide tile
+    (32, 3, 1, 64, 5, 1),       # one hidden layer with a residual, batch 1
+    (32, 8, 2, 64, 150, 130),   # the seed layout, vocab over two tiles, batch over two blocks
+    (64, 5, 3, 40, 70, 37),     # residual_every 3, bits < 64
+    (16, 4, 2, 7, 2, 130),      # few bits, binary vocab
+    (64, 8, 3, 64, 300, 257),   # three vocabulary tiles, three row blocks
+    (16, 3, 2, 1, 3, 130),      # a single bit
+]
+
+
+@pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", FP32_CASES)
+def test_fp32_against_reference(hidden, layers, residual_every, bits, vocab, batch, generator):
+    cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=residual_every)
+    check_model(cfg, batch, generator)
+
+
+@pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", [
+    (32, 4, 2, 64, 5, 37),
+    (48, 3, 1, 13, 70, 19),     # hidden not a power of two
+    (32, 8, 3, 64, 150, 70),
+])
+def test_fp32_layerwise_path(hidden, layers, residual_every, bits, vocab, batch, generator, layerwise):
+    cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=residual_every)
+    check_model(cfg, batch, generator)
+
+
+def test_fp32_wide_model(generator):
+    """hidden 256 exceeds FUSED_MAX_HIDDEN: the layer-wise path with streamed GEMMs."""
+    cfg = AUNNConfig(vocab_size=5, hidden=256, layers=3, bits=64, residual_every=1)
+    check_model(cfg, 17, generator)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+def test_reduced_precision(precision, generator):
+    cfg = AUNNConfig(vocab_size=70, hidden=32, layers=5, bits=64, residual_every=2)
+    check_model(cfg, 37, generator, precision)
+
+
+def test_logits_backward_arbitrary_upstream(generator):
+    """logits' backward with a random upstream gradient (not the loss path)."""
+    cfg = AUNNConfig(vocab_size=70, hidden=32, layers=4, bits=64, residual_every=2)
+    params = make_params(cfg, generator)
+    idx = make_indices(cfg, 37, generator)
+    upstream = torch.randn(37, cfg.vocab_size, generator=generator).to(DEVICE)
+
+    def grads(fn, p):
+        p = with_grad(p)
+        (fn(idx, p, cfg, "fp32") * upstream.to(p.in_weight.dtype)).sum().backward()
+        return grads_of(p)
+
+    for name, g, g32, g64 in zip(AUNNParams._fields, grads(kernels.logits, params),
+                                 grads(reference.logits, params), grads(reference.logits, as_double(params))):
+        assert_2x_rule(f"d {name}", g, g32, g64)
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("force_layerwise", [False, True])
+def test_empty_batch(force_layerwise, generator, monkeypatch):
+    if force_layerwise:
+        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+    cfg = AUNNConfig(vocab_size=5, hidden=16, layers=3, bits=64)
+    params = with_grad(make_params(cfg, generator))
+    idx = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    assert kernels.logits(idx, params, cfg, "fp32").shape == (0, 5)
+    assert kernels.predict(idx, params, cfg, "fp32").shape == (0,)
+    loss = kernels.loss(idx, idx.clone(), params, cfg, "fp32")
+    assert loss.shape == () and loss.item() == 0.0
+    loss.backward()
+    for name, p in zip(AUNNParams._fields, params):
+        assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any(), name
+
+
+def test_argmax_ties_pick_the_first(generator):
+    """Exact ties, inside a tile and across vocabulary tiles, resolve to the lowest index like torch.argmax."""
+    cfg = AUNNConfig(vocab_size=300, hidden=16, layers=3, bits=64)
+    params = make_params(cfg, generator)
+    bias = torch.zeros(cfg.vocab_size)
+    bias[[70, 75, 140, 299]] = 1.0      # 70 and 75 share a tile; 140 and 299 lie in later tiles
+    params = params._replace(out_weight=torch.zeros_like(params.out_weight), out_bias=bias.to(DEVICE))
+    idx = make_indices(cfg, 19, generator)
+    pred = kernels.predict(idx, params, cfg, "fp32")
+    assert torch.equal(pred, torch.full((19,), 70, dtype=torch.int64, device=DEVICE))
+    assert torch.equal(pred, reference.predict(idx, params, cfg))
+
+
+def test_no_grad_and_bits_matter(generator):
+    """Under no_grad nothing is saved; the top and bottom bits of an index both change the output."""
+    cfg = AUNNConfig(vocab_size=5, hidden=16, layers=3, bits=64)
+    params = with_grad(make_params(cfg, generator))
+    idx = torch.tensor([2**63 - 1, 2**63 - 2, 2**62 - 1, 0, 1], dtype=torch.int64, device=DEVICE)
+    with torch.no_grad():
+        out = kernels.logits(idx, params, cfg, "fp32")
+        loss = kernels.loss(idx, idx % 5, params, cfg, "fp32")
+    assert not out.requires_grad and not loss.requires_grad
+    ref = reference.logits(idx, AUNNParams(*[p.detach().double() for p in params]), cfg)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert len({tuple(row.tolist()) for row in out}) == 5
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@gpu_only
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("hidden,layers,vocab", [(64, 8, 4), (128, 6, 300), (512, 4, 64)])
+def test_gpu_precisions(precision, hidden, layers, vocab, generator):
+    cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
+    check_model(cfg, 4099, generator, precision)
+
+
+@gpu_only
+def test_gpu_large_vocab_loss(generator):
+    cfg = AUNNConfig(vocab_size=50257, hidden=64, layers=4, bits=64)
+    check_model(cfg, 257, generator, "bf16")
+
+
+def test_opcheck(generator):
+    """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of both operators.
+
+    argmax (mode 1) is checked without grad-requiring inputs, as predict() runs it under no_grad.
+    """
+    from aunn_fast.kernels import ops  # noqa: F401  (registers torch.ops.aunn_fast.*)
+    from torch.library import opcheck
+
+    cfg = AUNNConfig(vocab_size=70, hidden=32, layers=4, bits=64)
+    params = with_grad(make_params(cfg, generator))
+    idx = make_indices(cfg, 65, generator)
+    targets = torch.randint(0, 70, (65,), generator=generator).to(DEVICE)
+    hp = (cfg.residual_every, cfg.norm_eps, "fp32")
+    for mode in (0, 2):
+        opcheck(torch.ops.aunn_fast.forward.default, (idx, targets, *params, *hp, mode, True))
+    detached = [p.detach() for p in params]
+    opcheck(torch.ops.aunn_fast.forward.default, (idx, targets, *detached, *hp, 1, False))
+    _, lse, acts, zs = torch.ops.aunn_fast.forward(idx, targets, *detached, *hp, 2, True)
+    upstream = torch.rand(65, generator=generator).to(DEVICE)
+    opcheck(torch.ops.aunn_fast.backward.default, (idx, targets, upstream, lse, acts, zs, *detached, *hp, 2))
+
+
+def test_torch_compile_fullgraph(generator):
+    """logits, predict and loss + backward under torch.compile(fullgraph=True) match eager."""
+    cfg = AUNNConfig(vocab_size=70, hidden=32, layers=5, bits=64)
+    params = make_params(cfg, generator)
+    n = 300 if torch.cuda.is_available() else 37
+    idx = make_indices(cfg, n, generator)
+    targets = torch.randint(0, 70, (n,), generator=generator).to(DEVICE)
+
+    def loss_and_grads(fn):
+        p = with_grad(params)
+        loss = fn(p)
+        loss.backward()
+        return [loss.detach()] + grads_of(p)
+
+    eager = loss_and_grads(lambda p: kernels.loss(idx, targets, p, cfg, "fp32"))
+    compiled = loss_and_grads(torch.compile(lambda p: kernels.loss(idx, targets, p, cfg, "fp32"), fullgraph=True))
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+    logits = torch.compile(lambda p: kernels.logits(idx, p, cfg, "fp32"), fullgraph=True)(params)
+    torch.testing.assert_close(logits, kernels.logits(idx, params, cfg, "fp32"), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        pred = torch.compile(lambda p: kernels.predict(idx, p, cfg, "fp32"), fullgraph=True)(params)
+    assert torch.equal(pred, kernels.predict(idx, params, cfg, "fp32"))
