@@ -283,7 +283,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.run import main as bench_main
 
-    return bench_main(args.bench_args)
+    return bench_main(args.bench_args, prog="aunn bench")
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "condition": cmd_condition,

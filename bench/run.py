@@ -1,0 +1,96 @@
+"""Command line of the benchmark: ``python bench/run.py`` or ``aunn bench`` (via :func:`main`).
+
+Writes results.json, results.md and PNG plots into --out (default
+bench/results/<card>-<date>/). Exit status 0, or 1 when any provider was incorrect or failed.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # run as a script: keep bench/'s module names from shadowing top-level packages
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from aunn_fast.bench import ceilings, environment, harness, plots, report  # noqa: E402
+from aunn_fast.bench.configs import CONFIGS, build_plan  # noqa: E402
+from aunn_fast.bench.workloads import WORKLOADS  # noqa: E402
+
+_SUFFIXES = {"K": 1 << 10, "M": 1 << 20}
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """"1,2048,64K,1M" -> (1, 2048, 65536, 1048576)."""
+    sizes = []
+    for part in _names(text):
+        scale = _SUFFIXES.get(part[-1].upper(), 1)
+        sizes.append(int(part[:-1] if scale > 1 else part) * scale)
+    return tuple(sizes)
+
+
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description="Benchmark every AUNN backend against "
+                                     "PyTorch eager and torch.compile, checking correctness first.")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="seed config, two sizes per workload, short timing")
+    parser.add_argument("--out", type=Path, help="output folder (default bench/results/<card>-<date>)")
+    parser.add_argument("--providers", type=_names, help="comma-separated backends (default: all in BACKENDS)")
+    parser.add_argument("--workloads", type=_names, help=f"comma-separated, from {', '.join(WORKLOADS)}")
+    parser.add_argument("--configs", type=_names, help=f"comma-separated, from {', '.join(CONFIGS)}")
+    parser.add_argument("--precisions", type=_names,
+                        help="comma-separated fp32,tf32,bf16 (default: fp32; on CUDA also bf16 except compile)")
+    parser.add_argument("--batches", type=_sizes,
+                        help="batch sizes for predict/loss/train, e.g. 2048,64K,1M (default: the sweep)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run the benchmark with command-line arguments ``argv`` (None: sys.argv[1:])."""
+    args = parse_args(argv, prog)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    cases = build_plan(args.configs, args.workloads, device.type, args.quick, args.batches)
+    options = harness.Options(device, args.providers, args.precisions, args.quick, args.seed)
+    out = args.out or environment.default_out_dir(device)
+    out.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    env = environment.describe(device)
+    configs = {case.config_name: case.cfg for case in cases}
+    defined = ceilings.applies_to(device.type, env["device"])
+    used_argv = sys.argv[1:] if argv is None else list(argv)
+
+    def save(rows: list[harness.Row], complete: bool) -> None:
+        """Write results.json and results.md (after every row, so a killed run leaves what it measured)."""
+        harness.add_ratios(rows)
+        ceilings.add_shares(rows, configs, defined)
+        meta = report.build_meta(env, cases, args.quick, used_argv, time.perf_counter() - start,
+                                 ceilings.describe(configs) if defined else ceilings.NO_CEILING, complete)
+        report.write_json(out / "results.json", meta, rows)
+        report.write_markdown(out / "results.md", meta, rows)
+
+    rows = harness.run(cases, options, log=lambda line: print(line, flush=True),
+                       progress=lambda rows: save(rows, complete=False))
+    save(rows, complete=True)
+    pngs = plots.throughput(rows, out, env["device"]) + plots.ceiling_shares(rows, out, env["device"])
+    wall_s = time.perf_counter() - start
+
+    failed = [r for r in rows if r["correct"] is False]
+    print(f"\n{len(rows)} rows ({sum(bool(r['skipped']) for r in rows)} skipped, {len(failed)} incorrect or "
+          f"failed) in {wall_s:.0f} s -> {out} (results.json, results.md, {len(pngs)} PNGs)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

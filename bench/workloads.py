@@ -1,0 +1,147 @@
+"""The workloads: what one timed call does, and the inputs it rotates through.
+
+Every workload turns a configured :class:`~aunn_fast.AUNN` (backend, precision and
+``validate=False`` already set) and a batch size into a :class:`Prepared`: a
+zero-argument ``step`` that runs one call on the next of several random input
+sets (so caches do not flatter), plus the inputs the correctness check uses.
+Indices are int64 [batch] drawn uniformly from the model's whole index range;
+targets are int64 [batch] in [0, vocab).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from aunn_fast import AUNN, AUNNConfig
+
+MAX_INPUT_SETS = 4
+INPUT_BYTES_BUDGET = 1 << 30  # all rotated index + target sets together
+
+# The seed's run: 100,000 chunks of 4 indices, batch 2048, 500 epochs.
+SEED_RUN_INDICES = 100_000 * 4
+SEED_RUN_BATCH = 2048
+SEED_RUN_EPOCHS = 500
+SEED_RUN_STEPS = math.ceil(SEED_RUN_INDICES / SEED_RUN_BATCH) * SEED_RUN_EPOCHS  # 196 * 500 = 98,000
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A ready workload: ``step()`` runs one timed call; ``idx``/``targets`` (int64 [batch]) feed the check."""
+
+    step: Callable[[], object]
+    idx: torch.Tensor
+    targets: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One kind of work.
+
+    check:   what the correctness check compares ("logits", "loss" or "grads").
+    ceiling: which hardware ceiling its throughput is compared to ("forward", "train" or None).
+    fixed_batches: batch sizes that define the workload (empty: taken from the sweep).
+    stretch: timed as a run of consecutive steps (ms/step) instead of a median of single calls.
+    """
+
+    name: str
+    description: str
+    check: str
+    ceiling: str | None
+    prepare: Callable[[AUNN, int, torch.Generator], Prepared]
+    fixed_batches: tuple[int, ...] = ()
+    stretch: bool = False
+
+
+def random_indices(cfg: AUNNConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    """int64 [n], uniform over [0, max_index) on the generator's device."""
+    return torch.randint(0, cfg.max_index, (n,), generator=generator, device=generator.device, dtype=torch.int64)
+
+
+def random_targets(cfg: AUNNConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    """int64 [n], uniform over the vocabulary."""
+    return torch.randint(0, cfg.vocab_size, (n,), generator=generator, device=generator.device, dtype=torch.int64)
+
+
+def input_sets(cfg: AUNNConfig, batch: int, generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Up to MAX_INPUT_SETS (indices, targets) pairs of int64 [batch], within INPUT_BYTES_BUDGET."""
+    count = max(1, min(MAX_INPUT_SETS, INPUT_BYTES_BUDGET // (16 * batch)))
+    return [(random_indices(cfg, batch, generator), random_targets(cfg, batch, generator)) for _ in range(count)]
+
+
+def _rotating(model: AUNN, batch: int, generator: torch.Generator,
+              call: Callable[[torch.Tensor, torch.Tensor], object]) -> Prepared:
+    sets = input_sets(model.cfg, batch, generator)
+    cycle = itertools.cycle(sets)
+
+    def step() -> object:
+        idx, targets = next(cycle)
+        return call(idx, targets)
+
+    return Prepared(step, *sets[0])
+
+
+def make_optimizer(model: AUNN, kind: str) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA) for training, plain SGD for conditioning on a prompt."""
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=model.device.type == "cuda")
+    return torch.optim.SGD(model.parameters(), lr=1e-2)
+
+
+def _training_call(model: AUNN, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    def call(idx: torch.Tensor, targets: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(idx, targets).backward()
+        optimizer.step()
+
+    return call
+
+
+def _prepare_predict(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
+    return _rotating(model, batch, generator, lambda idx, targets: model.predict(idx))
+
+
+def _prepare_loss(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
+    def call(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.loss(idx, targets)
+
+    return _rotating(model, batch, generator, call)
+
+
+def _prepare_train(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
+    return _rotating(model, batch, generator, _training_call(model, make_optimizer(model, "adamw")))
+
+
+def _prepare_condition(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
+    return _rotating(model, batch, generator, _training_call(model, make_optimizer(model, "sgd")))
+
+
+def _prepare_seed_run(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
+    """Walk a shuffled epoch of the seed's 400,000 indices in full batches, gathering each batch."""
+    order = torch.randperm(SEED_RUN_INDICES, generator=generator, device=generator.device)
+    data = random_targets(model.cfg, SEED_RUN_INDICES, generator)
+    starts = itertools.cycle(range(0, SEED_RUN_INDICES - batch + 1, batch))
+    call = _training_call(model, make_optimizer(model, "adamw"))
+
+    def step() -> None:
+        idx = order[next(starts):][:batch]
+        call(idx, data[idx])
+
+    first = order[:batch]
+    return Prepared(step, first, data[first])
+
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (
+    Workload("predict", "forward + argmax", "logits", "forward", _prepare_predict),
+    Workload("loss", "forward + cross-entropy (no grad)", "loss", "forward", _prepare_loss),
+    Workload("train", "forward + loss + backward + AdamW step", "grads", "train", _prepare_train),
+    Workload("condition", "prompt of 2 / 64 indices: forward + backward + SGD step", "grads", None,
+             _prepare_condition, fixed_batches=(2, 64)),
+    Workload("seed-run", f"the seed's run: {SEED_RUN_STEPS:,} train steps of {SEED_RUN_BATCH}, "
+             "extrapolated from a measured stretch", "grads", "train", _prepare_seed_run,
+             fixed_batches=(SEED_RUN_BATCH,), stretch=True),
+)}

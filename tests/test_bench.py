@@ -1,0 +1,149 @@
+"""Tests of the benchmark harness (aunn_fast.bench): schema, correctness gating, skips.
+
+Nothing here asserts on speed."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aunn_fast import AUNNConfig, reference
+from aunn_fast.backends import BACKENDS, Backend
+from aunn_fast.bench import ceilings, harness, run
+from aunn_fast.bench.configs import Case
+from aunn_fast.config import PRECISIONS
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = AUNNConfig(vocab_size=4, hidden=16, layers=3, bits=64)
+ROW_FIELDS = {"provider", "workload", "config", "batch", "precision", "ms", "items_per_s", "correct",
+              "max_rel_err", "vs_eager", "vs_compile", "skipped", "first_call_s", "sfu_share",
+              "tensor_core_share"}
+META_FIELDS = {"device", "torch", "triton", "python", "commit", "date", "tolerances", "configs"}
+
+
+def _wrong_logits(idx, params, cfg, precision="fp32"):
+    return reference.logits(idx, params, cfg, precision) * 1.05 + 0.1
+
+
+def _wrong_loss(idx, targets, params, cfg, precision="fp32"):
+    return F.cross_entropy(_wrong_logits(idx, params, cfg, precision), targets)
+
+
+def _wrong_predict(idx, params, cfg, precision="fp32"):
+    return _wrong_logits(idx, params, cfg, precision).argmax(-1)
+
+
+def _always(device):
+    return None
+
+
+def _never(device):
+    return "needs hardware this machine lacks"
+
+
+@pytest.fixture
+def fake_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'wrong' gives perturbed logits, loss and gradients; 'absent' is never available."""
+    monkeypatch.setitem(BACKENDS, "wrong", Backend("wrong", _wrong_logits, _wrong_loss, _wrong_predict,
+                                                   PRECISIONS, _always))
+    monkeypatch.setitem(BACKENDS, "absent", Backend("absent", _wrong_logits, _wrong_loss, _wrong_predict,
+                                                    PRECISIONS, _never))
+
+
+def test_script_writes_results_markdown_and_plots(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "bench/run.py", "--device", "cpu", "--quick", "--out", str(tmp_path),
+                           "--providers", "reference,triton", "--batches", "64"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert META_FIELDS <= set(data["meta"])
+    rows = data["rows"]
+    assert {r["workload"] for r in rows} == {"predict", "loss", "train", "condition", "seed-run"}
+    for row in rows:
+        assert ROW_FIELDS <= set(row)
+        if row["provider"] == "reference":
+            assert row["correct"] and row["ms"] > 0 and row["items_per_s"] > 0 and row["vs_eager"] == 1.0
+            assert row["vs_compile"] is None  # compile was not run
+        else:
+            assert row["skipped"] and row["ms"] is None
+    seed_run = next(r for r in rows if r["workload"] == "seed-run" and r["provider"] == "reference")
+    assert seed_run["batch"] == 2048 and seed_run["projected_s"] == pytest.approx(seed_run["ms"] * 98)
+    md = (tmp_path / "results.md").read_text()
+    for workload in ("predict", "loss", "train", "condition", "seed-run"):
+        assert f"## {workload}" in md
+        assert (tmp_path / f"throughput_{workload}.png").stat().st_size > 0
+    assert "skipped **triton**" in md and "no ceiling is defined" in md
+
+
+def test_incorrect_provider_is_marked_and_never_timed(fake_backends: None) -> None:
+    cases = [Case("tiny", TINY, workload, (64,)) for workload in ("predict", "loss", "train")]
+    options = harness.Options(torch.device("cpu"), ["reference", "wrong", "absent"], quick=True)
+    rows = harness.run(cases, options, log=lambda line: None)
+    wrong = [r for r in rows if r["provider"] == "wrong"]
+    assert len(wrong) == 3
+    for row in wrong:
+        assert row["correct"] is False and row["max_rel_err"] > harness.checks.TOLERANCES["fp32"]
+        assert row["ms"] is None and row["items_per_s"] is None and row["vs_eager"] is None
+    for row in (r for r in rows if r["provider"] == "reference"):
+        assert row["correct"] is True and row["max_rel_err"] == 0.0 and row["vs_eager"] == 1.0
+    for row in (r for r in rows if r["provider"] == "absent"):
+        assert row["skipped"] == "needs hardware this machine lacks" and row["correct"] is None
+
+
+def test_main_reports_incorrect_in_markdown_and_exit_status(fake_backends: None, tmp_path: Path) -> None:
+    status = run.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--configs", "seed",
+                       "--workloads", "predict", "--batches", "32", "--providers", "reference,wrong,absent"])
+    assert status == 1
+    md = (tmp_path / "results.md").read_text()
+    assert "INCORRECT" in md and "needs hardware this machine lacks" in md
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["correct"] for r in rows] == [True, False, None]
+
+
+def test_ratios_ignore_incorrect_baselines() -> None:
+    def row(provider: str, ms: float | None, correct: bool) -> harness.Row:
+        return {"provider": provider, "workload": "predict", "config": "seed", "batch": 8, "precision": "fp32",
+                "ms": ms, "correct": correct, "vs_eager": None, "vs_compile": None}
+
+    rows = [row("reference", 4.0, True), row("compile", None, False), row("fast", 1.0, True)]
+    harness.add_ratios(rows)
+    assert rows[2]["vs_eager"] == 4.0 and rows[2]["vs_compile"] is None
+
+
+def test_triton_on_cpu_is_skipped_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert harness.unavailable_reason("triton", torch.device("cpu"))
+
+
+def test_ceilings_match_the_anchors() -> None:
+    seed = AUNNConfig(vocab_size=4, hidden=64, layers=8, bits=64)
+    assert ceilings.ceilings(seed, "forward").sfu == pytest.approx(4.7e9, rel=0.02)
+    assert ceilings.ceilings(seed, "train").sfu == pytest.approx(2.3e9, rel=0.02)
+    assert ceilings.ceilings(seed, "forward").tensor_core == pytest.approx(989e12 / (2 * (64 * 64 * 7 + 64 * 4)))
+    assert ceilings.applies_to("cuda", "NVIDIA H100 80GB HBM3")
+    assert not ceilings.applies_to("cpu", "AMD EPYC (2 cores)")
+    assert not ceilings.applies_to("cuda", "NVIDIA A100-SXM4-80GB")
+
+
+def test_batch_sizes_parse_suffixes() -> None:
+    assert run.parse_args(["--batches", "1,64K,1M"]).batches == (1, 65536, 1 << 20)
+
+
+def test_ceiling_shares_are_plotted_for_h100_rows(tmp_path: Path) -> None:
+    from aunn_fast.bench import plots
+
+    seed = AUNNConfig(vocab_size=4, hidden=64, layers=8, bits=64)
+    rows = [{"provider": "reference", "precision": "fp32", "workload": workload, "config": "seed", "batch": batch,
+             "items_per_s": 1e8 * batch.bit_length(), "correct": True}
+            for workload in ("predict", "train", "condition") for batch in (2048, 65536)]
+    ceilings.add_shares(rows, {"seed": seed}, defined=True)
+    assert rows[0]["sfu_share"] == pytest.approx(rows[0]["items_per_s"] / ceilings.ceilings(seed, "forward").sfu)
+    assert all(r["sfu_share"] is None for r in rows if r["workload"] == "condition")
+    assert plots.ceiling_shares(rows, tmp_path, "NVIDIA H100 80GB HBM3") == [tmp_path / "ceiling_share.png"]
