@@ -141,7 +141,8 @@ def head_weight_grad_kernel(
         db += tl.sum(d, axis=0)
     out = split.to(tl.int64) * V + vcols
     tl.store(dw_ptr + out[:, None] * H + hcols[None, :], dw, mask=vmask[:, None] & hmask[None, :])
-    tl.store(db_ptr + out, db, mask=vmask & (pid_h == 0))
+    if pid_h == 0:  # every hidden-column program computed the same bias gradient; one writes it
+        tl.store(db_ptr + out, db, mask=vmask)
 
 
 @triton.jit

@@ -36,6 +36,11 @@ if _REASON is None:
     from aunn_fast.kernels import common, mlp_forward
 
 ATOL_REL = 1e-5
+# Floors of the 2x rule by precision (relative to max|oracle|). In tf32/bf16 an operand that
+# lands near a rounding boundary rounds one way in the float64 oracle and may round the other
+# way in any float32 computation, a jump of one tf32/bf16 ulp that the reference happens to
+# dodge on some draws; these floors are the package's precision tolerances.
+PRECISION_FLOOR = {"fp32": ATOL_REL, "tf32": 1e-3, "bf16": 1e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -147,7 +152,8 @@ def check_model(cfg: AUNNConfig, n: int, generator: torch.Generator, precision: 
     assert got.dtype == torch.float32
     ref32 = reference.logits(idx, params, cfg, precision)
     oracle = reference.logits(idx, oracle_params, cfg, precision)
-    assert_2x_rule("logits", got, ref32, oracle)
+    floor = PRECISION_FLOOR[precision]
+    assert_2x_rule("logits", got, ref32, oracle, atol_rel=floor)
 
     # predictions: exact wherever the top-2 margin of the oracle logits is clear
     pred = kernels.predict(idx, params, cfg, precision)
@@ -165,12 +171,12 @@ def check_model(cfg: AUNNConfig, n: int, generator: torch.Generator, precision: 
     with differentiable_rounding(round_grad=False):
         loss64, grads64 = run_loss(reference.loss, idx, targets, oracle_params, cfg, precision)
     assert loss.dtype == torch.float32 and loss.shape == ()
-    assert_2x_rule("loss", loss, loss32, loss64)
+    assert_2x_rule("loss", loss, loss32, loss64, atol_rel=floor)
     # tf32/bf16 gradients: factor 4, because the kernels round both operands of every backward
     # product (as autocast does) while the reference rounds only each product's result.
     factor = 2.0 if precision == "fp32" else 4.0
     for name, g, g32, g64 in zip(AUNNParams._fields, grads, grads32, grads64):
-        assert_2x_rule(f"d {name}", g, g32, g64, factor=factor)
+        assert_2x_rule(f"d {name}", g, g32, g64, atol_rel=floor, factor=factor)
 
 
 # ----------------------------------------------------------------------------- availability
