@@ -16,16 +16,16 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 def loss_curve(rows: list[dict[str, float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["loss"] for r in rows], label="loss")
+    loss_line, = ax.plot(steps, [r["loss"] for r in rows], label="loss")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats)")
     twin = ax.twinx()
-    twin.plot(steps, [r["accuracy"] for r in rows], color="tab:orange", label="batch accuracy")
+    accuracy_line, = twin.plot(steps, [r["accuracy"] for r in rows], color="tab:orange", label="batch accuracy")
     twin.set_ylabel("batch accuracy")
     twin.set_ylim(0, 1.02)
     ax.set_title("Training loss and accuracy")
-    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.9))
+    ax.legend(handles=[loss_line, accuracy_line], loc="center right")
     _save(fig, path)
 
 
