@@ -100,8 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_runtime_options(p)
 
-    p = sub.add_parser("bench", help="the benchmark suite (same options as bench/run.py)", add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="the benchmark suite (same options as bench/run.py)", add_help=False)
     return parser
 
 
@@ -280,17 +279,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(bench_args: list[str]) -> int:
     from .bench.run import main as bench_main
 
-    return bench_main(args.bench_args, prog="aunn bench")
+    return bench_main(bench_args, prog="aunn bench")
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "condition": cmd_condition,
-            "demo": cmd_demo, "bench": cmd_bench}
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every later argument, --help included, belongs to the benchmark
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -80,3 +80,10 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", str(tmp_path / "missing")])
+
+
+def test_bench_subcommand_hands_every_argument_to_the_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: aunn bench" in capsys.readouterr().out
