@@ -22,6 +22,8 @@ dL/dh = dz @ W run as PyTorch matmuls on the stored dz and activations.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -41,70 +43,112 @@ from .common import (
 )
 from .mlp_forward import MODE_LOGITS, MODE_LOSS, new_buffer
 
+# How the fused trunk's weight and bias gradients are computed (a benchmarking switch, read
+# at call time; the layer-wise path always uses "torch"):
+# "torch"    - the kernel writes dz [L-1, N, H]; PyTorch matmuls dz.T @ acts and dz sums;
+# "partials" - a persistent grid accumulates dz.T @ a and dz sums per program; dz never
+#              reaches memory and the [programs, ...] partials are summed once.
+WEIGHT_GRAD_CHOICES = ("torch", "partials")
+WEIGHT_GRAD = os.environ.get("AUNN_FAST_WEIGHT_GRAD", "torch")
+# "partials" grid on CUDA: this many programs per SM (capped by the number of row blocks).
+PARTIAL_PROGRAMS_PER_SM = 2
+
+
+@triton.jit
+def accumulate(ptrs, value, mask, first):
+    """*ptrs = value on a program's first row block, else *ptrs += value (each program owns its slice)."""
+    if first:
+        tl.store(ptrs, value, mask=mask)
+    else:
+        tl.store(ptrs, value + tl.load(ptrs, mask=mask, other=0.0), mask=mask)
+
 
 @triton.jit
 def aunn_backward_kernel(
-    idx_ptr, target_ptr, grad_ptr, lse_ptr, act_ptr, dz_ptr, dgain_ptr,
+    idx_ptr, target_ptr, grad_ptr, lse_ptr, act_ptr, dz_ptr, dgain_ptr, dw_in_ptr, dw_ptr, db_ptr,
     in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,
     N, H, V, n_hidden, residual_every, eps, act_stride, head_in_offset,
     BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr, HEAD_FROM_LSE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_V: tl.constexpr, HEAD_FROM_LSE: tl.constexpr, WEIGHT_GRADS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Trunk backward of BLOCK_M rows, all layers in registers.
+    """Trunk backward, all layers in registers; program p takes row blocks p, p + P, p + 2P, ...
+    (P = number of programs).
 
     HEAD_FROM_LSE: grad is the per-row upstream gradient of the row losses fp32 [N]
     (targets int64 [N] and lse fp32 [N] from the forward); else grad is dL/dh_last fp32 [N, H].
-    act fp32 [L-1, N, H] from the forward; outputs dz fp32 [L-1, N, H] and
-    dgain fp32 [programs, L-1, H] (this program's row-sum of dL/dgain for each layer).
+    act fp32 [L-1, N, H] from the forward. Outputs, each program summing over its row blocks:
+    dgain fp32 [P, L-1, H]; with WEIGHT_GRADS also dw_in fp32 [P, H, BITS] (input layer),
+    dw fp32 [P, L-2, H, H] (hidden layers) and db fp32 [P, L-1, H], and dz is not stored;
+    without it dz fp32 [L-1, N, H] (the weight gradients are then PyTorch's).
     """
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
+    programs = tl.num_programs(0)
     hcols = tl.arange(0, BLOCK_H)
     hmask = hcols < H
     hh_mask = hmask[:, None] & hmask[None, :]
-    act_row = rows[:, None] * H + hcols[None, :]
-    act_mask = row_mask[:, None] & hmask[None, :]
-    dgain_row = dgain_ptr + pid.to(tl.int64) * (n_hidden + 1) * H + hcols
-
-    if HEAD_FROM_LSE:
-        gh = head_backward_rows(act_ptr + head_in_offset, target_ptr, grad_ptr, lse_ptr, out_w_ptr, out_b_ptr,
-                                rows, row_mask, hcols, hmask, H, V,
-                                BLOCK_M, BLOCK_V, BLOCK_H, BLOCK_H, PRECISION)
-    else:
-        gh = tl.load(grad_ptr + act_row, mask=act_mask, other=0.0)
-
-    # gh: dL/dh_l along the layer chain; g_res: dL/d(res) accumulated from later residual adds.
-    g_res = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    # act[layer] and dz[layer + 1], stepped down one layer at a time
-    act_in_ptr = act_ptr + head_in_offset
-    dz_out_ptr = dz_ptr + head_in_offset
-    for i in range(n_hidden):
-        layer = n_hidden - 1 - i  # 0-based hidden layer; act[layer] is its input, act[layer + 1] its output
-        if (layer + 1) % residual_every == 0:
-            # h = y + res and res = h: both incoming gradients reach y and the earlier res
-            gh = gh + g_res
-            g_res = gh
-        act_in_ptr -= act_stride
-        a = tl.load(act_in_ptr + act_row, mask=act_mask, other=0.0)
-        w_t = tl.load(hid_w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None], mask=hh_mask, other=0.0)
-        z = dot(a, w_t, PRECISION) + tl.load(hid_b_ptr + layer * H + hcols, mask=hmask, other=0.0)[None, :]
-        dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(hid_g_ptr + layer * H + hcols, mask=hmask, other=0.0),
-                                          H, eps)
-        tl.store(dz_out_ptr + act_row, dz, mask=act_mask)
-        dz_out_ptr -= act_stride
-        tl.store(dgain_row + (layer + 1) * H, dgain, mask=hmask)
-        gh = dot(dz, tl.trans(w_t), PRECISION)
-
-    # input layer; res started as its output
-    gh = gh + g_res
-    idx = tl.load(idx_ptr + rows, mask=row_mask, other=0)
     k = tl.arange(0, BLOCK_BITS)
-    w_in_t = tl.load(in_w_ptr + hcols[None, :] * BITS + k[:, None], mask=(k[:, None] < BITS) & hmask[None, :], other=0.0)
-    z = dot(index_bits(idx, k, BITS), w_in_t, PRECISION) + tl.load(in_b_ptr + hcols, mask=hmask, other=0.0)[None, :]
-    dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(in_g_ptr + hcols, mask=hmask, other=0.0), H, eps)
-    tl.store(dz_ptr + act_row, dz, mask=act_mask)
-    tl.store(dgain_row, dgain, mask=hmask)
+    pid64 = pid.to(tl.int64)
+    dgain_row = dgain_ptr + pid64 * (n_hidden + 1) * H + hcols
+    db_row = db_ptr + pid64 * (n_hidden + 1) * H + hcols
+    dw_tile = dw_ptr + pid64 * n_hidden * H * H + hcols[:, None] * H + hcols[None, :]
+    dw_in_tile = dw_in_ptr + pid64 * H * BITS + hcols[None, :] * BITS + k[:, None]
+    dw_in_mask = (k[:, None] < BITS) & hmask[None, :]
+
+    for block in range(pid, tl.cdiv(N, BLOCK_M), programs):
+        first = block == pid
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_mask = rows < N
+        act_row = rows[:, None] * H + hcols[None, :]
+        act_mask = row_mask[:, None] & hmask[None, :]
+
+        if HEAD_FROM_LSE:
+            gh = head_backward_rows(act_ptr + head_in_offset, target_ptr, grad_ptr, lse_ptr, out_w_ptr, out_b_ptr,
+                                    rows, row_mask, hcols, hmask, H, V,
+                                    BLOCK_M, BLOCK_V, BLOCK_H, BLOCK_H, PRECISION)
+        else:
+            gh = tl.load(grad_ptr + act_row, mask=act_mask, other=0.0)
+
+        # gh: dL/dh_l along the layer chain; g_res: dL/d(res) accumulated from later residual adds.
+        # Rows past N have gh = 0, hence dz = 0: they add nothing to the weight gradients.
+        g_res = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        # act[layer] and dz[layer + 1], stepped down one layer at a time
+        act_in_ptr = act_ptr + head_in_offset
+        dz_out_ptr = dz_ptr + head_in_offset
+        for i in range(n_hidden):
+            layer = n_hidden - 1 - i  # 0-based hidden layer; act[layer] is its input, act[layer + 1] its output
+            if (layer + 1) % residual_every == 0:
+                # h = y + res and res = h: both incoming gradients reach y and the earlier res
+                gh = gh + g_res
+                g_res = gh
+            act_in_ptr -= act_stride
+            a = tl.load(act_in_ptr + act_row, mask=act_mask, other=0.0)
+            w_t = tl.load(hid_w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None], mask=hh_mask, other=0.0)
+            z = dot(a, w_t, PRECISION) + tl.load(hid_b_ptr + layer * H + hcols, mask=hmask, other=0.0)[None, :]
+            dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(hid_g_ptr + layer * H + hcols, mask=hmask, other=0.0),
+                                              H, eps)
+            if WEIGHT_GRADS:
+                accumulate(dw_tile + layer * H * H, dot(tl.trans(dz), a, PRECISION), hh_mask, first)
+                accumulate(db_row + (layer + 1) * H, tl.sum(dz, axis=0), hmask, first)
+            else:
+                tl.store(dz_out_ptr + act_row, dz, mask=act_mask)
+                dz_out_ptr -= act_stride
+            accumulate(dgain_row + (layer + 1) * H, dgain, hmask, first)
+            gh = dot(dz, tl.trans(w_t), PRECISION)
+
+        # input layer; res started as its output
+        gh = gh + g_res
+        idx = tl.load(idx_ptr + rows, mask=row_mask, other=0)
+        x = index_bits(idx, k, BITS)
+        w_in_t = tl.load(in_w_ptr + hcols[None, :] * BITS + k[:, None], mask=dw_in_mask, other=0.0)
+        z = dot(x, w_in_t, PRECISION) + tl.load(in_b_ptr + hcols, mask=hmask, other=0.0)[None, :]
+        dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(in_g_ptr + hcols, mask=hmask, other=0.0), H, eps)
+        if WEIGHT_GRADS:
+            # [BLOCK_BITS, BLOCK_H] = dW_in.T: the 64-wide hidden side is the dot's output width
+            accumulate(dw_in_tile, dot(tl.trans(x), dz, PRECISION), dw_in_mask, first)
+            accumulate(db_row, tl.sum(dz, axis=0), hmask, first)
+        else:
+            tl.store(dz_ptr + act_row, dz, mask=act_mask)
+        accumulate(dgain_row, dgain, hmask, first)
 
 
 @triton.jit
@@ -198,6 +242,14 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+def _partial_programs(device: torch.device, row_blocks: int) -> int:
+    """Programs of the persistent grid that accumulates weight-gradient partials. Under the
+    interpreter 2, so that the tests' programs each sum several row blocks."""
+    if device.type == "cuda":
+        return min(row_blocks, PARTIAL_PROGRAMS_PER_SM * _num_sms(device))
+    return min(row_blocks, 2)
+
+
 def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: torch.Tensor,
              acts: torch.Tensor, zs: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor,
              in_gain: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias: torch.Tensor,
@@ -209,6 +261,10 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     (targets, lse from the forward). mode MODE_LOGITS: grad fp32 [N, V] is dL/dlogits.
     acts (and zs on the layer-wise path) are the forward's saved activations.
     """
+    weight_grad = WEIGHT_GRAD
+    if weight_grad not in WEIGHT_GRAD_CHOICES:
+        raise ValueError(f"unknown trunk weight-gradient method {weight_grad!r} (AUNN_FAST_WEIGHT_GRAD / "
+                         f"mlp_backward.WEIGHT_GRAD); choose one of {', '.join(WEIGHT_GRAD_CHOICES)}")
     device = idx.device
     n, (hidden, bits), vocab = idx.shape[0], in_weight.shape, out_weight.shape[0]
     n_hidden = hidden_weight.shape[0]
@@ -218,13 +274,13 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
         return [torch.zeros_like(p) for p in (in_weight, in_bias, in_gain, hidden_weight, hidden_bias,
                                               hidden_gain, out_weight, out_bias)]
     h_last = acts[n_hidden]
+    row_blocks = triton.cdiv(n, t.block_m_bwd)
     act_stride, head_in_offset = n * hidden, n_hidden * n * hidden
 
     # ---- head: dL/d out_weight, out_bias, and (unless fused below) dL/dh_last
     dh = None
     if mode == MODE_LOSS:
         grid_v, grid_h = triton.cdiv(vocab, t.block_v), triton.cdiv(hidden, t.block_hc)
-        row_blocks = triton.cdiv(n, t.block_m_bwd)
         splits = max(1, min(row_blocks, triton.cdiv(4 * _num_sms(device), grid_v * grid_h)))
         rows_per_split = triton.cdiv(row_blocks, splits) * t.block_m_bwd
         splits = triton.cdiv(n, rows_per_split)
@@ -248,20 +304,30 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
         d_out_bias = grad.sum(0)
         dh = matmul(grad, out_weight, precision)
 
-    # ---- trunk: dz of every layer and per-program gain partials
-    dz = new_buffer((n_hidden + 1, n, hidden), torch.float32, device)
-    programs = triton.cdiv(n, t.block_m_bwd)
-    dgain_part = new_buffer((programs, n_hidden + 1, hidden), torch.float32, device)
+    # ---- trunk: dz of every layer (or, WEIGHT_GRAD "partials", per-program weight and bias
+    # gradient partials) and per-program gain partials
+    partials = t.fused and weight_grad == "partials"
+    programs = _partial_programs(device, row_blocks) if partials else row_blocks
+    n_layers = n_hidden + 1
+    dgain_part = new_buffer((programs, n_layers, hidden), torch.float32, device)
+    if partials:
+        dz = torch.empty(0, dtype=torch.float32, device=device)
+        dw_in_part = new_buffer((programs, hidden, bits), torch.float32, device)
+        dw_part = new_buffer((programs, n_hidden, hidden, hidden), torch.float32, device)
+        db_part = new_buffer((programs, n_layers, hidden), torch.float32, device)
+    else:
+        dz = new_buffer((n_layers, n, hidden), torch.float32, device)
+        dw_in_part = dw_part = db_part = torch.empty(0, dtype=torch.float32, device=device)
     if t.fused:
         from_lse = dh is None
         launch(aunn_backward_kernel, (programs,),
-               idx, targets, grad if from_lse else dh, lse, acts, dz, dgain_part,
+               idx, targets, grad if from_lse else dh, lse, acts, dz, dgain_part, dw_in_part, dw_part, db_part,
                in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
                n, hidden, vocab, n_hidden, residual_every, eps, act_stride, head_in_offset,
                BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v,
-               HEAD_FROM_LSE=from_lse, PRECISION=prec, num_warps=t.num_warps)
+               HEAD_FROM_LSE=from_lse, WEIGHT_GRADS=partials, PRECISION=prec, num_warps=t.num_warps)
     else:
-        gain_stride = (n_hidden + 1) * hidden
+        gain_stride = n_layers * hidden
         gh, g_res = dh, torch.zeros_like(dh)
         for layer in reversed(range(-1, n_hidden)):  # -1 is the input layer
             if layer == -1 or (layer + 1) % residual_every == 0:
@@ -275,11 +341,14 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
             if layer >= 0:
                 gh = matmul(dz[layer + 1], hidden_weight[layer], precision)
 
-    # ---- weight and bias gradients of the trunk from dz and the saved activations
-    x = binary_embedding(idx, bits)
-    d_in_weight = matmul(dz[0].t(), x, precision)
-    d_hidden_weight = matmul(dz[1:].transpose(1, 2), acts[:n_hidden], precision)
-    d_bias = dz.sum(1)
+    # ---- weight and bias gradients of the trunk: partials summed, or from dz and the saved activations
+    if partials:
+        d_in_weight, d_hidden_weight, d_bias = dw_in_part.sum(0), dw_part.sum(0), db_part.sum(0)
+    else:
+        x = binary_embedding(idx, bits)
+        d_in_weight = matmul(dz[0].t(), x, precision)
+        d_hidden_weight = matmul(dz[1:].transpose(1, 2), acts[:n_hidden], precision)
+        d_bias = dz.sum(1)
     d_gain = dgain_part.sum(0)
     # slices cloned: an operator's outputs must not alias one another
     return [d_in_weight, d_bias[0].clone(), d_gain[0].clone(), d_hidden_weight, d_bias[1:].clone(),

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton kernels una
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 if _REASON is None:
-    from aunn_fast.kernels import common, mlp_forward
+    from aunn_fast.kernels import common, mlp_backward, mlp_forward
 
 ATOL_REL = 1e-5
 # Floors of the 2x rule by precision (relative to max|oracle|). In tf32/bf16 an operand that
@@ -47,6 +47,13 @@ PRECISION_FLOOR = {"fp32": ATOL_REL, "tf32": 1e-3, "bf16": 1e-2}
 def poison_outputs(monkeypatch):
     """Every buffer the launchers allocate starts as NaN / -1, so an unwritten element fails."""
     monkeypatch.setattr(mlp_forward, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture(params=["torch", "partials"])
+def weight_grad(request, monkeypatch):
+    """Each trunk weight-gradient candidate of the fused backward (mlp_backward.WEIGHT_GRAD)."""
+    monkeypatch.setattr(mlp_backward, "WEIGHT_GRAD", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -202,11 +209,12 @@ FP32_CASES = [
     (16, 4, 2, 7, 2, 130),      # few bits, binary vocab
     (64, 8, 3, 64, 300, 257),   # three vocabulary tiles, three row blocks
     (16, 3, 2, 1, 3, 130),      # a single bit
+    (48, 4, 2, 20, 7, 200),     # hidden not a power of two, four row blocks
 ]
 
 
 @pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", FP32_CASES)
-def test_fp32_against_reference(hidden, layers, residual_every, bits, vocab, batch, generator):
+def test_fp32_against_reference(hidden, layers, residual_every, bits, vocab, batch, generator, weight_grad):
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=residual_every)
     check_model(cfg, batch, generator)
 
@@ -228,12 +236,12 @@ def test_fp32_wide_model(generator):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
-def test_reduced_precision(precision, generator):
+def test_reduced_precision(precision, generator, weight_grad):
     cfg = AUNNConfig(vocab_size=70, hidden=32, layers=5, bits=64, residual_every=2)
     check_model(cfg, 37, generator, precision)
 
 
-def test_logits_backward_arbitrary_upstream(generator):
+def test_logits_backward_arbitrary_upstream(generator, weight_grad):
     """logits' backward with a random upstream gradient (not the loss path)."""
     cfg = AUNNConfig(vocab_size=70, hidden=32, layers=4, bits=64, residual_every=2)
     params = make_params(cfg, generator)
@@ -250,11 +258,20 @@ def test_logits_backward_arbitrary_upstream(generator):
         assert_2x_rule(f"d {name}", g, g32, g64)
 
 
+def test_unknown_weight_grad_method(generator, monkeypatch):
+    monkeypatch.setattr(mlp_backward, "WEIGHT_GRAD", "atomics")
+    cfg = AUNNConfig(vocab_size=5, hidden=16, layers=3, bits=64)
+    params = with_grad(make_params(cfg, generator))
+    idx = make_indices(cfg, 5, generator)
+    with pytest.raises(ValueError, match="torch, partials"):
+        kernels.loss(idx, idx % 5, params, cfg, "fp32").backward()
+
+
 # ----------------------------------------------------------------------------- edge cases
 
 
 @pytest.mark.parametrize("force_layerwise", [False, True])
-def test_empty_batch(force_layerwise, generator, monkeypatch):
+def test_empty_batch(force_layerwise, generator, monkeypatch, weight_grad):
     if force_layerwise:
         monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
     cfg = AUNNConfig(vocab_size=5, hidden=16, layers=3, bits=64)
@@ -302,7 +319,7 @@ def test_no_grad_and_bits_matter(generator):
 @gpu_only
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 @pytest.mark.parametrize("hidden,layers,vocab", [(64, 8, 4), (128, 6, 300), (512, 4, 64)])
-def test_gpu_precisions(precision, hidden, layers, vocab, generator):
+def test_gpu_precisions(precision, hidden, layers, vocab, generator, weight_grad):
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
     check_model(cfg, 4099, generator, precision)
 
@@ -335,7 +352,7 @@ def test_opcheck(generator):
     opcheck(torch.ops.aunn_fast.backward.default, (idx, targets, upstream, lse, acts, zs, *detached, *hp, 2))
 
 
-def test_torch_compile_fullgraph(generator):
+def test_torch_compile_fullgraph(generator, weight_grad):
     """logits, predict and loss + backward under torch.compile(fullgraph=True) match eager."""
     cfg = AUNNConfig(vocab_size=70, hidden=32, layers=5, bits=64)
     params = make_params(cfg, generator)
