@@ -2,7 +2,9 @@
 
 Conventions used by every kernel in this package:
 
-* activations are float32 row-major [N, H] (H = hidden, unpadded in memory);
+* activations are float32 row-major [N, H] (H = hidden, unpadded in memory); the fused
+  trunk's saved activations are bfloat16 in the bf16 precision mode (every reader rounds
+  them to bf16 for its dot anyway) and are upcast on load;
   inside a kernel a row block is a [BLOCK_M, BLOCK_H] register tile whose columns
   >= H are exactly zero (masked loads with other=0), so sums over the padded tile
   equal sums over the H real columns;
@@ -168,6 +170,14 @@ def round_tf32(x):
 
 
 @triton.jit
+def store_activation(ptrs, h, mask):
+    """Store fp32 h at ptrs (fp32, or bf16: rounded to nearest, as the interpreter's own cast truncates)."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        h = round_bf16(h)
+    tl.store(ptrs, h.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def index_bits(idx, k, BITS: tl.constexpr):
     """int64 idx [M], int32 bit positions k [K] -> fp32 [M, K]: bit k of idx, 0 where k >= BITS."""
     shift = tl.minimum(k, 63).to(tl.int64)
@@ -205,12 +215,13 @@ def silu_rmsnorm_backward(dy, z, gain, H, eps):
 def head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr):
-    """Logits [BLOCK_M, BLOCK_V] = h[rows] @ w[vcols].T + b[vcols], h [N, H] streamed from memory in BLOCK_K chunks."""
+    """Logits [BLOCK_M, BLOCK_V] = h[rows] @ w[vcols].T + b[vcols], h fp32/bf16 [N, H] streamed from memory in BLOCK_K chunks."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < H
-        a = tl.load(h_ptr + rows[:, None] * H + k[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(h_ptr + rows[:, None] * H + k[None, :], mask=row_mask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
         wt = tl.load(w_ptr + vcols[None, :] * H + k[:, None], mask=kmask[:, None] & vmask[None, :], other=0.0)
         acc += dot(a, wt, PRECISION)
     return acc + tl.load(b_ptr + vcols, mask=vmask, other=0.0)[None, :]
@@ -229,7 +240,7 @@ def dlogits(logits, lse, target, grad_row, vcols, vmask, row_mask):
 def head_backward_rows(h_ptr, target_ptr, grad_ptr, lse_ptr, w_ptr, b_ptr, rows, row_mask, hcols, hmask,
                        H, V, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_HC: tl.constexpr, PRECISION: tl.constexpr):
-    """dL/dh[rows, hcols] [BLOCK_M, BLOCK_HC] of the loss sum_rows grad_row * CE(h @ w.T + b, target).
+    """dL/dh[rows, hcols] [BLOCK_M, BLOCK_HC] of the loss sum_rows grad_row * CE(h @ w.T + b, target), h fp32/bf16 [N, H].
 
     Logits are recomputed chunk by chunk from h [N, H] and the saved per-row logsumexp; never stored.
     """

@@ -76,7 +76,7 @@ def aunn_backward_kernel(
 
     HEAD_FROM_LSE: grad is the per-row upstream gradient of the row losses fp32 [N]
     (targets int64 [N] and lse fp32 [N] from the forward); else grad is dL/dh_last fp32 [N, H].
-    act fp32 [L-1, N, H] from the forward. Outputs, each program summing over its row blocks:
+    act fp32 or bf16 [L-1, N, H] from the forward. Outputs, each program summing over its row blocks:
     dgain fp32 [P, L-1, H]; with WEIGHT_GRADS also dw_in fp32 [P, H, BITS] (input layer),
     dw fp32 [P, L-2, H, H] (hidden layers) and db fp32 [P, L-1, H], and dz is not stored;
     without it dz fp32 [L-1, N, H] (the weight gradients are then PyTorch's).
@@ -121,7 +121,7 @@ def aunn_backward_kernel(
                 gh = gh + g_res
                 g_res = gh
             act_in_ptr -= act_stride
-            a = tl.load(act_in_ptr + act_row, mask=act_mask, other=0.0)
+            a = tl.load(act_in_ptr + act_row, mask=act_mask, other=0.0).to(tl.float32)
             w_t = tl.load(hid_w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None], mask=hh_mask, other=0.0)
             z = dot(a, w_t, PRECISION) + tl.load(hid_b_ptr + layer * H + hcols, mask=hmask, other=0.0)[None, :]
             dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(hid_g_ptr + layer * H + hcols, mask=hmask, other=0.0),
@@ -160,7 +160,7 @@ def head_weight_grad_kernel(
 ):
     """Partial head gradients of rows [split * rows_per_split, (split + 1) * rows_per_split).
 
-    h fp32 [N, H] (last activation); grad, lse fp32 [N]; target int64 [N].
+    h fp32 or bf16 [N, H] (last activation); grad, lse fp32 [N]; target int64 [N].
     dw fp32 [splits, V, H] += dlogits.T @ h over the split's rows; db fp32 [splits, V].
     """
     pid_v = tl.program_id(0)
@@ -180,7 +180,8 @@ def head_weight_grad_kernel(
         d = dlogits(logits, tl.load(lse_ptr + rows, mask=row_mask, other=0.0),
                     tl.load(target_ptr + rows, mask=row_mask, other=0),
                     tl.load(grad_ptr + rows, mask=row_mask, other=0.0), vcols, vmask, row_mask)
-        h = tl.load(h_ptr + rows[:, None] * H + hcols[None, :], mask=row_mask[:, None] & hmask[None, :], other=0.0)
+        h = tl.load(h_ptr + rows[:, None] * H + hcols[None, :], mask=row_mask[:, None] & hmask[None, :],
+                    other=0.0).to(tl.float32)
         dw += dot(tl.trans(d), h, PRECISION)
         db += tl.sum(d, axis=0)
     out = split.to(tl.int64) * V + vcols
@@ -259,7 +260,8 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
 
     mode MODE_LOSS: grad fp32 [N] is the upstream gradient of each row's cross-entropy
     (targets, lse from the forward). mode MODE_LOGITS: grad fp32 [N, V] is dL/dlogits.
-    acts (and zs on the layer-wise path) are the forward's saved activations.
+    acts (fp32, or bf16 from a fused bf16 forward; and zs on the layer-wise path) are the
+    forward's saved activations.
     """
     weight_grad = WEIGHT_GRAD
     if weight_grad not in WEIGHT_GRAD_CHOICES:

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import choose_tiles, dot, head_logits_tile, index_bits, launch, precision_code, silu_rmsnorm
+from .common import (choose_tiles, dot, head_logits_tile, index_bits, launch, precision_code, silu_rmsnorm,
+                     store_activation)
 
 MODE_LOGITS, MODE_ARGMAX, MODE_LOSS = 0, 1, 2
 
@@ -45,7 +46,7 @@ def aunn_forward_kernel(
     """Forward of BLOCK_M indices.
 
     idx int64 [N]; target int64 [N] (MODE 2); weights fp32 as in AUNNParams.
-    act fp32 [n_hidden + 1, N, H] (layer stride act_stride = N * H;
+    act fp32 or bf16 [n_hidden + 1, N, H] (layer stride act_stride = N * H;
     the last layer at head_in_offset): activation after each layer (the input of the next);
     written when STORE_ACTS (fused trunk), read (last layer only) when not FUSED_TRUNK.
     out: MODE 0 logits fp32 [N, V]; MODE 1 argmax int64 [N]; MODE 2 per-row CE fp32 [N]
@@ -72,7 +73,7 @@ def aunn_forward_kernel(
         res = h
         out_act_ptr = act_ptr  # advanced one layer at a time: pointer + int never overflows int32
         if STORE_ACTS:
-            tl.store(out_act_ptr + act_row, h, mask=act_mask)
+            store_activation(out_act_ptr + act_row, h, act_mask)
         # hidden layers l = 1..n_hidden, residual after every residual_every-th
         for layer in range(n_hidden):
             w_t = tl.load(hid_w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None], mask=hh_mask, other=0.0)
@@ -83,7 +84,7 @@ def aunn_forward_kernel(
                 res = h
             if STORE_ACTS:
                 out_act_ptr += act_stride
-                tl.store(out_act_ptr + act_row, h, mask=act_mask)
+                store_activation(out_act_ptr + act_row, h, act_mask)
 
     # head, BLOCK_V vocabulary entries at a time
     best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -176,8 +177,9 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
     """Launch the forward. Returns (out, lse, acts, zs).
 
     out: logits fp32 [N, V] (mode 0) | argmax int64 [N] (mode 1) | per-row CE fp32 [N] (mode 2).
-    lse: fp32 [N] in mode 2, else empty. acts: fp32 [L-1, N, H] activations after each layer
-    when save (or always on the layer-wise path), else empty. zs: fp32 [L-1, N, H]
+    lse: fp32 [N] in mode 2, else empty. acts: [L-1, N, H] activations after each layer
+    when save (or always on the layer-wise path), else empty; bf16 when precision is bf16 and
+    the trunk is fused (each reader rounds them to bf16 anyway, so nothing changes), else fp32. zs: fp32 [L-1, N, H]
     pre-activations on the layer-wise path when save, else empty.
     """
     device = idx.device
@@ -193,7 +195,8 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
     lse = new_buffer((n,) if mode == MODE_LOSS else (0,), f32, device)
     empty = torch.empty(0, dtype=f32, device=device)
     # (distinct empty tensors: an operator's outputs must not alias one another)
-    acts = new_buffer((n_hidden + 1, n, hidden), f32, device) if (save or not t.fused) else empty.new_empty(0)
+    act_dtype = torch.bfloat16 if (precision == "bf16" and t.fused) else f32
+    acts = new_buffer((n_hidden + 1, n, hidden), act_dtype, device) if (save or not t.fused) else empty.new_empty(0)
     zs = new_buffer((n_hidden + 1, n, hidden), f32, device) if (save and not t.fused) else empty.new_empty(0)
     if n == 0:
         return out, lse, acts, zs
