@@ -2,13 +2,14 @@
 
 Kernels:
 
-* :func:`aunn_backward_kernel` (hidden <= FUSED_MAX_HIDDEN) - one program per BLOCK_M rows:
-  recomputes the head's logits chunk by chunk from the last activation and the saved
-  logsumexp (or loads a given dL/dh), then walks the layers in reverse entirely in
-  registers, recomputing each pre-activation z = a @ W.T + b from the saved layer input,
-  applying the SiLU/RMSNorm backward and the residual bookkeeping, and propagating
-  dL/dh = dz @ W. It writes dz of every layer ([L-1, N, H]) and per-program partial
-  gain gradients ([programs, L-1, H]).
+* :func:`aunn_backward_kernel` (hidden <= FUSED_MAX_HIDDEN) - each program takes row blocks
+  of BLOCK_M rows (one block per program, or several on a persistent grid): recomputes the
+  head's logits chunk by chunk from the last activation and the saved logsumexp (or loads
+  a given dL/dh), then walks the layers in reverse entirely in registers, recomputing each
+  pre-activation z = a @ W.T + b from the saved layer input, applying the SiLU/RMSNorm
+  backward and the residual bookkeeping, and propagating dL/dh = dz @ W. It writes
+  per-program partial gain gradients ([programs, L-1, H]) and, per WEIGHT_GRAD, either dz
+  of every layer ([L-1, N, H]) or per-program partial weight and bias gradients.
 * :func:`head_weight_grad_kernel` - dL/d out_weight and out_bias, split over the batch:
   program (v-tile, h-tile, split) recomputes the logits of its rows and accumulates
   dlogits.T @ h in registers; the [splits, V, H] partials are summed once afterwards.
@@ -16,9 +17,9 @@ Kernels:
   models: dL/dh of the head (logits recomputed, never stored), and the per-layer
   SiLU/RMSNorm backward from the stored pre-activations.
 
-The weight-gradient GEMMs of the trunk (dW = dz.T @ a, one batched product for all
-hidden layers), the bias gradients (dz summed over rows) and, on the layer-wise path,
-dL/dh = dz @ W run as PyTorch matmuls on the stored dz and activations.
+PyTorch does the rest: the sums of the per-program partials; with WEIGHT_GRAD "torch" the
+trunk's weight-gradient GEMMs (dW = dz.T @ a, one batched product for all hidden layers)
+and bias gradients (dz summed over rows); on the layer-wise path also dL/dh = dz @ W.
 """
 from __future__ import annotations
 
