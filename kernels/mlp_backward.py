@@ -97,6 +97,10 @@ def aunn_backward_kernel(
 
     for block in range(pid, tl.cdiv(N, BLOCK_M), programs):
         first = block == pid
+        if WEIGHT_GRADS:
+            # the partials stored for the previous block, by whichever threads held them,
+            # must be visible to the threads that load them now
+            tl.debug_barrier()
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         row_mask = rows < N
         act_row = rows[:, None] * H + hcols[None, :]
