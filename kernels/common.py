@@ -228,23 +228,36 @@ def head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
 
 
 @triton.jit
-def dlogits(logits, lse, target, grad_row, vcols, vmask, row_mask):
+def load_softmax_stats(stats_ptr, rows, row_mask):
+    """Per-row (max logit, log of the sum of exp(logit - max)), fp32 [M] each, from stats fp32 [N, 2].
+
+    Kept apart rather than as one logsumexp: when one logit dominates, log-sum is tiny and
+    max + log-sum would round most of its digits away (the loss and the target's gradient
+    are both differences against it).
+    """
+    row_max = tl.load(stats_ptr + 2 * rows, mask=row_mask, other=0.0)
+    log_sum = tl.load(stats_ptr + 2 * rows + 1, mask=row_mask, other=0.0)
+    return row_max, log_sum
+
+
+@triton.jit
+def dlogits(logits, row_max, log_sum, target, grad_row, vcols, vmask, row_mask):
     """d(sum_rows grad_row * CE)/d logits for one tile: (softmax - onehot(target)) * grad_row; 0 outside valid rows/cols."""
-    p = tl.exp(logits - lse[:, None])
+    p = tl.exp((logits - row_max[:, None]) - log_sum[:, None])
     onehot = (vcols[None, :] == target[:, None]).to(tl.float32)
     d = (p - onehot) * grad_row[:, None]
     return tl.where(row_mask[:, None] & vmask[None, :], d, 0.0)
 
 
 @triton.jit
-def head_backward_rows(h_ptr, target_ptr, grad_ptr, lse_ptr, w_ptr, b_ptr, rows, row_mask, hcols, hmask,
+def head_backward_rows(h_ptr, target_ptr, grad_ptr, stats_ptr, w_ptr, b_ptr, rows, row_mask, hcols, hmask,
                        H, V, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_HC: tl.constexpr, PRECISION: tl.constexpr):
     """dL/dh[rows, hcols] [BLOCK_M, BLOCK_HC] of the loss sum_rows grad_row * CE(h @ w.T + b, target), h fp32/bf16 [N, H].
 
-    Logits are recomputed chunk by chunk from h [N, H] and the saved per-row logsumexp; never stored.
+    Logits are recomputed chunk by chunk from h [N, H] and the saved softmax stats [N, 2]; never stored.
     """
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    row_max, log_sum = load_softmax_stats(stats_ptr, rows, row_mask)
     target = tl.load(target_ptr + rows, mask=row_mask, other=0)
     grad_row = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
     dh = tl.zeros((BLOCK_M, BLOCK_HC), dtype=tl.float32)
@@ -253,7 +266,7 @@ def head_backward_rows(h_ptr, target_ptr, grad_ptr, lse_ptr, w_ptr, b_ptr, rows,
         vmask = vcols < V
         logits = head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
                                   BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
-        d = dlogits(logits, lse, target, grad_row, vcols, vmask, row_mask)
+        d = dlogits(logits, row_max, log_sum, target, grad_row, vcols, vmask, row_mask)
         w = tl.load(w_ptr + vcols[:, None] * H + hcols[None, :], mask=vmask[:, None] & hmask[None, :], other=0.0)
         dh += dot(d, w, PRECISION)
     return dh

@@ -50,7 +50,7 @@ def aunn_forward_kernel(
     the last layer at head_in_offset): activation after each layer (the input of the next);
     written when STORE_ACTS (fused trunk), read (last layer only) when not FUSED_TRUNK.
     out: MODE 0 logits fp32 [N, V]; MODE 1 argmax int64 [N]; MODE 2 per-row CE fp32 [N]
-    (and lse fp32 [N], the per-row logsumexp the backward reuses).
+    (and lse fp32 [N, 2]: per row the max logit and log-sum-exp of logits minus it, for the backward).
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,9 +125,10 @@ def aunn_forward_kernel(
     if MODE == 1:
         tl.store(out_ptr + rows, best_arg.to(tl.int64), mask=row_mask)
     if MODE == 2:
-        lse = run_max + tl.log(run_sum)
-        tl.store(out_ptr + rows, lse - target_logit, mask=row_mask)
-        tl.store(lse_ptr + rows, lse, mask=row_mask)
+        log_sum = tl.log(run_sum)
+        tl.store(out_ptr + rows, (run_max - target_logit) + log_sum, mask=row_mask)
+        tl.store(lse_ptr + 2 * rows, run_max, mask=row_mask)
+        tl.store(lse_ptr + 2 * rows + 1, log_sum, mask=row_mask)
 
 
 @triton.jit
@@ -177,7 +178,7 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
     """Launch the forward. Returns (out, lse, acts, zs).
 
     out: logits fp32 [N, V] (mode 0) | argmax int64 [N] (mode 1) | per-row CE fp32 [N] (mode 2).
-    lse: fp32 [N] in mode 2, else empty. acts: [L-1, N, H] activations after each layer
+    lse: fp32 [N, 2] in mode 2 (row max, log-sum-exp relative to it), else empty. acts: [L-1, N, H] activations after each layer
     when save (or always on the layer-wise path), else empty; bf16 when precision is bf16 and
     the trunk is fused (each reader rounds them to bf16 anyway, so nothing changes), else fp32. zs: fp32 [L-1, N, H]
     pre-activations on the layer-wise path when save, else empty.
@@ -192,7 +193,7 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
         out = new_buffer((n, vocab), f32, device)
     else:
         out = new_buffer((n,), torch.int64 if mode == MODE_ARGMAX else f32, device)
-    lse = new_buffer((n,) if mode == MODE_LOSS else (0,), f32, device)
+    lse = new_buffer((n, 2) if mode == MODE_LOSS else (0,), f32, device)
     empty = torch.empty(0, dtype=f32, device=device)
     # (distinct empty tensors: an operator's outputs must not alias one another)
     act_dtype = torch.bfloat16 if (precision == "bf16" and t.fused) else f32
