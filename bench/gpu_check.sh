@@ -6,15 +6,18 @@
 # Needs only python with torch and triton; nothing is installed. aunn_fast is imported
 # from a throwaway shim directory that mirrors setup.py's package_dir mapping
 # (aunn_fast/* plus kernels/ -> aunn_fast.kernels and bench/ -> aunn_fast.bench).
-# Writes OUTDIR/pytest.log, OUTDIR/bench.log and OUTDIR/bench/{results.json,results.md,*.png},
+# On the project's lent device only 8 files come back from $OUT, so run it as
+#   bash bench/gpu_check.sh /tmp/gc; tar czf $OUT/gpu_check.tgz -C /tmp gc
+# Writes OUTDIR/pytest.log, OUTDIR/bench.log, OUTDIR/variants/ and OUTDIR/bench/{results.json,results.md,*.png},
 # and prints a summary table last. Stays under 5 minutes: each step has its own timeout,
 # and the benchmark saves its results after every row, so a timed-out run still leaves data.
 set -uo pipefail
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
-TEST_TIMEOUT=${TEST_TIMEOUT:-140}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-140}
+TEST_TIMEOUT=${TEST_TIMEOUT:-120}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-110}
+VARIANTS_TIMEOUT=${VARIANTS_TIMEOUT:-50}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT/bench"
 OUT=$(cd "$OUT" && pwd)
@@ -49,12 +52,17 @@ timeout "$BENCH_TIMEOUT" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick 
     --workloads predict,train,seed-run,condition,loss > "$OUT/bench.log" 2>&1
 BENCH_RC=$?
 
+echo "== weight-gradient candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"
+timeout "$VARIANTS_TIMEOUT" "$PYTHON" -m aunn_fast.bench.kernel_variants --out "$OUT/variants" > "$OUT/variants.log" 2>&1
+VARIANTS_RC=$?
+
 echo "== summary"
 echo "pytest exit status $TEST_RC: $(tail -n 1 "$OUT/pytest.log")"
 echo "benchmark exit status $BENCH_RC (0 ok, 1 some provider incorrect/failed, 124 timed out)"
+echo "kernel variants exit status $VARIANTS_RC; table in $OUT/variants"
 if [ -f "$OUT/bench/results.json" ]; then
     "$PYTHON" -m aunn_fast.bench.summary "$OUT/bench/results.json"
 else
     tail -n 20 "$OUT/bench.log"
 fi
-[ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
+[ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ] && [ "$VARIANTS_RC" = 0 ]
