@@ -127,7 +127,7 @@ def choose_tiles(hidden: int, bits: int, vocab: int) -> Tiles:
         block_k=max(16, min(64, 8192 // block_h)),
         block_hc=min(block_h, 128),
         block_k_head=block_h if fused else 64,
-        num_warps=4 if block_h <= 64 else 8,
+        num_warps=8 if block_h <= 64 else 8,
     )
 
 

@@ -1,0 +1,154 @@
+"""Compile every Triton kernel for a Hopper GPU (sm_90a) on a machine without one.
+
+    python -m aunn_fast.bench.compile_check [--configs seed,bytes] [--precisions fp32,bf16] [--out FILE]
+
+Triton compiles to a cubin without a driver when it is handed the target; its bundled
+``ptxas -v`` then reports what a GPU run would pay: registers per thread, spill stores
+and loads, and shared memory. A kernel that fails to compile for Hopper, spills, or asks
+for more shared memory than an H100 SM has, shows up here before any device time is spent.
+Runs without TRITON_INTERPRET (it re-executes itself with the variable removed).
+Exit status 0 when everything compiled, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HOPPER_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100 (sm_90)
+CONFIGS = {  # name: (hidden, layers, vocab), as the benchmark's configurations
+    "seed": (64, 8, 4),
+    "bytes": (128, 8, 256),
+    "bpe": (256, 8, 50_257),
+    "notebook": (512, 8, 4),
+    "wide": (1024, 4, 4),
+    "narrow": (16, 4, 4),
+}
+
+
+class _HopperWithoutDriver:
+    """The few driver answers Triton's JIT needs to compile (never to launch) for sm_90."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self):  # type: ignore[no-untyped-def]
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+def _ptxas_report(ptx: str, arch: str) -> dict[str, int]:
+    """Registers, spill bytes and shared memory that ptxas reports for one kernel's PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path  # the ptxas Triton itself uses for this architecture
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+
+    def number(pattern: str) -> int:
+        match = re.search(pattern, out)
+        return int(match.group(1)) if match else 0
+
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame")}
+
+
+def _compile_all(configs: list[str], precisions: list[str]) -> list[dict[str, object]]:
+    """Run every launcher on CPU tensors with launches replaced by compile-only warmups."""
+    import torch
+    from triton.runtime.driver import driver
+
+    driver.set_active(_HopperWithoutDriver())
+    from aunn_fast.config import AUNNConfig
+    from aunn_fast.kernels import mlp_backward, mlp_forward
+    from aunn_fast.kernels.mlp_forward import MODE_ARGMAX, MODE_LOGITS, MODE_LOSS
+    from aunn_fast.params import init_params
+
+    rows: list[dict[str, object]] = []
+    context: dict[str, str] = {}
+    seen: set[int] = set()
+
+    def compile_only(kernel, grid, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            compiled = kernel.warmup(*args, grid=grid, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every failure is a row of the report
+            rows.append({**context, "kernel": kernel.fn.__name__, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            return
+        if id(compiled) in seen:
+            return
+        seen.add(id(compiled))
+        rows.append({**context, "kernel": kernel.fn.__name__, "num_warps": compiled.metadata.num_warps,
+                     "shared": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], "sm_90a")})
+
+    mlp_forward.launch = mlp_backward.launch = compile_only
+    n = 4096
+    for name in configs:
+        hidden, layers, vocab = CONFIGS[name]
+        cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers)
+        params = init_params(cfg)
+        idx = torch.randint(0, 2**62, (n,))
+        targets = torch.randint(0, vocab, (n,))
+        for precision in precisions:
+            context.update(config=name, precision=precision)
+            for mode, label in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_LOSS, "loss")):
+                context["path"] = f"forward {label}"
+                mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps, precision, mode, False)
+            context["path"] = "forward loss, training"
+            out, lse, acts, zs = mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps,
+                                                     precision, MODE_LOSS, True)
+            for weight_grad in ("torch", "partials"):
+                context["path"] = f"backward ({weight_grad})"
+                mlp_backward.WEIGHT_GRAD = weight_grad
+                mlp_backward.backward(idx, targets, torch.ones(n), lse, acts, zs, *params, cfg.residual_every,
+                                      cfg.norm_eps, precision, MODE_LOSS)
+    return rows
+
+
+def _table(rows: list[dict[str, object]]) -> str:
+    lines = ["| config | precision | path | kernel | warps | registers | spill st/ld bytes | stack | shared KiB | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['precision']} | {r['path']} | {r['kernel']} | | | | | | "
+                         f"FAILED: {r['error']} |")
+            continue
+        verdict = [w for w, bad in (("spills", r["spill_stores"] or r["spill_loads"]),
+                                    ("shared > H100", r["shared"] > HOPPER_SHARED_LIMIT)) if bad]
+        lines.append(f"| {r['config']} | {r['precision']} | {r['path']} | {r['kernel']} | {r['num_warps']} | "
+                     f"{r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['stack']} | "
+                     f"{r['shared'] / 1024:.0f} | {', '.join(verdict) or 'ok'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="compile_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="seed,bytes,notebook", help=f"from {', '.join(CONFIGS)}")
+    parser.add_argument("--precisions", default="fp32,bf16", help="from fp32, tf32, bf16")
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels cannot be compiled
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, "-m", "aunn_fast.bench.compile_check", *(argv or sys.argv[1:])],
+                              env=env).returncode
+    rows = _compile_all(args.configs.split(","), args.precisions.split(","))
+    table = _table(rows)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
