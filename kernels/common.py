@@ -113,7 +113,7 @@ def choose_tiles(hidden: int, bits: int, vocab: int) -> Tiles:
     fused = hidden <= FUSED_MAX_HIDDEN
     if fused:
         block_m = 128 if block_h <= 64 else 64
-        block_m_bwd = 64 if block_h <= 64 else 32
+        block_m_bwd = 32 if block_h <= 64 else 16
     else:
         block_m = 32 if block_h <= 256 else 16
         block_m_bwd = block_m
