@@ -116,7 +116,8 @@ def _compile_all(configs: list[str], precisions: list[str]) -> list[dict[str, ob
 
 
 def _table(rows: list[dict[str, object]]) -> str:
-    lines = ["| config | precision | path | kernel | warps | registers | spill st/ld bytes | stack | shared KiB | verdict |",
+    lines = ["| config | precision | path | kernel | warps | registers | spill st/ld bytes | stack | shared KiB "
+             "| verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

@@ -99,7 +99,7 @@ def run(programs_per_sm: list[int], device: torch.device, log=print) -> list[dic
                             torch.cuda.empty_cache()
                     log(f"{shape} H={hidden} batch={batch} {precision} {label}: "
                         f"err={row['max_rel_err']} ms={row['ms']} {row['error'] or ''}")
-            del params, idx, targets
+            params = idx = targets = None  # free this shape's tensors before the next one
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
