@@ -65,9 +65,10 @@ def batches_for(config_name: str, workload: str, device_type: str, quick: bool) 
     fixed = WORKLOADS[workload].fixed_batches
     if fixed:
         return fixed
+    sweep = WORKLOADS[workload].sweep or workload
     if quick:
-        return QUICK_SWEEPS[device_type][workload]
-    return SWEEPS[device_type][config_name][workload]
+        return QUICK_SWEEPS[device_type][sweep]
+    return SWEEPS[device_type][config_name][sweep]
 
 
 def build_plan(config_names: list[str] | None, workloads: list[str] | None, device_type: str, quick: bool,

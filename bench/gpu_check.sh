@@ -49,7 +49,7 @@ tail -n 3 "$OUT/pytest.log"
 echo "== quick benchmark (timeout ${BENCH_TIMEOUT}s) -> $OUT/bench.log"
 # Most important work first: the run may be cut off by the timeout.
 timeout "$BENCH_TIMEOUT" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick --out "$OUT/bench" \
-    --workloads predict,train,seed-run,condition,loss > "$OUT/bench.log" 2>&1
+    --workloads predict,train,train-graph,seed-run,condition,loss > "$OUT/bench.log" 2>&1
 BENCH_RC=$?
 
 echo "== weight-gradient candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"

@@ -186,7 +186,10 @@ def run(cases: list[Case], options: Options, log: Callable[[str], None] = print,
             bases[case.config_name] = AUNN(case.cfg, backend=EAGER, precision=BASELINE_PRECISION,
                                            seed=options.seed).to(options.device)
         for batch in case.batches:
-            fit = _fit_reason(case, batch, options.device)
+            if WORKLOADS[case.workload].cuda_only and options.device.type != "cuda":
+                fit = "this workload needs a CUDA device"
+            else:
+                fit = _fit_reason(case, batch, options.device)
             for provider in providers:
                 for precision in precisions_for(provider, options.device, options.precisions):
                     row = _blank_row(provider, case, batch, precision)

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from aunn_fast import AUNN, AUNNConfig
+from aunn_fast.cuda_graph import GraphedTrainStep
 
 MAX_INPUT_SETS = 4
 INPUT_BYTES_BUDGET = 1 << 30  # all rotated index + target sets together
@@ -45,6 +46,8 @@ class Workload:
     ceiling: which hardware ceiling its throughput is compared to ("forward", "train" or None).
     fixed_batches: batch sizes that define the workload (empty: taken from the sweep).
     stretch: timed as a run of consecutive steps (ms/step) instead of a median of single calls.
+    sweep: the workload whose batch sweep this one shares (None: its own).
+    cuda_only: skipped, with that reason, on other devices.
     """
 
     name: str
@@ -54,6 +57,8 @@ class Workload:
     prepare: Callable[[AUNN, int, torch.Generator], Prepared]
     fixed_batches: tuple[int, ...] = ()
     stretch: bool = False
+    sweep: str | None = None
+    cuda_only: bool = False
 
 
 def random_indices(cfg: AUNNConfig, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -116,6 +121,12 @@ def _prepare_train(model: AUNN, batch: int, generator: torch.Generator) -> Prepa
     return _rotating(model, batch, generator, _training_call(model, make_optimizer(model, "adamw")))
 
 
+def _prepare_train_graph(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
+    """The training step as `aunn train` runs it on CUDA: one captured graph, replayed."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
+    return _rotating(model, batch, generator, GraphedTrainStep(model, optimizer, batch))
+
+
 def _prepare_condition(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
     return _rotating(model, batch, generator, _training_call(model, make_optimizer(model, "sgd")))
 
@@ -139,6 +150,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("predict", "forward + argmax", "logits", "forward", _prepare_predict),
     Workload("loss", "forward + cross-entropy (no grad)", "loss", "forward", _prepare_loss),
     Workload("train", "forward + loss + backward + AdamW step", "grads", "train", _prepare_train),
+    Workload("train-graph", "the train step replayed from one CUDA graph, as `aunn train` runs it", "grads",
+             "train", _prepare_train_graph, sweep="train", cuda_only=True),
     Workload("condition", "prompt of 2 / 64 indices: forward + backward + SGD step", "grads", None,
              _prepare_condition, fixed_batches=(2, 64)),
     Workload("seed-run", f"the seed's run: {SEED_RUN_STEPS:,} train steps of {SEED_RUN_BATCH}, "
