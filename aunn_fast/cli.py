@@ -166,8 +166,7 @@ def _evaluate_run(model: AUNN, run_dir: Path, trials: int, steps: int, lr: float
     data = data_from_description(model.data_description, model.vocab)
     metrics = evaluate(model, data, seed=seed, condition_trials=trials, condition_steps=steps, condition_lr=lr,
                        condition_optimizer=optimizer)
-    log_rows = [{k: float(v) for k, v in row.items()} for row in read_log(run_dir / LOG_NAME, 1 << 62)]
-    write_report(run_dir, model, data, metrics, log_rows)
+    write_report(run_dir, model, data, metrics, read_log(run_dir / LOG_NAME))
     return metrics
 
 

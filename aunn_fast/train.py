@@ -120,11 +120,13 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu", backend: str = "
     return model, state, checkpoint.extra_tensors(tensors), metadata
 
 
-def read_log(path: Path, up_to_step: int) -> list[dict[str, str]]:
+def read_log(path: Path, up_to_step: int = 1 << 62) -> list[dict[str, float]]:
+    """The rows of a run's log.csv up to a step, as numbers; [] when there is no log."""
     if not path.exists():
         return []
     with path.open() as f:
-        return [row for row in csv.DictReader(f) if int(row["step"]) <= up_to_step]
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return [row for row in rows if row["step"] <= up_to_step]
 
 
 @torch.no_grad()
@@ -152,7 +154,7 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
         start = int(state["step"])
     total = cfg.total_steps(data.length)
     sampler = BatchSampler(data.length, cfg.batch_size, cfg.seed, model.device)
-    rows = [{k: float(v) for k, v in r.items()} for r in read_log(run_path / LOG_NAME, start)] if run_path else []
+    rows = read_log(run_path / LOG_NAME, start) if run_path else []
     if run_path is not None:
         run_path.mkdir(parents=True, exist_ok=True)
         _write_log(run_path / LOG_NAME, rows)

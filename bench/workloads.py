@@ -18,6 +18,8 @@ import torch
 
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.cuda_graph import GraphedTrainStep
+from aunn_fast.train import TrainConfig
+from aunn_fast.train import make_optimizer as make_train_optimizer
 
 MAX_INPUT_SETS = 4
 INPUT_BYTES_BUDGET = 1 << 30  # all rotated index + target sets together
@@ -123,7 +125,7 @@ def _prepare_train(model: AUNN, batch: int, generator: torch.Generator) -> Prepa
 
 def _prepare_train_graph(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
     """The training step as `aunn train` runs it on CUDA: one captured graph, replayed."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
+    optimizer = make_train_optimizer(model, TrainConfig(lr=1e-3))  # the trainer's own: fused, capturable
     return _rotating(model, batch, generator, GraphedTrainStep(model, optimizer, batch))
 
 
