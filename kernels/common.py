@@ -17,7 +17,7 @@ Conventions used by every kernel in this package:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import triton
 import triton.language as tl
@@ -78,6 +78,24 @@ def precision_code(precision: str) -> int:
         return INTERPRETER_CODES[precision]
     return PRECISION_CODES[precision]
 
+
+# How the kernels compute SiLU's sigmoid (a benchmarking switch, read at call time):
+# "exact" - 1 / (1 + exp(-z)): two special-function-unit ops (ex2, rcp) per element;
+# "tanh"  - 0.5 * tanh(z / 2) + 0.5 with tanh.approx.f32: one op, absolute error ~2.5e-4.
+#           Used only for bf16 on a GPU (fp32 and tf32 promise more digits than it has;
+#           the interpreter cannot run PTX), elsewhere "exact" silently stands in.
+SIGMOID_CHOICES = ("exact", "tanh")
+SIGMOID = os.environ.get("AUNN_FAST_SIGMOID", "exact")
+
+
+def fast_sigmoid(precision: str) -> bool:
+    """The FAST_SIGMOID constexpr of every kernel for this precision, from SIGMOID."""
+    if SIGMOID not in SIGMOID_CHOICES:
+        raise ValueError(f"unknown sigmoid {SIGMOID!r} (AUNN_FAST_SIGMOID / common.SIGMOID); "
+                         f"choose one of {', '.join(SIGMOID_CHOICES)}")
+    return SIGMOID == "tanh" and precision == "bf16" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 # Output tiles narrower than this crashed a Triton 3.6 kernel on an H100 (anchors.md),
 # so every dot output (hidden width, vocabulary chunk) is padded to at least 64 columns.
 MIN_TILE_N = 64
@@ -106,6 +124,12 @@ class Tiles:
     block_hc: int     # hidden-column chunk of the head backward kernels
     block_k_head: int # reduction chunk of the head when it streams h from memory
     num_warps: int
+    num_warps_bwd: int  # warps of the fused trunk backward (aunn_backward_kernel)
+
+
+# A benchmarking hook (bench/kernel_variants.py): Tiles fields replaced in every choose_tiles
+# answer, e.g. {"block_m_bwd": 128, "num_warps_bwd": 8}. Empty in normal use.
+TILE_OVERRIDES: dict[str, int] = {}
 
 
 def choose_tiles(hidden: int, bits: int, vocab: int) -> Tiles:
@@ -117,7 +141,7 @@ def choose_tiles(hidden: int, bits: int, vocab: int) -> Tiles:
     else:
         block_m = 32 if block_h <= 256 else 16
         block_m_bwd = block_m
-    return Tiles(
+    tiles = Tiles(
         fused=fused,
         block_h=block_h,
         block_bits=max(16, next_pow2(bits)),
@@ -127,8 +151,10 @@ def choose_tiles(hidden: int, bits: int, vocab: int) -> Tiles:
         block_k=max(16, min(64, 8192 // block_h)),
         block_hc=min(block_h, 128),
         block_k_head=block_h if fused else 64,
-        num_warps=8 if block_h <= 64 else 8,
+        num_warps=8,
+        num_warps_bwd=8,
     )
+    return replace(tiles, **TILE_OVERRIDES) if TILE_OVERRIDES else tiles
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -170,9 +196,10 @@ def round_tf32(x):
 
 
 @triton.jit
-def store_activation(ptrs, h, mask):
-    """Store fp32 h at ptrs (fp32, or bf16: rounded to nearest, as the interpreter's own cast truncates)."""
-    if ptrs.dtype.element_ty == tl.bfloat16:
+def store_activation(ptrs, h, mask, PRECISION: tl.constexpr):
+    """Store fp32 h at ptrs (fp32, or bf16 rounded to nearest: the GPU's conversion does that, the
+    interpreter's truncates, so under PRECISION 3 (emulated bf16) it is rounded first)."""
+    if PRECISION == 3 and ptrs.dtype.element_ty == tl.bfloat16:
         h = round_bf16(h)
     tl.store(ptrs, h.to(ptrs.dtype.element_ty), mask=mask)
 
@@ -186,21 +213,48 @@ def index_bits(idx, k, BITS: tl.constexpr):
 
 
 @triton.jit
-def silu_rmsnorm(z, gain, H, eps):
+def tanh_approx(x):
+    """fp32 tanh by PTX tanh.approx.f32: one special-function op, absolute error ~5e-4 (NVIDIA GPUs only)."""
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def sigmoid(z, FAST_SIGMOID: tl.constexpr):
+    """fp32 sigmoid: 1 / (1 + exp(-z)) (an exp and a reciprocal, each with range fix-ups), or with
+    FAST_SIGMOID 0.5 * tanh(z / 2) + 0.5 (one tanh_approx)."""
+    if FAST_SIGMOID:
+        return 0.5 * tanh_approx(0.5 * z) + 0.5
+    else:
+        return tl.sigmoid(z)
+
+
+@triton.jit
+def silu(z, FAST_SIGMOID: tl.constexpr):
+    """fp32 z * sigmoid(z); with FAST_SIGMOID as z/2 * tanh(z/2) + z/2: a multiply, a tanh and an FMA."""
+    if FAST_SIGMOID:
+        half = 0.5 * z
+        return half * tanh_approx(half) + half
+    else:
+        return z * tl.sigmoid(z)
+
+
+@triton.jit
+def silu_rmsnorm(z, gain, H, eps, FAST_SIGMOID: tl.constexpr):
     """z fp32 [M, BLOCK_H] (padded columns 0), gain [BLOCK_H] -> RMSNorm(SiLU(z)) * gain over the H real columns."""
-    s = z * tl.sigmoid(z)
+    s = silu(z, FAST_SIGMOID)
     inv_rms = tl.rsqrt(tl.sum(s * s, axis=1) / H + eps)
     return s * inv_rms[:, None] * gain[None, :]
 
 
 @triton.jit
-def silu_rmsnorm_backward(dy, z, gain, H, eps):
+def silu_rmsnorm_backward(dy, z, gain, H, eps, FAST_SIGMOID: tl.constexpr):
     """For y = RMSNorm(SiLU(z)) * gain: dL/dy [M, BLOCK_H] -> (dL/dz [M, BLOCK_H], dL/dgain summed over rows [BLOCK_H]).
 
     With s = SiLU(z), r = rsqrt(mean(s^2) + eps), n = s * r:
         dgain = sum_rows(dy * n);  dn = dy * gain;  ds = r * (dn - n * mean(dn * n));  dz = ds * SiLU'(z).
     """
-    sig = tl.sigmoid(z)
+    sig = sigmoid(z, FAST_SIGMOID)
     s = z * sig
     inv_rms = tl.rsqrt(tl.sum(s * s, axis=1) / H + eps)
     n = s * inv_rms[:, None]
@@ -215,7 +269,9 @@ def silu_rmsnorm_backward(dy, z, gain, H, eps):
 def head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr):
-    """Logits [BLOCK_M, BLOCK_V] = h[rows] @ w[vcols].T + b[vcols], h fp32/bf16 [N, H] streamed from memory in BLOCK_K chunks."""
+    """Logits [BLOCK_M, BLOCK_V] = h[rows] @ w[vcols].T + b[vcols].
+
+    h fp32/bf16 [N, H] is streamed from memory in BLOCK_K chunks."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -242,7 +298,9 @@ def load_softmax_stats(stats_ptr, rows, row_mask):
 
 @triton.jit
 def dlogits(logits, row_max, log_sum, target, grad_row, vcols, vmask, row_mask):
-    """d(sum_rows grad_row * CE)/d logits for one tile: (softmax - onehot(target)) * grad_row; 0 outside valid rows/cols."""
+    """d(sum_rows grad_row * CE)/d logits for one tile: (softmax - onehot(target)) * grad_row.
+
+    0 outside the valid rows and columns."""
     p = tl.exp((logits - row_max[:, None]) - log_sum[:, None])
     onehot = (vcols[None, :] == target[:, None]).to(tl.float32)
     d = (p - onehot) * grad_row[:, None]
@@ -253,7 +311,9 @@ def dlogits(logits, row_max, log_sum, target, grad_row, vcols, vmask, row_mask):
 def head_backward_rows(h_ptr, target_ptr, grad_ptr, stats_ptr, w_ptr, b_ptr, rows, row_mask, hcols, hmask,
                        H, V, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_HC: tl.constexpr, PRECISION: tl.constexpr):
-    """dL/dh[rows, hcols] [BLOCK_M, BLOCK_HC] of the loss sum_rows grad_row * CE(h @ w.T + b, target), h fp32/bf16 [N, H].
+    """dL/dh[rows, hcols] [BLOCK_M, BLOCK_HC] of the loss sum_rows grad_row * CE(h @ w.T + b, target).
+
+    h is fp32 or bf16 [N, H].
 
     Logits are recomputed chunk by chunk from h [N, H] and the saved softmax stats [N, 2]; never stored.
     """

@@ -35,6 +35,7 @@ from .common import (
     choose_tiles,
     dlogits,
     dot,
+    fast_sigmoid,
     head_backward_rows,
     head_logits_tile,
     index_bits,
@@ -72,6 +73,7 @@ def aunn_backward_kernel(
     N, H, V, n_hidden, residual_every, eps, act_stride, head_in_offset,
     BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr, HEAD_FROM_LSE: tl.constexpr, WEIGHT_GRADS: tl.constexpr, PRECISION: tl.constexpr,
+    FAST_SIGMOID: tl.constexpr,
 ):
     """Trunk backward, all layers in registers; program p takes row blocks p, p + P, p + 2P, ...
     (P = number of programs).
@@ -131,7 +133,7 @@ def aunn_backward_kernel(
             w_t = tl.load(hid_w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None], mask=hh_mask, other=0.0)
             z = dot(a, w_t, PRECISION) + tl.load(hid_b_ptr + layer * H + hcols, mask=hmask, other=0.0)[None, :]
             dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(hid_g_ptr + layer * H + hcols, mask=hmask, other=0.0),
-                                              H, eps)
+                                              H, eps, FAST_SIGMOID)
             if WEIGHT_GRADS:
                 accumulate(dw_tile + layer * H * H, dot(tl.trans(dz), a, PRECISION), hh_mask, first)
                 accumulate(db_row + (layer + 1) * H, tl.sum(dz, axis=0), hmask, first)
@@ -147,7 +149,8 @@ def aunn_backward_kernel(
         x = index_bits(idx, k, BITS)
         w_in_t = tl.load(in_w_ptr + hcols[None, :] * BITS + k[:, None], mask=dw_in_mask, other=0.0)
         z = dot(x, w_in_t, PRECISION) + tl.load(in_b_ptr + hcols, mask=hmask, other=0.0)[None, :]
-        dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(in_g_ptr + hcols, mask=hmask, other=0.0), H, eps)
+        dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(in_g_ptr + hcols, mask=hmask, other=0.0), H, eps,
+                                          FAST_SIGMOID)
         if WEIGHT_GRADS:
             # [BLOCK_BITS, BLOCK_H] = dW_in.T: the 64-wide hidden side is the dot's output width
             accumulate(dw_in_tile, dot(tl.trans(x), dz, PRECISION), dw_in_mask, first)
@@ -216,7 +219,7 @@ def head_dh_kernel(
 @triton.jit
 def layer_backward_kernel(
     dy_ptr, z_ptr, g_ptr, dz_ptr, dgain_ptr, N, H, eps, dgain_stride,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, FAST_SIGMOID: tl.constexpr,
 ):
     """SiLU/RMSNorm backward of one layer: dy, z fp32 [N, H] -> dz fp32 [N, H], dgain row-sums at
     dgain_ptr + program * dgain_stride ([BLOCK_H] per program)."""
@@ -229,7 +232,7 @@ def layer_backward_kernel(
     mask = row_mask[:, None] & hmask[None, :]
     dz, dgain = silu_rmsnorm_backward(tl.load(dy_ptr + off, mask=mask, other=0.0),
                                       tl.load(z_ptr + off, mask=mask, other=0.0),
-                                      tl.load(g_ptr + hcols, mask=hmask, other=0.0), H, eps)
+                                      tl.load(g_ptr + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID)
     tl.store(dz_ptr + off, dz, mask=mask)
     tl.store(dgain_ptr + pid.to(tl.int64) * dgain_stride + hcols, dgain, mask=hmask)
 
@@ -277,7 +280,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     n, (hidden, bits), vocab = idx.shape[0], in_weight.shape, out_weight.shape[0]
     n_hidden = hidden_weight.shape[0]
     t = choose_tiles(hidden, bits, vocab)
-    prec = precision_code(precision)
+    prec, fast = precision_code(precision), fast_sigmoid(precision)
     if n == 0:
         return [torch.zeros_like(p) for p in (in_weight, in_bias, in_gain, hidden_weight, hidden_bias,
                                               hidden_gain, out_weight, out_bias)]
@@ -333,7 +336,8 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
                in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
                n, hidden, vocab, n_hidden, residual_every, eps, act_stride, head_in_offset,
                BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v,
-               HEAD_FROM_LSE=from_lse, WEIGHT_GRADS=partials, PRECISION=prec, num_warps=t.num_warps)
+               HEAD_FROM_LSE=from_lse, WEIGHT_GRADS=partials, PRECISION=prec,
+               FAST_SIGMOID=fast, num_warps=t.num_warps_bwd)
     else:
         gain_stride = n_layers * hidden
         gh, g_res = dh, torch.zeros_like(dh)
@@ -345,7 +349,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
             launch(layer_backward_kernel, (programs,),
                    gh, zs[layer + 1], gain, dz[layer + 1], dgain_part[:, layer + 1],
                    n, hidden, eps, gain_stride,
-                   BLOCK_M=t.block_m_bwd, BLOCK_H=t.block_h, num_warps=t.num_warps)
+                   BLOCK_M=t.block_m_bwd, BLOCK_H=t.block_h, FAST_SIGMOID=fast, num_warps=t.num_warps)
             if layer >= 0:
                 gh = matmul(dz[layer + 1], hidden_weight[layer], precision)
 

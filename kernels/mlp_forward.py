@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (choose_tiles, dot, head_logits_tile, index_bits, launch, precision_code, silu_rmsnorm,
-                     store_activation)
+from .common import (choose_tiles, dot, fast_sigmoid, head_logits_tile, index_bits, launch, precision_code,
+                     silu_rmsnorm, store_activation)
 
 MODE_LOGITS, MODE_ARGMAX, MODE_LOSS = 0, 1, 2
 
@@ -35,13 +35,26 @@ def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
+def hidden_layer(h, w_ptr, b_ptr, g_ptr, layer, H, eps, hcols, hmask,
+                 PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr):
+    """Hidden layer ``layer`` on a register tile: RMSNorm(SiLU(h @ W[layer].T + b[layer])) * g[layer].
+
+    h fp32 [M, BLOCK_H]; w fp32 [n_hidden, H, H], b and g fp32 [n_hidden, H]."""
+    w_t = tl.load(w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None],
+                  mask=hmask[:, None] & hmask[None, :], other=0.0)
+    z = dot(h, w_t, PRECISION) + tl.load(b_ptr + layer * H + hcols, mask=hmask, other=0.0)[None, :]
+    return silu_rmsnorm(z, tl.load(g_ptr + layer * H + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID)
+
+
+@triton.jit
 def aunn_forward_kernel(
     idx_ptr, target_ptr, out_ptr, lse_ptr, act_ptr,
     in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,
-    N, H, V, n_hidden, residual_every, eps, act_stride, head_in_offset,
+    N, H, V, n_hidden, n_grouped, eps, act_stride, head_in_offset,
     BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL_EVERY: tl.constexpr,
     MODE: tl.constexpr, FUSED_TRUNK: tl.constexpr, STORE_ACTS: tl.constexpr, PRECISION: tl.constexpr,
+    FAST_SIGMOID: tl.constexpr,
 ):
     """Forward of BLOCK_M indices.
 
@@ -51,13 +64,14 @@ def aunn_forward_kernel(
     written when STORE_ACTS (fused trunk), read (last layer only) when not FUSED_TRUNK.
     out: MODE 0 logits fp32 [N, V]; MODE 1 argmax int64 [N]; MODE 2 per-row CE fp32 [N]
     (and lse fp32 [N, 2]: per row the max logit and log-sum-exp of logits minus it, for the backward).
+    The first n_grouped hidden layers form groups of RESIDUAL_EVERY, each ending with the residual
+    add; the rest have none (RESIDUAL_EVERY 0: n_grouped is 0).
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     hcols = tl.arange(0, BLOCK_H)
     hmask = hcols < H
-    hh_mask = hmask[:, None] & hmask[None, :]
     act_row = rows[:, None] * H + hcols[None, :]
     act_mask = row_mask[:, None] & hmask[None, :]
 
@@ -69,22 +83,30 @@ def aunn_forward_kernel(
         w_in_t = tl.load(in_w_ptr + hcols[None, :] * BITS + k[:, None],
                          mask=(k[:, None] < BITS) & hmask[None, :], other=0.0)
         z = dot(x, w_in_t, PRECISION) + tl.load(in_b_ptr + hcols, mask=hmask, other=0.0)[None, :]
-        h = silu_rmsnorm(z, tl.load(in_g_ptr + hcols, mask=hmask, other=0.0), H, eps)
+        h = silu_rmsnorm(z, tl.load(in_g_ptr + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID)
         res = h
         out_act_ptr = act_ptr  # advanced one layer at a time: pointer + int never overflows int32
         if STORE_ACTS:
-            store_activation(out_act_ptr + act_row, h, act_mask)
-        # hidden layers l = 1..n_hidden, residual after every residual_every-th
-        for layer in range(n_hidden):
-            w_t = tl.load(hid_w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None], mask=hh_mask, other=0.0)
-            z = dot(h, w_t, PRECISION) + tl.load(hid_b_ptr + layer * H + hcols, mask=hmask, other=0.0)[None, :]
-            h = silu_rmsnorm(z, tl.load(hid_g_ptr + layer * H + hcols, mask=hmask, other=0.0), H, eps)
-            if (layer + 1) % residual_every == 0:
-                h = h + res
-                res = h
+            store_activation(out_act_ptr + act_row, h, act_mask, PRECISION)
+        # hidden layers: unrolled within a group, the residual add has a fixed place in the code
+        # (a per-layer runtime test compiled to selects over the whole tile)
+        if RESIDUAL_EVERY > 0:
+            for group in range(n_grouped // RESIDUAL_EVERY):
+                for j in tl.static_range(RESIDUAL_EVERY):
+                    h = hidden_layer(h, hid_w_ptr, hid_b_ptr, hid_g_ptr, group * RESIDUAL_EVERY + j, H, eps,
+                                     hcols, hmask, PRECISION, FAST_SIGMOID)
+                    if j == RESIDUAL_EVERY - 1:
+                        h = h + res
+                        res = h
+                    if STORE_ACTS:
+                        out_act_ptr += act_stride
+                        store_activation(out_act_ptr + act_row, h, act_mask, PRECISION)
+        for layer in range(n_grouped, n_hidden):
+            h = hidden_layer(h, hid_w_ptr, hid_b_ptr, hid_g_ptr, layer, H, eps, hcols, hmask, PRECISION,
+                             FAST_SIGMOID)
             if STORE_ACTS:
                 out_act_ptr += act_stride
-                store_activation(out_act_ptr + act_row, h, act_mask)
+                store_activation(out_act_ptr + act_row, h, act_mask, PRECISION)
 
     # head, BLOCK_V vocabulary entries at a time
     best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -137,6 +159,7 @@ def layer_forward_kernel(
     N, K, H, eps,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     FROM_BITS: tl.constexpr, ADD_RES: tl.constexpr, STORE_Z: tl.constexpr, PRECISION: tl.constexpr,
+    FAST_SIGMOID: tl.constexpr,
 ):
     """One layer for BLOCK_M rows: z = x @ w.T + b; h = RMSNorm(SiLU(z)) * g (+ res).
 
@@ -165,7 +188,7 @@ def layer_forward_kernel(
     out_mask = row_mask[:, None] & hmask[None, :]
     if STORE_Z:
         tl.store(z_ptr + out_off, z, mask=out_mask)
-    h = silu_rmsnorm(z, tl.load(g_ptr + hcols, mask=hmask, other=0.0), H, eps)
+    h = silu_rmsnorm(z, tl.load(g_ptr + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID)
     if ADD_RES:
         h += tl.load(res_ptr + out_off, mask=out_mask, other=0.0)
     tl.store(h_ptr + out_off, h, mask=out_mask)
@@ -178,16 +201,17 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
     """Launch the forward. Returns (out, lse, acts, zs).
 
     out: logits fp32 [N, V] (mode 0) | argmax int64 [N] (mode 1) | per-row CE fp32 [N] (mode 2).
-    lse: fp32 [N, 2] in mode 2 (row max, log-sum-exp relative to it), else empty. acts: [L-1, N, H] activations after each layer
-    when save (or always on the layer-wise path), else empty; bf16 when precision is bf16 and
-    the trunk is fused (each reader rounds them to bf16 anyway, so nothing changes), else fp32. zs: fp32 [L-1, N, H]
-    pre-activations on the layer-wise path when save, else empty.
+    lse: fp32 [N, 2] in mode 2 (row max, log-sum-exp relative to it), else empty.
+    acts: [L-1, N, H] activations after each layer when save (or always on the layer-wise path),
+    else empty; bf16 when precision is bf16 and the trunk is fused (each reader rounds them to
+    bf16 anyway, so nothing changes), else fp32.
+    zs: fp32 [L-1, N, H] pre-activations on the layer-wise path when save, else empty.
     """
     device = idx.device
     n, (hidden, bits), vocab = idx.shape[0], in_weight.shape, out_weight.shape[0]
     n_hidden = hidden_weight.shape[0]
     t = choose_tiles(hidden, bits, vocab)
-    prec = precision_code(precision)
+    prec, fast = precision_code(precision), fast_sigmoid(precision)
     f32 = torch.float32
     if mode == MODE_LOGITS:
         out = new_buffer((n, vocab), f32, device)
@@ -205,11 +229,13 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
         targets = idx  # placeholder pointer, never read unless mode == MODE_LOSS
 
     grid = (triton.cdiv(n, t.block_m),)
+    group = residual_every if residual_every <= n_hidden else 0  # 0: no hidden layer ends with a residual add
+    n_grouped = n_hidden // group * group if group else 0
     if not t.fused:
         def layer(x, w, b, g, res, z, h, k, from_bits, block_k):
             launch(layer_forward_kernel, grid, x, w, b, g, empty if res is None else res, z, h, n, k, hidden, eps,
                    BITS=bits, BLOCK_M=t.block_m, BLOCK_H=t.block_h, BLOCK_K=block_k, FROM_BITS=from_bits,
-                   ADD_RES=res is not None, STORE_Z=save, PRECISION=prec, num_warps=t.num_warps)
+                   ADD_RES=res is not None, STORE_Z=save, PRECISION=prec, FAST_SIGMOID=fast, num_warps=t.num_warps)
 
         layer(idx, in_weight, in_bias, in_gain, None, zs[0] if save else empty, acts[0],
               bits, True, min(t.block_k, t.block_bits))
@@ -224,8 +250,8 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
     launch(aunn_forward_kernel, grid,
            idx, targets, out, lse, acts,
            in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
-           n, hidden, vocab, n_hidden, residual_every, eps, n * hidden, n_hidden * n * hidden,
+           n, hidden, vocab, n_hidden, n_grouped, eps, n * hidden, n_hidden * n * hidden,
            BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
-           BLOCK_K=t.block_k_head, MODE=mode, FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused,
-           PRECISION=prec, num_warps=t.num_warps)
+           BLOCK_K=t.block_k_head, RESIDUAL_EVERY=group, MODE=mode, FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused,
+           PRECISION=prec, FAST_SIGMOID=fast, num_warps=t.num_warps)
     return out, lse, acts, zs

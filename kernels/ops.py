@@ -3,7 +3,8 @@
 Both are ``torch.library.triton_op``s (kernels launched through ``wrap_triton``), so
 torch.compile and torch.export see the Triton kernels instead of an opaque call and
 no graph break occurs. Under TRITON_INTERPRET=1 they are plain ``custom_op``s with a
-fake implementation (see :func:`_operator`): still no graph break, kernels opaque. ``forward`` gets its autograd formula from
+fake implementation (see :func:`_operator`): still no graph break, kernels opaque.
+``forward`` gets its autograd formula from
 ``register_autograd``: its backward calls the ``backward`` operator on the
 activations the forward returned.
 """

@@ -213,6 +213,8 @@ FP32_CASES = [
     (64, 8, 3, 64, 300, 257),   # three vocabulary tiles, three row blocks
     (16, 3, 2, 1, 3, 130),      # a single bit
     (48, 4, 2, 20, 7, 200),     # hidden not a power of two, four row blocks
+    (32, 7, 3, 64, 9, 65),      # one group of 3 hidden layers ending in a residual, then 2 without
+    (16, 4, 5, 64, 5, 37),      # residual_every beyond the hidden layers: no residual add at all
 ]
 
 
@@ -270,6 +272,24 @@ def test_unknown_weight_grad_method(generator, monkeypatch):
         kernels.loss(idx, idx % 5, params, cfg, "fp32").backward()
 
 
+@pytest.mark.parametrize("tiles", [{"block_m": 256}, {"block_m": 64}, {"block_m_bwd": 128}, {"block_m_bwd": 16}])
+def test_tile_candidates(tiles, generator, weight_grad, monkeypatch):
+    """The row blocks bench/kernel_variants times (common.TILE_OVERRIDES) compute the same model."""
+    monkeypatch.setattr(common, "TILE_OVERRIDES", tiles)
+    cfg = AUNNConfig(vocab_size=9, hidden=32, layers=6, bits=64, residual_every=2)
+    check_model(cfg, 300, generator)
+
+
+def test_sigmoid_switch(monkeypatch):
+    """The tanh.approx sigmoid is used for bf16 on a GPU only; an unknown choice is a clear error."""
+    monkeypatch.setattr(common, "SIGMOID", "tanh")
+    assert common.fast_sigmoid("bf16") == torch.cuda.is_available()
+    assert not common.fast_sigmoid("fp32") and not common.fast_sigmoid("tf32")
+    monkeypatch.setattr(common, "SIGMOID", "fast")
+    with pytest.raises(ValueError, match="exact, tanh"):
+        common.fast_sigmoid("bf16")
+
+
 # ----------------------------------------------------------------------------- edge cases
 
 
@@ -325,6 +345,15 @@ def test_no_grad_and_bits_matter(generator):
 def test_gpu_precisions(precision, hidden, layers, vocab, generator, weight_grad):
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
     check_model(cfg, 4099, generator, precision)
+
+
+@gpu_only
+@pytest.mark.parametrize("hidden,layers,vocab", [(64, 8, 4), (128, 6, 300)])
+def test_gpu_bf16_tanh_sigmoid(hidden, layers, vocab, generator, weight_grad, monkeypatch):
+    """SiLU through tanh.approx.f32 (common.SIGMOID = "tanh") keeps bf16's accuracy."""
+    monkeypatch.setattr(common, "SIGMOID", "tanh")
+    cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
+    check_model(cfg, 4099, generator, "bf16")
 
 
 @gpu_only
