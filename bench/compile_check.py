@@ -6,6 +6,13 @@ Triton compiles to a cubin without a driver when it is handed the target; its bu
 ``ptxas -v`` then reports what a GPU run would pay: registers per thread, spill stores
 and loads, and shared memory. A kernel that fails to compile for Hopper, spills, or asks
 for more shared memory than an H100 SM has, shows up here before any device time is spent.
+The SASS gives static instruction counts per thread: all instructions; the largest
+innermost loop body ("loop instr": in the fused forward one group of residual_every
+hidden layers, in the fused backward one hidden layer; x warps / rows per program, it is
+what that costs per index in warp-instructions issued); MUFU (special-function unit:
+exp2, rcp, tanh, rsqrt...) and MMA (HMMA/HGMMA tensor-core instructions). Each is counted
+once per place in the code, so a loop body counts once.
+In bf16 every path is compiled with both sigmoid choices (``common.SIGMOID``).
 Runs without TRITON_INTERPRET (it re-executes itself with the variable removed).
 Exit status 0 when everything compiled, 1 otherwise.
 """
@@ -64,6 +71,24 @@ def _ptxas_report(ptx: str, arch: str) -> dict[str, int]:
             "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame")}
 
 
+def _sass_counts(sass: str) -> dict[str, int]:
+    """Static counts in a kernel's SASS: all instructions, those of its largest innermost loop body
+    (see the module docstring), special-function (MUFU) and tensor-core (HMMA/HGMMA) ones."""
+    lines = [line.split("\t")[-1].strip() for line in sass.splitlines()]
+    labels = {line[:-1]: i for i, line in enumerate(lines) if re.fullmatch(r"\w+:", line)}
+    is_instruction = [bool(line) and not line.endswith(":") for line in lines]
+    loops = []  # (first, last) line of each loop: a backward branch closes one
+    for i, line in enumerate(lines):
+        target = re.search(r"\bBRA\s+(\w+)", line)
+        start = labels.get(target.group(1)) if target else None
+        if start is not None and start < i:
+            loops.append((start, i))
+    innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return {"instructions": sum(is_instruction),
+            "loop": max((sum(is_instruction[a:b + 1]) for a, b in innermost), default=0),
+            "mufu": len(re.findall(r"\bMUFU\.", sass)), "mma": len(re.findall(r"\bH(?:G)?MMA\.", sass))}
+
+
 def _compile_all(configs: list[str], precisions: list[str]) -> list[dict[str, object]]:
     """Run every launcher on CPU tensors with launches replaced by compile-only warmups."""
     import torch
@@ -71,7 +96,7 @@ def _compile_all(configs: list[str], precisions: list[str]) -> list[dict[str, ob
 
     driver.set_active(_HopperWithoutDriver())
     from aunn_fast.config import AUNNConfig
-    from aunn_fast.kernels import mlp_backward, mlp_forward
+    from aunn_fast.kernels import common, mlp_backward, mlp_forward
     from aunn_fast.kernels.mlp_forward import MODE_ARGMAX, MODE_LOGITS, MODE_LOSS
     from aunn_fast.params import init_params
 
@@ -89,7 +114,8 @@ def _compile_all(configs: list[str], precisions: list[str]) -> list[dict[str, ob
             return
         seen.add(id(compiled))
         rows.append({**context, "kernel": kernel.fn.__name__, "num_warps": compiled.metadata.num_warps,
-                     "shared": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], "sm_90a")})
+                     "shared": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], "sm_90a"),
+                     **_sass_counts(compiled.asm["sass"])})
 
     mlp_forward.launch = mlp_backward.launch = compile_only
     n = 4096
@@ -100,35 +126,39 @@ def _compile_all(configs: list[str], precisions: list[str]) -> list[dict[str, ob
         idx = torch.randint(0, 2**62, (n,))
         targets = torch.randint(0, vocab, (n,))
         for precision in precisions:
-            context.update(config=name, precision=precision)
-            for mode, label in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_LOSS, "loss")):
-                context["path"] = f"forward {label}"
-                mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps, precision, mode, False)
-            context["path"] = "forward loss, training"
-            out, lse, acts, zs = mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps,
-                                                     precision, MODE_LOSS, True)
-            for weight_grad in ("torch", "partials"):
-                context["path"] = f"backward ({weight_grad})"
-                mlp_backward.WEIGHT_GRAD = weight_grad
-                mlp_backward.backward(idx, targets, torch.ones(n), lse, acts, zs, *params, cfg.residual_every,
-                                      cfg.norm_eps, precision, MODE_LOSS)
+            for sigmoid in common.SIGMOID_CHOICES if precision == "bf16" else ("exact",):
+                common.SIGMOID = sigmoid
+                context.update(config=name, precision=precision, sigmoid=sigmoid)
+                for mode, label in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_LOSS, "loss")):
+                    context["path"] = f"forward {label}"
+                    mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps, precision, mode,
+                                        False)
+                context["path"] = "forward loss, training"
+                out, lse, acts, zs = mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps,
+                                                         precision, MODE_LOSS, True)
+                for weight_grad in ("torch", "partials"):
+                    context["path"] = f"backward ({weight_grad})"
+                    mlp_backward.WEIGHT_GRAD = weight_grad
+                    mlp_backward.backward(idx, targets, torch.ones(n), lse, acts, zs, *params, cfg.residual_every,
+                                          cfg.norm_eps, precision, MODE_LOSS)
     return rows
 
 
 def _table(rows: list[dict[str, object]]) -> str:
-    lines = ["| config | precision | path | kernel | warps | registers | spill st/ld bytes | stack | shared KiB "
-             "| verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | precision | sigmoid | path | kernel | warps | registers | spill st/ld bytes | stack "
+             "| shared KiB | SASS instr | loop instr | MUFU | MMA | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = f"| {r['config']} | {r['precision']} | {r['sigmoid']} | {r['path']} | {r['kernel']} |"
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['precision']} | {r['path']} | {r['kernel']} | | | | | | "
-                         f"FAILED: {r['error']} |")
+            lines.append(f"{head} | | | | | | | | | | FAILED: {r['error']} |")
             continue
         verdict = [w for w, bad in (("spills", r["spill_stores"] or r["spill_loads"]),
                                     ("shared > H100", r["shared"] > HOPPER_SHARED_LIMIT)) if bad]
-        lines.append(f"| {r['config']} | {r['precision']} | {r['path']} | {r['kernel']} | {r['num_warps']} | "
-                     f"{r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['stack']} | "
-                     f"{r['shared'] / 1024:.0f} | {', '.join(verdict) or 'ok'} |")
+        lines.append(f"{head} {r['num_warps']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | "
+                     f"{r['stack']} | {r['shared'] / 1024:.0f} | {r['instructions']} | {r['loop']} | "
+                     f"{r['mufu']} | {r['mma']} | "
+                     f"{', '.join(verdict) or 'ok'} |")
     return "\n".join(lines)
 
 
