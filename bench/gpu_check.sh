@@ -15,9 +15,9 @@ set -uo pipefail
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
-TEST_TIMEOUT=${TEST_TIMEOUT:-120}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-110}
-VARIANTS_TIMEOUT=${VARIANTS_TIMEOUT:-50}
+TEST_TIMEOUT=${TEST_TIMEOUT:-110}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-100}
+VARIANTS_TIMEOUT=${VARIANTS_TIMEOUT:-70}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT/bench"
 OUT=$(cd "$OUT" && pwd)
@@ -42,7 +42,10 @@ print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.cu
 PY
 
 echo "== tests (timeout ${TEST_TIMEOUT}s) -> $OUT/pytest.log"
-timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest tests -q -x -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+# -v names each test as it finishes (a timeout still shows how far it got); up to 5 failures
+# are collected with short tracebacks, not just the first.
+timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest tests -v --maxfail=5 --tb=short -p no:cacheprovider \
+    > "$OUT/pytest.log" 2>&1
 TEST_RC=$?
 tail -n 3 "$OUT/pytest.log"
 
@@ -52,12 +55,13 @@ timeout "$BENCH_TIMEOUT" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick 
     --workloads predict,train,train-graph,seed-run,condition,loss > "$OUT/bench.log" 2>&1
 BENCH_RC=$?
 
-echo "== weight-gradient candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"
+echo "== kernel candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"
 timeout "$VARIANTS_TIMEOUT" "$PYTHON" -m aunn_fast.bench.kernel_variants --out "$OUT/variants" > "$OUT/variants.log" 2>&1
 VARIANTS_RC=$?
 
 echo "== summary"
 echo "pytest exit status $TEST_RC: $(tail -n 1 "$OUT/pytest.log")"
+grep -E "^(FAILED|ERROR) " "$OUT/pytest.log" | head -n 10
 echo "benchmark exit status $BENCH_RC (0 ok, 1 some provider incorrect/failed, 124 timed out)"
 echo "kernel variants exit status $VARIANTS_RC; table in $OUT/variants"
 if [ -f "$OUT/bench/results.json" ]; then

@@ -1,24 +1,32 @@
-"""Time the fused kernels' trunk weight-gradient candidates against each other (CUDA only).
+"""Time the fused kernels' candidate configurations against each other (CUDA only).
 
     python -m aunn_fast.bench.kernel_variants --out DIR [--programs-per-sm 1,2,4]
 
-For each shape (seed model H=64, 8 layers, vocab 4 at batches 8192, 65536 and 1M; H=128 at
-65536), each precision (fp32, bf16) and each ``mlp_backward.WEIGHT_GRAD`` candidate, it
-times forward + loss + backward (``torch.autograd.grad``, no optimizer) with
-``triton.testing.do_bench`` (median ms). Every candidate's gradients are first checked
-against the fp32 reference at min(batch, 65536) rows (max |g - ref| / max |ref| over each
-parameter, tolerances of bench/checks.py); an incorrect candidate is not timed.
-"partials" runs once per ``--programs-per-sm`` value (its persistent grid's size).
-Writes DIR/kernel_variants.md and DIR/kernel_variants.json. Exit status: 0; 1 when a
-candidate was incorrect or raised; 2 without CUDA.
+Each candidate sets the kernels' benchmarking switches: the trunk weight-gradient method
+(``mlp_backward.WEIGHT_GRAD``: "torch" or "partials", the latter once per
+``--programs-per-sm`` value), the sigmoid (``common.SIGMOID``: "exact" or "tanh", bf16 only)
+and the tiles (``common.TILE_OVERRIDES``: rows per program and warps, forward or backward).
+Two workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
+
+* predict - forward + argmax (``kernels.predict``), bf16, seed model (H=64) at 16M and H=128 at 4M;
+* train   - forward + loss + backward (``torch.autograd.grad``, no optimizer), bf16 then fp32,
+  seed model at 1M, 8,192 and 65,536, H=128 at 65,536.
+
+Every candidate is checked against the fp32 reference at min(batch, 65536) rows first
+(predict: the logits; train: every gradient; max |x - ref| / max |ref|, tolerances of
+bench/checks.py) and timed only when correct: do_bench median on CUDA.
+DIR/kernel_variants.md and .json are rewritten after every row, so a run cut short
+still leaves its data. Exit status: 0; 1 when a candidate was incorrect or raised; 2 without CUDA.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -27,15 +35,80 @@ from aunn_fast.params import init_params
 
 from .checks import TOLERANCES
 from .environment import describe
+from .timing import QUICK, median_ms
 
-# (label, hidden, batch); every shape has 8 layers, vocab 4, 64 bits, a residual every 2 layers
-SHAPES = [("seed", 64, 8192), ("seed", 64, 65536), ("seed", 64, 1 << 20), ("H128", 128, 65536)]
-PRECISIONS = ("fp32", "bf16")
 CHECK_ROWS = 65536
 
 
-def make_inputs(hidden: int, batch: int, device: torch.device):
-    cfg = AUNNConfig(vocab_size=4, hidden=hidden, layers=8, bits=64, residual_every=2)
+@dataclass(frozen=True)
+class Variant:
+    """One setting of the kernels' benchmarking switches; tiles: (Tiles field, value) overrides."""
+
+    label: str
+    weight_grad: str = "torch"
+    sigmoid: str = "exact"
+    tiles: tuple[tuple[str, int], ...] = ()
+    programs_per_sm: int | None = None
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        from aunn_fast.kernels import common, mlp_backward
+
+        saved = (mlp_backward.WEIGHT_GRAD, mlp_backward.PARTIAL_PROGRAMS_PER_SM, common.SIGMOID,
+                 dict(common.TILE_OVERRIDES))
+        mlp_backward.WEIGHT_GRAD, common.SIGMOID = self.weight_grad, self.sigmoid
+        if self.programs_per_sm is not None:
+            mlp_backward.PARTIAL_PROGRAMS_PER_SM = self.programs_per_sm
+        common.TILE_OVERRIDES.update(self.tiles)
+        try:
+            yield
+        finally:
+            mlp_backward.WEIGHT_GRAD, mlp_backward.PARTIAL_PROGRAMS_PER_SM, common.SIGMOID, tiles = saved
+            common.TILE_OVERRIDES.clear()
+            common.TILE_OVERRIDES.update(tiles)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One shape of one workload (every model: 8 layers, vocab 4, 64 bits), with the variants to run."""
+
+    workload: str  # "predict" or "train"
+    shape: str
+    hidden: int
+    batch: int
+    precision: str
+    variants: list[Variant]
+
+
+def default_plan(programs_per_sm: list[int]) -> list[Step]:
+    """The steps in the order they are run: most decisive first, as a time limit may cut the run."""
+    partials = [Variant("partials" if len(programs_per_sm) == 1 else f"partials x{k}/SM", "partials",
+                        programs_per_sm=k) for k in programs_per_sm]
+    tanh = [Variant(f"{v.label} + tanh", v.weight_grad, "tanh", programs_per_sm=v.programs_per_sm)
+            for v in [Variant("torch"), *partials]]
+    # backward row blocks: more rows per program share each layer's fixed work (weight tile,
+    # transposes, gain sums) but need more registers (compile report: 128 rows spill ~380 B)
+    backward_tiles = [Variant(f"torch + tanh, bwd {rows} rows {warps} warps", "torch", "tanh",
+                              (("block_m_bwd", rows), ("num_warps_bwd", warps)))
+                      for rows, warps in ((32, 4), (128, 8))]
+    forward_tiles = [Variant(f"{rows} rows, {warps} warps" + (" + tanh" if sigmoid == "tanh" else ""),
+                             sigmoid=sigmoid, tiles=(("block_m", rows), ("num_warps", warps)))
+                     for rows, warps in ((64, 4), (256, 8)) for sigmoid in ("exact", "tanh")]
+    predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), *forward_tiles]
+    train_bf16 = [Variant("torch"), *partials, *tanh, *backward_tiles]
+    train_fp32 = [Variant("torch"), *partials]
+    return [Step("predict", "seed", 64, 1 << 24, "bf16", predict),
+            Step("train", "seed", 64, 1 << 20, "bf16", train_bf16),
+            Step("train", "seed", 64, 8192, "bf16", train_bf16),
+            Step("train", "seed", 64, 65536, "bf16", train_bf16),
+            Step("predict", "H128", 128, 1 << 22, "bf16", predict),
+            Step("train", "H128", 128, 65536, "bf16", train_bf16),
+            Step("train", "seed", 64, 1 << 20, "fp32", train_fp32),
+            Step("train", "H128", 128, 65536, "fp32", train_fp32)]
+
+
+def make_inputs(hidden: int, batch: int, device: torch.device, layers: int = 8, vocab: int = 4):
+    cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
     g = torch.Generator().manual_seed(0)
     # biases and gains away from their zero / one init, so that every gradient is exercised
     params = AUNNParams(*[(t if name.endswith("weight") else t + 0.1 * torch.randn(t.shape, generator=g)).to(device)
@@ -45,75 +118,83 @@ def make_inputs(hidden: int, batch: int, device: torch.device):
     return cfg, params, idx, targets
 
 
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
 def loss_grads(loss_fn, idx, targets, params: AUNNParams, cfg: AUNNConfig, precision: str):
     p = [t.detach().requires_grad_() for t in params]
     return torch.autograd.grad(loss_fn(idx, targets, AUNNParams(*p), cfg, precision), p)
 
 
-def grad_error(cfg, params, idx, targets, precision: str) -> float:
-    """Largest max|g - ref| / max|ref| over the parameters, ref = fp32 reference."""
+def train_error(cfg, params, idx, targets, precision: str) -> float:
+    """Largest relative gradient error over the parameters against the fp32 reference."""
     got = loss_grads(kernels.loss, idx, targets, params, cfg, precision)
     ref = loss_grads(reference.loss, idx, targets, params, cfg, "fp32")
-    return max(((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for g, r in zip(got, ref))
+    return max(_rel_err(g, r) for g, r in zip(got, ref))
 
 
-def variants(programs_per_sm: list[int]) -> list[tuple[str, str, int | None]]:
-    """(label, WEIGHT_GRAD, PARTIAL_PROGRAMS_PER_SM)."""
-    out = [("torch", "torch", None)]
-    for k in programs_per_sm:
-        out.append(("partials" if len(programs_per_sm) == 1 else f"partials x{k}/SM", "partials", k))
-    return out
+def predict_error(cfg, params, idx, targets, precision: str) -> float:
+    """Relative logits error against the fp32 reference; inf when predict disagrees with its own logits."""
+    with torch.no_grad():
+        logits = kernels.logits(idx, params, cfg, precision)
+        top2 = logits.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * logits.abs().max()
+        agree = (kernels.predict(idx, params, cfg, precision) == logits.argmax(-1))[clear]
+        if not bool(agree.all()):
+            return float("inf")
+        return _rel_err(logits, reference.logits(idx, params, cfg, "fp32"))
 
 
-def run(programs_per_sm: list[int], device: torch.device, log=print) -> list[dict[str, Any]]:
-    from triton.testing import do_bench
+WORKLOADS: dict[str, tuple[Callable[..., float], Callable[..., object]]] = {
+    "predict": (predict_error, lambda cfg, params, idx, targets, precision:
+                kernels.predict(idx, params, cfg, precision)),
+    "train": (train_error, lambda cfg, params, idx, targets, precision:
+              loss_grads(kernels.loss, idx, targets, params, cfg, precision)),
+}
 
-    from aunn_fast.kernels import mlp_backward
 
-    saved = mlp_backward.WEIGHT_GRAD, mlp_backward.PARTIAL_PROGRAMS_PER_SM
+def run(plan: list[Step], device: torch.device,
+        on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None, log=print) -> list[dict[str, Any]]:
+    """Check, then time, every variant of every step; on_row(rows) after each."""
     rows: list[dict[str, Any]] = []
-    try:
-        for shape, hidden, batch in SHAPES:
-            cfg, params, idx, targets = make_inputs(hidden, batch, device)
-            check_n = min(batch, CHECK_ROWS)
-            for precision in PRECISIONS:
-                for label, weight_grad, per_sm in variants(programs_per_sm):
-                    row = {"shape": shape, "hidden": hidden, "batch": batch, "precision": precision,
-                           "variant": label, "max_rel_err": None, "correct": None, "ms": None,
-                           "m_idx_per_s": None, "error": None}
-                    rows.append(row)
-                    mlp_backward.WEIGHT_GRAD = weight_grad
-                    if per_sm is not None:
-                        mlp_backward.PARTIAL_PROGRAMS_PER_SM = per_sm
-                    try:
-                        row["max_rel_err"] = grad_error(cfg, params, idx[:check_n], targets[:check_n], precision)
-                        row["correct"] = row["max_rel_err"] <= TOLERANCES[precision]
-                        if row["correct"]:
-                            row["ms"] = float(do_bench(
-                                lambda: loss_grads(kernels.loss, idx, targets, params, cfg, precision),
-                                warmup=10, rep=50, return_mode="median"))
-                            row["m_idx_per_s"] = batch / row["ms"] / 1e3
-                    except Exception as exc:  # an OOM or a kernel failure loses one cell, not the run
-                        row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                    log(f"{shape} H={hidden} batch={batch} {precision} {label}: "
-                        f"err={row['max_rel_err']} ms={row['ms']} {row['error'] or ''}")
-            params = idx = targets = None  # free this shape's tensors before the next one
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    finally:
-        mlp_backward.WEIGHT_GRAD, mlp_backward.PARTIAL_PROGRAMS_PER_SM = saved
+    for s in plan:
+        error_fn, call = WORKLOADS[s.workload]
+        cfg, params, idx, targets = make_inputs(s.hidden, s.batch, device)
+        check_n = min(s.batch, CHECK_ROWS)
+        for variant in s.variants:
+            row = {"workload": s.workload, "shape": s.shape, "hidden": s.hidden, "batch": s.batch,
+                   "precision": s.precision, "variant": variant.label, "max_rel_err": None, "correct": None,
+                   "ms": None, "m_idx_per_s": None, "error": None}
+            rows.append(row)
+            try:
+                with variant.applied():
+                    row["max_rel_err"] = error_fn(cfg, params, idx[:check_n], targets[:check_n], s.precision)
+                    row["correct"] = row["max_rel_err"] <= TOLERANCES[s.precision]
+                    if row["correct"]:
+                        row["ms"] = median_ms(lambda: call(cfg, params, idx, targets, s.precision), device, QUICK)
+                        row["m_idx_per_s"] = s.batch / row["ms"] / 1e3
+            except Exception as exc:  # an OOM or a kernel failure loses one cell, not the run
+                row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            log(f"{s.workload} {s.shape} H={s.hidden} batch={s.batch} {s.precision} {variant.label}: "
+                f"err={row['max_rel_err']} ms={row['ms']} {row['error'] or ''}")
+            on_row(rows)
+        params = idx = targets = None  # free this step's tensors before the next one
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    lines = [f"# Fused backward: trunk weight-gradient candidates ({meta['device']})", "",
+    lines = [f"# Fused kernels: candidate configurations ({meta['device']})", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}. "
-             "Forward + loss + backward (no optimizer), do_bench median; gradients checked against "
-             f"the fp32 reference at min(batch, {CHECK_ROWS}) rows first.", "",
-             "| shape | H | batch | precision | variant | max rel err | ms | M idx/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "predict = forward + argmax; train = forward + loss + backward (no optimizer). "
+             f"Median ms; each candidate checked against the fp32 reference at min(batch, {CHECK_ROWS}) rows "
+             "first (predict: logits, train: gradients).", "",
+             "| workload | shape | H | batch | precision | variant | max rel err | ms | M idx/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = "—" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
         if r["error"]:
@@ -122,13 +203,14 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             ms, speed = "INCORRECT", "—"
         else:
             ms, speed = f"{r['ms']:.3f}", f"{r['m_idx_per_s']:.1f}"
-        lines.append(f"| {r['shape']} | {r['hidden']} | {r['batch']} | {r['precision']} | {r['variant']} "
-                     f"| {err} | {ms} | {speed} |")
+        lines.append(f"| {r['workload']} | {r['shape']} | {r['hidden']} | {r['batch']} | {r['precision']} "
+                     f"| {r['variant']} | {err} | {ms} | {speed} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aunn_fast.bench.kernel_variants", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m aunn_fast.bench.kernel_variants",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="directory for kernel_variants.md / .json")
     parser.add_argument("--programs-per-sm", default="2",
                         help="comma-separated PARTIAL_PROGRAMS_PER_SM values for 'partials' (default 2)")
@@ -136,16 +218,19 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("kernel_variants: needs a CUDA GPU (torch sees none)", file=sys.stderr)
         return 2
-    reason = kernels.unavailable_reason(torch.device("cuda"))
+    device = torch.device("cuda")
+    reason = kernels.unavailable_reason(device)
     if reason is not None:
         print(f"kernel_variants: triton kernels unavailable: {reason}", file=sys.stderr)
         return 2
-    per_sm = [int(x) for x in args.programs_per_sm.split(",") if x.strip()]
-    meta = describe(torch.device("cuda"))
-    rows = run(per_sm, torch.device("cuda"))
+    meta = describe(device)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernel_variants.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / "kernel_variants.md").write_text(markdown(meta, rows))
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        (args.out / "kernel_variants.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (args.out / "kernel_variants.md").write_text(markdown(meta, rows))
+
+    rows = run(default_plan([int(x) for x in args.programs_per_sm.split(",") if x.strip()]), device, save)
     print(f"wrote {args.out / 'kernel_variants.md'}")
     return 0 if all(r["correct"] and not r["error"] for r in rows) else 1
 

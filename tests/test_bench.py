@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aunn_fast import AUNNConfig, reference
+from aunn_fast import AUNNConfig, kernels, reference
 from aunn_fast.backends import BACKENDS, Backend
 from aunn_fast.bench import ceilings, harness, run
 from aunn_fast.bench.configs import Case
@@ -149,3 +149,27 @@ def test_ceiling_shares_are_plotted_for_h100_rows(tmp_path: Path) -> None:
     assert rows[0]["sfu_share"] == pytest.approx(rows[0]["items_per_s"] / ceilings.ceilings(seed, "forward").sfu)
     assert all(r["sfu_share"] is None for r in rows if r["workload"] == "condition")
     assert plots.ceiling_shares(rows, tmp_path, "NVIDIA H100 80GB HBM3") == [tmp_path / "ceiling_share.png"]
+
+
+def test_kernel_variants_check_then_time_and_report_failures():
+    """Each candidate is checked, then timed; one that raises is a row with its error, and the
+    kernels' switches are restored afterwards."""
+    reason = kernels.unavailable_reason(torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    from aunn_fast.bench import kernel_variants as kv
+    from aunn_fast.kernels import common, mlp_backward
+
+    plan = [kv.Step("predict", "tiny", 16, 37, "fp32",
+                    [kv.Variant("default"), kv.Variant("32 rows, 2 warps", tiles=(("block_m", 32), ("num_warps", 2)))]),
+            kv.Step("train", "tiny", 16, 37, "fp32",
+                    [kv.Variant("partials", "partials", programs_per_sm=1), kv.Variant("bogus", "atomics")])]
+    rows = kv.run(plan, torch.device("cpu"), log=lambda *_: None)
+    assert [(r["workload"], r["variant"]) for r in rows] == [
+        ("predict", "default"), ("predict", "32 rows, 2 warps"), ("train", "partials"), ("train", "bogus")]
+    for r in rows[:3]:
+        assert r["correct"] and r["error"] is None and r["max_rel_err"] < 1e-4 and r["ms"] > 0, r
+    assert "atomics" in rows[3]["error"] and rows[3]["ms"] is None
+    assert mlp_backward.WEIGHT_GRAD == "torch" and common.TILE_OVERRIDES == {} and common.SIGMOID == "exact"
+    table = kv.markdown({"device": "cpu", "torch": "-", "triton": "-", "commit": "-", "date": "-"}, rows)
+    assert "| train | tiny | 16 | 37 | fp32 | bogus | — | ERROR |" in table
