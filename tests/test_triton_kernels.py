@@ -234,10 +234,17 @@ def test_fp32_layerwise_path(hidden, layers, residual_every, bits, vocab, batch,
     check_model(cfg, batch, generator)
 
 
-def test_fp32_wide_model(generator):
-    """hidden 256 exceeds FUSED_MAX_HIDDEN: the layer-wise path with streamed GEMMs."""
-    cfg = AUNNConfig(vocab_size=5, hidden=256, layers=3, bits=64, residual_every=1)
-    check_model(cfg, 17, generator)
+@pytest.mark.parametrize("hidden,batch", [(256, 17), (1024, 3)])
+def test_fp32_wide_model(hidden, batch, generator):
+    """hidden over FUSED_MAX_HIDDEN, up to the largest supported: the layer-wise path with streamed GEMMs."""
+    cfg = AUNNConfig(vocab_size=5, hidden=hidden, layers=3, bits=64, residual_every=1)
+    check_model(cfg, batch, generator)
+
+
+def test_fp32_largest_vocab(generator):
+    """vocab 65,536, the largest supported: the head's 512 vocabulary tiles, logits never stored on the loss path."""
+    cfg = AUNNConfig(vocab_size=65536, hidden=16, layers=2, bits=64)
+    check_model(cfg, 3, generator)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
