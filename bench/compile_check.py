@@ -71,22 +71,33 @@ def _ptxas_report(ptx: str, arch: str) -> dict[str, int]:
             "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame")}
 
 
-def _sass_counts(sass: str) -> dict[str, int]:
+def _sass(cubin: bytes) -> list[tuple[int, str]]:
+    """(byte offset, instruction) of every SASS instruction in a cubin, by the cuobjdump Triton ships.
+    (Triton's own ``asm["sass"]`` stops after 4096 instructions: its parser expects 4-digit offsets.)"""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return [(int(offset, 16), instr) for offset, instr in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*;)", text)]
+
+
+def _sass_counts(cubin: bytes) -> dict[str, int]:
     """Static counts in a kernel's SASS: all instructions, those of its largest innermost loop body
     (see the module docstring), special-function (MUFU) and tensor-core (HMMA/HGMMA) ones."""
-    lines = [line.split("\t")[-1].strip() for line in sass.splitlines()]
-    labels = {line[:-1]: i for i, line in enumerate(lines) if re.fullmatch(r"\w+:", line)}
-    is_instruction = [bool(line) and not line.endswith(":") for line in lines]
-    loops = []  # (first, last) line of each loop: a backward branch closes one
-    for i, line in enumerate(lines):
-        target = re.search(r"\bBRA\s+(\w+)", line)
-        start = labels.get(target.group(1)) if target else None
-        if start is not None and start < i:
-            loops.append((start, i))
+    code = _sass(cubin)
+    loops = []  # (first, last) byte offsets of each loop: a backward branch closes one
+    for offset, instr in code:
+        target = re.search(r"\bBRA(?:\.U)?\s+(0x[0-9a-f]+)", instr)
+        if target and int(target.group(1), 16) < offset:
+            loops.append((int(target.group(1), 16), offset))
     innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
-    return {"instructions": sum(is_instruction),
-            "loop": max((sum(is_instruction[a:b + 1]) for a, b in innermost), default=0),
-            "mufu": len(re.findall(r"\bMUFU\.", sass)), "mma": len(re.findall(r"\bH(?:G)?MMA\.", sass))}
+    text = "\n".join(instr for _, instr in code)
+    return {"instructions": len(code),
+            "loop": max(((b - a) // 16 + 1 for a, b in innermost), default=0),
+            "mufu": len(re.findall(r"\bMUFU\.", text)), "mma": len(re.findall(r"\bH(?:G)?MMA\.", text))}
 
 
 def _compile_all(configs: list[str], precisions: list[str]) -> list[dict[str, object]]:
@@ -115,7 +126,7 @@ def _compile_all(configs: list[str], precisions: list[str]) -> list[dict[str, ob
         seen.add(id(compiled))
         rows.append({**context, "kernel": kernel.fn.__name__, "num_warps": compiled.metadata.num_warps,
                      "shared": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], "sm_90a"),
-                     **_sass_counts(compiled.asm["sass"])})
+                     **_sass_counts(compiled.asm["cubin"])})
 
     mlp_forward.launch = mlp_backward.launch = compile_only
     n = 4096

@@ -52,7 +52,7 @@ def aunn_forward_kernel(
     in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,
     N, H, V, n_hidden, n_grouped, eps, act_stride, head_in_offset,
     BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL_EVERY: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL_EVERY: tl.constexpr, UNROLL_GROUPS: tl.constexpr,
     MODE: tl.constexpr, FUSED_TRUNK: tl.constexpr, STORE_ACTS: tl.constexpr, PRECISION: tl.constexpr,
     FAST_SIGMOID: tl.constexpr,
 ):
@@ -64,8 +64,7 @@ def aunn_forward_kernel(
     written when STORE_ACTS (fused trunk), read (last layer only) when not FUSED_TRUNK.
     out: MODE 0 logits fp32 [N, V]; MODE 1 argmax int64 [N]; MODE 2 per-row CE fp32 [N]
     (and lse fp32 [N, 2]: per row the max logit and log-sum-exp of logits minus it, for the backward).
-    The first n_grouped hidden layers form groups of RESIDUAL_EVERY, each ending with the residual
-    add; the rest have none (RESIDUAL_EVERY 0: n_grouped is 0).
+    UNROLL_GROUPS: the first n_grouped hidden layers run as unrolled groups of RESIDUAL_EVERY.
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -88,9 +87,12 @@ def aunn_forward_kernel(
         out_act_ptr = act_ptr  # advanced one layer at a time: pointer + int never overflows int32
         if STORE_ACTS:
             store_activation(out_act_ptr + act_row, h, act_mask, PRECISION)
-        # hidden layers: unrolled within a group, the residual add has a fixed place in the code
-        # (a per-layer runtime test compiled to selects over the whole tile)
-        if RESIDUAL_EVERY > 0:
+        # hidden layers; after every RESIDUAL_EVERY-th, h += res and res = h
+        if UNROLL_GROUPS:
+            # groups of RESIDUAL_EVERY layers unrolled, each ending with the add, then the layers
+            # after the last group: the add sits at a fixed place in the code. (A per-layer
+            # test for it compiles to two selects per element on every layer; but every copy
+            # of a layer in the code takes its own shared memory, too much at H = 128.)
             for group in range(n_grouped // RESIDUAL_EVERY):
                 for j in tl.static_range(RESIDUAL_EVERY):
                     h = hidden_layer(h, hid_w_ptr, hid_b_ptr, hid_g_ptr, group * RESIDUAL_EVERY + j, H, eps,
@@ -101,9 +103,15 @@ def aunn_forward_kernel(
                     if STORE_ACTS:
                         out_act_ptr += act_stride
                         store_activation(out_act_ptr + act_row, h, act_mask, PRECISION)
-        for layer in range(n_grouped, n_hidden):
+            first_ungrouped = n_grouped
+        else:
+            first_ungrouped = 0
+        for layer in range(first_ungrouped, n_hidden):
             h = hidden_layer(h, hid_w_ptr, hid_b_ptr, hid_g_ptr, layer, H, eps, hcols, hmask, PRECISION,
                              FAST_SIGMOID)
+            if not UNROLL_GROUPS and (layer + 1) % RESIDUAL_EVERY == 0:
+                h = h + res
+                res = h
             if STORE_ACTS:
                 out_act_ptr += act_stride
                 store_activation(out_act_ptr + act_row, h, act_mask, PRECISION)
@@ -229,8 +237,9 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
         targets = idx  # placeholder pointer, never read unless mode == MODE_LOSS
 
     grid = (triton.cdiv(n, t.block_m),)
-    group = residual_every if residual_every <= n_hidden else 0  # 0: no hidden layer ends with a residual add
-    n_grouped = n_hidden // group * group if group else 0
+    # unrolled residual groups only where the extra copies of a layer fit: not at H = 128 (305 KiB
+    # of shared memory), not in fp32 (its FMA-unit products then spill KBs), not past 4 layers
+    unroll_groups = t.fused and t.block_h <= 64 and precision != "fp32" and residual_every <= min(n_hidden, 4)
     if not t.fused:
         def layer(x, w, b, g, res, z, h, k, from_bits, block_k):
             launch(layer_forward_kernel, grid, x, w, b, g, empty if res is None else res, z, h, n, k, hidden, eps,
@@ -250,8 +259,10 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
     launch(aunn_forward_kernel, grid,
            idx, targets, out, lse, acts,
            in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
-           n, hidden, vocab, n_hidden, n_grouped, eps, n * hidden, n_hidden * n * hidden,
+           n, hidden, vocab, n_hidden, n_hidden // residual_every * residual_every, eps, n * hidden,
+           n_hidden * n * hidden,
            BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
-           BLOCK_K=t.block_k_head, RESIDUAL_EVERY=group, MODE=mode, FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused,
-           PRECISION=prec, FAST_SIGMOID=fast, num_warps=t.num_warps)
+           BLOCK_K=t.block_k_head, RESIDUAL_EVERY=residual_every, UNROLL_GROUPS=unroll_groups, MODE=mode,
+           FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused, PRECISION=prec, FAST_SIGMOID=fast,
+           num_warps=t.num_warps)
     return out, lse, acts, zs

@@ -248,8 +248,11 @@ def test_fp32_largest_vocab(generator):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
-def test_reduced_precision(precision, generator, weight_grad):
-    cfg = AUNNConfig(vocab_size=70, hidden=32, layers=5, bits=64, residual_every=2)
+@pytest.mark.parametrize("layers,residual_every", [(5, 2), (8, 4), (8, 3)])
+def test_reduced_precision(precision, layers, residual_every, generator, weight_grad):
+    """bf16/tf32 at H <= 64 unroll the residual groups (fp32 does not): one group and a tail,
+    one group of 4 and a tail of 2, two groups of 3 and no tail."""
+    cfg = AUNNConfig(vocab_size=70, hidden=32, layers=layers, bits=64, residual_every=residual_every)
     check_model(cfg, 37, generator, precision)
 
 
