@@ -279,7 +279,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     device = idx.device
     n, (hidden, bits), vocab = idx.shape[0], in_weight.shape, out_weight.shape[0]
     n_hidden = hidden_weight.shape[0]
-    t = choose_tiles(hidden, bits, vocab)
+    t = choose_tiles(hidden, bits, vocab, precision)
     prec, fast = precision_code(precision), fast_sigmoid(precision)
     if n == 0:
         return [torch.zeros_like(p) for p in (in_weight, in_bias, in_gain, hidden_weight, hidden_bias,

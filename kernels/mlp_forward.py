@@ -218,7 +218,7 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
     device = idx.device
     n, (hidden, bits), vocab = idx.shape[0], in_weight.shape, out_weight.shape[0]
     n_hidden = hidden_weight.shape[0]
-    t = choose_tiles(hidden, bits, vocab)
+    t = choose_tiles(hidden, bits, vocab, precision)
     prec, fast = precision_code(precision), fast_sigmoid(precision)
     f32 = torch.float32
     if mode == MODE_LOGITS:
