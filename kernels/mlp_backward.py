@@ -8,8 +8,8 @@ Kernels:
   a given dL/dh), then walks the layers in reverse entirely in registers, recomputing each
   pre-activation z = a @ W.T + b from the saved layer input, applying the SiLU/RMSNorm
   backward and the residual bookkeeping, and propagating dL/dh = dz @ W. It writes
-  per-program partial gain gradients ([programs, L-1, H]) and, per WEIGHT_GRAD, either dz
-  of every layer ([L-1, N, H]) or per-program partial weight and bias gradients.
+  per-program partial gain and bias gradients ([programs, L-1, H]) and, per WEIGHT_GRAD,
+  either dz of every layer ([L-1, N, H]) or per-program partial weight gradients.
 * :func:`head_weight_grad_kernel` - dL/d out_weight and out_bias, split over the batch:
   program (v-tile, h-tile, split) recomputes the logits of its rows and accumulates
   dlogits.T @ h in registers; the [splits, V, H] partials are summed once afterwards.
@@ -18,8 +18,8 @@ Kernels:
   SiLU/RMSNorm backward from the stored pre-activations.
 
 PyTorch does the rest: the sums of the per-program partials; with WEIGHT_GRAD "torch" the
-trunk's weight-gradient GEMMs (dW = dz.T @ a, one batched product for all hidden layers)
-and bias gradients (dz summed over rows); on the layer-wise path also dL/dh = dz @ W.
+trunk's weight-gradient GEMMs (dW = dz.T @ a, one batched product for all hidden layers);
+on the layer-wise path also the bias gradients (dz summed over rows) and dL/dh = dz @ W.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from .common import (
     load_softmax_stats,
     precision_code,
     silu_rmsnorm_backward,
+    store_activation,
 )
 from .mlp_forward import MODE_LOGITS, MODE_LOSS, new_buffer
 
@@ -81,9 +82,9 @@ def aunn_backward_kernel(
     HEAD_FROM_LSE: grad is the per-row upstream gradient of the row losses fp32 [N]
     (targets int64 [N] and softmax stats lse fp32 [N, 2] from the forward); else grad is dL/dh_last fp32 [N, H].
     act fp32 or bf16 [L-1, N, H] from the forward. Outputs, each program summing over its row blocks:
-    dgain fp32 [P, L-1, H]; with WEIGHT_GRADS also dw_in fp32 [P, H, BITS] (input layer),
-    dw fp32 [P, L-2, H, H] (hidden layers) and db fp32 [P, L-1, H], and dz is not stored;
-    without it dz fp32 [L-1, N, H] (the weight gradients are then PyTorch's).
+    dgain and db fp32 [P, L-1, H]; with WEIGHT_GRADS also dw_in fp32 [P, H, BITS] (input layer)
+    and dw fp32 [P, L-2, H, H] (hidden layers), and dz is not stored; without it dz [L-1, N, H]
+    (fp32, or bf16 in bf16 mode; the weight gradients are then PyTorch's).
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -136,10 +137,10 @@ def aunn_backward_kernel(
                                               H, eps, FAST_SIGMOID)
             if WEIGHT_GRADS:
                 accumulate(dw_tile + layer * H * H, dot(tl.trans(dz), a, PRECISION), hh_mask, first)
-                accumulate(db_row + (layer + 1) * H, tl.sum(dz, axis=0), hmask, first)
             else:
-                tl.store(dz_out_ptr + act_row, dz, mask=act_mask)
+                store_activation(dz_out_ptr + act_row, dz, act_mask, PRECISION)
                 dz_out_ptr -= act_stride
+            accumulate(db_row + (layer + 1) * H, tl.sum(dz, axis=0), hmask, first)
             accumulate(dgain_row + (layer + 1) * H, dgain, hmask, first)
             gh = dot(dz, tl.trans(w_t), PRECISION)
 
@@ -154,9 +155,9 @@ def aunn_backward_kernel(
         if WEIGHT_GRADS:
             # [BLOCK_BITS, BLOCK_H] = dW_in.T: the 64-wide hidden side is the dot's output width
             accumulate(dw_in_tile, dot(tl.trans(x), dz, PRECISION), dw_in_mask, first)
-            accumulate(db_row, tl.sum(dz, axis=0), hmask, first)
         else:
-            tl.store(dz_ptr + act_row, dz, mask=act_mask)
+            store_activation(dz_ptr + act_row, dz, act_mask, PRECISION)
+        accumulate(db_row, tl.sum(dz, axis=0), hmask, first)
         accumulate(dgain_row, dgain, hmask, first)
 
 
@@ -321,14 +322,17 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     programs = _partial_programs(device, row_blocks) if partials else row_blocks
     n_layers = n_hidden + 1
     dgain_part = new_buffer((programs, n_layers, hidden), torch.float32, device)
+    db_part = new_buffer((programs, n_layers, hidden), torch.float32, device)
     if partials:
         dz = torch.empty(0, dtype=torch.float32, device=device)
         dw_in_part = new_buffer((programs, hidden, bits), torch.float32, device)
         dw_part = new_buffer((programs, n_hidden, hidden, hidden), torch.float32, device)
-        db_part = new_buffer((programs, n_layers, hidden), torch.float32, device)
     else:
-        dz = new_buffer((n_layers, n, hidden), torch.float32, device)
-        dw_in_part = dw_part = db_part = torch.empty(0, dtype=torch.float32, device=device)
+        # dz feeds only PyTorch's weight-gradient products, which round it to bf16 in bf16 mode:
+        # stored as bf16 there (the fused kernel sums the bias gradients from fp32 dz itself)
+        dz_dtype = torch.bfloat16 if (t.fused and precision == "bf16") else torch.float32
+        dz = new_buffer((n_layers, n, hidden), dz_dtype, device)
+        dw_in_part = dw_part = torch.empty(0, dtype=torch.float32, device=device)
     if t.fused:
         from_lse = dh is None
         launch(aunn_backward_kernel, (programs,),
@@ -355,12 +359,12 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
 
     # ---- weight and bias gradients of the trunk: partials summed, or from dz and the saved activations
     if partials:
-        d_in_weight, d_hidden_weight, d_bias = dw_in_part.sum(0), dw_part.sum(0), db_part.sum(0)
+        d_in_weight, d_hidden_weight = dw_in_part.sum(0), dw_part.sum(0)
     else:
         x = binary_embedding(idx, bits)
         d_in_weight = matmul(dz[0].t(), x, precision)
         d_hidden_weight = matmul(dz[1:].transpose(1, 2), acts[:n_hidden], precision)
-        d_bias = dz.sum(1)
+    d_bias = db_part.sum(0) if t.fused else dz.sum(1)
     d_gain = dgain_part.sum(0)
     # slices cloned: an operator's outputs must not alias one another
     return [d_in_weight, d_bias[0].clone(), d_gain[0].clone(), d_hidden_weight, d_bias[1:].clone(),
