@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aunn_fast.reference import binary_embedding, round_operand
+from aunn_fast.reference import round_operand
 
 from .common import (
     choose_tiles,
@@ -238,6 +238,17 @@ def layer_backward_kernel(
     tl.store(dgain_ptr + pid.to(tl.int64) * dgain_stride + hcols, dgain, mask=hmask)
 
 
+def index_bit_matrix(idx: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """reference.binary_embedding(idx, bits, dtype), [N, bits], byte by byte: the 8 bytes of each
+    index (bits 8b..8b+7 in byte b), then 8 uint8 shifts each, where shifting the int64 by 0..63
+    moved two int64 [N, 64] intermediates, ~2 KB per index, through memory. (No dtype view of
+    the int64, which traced code would have to bitcast.)"""
+    steps = torch.arange(8, device=idx.device)
+    byte = ((idx.unsqueeze(-1) >> (8 * steps)) & 255).to(torch.uint8)
+    bit = (byte.unsqueeze(-1) >> steps.to(torch.uint8)) & 1
+    return bit.reshape(-1, 64)[:, :bits].to(dtype)
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     """fp32 a @ b with operands rounded as `precision` says (bf16: bf16 GEMM, result upcast)."""
     if precision == "bf16":
@@ -361,8 +372,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     if partials:
         d_in_weight, d_hidden_weight = dw_in_part.sum(0), dw_part.sum(0)
     else:
-        x = binary_embedding(idx, bits)
-        d_in_weight = matmul(dz[0].t(), x, precision)
+        d_in_weight = matmul(dz[0].t(), index_bit_matrix(idx, bits, dz.dtype), precision)
         d_hidden_weight = matmul(dz[1:].transpose(1, 2), acts[:n_hidden], precision)
     d_bias = db_part.sum(0) if t.fused else dz.sum(1)
     d_gain = dgain_part.sum(0)
