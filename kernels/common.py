@@ -137,7 +137,9 @@ def choose_tiles(hidden: int, bits: int, vocab: int, precision: str) -> Tiles:
     block_h = max(MIN_TILE_N, next_pow2(hidden))
     fused = hidden <= FUSED_MAX_HIDDEN
     if fused:
-        block_m = 128 if block_h <= 64 else 64
+        # fp32 products run on the FMA units and hold more registers: half the rows, or the
+        # forward spills ~300 B (H = 64) / ~130 B (H = 128) for ~5% fewer instructions per index
+        block_m = (128 if block_h <= 64 else 64) // (2 if precision == "fp32" else 1)
         block_m_bwd = 32 if block_h <= 64 else 16
     else:
         block_m = 32 if block_h <= 256 else 16
