@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aunn_fast.reference import round_operand
+from aunn_fast.reference import binary_embedding, round_operand
 
 from .common import (
     choose_tiles,
@@ -69,7 +69,7 @@ def accumulate(ptrs, value, mask, first):
 
 @triton.jit
 def aunn_backward_kernel(
-    idx_ptr, target_ptr, grad_ptr, lse_ptr, act_ptr, dz_ptr, dgain_ptr, dw_in_ptr, dw_ptr, db_ptr,
+    idx_ptr, target_ptr, grad_ptr, lse_ptr, act_ptr, dz_ptr, x_ptr, dgain_ptr, dw_in_ptr, dw_ptr, db_ptr,
     in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,
     N, H, V, n_hidden, residual_every, eps, act_stride, head_in_offset,
     BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -84,7 +84,8 @@ def aunn_backward_kernel(
     act fp32 or bf16 [L-1, N, H] from the forward. Outputs, each program summing over its row blocks:
     dgain and db fp32 [P, L-1, H]; with WEIGHT_GRADS also dw_in fp32 [P, H, BITS] (input layer)
     and dw fp32 [P, L-2, H, H] (hidden layers), and dz is not stored; without it dz [L-1, N, H]
-    (fp32, or bf16 in bf16 mode; the weight gradients are then PyTorch's).
+    and the index bits x [N, BITS] (fp32, or bf16 in bf16 mode; the weight gradients are then
+    PyTorch's).
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -157,6 +158,8 @@ def aunn_backward_kernel(
             accumulate(dw_in_tile, dot(tl.trans(x), dz, PRECISION), dw_in_mask, first)
         else:
             store_activation(dz_ptr + act_row, dz, act_mask, PRECISION)
+            store_activation(x_ptr + rows[:, None] * BITS + k[None, :], x, row_mask[:, None] & (k[None, :] < BITS),
+                             PRECISION)
         accumulate(db_row, tl.sum(dz, axis=0), hmask, first)
         accumulate(dgain_row, dgain, hmask, first)
 
@@ -236,17 +239,6 @@ def layer_backward_kernel(
                                       tl.load(g_ptr + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID)
     tl.store(dz_ptr + off, dz, mask=mask)
     tl.store(dgain_ptr + pid.to(tl.int64) * dgain_stride + hcols, dgain, mask=hmask)
-
-
-def index_bit_matrix(idx: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """reference.binary_embedding(idx, bits, dtype), [N, bits], byte by byte: the 8 bytes of each
-    index (bits 8b..8b+7 in byte b), then 8 uint8 shifts each, where shifting the int64 by 0..63
-    moved two int64 [N, 64] intermediates, ~2 KB per index, through memory. (No dtype view of
-    the int64, which traced code would have to bitcast.)"""
-    steps = torch.arange(8, device=idx.device)
-    byte = ((idx.unsqueeze(-1) >> (8 * steps)) & 255).to(torch.uint8)
-    bit = (byte.unsqueeze(-1) >> steps.to(torch.uint8)) & 1
-    return bit.reshape(-1, 64)[:, :bits].to(dtype)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
@@ -335,7 +327,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     dgain_part = new_buffer((programs, n_layers, hidden), torch.float32, device)
     db_part = new_buffer((programs, n_layers, hidden), torch.float32, device)
     if partials:
-        dz = torch.empty(0, dtype=torch.float32, device=device)
+        dz, x = torch.empty(0, dtype=torch.float32, device=device), torch.empty(0, dtype=torch.float32, device=device)
         dw_in_part = new_buffer((programs, hidden, bits), torch.float32, device)
         dw_part = new_buffer((programs, n_hidden, hidden, hidden), torch.float32, device)
     else:
@@ -343,11 +335,13 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
         # stored as bf16 there (the fused kernel sums the bias gradients from fp32 dz itself)
         dz_dtype = torch.bfloat16 if (t.fused and precision == "bf16") else torch.float32
         dz = new_buffer((n_layers, n, hidden), dz_dtype, device)
+        # the index bits, for dW_in = dz[0].T @ x: written by the kernel, which has them in registers
+        x = new_buffer((n, bits), dz_dtype, device) if t.fused else binary_embedding(idx, bits)
         dw_in_part = dw_part = torch.empty(0, dtype=torch.float32, device=device)
     if t.fused:
         from_lse = dh is None
         launch(aunn_backward_kernel, (programs,),
-               idx, targets, grad if from_lse else dh, lse, acts, dz, dgain_part, dw_in_part, dw_part, db_part,
+               idx, targets, grad if from_lse else dh, lse, acts, dz, x, dgain_part, dw_in_part, dw_part, db_part,
                in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
                n, hidden, vocab, n_hidden, residual_every, eps, act_stride, head_in_offset,
                BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v,
@@ -372,7 +366,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     if partials:
         d_in_weight, d_hidden_weight = dw_in_part.sum(0), dw_part.sum(0)
     else:
-        d_in_weight = matmul(dz[0].t(), index_bit_matrix(idx, bits, dz.dtype), precision)
+        d_in_weight = matmul(dz[0].t(), x, precision)
         d_hidden_weight = matmul(dz[1:].transpose(1, 2), acts[:n_hidden], precision)
     d_bias = db_part.sum(0) if t.fused else dz.sum(1)
     d_gain = dgain_part.sum(0)

@@ -290,17 +290,6 @@ def test_tile_candidates(tiles, generator, weight_grad, monkeypatch):
     check_model(cfg, 300, generator)
 
 
-@pytest.mark.parametrize("bits", [1, 7, 40, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_index_bit_matrix_matches_binary_embedding(bits, dtype, generator):
-    """The backward's byte-wise bit matrix is the reference embedding, for every int64 including negatives."""
-    idx = torch.randint(-2**63, 2**63 - 1, (1000,), generator=generator, dtype=torch.int64)
-    idx = torch.cat([idx, torch.tensor([0, 1, -1, 2**63 - 1, -2**63])]).to(DEVICE)
-    got = mlp_backward.index_bit_matrix(idx, bits, dtype)
-    assert got.dtype == dtype and torch.equal(got, reference.binary_embedding(idx, bits, dtype))
-    assert mlp_backward.index_bit_matrix(idx[:0], bits, dtype).shape == (0, bits)
-
-
 def test_sigmoid_switch(monkeypatch):
     """The tanh.approx sigmoid is used for bf16 on a GPU only; an unknown choice is a clear error."""
     monkeypatch.setattr(common, "SIGMOID", "tanh")
