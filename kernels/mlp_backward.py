@@ -368,8 +368,11 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     else:
         d_in_weight = matmul(dz[0].t(), x, precision)
         d_hidden_weight = matmul(dz[1:].transpose(1, 2), acts[:n_hidden], precision)
-    d_bias = db_part.sum(0) if t.fused else dz.sum(1)
-    d_gain = dgain_part.sum(0)
-    # slices cloned: an operator's outputs must not alias one another
-    return [d_in_weight, d_bias[0].clone(), d_gain[0].clone(), d_hidden_weight, d_bias[1:].clone(),
-            d_gain[1:].clone(), d_out_weight, d_out_bias]
+    # input layer and hidden layers summed apart: an operator's outputs must not alias one another
+    if t.fused:
+        d_in_bias, d_hidden_bias = db_part[:, 0].sum(0), db_part[:, 1:].sum(0)
+    else:
+        d_in_bias, d_hidden_bias = dz[0].sum(0), dz[1:].sum(1)
+    d_in_gain, d_hidden_gain = dgain_part[:, 0].sum(0), dgain_part[:, 1:].sum(0)
+    return [d_in_weight, d_in_bias, d_in_gain, d_hidden_weight, d_hidden_bias, d_hidden_gain, d_out_weight,
+            d_out_bias]
