@@ -8,18 +8,19 @@
 # (aunn_fast/* plus kernels/ -> aunn_fast.kernels and bench/ -> aunn_fast.bench).
 # On the project's lent device only 8 files come back from $OUT, so run it as
 #   bash bench/gpu_check.sh /tmp/gc; tar czf $OUT/gpu_check.tgz -C /tmp gc
-# Writes OUTDIR/pytest_kernels.log, OUTDIR/pytest.log, OUTDIR/bench.log, OUTDIR/variants/ and
-# OUTDIR/bench/{results.json,results.md,*.png},
+# Writes OUTDIR/pytest_kernels.log, OUTDIR/pytest.log, OUTDIR/bench.log, OUTDIR/variants/,
+# OUTDIR/bench/ and OUTDIR/bench_notebook/ (each results.json, results.md, *.png),
 # and prints a summary table last. Stays under 5 minutes: each step has its own timeout,
 # and the benchmark saves its results after every row, so a timed-out run still leaves data.
 set -uo pipefail
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
-KERNEL_TEST_TIMEOUT=${KERNEL_TEST_TIMEOUT:-120}
+KERNEL_TEST_TIMEOUT=${KERNEL_TEST_TIMEOUT:-110}
 TEST_TIMEOUT=${TEST_TIMEOUT:-30}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-80}
-VARIANTS_TIMEOUT=${VARIANTS_TIMEOUT:-50}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-70}
+NOTEBOOK_TIMEOUT=${NOTEBOOK_TIMEOUT:-40}
+VARIANTS_TIMEOUT=${VARIANTS_TIMEOUT:-40}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT/bench"
 OUT=$(cd "$OUT" && pwd)
@@ -65,6 +66,12 @@ timeout "$BENCH_TIMEOUT" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick 
     --workloads predict,train,train-graph,seed-run,condition,loss > "$OUT/bench.log" 2>&1
 BENCH_RC=$?
 
+echo "== H=512 train step at batch 2,048 and the seed run (timeout ${NOTEBOOK_TIMEOUT}s) -> $OUT/bench_notebook.log"
+timeout "$NOTEBOOK_TIMEOUT" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick --configs notebook \
+    --batches 2048 --out "$OUT/bench_notebook" --workloads train,train-graph,seed-run \
+    > "$OUT/bench_notebook.log" 2>&1
+NOTEBOOK_RC=$?
+
 echo "== kernel candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"
 timeout "$VARIANTS_TIMEOUT" "$PYTHON" -m aunn_fast.bench.kernel_variants --out "$OUT/variants" > "$OUT/variants.log" 2>&1
 VARIANTS_RC=$?
@@ -73,11 +80,13 @@ echo "== summary"
 echo "kernel tests exit status $KERNEL_TEST_RC: $(tail -n 1 "$OUT/pytest_kernels.log")"
 echo "other tests exit status $TEST_RC: $(tail -n 1 "$OUT/pytest.log")"
 grep -hE "^(FAILED|ERROR) " "$OUT/pytest_kernels.log" "$OUT/pytest.log" | head -n 10
-echo "benchmark exit status $BENCH_RC (0 ok, 1 some provider incorrect/failed, 124 timed out)"
+echo "benchmark exit status $BENCH_RC, H=512 benchmark $NOTEBOOK_RC (0 ok, 1 some provider incorrect/failed, 124 timed out)"
 echo "kernel variants exit status $VARIANTS_RC; table in $OUT/variants"
-if [ -f "$OUT/bench/results.json" ]; then
-    "$PYTHON" -m aunn_fast.bench.summary "$OUT/bench/results.json"
-else
-    tail -n 20 "$OUT/bench.log"
-fi
-[ "$KERNEL_TEST_RC" = 0 ] && [ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ] && [ "$VARIANTS_RC" = 0 ]
+for run in bench bench_notebook; do
+    if [ -f "$OUT/$run/results.json" ]; then
+        "$PYTHON" -m aunn_fast.bench.summary "$OUT/$run/results.json"
+    else
+        tail -n 20 "$OUT/$run.log"
+    fi
+done
+[ "$KERNEL_TEST_RC" = 0 ] && [ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ] && [ "$NOTEBOOK_RC" = 0 ] && [ "$VARIANTS_RC" = 0 ]
