@@ -34,6 +34,8 @@ class GraphedTrainStep:
         self.targets = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
         self.graph = torch.cuda.CUDAGraph()
         self.loss = self._capture()
+        # the graph reads and writes these very tensors: hold them even if a caller sets .grad to None
+        self.grads = [p.grad for p in model.parameters()]
 
     def _one_step(self) -> torch.Tensor:
         loss = self.model.loss(self.idx, self.targets)

@@ -79,10 +79,10 @@ class BatchSampler:
 
 
 def make_optimizer(model: AUNN, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; fused and capturable (so it can live in a CUDA graph) on CUDA."""
+    """AdamW; on CUDA fused, and capturable (so it can live in a CUDA graph) when cfg.cuda_graph."""
     on_cuda = model.device.type == "cuda"
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             fused=on_cuda, capturable=on_cuda)
+                             fused=on_cuda, capturable=on_cuda and cfg.cuda_graph)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
@@ -94,12 +94,22 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: str) -> None:
+    """Load the state ``optimizer_tensors`` saved (step counts, moments) into ``optimizer``.
+
+    The settings of each param group stay ``optimizer``'s own, as it was built from the
+    resumed run's config, overrides included: a changed learning rate takes effect, and a
+    run checkpointed on CPU (plain AdamW) resumes on CUDA fused and capturable, as its
+    CUDA graph needs.
+    """
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
             _, pid, key = name.split(".", 2)
             state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(groups)})
+    saved_groups = json.loads(groups)
+    for saved, current in zip(saved_groups, optimizer.param_groups):
+        saved.update({key: value for key, value in current.items() if key != "params"})
+    optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
 
 
 def save_run(run_dir: Path, model: AUNN, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
@@ -173,7 +183,8 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
             if graphed is not None and idx.numel() == graphed.batch_size:
                 loss = graphed(idx, targets)
             else:
-                optimizer.zero_grad(set_to_none=True)
+                # a captured graph keeps using the gradient tensors it was captured with: zero, not free
+                optimizer.zero_grad(set_to_none=graphed is None)
                 loss = model.loss(idx, targets)
                 loss.backward()
                 optimizer.step()

@@ -6,7 +6,8 @@ import torch
 
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.data import ToyData
-from aunn_fast.train import CHECKPOINT_NAME, LOG_NAME, BatchSampler, TrainConfig, load_run, train
+from aunn_fast.train import (CHECKPOINT_NAME, LOG_NAME, BatchSampler, TrainConfig, load_run, optimizer_tensors,
+                              restore_optimizer, train)
 
 
 def _model(seed=0):
@@ -69,3 +70,21 @@ def test_huge_datasets_are_sampled_uniformly():
     idx = sampler.indices(7)
     assert idx.shape == (1000,) and idx.max() < 2**40 and idx.float().mean() > 2**38
     assert torch.equal(idx, sampler.indices(7))
+
+
+def test_restore_optimizer_keeps_the_resuming_optimizers_settings():
+    """Moments and step counts come from the checkpoint; learning rate and implementation flags
+    (a CPU run resumed on CUDA must become capturable) stay those of the optimizer resuming."""
+    model = _model()
+    saved_opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    idx = torch.arange(16)
+    model.loss(idx, idx % 4).backward()
+    saved_opt.step()
+    tensors, groups = optimizer_tensors(saved_opt)
+    resumed = torch.optim.AdamW(model.parameters(), lr=5e-4, foreach=True, capturable=True)
+    restore_optimizer(resumed, tensors, groups)
+    group = resumed.param_groups[0]
+    assert (group["lr"], group["foreach"], group["capturable"]) == (5e-4, True, True)
+    for p in model.parameters():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(resumed.state[p][key].cpu(), saved_opt.state[p][key].cpu()), key
