@@ -50,13 +50,14 @@ def unavailable_reason(provider: str, device: torch.device) -> str | None:
 
 
 def providers_to_run(requested: list[str] | None) -> list[str]:
-    """Requested providers in BACKENDS order (all of them by default)."""
+    """Requested providers in the order given, each once (default: all, in BACKENDS order). Within
+    each batch they run in this order: a time limit may cut the last ones."""
     if requested is None:
         return list(BACKENDS)
     unknown = [name for name in requested if name not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
-    return [name for name in BACKENDS if name in requested]
+    return list(dict.fromkeys(requested))
 
 
 def precisions_for(provider: str, device: torch.device, requested: list[str] | None) -> list[str]:

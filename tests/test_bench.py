@@ -173,3 +173,11 @@ def test_kernel_variants_check_then_time_and_report_failures():
     assert mlp_backward.WEIGHT_GRAD == "torch" and common.TILE_OVERRIDES == {} and common.SIGMOID == "exact"
     table = kv.markdown({"device": "cpu", "torch": "-", "triton": "-", "commit": "-", "date": "-"}, rows)
     assert "| train | tiny | 16 | 37 | fp32 | bogus | — | ERROR |" in table
+
+
+def test_providers_run_in_the_order_given():
+    """gpu_check puts the fused kernels first, so a time limit cuts torch.compile, not them."""
+    assert harness.providers_to_run(None) == list(BACKENDS)
+    assert harness.providers_to_run(["triton", "reference", "compile", "triton"]) == ["triton", "reference", "compile"]
+    with pytest.raises(ValueError, match="unknown provider"):
+        harness.providers_to_run(["cublas"])
