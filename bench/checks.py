@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from aunn_fast import AUNN
+from aunn_fast.cuda_graph import GraphedTrainStep
+from aunn_fast.train import TrainConfig, make_optimizer
 
 # Largest accepted relative error by precision.
 TOLERANCES: dict[str, float] = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 5e-2}
@@ -101,6 +103,28 @@ def check_grads(model: AUNN, idx: torch.Tensor, targets: torch.Tensor, tolerance
     return CheckResult(err <= tolerance, err)
 
 
+def check_graph_step(model: AUNN, idx: torch.Tensor, targets: torch.Tensor, tolerance: float) -> CheckResult:
+    """The gradients as :func:`check_grads`, and one replay of the captured train step against one
+    eager step of an identical model and optimizer on the same inputs: the loss, and each
+    parameter's update by norm (a few near-zero gradients may flip an Adam update's sign)."""
+    grads = check_grads(model, idx, targets, tolerance)
+    eager, graphed = copy.deepcopy(model), copy.deepcopy(model)
+    cfg = TrainConfig(lr=1e-3)
+    eager_opt = make_optimizer(eager, cfg)
+    replay = GraphedTrainStep(graphed, make_optimizer(graphed, cfg), idx.numel())
+    eager_opt.zero_grad(set_to_none=False)
+    eager_loss = eager.loss(idx, targets)
+    eager_loss.backward()
+    eager_opt.step()
+    graph_loss = replay(idx, targets)
+    graph_loss, eager_loss = float(graph_loss.detach()), float(eager_loss.detach())
+    err = _rel(abs(graph_loss - eager_loss), abs(eager_loss))
+    for start, after_eager, after_graph in zip(model.parameters(), eager.parameters(), graphed.parameters()):
+        update = (after_eager - start).detach()
+        err = max(err, _rel(float((after_graph - after_eager).norm()), float(update.norm())))
+    return CheckResult(grads.correct and err <= tolerance, max(grads.max_rel_err, err))
+
+
 def check(kind: str, model: AUNN, idx: torch.Tensor, targets: torch.Tensor, precision: str) -> CheckResult:
     """Run the check named by a workload's ``check`` field at the precision's tolerance."""
     tolerance = TOLERANCES[precision]
@@ -110,4 +134,6 @@ def check(kind: str, model: AUNN, idx: torch.Tensor, targets: torch.Tensor, prec
         return check_loss(model, idx, targets, tolerance)
     if kind == "grads":
         return check_grads(model, idx, targets, tolerance)
+    if kind == "graph-step":
+        return check_graph_step(model, idx, targets, tolerance)
     raise ValueError(f"unknown check {kind!r}")

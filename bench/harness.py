@@ -73,7 +73,7 @@ def estimated_bytes(case: Case, batch: int) -> int:
     """Rough peak device memory of one cell: activations, logits, saved tensors and inputs."""
     cfg = case.cfg
     per_index = 4 * (cfg.bits + 6 * cfg.hidden + 3 * cfg.vocab_size) + 16 * 4
-    if WORKLOADS[case.workload].check == "grads":
+    if WORKLOADS[case.workload].check in ("grads", "graph-step"):
         per_index += 4 * (6 * cfg.layers * cfg.hidden + 2 * cfg.vocab_size)
     return per_index * batch
 

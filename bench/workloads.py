@@ -44,7 +44,7 @@ class Prepared:
 class Workload:
     """One kind of work.
 
-    check:   what the correctness check compares ("logits", "loss" or "grads").
+    check:   what the correctness check compares ("logits", "loss", "grads" or "graph-step").
     ceiling: which hardware ceiling its throughput is compared to ("forward", "train" or None).
     fixed_batches: batch sizes that define the workload (empty: taken from the sweep).
     stretch: timed as a run of consecutive steps (ms/step) instead of a median of single calls.
@@ -152,7 +152,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("predict", "forward + argmax", "logits", "forward", _prepare_predict),
     Workload("loss", "forward + cross-entropy (no grad)", "loss", "forward", _prepare_loss),
     Workload("train", "forward + loss + backward + AdamW step", "grads", "train", _prepare_train),
-    Workload("train-graph", "the train step replayed from one CUDA graph, as `aunn train` runs it", "grads",
+    Workload("train-graph", "the train step replayed from one CUDA graph, as `aunn train` runs it", "graph-step",
              "train", _prepare_train_graph, sweep="train", cuda_only=True),
     Workload("condition", "prompt of 2 / 64 indices: forward + backward + SGD step", "grads", None,
              _prepare_condition, fixed_batches=(2, 64)),

@@ -181,3 +181,34 @@ def test_providers_run_in_the_order_given():
     assert harness.providers_to_run(["triton", "reference", "compile", "triton"]) == ["triton", "reference", "compile"]
     with pytest.raises(ValueError, match="unknown provider"):
         harness.providers_to_run(["cublas"])
+
+
+class _EagerStandIn:
+    """GraphedTrainStep's interface, run eagerly (no CUDA here); broken=True forgets the optimizer step."""
+
+    broken = False
+
+    def __init__(self, model, optimizer, batch_size):
+        self.model, self.optimizer = model, optimizer
+
+    def __call__(self, idx, targets):
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = self.model.loss(idx, targets)
+        loss.backward()
+        if not self.broken:
+            self.optimizer.step()
+        return loss
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_graph_step_check_compares_a_replay_with_an_eager_step(broken, monkeypatch):
+    """The train-graph workload's check fails a captured step that does not do what the eager step does."""
+    from aunn_fast import AUNN
+    from aunn_fast.bench import checks
+
+    monkeypatch.setattr(checks, "GraphedTrainStep", type("StandIn", (_EagerStandIn,), {"broken": broken}))
+    model = AUNN(TINY, backend="reference", precision="fp32", seed=3)
+    idx = torch.randint(0, 2**62, (64,))
+    result = checks.check("graph-step", model, idx, idx % TINY.vocab_size, "fp32")
+    assert result.correct is not broken
+    assert (result.max_rel_err > 0.5) is broken
