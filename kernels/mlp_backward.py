@@ -49,9 +49,9 @@ from .mlp_forward import MODE_LOGITS, MODE_LOSS, new_buffer
 
 # How the fused trunk's weight and bias gradients are computed (a benchmarking switch, read
 # at call time; the layer-wise path always uses "torch"):
-# "torch"    - the kernel writes dz [L-1, N, H]; PyTorch matmuls dz.T @ acts and dz sums;
-# "partials" - a persistent grid accumulates dz.T @ a and dz sums per program; dz never
-#              reaches memory and the [programs, ...] partials are summed once.
+# "torch"    - the kernel writes dz [L-1, N, H] and the index bits; PyTorch matmuls dz.T @ acts;
+# "partials" - a persistent grid accumulates dz.T @ a per program; dz never reaches memory.
+# Both: the kernel sums bias (and gain) gradients per program; the partials are summed once.
 WEIGHT_GRAD_CHOICES = ("torch", "partials")
 WEIGHT_GRAD = os.environ.get("AUNN_FAST_WEIGHT_GRAD", "torch")
 # "partials" grid on CUDA: this many programs per SM (capped by the number of row blocks).
