@@ -12,7 +12,7 @@ setup(
     packages=["aunn_fast", "aunn_fast.kernels", "aunn_fast.bench"],
     package_dir={"aunn_fast": "aunn_fast", "aunn_fast.kernels": "kernels", "aunn_fast.bench": "bench"},
     install_requires=[
-        "torch>=2.5",
+        "torch>=2.8",  # torch.library.triton_op; torch.mm(out_dtype=) for bf16 GEMMs with fp32 results
         "numpy",
         "safetensors>=0.4",
         "tqdm",

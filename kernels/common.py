@@ -101,7 +101,7 @@ def fast_sigmoid(precision: str) -> bool:
 MIN_TILE_N = 64
 
 # Hidden widths up to this run the whole trunk in registers (one launch); wider
-# models use one fused GEMM+epilogue launch per layer. Read at call time, so tests
+# models run layer by layer: a cuBLAS GEMM, then one fused epilogue launch. Read at call time, so tests
 # may lower it to exercise the layer-wise path on small shapes.
 FUSED_MAX_HIDDEN = 128
 
@@ -119,8 +119,8 @@ class Tiles:
     block_bits: int   # padded bit count (>= 16, <= 64)
     block_m: int      # rows per program, forward
     block_m_bwd: int  # rows per program, backward
+    block_m_rowwise: int  # rows per program of the layer-wise path's per-layer kernels (~8K elements)
     block_v: int      # vocabulary chunk of the head (>= 64)
-    block_k: int      # reduction chunk when an operand is streamed from memory
     block_hc: int     # hidden-column chunk of the head backward kernels
     block_k_head: int # reduction chunk of the head when it streams h from memory
     num_warps: int
@@ -150,8 +150,9 @@ def choose_tiles(hidden: int, bits: int, vocab: int, precision: str) -> Tiles:
         block_bits=max(16, next_pow2(bits)),
         block_m=block_m,
         block_m_bwd=block_m_bwd,
+        # the SiLU/RMSNorm backward holds ~6 tiles live: 16 rows of 1,024 spill ~300 B, 8 do not
+        block_m_rowwise=max(1, 8192 // block_h),
         block_v=128 if (vocab > 64 and block_h <= 64) else 64,
-        block_k=max(16, min(64, 8192 // block_h)),
         block_hc=min(block_h, 128),
         block_k_head=block_h if fused else 64,
         num_warps=8,

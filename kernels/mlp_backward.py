@@ -14,12 +14,13 @@ Kernels:
   program (v-tile, h-tile, split) recomputes the logits of its rows and accumulates
   dlogits.T @ h in registers; the [splits, V, H] partials are summed once afterwards.
 * :func:`head_dh_kernel`, :func:`layer_backward_kernel` - the layer-wise path for wide
-  models: dL/dh of the head (logits recomputed, never stored), and the per-layer
-  SiLU/RMSNorm backward from the stored pre-activations.
+  models: dL/dh of the head (logits recomputed, never stored), and per layer the residual
+  bookkeeping, the SiLU/RMSNorm backward from the stored pre-activations, and per-program
+  gain and bias gradients.
 
-PyTorch does the rest: the sums of the per-program partials; with WEIGHT_GRAD "torch" the
-trunk's weight-gradient GEMMs (dW = dz.T @ a, one batched product for all hidden layers);
-on the layer-wise path also the bias gradients (dz summed over rows) and dL/dh = dz @ W.
+PyTorch (cuBLAS, :mod:`gemm`) does the rest: the sums of the per-program partials; with
+WEIGHT_GRAD "torch" the trunk's weight-gradient GEMMs (dW = dz.T @ a, one batched product
+for all hidden layers); on the layer-wise path also dL/dh = dz @ W between the layers.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aunn_fast.reference import binary_embedding, round_operand
+from aunn_fast.reference import binary_embedding
 
 from .common import (
     choose_tiles,
@@ -45,6 +46,7 @@ from .common import (
     silu_rmsnorm_backward,
     store_activation,
 )
+from .gemm import matmul, operand
 from .mlp_forward import MODE_LOGITS, MODE_LOSS, new_buffer
 
 # How the fused trunk's weight and bias gradients are computed (a benchmarking switch, read
@@ -222,32 +224,35 @@ def head_dh_kernel(
 
 @triton.jit
 def layer_backward_kernel(
-    dy_ptr, z_ptr, g_ptr, dz_ptr, dgain_ptr, N, H, eps, dgain_stride,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, FAST_SIGMOID: tl.constexpr,
+    dy_ptr, g_res_ptr, z_ptr, g_ptr, dz_ptr, dgain_ptr, dbias_ptr, N, H, eps, partial_stride,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, ADD_RES: tl.constexpr, STORE_RES: tl.constexpr,
+    PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,
 ):
-    """SiLU/RMSNorm backward of one layer: dy, z fp32 [N, H] -> dz fp32 [N, H], dgain row-sums at
-    dgain_ptr + program * dgain_stride ([BLOCK_H] per program)."""
+    """One layer's backward after the GEMM that gave dL/dh, for BLOCK_M whole rows.
+
+    dy fp32 [N, H]: dL/dh from the layer above; with ADD_RES the residual stream's gradient
+    g_res fp32 [N, H] is added, and with STORE_RES the sum is written back to g_res (a layer
+    ending in a residual add passes its gradient on both ways). Then the SiLU/RMSNorm backward
+    from the pre-activation z fp32 [N, H]: dz [N, H] (fp32, or bf16 in the bf16 mode: only GEMMs
+    read it), and this program's gain and bias gradients, row sums [BLOCK_H] at
+    dgain_ptr / dbias_ptr + program * partial_stride.
+    """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
     hcols = tl.arange(0, BLOCK_H)
     hmask = hcols < H
-    off = rows[:, None] * H + hcols[None, :]
-    mask = row_mask[:, None] & hmask[None, :]
-    dz, dgain = silu_rmsnorm_backward(tl.load(dy_ptr + off, mask=mask, other=0.0),
-                                      tl.load(z_ptr + off, mask=mask, other=0.0),
+    offsets = rows[:, None] * H + hcols[None, :]
+    mask = (rows < N)[:, None] & hmask[None, :]
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0)
+    if ADD_RES:
+        dy += tl.load(g_res_ptr + offsets, mask=mask, other=0.0)
+    if STORE_RES:
+        tl.store(g_res_ptr + offsets, dy, mask=mask)
+    dz, dgain = silu_rmsnorm_backward(dy, tl.load(z_ptr + offsets, mask=mask, other=0.0),
                                       tl.load(g_ptr + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID)
-    tl.store(dz_ptr + off, dz, mask=mask)
-    tl.store(dgain_ptr + pid.to(tl.int64) * dgain_stride + hcols, dgain, mask=hmask)
-
-
-def matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
-    """fp32 a @ b with operands rounded as `precision` says (bf16: bf16 GEMM, result upcast)."""
-    if precision == "bf16":
-        return torch.matmul(a.to(torch.bfloat16), b.to(torch.bfloat16)).to(torch.float32)
-    if precision == "tf32":
-        return torch.matmul(round_operand(a, "tf32"), round_operand(b, "tf32"))
-    return torch.matmul(a, b)
+    store_activation(dz_ptr + offsets, dz, mask, PRECISION)
+    tl.store(dgain_ptr + pid.to(tl.int64) * partial_stride + hcols, dgain, mask=hmask)
+    tl.store(dbias_ptr + pid.to(tl.int64) * partial_stride + hcols, tl.sum(dz, axis=0), mask=hmask)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -322,7 +327,10 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     # ---- trunk: dz of every layer (or, WEIGHT_GRAD "partials", per-program weight and bias
     # gradient partials) and per-program gain partials
     partials = t.fused and weight_grad == "partials"
-    programs = _partial_programs(device, row_blocks) if partials else row_blocks
+    if partials:
+        programs = _partial_programs(device, row_blocks)
+    else:
+        programs = row_blocks if t.fused else triton.cdiv(n, t.block_m_rowwise)
     n_layers = n_hidden + 1
     dgain_part = new_buffer((programs, n_layers, hidden), torch.float32, device)
     db_part = new_buffer((programs, n_layers, hidden), torch.float32, device)
@@ -331,12 +339,12 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
         dw_in_part = new_buffer((programs, hidden, bits), torch.float32, device)
         dw_part = new_buffer((programs, n_hidden, hidden, hidden), torch.float32, device)
     else:
-        # dz feeds only PyTorch's weight-gradient products, which round it to bf16 in bf16 mode:
-        # stored as bf16 there (the fused kernel sums the bias gradients from fp32 dz itself)
-        dz_dtype = torch.bfloat16 if (t.fused and precision == "bf16") else torch.float32
+        # dz feeds only PyTorch's GEMMs, which round it to bf16 in bf16 mode: stored as bf16 there
+        # (the kernels sum the bias gradients from fp32 dz themselves)
+        dz_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         dz = new_buffer((n_layers, n, hidden), dz_dtype, device)
-        # the index bits, for dW_in = dz[0].T @ x: written by the kernel, which has them in registers
-        x = new_buffer((n, bits), dz_dtype, device) if t.fused else binary_embedding(idx, bits)
+        # the index bits, for dW_in = dz[0].T @ x: written by the fused kernel, which has them in registers
+        x = new_buffer((n, bits), dz_dtype, device) if t.fused else binary_embedding(idx, bits, dz_dtype)
         dw_in_part = dw_part = torch.empty(0, dtype=torch.float32, device=device)
     if t.fused:
         from_lse = dh is None
@@ -348,19 +356,20 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
                HEAD_FROM_LSE=from_lse, WEIGHT_GRADS=partials, PRECISION=prec,
                FAST_SIGMOID=fast, num_warps=t.num_warps_bwd)
     else:
-        gain_stride = n_layers * hidden
-        gh, g_res = dh, torch.zeros_like(dh)
-        for layer in reversed(range(-1, n_hidden)):  # -1 is the input layer
-            if layer == -1 or (layer + 1) % residual_every == 0:
-                gh = gh + g_res
-                g_res = gh
-            gain = in_gain if layer == -1 else hidden_gain[layer]
+        w_hidden = operand(hidden_weight, precision)  # cast once for every layer's dh = dz @ W
+        g_res = new_buffer((n, hidden), torch.float32, device)
+        gh, residual_seen = dh, False
+        for layer in reversed(range(n_layers)):  # 0 is the input layer, l > 0 hidden layer l - 1
+            residual = layer % residual_every == 0
+            gain = in_gain if layer == 0 else hidden_gain[layer - 1]
             launch(layer_backward_kernel, (programs,),
-                   gh, zs[layer + 1], gain, dz[layer + 1], dgain_part[:, layer + 1],
-                   n, hidden, eps, gain_stride,
-                   BLOCK_M=t.block_m_bwd, BLOCK_H=t.block_h, FAST_SIGMOID=fast, num_warps=t.num_warps)
-            if layer >= 0:
-                gh = matmul(dz[layer + 1], hidden_weight[layer], precision)
+                   gh, g_res, zs[layer], gain, dz[layer], dgain_part[:, layer], db_part[:, layer],
+                   n, hidden, eps, n_layers * hidden,
+                   BLOCK_M=t.block_m_rowwise, BLOCK_H=t.block_h, ADD_RES=residual and residual_seen,
+                   STORE_RES=residual and layer > 0, PRECISION=prec, FAST_SIGMOID=fast, num_warps=t.num_warps)
+            residual_seen |= residual
+            if layer > 0:
+                gh = matmul(dz[layer], w_hidden[layer - 1], precision)
 
     # ---- weight and bias gradients of the trunk: partials summed, or from dz and the saved activations
     if partials:
@@ -369,10 +378,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
         d_in_weight = matmul(dz[0].t(), x, precision)
         d_hidden_weight = matmul(dz[1:].transpose(1, 2), acts[:n_hidden], precision)
     # input layer and hidden layers summed apart: an operator's outputs must not alias one another
-    if t.fused:
-        d_in_bias, d_hidden_bias = db_part[:, 0].sum(0), db_part[:, 1:].sum(0)
-    else:
-        d_in_bias, d_hidden_bias = dz[0].sum(0), dz[1:].sum(1)
+    d_in_bias, d_hidden_bias = db_part[:, 0].sum(0), db_part[:, 1:].sum(0)
     d_in_gain, d_hidden_gain = dgain_part[:, 0].sum(0), dgain_part[:, 1:].sum(0)
     return [d_in_weight, d_in_bias, d_in_gain, d_hidden_weight, d_hidden_bias, d_hidden_gain, d_out_weight,
             d_out_bias]

@@ -8,8 +8,8 @@ Two kernels:
   finishes per MODE: 0 stores logits, 1 keeps a running argmax, 2 keeps an online
   logsumexp plus the target logit and stores the per-row loss and logsumexp. Without
   FUSED_TRUNK the trunk's last activation is read from memory (layer-wise path).
-* :func:`layer_forward_kernel` - the layer-wise path for wide models: one launch per
-  layer, GEMM streamed over K, then bias + SiLU + RMSNorm * gain (+ residual).
+* :func:`layer_epilogue_kernel` - the layer-wise path for wide models: per layer a
+  PyTorch GEMM (cuBLAS), then this kernel: bias + SiLU + RMSNorm * gain (+ residual).
 """
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from aunn_fast.reference import binary_embedding
+
 from .common import (choose_tiles, dot, fast_sigmoid, head_logits_tile, index_bits, launch, precision_code,
                      silu_rmsnorm, store_activation)
+from .gemm import matmul, operand
 
 MODE_LOGITS, MODE_ARGMAX, MODE_LOSS = 0, 1, 2
 
@@ -162,44 +165,62 @@ def aunn_forward_kernel(
 
 
 @triton.jit
-def layer_forward_kernel(
-    x_ptr, w_ptr, b_ptr, g_ptr, res_ptr, z_ptr, h_ptr,
-    N, K, H, eps,
-    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    FROM_BITS: tl.constexpr, ADD_RES: tl.constexpr, STORE_Z: tl.constexpr, PRECISION: tl.constexpr,
-    FAST_SIGMOID: tl.constexpr,
+def layer_epilogue_kernel(
+    xw_ptr, b_ptr, g_ptr, res_ptr, z_ptr, h_ptr,
+    N, H, eps,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, ADD_RES: tl.constexpr, STORE_RES: tl.constexpr,
+    STORE_Z: tl.constexpr, PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,
 ):
-    """One layer for BLOCK_M rows: z = x @ w.T + b; h = RMSNorm(SiLU(z)) * g (+ res).
+    """Everything of one layer after its GEMM, for BLOCK_M whole rows (RMSNorm needs the row):
 
-    x fp32 [N, K], or with FROM_BITS the int64 indices [N] whose K == BITS bits are the input;
-    w fp32 [H, K]; res, z, h fp32 [N, H] (z stored when STORE_Z, for the backward).
+        z = xw + b;  h = RMSNorm(SiLU(z)) * g;  with ADD_RES h += res;  with STORE_RES res = h
+
+    xw fp32 [N, H] (x @ W.T, from :func:`gemm.matmul`); z fp32 [N, H] (stored when STORE_Z, for
+    the backward); res fp32 [N, H], the residual stream, read and written in place; h [N, H] fp32
+    or, in the bf16 mode, bf16: the next GEMM's operand.
     """
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     hcols = tl.arange(0, BLOCK_H)
     hmask = hcols < H
-    if FROM_BITS:
-        idx = tl.load(x_ptr + rows, mask=row_mask, other=0)
-    acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < K
-        if FROM_BITS:
-            x = index_bits(idx, k, BITS)
-        else:
-            x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
-        w_t = tl.load(w_ptr + hcols[None, :] * K + k[:, None], mask=kmask[:, None] & hmask[None, :], other=0.0)
-        acc += dot(x, w_t, PRECISION)
-    z = acc + tl.load(b_ptr + hcols, mask=hmask, other=0.0)[None, :]
-    out_off = rows[:, None] * H + hcols[None, :]
-    out_mask = row_mask[:, None] & hmask[None, :]
+    offsets = rows[:, None] * H + hcols[None, :]
+    mask = (rows < N)[:, None] & hmask[None, :]
+    z = tl.load(xw_ptr + offsets, mask=mask, other=0.0) + tl.load(b_ptr + hcols, mask=hmask, other=0.0)[None, :]
     if STORE_Z:
-        tl.store(z_ptr + out_off, z, mask=out_mask)
+        tl.store(z_ptr + offsets, z, mask=mask)
     h = silu_rmsnorm(z, tl.load(g_ptr + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID)
     if ADD_RES:
-        h += tl.load(res_ptr + out_off, mask=out_mask, other=0.0)
-    tl.store(h_ptr + out_off, h, mask=out_mask)
+        h += tl.load(res_ptr + offsets, mask=mask, other=0.0)
+    if STORE_RES:
+        tl.store(res_ptr + offsets, h, mask=mask)
+    store_activation(h_ptr + offsets, h, mask, PRECISION)
+
+
+def layerwise_trunk(idx: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor, in_gain: torch.Tensor,
+                    hidden_weight: torch.Tensor, hidden_bias: torch.Tensor, hidden_gain: torch.Tensor,
+                    outs: list[torch.Tensor], zs: torch.Tensor, residual_every: int, eps: float, precision: str,
+                    block_m: int, block_h: int, num_warps: int) -> None:
+    """The trunk of a wide model, one layer at a time: ``xw = x @ W.T`` by a PyTorch GEMM
+    (cuBLAS; :func:`gemm.matmul`), then :func:`layer_epilogue_kernel`.
+
+    outs[l] [N, H] receives layer l's output (l = 0 the input layer): the activation the next
+    GEMM and the head read, so bf16 in the bf16 mode. zs [L-1, N, H] fp32 receives the
+    pre-activations when not empty. The residual stream stays fp32 in a buffer of its own.
+    """
+    n, hidden = idx.shape[0], in_weight.shape[0]
+    grid = (triton.cdiv(n, block_m),)
+    prec, fast = precision_code(precision), fast_sigmoid(precision)
+    x = binary_embedding(idx, in_weight.shape[1], outs[0].dtype)
+    weights = [in_weight, *operand(hidden_weight, precision)]
+    biases, gains = [in_bias, *hidden_bias], [in_gain, *hidden_gain]
+    res = new_buffer((n, hidden), torch.float32, idx.device)
+    save = zs.numel() > 0
+    for layer, (w, b, g, h) in enumerate(zip(weights, biases, gains, outs)):
+        residual = layer % residual_every == 0  # the input layer (0) starts the residual stream
+        xw = matmul(x, w.t(), precision)
+        launch(layer_epilogue_kernel, grid, xw, b, g, res, zs[layer] if save else zs, h, n, hidden, eps,
+               BLOCK_M=block_m, BLOCK_H=block_h, ADD_RES=residual and layer > 0, STORE_RES=residual,
+               STORE_Z=save, PRECISION=prec, FAST_SIGMOID=fast, num_warps=num_warps)
+        x = h
 
 
 def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor,
@@ -210,9 +231,8 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
 
     out: logits fp32 [N, V] (mode 0) | argmax int64 [N] (mode 1) | per-row CE fp32 [N] (mode 2).
     lse: fp32 [N, 2] in mode 2 (row max, log-sum-exp relative to it), else empty.
-    acts: [L-1, N, H] activations after each layer when save (or always on the layer-wise path),
-    else empty; bf16 when precision is bf16 and the trunk is fused (each reader rounds them to
-    bf16 anyway, so nothing changes), else fp32.
+    acts: [L-1, N, H] activations after each layer when save, else empty; bf16 when precision
+    is bf16 (each reader rounds them to bf16 anyway; residual sums stay fp32), else fp32.
     zs: fp32 [L-1, N, H] pre-activations on the layer-wise path when save, else empty.
     """
     device = idx.device
@@ -228,8 +248,8 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
     lse = new_buffer((n, 2) if mode == MODE_LOSS else (0,), f32, device)
     empty = torch.empty(0, dtype=f32, device=device)
     # (distinct empty tensors: an operator's outputs must not alias one another)
-    act_dtype = torch.bfloat16 if (precision == "bf16" and t.fused) else f32
-    acts = new_buffer((n_hidden + 1, n, hidden), act_dtype, device) if (save or not t.fused) else empty.new_empty(0)
+    act_dtype = torch.bfloat16 if precision == "bf16" else f32
+    acts = new_buffer((n_hidden + 1, n, hidden), act_dtype, device) if save else empty.new_empty(0)
     zs = new_buffer((n_hidden + 1, n, hidden), f32, device) if (save and not t.fused) else empty.new_empty(0)
     if n == 0:
         return out, lse, acts, zs
@@ -240,27 +260,21 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
     # unrolled residual groups only where the extra copies of a layer fit: not at H = 128 (305 KiB
     # of shared memory), not in fp32 (its FMA-unit products then spill KBs), not past 4 layers
     unroll_groups = t.fused and t.block_h <= 64 and precision != "fp32" and residual_every <= min(n_hidden, 4)
+    head_in, head_in_offset = acts, n_hidden * n * hidden
     if not t.fused:
-        def layer(x, w, b, g, res, z, h, k, from_bits, block_k):
-            launch(layer_forward_kernel, grid, x, w, b, g, empty if res is None else res, z, h, n, k, hidden, eps,
-                   BITS=bits, BLOCK_M=t.block_m, BLOCK_H=t.block_h, BLOCK_K=block_k, FROM_BITS=from_bits,
-                   ADD_RES=res is not None, STORE_Z=save, PRECISION=prec, FAST_SIGMOID=fast, num_warps=t.num_warps)
-
-        layer(idx, in_weight, in_bias, in_gain, None, zs[0] if save else empty, acts[0],
-              bits, True, min(t.block_k, t.block_bits))
-        res = acts[0]
-        for i in range(n_hidden):
-            add_res = (i + 1) % residual_every == 0
-            layer(acts[i], hidden_weight[i], hidden_bias[i], hidden_gain[i], res if add_res else None,
-                  zs[i + 1] if save else empty, acts[i + 1], hidden, False, t.block_k)
-            if add_res:
-                res = acts[i + 1]
+        # without save, two buffers in turn hold the layers' outputs; the last one feeds the head
+        scratch = [] if save else [new_buffer((n, hidden), act_dtype, device) for _ in range(min(2, n_hidden + 1))]
+        outs = list(acts) if save else [scratch[layer % 2] for layer in range(n_hidden + 1)]
+        layerwise_trunk(idx, in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, outs, zs,
+                        residual_every, eps, precision, t.block_m_rowwise, t.block_h, t.num_warps)
+        if not save:
+            head_in, head_in_offset = outs[-1], 0
 
     launch(aunn_forward_kernel, grid,
-           idx, targets, out, lse, acts,
+           idx, targets, out, lse, head_in,
            in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
            n, hidden, vocab, n_hidden, n_hidden // residual_every * residual_every, eps, n * hidden,
-           n_hidden * n * hidden,
+           head_in_offset,
            BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
            BLOCK_K=t.block_k_head, RESIDUAL_EVERY=residual_every, UNROLL_GROUPS=unroll_groups, MODE=mode,
            FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused, PRECISION=prec, FAST_SIGMOID=fast,

@@ -277,6 +277,13 @@ def test_reduced_precision(precision, layers, residual_every, generator, weight_
     check_model(cfg, 37, generator, precision)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+def test_reduced_precision_layerwise(precision, generator, layerwise):
+    """The layer-wise path's GEMMs in bf16/tf32 (bf16 activations and dz, fp32 residual stream)."""
+    cfg = AUNNConfig(vocab_size=70, hidden=48, layers=5, bits=13, residual_every=2)
+    check_model(cfg, 37, generator, precision)
+
+
 def test_logits_backward_arbitrary_upstream(generator, weight_grad):
     """logits' backward with a random upstream gradient (not the loss path)."""
     cfg = AUNNConfig(vocab_size=70, hidden=32, layers=4, bits=64, residual_every=2)
@@ -385,6 +392,14 @@ def test_gpu_bf16_tanh_sigmoid(hidden, layers, vocab, generator, weight_grad, mo
     monkeypatch.setattr(common, "SIGMOID", "tanh")
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
     check_model(cfg, 4099, generator, "bf16")
+
+
+@gpu_only
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_gpu_layerwise_odd_shapes(precision, generator):
+    """cuBLAS GEMMs of the layer-wise path at unaligned widths: 13 index bits, hidden 272."""
+    cfg = AUNNConfig(vocab_size=70, hidden=272, layers=5, bits=13, residual_every=2)
+    check_model(cfg, 1037, generator, precision)
 
 
 @gpu_only
