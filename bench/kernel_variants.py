@@ -4,13 +4,14 @@
 
 Each candidate sets the kernels' benchmarking switches: the trunk weight-gradient method
 (``mlp_backward.WEIGHT_GRAD``: "torch" or "partials", the latter once per
-``--programs-per-sm`` value), the sigmoid (``common.SIGMOID``: "exact" or "tanh", bf16 only)
-and the tiles (``common.TILE_OVERRIDES``: rows per program and warps, forward or backward).
+``--programs-per-sm`` value), the sigmoid (``common.SIGMOID``: "exact" or "tanh", bf16 only),
+the tiles (``common.TILE_OVERRIDES``: rows per program and warps, forward or backward) and
+the widest fused model (``common.FUSED_MAX_HIDDEN``; 0 runs H=128 on the layer-wise path).
 Two workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
 
 * predict - forward + argmax (``kernels.predict``), bf16, seed model (H=64) at 16M and H=128 at 4M;
 * train   - forward + loss + backward (``torch.autograd.grad``, no optimizer), bf16 then fp32,
-  seed model at 1M, 8,192 and 65,536, H=128 at 65,536.
+  seed model at 1M, 8,192 and 65,536, H=512 at 2,048, H=128 at 65,536.
 
 Every candidate is checked against the fp32 reference at min(batch, 65536) rows first
 (predict: the logits; train: every gradient; max |x - ref| / max |ref|, tolerances of
@@ -49,21 +50,25 @@ class Variant:
     sigmoid: str = "exact"
     tiles: tuple[tuple[str, int], ...] = ()
     programs_per_sm: int | None = None
+    fused_max_hidden: int | None = None
 
     @contextmanager
     def applied(self) -> Iterator[None]:
         from aunn_fast.kernels import common, mlp_backward
 
         saved = (mlp_backward.WEIGHT_GRAD, mlp_backward.PARTIAL_PROGRAMS_PER_SM, common.SIGMOID,
-                 dict(common.TILE_OVERRIDES))
+                 common.FUSED_MAX_HIDDEN, dict(common.TILE_OVERRIDES))
         mlp_backward.WEIGHT_GRAD, common.SIGMOID = self.weight_grad, self.sigmoid
         if self.programs_per_sm is not None:
             mlp_backward.PARTIAL_PROGRAMS_PER_SM = self.programs_per_sm
+        if self.fused_max_hidden is not None:
+            common.FUSED_MAX_HIDDEN = self.fused_max_hidden
         common.TILE_OVERRIDES.update(self.tiles)
         try:
             yield
         finally:
-            mlp_backward.WEIGHT_GRAD, mlp_backward.PARTIAL_PROGRAMS_PER_SM, common.SIGMOID, tiles = saved
+            (mlp_backward.WEIGHT_GRAD, mlp_backward.PARTIAL_PROGRAMS_PER_SM, common.SIGMOID, common.FUSED_MAX_HIDDEN,
+             tiles) = saved
             common.TILE_OVERRIDES.clear()
             common.TILE_OVERRIDES.update(tiles)
 
@@ -98,12 +103,17 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), *forward_tiles]
     train_bf16 = [Variant("torch"), *partials, *tanh, *backward_tiles]
     train_fp32 = [Variant("torch"), *partials]
+    # H = 128 is the widest fused model: the layer-wise path (cuBLAS + epilogues) beside it
+    layerwise = [Variant("layer-wise", fused_max_hidden=0), Variant("layer-wise + tanh", sigmoid="tanh",
+                                                                    fused_max_hidden=0)]
     return [Step("predict", "seed", 64, 1 << 24, "bf16", predict),
             Step("train", "seed", 64, 1 << 20, "bf16", train_bf16),
             Step("train", "seed", 64, 8192, "bf16", train_bf16),
             Step("train", "seed", 64, 65536, "bf16", train_bf16),
-            Step("predict", "H128", 128, 1 << 22, "bf16", predict),
-            Step("train", "H128", 128, 65536, "bf16", train_bf16),
+            Step("train", "notebook", 512, 2048, "bf16", [Variant("layer-wise"), Variant("layer-wise + tanh",
+                                                                                         sigmoid="tanh")]),
+            Step("predict", "H128", 128, 1 << 22, "bf16", [*predict, *layerwise]),
+            Step("train", "H128", 128, 65536, "bf16", [*train_bf16, *layerwise]),
             Step("train", "seed", 64, 1 << 20, "fp32", train_fp32),
             Step("train", "H128", 128, 65536, "fp32", train_fp32)]
 
@@ -114,7 +124,7 @@ def make_inputs(hidden: int, batch: int, device: torch.device, layers: int = 8, 
     # biases and gains away from their zero / one init, so that every gradient is exercised
     params = AUNNParams(*[(t if name.endswith("weight") else t + 0.1 * torch.randn(t.shape, generator=g)).to(device)
                           for name, t in zip(AUNNParams._fields, init_params(cfg, g))])
-    idx = torch.randint(-2**63, 2**63 - 1, (batch,), generator=g, dtype=torch.int64).to(device)
+    idx = torch.randint(0, 2**63 - 1, (batch,), generator=g, dtype=torch.int64).to(device)
     targets = torch.randint(0, cfg.vocab_size, (batch,), generator=g).to(device)
     return cfg, params, idx, targets
 

@@ -163,14 +163,17 @@ def test_kernel_variants_check_then_time_and_report_failures():
     plan = [kv.Step("predict", "tiny", 16, 37, "fp32",
                     [kv.Variant("default"), kv.Variant("32 rows, 2 warps", tiles=(("block_m", 32), ("num_warps", 2)))]),
             kv.Step("train", "tiny", 16, 37, "fp32",
-                    [kv.Variant("partials", "partials", programs_per_sm=1), kv.Variant("bogus", "atomics")])]
+                    [kv.Variant("partials", "partials", programs_per_sm=1),
+                     kv.Variant("layer-wise", fused_max_hidden=0), kv.Variant("bogus", "atomics")])]
     rows = kv.run(plan, torch.device("cpu"), log=lambda *_: None)
     assert [(r["workload"], r["variant"]) for r in rows] == [
-        ("predict", "default"), ("predict", "32 rows, 2 warps"), ("train", "partials"), ("train", "bogus")]
-    for r in rows[:3]:
+        ("predict", "default"), ("predict", "32 rows, 2 warps"), ("train", "partials"), ("train", "layer-wise"),
+        ("train", "bogus")]
+    for r in rows[:4]:
         assert r["correct"] and r["error"] is None and r["max_rel_err"] < 1e-4 and r["ms"] > 0, r
-    assert "atomics" in rows[3]["error"] and rows[3]["ms"] is None
+    assert "atomics" in rows[4]["error"] and rows[4]["ms"] is None
     assert mlp_backward.WEIGHT_GRAD == "torch" and common.TILE_OVERRIDES == {} and common.SIGMOID == "exact"
+    assert common.FUSED_MAX_HIDDEN == 128
     table = kv.markdown({"device": "cpu", "torch": "-", "triton": "-", "commit": "-", "date": "-"}, rows)
     assert "| train | tiny | 16 | 37 | fp32 | bogus | — | ERROR |" in table
 
