@@ -47,7 +47,7 @@ from .common import (
     store_activation,
 )
 from .gemm import matmul, operand
-from .mlp_forward import MODE_LOGITS, MODE_LOSS, new_buffer
+from .mlp_forward import MODE_LOGITS, MODE_LOSS, head_weight, new_buffer
 
 # How the fused trunk's weight and bias gradients are computed (a benchmarking switch, read
 # at call time; the layer-wise path always uses "torch"):
@@ -294,6 +294,9 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
         return [torch.zeros_like(p) for p in (in_weight, in_bias, in_gain, hidden_weight, hidden_bias,
                                               hidden_gain, out_weight, out_bias)]
     h_last = acts[n_hidden]
+    # the head kernels' output weight (a bf16 copy for large heads); the fused trunk backward reads
+    # fp32 (with a bf16 one its "partials" form fails to compile under Triton 3.6)
+    w_out = head_weight(out_weight, precision)
     row_blocks = triton.cdiv(n, t.block_m_bwd)
     act_stride, head_in_offset = n * hidden, n_hidden * n * hidden
 
@@ -301,22 +304,23 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     dh = None
     if mode == MODE_LOSS:
         grid_v, grid_h = triton.cdiv(vocab, t.block_v), triton.cdiv(hidden, t.block_hc)
-        splits = max(1, min(row_blocks, triton.cdiv(4 * _num_sms(device), grid_v * grid_h)))
-        rows_per_split = triton.cdiv(row_blocks, splits) * t.block_m_bwd
+        head_blocks = triton.cdiv(n, t.block_m_head)
+        splits = max(1, min(head_blocks, triton.cdiv(4 * _num_sms(device), grid_v * grid_h)))
+        rows_per_split = triton.cdiv(head_blocks, splits) * t.block_m_head
         splits = triton.cdiv(n, rows_per_split)
         dw_part = new_buffer((splits, vocab, hidden), torch.float32, device)
         db_part = new_buffer((splits, vocab), torch.float32, device)
         launch(head_weight_grad_kernel, (grid_v, grid_h, splits),
-               h_last, targets, grad, lse, out_weight, out_bias, dw_part, db_part,
+               h_last, targets, grad, lse, w_out, out_bias, dw_part, db_part,
                n, hidden, vocab, rows_per_split,
-               BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
+               BLOCK_M=t.block_m_head, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
                PRECISION=prec, num_warps=t.num_warps)
         d_out_weight, d_out_bias = dw_part.sum(0), db_part.sum(0)
         if not t.fused:
             dh = new_buffer((n, hidden), torch.float32, device)
-            launch(head_dh_kernel, (row_blocks, grid_h),
-                   h_last, targets, grad, lse, out_weight, out_bias, dh, n, hidden, vocab,
-                   BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
+            launch(head_dh_kernel, (head_blocks, grid_h),
+                   h_last, targets, grad, lse, w_out, out_bias, dh, n, hidden, vocab,
+                   BLOCK_M=t.block_m_head, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
                    PRECISION=prec, num_warps=t.num_warps)
     else:
         assert mode == MODE_LOGITS

@@ -37,6 +37,19 @@ def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# The head reads the whole output weight once per row block. From this many elements on, in the
+# bf16 mode it reads a bf16 copy: half the bytes, and at vocab 50,257 x H 256 (25 MB) the copy
+# stays in the H100's 50 MB L2. Smaller heads stay in cache as fp32; a copy would be one more launch.
+HEAD_COPY_MIN_ELEMENTS = 1 << 20
+
+
+def head_weight(out_weight: torch.Tensor, precision: str) -> torch.Tensor:
+    """The output weight [V, H] as the head kernels read it: fp32, or a bf16 copy (see above)."""
+    if precision == "bf16" and out_weight.numel() >= HEAD_COPY_MIN_ELEMENTS:
+        return out_weight.to(torch.bfloat16)
+    return out_weight
+
+
 @triton.jit
 def hidden_layer(h, w_ptr, b_ptr, g_ptr, layer, H, eps, hcols, hmask,
                  PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr):
@@ -61,7 +74,7 @@ def aunn_forward_kernel(
 ):
     """Forward of BLOCK_M indices.
 
-    idx int64 [N]; target int64 [N] (MODE 2); weights fp32 as in AUNNParams.
+    idx int64 [N]; target int64 [N] (MODE 2); weights fp32 as in AUNNParams (out_w: or its bf16 copy).
     act fp32 or bf16 [n_hidden + 1, N, H] (layer stride act_stride = N * H;
     the last layer at head_in_offset): activation after each layer (the input of the next);
     written when STORE_ACTS (fused trunk), read (last layer only) when not FUSED_TRUNK.
@@ -272,8 +285,8 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
 
     launch(aunn_forward_kernel, grid,
            idx, targets, out, lse, head_in,
-           in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
-           n, hidden, vocab, n_hidden, n_hidden // residual_every * residual_every, eps, n * hidden,
+           in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, head_weight(out_weight, precision),
+           out_bias, n, hidden, vocab, n_hidden, n_hidden // residual_every * residual_every, eps, n * hidden,
            head_in_offset,
            BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
            BLOCK_K=t.block_k_head, RESIDUAL_EVERY=residual_every, UNROLL_GROUPS=unroll_groups, MODE=mode,

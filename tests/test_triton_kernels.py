@@ -277,6 +277,17 @@ def test_reduced_precision(precision, layers, residual_every, generator, weight_
     check_model(cfg, 37, generator, precision)
 
 
+@pytest.mark.parametrize("force_layerwise", [False, True])
+def test_bf16_head_weight_copy(force_layerwise, generator, weight_grad, monkeypatch):
+    """The head kernels reading a bf16 copy of the output weight (large heads in bf16 mode)."""
+    monkeypatch.setattr(mlp_forward, "HEAD_COPY_MIN_ELEMENTS", 0)
+    if force_layerwise:
+        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+    assert mlp_forward.head_weight(torch.ones(2, 2), "bf16").dtype == torch.bfloat16
+    cfg = AUNNConfig(vocab_size=150, hidden=32, layers=4, bits=64, residual_every=2)
+    check_model(cfg, 70, generator, "bf16")
+
+
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
 def test_reduced_precision_layerwise(precision, generator, layerwise):
     """The layer-wise path's GEMMs in bf16/tf32 (bf16 activations and dz, fp32 residual stream)."""
