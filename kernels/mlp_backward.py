@@ -30,8 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from aunn_fast.reference import binary_embedding
-
 from .common import (
     choose_tiles,
     dlogits,
@@ -47,7 +45,7 @@ from .common import (
     store_activation,
 )
 from .gemm import matmul, operand
-from .mlp_forward import MODE_LOGITS, MODE_LOSS, head_weight, new_buffer
+from .mlp_forward import MODE_LOGITS, MODE_LOSS, head_weight, index_bits_matrix, new_buffer
 
 # How the fused trunk's weight and bias gradients are computed (a benchmarking switch, read
 # at call time; the layer-wise path always uses "torch"):
@@ -348,7 +346,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
         dz_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         dz = new_buffer((n_layers, n, hidden), dz_dtype, device)
         # the index bits, for dW_in = dz[0].T @ x: written by the fused kernel, which has them in registers
-        x = new_buffer((n, bits), dz_dtype, device) if t.fused else binary_embedding(idx, bits, dz_dtype)
+        x = new_buffer((n, bits), dz_dtype, device) if t.fused else index_bits_matrix(idx, bits, dz_dtype)
         dw_in_part = dw_part = torch.empty(0, dtype=torch.float32, device=device)
     if t.fused:
         from_lse = dh is None

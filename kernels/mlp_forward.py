@@ -17,10 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from aunn_fast.reference import binary_embedding
-
-from .common import (choose_tiles, dot, fast_sigmoid, head_logits_tile, index_bits, launch, precision_code,
-                     silu_rmsnorm, store_activation)
+from .common import (choose_tiles, dot, fast_sigmoid, head_logits_tile, index_bits, launch, next_pow2,
+                     precision_code, silu_rmsnorm, store_activation)
 from .gemm import matmul, operand
 
 MODE_LOGITS, MODE_ARGMAX, MODE_LOSS = 0, 1, 2
@@ -208,6 +206,26 @@ def layer_epilogue_kernel(
     store_activation(h_ptr + offsets, h, mask, PRECISION)
 
 
+@triton.jit
+def index_bits_kernel(idx_ptr, x_ptr, N, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_BITS: tl.constexpr):
+    """x [N, BITS] (fp32 or bf16) with x[i, j] = bit j of idx[i], idx int64 [N]."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_BITS)
+    row_mask = rows < N
+    bits = index_bits(tl.load(idx_ptr + rows, mask=row_mask, other=0), cols, BITS)
+    tl.store(x_ptr + rows[:, None] * BITS + cols[None, :], bits.to(x_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (cols < BITS)[None, :])
+
+
+def index_bits_matrix(idx: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The input layer's GEMM operand: [N, bits] of dtype, one launch (no int64 [N, bits] temporary)."""
+    x = new_buffer((idx.shape[0], bits), dtype, idx.device)
+    block_m = 128
+    launch(index_bits_kernel, (triton.cdiv(idx.shape[0], block_m),), idx, x, idx.shape[0], BITS=bits,
+           BLOCK_M=block_m, BLOCK_BITS=max(16, next_pow2(bits)), num_warps=4)
+    return x
+
+
 def layerwise_trunk(idx: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor, in_gain: torch.Tensor,
                     hidden_weight: torch.Tensor, hidden_bias: torch.Tensor, hidden_gain: torch.Tensor,
                     outs: list[torch.Tensor], zs: torch.Tensor, residual_every: int, eps: float, precision: str,
@@ -222,7 +240,7 @@ def layerwise_trunk(idx: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.T
     n, hidden = idx.shape[0], in_weight.shape[0]
     grid = (triton.cdiv(n, block_m),)
     prec, fast = precision_code(precision), fast_sigmoid(precision)
-    x = binary_embedding(idx, in_weight.shape[1], outs[0].dtype)
+    x = index_bits_matrix(idx, in_weight.shape[1], outs[0].dtype)
     weights = [in_weight, *operand(hidden_weight, precision)]
     biases, gains = [in_bias, *hidden_bias], [in_gain, *hidden_gain]
     res = new_buffer((n, hidden), torch.float32, idx.device)
