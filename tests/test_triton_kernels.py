@@ -249,6 +249,7 @@ def test_fp32_against_reference(hidden, layers, residual_every, bits, vocab, bat
     (32, 4, 2, 64, 5, 37),
     (48, 3, 1, 13, 70, 19),     # hidden not a power of two
     (32, 8, 3, 64, 150, 70),
+    (16, 4, 5, 64, 5, 37),      # residual_every beyond the hidden layers
 ])
 def test_fp32_layerwise_path(hidden, layers, residual_every, bits, vocab, batch, generator, layerwise):
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=residual_every)
@@ -419,13 +420,18 @@ def test_gpu_large_vocab_loss(generator):
     check_model(cfg, 257, generator, "bf16")
 
 
-def test_opcheck(generator):
-    """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of both operators.
+@pytest.mark.parametrize("force_layerwise", [False, True])
+def test_opcheck(force_layerwise, generator, monkeypatch):
+    """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of both operators,
+    fused and layer-wise (whose forward also calls PyTorch GEMMs).
 
     argmax (mode 1) is checked without grad-requiring inputs, as predict() runs it under no_grad.
     """
     from aunn_fast.kernels import ops  # noqa: F401  (registers torch.ops.aunn_fast.*)
     from torch.library import opcheck
+
+    if force_layerwise:
+        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
 
     cfg = AUNNConfig(vocab_size=70, hidden=32, layers=4, bits=64)
     params = with_grad(make_params(cfg, generator))
