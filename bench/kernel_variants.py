@@ -91,29 +91,35 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
                         programs_per_sm=k) for k in programs_per_sm]
     tanh = [Variant(f"{v.label} + tanh", v.weight_grad, "tanh", programs_per_sm=v.programs_per_sm)
             for v in [Variant("torch"), *partials]]
-    # backward row blocks: more rows per program share each layer's fixed work (weight tile,
-    # transposes, gain sums) but need more registers (compile report: 128 rows spill ~380 B
-    # at H = 64; 32 rows spill 92 B at H = 128, where the default is 16)
-    backward_tiles = [Variant(f"torch + tanh, bwd {rows} rows {warps} warps", "torch", "tanh",
-                              (("block_m_bwd", rows), ("num_warps_bwd", warps)))
-                      for rows, warps in ((32, 8), (32, 4), (128, 8))]
+    def backward_tiles(hidden: int) -> list[Variant]:
+        """Backward row blocks other than the default at this width: more rows per program share each
+        layer's fixed work (weight tile, transposes, gain sums) but need more registers (compile
+        report: 128 rows spill ~380 B at H = 64; 32 rows spill 92 B at H = 128, where the default is 16)."""
+        from aunn_fast.kernels.common import choose_tiles
+
+        default = choose_tiles(hidden, 64, 4, "bf16")
+        return [Variant(f"torch + tanh, bwd {rows} rows {warps} warps", "torch", "tanh",
+                        (("block_m_bwd", rows), ("num_warps_bwd", warps)))
+                for rows, warps in ((32, 8), (32, 4), (128, 8))
+                if (rows, warps) != (default.block_m_bwd, default.num_warps_bwd)]
+
     forward_tiles = [Variant(f"{rows} rows, {warps} warps" + (" + tanh" if sigmoid == "tanh" else ""),
                              sigmoid=sigmoid, tiles=(("block_m", rows), ("num_warps", warps)))
                      for rows, warps in ((64, 4), (256, 8)) for sigmoid in ("exact", "tanh")]
     predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), *forward_tiles]
-    train_bf16 = [Variant("torch"), *partials, *tanh, *backward_tiles]
+    train_bf16 = [Variant("torch"), *partials, *tanh]
     train_fp32 = [Variant("torch"), *partials]
     # H = 128 is the widest fused model: the layer-wise path (cuBLAS + epilogues) beside it
     layerwise = [Variant("layer-wise", fused_max_hidden=0), Variant("layer-wise + tanh", sigmoid="tanh",
                                                                     fused_max_hidden=0)]
     return [Step("predict", "seed", 64, 1 << 24, "bf16", predict),
-            Step("train", "seed", 64, 1 << 20, "bf16", train_bf16),
-            Step("train", "seed", 64, 8192, "bf16", train_bf16),
-            Step("train", "seed", 64, 65536, "bf16", train_bf16),
+            Step("train", "seed", 64, 1 << 20, "bf16", [*train_bf16, *backward_tiles(64)]),
+            Step("train", "seed", 64, 8192, "bf16", [*train_bf16, *backward_tiles(64)]),
+            Step("train", "seed", 64, 65536, "bf16", [*train_bf16, *backward_tiles(64)]),
             Step("train", "notebook", 512, 2048, "bf16", [Variant("layer-wise"), Variant("layer-wise + tanh",
                                                                                          sigmoid="tanh")]),
             Step("predict", "H128", 128, 1 << 22, "bf16", [*predict, *layerwise]),
-            Step("train", "H128", 128, 65536, "bf16", [*train_bf16, *layerwise]),
+            Step("train", "H128", 128, 65536, "bf16", [*train_bf16, *backward_tiles(128), *layerwise]),
             Step("train", "seed", 64, 1 << 20, "fp32", train_fp32),
             Step("train", "H128", 128, 65536, "fp32", train_fp32)]
 

@@ -178,6 +178,18 @@ def test_kernel_variants_check_then_time_and_report_failures():
     assert "| train | tiny | 16 | 37 | fp32 | bogus | — | ERROR |" in table
 
 
+def test_kernel_variants_plan_skips_the_default_backward_tiles():
+    """A backward row-block candidate equal to the width's default would time the default twice."""
+    pytest.importorskip("triton")
+    from aunn_fast.bench import kernel_variants as kv
+
+    labels = {(s.shape, s.batch, s.precision): [v.label for v in s.variants] for s in kv.default_plan([2])}
+    assert "torch + tanh, bwd 32 rows 4 warps" not in labels["seed", 1 << 20, "bf16"]  # H = 64's default
+    assert "torch + tanh, bwd 32 rows 8 warps" in labels["seed", 1 << 20, "bf16"]
+    assert "torch + tanh, bwd 32 rows 4 warps" in labels["H128", 65536, "bf16"]
+    assert "layer-wise" in labels["H128", 65536, "bf16"]
+
+
 def test_providers_run_in_the_order_given():
     """gpu_check puts the fused kernels first, so a time limit cuts torch.compile, not them."""
     assert harness.providers_to_run(None) == list(BACKENDS)
