@@ -157,7 +157,8 @@ def row_term_scales(idx, targets, params64: AUNNParams, cfg: AUNNConfig, precisi
 
     row_grads = torch.func.vmap(torch.func.grad(row_loss), in_dims=(None, 0, 0))
     totals = [torch.zeros_like(p) for p in params64]
-    for i, t in zip(idx.split(64), targets.split(64)):
+    chunk = 512 if idx.is_cuda else 64  # rows whose per-row gradients are held at once
+    for i, t in zip(idx.split(chunk), targets.split(chunk)):
         for total, g in zip(totals, row_grads(tuple(params64), i, t)):
             total += g.abs().sum(0)
     return [t.max().item() if t.numel() else 0.0 for t in totals]
