@@ -94,7 +94,7 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     def backward_tiles(hidden: int) -> list[Variant]:
         """Backward row blocks other than the default at this width: more rows per program share each
         layer's fixed work (weight tile, transposes, gain sums) but need more registers (compile
-        report: 128 rows spill ~380 B at H = 64; 32 rows spill 92 B at H = 128, where the default is 16)."""
+        report: 128 rows spill ~190 B at H = 64; 32 rows spill 92 B at H = 128, where the default is 16)."""
         from aunn_fast.kernels.common import choose_tiles
 
         default = choose_tiles(hidden, 64, 4, "bf16")
