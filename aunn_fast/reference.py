@@ -28,6 +28,12 @@ def binary_embedding(idx: torch.Tensor, bits: int, dtype: torch.dtype = torch.fl
     return ((idx.to(torch.int64).unsqueeze(-1) >> shifts) & 1).to(dtype)
 
 
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """x as float32 rounded to TensorFloat-32 (nearest, 10 mantissa bits), still float32; no autograd."""
+    as_int = x.float().view(torch.int32)
+    return ((as_int + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
 def round_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
     """Round a matmul operand to what the tensor cores see, keeping x's dtype.
 
@@ -39,8 +45,7 @@ def round_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
     if precision == "bf16":
         rounded = x.detach().to(torch.bfloat16).to(x.dtype)
     elif precision == "tf32":
-        as_int = x.detach().float().view(torch.int32)
-        rounded = ((as_int + 0x1000) & ~0x1FFF).view(torch.float32).to(x.dtype)  # nearest, 10 mantissa bits
+        rounded = round_to_tf32(x.detach()).to(x.dtype)
     else:
         raise ValueError(f"unknown precision {precision!r}")
     return x + (rounded - x).detach()

@@ -58,7 +58,7 @@ timeout "$GPU_TEST_TIMEOUT" "${PYTEST[@]}" tests/test_cuda_graph.py tests/test_t
 GPU_TEST_RC=$?
 tail -n 1 "$OUT/pytest_gpu.log"
 echo "== other kernel tests (timeout ${KERNEL_TEST_TIMEOUT}s) -> $OUT/pytest_kernels.log"
-timeout "$KERNEL_TEST_TIMEOUT" "${PYTEST[@]}" tests/test_triton_kernels.py -k "not gpu" \
+timeout "$KERNEL_TEST_TIMEOUT" "${PYTEST[@]}" tests/test_triton_kernels.py -k "not gpu and not graph" \
     > "$OUT/pytest_kernels.log" 2>&1
 KERNEL_TEST_RC=$?
 tail -n 1 "$OUT/pytest_kernels.log"

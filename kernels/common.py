@@ -2,9 +2,10 @@
 
 Conventions used by every kernel in this package:
 
-* activations are float32 row-major [N, H] (H = hidden, unpadded in memory); the fused
-  trunk's saved activations are bfloat16 in the bf16 precision mode (every reader rounds
-  them to bf16 for its dot anyway) and are upcast on load;
+* activations are float32 row-major [N, H] (H = hidden, unpadded in memory); in the bf16
+  precision mode the stored activations, the stored dz and the index bits that only feed
+  products are bfloat16 (every reader rounds them to bf16 for its product anyway; residual
+  sums and everything elementwise stay float32) and are upcast on load;
   inside a kernel a row block is a [BLOCK_M, BLOCK_H] register tile whose columns
   >= H are exactly zero (masked loads with other=0), so sums over the padded tile
   equal sums over the H real columns;
@@ -118,7 +119,7 @@ class Tiles:
     fused: bool       # whole trunk in registers
     block_h: int      # padded hidden width (>= 64)
     block_bits: int   # padded bit count (>= 16, <= 64)
-    block_m: int      # rows per program, forward
+    block_m: int      # rows per program, forward (on the layer-wise path: the head's)
     block_m_bwd: int  # rows per program, backward of the fused trunk
     block_m_head: int  # rows per program of the head's backward kernels (weight gradient, dh)
     block_m_rowwise: int  # rows per program of the layer-wise path's per-layer kernels (~8K elements)

@@ -44,7 +44,7 @@ from .common import (
     silu_rmsnorm_backward,
     store_activation,
 )
-from .gemm import matmul, operand
+from .gemm import matmul, reusable_operand
 from .mlp_forward import MODE_LOGITS, MODE_LOSS, head_weight, index_bits_matrix, new_buffer
 
 # How the fused trunk's weight and bias gradients are computed (a benchmarking switch, read
@@ -56,6 +56,9 @@ WEIGHT_GRAD_CHOICES = ("torch", "partials")
 WEIGHT_GRAD = os.environ.get("AUNN_FAST_WEIGHT_GRAD", "torch")
 # "partials" grid on CUDA: this many programs per SM (capped by the number of row blocks).
 PARTIAL_PROGRAMS_PER_SM = 2
+# The layer-wise backward's persistent grid on CUDA: programs per SM (a guess to be measured), so
+# that its gain and bias partials are [2 x SMs, L-1, H] whatever the batch.
+ROWWISE_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -226,31 +229,38 @@ def layer_backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, ADD_RES: tl.constexpr, STORE_RES: tl.constexpr,
     PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,
 ):
-    """One layer's backward after the GEMM that gave dL/dh, for BLOCK_M whole rows.
+    """One layer's backward after the GEMM that gave dL/dh; program p takes the row blocks (BLOCK_M
+    whole rows) p, p + P, p + 2P, ... (P = number of programs).
 
     dy fp32 [N, H]: dL/dh from the layer above; with ADD_RES the residual stream's gradient
     g_res fp32 [N, H] is added, and with STORE_RES the sum is written back to g_res (a layer
     ending in a residual add passes its gradient on both ways). Then the SiLU/RMSNorm backward
     from the pre-activation z fp32 [N, H]: dz [N, H] (fp32, or bf16 in the bf16 mode: only GEMMs
-    read it), and this program's gain and bias gradients, row sums [BLOCK_H] at
+    read it), and the program's gain and bias gradients summed over its rows, [BLOCK_H] at
     dgain_ptr / dbias_ptr + program * partial_stride.
     """
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     hcols = tl.arange(0, BLOCK_H)
     hmask = hcols < H
-    offsets = rows[:, None] * H + hcols[None, :]
-    mask = (rows < N)[:, None] & hmask[None, :]
-    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0)
-    if ADD_RES:
-        dy += tl.load(g_res_ptr + offsets, mask=mask, other=0.0)
-    if STORE_RES:
-        tl.store(g_res_ptr + offsets, dy, mask=mask)
-    dz, dgain = silu_rmsnorm_backward(dy, tl.load(z_ptr + offsets, mask=mask, other=0.0),
-                                      tl.load(g_ptr + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID)
-    store_activation(dz_ptr + offsets, dz, mask, PRECISION)
+    gain = tl.load(g_ptr + hcols, mask=hmask, other=0.0)
+    dgain = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for block in range(pid, tl.cdiv(N, BLOCK_M), tl.num_programs(0)):
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        offsets = rows[:, None] * H + hcols[None, :]
+        mask = (rows < N)[:, None] & hmask[None, :]
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0)
+        if ADD_RES:
+            dy += tl.load(g_res_ptr + offsets, mask=mask, other=0.0)
+        if STORE_RES:
+            tl.store(g_res_ptr + offsets, dy, mask=mask)
+        dz, block_dgain = silu_rmsnorm_backward(dy, tl.load(z_ptr + offsets, mask=mask, other=0.0), gain, H, eps,
+                                                FAST_SIGMOID)
+        store_activation(dz_ptr + offsets, dz, mask, PRECISION)
+        dgain += block_dgain
+        dbias += tl.sum(dz, axis=0)
     tl.store(dgain_ptr + pid.to(tl.int64) * partial_stride + hcols, dgain, mask=hmask)
-    tl.store(dbias_ptr + pid.to(tl.int64) * partial_stride + hcols, tl.sum(dz, axis=0), mask=hmask)
+    tl.store(dbias_ptr + pid.to(tl.int64) * partial_stride + hcols, dbias, mask=hmask)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -259,11 +269,11 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def _partial_programs(device: torch.device, row_blocks: int) -> int:
-    """Programs of the persistent grid that accumulates weight-gradient partials. Under the
-    interpreter 2, so that the tests' programs each sum several row blocks."""
+def _persistent_programs(device: torch.device, row_blocks: int, per_sm: int) -> int:
+    """Programs of a persistent grid over row_blocks: per_sm per SM. Under the interpreter 2,
+    so that the tests' programs each sum several row blocks."""
     if device.type == "cuda":
-        return min(row_blocks, PARTIAL_PROGRAMS_PER_SM * _num_sms(device))
+        return min(row_blocks, per_sm * _num_sms(device))
     return min(row_blocks, 2)
 
 
@@ -276,7 +286,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
 
     mode MODE_LOSS: grad fp32 [N] is the upstream gradient of each row's cross-entropy
     (targets, lse from the forward). mode MODE_LOGITS: grad fp32 [N, V] is dL/dlogits.
-    acts (fp32, or bf16 from a fused bf16 forward; and zs on the layer-wise path) are the
+    acts (fp32, or bf16 from a bf16 forward; and zs on the layer-wise path) are the
     forward's saved activations.
     """
     weight_grad = WEIGHT_GRAD
@@ -330,9 +340,11 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     # gradient partials) and per-program gain partials
     partials = t.fused and weight_grad == "partials"
     if partials:
-        programs = _partial_programs(device, row_blocks)
-    else:
-        programs = row_blocks if t.fused else triton.cdiv(n, t.block_m_rowwise)
+        programs = _persistent_programs(device, row_blocks, PARTIAL_PROGRAMS_PER_SM)
+    elif t.fused:
+        programs = row_blocks
+    else:  # a persistent grid: the gain and bias partials stay [programs, L-1, H] however large N is
+        programs = _persistent_programs(device, triton.cdiv(n, t.block_m_rowwise), ROWWISE_PROGRAMS_PER_SM)
     n_layers = n_hidden + 1
     dgain_part = new_buffer((programs, n_layers, hidden), torch.float32, device)
     db_part = new_buffer((programs, n_layers, hidden), torch.float32, device)
@@ -358,7 +370,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
                HEAD_FROM_LSE=from_lse, WEIGHT_GRADS=partials, PRECISION=prec,
                FAST_SIGMOID=fast, num_warps=t.num_warps_bwd)
     else:
-        w_hidden = operand(hidden_weight, precision)  # cast once for every layer's dh = dz @ W
+        w_hidden = reusable_operand(hidden_weight, precision)  # cast once for every layer's dh = dz @ W
         g_res = new_buffer((n, hidden), torch.float32, device)
         gh, residual_seen = dh, False
         for layer in reversed(range(n_layers)):  # 0 is the input layer, l > 0 hidden layer l - 1

@@ -1,6 +1,6 @@
 """AUNN forward: trunk (input layer + hidden layers) and output head, fused.
 
-Two kernels:
+Kernels:
 
 * :func:`aunn_forward_kernel` - one program per BLOCK_M indices. With FUSED_TRUNK the
   whole trunk runs in registers (index bits -> input layer -> every hidden layer,
@@ -10,6 +10,7 @@ Two kernels:
   FUSED_TRUNK the trunk's last activation is read from memory (layer-wise path).
 * :func:`layer_epilogue_kernel` - the layer-wise path for wide models: per layer a
   PyTorch GEMM (cuBLAS), then this kernel: bias + SiLU + RMSNorm * gain (+ residual).
+* :func:`index_bits_kernel` - the layer-wise path's input: the index bits as a GEMM operand.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import triton.language as tl
 
 from .common import (choose_tiles, dot, fast_sigmoid, head_logits_tile, index_bits, launch, next_pow2,
                      precision_code, silu_rmsnorm, store_activation)
-from .gemm import matmul, operand
+from .gemm import matmul, reusable_operand
 
 MODE_LOGITS, MODE_ARGMAX, MODE_LOSS = 0, 1, 2
 
@@ -228,25 +229,25 @@ def index_bits_matrix(idx: torch.Tensor, bits: int, dtype: torch.dtype) -> torch
 
 def layerwise_trunk(idx: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor, in_gain: torch.Tensor,
                     hidden_weight: torch.Tensor, hidden_bias: torch.Tensor, hidden_gain: torch.Tensor,
-                    outs: list[torch.Tensor], zs: torch.Tensor, residual_every: int, eps: float, precision: str,
-                    block_m: int, block_h: int, num_warps: int) -> None:
+                    outs: list[torch.Tensor], zs: torch.Tensor, save: bool, residual_every: int, eps: float,
+                    precision: str, block_m: int, block_h: int, num_warps: int) -> None:
     """The trunk of a wide model, one layer at a time: ``xw = x @ W.T`` by a PyTorch GEMM
     (cuBLAS; :func:`gemm.matmul`), then :func:`layer_epilogue_kernel`.
 
     outs[l] [N, H] receives layer l's output (l = 0 the input layer): the activation the next
-    GEMM and the head read, so bf16 in the bf16 mode. zs [L-1, N, H] fp32 receives the
-    pre-activations when not empty. The residual stream stays fp32 in a buffer of its own.
+    GEMM and the head read, so bf16 in the bf16 mode. With save, zs [L-1, N, H] fp32 receives
+    the pre-activations. The residual stream stays fp32 in a buffer of its own.
     """
-    n, hidden = idx.shape[0], in_weight.shape[0]
+    n, hidden, n_hidden = idx.shape[0], in_weight.shape[0], hidden_weight.shape[0]
     grid = (triton.cdiv(n, block_m),)
     prec, fast = precision_code(precision), fast_sigmoid(precision)
     x = index_bits_matrix(idx, in_weight.shape[1], outs[0].dtype)
-    weights = [in_weight, *operand(hidden_weight, precision)]
+    weights = [in_weight, *reusable_operand(hidden_weight, precision)]
     biases, gains = [in_bias, *hidden_bias], [in_gain, *hidden_gain]
-    res = new_buffer((n, hidden), torch.float32, idx.device)
-    save = zs.numel() > 0
+    has_residual = n_hidden >= residual_every
+    res = new_buffer((n, hidden) if has_residual else (0,), torch.float32, idx.device)
     for layer, (w, b, g, h) in enumerate(zip(weights, biases, gains, outs)):
-        residual = layer % residual_every == 0  # the input layer (0) starts the residual stream
+        residual = has_residual and layer % residual_every == 0  # the input layer (0) starts the stream
         xw = matmul(x, w.t(), precision)
         launch(layer_epilogue_kernel, grid, xw, b, g, res, zs[layer] if save else zs, h, n, hidden, eps,
                BLOCK_M=block_m, BLOCK_H=block_h, ADD_RES=residual and layer > 0, STORE_RES=residual,
@@ -296,7 +297,7 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
         # without save, two buffers in turn hold the layers' outputs; the last one feeds the head
         scratch = [] if save else [new_buffer((n, hidden), act_dtype, device) for _ in range(min(2, n_hidden + 1))]
         outs = list(acts) if save else [scratch[layer % 2] for layer in range(n_hidden + 1)]
-        layerwise_trunk(idx, in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, outs, zs,
+        layerwise_trunk(idx, in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, outs, zs, save,
                         residual_every, eps, precision, t.block_m_rowwise, t.block_h, t.num_warps)
         if not save:
             head_in, head_in_offset = outs[-1], 0

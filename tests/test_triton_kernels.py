@@ -249,7 +249,7 @@ def test_fp32_against_reference(hidden, layers, residual_every, bits, vocab, bat
 @pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", [
     (32, 4, 2, 64, 5, 37),
     (48, 3, 1, 13, 70, 19),     # hidden not a power of two
-    (32, 8, 3, 64, 150, 70),
+    (32, 8, 3, 64, 150, 300),   # 3 row blocks of 128 on 2 persistent programs (backward)
     (16, 4, 5, 64, 5, 37),      # residual_every beyond the hidden layers
 ])
 def test_fp32_layerwise_path(hidden, layers, residual_every, bits, vocab, batch, generator, layerwise):
@@ -450,6 +450,15 @@ def test_opcheck(force_layerwise, generator, monkeypatch):
 
 def test_torch_compile_fullgraph(generator, weight_grad):
     """logits, predict and loss + backward under torch.compile(fullgraph=True) match eager."""
+    check_compiled_matches_eager(generator)
+
+
+def test_torch_compile_fullgraph_layerwise(generator, layerwise):
+    """The same through the layer-wise path, whose operators also run PyTorch GEMMs."""
+    check_compiled_matches_eager(generator)
+
+
+def check_compiled_matches_eager(generator):
     cfg = AUNNConfig(vocab_size=70, hidden=32, layers=5, bits=64)
     params = make_params(cfg, generator)
     n = 300 if torch.cuda.is_available() else 37
