@@ -145,7 +145,8 @@ def choose_tiles(hidden: int, bits: int, vocab: int, precision: str) -> Tiles:
         block_m = (128 if block_h <= 64 else 64) // (2 if precision == "fp32" else 1)
         block_m_bwd = 32 if block_h <= 64 else 16
     else:
-        # off the fused path these are the head's rows only (the trunk runs by block_m_rowwise)
+        # off the fused path block_m is the forward head's rows, and block_m_bwd has no reader:
+        # the per-layer kernels take block_m_rowwise rows, the head's backward block_m_head
         block_m = 64 // (2 if precision == "fp32" else 1)
         block_m_bwd = block_m
     tiles = Tiles(

@@ -305,8 +305,6 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     # the head kernels' output weight (a bf16 copy for large heads); the fused trunk backward reads
     # fp32 (with a bf16 one its "partials" form fails to compile under Triton 3.6)
     w_out = head_weight(out_weight, precision)
-    row_blocks = triton.cdiv(n, t.block_m_bwd)
-    act_stride, head_in_offset = n * hidden, n_hidden * n * hidden
 
     # ---- head: dL/d out_weight, out_bias, and (unless fused below) dL/dh_last
     dh = None
@@ -339,6 +337,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     # ---- trunk: dz of every layer (or, WEIGHT_GRAD "partials", per-program weight and bias
     # gradient partials) and per-program gain partials
     partials = t.fused and weight_grad == "partials"
+    row_blocks = triton.cdiv(n, t.block_m_bwd)  # of the fused trunk backward
     if partials:
         programs = _persistent_programs(device, row_blocks, PARTIAL_PROGRAMS_PER_SM)
     elif t.fused:
@@ -365,7 +364,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
         launch(aunn_backward_kernel, (programs,),
                idx, targets, grad if from_lse else dh, lse, acts, dz, x, dgain_part, dw_in_part, dw_part, db_part,
                in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
-               n, hidden, vocab, n_hidden, residual_every, eps, act_stride, head_in_offset,
+               n, hidden, vocab, n_hidden, residual_every, eps, n * hidden, n_hidden * n * hidden,
                BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v,
                HEAD_FROM_LSE=from_lse, WEIGHT_GRADS=partials, PRECISION=prec,
                FAST_SIGMOID=fast, num_warps=t.num_warps_bwd)
