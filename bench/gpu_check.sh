@@ -78,8 +78,8 @@ BENCH_RC=$?
 
 echo "== H=512 train step at batch 2,048 and the seed run (timeout ${NOTEBOOK_TIMEOUT}s) -> $OUT/bench_notebook.log"
 timeout "$NOTEBOOK_TIMEOUT" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick --configs notebook \
-    --batches 2048 --out "$OUT/bench_notebook" --providers "$PROVIDERS" --workloads train,train-graph,seed-run \
-    > "$OUT/bench_notebook.log" 2>&1
+    --batches 2048 --out "$OUT/bench_notebook" --providers "$PROVIDERS" \
+    --workloads train,train-graph,seed-run-graph,seed-run > "$OUT/bench_notebook.log" 2>&1
 NOTEBOOK_RC=$?
 
 echo "== kernel candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"

@@ -133,12 +133,12 @@ def _prepare_condition(model: AUNN, batch: int, generator: torch.Generator) -> P
     return _rotating(model, batch, generator, _training_call(model, make_optimizer(model, "sgd")))
 
 
-def _prepare_seed_run(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
+def _seed_run(model: AUNN, batch: int, generator: torch.Generator,
+              call: Callable[[torch.Tensor, torch.Tensor], object]) -> Prepared:
     """Walk a shuffled epoch of the seed's 400,000 indices in full batches, gathering each batch."""
     order = torch.randperm(SEED_RUN_INDICES, generator=generator, device=generator.device)
     data = random_targets(model.cfg, SEED_RUN_INDICES, generator)
     starts = itertools.cycle(range(0, SEED_RUN_INDICES - batch + 1, batch))
-    call = _training_call(model, make_optimizer(model, "adamw"))
 
     def step() -> None:
         idx = order[next(starts):][:batch]
@@ -146,6 +146,16 @@ def _prepare_seed_run(model: AUNN, batch: int, generator: torch.Generator) -> Pr
 
     first = order[:batch]
     return Prepared(step, first, data[first])
+
+
+def _prepare_seed_run(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
+    return _seed_run(model, batch, generator, _training_call(model, make_optimizer(model, "adamw")))
+
+
+def _prepare_seed_run_graph(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
+    """The seed's run as `aunn train` runs it on CUDA: each gathered batch through one captured step."""
+    optimizer = make_train_optimizer(model, TrainConfig(lr=1e-3))  # the trainer's own: fused, capturable
+    return _seed_run(model, batch, generator, GraphedTrainStep(model, optimizer, batch))
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
@@ -159,4 +169,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("seed-run", f"the seed's run: {SEED_RUN_STEPS:,} train steps of {SEED_RUN_BATCH}, "
              "extrapolated from a measured stretch", "grads", "train", _prepare_seed_run,
              fixed_batches=(SEED_RUN_BATCH,), stretch=True),
+    Workload("seed-run-graph", "the seed's run with each step replayed from one CUDA graph, as `aunn train` "
+             "runs it", "graph-step", "train", _prepare_seed_run_graph, fixed_batches=(SEED_RUN_BATCH,),
+             stretch=True, cuda_only=True),
 )}

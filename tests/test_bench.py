@@ -65,10 +65,11 @@ def test_script_writes_results_markdown_and_plots(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "results.json").read_text())
     assert META_FIELDS <= set(data["meta"])
     rows = data["rows"]
-    assert {r["workload"] for r in rows} == {"predict", "loss", "train", "train-graph", "condition", "seed-run"}
+    assert {r["workload"] for r in rows} == {"predict", "loss", "train", "train-graph", "condition", "seed-run",
+                                             "seed-run-graph"}
     for row in rows:
         assert ROW_FIELDS <= set(row)
-        if row["workload"] == "train-graph" and row["provider"] == "reference":
+        if row["workload"].endswith("-graph") and row["provider"] == "reference":
             assert row["skipped"] == "this workload needs a CUDA device" and row["ms"] is None
         elif row["provider"] == "reference":
             assert row["correct"] and row["ms"] > 0 and row["items_per_s"] > 0 and row["vs_eager"] == 1.0
