@@ -370,7 +370,8 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
                FAST_SIGMOID=fast, num_warps=t.num_warps_bwd)
     else:
         w_hidden = reusable_operand(hidden_weight, precision)  # cast once for every layer's dh = dz @ W
-        g_res = new_buffer((n, hidden), torch.float32, device)
+        # the residual stream's gradient, where there is a residual add
+        g_res = new_buffer((n, hidden) if n_hidden >= residual_every else (0,), torch.float32, device)
         gh, residual_seen = dh, False
         for layer in reversed(range(n_layers)):  # 0 is the input layer, l > 0 hidden layer l - 1
             residual = layer % residual_every == 0
