@@ -8,6 +8,8 @@ own, they follow PyTorch's global TF32 switch (``torch.backends.cuda.matmul``) i
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from aunn_fast.reference import round_to_tf32
@@ -37,3 +39,27 @@ def matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     if precision == "tf32":
         return torch.matmul(round_to_tf32(a), round_to_tf32(b))
     return torch.matmul(a, b)
+
+
+# A weight gradient sums over the batch: [H_out, N] @ [N, H_in], N up to millions, H_out x H_in one
+# output tile at H = 64. A batched cuBLAS product runs about one block per output tile, without
+# splitting N, so a handful of SMs would stream the whole batch. batch_reduced_matmul cuts N into
+# S equal chunks (S a power of two dividing N, at most SPLIT_K_MAX, chunks of at least
+# SPLIT_K_MIN_ROWS rows), runs one batched product over all chunks and sums the S partial results.
+SPLIT_K_MIN_ROWS = 4096
+SPLIT_K_MAX = 256
+
+
+def batch_reduced_matmul(dz: torch.Tensor, a: torch.Tensor, precision: str) -> torch.Tensor:
+    """fp32 [..., H_out, H_in] = dz[..., N, H_out].T @ a[..., N, H_in] in mode precision (one optional
+    leading batch dim, e.g. layers; both contiguous), the sum over N split into chunks (see above)."""
+    n = dz.shape[-2]
+    splits = 1
+    while splits < SPLIT_K_MAX and n % (2 * splits) == 0 and n // (2 * splits) >= SPLIT_K_MIN_ROWS:
+        splits *= 2
+    if splits == 1:
+        return matmul(dz.transpose(-1, -2), a, precision)
+    batch, rows = math.prod(dz.shape[:-2]) * splits, n // splits
+    partial = matmul(dz.reshape(batch, rows, dz.shape[-1]).transpose(1, 2),
+                     a.reshape(batch, rows, a.shape[-1]), precision)
+    return partial.view(*dz.shape[:-2], splits, *partial.shape[1:]).sum(-3)

@@ -44,7 +44,7 @@ from .common import (
     silu_rmsnorm_backward,
     store_activation,
 )
-from .gemm import matmul, reusable_operand
+from .gemm import batch_reduced_matmul, matmul, reusable_operand
 from .mlp_forward import MODE_LOGITS, MODE_LOSS, head_weight, index_bits_matrix, new_buffer
 
 # How the fused trunk's weight and bias gradients are computed (a benchmarking switch, read
@@ -330,7 +330,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
                    PRECISION=prec, num_warps=t.num_warps)
     else:
         assert mode == MODE_LOGITS
-        d_out_weight = matmul(grad.t(), h_last, precision)
+        d_out_weight = batch_reduced_matmul(grad, h_last, precision)
         d_out_bias = grad.sum(0)
         dh = matmul(grad, out_weight, precision)
 
@@ -389,8 +389,8 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     if partials:
         d_in_weight, d_hidden_weight = dw_in_part.sum(0), dw_part.sum(0)
     else:
-        d_in_weight = matmul(dz[0].t(), x, precision)
-        d_hidden_weight = matmul(dz[1:].transpose(1, 2), acts[:n_hidden], precision)
+        d_in_weight = batch_reduced_matmul(dz[0], x, precision)
+        d_hidden_weight = batch_reduced_matmul(dz[1:], acts[:n_hidden], precision)
     # input layer and hidden layers summed apart: an operator's outputs must not alias one another
     d_in_bias, d_hidden_bias = db_part[:, 0].sum(0), db_part[:, 1:].sum(0)
     d_in_gain, d_hidden_gain = dgain_part[:, 0].sum(0), dgain_part[:, 1:].sum(0)

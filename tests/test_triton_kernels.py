@@ -29,6 +29,7 @@ import torch
 
 from aunn_fast import AUNNConfig, AUNNParams, kernels, reference
 from aunn_fast.params import init_params
+from helpers import rel_err
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _REASON = kernels.unavailable_reason(DEVICE)
@@ -277,6 +278,28 @@ def test_reduced_precision(precision, layers, residual_every, generator, weight_
     one group of 4 and a tail of 2, two groups of 3 and no tail."""
     cfg = AUNNConfig(vocab_size=70, hidden=32, layers=layers, bits=64, residual_every=residual_every)
     check_model(cfg, 37, generator, precision)
+
+
+@pytest.mark.parametrize("force_layerwise", [False, True])
+def test_weight_gradients_split_over_the_batch(force_layerwise, generator, monkeypatch):
+    """The "torch" weight-gradient products summed over row chunks (gemm.batch_reduced_matmul), as at
+    large batches on a GPU; 256 rows in 4 chunks; also the logits() backward's head product."""
+    from aunn_fast.kernels import gemm
+
+    monkeypatch.setattr(gemm, "SPLIT_K_MIN_ROWS", 64)
+    monkeypatch.setattr(mlp_backward, "WEIGHT_GRAD", "torch")
+    if force_layerwise:
+        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+    cfg = AUNNConfig(vocab_size=9, hidden=32, layers=4, bits=64, residual_every=2)
+    check_model(cfg, 256, generator)
+    params = make_params(cfg, generator)
+    idx = make_indices(cfg, 256, generator)
+    upstream = torch.randn(256, cfg.vocab_size, generator=generator).to(DEVICE)
+    p = with_grad(params)
+    (kernels.logits(idx, p, cfg, "fp32") * upstream).sum().backward()
+    ref = with_grad(as_double(params))
+    (reference.logits(idx, ref, cfg) * upstream.double()).sum().backward()
+    assert rel_err(p.out_weight.grad, ref.out_weight.grad) < 1e-5
 
 
 @pytest.mark.parametrize("force_layerwise", [False, True])
