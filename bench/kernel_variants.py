@@ -5,8 +5,9 @@
 Each candidate sets the kernels' benchmarking switches: the trunk weight-gradient method
 (``mlp_backward.WEIGHT_GRAD``: "torch" or "partials", the latter once per
 ``--programs-per-sm`` value), the sigmoid (``common.SIGMOID``: "exact" or "tanh", bf16 only),
-the tiles (``common.TILE_OVERRIDES``: rows per program and warps, forward or backward) and
-the widest fused model (``common.FUSED_MAX_HIDDEN``; 0 runs H=128 on the layer-wise path).
+the tiles (``common.TILE_OVERRIDES``: rows per program and warps, forward or backward),
+the widest fused model (``common.FUSED_MAX_HIDDEN``; 0 runs H=128 on the layer-wise path) and
+the weight-gradient products' split over the batch (``gemm.SPLIT_K_MIN_ROWS``).
 Two workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
 
 * predict - forward + argmax (``kernels.predict``), bf16, seed model (H=64) at 16M and H=128 at 4M;
@@ -51,24 +52,27 @@ class Variant:
     tiles: tuple[tuple[str, int], ...] = ()
     programs_per_sm: int | None = None
     fused_max_hidden: int | None = None
+    split_k_min_rows: int | None = None
 
     @contextmanager
     def applied(self) -> Iterator[None]:
-        from aunn_fast.kernels import common, mlp_backward
+        from aunn_fast.kernels import common, gemm, mlp_backward
 
         saved = (mlp_backward.WEIGHT_GRAD, mlp_backward.PARTIAL_PROGRAMS_PER_SM, common.SIGMOID,
-                 common.FUSED_MAX_HIDDEN, dict(common.TILE_OVERRIDES))
+                 common.FUSED_MAX_HIDDEN, gemm.SPLIT_K_MIN_ROWS, dict(common.TILE_OVERRIDES))
         mlp_backward.WEIGHT_GRAD, common.SIGMOID = self.weight_grad, self.sigmoid
         if self.programs_per_sm is not None:
             mlp_backward.PARTIAL_PROGRAMS_PER_SM = self.programs_per_sm
         if self.fused_max_hidden is not None:
             common.FUSED_MAX_HIDDEN = self.fused_max_hidden
+        if self.split_k_min_rows is not None:
+            gemm.SPLIT_K_MIN_ROWS = self.split_k_min_rows
         common.TILE_OVERRIDES.update(self.tiles)
         try:
             yield
         finally:
             (mlp_backward.WEIGHT_GRAD, mlp_backward.PARTIAL_PROGRAMS_PER_SM, common.SIGMOID, common.FUSED_MAX_HIDDEN,
-             tiles) = saved
+             gemm.SPLIT_K_MIN_ROWS, tiles) = saved
             common.TILE_OVERRIDES.clear()
             common.TILE_OVERRIDES.update(tiles)
 
@@ -109,11 +113,13 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), *forward_tiles]
     train_bf16 = [Variant("torch"), *partials, *tanh]
     train_fp32 = [Variant("torch"), *partials]
+    # "torch"'s weight-gradient products as one cuBLAS product per layer, unsplit over the batch
+    no_batch_split = Variant("torch, no batch split", split_k_min_rows=1 << 62)
     # H = 128 is the widest fused model: the layer-wise path (cuBLAS + epilogues) beside it
     layerwise = [Variant("layer-wise", fused_max_hidden=0), Variant("layer-wise + tanh", sigmoid="tanh",
                                                                     fused_max_hidden=0)]
     return [Step("predict", "seed", 64, 1 << 24, "bf16", predict),
-            Step("train", "seed", 64, 1 << 20, "bf16", [*train_bf16, *backward_tiles(64)]),
+            Step("train", "seed", 64, 1 << 20, "bf16", [*train_bf16, *backward_tiles(64), no_batch_split]),
             Step("train", "seed", 64, 8192, "bf16", [*train_bf16, *backward_tiles(64)]),
             Step("train", "seed", 64, 65536, "bf16", [*train_bf16, *backward_tiles(64)]),
             Step("train", "notebook", 512, 2048, "bf16", [Variant("layer-wise"), Variant("layer-wise + tanh",

@@ -159,22 +159,23 @@ def test_kernel_variants_check_then_time_and_report_failures():
     if reason:
         pytest.skip(reason)
     from aunn_fast.bench import kernel_variants as kv
-    from aunn_fast.kernels import common, mlp_backward
+    from aunn_fast.kernels import common, gemm, mlp_backward
 
     plan = [kv.Step("predict", "tiny", 16, 37, "fp32",
                     [kv.Variant("default"), kv.Variant("32 rows, 2 warps", tiles=(("block_m", 32), ("num_warps", 2)))]),
             kv.Step("train", "tiny", 16, 37, "fp32",
                     [kv.Variant("partials", "partials", programs_per_sm=1),
-                     kv.Variant("layer-wise", fused_max_hidden=0), kv.Variant("bogus", "atomics")])]
+                     kv.Variant("layer-wise", fused_max_hidden=0), kv.Variant("split", split_k_min_rows=8),
+                     kv.Variant("bogus", "atomics")])]
     rows = kv.run(plan, torch.device("cpu"), log=lambda *_: None)
     assert [(r["workload"], r["variant"]) for r in rows] == [
         ("predict", "default"), ("predict", "32 rows, 2 warps"), ("train", "partials"), ("train", "layer-wise"),
-        ("train", "bogus")]
-    for r in rows[:4]:
+        ("train", "split"), ("train", "bogus")]
+    for r in rows[:5]:
         assert r["correct"] and r["error"] is None and r["max_rel_err"] < 1e-4 and r["ms"] > 0, r
-    assert "atomics" in rows[4]["error"] and rows[4]["ms"] is None
+    assert "atomics" in rows[5]["error"] and rows[5]["ms"] is None
     assert mlp_backward.WEIGHT_GRAD == "torch" and common.TILE_OVERRIDES == {} and common.SIGMOID == "exact"
-    assert common.FUSED_MAX_HIDDEN == 128
+    assert common.FUSED_MAX_HIDDEN == 128 and gemm.SPLIT_K_MIN_ROWS == 4096
     table = kv.markdown({"device": "cpu", "torch": "-", "triton": "-", "commit": "-", "date": "-"}, rows)
     assert "| train | tiny | 16 | 37 | fp32 | bogus | — | ERROR |" in table
 
