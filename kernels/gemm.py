@@ -45,17 +45,21 @@ def matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
 # output tile at H = 64. A batched cuBLAS product runs about one block per output tile, without
 # splitting N, so a handful of SMs would stream the whole batch. batch_reduced_matmul cuts N into
 # S equal chunks (S a power of two dividing N, at most SPLIT_K_MAX, chunks of at least
-# SPLIT_K_MIN_ROWS rows), runs one batched product over all chunks and sums the S partial results.
+# SPLIT_K_MIN_ROWS rows, the S partial results at most SPLIT_K_MAX_PARTIALS fp32 elements: a
+# large output has tiles enough), runs one batched product over all chunks and sums the partials.
 SPLIT_K_MIN_ROWS = 4096
 SPLIT_K_MAX = 256
+SPLIT_K_MAX_PARTIALS = 1 << 24
 
 
 def batch_reduced_matmul(dz: torch.Tensor, a: torch.Tensor, precision: str) -> torch.Tensor:
     """fp32 [..., H_out, H_in] = dz[..., N, H_out].T @ a[..., N, H_in] in mode precision (one optional
     leading batch dim, e.g. layers; both contiguous), the sum over N split into chunks (see above)."""
     n = dz.shape[-2]
+    out_elements = math.prod(dz.shape[:-2]) * dz.shape[-1] * a.shape[-1]
     splits = 1
-    while splits < SPLIT_K_MAX and n % (2 * splits) == 0 and n // (2 * splits) >= SPLIT_K_MIN_ROWS:
+    while (splits < SPLIT_K_MAX and n % (2 * splits) == 0 and n // (2 * splits) >= SPLIT_K_MIN_ROWS
+           and 2 * splits * out_elements <= SPLIT_K_MAX_PARTIALS):
         splits *= 2
     if splits == 1:
         return matmul(dz.transpose(-1, -2), a, precision)

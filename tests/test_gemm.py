@@ -35,3 +35,21 @@ def test_batch_reduced_matmul_splits_the_batch(rows, splits, generator, monkeypa
         assert calls == [(2 * splits, 16, rows // splits), (splits, 16, rows // splits)]
     else:
         assert calls == [(2, 16, rows), (16, rows)]
+
+
+def test_batch_reduced_matmul_bounds_its_partials(monkeypatch):
+    """A large output (the logits backward's [V, H] at vocab 50,257) has tiles enough: no split
+    that would hold more than SPLIT_K_MAX_PARTIALS fp32 partial elements."""
+    def shaped(*shape):  # a zero-stride view: the shapes matter, not the values
+        return torch.zeros(()).expand(*shape)
+
+    calls = []
+
+    def product(x, y, precision):
+        calls.append(tuple(x.shape))
+        return shaped(*x.shape[:-1], y.shape[-1])
+
+    monkeypatch.setattr(gemm, "matmul", product)
+    gemm.batch_reduced_matmul(shaped(1 << 20, 50_257), shaped(1 << 20, 256), "bf16")
+    gemm.batch_reduced_matmul(shaped(6, 1 << 20, 512), shaped(6, 1 << 20, 512), "bf16")
+    assert calls == [(50_257, 1 << 20), (6 * 8, 512, (1 << 20) // 8)]  # 6 x 8 x 512 x 512 = 2**24 partials
