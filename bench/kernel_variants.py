@@ -58,21 +58,21 @@ class Variant:
     def applied(self) -> Iterator[None]:
         from aunn_fast.kernels import common, gemm, mlp_backward
 
-        saved = (mlp_backward.WEIGHT_GRAD, mlp_backward.PARTIAL_PROGRAMS_PER_SM, common.SIGMOID,
-                 common.FUSED_MAX_HIDDEN, gemm.SPLIT_K_MIN_ROWS, dict(common.TILE_OVERRIDES))
-        mlp_backward.WEIGHT_GRAD, common.SIGMOID = self.weight_grad, self.sigmoid
-        if self.programs_per_sm is not None:
-            mlp_backward.PARTIAL_PROGRAMS_PER_SM = self.programs_per_sm
-        if self.fused_max_hidden is not None:
-            common.FUSED_MAX_HIDDEN = self.fused_max_hidden
-        if self.split_k_min_rows is not None:
-            gemm.SPLIT_K_MIN_ROWS = self.split_k_min_rows
+        switches = [(mlp_backward, "WEIGHT_GRAD", self.weight_grad), (common, "SIGMOID", self.sigmoid),
+                    (mlp_backward, "PARTIAL_PROGRAMS_PER_SM", self.programs_per_sm),
+                    (common, "FUSED_MAX_HIDDEN", self.fused_max_hidden),
+                    (gemm, "SPLIT_K_MIN_ROWS", self.split_k_min_rows)]
+        saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
+        tiles = dict(common.TILE_OVERRIDES)
+        for module, name, value in switches:
+            if value is not None:
+                setattr(module, name, value)
         common.TILE_OVERRIDES.update(self.tiles)
         try:
             yield
         finally:
-            (mlp_backward.WEIGHT_GRAD, mlp_backward.PARTIAL_PROGRAMS_PER_SM, common.SIGMOID, common.FUSED_MAX_HIDDEN,
-             gemm.SPLIT_K_MIN_ROWS, tiles) = saved
+            for module, name, value in saved:
+                setattr(module, name, value)
             common.TILE_OVERRIDES.clear()
             common.TILE_OVERRIDES.update(tiles)
 
