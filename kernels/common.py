@@ -102,9 +102,9 @@ def fast_sigmoid(precision: str) -> bool:
 # so every dot output (hidden width, vocabulary chunk) is padded to at least 64 columns.
 MIN_TILE_N = 64
 
-# Hidden widths up to this run the whole trunk in registers (one launch); wider
-# models run layer by layer: a cuBLAS GEMM, then one fused epilogue launch. Read at call time, so tests
-# may lower it to exercise the layer-wise path on small shapes.
+# Hidden widths up to this run the whole trunk in registers (one launch); wider models run
+# layer by layer: a cuBLAS GEMM, then one fused epilogue launch. Read at call time, so
+# tests may lower it to exercise the layer-wise path on small shapes.
 FUSED_MAX_HIDDEN = 128
 
 

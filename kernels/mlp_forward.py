@@ -44,9 +44,7 @@ HEAD_COPY_MIN_ELEMENTS = 1 << 20
 
 def head_weight(out_weight: torch.Tensor, precision: str) -> torch.Tensor:
     """The output weight [V, H] as the head kernels read it: fp32, or a bf16 copy (see above)."""
-    if precision == "bf16" and out_weight.numel() >= HEAD_COPY_MIN_ELEMENTS:
-        return out_weight.to(torch.bfloat16)
-    return out_weight
+    return reusable_operand(out_weight, precision) if out_weight.numel() >= HEAD_COPY_MIN_ELEMENTS else out_weight
 
 
 @triton.jit
