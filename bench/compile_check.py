@@ -130,29 +130,31 @@ def _compile_all(configs: list[str], precisions: list[str]) -> list[dict[str, ob
                      **_sass_counts(compiled.asm["cubin"])})
 
     mlp_forward.launch = mlp_backward.launch = compile_only
-    n = 4096
     for name in configs:
         hidden, layers, vocab = CONFIGS[name]
         cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers)
         params = init_params(cfg)
-        idx = torch.randint(0, 2**62, (n,))
-        targets = torch.randint(0, vocab, (n,))
-        for precision in precisions:
-            for sigmoid in common.SIGMOID_CHOICES if precision == "bf16" else ("exact",):
-                common.SIGMOID = sigmoid
-                context.update(config=name, precision=precision, sigmoid=sigmoid)
-                for mode, label in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_LOSS, "loss")):
-                    context["path"] = f"forward {label}"
-                    mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps, precision, mode,
-                                        False)
-                context["path"] = "forward loss, training"
-                out, lse, acts, zs = mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps,
-                                                         precision, MODE_LOSS, True)
-                for weight_grad in ("torch", "partials"):
-                    context["path"] = f"backward ({weight_grad})"
-                    mlp_backward.WEIGHT_GRAD = weight_grad
-                    mlp_backward.backward(idx, targets, torch.ones(n), lse, acts, zs, *params, cfg.residual_every,
-                                          cfg.norm_eps, precision, MODE_LOSS)
+        # 4,096 rows; and for a large head 64, whose few row blocks split the vocabulary into ranges
+        for n in (4096, 64) if vocab >= common.VOCAB_SPLIT_MIN else (4096,):
+            rows_label = "" if n == 4096 else ", few rows"
+            idx = torch.randint(0, 2**62, (n,))
+            targets = torch.randint(0, vocab, (n,))
+            for precision in precisions:
+                for sigmoid in common.SIGMOID_CHOICES if precision == "bf16" else ("exact",):
+                    common.SIGMOID = sigmoid
+                    context.update(config=name, precision=precision, sigmoid=sigmoid)
+                    for mode, label in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_LOSS, "loss")):
+                        context["path"] = f"forward {label}{rows_label}"
+                        mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps, precision,
+                                            mode, False)
+                    context["path"] = f"forward loss, training{rows_label}"
+                    out, lse, acts, zs = mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps,
+                                                             precision, MODE_LOSS, True)
+                    for weight_grad in ("torch", "partials"):
+                        context["path"] = f"backward ({weight_grad}){rows_label}"
+                        mlp_backward.WEIGHT_GRAD = weight_grad
+                        mlp_backward.backward(idx, targets, torch.ones(n), lse, acts, zs, *params,
+                                              cfg.residual_every, cfg.norm_eps, precision, MODE_LOSS)
     return rows
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+import torch
 import triton
 import triton.language as tl
 
@@ -106,6 +107,36 @@ MIN_TILE_N = 64
 # layer by layer: a cuBLAS GEMM, then one fused epilogue launch. Read at call time, so
 # tests may lower it to exercise the layer-wise path on small shapes.
 FUSED_MAX_HIDDEN = 128
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; elsewhere (the interpreter) 4, so that the
+    tests' small grids still split their work as a GPU's do."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+# The head loops over the vocabulary inside each program, so a grid of row blocks alone has as
+# many programs as row blocks: with a short prompt and a large vocabulary (conditioning at vocab
+# 50,257) one program would stream the whole output weight, 51 MB in fp32 at H = 256, through one
+# SM. From VOCAB_SPLIT_MIN entries on, a grid with fewer than VOCAB_SPLIT_PROGRAMS_PER_SM
+# programs per SM cuts the vocabulary into contiguous ranges, one per program; the ranges'
+# partial results are combined afterwards (softmax statistics, argmax, dL/dh). Smaller heads
+# cost little next to the trunk, which a fused program would recompute for every range.
+VOCAB_SPLIT_MIN = 4096
+VOCAB_SPLIT_PROGRAMS_PER_SM = 2
+
+
+def vocab_splits(row_programs: int, vocab: int, block_v: int, device: torch.device) -> tuple[int, int]:
+    """(ranges, entries per range) of the head's vocabulary for a grid of row_programs programs;
+    the entries per range are a multiple of block_v, and no range is empty."""
+    tiles = triton.cdiv(vocab, block_v)
+    wanted = 1
+    if vocab >= VOCAB_SPLIT_MIN:
+        wanted = min(tiles, triton.cdiv(VOCAB_SPLIT_PROGRAMS_PER_SM * num_sms(device), max(row_programs, 1)))
+    tiles_per_range = triton.cdiv(tiles, wanted)
+    return triton.cdiv(tiles, tiles_per_range), tiles_per_range * block_v
 
 
 def next_pow2(x: int) -> int:
@@ -323,9 +354,10 @@ def dlogits(logits, row_max, log_sum, target, grad_row, vcols, vmask, row_mask):
 
 @triton.jit
 def head_backward_rows(h_ptr, target_ptr, grad_ptr, stats_ptr, w_ptr, b_ptr, rows, row_mask, hcols, hmask,
-                       H, V, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                       H, V, v_begin, v_end, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_HC: tl.constexpr, PRECISION: tl.constexpr):
-    """dL/dh[rows, hcols] [BLOCK_M, BLOCK_HC] of the loss sum_rows grad_row * CE(h @ w.T + b, target).
+    """dL/dh[rows, hcols] [BLOCK_M, BLOCK_HC] of the loss sum_rows grad_row * CE(h @ w.T + b, target),
+    the vocabulary entries [v_begin, v_end) only (v_begin a multiple of BLOCK_V).
 
     h is fp32 or bf16 [N, H].
 
@@ -335,7 +367,7 @@ def head_backward_rows(h_ptr, target_ptr, grad_ptr, stats_ptr, w_ptr, b_ptr, row
     target = tl.load(target_ptr + rows, mask=row_mask, other=0)
     grad_row = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
     dh = tl.zeros((BLOCK_M, BLOCK_HC), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_begin, v_end, BLOCK_V):
         vcols = v0 + tl.arange(0, BLOCK_V)
         vmask = vcols < V
         logits = head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,

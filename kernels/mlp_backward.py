@@ -13,8 +13,10 @@ Kernels:
 * :func:`head_weight_grad_kernel` - dL/d out_weight and out_bias, split over the batch:
   program (v-tile, h-tile, split) recomputes the logits of its rows and accumulates
   dlogits.T @ h in registers; the [splits, V, H] partials are summed once afterwards.
-* :func:`head_dh_kernel`, :func:`layer_backward_kernel` - the layer-wise path for wide
-  models: dL/dh of the head (logits recomputed, never stored), and per layer the residual
+* :func:`head_dh_kernel` - dL/dh of the head (logits recomputed, never stored), per
+  (row block, hidden-column chunk, vocabulary range): on the layer-wise path, and on the
+  fused one when its row blocks are too few for a large vocabulary (``common.vocab_splits``).
+* :func:`layer_backward_kernel` - the layer-wise path for wide models: per layer the residual
   bookkeeping, the SiLU/RMSNorm backward from the stored pre-activations, and per-program
   gain and bias gradients.
 
@@ -40,9 +42,11 @@ from .common import (
     index_bits,
     launch,
     load_softmax_stats,
+    num_sms,
     precision_code,
     silu_rmsnorm_backward,
     store_activation,
+    vocab_splits,
 )
 from .gemm import batch_reduced_matmul, matmul, reusable_operand
 from .mlp_forward import MODE_LOGITS, MODE_LOSS, head_weight, index_bits_matrix, new_buffer
@@ -116,7 +120,7 @@ def aunn_backward_kernel(
 
         if HEAD_FROM_LSE:
             gh = head_backward_rows(act_ptr + head_in_offset, target_ptr, grad_ptr, lse_ptr, out_w_ptr, out_b_ptr,
-                                    rows, row_mask, hcols, hmask, H, V,
+                                    rows, row_mask, hcols, hmask, H, V, 0, V,
                                     BLOCK_M, BLOCK_V, BLOCK_H, BLOCK_H, PRECISION)
         else:
             gh = tl.load(grad_ptr + act_row, mask=act_mask, other=0.0)
@@ -209,18 +213,24 @@ def head_weight_grad_kernel(
 @triton.jit
 def head_dh_kernel(
     h_ptr, target_ptr, grad_ptr, lse_ptr, out_w_ptr, out_b_ptr, dh_ptr,
-    N, H, V,
+    N, H, V, v_per_range,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dL/dh fp32 [N, H] of sum_rows grad * CE, tile (BLOCK_M rows, BLOCK_HC columns) per program."""
+    """dL/dh of sum_rows grad * CE over the vocabulary range r = program axis 2, entries
+    [r * v_per_range, (r + 1) * v_per_range): fp32 [ranges, N, H], to be summed over the ranges;
+    a tile of BLOCK_M rows and BLOCK_HC columns per program."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     hcols = tl.program_id(1) * BLOCK_HC + tl.arange(0, BLOCK_HC)
     hmask = hcols < H
+    v_range = tl.program_id(2)
+    v_begin = v_range * v_per_range
     dh = head_backward_rows(h_ptr, target_ptr, grad_ptr, lse_ptr, out_w_ptr, out_b_ptr, rows, row_mask,
-                            hcols, hmask, H, V, BLOCK_M, BLOCK_V, BLOCK_K, BLOCK_HC, PRECISION)
-    tl.store(dh_ptr + rows[:, None] * H + hcols[None, :], dh, mask=row_mask[:, None] & hmask[None, :])
+                            hcols, hmask, H, V, v_begin, tl.minimum(V, v_begin + v_per_range),
+                            BLOCK_M, BLOCK_V, BLOCK_K, BLOCK_HC, PRECISION)
+    out = dh_ptr + v_range.to(tl.int64) * N * H + rows[:, None] * H + hcols[None, :]
+    tl.store(out, dh, mask=row_mask[:, None] & hmask[None, :])
 
 
 @triton.jit
@@ -263,17 +273,11 @@ def layer_backward_kernel(
     tl.store(dbias_ptr + pid.to(tl.int64) * partial_stride + hcols, dbias, mask=hmask)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _persistent_programs(device: torch.device, row_blocks: int, per_sm: int) -> int:
     """Programs of a persistent grid over row_blocks: per_sm per SM. Under the interpreter 2,
     so that the tests' programs each sum several row blocks."""
     if device.type == "cuda":
-        return min(row_blocks, per_sm * _num_sms(device))
+        return min(row_blocks, per_sm * num_sms(device))
     return min(row_blocks, 2)
 
 
@@ -304,14 +308,14 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     h_last = acts[n_hidden]
     # the head kernels' output weight (a bf16 copy for large heads); the fused trunk backward reads
     # fp32 (with a bf16 one its "partials" form fails to compile under Triton 3.6)
-    w_out = head_weight(out_weight, precision)
+    w_out = head_weight(out_weight, precision, n)
 
     # ---- head: dL/d out_weight, out_bias, and (unless fused below) dL/dh_last
     dh = None
     if mode == MODE_LOSS:
         grid_v, grid_h = triton.cdiv(vocab, t.block_v), triton.cdiv(hidden, t.block_hc)
         head_blocks = triton.cdiv(n, t.block_m_head)
-        splits = max(1, min(head_blocks, triton.cdiv(4 * _num_sms(device), grid_v * grid_h)))
+        splits = max(1, min(head_blocks, triton.cdiv(4 * num_sms(device), grid_v * grid_h)))
         rows_per_split = triton.cdiv(head_blocks, splits) * t.block_m_head
         splits = triton.cdiv(n, rows_per_split)
         dw_part = new_buffer((splits, vocab, hidden), torch.float32, device)
@@ -322,12 +326,16 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
                BLOCK_M=t.block_m_head, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
                PRECISION=prec, num_warps=t.num_warps)
         d_out_weight, d_out_bias = dw_part.sum(0), db_part.sum(0)
-        if not t.fused:
-            dh = new_buffer((n, hidden), torch.float32, device)
-            launch(head_dh_kernel, (head_blocks, grid_h),
-                   h_last, targets, grad, lse, w_out, out_bias, dh, n, hidden, vocab,
+        # dL/dh by head_dh_kernel: on the layer-wise path, and when the fused trunk backward's row
+        # blocks are too few to cover a large head (each would stream all of it; see vocab_splits)
+        if not t.fused or vocab_splits(triton.cdiv(n, t.block_m_bwd), vocab, t.block_v, device)[0] > 1:
+            ranges, v_per_range = vocab_splits(head_blocks * grid_h, vocab, t.block_v, device)
+            dh = new_buffer((ranges, n, hidden), torch.float32, device)
+            launch(head_dh_kernel, (head_blocks, grid_h, ranges),
+                   h_last, targets, grad, lse, w_out, out_bias, dh, n, hidden, vocab, v_per_range,
                    BLOCK_M=t.block_m_head, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
                    PRECISION=prec, num_warps=t.num_warps)
+            dh = dh[0] if ranges == 1 else dh.sum(0)
     else:
         assert mode == MODE_LOGITS
         d_out_weight = batch_reduced_matmul(grad, h_last, precision)

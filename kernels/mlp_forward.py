@@ -7,7 +7,9 @@ Kernels:
   residuals included); the head then loops over the vocabulary in BLOCK_V chunks and
   finishes per MODE: 0 stores logits, 1 keeps a running argmax, 2 keeps an online
   logsumexp plus the target logit and stores the per-row loss and logsumexp. Without
-  FUSED_TRUNK the trunk's last activation is read from memory (layer-wise path).
+  FUSED_TRUNK the trunk's last activation is read from memory (layer-wise path). With
+  few row blocks and a large vocabulary a second grid axis splits the vocabulary into
+  ranges (``common.vocab_splits``) whose partial results :func:`combine_ranges` merges.
 * :func:`layer_epilogue_kernel` - the layer-wise path for wide models: per layer a
   PyTorch GEMM (cuBLAS), then this kernel: bias + SiLU + RMSNorm * gain (+ residual).
 * :func:`index_bits_kernel` - the layer-wise path's input: the index bits as a GEMM operand.
@@ -19,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .common import (choose_tiles, dot, fast_sigmoid, head_logits_tile, index_bits, launch, next_pow2,
-                     precision_code, silu_rmsnorm, store_activation)
+                     precision_code, silu_rmsnorm, store_activation, vocab_splits)
 from .gemm import matmul, reusable_operand
 
 MODE_LOGITS, MODE_ARGMAX, MODE_LOSS = 0, 1, 2
@@ -36,15 +38,18 @@ def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-# The head reads the whole output weight once per row block. From this many elements on, in the
-# bf16 mode it reads a bf16 copy: half the bytes, and at vocab 50,257 x H 256 (25 MB) the copy
-# stays in the H100's 50 MB L2. Smaller heads stay in cache as fp32; a copy would be one more launch.
+# The head reads the whole output weight once per row block. From this many elements and rows on,
+# in the bf16 mode it reads a bf16 copy: half the bytes, and at vocab 50,257 x H 256 (25 MB) the
+# copy stays in the H100's 50 MB L2. Smaller heads stay in cache as fp32; and with fewer rows (a
+# prompt: a row block or two) the weight is read about once, less than the copy's own read and write.
 HEAD_COPY_MIN_ELEMENTS = 1 << 20
+HEAD_COPY_MIN_ROWS = 256
 
 
-def head_weight(out_weight: torch.Tensor, precision: str) -> torch.Tensor:
-    """The output weight [V, H] as the head kernels read it: fp32, or a bf16 copy (see above)."""
-    return reusable_operand(out_weight, precision) if out_weight.numel() >= HEAD_COPY_MIN_ELEMENTS else out_weight
+def head_weight(out_weight: torch.Tensor, precision: str, rows: int) -> torch.Tensor:
+    """The output weight [V, H] as the head kernels read it for a batch of rows: fp32, or a bf16 copy (see above)."""
+    large = out_weight.numel() >= HEAD_COPY_MIN_ELEMENTS and rows >= HEAD_COPY_MIN_ROWS
+    return reusable_operand(out_weight, precision) if large else out_weight
 
 
 @triton.jit
@@ -61,15 +66,16 @@ def hidden_layer(h, w_ptr, b_ptr, g_ptr, layer, H, eps, hcols, hmask,
 
 @triton.jit
 def aunn_forward_kernel(
-    idx_ptr, target_ptr, out_ptr, lse_ptr, act_ptr,
+    idx_ptr, target_ptr, out_ptr, lse_ptr, part_ptr, act_ptr,
     in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,
-    N, H, V, n_hidden, n_grouped, eps, act_stride, head_in_offset,
+    N, H, V, n_hidden, n_grouped, eps, act_stride, head_in_offset, v_per_range,
     BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL_EVERY: tl.constexpr, UNROLL_GROUPS: tl.constexpr,
-    MODE: tl.constexpr, FUSED_TRUNK: tl.constexpr, STORE_ACTS: tl.constexpr, PRECISION: tl.constexpr,
-    FAST_SIGMOID: tl.constexpr,
+    MODE: tl.constexpr, FUSED_TRUNK: tl.constexpr, STORE_ACTS: tl.constexpr, SPLIT_V: tl.constexpr,
+    PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,
 ):
-    """Forward of BLOCK_M indices.
+    """Forward of BLOCK_M indices (program axis 0) over the vocabulary range [r * v_per_range,
+    (r + 1) * v_per_range) (program axis 1: r; one range of all V unless SPLIT_V).
 
     idx int64 [N]; target int64 [N] (MODE 2); weights fp32 as in AUNNParams (out_w: or its bf16 copy).
     act fp32 or bf16 [n_hidden + 1, N, H] (layer stride act_stride = N * H;
@@ -77,15 +83,20 @@ def aunn_forward_kernel(
     written when STORE_ACTS (fused trunk), read (last layer only) when not FUSED_TRUNK.
     out: MODE 0 logits fp32 [N, V]; MODE 1 argmax int64 [N]; MODE 2 per-row CE fp32 [N]
     (and lse fp32 [N, 2]: per row the max logit and log-sum-exp of logits minus it, for the backward).
+    With SPLIT_V, modes 1 and 2 store their range's partial results instead, for
+    :func:`combine_ranges`: part fp32 [ranges, 3, N] holds MODE 1 (best logit, its index, -),
+    MODE 2 (max logit, sum of exp(logit - max), target logit or 0); out and lse are not written.
+    A fused trunk is then recomputed by every range's program and stored by range 0's.
     UNROLL_GROUPS: the first n_grouped hidden layers run as unrolled groups of RESIDUAL_EVERY.
     """
     pid = tl.program_id(0)
+    v_range = tl.program_id(1)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     hcols = tl.arange(0, BLOCK_H)
     hmask = hcols < H
     act_row = rows[:, None] * H + hcols[None, :]
-    act_mask = row_mask[:, None] & hmask[None, :]
+    act_store_mask = row_mask[:, None] & hmask[None, :] & (v_range == 0)  # range 0 stores the trunk
 
     if FUSED_TRUNK:
         # input layer: h = RMSNorm(SiLU(bits @ W_in.T + b_in)) * g_in
@@ -99,7 +110,7 @@ def aunn_forward_kernel(
         res = h
         out_act_ptr = act_ptr  # advanced one layer at a time: pointer + int never overflows int32
         if STORE_ACTS:
-            store_activation(out_act_ptr + act_row, h, act_mask, PRECISION)
+            store_activation(out_act_ptr + act_row, h, act_store_mask, PRECISION)
         # hidden layers; after every RESIDUAL_EVERY-th, h += res and res = h
         if UNROLL_GROUPS:
             # groups of RESIDUAL_EVERY layers unrolled, each ending with the add, then the layers
@@ -115,7 +126,7 @@ def aunn_forward_kernel(
                         res = h
                     if STORE_ACTS:
                         out_act_ptr += act_stride
-                        store_activation(out_act_ptr + act_row, h, act_mask, PRECISION)
+                        store_activation(out_act_ptr + act_row, h, act_store_mask, PRECISION)
             first_ungrouped = n_grouped
         else:
             first_ungrouped = 0
@@ -127,7 +138,7 @@ def aunn_forward_kernel(
                 res = h
             if STORE_ACTS:
                 out_act_ptr += act_stride
-                store_activation(out_act_ptr + act_row, h, act_mask, PRECISION)
+                store_activation(out_act_ptr + act_row, h, act_store_mask, PRECISION)
 
     # head, BLOCK_V vocabulary entries at a time
     best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -137,7 +148,8 @@ def aunn_forward_kernel(
     target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if MODE == 2:
         target = tl.load(target_ptr + rows, mask=row_mask, other=0)
-    for v0 in range(0, V, BLOCK_V):
+    v_begin = v_range * v_per_range
+    for v0 in range(v_begin, tl.minimum(V, v_begin + v_per_range), BLOCK_V):
         vcols = v0 + tl.arange(0, BLOCK_V)
         vmask = vcols < V
         if FUSED_TRUNK:
@@ -165,9 +177,18 @@ def aunn_forward_kernel(
                 run_max = new_max
                 target_logit += tl.sum(tl.where(vcols[None, :] == target[:, None], logits, 0.0), axis=1)
 
-    if MODE == 1:
+    if SPLIT_V:
+        part = part_ptr + v_range.to(tl.int64) * 3 * N + rows
+        if MODE == 1:
+            tl.store(part, best, mask=row_mask)
+            tl.store(part + N, best_arg.to(tl.float32), mask=row_mask)  # exact: V <= 65,536 < 2^24
+        if MODE == 2:
+            tl.store(part, run_max, mask=row_mask)
+            tl.store(part + N, run_sum, mask=row_mask)
+            tl.store(part + 2 * N, target_logit, mask=row_mask)
+    elif MODE == 1:
         tl.store(out_ptr + rows, best_arg.to(tl.int64), mask=row_mask)
-    if MODE == 2:
+    elif MODE == 2:
         log_sum = tl.log(run_sum)
         tl.store(out_ptr + rows, (run_max - target_logit) + log_sum, mask=row_mask)
         tl.store(lse_ptr + 2 * rows, run_max, mask=row_mask)
@@ -286,7 +307,10 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
     if targets.numel() == 0:
         targets = idx  # placeholder pointer, never read unless mode == MODE_LOSS
 
-    grid = (triton.cdiv(n, t.block_m),)
+    row_blocks = triton.cdiv(n, t.block_m)
+    ranges, v_per_range = vocab_splits(row_blocks, vocab, t.block_v, device)
+    split_v = ranges > 1 and mode != MODE_LOGITS  # split logits need no combining
+    part = new_buffer((ranges, 3, n) if split_v else (0,), f32, device)
     # unrolled residual groups only where the extra copies of a layer fit: not at H = 128 (305 KiB
     # of shared memory), not in fp32 (its FMA-unit products then spill KBs), not past 4 layers
     unroll_groups = t.fused and t.block_h <= 64 and precision != "fp32" and residual_every <= min(n_hidden, 4)
@@ -300,13 +324,32 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
         if not save:
             head_in, head_in_offset = outs[-1], 0
 
-    launch(aunn_forward_kernel, grid,
-           idx, targets, out, lse, head_in,
-           in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, head_weight(out_weight, precision),
+    launch(aunn_forward_kernel, (row_blocks, ranges),
+           idx, targets, out, lse, part, head_in,
+           in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, head_weight(out_weight, precision, n),
            out_bias, n, hidden, vocab, n_hidden, n_hidden // residual_every * residual_every, eps, n * hidden,
-           head_in_offset,
+           head_in_offset, v_per_range,
            BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
            BLOCK_K=t.block_k_head, RESIDUAL_EVERY=residual_every, UNROLL_GROUPS=unroll_groups, MODE=mode,
-           FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused, PRECISION=prec, FAST_SIGMOID=fast,
+           FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused, SPLIT_V=split_v, PRECISION=prec, FAST_SIGMOID=fast,
            num_warps=t.num_warps)
+    if split_v:
+        out, lse = combine_ranges(part, mode, lse)
     return out, lse, acts, zs
+
+
+def combine_ranges(part: torch.Tensor, mode: int, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the head from its vocabulary ranges' partials (see :func:`aunn_forward_kernel`).
+
+    part fp32 [ranges, 3, N]. MODE_ARGMAX: out int64 [N], the index of the best logit, on ties
+    the first range's (torch.argmax keeps the first maximum, as each range kept its first); lse
+    is passed through. MODE_LOSS: out fp32 [N] the cross-entropy, lse fp32 [N, 2] per row the
+    max logit and the log-sum-exp of the logits minus it.
+    """
+    if mode == MODE_ARGMAX:
+        best_range = part[:, 0].argmax(0, keepdim=True)
+        return part[:, 1].gather(0, best_range).squeeze(0).long(), lse
+    range_max, range_sum, target_logit = part.unbind(1)
+    row_max = range_max.amax(0)
+    log_sum = (range_sum * torch.exp(range_max - row_max)).sum(0).log()
+    return (row_max - target_logit.sum(0)) + log_sum, torch.stack([row_max, log_sum], 1)

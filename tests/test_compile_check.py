@@ -23,6 +23,8 @@ def test_default_paths_compile_for_hopper(tmp_path):
     assert not failed, "\n".join(map(str, failed))
     assert {"aunn_forward_kernel", "aunn_backward_kernel", "head_weight_grad_kernel"} <= {r["kernel"] for r in rows}
     assert any(r["path"] == "backward (partials)" for r in rows)
+    # vocab 50,257 at 64 rows: the head split into vocabulary ranges, dL/dh by head_dh_kernel
+    assert {"aunn_forward_kernel", "head_dh_kernel"} <= {r["kernel"] for r in rows if r["path"].endswith("few rows")}
 
     def forward(sigmoid: str) -> dict[str, str]:
         (row,) = [r for r in rows if (r["config"], r["precision"], r["sigmoid"], r["path"])

@@ -69,6 +69,12 @@ def layerwise(monkeypatch):
     monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
 
 
+@pytest.fixture
+def vocab_ranges(monkeypatch):
+    """Split every head's vocabulary into ranges, as few rows at vocab 50,257 do (common.vocab_splits)."""
+    monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -265,10 +271,40 @@ def test_fp32_wide_model(hidden, batch, generator):
     check_model(cfg, batch, generator)
 
 
-def test_fp32_largest_vocab(generator):
-    """vocab 65,536, the largest supported: the head's 512 vocabulary tiles, logits never stored on the loss path."""
+@pytest.mark.parametrize("split", [False, True])
+def test_fp32_largest_vocab(split, generator, monkeypatch):
+    """vocab 65,536, the largest supported: the head's 1,024 vocabulary tiles, logits never stored on the
+    loss path; in one program per row block, or (as 3 rows are, by default) split into vocabulary ranges."""
+    monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0 if split else 1 << 30)
     cfg = AUNNConfig(vocab_size=65536, hidden=16, layers=2, bits=64)
+    assert (common.vocab_splits(1, cfg.vocab_size, 64, DEVICE)[0] > 1) == split
     check_model(cfg, 3, generator)
+
+
+@pytest.mark.parametrize("force_layerwise", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_vocabulary_ranges(force_layerwise, precision, generator, vocab_ranges, monkeypatch):
+    """Few rows, the head split into vocabulary ranges: the ranges' softmax statistics and argmax
+    combined in the forward, their dL/dh summed in the backward (head_dh_kernel, also on the fused path)."""
+    if force_layerwise:
+        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+    cfg = AUNNConfig(vocab_size=300, hidden=32, layers=4, bits=64, residual_every=2)
+    assert common.vocab_splits(1, cfg.vocab_size, 128, DEVICE)[0] > 1
+    check_model(cfg, 37, generator, precision)
+
+
+@pytest.mark.parametrize("row_programs,vocab", [(1, 50257), (3, 50257), (5, 300), (8, 50257), (1000, 65536),
+                                                (1, 4095), (1, 4096)])
+def test_vocab_splits_cover_the_vocabulary(row_programs, vocab):
+    """Whole tiles per range, no empty range, every entry covered; split only large heads on grids
+    with fewer programs than wanted (4 'SMs' off a GPU, VOCAB_SPLIT_PROGRAMS_PER_SM each)."""
+    ranges, per_range = common.vocab_splits(row_programs, vocab, 128, torch.device("cpu"))
+    assert per_range % 128 == 0 and (ranges - 1) * per_range < vocab <= ranges * per_range
+    wanted = common.VOCAB_SPLIT_PROGRAMS_PER_SM * 4
+    if vocab < common.VOCAB_SPLIT_MIN or row_programs >= wanted:
+        assert ranges == 1
+    else:
+        assert ranges > 1 and row_programs * ranges >= wanted
 
 
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
@@ -306,9 +342,10 @@ def test_weight_gradients_split_over_the_batch(force_layerwise, generator, monke
 def test_bf16_head_weight_copy(force_layerwise, generator, weight_grad, monkeypatch):
     """The head kernels reading a bf16 copy of the output weight (large heads in bf16 mode)."""
     monkeypatch.setattr(mlp_forward, "HEAD_COPY_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(mlp_forward, "HEAD_COPY_MIN_ROWS", 0)
     if force_layerwise:
         monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
-    assert mlp_forward.head_weight(torch.ones(2, 2), "bf16").dtype == torch.bfloat16
+    assert mlp_forward.head_weight(torch.ones(2, 2), "bf16", 70).dtype == torch.bfloat16
     cfg = AUNNConfig(vocab_size=150, hidden=32, layers=4, bits=64, residual_every=2)
     check_model(cfg, 70, generator, "bf16")
 
@@ -383,8 +420,12 @@ def test_empty_batch(force_layerwise, generator, monkeypatch, weight_grad):
         assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any(), name
 
 
-def test_argmax_ties_pick_the_first(generator):
-    """Exact ties, inside a tile and across vocabulary tiles, resolve to the lowest index like torch.argmax."""
+@pytest.mark.parametrize("split", [False, True])
+def test_argmax_ties_pick_the_first(split, generator, monkeypatch):
+    """Exact ties, inside a tile and across vocabulary tiles (and ranges, when split), resolve to the
+    lowest index like torch.argmax."""
+    if split:
+        monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
     cfg = AUNNConfig(vocab_size=300, hidden=16, layers=3, bits=64)
     params = make_params(cfg, generator)
     bias = torch.zeros(cfg.vocab_size)
@@ -441,9 +482,12 @@ def test_gpu_layerwise_odd_shapes(precision, generator):
 
 
 @gpu_only
-def test_gpu_large_vocab_loss(generator):
-    cfg = AUNNConfig(vocab_size=50257, hidden=64, layers=4, bits=64)
-    check_model(cfg, 257, generator, "bf16")
+@pytest.mark.parametrize("hidden,n", [(64, 257), (256, 2), (256, 64)])
+def test_gpu_large_vocab_loss(hidden, n, generator):
+    """vocab 50,257 in bf16: fused with the bf16 weight copy, and layer-wise at a prompt's few rows
+    (fp32 weight, the vocabulary split into ranges over the SMs)."""
+    cfg = AUNNConfig(vocab_size=50257, hidden=hidden, layers=4, bits=64)
+    check_model(cfg, n, generator, "bf16")
 
 
 @pytest.mark.parametrize("force_layerwise", [False, True])
