@@ -325,7 +325,8 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
                n, hidden, vocab, rows_per_split,
                BLOCK_M=t.block_m_head, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
                PRECISION=prec, num_warps=t.num_warps)
-        d_out_weight, d_out_bias = dw_part.sum(0), db_part.sum(0)
+        # one split (a large head has tiles enough): its partials are the gradients, no 2 x V x H copy
+        d_out_weight, d_out_bias = (dw_part[0], db_part[0]) if splits == 1 else (dw_part.sum(0), db_part.sum(0))
         # dL/dh by head_dh_kernel: on the layer-wise path, and when the fused trunk backward's row
         # blocks are too few to cover a large head (each would stream all of it; see vocab_splits)
         if not t.fused or vocab_splits(triton.cdiv(n, t.block_m_bwd), vocab, t.block_v, device)[0] > 1:

@@ -490,10 +490,11 @@ def test_gpu_large_vocab_loss(hidden, n, generator):
     check_model(cfg, n, generator, "bf16")
 
 
-@pytest.mark.parametrize("force_layerwise", [False, True])
-def test_opcheck(force_layerwise, generator, monkeypatch):
+@pytest.mark.parametrize("force_layerwise,n", [(False, 65), (True, 65), (False, 37)])
+def test_opcheck(force_layerwise, n, generator, monkeypatch):
     """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of both operators,
-    fused and layer-wise (whose forward also calls PyTorch GEMMs).
+    fused and layer-wise (whose forward also calls PyTorch GEMMs); at 37 rows the head's
+    weight gradient has one batch split, returned without a sum (a view of its partials).
 
     argmax (mode 1) is checked without grad-requiring inputs, as predict() runs it under no_grad.
     """
@@ -505,15 +506,15 @@ def test_opcheck(force_layerwise, generator, monkeypatch):
 
     cfg = AUNNConfig(vocab_size=70, hidden=32, layers=4, bits=64)
     params = with_grad(make_params(cfg, generator))
-    idx = make_indices(cfg, 65, generator)
-    targets = torch.randint(0, 70, (65,), generator=generator).to(DEVICE)
+    idx = make_indices(cfg, n, generator)
+    targets = torch.randint(0, 70, (n,), generator=generator).to(DEVICE)
     hp = (cfg.residual_every, cfg.norm_eps, "fp32")
     for mode in (0, 2):
         opcheck(torch.ops.aunn_fast.forward.default, (idx, targets, *params, *hp, mode, True))
     detached = [p.detach() for p in params]
     opcheck(torch.ops.aunn_fast.forward.default, (idx, targets, *detached, *hp, 1, False))
     _, lse, acts, zs = torch.ops.aunn_fast.forward(idx, targets, *detached, *hp, 2, True)
-    upstream = torch.rand(65, generator=generator).to(DEVICE)
+    upstream = torch.rand(n, generator=generator).to(DEVICE)
     opcheck(torch.ops.aunn_fast.backward.default, (idx, targets, upstream, lse, acts, zs, *detached, *hp, 2))
 
 
