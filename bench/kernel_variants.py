@@ -6,13 +6,16 @@ Each candidate sets the kernels' benchmarking switches: the trunk weight-gradien
 (``mlp_backward.WEIGHT_GRAD``: "torch" or "partials", the latter once per
 ``--programs-per-sm`` value), the sigmoid (``common.SIGMOID``: "exact" or "tanh", bf16 only),
 the tiles (``common.TILE_OVERRIDES``: rows per program and warps, forward or backward),
-the widest fused model (``common.FUSED_MAX_HIDDEN``; 0 runs H=128 on the layer-wise path) and
-the weight-gradient products' split over the batch (``gemm.SPLIT_K_MIN_ROWS``).
+the widest fused model (``common.FUSED_MAX_HIDDEN``; 0 runs H=128 on the layer-wise path),
+the weight-gradient products' split over the batch (``gemm.SPLIT_K_MIN_ROWS``) and the head's
+vocabulary ranges at few rows (``common.VOCAB_SPLIT_MIN``).
 Two workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
 
-* predict - forward + argmax (``kernels.predict``), bf16, seed model (H=64) at 16M and H=128 at 4M;
+* predict - forward + argmax (``kernels.predict``), bf16, seed model (H=64) at 16M and H=128 at 4M,
+  last the bpe model (H=256, vocab 50,257) at 2,048;
 * train   - forward + loss + backward (``torch.autograd.grad``, no optimizer), bf16 then fp32,
-  seed model at 1M, 8,192 and 65,536, H=512 at 2,048, H=128 at 65,536.
+  seed model at 1M, 8,192 and 65,536, H=512 at 2,048, H=128 at 65,536; last the bpe model
+  at a 64-index prompt (conditioning's latency, less the SGD step).
 
 Every candidate is checked against the fp32 reference at min(batch, 65536) rows first
 (predict: the logits; train: every gradient; max |x - ref| / max |ref|, tolerances of
@@ -53,6 +56,7 @@ class Variant:
     programs_per_sm: int | None = None
     fused_max_hidden: int | None = None
     split_k_min_rows: int | None = None
+    vocab_split_min: int | None = None
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -61,7 +65,8 @@ class Variant:
         switches = [(mlp_backward, "WEIGHT_GRAD", self.weight_grad), (common, "SIGMOID", self.sigmoid),
                     (mlp_backward, "PARTIAL_PROGRAMS_PER_SM", self.programs_per_sm),
                     (common, "FUSED_MAX_HIDDEN", self.fused_max_hidden),
-                    (gemm, "SPLIT_K_MIN_ROWS", self.split_k_min_rows)]
+                    (gemm, "SPLIT_K_MIN_ROWS", self.split_k_min_rows),
+                    (common, "VOCAB_SPLIT_MIN", self.vocab_split_min)]
         saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
         tiles = dict(common.TILE_OVERRIDES)
         for module, name, value in switches:
@@ -79,7 +84,7 @@ class Variant:
 
 @dataclass(frozen=True)
 class Step:
-    """One shape of one workload (every model: 8 layers, vocab 4, 64 bits), with the variants to run."""
+    """One shape of one workload (every model: 8 layers, 64 bits), with the variants to run."""
 
     workload: str  # "predict" or "train"
     shape: str
@@ -87,6 +92,7 @@ class Step:
     batch: int
     precision: str
     variants: list[Variant]
+    vocab: int = 4
 
 
 def default_plan(programs_per_sm: list[int]) -> list[Step]:
@@ -118,6 +124,8 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # H = 128 is the widest fused model: the layer-wise path (cuBLAS + epilogues) beside it
     layerwise = [Variant("layer-wise", fused_max_hidden=0), Variant("layer-wise + tanh", sigmoid="tanh",
                                                                     fused_max_hidden=0)]
+    # a large head at few rows: its vocabulary split into ranges across the SMs, or one program per row block
+    vocab_ranges = [Variant("vocabulary ranges"), Variant("no vocabulary ranges", vocab_split_min=1 << 62)]
     return [Step("predict", "seed", 64, 1 << 24, "bf16", predict),
             Step("train", "seed", 64, 1 << 20, "bf16", [*train_bf16, *backward_tiles(64), no_batch_split]),
             Step("train", "seed", 64, 8192, "bf16", [*train_bf16, *backward_tiles(64)]),
@@ -127,7 +135,9 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
             Step("predict", "H128", 128, 1 << 22, "bf16", [*predict, *layerwise]),
             Step("train", "H128", 128, 65536, "bf16", [*train_bf16, *backward_tiles(128), *layerwise]),
             Step("train", "seed", 64, 1 << 20, "fp32", train_fp32),
-            Step("train", "H128", 128, 65536, "fp32", train_fp32)]
+            Step("train", "H128", 128, 65536, "fp32", train_fp32),
+            Step("train", "bpe", 256, 64, "bf16", vocab_ranges, vocab=50257),
+            Step("predict", "bpe", 256, 2048, "bf16", vocab_ranges, vocab=50257)]
 
 
 def make_inputs(hidden: int, batch: int, device: torch.device, layers: int = 8, vocab: int = 4):
@@ -183,10 +193,10 @@ def run(plan: list[Step], device: torch.device,
     rows: list[dict[str, Any]] = []
     for s in plan:
         error_fn, call = WORKLOADS[s.workload]
-        cfg, params, idx, targets = make_inputs(s.hidden, s.batch, device)
+        cfg, params, idx, targets = make_inputs(s.hidden, s.batch, device, vocab=s.vocab)
         check_n = min(s.batch, CHECK_ROWS)
         for variant in s.variants:
-            row = {"workload": s.workload, "shape": s.shape, "hidden": s.hidden, "batch": s.batch,
+            row = {"workload": s.workload, "shape": s.shape, "hidden": s.hidden, "vocab": s.vocab, "batch": s.batch,
                    "precision": s.precision, "variant": variant.label, "max_rel_err": None, "correct": None,
                    "ms": None, "m_idx_per_s": None, "error": None}
             rows.append(row)

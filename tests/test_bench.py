@@ -166,16 +166,17 @@ def test_kernel_variants_check_then_time_and_report_failures():
             kv.Step("train", "tiny", 16, 37, "fp32",
                     [kv.Variant("partials", "partials", programs_per_sm=1),
                      kv.Variant("layer-wise", fused_max_hidden=0), kv.Variant("split", split_k_min_rows=8),
-                     kv.Variant("bogus", "atomics")])]
+                     kv.Variant("bogus", "atomics")]),
+            kv.Step("train", "tiny-vocab", 16, 5, "fp32", [kv.Variant("ranges", vocab_split_min=0)], vocab=300)]
     rows = kv.run(plan, torch.device("cpu"), log=lambda *_: None)
     assert [(r["workload"], r["variant"]) for r in rows] == [
         ("predict", "default"), ("predict", "32 rows, 2 warps"), ("train", "partials"), ("train", "layer-wise"),
-        ("train", "split"), ("train", "bogus")]
-    for r in rows[:5]:
+        ("train", "split"), ("train", "bogus"), ("train", "ranges")]
+    for r in [*rows[:5], rows[6]]:
         assert r["correct"] and r["error"] is None and r["max_rel_err"] < 1e-4 and r["ms"] > 0, r
     assert "atomics" in rows[5]["error"] and rows[5]["ms"] is None
     assert mlp_backward.WEIGHT_GRAD == "torch" and common.TILE_OVERRIDES == {} and common.SIGMOID == "exact"
-    assert common.FUSED_MAX_HIDDEN == 128 and gemm.SPLIT_K_MIN_ROWS == 4096
+    assert common.FUSED_MAX_HIDDEN == 128 and gemm.SPLIT_K_MIN_ROWS == 4096 and common.VOCAB_SPLIT_MIN == 4096
     table = kv.markdown({"device": "cpu", "torch": "-", "triton": "-", "commit": "-", "date": "-"}, rows)
     assert "| train | tiny | 16 | 37 | fp32 | bogus | — | ERROR |" in table
 
