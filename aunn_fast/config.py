@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,8 +45,11 @@ class AUNNConfig:
             raise ValueError(f"bits must be in 1..{MAX_BITS}, got {self.bits}")
         if self.residual_every < 1:
             raise ValueError(f"residual_every must be >= 1, got {self.residual_every}")
-        if self.eps is not None and not (isinstance(self.eps, (int, float)) and self.eps > 0):
-            raise ValueError(f"eps must be a positive number or None, got {self.eps!r}")
+        if self.eps is not None:
+            if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool):
+                raise TypeError(f"AUNNConfig.eps must be a float or None, got {type(self.eps).__name__}")
+            if not (math.isfinite(self.eps) and self.eps > 0):
+                raise ValueError(f"eps must be a finite positive number or None, got {self.eps!r}")
 
     @property
     def hidden_layers(self) -> int:
@@ -65,9 +69,11 @@ class AUNNConfig:
         return min(2**self.bits, 2**63) - 1
 
     def to_json(self) -> str:
+        """The config as a JSON object with sorted keys (read back by :meth:`from_json`)."""
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "AUNNConfig":
+        """The config written by :meth:`to_json`, validated again."""
         fields: dict[str, Any] = json.loads(text)
         return cls(**fields)

@@ -129,3 +129,16 @@ def _forbid_compute(monkeypatch):
     for name, backend in list(backends.BACKENDS.items()):
         monkeypatch.setitem(backends.BACKENDS, name, backends.Backend(
             name, boom, boom, boom, backend.precisions, backend.unavailable_reason))
+
+
+@pytest.mark.parametrize("eps,error", [
+    (float("inf"), ValueError), (float("nan"), ValueError), (0.0, ValueError), (-1e-6, ValueError),
+    (True, TypeError), ("1e-6", TypeError),
+])
+def test_bad_eps_is_rejected(eps, error):
+    with pytest.raises(error, match="eps"):
+        AUNNConfig(eps=eps)
+
+
+def test_good_eps_is_accepted():
+    assert AUNNConfig(eps=1e-5).norm_eps == 1e-5 and AUNNConfig(eps=None).norm_eps > 0
