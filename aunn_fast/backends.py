@@ -18,6 +18,8 @@ from .config import PRECISIONS
 
 @dataclass(frozen=True)
 class Backend:
+    """One implementation: its ops on flat int64 indices, the precisions it offers, and why it may be unusable."""
+
     name: str
     logits: Callable[..., torch.Tensor]
     loss: Callable[..., torch.Tensor]
@@ -87,15 +89,31 @@ def available_backends(device: torch.device | str) -> dict[str, str | None]:
     return {name: backend.unavailable_reason(device) for name, backend in BACKENDS.items()}
 
 
+def check_backend_name(name: str) -> str:
+    """Return name if it is "auto" or a backend's name (usable here or not); TypeError/ValueError otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def check_precision_name(name: str) -> str:
+    """Return name if it is "auto" or one of PRECISIONS; TypeError/ValueError otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"precision must be a str, got {type(name).__name__}")
+    if name != "auto" and name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; choose from auto, {', '.join(PRECISIONS)}")
+    return name
+
+
 def resolve_backend(name: str, device: torch.device | str) -> Backend:
     """The backend called ``name`` for tensors on ``device``; "auto" picks the fastest usable one."""
     device = torch.device(device)
-    if name == "auto":
+    if check_backend_name(name) == "auto":
         if device.type == "cuda" and BACKENDS["triton"].unavailable_reason(device) is None:
             return BACKENDS["triton"]
         return BACKENDS["reference"]
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
     reason = BACKENDS[name].unavailable_reason(device)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is unavailable on {device}: {reason}")
@@ -105,10 +123,8 @@ def resolve_backend(name: str, device: torch.device | str) -> Backend:
 def resolve_precision(name: str, device: torch.device | str, backend: Backend) -> str:
     """The precision to run; "auto" is bf16 on CUDA (where the backend offers it), else fp32."""
     device = torch.device(device)
-    if name == "auto":
+    if check_precision_name(name) == "auto":
         return "bf16" if device.type == "cuda" and "bf16" in backend.precisions else "fp32"
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}; choose from auto, {', '.join(PRECISIONS)}")
     if name not in backend.precisions:
         raise ValueError(f"backend {backend.name!r} does not offer precision {name!r}")
     return name

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .backends import Backend, resolve_backend, resolve_precision
+from .backends import Backend, check_backend_name, check_precision_name, resolve_backend, resolve_precision
 from .config import AUNNConfig
 from .params import AUNNParams, init_params, param_shapes
 from .validation import check_indices, check_targets
@@ -19,7 +19,8 @@ class AUNN(nn.Module):
 
     ``backend``: "auto" (triton on CUDA when available, else reference), "reference",
     "compile" or "triton". ``precision``: "auto" (bf16 on CUDA, fp32 on CPU), "fp32",
-    "tf32" or "bf16". Both can be changed later as attributes. ``validate`` (default
+    "tf32" or "bf16". Both can be changed later as attributes; an unknown name raises
+    ValueError at once, an unavailable backend at the first call. ``validate`` (default
     True) checks index and target ranges before every call; turning it off skips a
     device sync, e.g. inside a captured CUDA graph.
     """
@@ -29,6 +30,8 @@ class AUNN(nn.Module):
         super().__init__()
         if cfg is None:
             cfg = AUNNConfig(**config_kwargs)
+        elif not isinstance(cfg, AUNNConfig):
+            raise TypeError(f"cfg must be an AUNNConfig (or None), got {type(cfg).__name__}")
         elif config_kwargs:
             raise TypeError("pass either an AUNNConfig or config keyword arguments, not both")
         self.cfg = cfg
@@ -43,17 +46,39 @@ class AUNN(nn.Module):
 
     # -- configuration -------------------------------------------------------------
     @property
+    def backend(self) -> str:
+        """The backend asked for: "auto", "reference", "compile" or "triton"; checked on assignment."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = check_backend_name(name)
+
+    @property
+    def precision(self) -> str:
+        """The precision asked for: "auto", "fp32", "tf32" or "bf16"; checked on assignment."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, name: str) -> None:
+        self._precision = check_precision_name(name)
+
+    @property
     def device(self) -> torch.device:
+        """The device every parameter (and every input) is on."""
         return self.in_weight.device
 
     @property
     def params(self) -> AUNNParams:
+        """The float32 parameters as live views, in the stacked layout of :mod:`aunn_fast.params`."""
         return AUNNParams(*(getattr(self, name) for name in AUNNParams._fields))
 
     def active_backend(self) -> Backend:
+        """The backend a call runs now ("auto" resolved); RuntimeError if it is unavailable on this device."""
         return resolve_backend(self.backend, self.device)
 
     def active_precision(self) -> str:
+        """The precision a call runs now: "fp32", "tf32" or "bf16" ("auto" resolved for this device)."""
         return resolve_precision(self.precision, self.device, self.active_backend())
 
     def extra_repr(self) -> str:

@@ -90,14 +90,25 @@ def test_full_64_bit_range_is_valid():
     assert model.predict(torch.tensor([0, 2**63 - 1])).shape == (2,)
 
 
-def test_unknown_backend_and_precision_are_named():
-    model = AUNN(AUNNConfig(hidden=16, layers=3))
-    model.backend = "cuda-magic"
+def test_unknown_backend_and_precision_fail_at_construction_and_assignment():
+    cfg = AUNNConfig(hidden=16, layers=3)
+    with pytest.raises(ValueError, match="unknown backend 'foo'; choose from auto, reference, compile, triton"):
+        AUNN(cfg, backend="foo")
+    with pytest.raises(ValueError, match="unknown precision 'foo'; choose from auto, fp32, tf32, bf16"):
+        AUNN(cfg, precision="foo")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        AUNN(cfg, backend=None)
+    model = AUNN(cfg, backend="reference", precision="fp32")
     with pytest.raises(ValueError, match="unknown backend 'cuda-magic'"):
-        model(torch.tensor([1]))
-    model.backend, model.precision = "reference", "fp8"
+        model.backend = "cuda-magic"
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
-        model(torch.tensor([1]))
+        model.precision = "fp8"
+    assert (model.backend, model.precision) == ("reference", "fp32")  # a rejected name changes nothing
+
+
+def test_cfg_of_the_wrong_type_is_a_type_error():
+    with pytest.raises(TypeError, match="cfg must be an AUNNConfig"):
+        AUNN("hello")
 
 
 def test_unavailable_backend_error_names_what_is_missing(monkeypatch):
