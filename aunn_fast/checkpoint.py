@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from .config import AUNNConfig
 from .params import AUNNParams
+from .validation import check_device
 
 if TYPE_CHECKING:
     from .model import AUNN
@@ -57,24 +58,30 @@ def save(path: str | os.PathLike[str], model: "AUNN", extra: dict[str, torch.Ten
 
 def read(path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
          ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of an aunn_fast checkpoint; ValueError if it is not one."""
+    """All tensors (on map_location) and the metadata of an aunn_fast checkpoint.
+
+    ValueError if map_location is not a usable device, or if the file is not an
+    aunn_fast checkpoint; FileNotFoundError if there is no file.
+    """
+    device = check_device(map_location)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+    try:  # read on the CPU, so that only the file's own problems land here
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != FORMAT:
                 raise ValueError(f"{path} is a safetensors file but not an aunn_fast checkpoint "
                                  f"(format tag {metadata.get('format')!r}, expected {FORMAT!r})")
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as exc:
+    except SafetensorError as exc:
         raise ValueError(f"{path} is not a readable checkpoint (truncated, or not safetensors): {exc}") from exc
-    return tensors, metadata
+    return {name: t.to(device) for name, t in tensors.items()}, metadata
 
 
 def load_model(cls: type["AUNN"], path: str | os.PathLike[str], backend: str, precision: str,
                map_location: str | torch.device) -> "AUNN":
+    """The model saved at path by :func:`save`, built as ``cls`` on map_location (see :func:`read`)."""
     tensors, metadata = read(path, map_location)
     try:
         cfg = AUNNConfig.from_json(metadata["config"])

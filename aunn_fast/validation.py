@@ -42,3 +42,14 @@ def check_targets(targets: torch.Tensor, idx: torch.Tensor, cfg: AUNNConfig, che
             bad = lo if lo < 0 else hi
             raise ValueError(f"target {bad} is outside the vocabulary [0, {cfg.vocab_size})")
     return targets
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """Return device as a torch.device, raising ValueError if it is malformed or not usable on this machine."""
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, TypeError, AssertionError, NotImplementedError) as exc:
+        # torch raises AssertionError for a device type it was built without (e.g. cuda on a CPU build)
+        raise ValueError(f"device {str(device)!r} is not usable on this machine: {exc}") from None
+    return device

@@ -76,3 +76,12 @@ def test_seed_state_dict_with_wrong_shapes_is_rejected(model):
         AUNN.from_seed_state_dict(sd)
     with pytest.raises(ValueError, match="not a seed AUNN state dict"):
         AUNN.from_seed_state_dict({"foo": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:99"])
+def test_unusable_map_location_is_named_not_blamed_on_the_file(model, tmp_path, device):
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    with pytest.raises(ValueError, match=f"device '{device}' is not usable") as raised:
+        AUNN.load(path, map_location=device)
+    assert "not a readable checkpoint" not in str(raised.value)
