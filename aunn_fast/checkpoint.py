@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import AUNNConfig
-from .params import AUNNParams
+from .params import param_shapes
 from .validation import check_device
 
 if TYPE_CHECKING:
@@ -101,46 +102,58 @@ def extra_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # -- the seed notebook's layout: nn.Sequential(Linear, SiLU, RMSNorm) per layer ---------------
 
-def from_seed_state_dict(cls: type["AUNN"], state_dict: dict[str, torch.Tensor], **kwargs: Any) -> "AUNN":
-    try:
-        hidden, bits = state_dict["input_layer.0.weight"].shape
-        vocab = state_dict["output_layer.weight"].shape[0]
-    except KeyError as exc:
-        raise ValueError(f"not a seed AUNN state dict: missing {exc}") from exc
+SEED_KEYS = {  # AUNNParams name -> seed state-dict key
+    "in_weight": "input_layer.0.weight", "in_bias": "input_layer.0.bias", "in_gain": "input_layer.2.weight",
+    "out_weight": "output_layer.weight", "out_bias": "output_layer.bias",
+}
+SEED_LAYER_KEYS = {"hidden_weight": "0.weight", "hidden_bias": "0.bias", "hidden_gain": "2.weight"}  # layers.{i}.*
+
+
+def _seed_tensor(state_dict: Mapping[str, torch.Tensor], key: str, shape: tuple[int, ...] | None = None
+                 ) -> torch.Tensor:
+    """state_dict[key], checked to be a tensor (of the given shape); ValueError/TypeError naming the key."""
+    if key not in state_dict:
+        raise ValueError(f"not a seed AUNN state dict: missing {key!r}")
+    tensor = state_dict[key]
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"seed state dict entry {key!r} must be a torch.Tensor, got {type(tensor).__name__}")
+    if shape is not None and tuple(tensor.shape) != shape:
+        raise ValueError(f"seed state dict entry {key!r} has shape {tuple(tensor.shape)}, expected {shape}")
+    return tensor
+
+
+def from_seed_state_dict(cls: type["AUNN"], state_dict: Mapping[str, torch.Tensor], **kwargs: Any) -> "AUNN":
+    """Build ``cls`` from the seed notebook's state dict, inferring the config from its shapes.
+
+    input_layer.0.weight [H, bits] gives H and bits, output_layer.weight [V, H] the vocabulary,
+    the number of ``layers.{i}`` entries the hidden layers. ``eps`` and ``residual_every`` in
+    kwargs go to the config, the rest to ``cls``. ValueError names any missing or misshapen entry.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    in_weight = _seed_tensor(state_dict, SEED_KEYS["in_weight"])
+    out_weight = _seed_tensor(state_dict, SEED_KEYS["out_weight"])
+    if in_weight.dim() != 2 or out_weight.dim() != 2:
+        raise ValueError(f"seed state dict entries {SEED_KEYS['in_weight']!r} and {SEED_KEYS['out_weight']!r} "
+                         f"must be 2-D, got shapes {tuple(in_weight.shape)} and {tuple(out_weight.shape)}")
+    (hidden, bits), vocab = in_weight.shape, out_weight.shape[0]
     n_hidden = len({key.split(".")[1] for key in state_dict if key.startswith("layers.")})
     config_fields = {f: kwargs.pop(f) for f in ("eps", "residual_every") if f in kwargs}
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=n_hidden + 2, bits=bits, **config_fields)
+    shapes = param_shapes(cfg)
+    params = {name: _seed_tensor(state_dict, key, shapes[name]) for name, key in SEED_KEYS.items()}
+    for name, suffix in SEED_LAYER_KEYS.items():
+        layers = [_seed_tensor(state_dict, f"layers.{i}.{suffix}", shapes[name][1:]) for i in range(n_hidden)]
+        params[name] = torch.stack(layers) if layers else torch.empty(shapes[name])
     model = cls(cfg, **kwargs)
-
-    def stack(suffix: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if n_hidden == 0:
-            return torch.empty(0, *shape)
-        return torch.stack([state_dict[f"layers.{i}.{suffix}"] for i in range(n_hidden)])
-
-    model.load_params({
-        "in_weight": state_dict["input_layer.0.weight"],
-        "in_bias": state_dict["input_layer.0.bias"],
-        "in_gain": state_dict["input_layer.2.weight"],
-        "hidden_weight": stack("0.weight", (hidden, hidden)),
-        "hidden_bias": stack("0.bias", (hidden,)),
-        "hidden_gain": stack("2.weight", (hidden,)),
-        "out_weight": state_dict["output_layer.weight"],
-        "out_bias": state_dict["output_layer.bias"],
-    })
+    model.load_params(params)
     return model
 
 
 def to_seed_state_dict(model: "AUNN") -> dict[str, torch.Tensor]:
-    p: AUNNParams = model.params
-    sd = {
-        "input_layer.0.weight": p.in_weight,
-        "input_layer.0.bias": p.in_bias,
-        "input_layer.2.weight": p.in_gain,
-        "output_layer.weight": p.out_weight,
-        "output_layer.bias": p.out_bias,
-    }
+    """The model's parameters as detached copies under the seed notebook's keys (see :func:`from_seed_state_dict`)."""
+    p = model.params._asdict()
+    sd = {key: p[name] for name, key in SEED_KEYS.items()}
     for i in range(model.cfg.hidden_layers):
-        sd[f"layers.{i}.0.weight"] = p.hidden_weight[i]
-        sd[f"layers.{i}.0.bias"] = p.hidden_bias[i]
-        sd[f"layers.{i}.2.weight"] = p.hidden_gain[i]
+        sd.update({f"layers.{i}.{suffix}": p[name][i] for name, suffix in SEED_LAYER_KEYS.items()})
     return {k: v.detach().clone() for k, v in sd.items()}

@@ -72,10 +72,29 @@ def test_seed_state_dict_round_trip(model, generator):
 def test_seed_state_dict_with_wrong_shapes_is_rejected(model):
     sd = model.to_seed_state_dict()
     sd["layers.1.0.weight"] = torch.zeros(3, 3)
-    with pytest.raises((ValueError, RuntimeError)):
+    with pytest.raises(ValueError, match=r"'layers.1.0.weight' has shape \(3, 3\), expected \(16, 16\)"):
+        AUNN.from_seed_state_dict(sd)
+    sd = model.to_seed_state_dict()
+    sd["input_layer.0.weight"] = torch.zeros(16)
+    with pytest.raises(ValueError, match=r"must be 2-D, got shapes \(16,\) and \(3, 16\)"):
         AUNN.from_seed_state_dict(sd)
     with pytest.raises(ValueError, match="not a seed AUNN state dict"):
         AUNN.from_seed_state_dict({"foo": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("missing,named", [
+    (["input_layer.0.bias"], "input_layer.0.bias"),
+    (["layers.1.2.weight"], "layers.1.2.weight"),
+    (["layers.0.0.weight", "layers.0.0.bias", "layers.0.2.weight"], "layers.0.0.weight"),
+])
+def test_seed_state_dict_with_missing_entries_names_them(model, missing, named):
+    sd = model.to_seed_state_dict()
+    for key in missing:
+        del sd[key]
+    with pytest.raises(ValueError, match=f"missing '{named}'"):
+        AUNN.from_seed_state_dict(sd, residual_every=1)
+
+
 
 
 @pytest.mark.parametrize("device", ["foo", "cuda:99"])
