@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import AUNNConfig
 from .params import param_shapes
@@ -29,11 +29,11 @@ EXTRA_PREFIX = "extra."
 
 
 def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
-    """Call write(tmp_path) then rename tmp over path, so a reader never sees half a file."""
+    """Call write(tmp_path), which creates that file, then rename it over path, so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # not tempfile.mkstemp, whose file is mode 0600: write creates tmp with the usual 0666 & ~umask
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -44,6 +44,7 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
 
 def save(path: str | os.PathLike[str], model: "AUNN", extra: dict[str, torch.Tensor] | None = None,
          extra_metadata: dict[str, str] | None = None) -> None:
+    """Write the model's float32 parameters, ``extra`` tensors and metadata to a safetensors file, atomically."""
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.params._asdict().items()}
     for name, t in (extra or {}).items():
         tensors[EXTRA_PREFIX + name] = t.detach().to("cpu").contiguous()
@@ -54,7 +55,8 @@ def save(path: str | os.PathLike[str], model: "AUNN", extra: dict[str, torch.Ten
         "data": json.dumps(model.data_description),
         **(extra_metadata or {}),
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    # serialized here and written by Python, as safetensors' save_file makes its files mode 0600
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(safetensors.torch.save(tensors, metadata=metadata)))
 
 
 def read(path: str | os.PathLike[str], map_location: str | torch.device = "cpu"

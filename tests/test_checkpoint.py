@@ -1,4 +1,7 @@
 """Checkpoints: exact round trip, clear errors for truncated or foreign files, the seed layout."""
+import os
+import stat
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -95,8 +98,6 @@ def test_seed_state_dict_with_missing_entries_names_them(model, missing, named):
         AUNN.from_seed_state_dict(sd, residual_every=1)
 
 
-
-
 @pytest.mark.parametrize("device", ["foo", "cuda:99"])
 def test_unusable_map_location_is_named_not_blamed_on_the_file(model, tmp_path, device):
     path = tmp_path / "m.safetensors"
@@ -104,3 +105,15 @@ def test_unusable_map_location_is_named_not_blamed_on_the_file(model, tmp_path, 
     with pytest.raises(ValueError, match=f"device '{device}' is not usable") as raised:
         AUNN.load(path, map_location=device)
     assert "not a readable checkpoint" not in str(raised.value)
+
+
+def test_checkpoint_file_mode_follows_the_umask(model, tmp_path):
+    old = os.umask(0o022)
+    try:
+        model.save(tmp_path / "m.safetensors")
+        os.umask(0o027)
+        model.save(tmp_path / "n.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "n.safetensors").stat().st_mode) == 0o640
