@@ -80,7 +80,7 @@ def _markdown(model: AUNN, data: Dataset, metrics: dict[str, Any], images: list[
         "## Token histogram (100,000 predictions after the data)", "",
         "| token | training | predicted |", "|---|---|---|",
     ]
-    lines += [f"| {token!r} | {h['training']:.3f} | {h['predicted']:.3f} |"
+    lines += [_row(repr(token), f"{h['training']:.3f}", f"{h['predicted']:.3f}")
               for token, h in metrics["histogram"].items()]
     if "extrapolation" in metrics:
         windows = extrapolation_windows(data.length)
@@ -96,9 +96,14 @@ def _markdown(model: AUNN, data: Dataset, metrics: dict[str, Any], images: list[
                   f"{cond['lr']}: success rate **{cond['success_rate']:.1%}**; training accuracy of the "
                   f"conditioned copies {cond['train_accuracy_after']:.4%}.", "",
                   "| index | taught | before | after | success |", "|---|---|---|---|---|"]
-        lines += [f"| {e['index']:,} | `{e['taught']}` | `{e['before']}` | `{e['after']}` | {e['success']} |"
+        lines += [_row(f"{e['index']:,}", f"`{e['taught']}`", f"`{e['before']}`", f"`{e['after']}`", str(e["success"]))
                   for e in cond["examples"]]
     sample = decode(predictions(model, data.length, 80), model.vocab)
     lines += ["", "## Generated right after the data", "", "```", sample, "```", "", "## Plots", ""]
     lines += [f"![{image.stem}]({image.name})" for image in images]
     return "\n".join(lines) + "\n"
+
+
+def _row(*cells: str) -> str:
+    """A markdown table row; a `|` inside a cell is escaped (also inside code spans, as GitHub reads tables)."""
+    return "| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |"
