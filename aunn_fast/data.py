@@ -53,6 +53,7 @@ class ToyData:
 
     @property
     def vocab_size(self) -> int:
+        """Number of distinct tokens."""
         return len(self.vocab)
 
     def letters(self, chunk: torch.Tensor) -> torch.Tensor:
@@ -61,10 +62,12 @@ class ToyData:
         return 1 + _shift_right(key, 1) % 3
 
     def targets(self, idx: torch.Tensor) -> torch.Tensor:
+        """int64 indices [...] (any, even past the data) -> int64 tokens [...] on idx's device."""
         idx = idx.to(torch.int64)
         return torch.where(idx % 4 == 0, torch.zeros_like(idx), self.letters(idx // 4))
 
     def describe(self) -> dict[str, Any]:
+        """JSON-able description (kind, chunks, seed, length) that :func:`data_from_description` reopens."""
         return {"kind": "toy", "chunks": self.chunks, "seed": self.seed, "length": self.length}
 
 
@@ -82,14 +85,17 @@ class TextData:
 
     @property
     def vocab_size(self) -> int:
+        """Number of distinct tokens."""
         return len(self.vocab)
 
     def targets(self, idx: torch.Tensor) -> torch.Tensor:
+        """int64 indices [...] in 0..length-1 -> int64 tokens [...] on idx's device."""
         if self.tokens.device != idx.device:
             self.tokens = self.tokens.to(idx.device)
         return self.tokens[idx]
 
     def describe(self) -> dict[str, Any]:
+        """JSON-able description (kind, absolute path, length) that :func:`data_from_description` reopens."""
         return {"kind": "text", "path": str(self.path.resolve()), "length": self.length}
 
 
@@ -107,10 +113,12 @@ class BytesData:
         self.array = np.memmap(self.path, dtype=np.uint8, mode="r")
 
     def targets(self, idx: torch.Tensor) -> torch.Tensor:
+        """int64 indices [...] in 0..length-1 -> int64 byte values [...] on idx's device."""
         picked = self.array[idx.detach().cpu().numpy()]
         return torch.from_numpy(picked.astype(np.int64)).to(idx.device)
 
     def describe(self) -> dict[str, Any]:
+        """JSON-able description (kind, absolute path, length) that :func:`data_from_description` reopens."""
         return {"kind": "bytes", "path": str(self.path.resolve()), "length": self.length}
 
 

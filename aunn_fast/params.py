@@ -20,6 +20,8 @@ from .config import AUNNConfig
 
 
 class AUNNParams(NamedTuple):
+    """The eight float32 parameter tensors, with the shapes listed in this module's docstring."""
+
     in_weight: torch.Tensor
     in_bias: torch.Tensor
     in_gain: torch.Tensor
