@@ -35,11 +35,11 @@ class AUNN(nn.Module):
         elif config_kwargs:
             raise TypeError("pass either an AUNNConfig or config keyword arguments, not both")
         self.cfg = cfg
+        self.backend = backend  # names checked here, before the weights are drawn
+        self.precision = precision
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, tensor in init_params(cfg, generator)._asdict().items():
             self.register_parameter(name, nn.Parameter(tensor))
-        self.backend = backend
-        self.precision = precision
         self.validate = True
         self.vocab: list[str] | None = None
         self.data_description: dict[str, Any] | None = None
