@@ -42,6 +42,15 @@ class TrainConfig:
     save_every: int = 2000
     cuda_graph: bool = True  # on CUDA, replay full-size steps from one captured graph
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"epochs must be a finite number > 0, got {self.epochs}")
+
     def total_steps(self, length: int) -> int:
         if self.steps is not None:
             return self.steps
@@ -122,11 +131,17 @@ def save_run(run_dir: Path, model: AUNN, optimizer: torch.optim.Optimizer, step:
 
 def load_run(run_dir: Path, device: torch.device | str = "cpu", backend: str = "auto",
              precision: str = "auto") -> tuple[AUNN, dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
-    """The model of a run directory, its training state, its extra tensors and its metadata."""
+    """The model of a run directory, its training state, its extra tensors and its metadata.
+
+    Raises ValueError for a checkpoint without training state (one not written by :func:`train`).
+    """
     path = Path(run_dir) / CHECKPOINT_NAME
     model = AUNN.load(path, backend=backend, precision=precision, map_location=device)
     tensors, metadata = checkpoint.read(path, device)
-    state = json.loads(metadata.get("train_state", "null")) or {"step": 0}
+    if "train_state" not in metadata or "optimizer_groups" not in metadata:
+        raise ValueError(f"{path} holds a model but no training state (step, optimizer), so its run cannot be "
+                         "resumed; was it saved by `aunn condition --save`?")
+    state = json.loads(metadata["train_state"])
     return model, state, checkpoint.extra_tensors(tensors), metadata
 
 
@@ -152,6 +167,9 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
     steps and at the end, atomically). ``resume`` continues from that checkpoint.
     """
     run_path = Path(run_dir) if run_dir is not None else None
+    if data.length - 1 > model.cfg.max_index:  # checked before anything is written
+        raise ValueError(f"the data's {data.length} indices do not fit in bits={model.cfg.bits} "
+                         f"(largest valid index {model.cfg.max_index})")
     model.vocab, model.data_description = data.vocab, data.describe()
     optimizer = make_optimizer(model, cfg)
     start = 0
