@@ -8,6 +8,7 @@ the prompt; the original model is untouched.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -16,8 +17,8 @@ from .model import AUNN
 
 def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """float [..., V] logits -> int64 [...] tokens: argmax at temperature 0, else softmax sampling."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -25,11 +26,18 @@ def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator 
     return flat.reshape(logits.shape[:-1]).to(logits.device)
 
 
+def span(start: int, length: int, device: torch.device) -> torch.Tensor:
+    """int64 [length] indices start .. start+length-1 (an addition: arange's end may not be 2**63)."""
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    return start + torch.arange(length, device=device, dtype=torch.int64)
+
+
 @torch.no_grad()
 def generate(model: AUNN, start: int, length: int, temperature: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Tokens at indices start .. start+length-1: int64 [length]."""
-    idx = torch.arange(start, start + length, device=model.device, dtype=torch.int64)
+    idx = span(start, length, model.device)
     if temperature == 0:
         return model.predict(idx)
     return sample(model(idx), temperature, generator)
@@ -54,7 +62,7 @@ def condition(model: AUNN, prompt: torch.Tensor, at: int, steps: int = 1, lr: fl
         raise ValueError(f"steps must be >= 0, got {steps}")
     tuned = copy.deepcopy(model)
     prompt = prompt.to(tuned.device, torch.int64)
-    idx = torch.arange(at, at + prompt.numel(), device=tuned.device, dtype=torch.int64)
+    idx = span(at, prompt.numel(), tuned.device)
     opt = make_optimizer(tuned, optimizer, lr)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
