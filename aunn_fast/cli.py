@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 import torch
 
-from .config import AUNNConfig
-from .data import data_from_description, decode, encode, load_data
+from .backends import BACKENDS
+from .config import PRECISIONS, AUNNConfig
+from .data import Dataset, data_from_description, decode, encode, load_data
 from .evaluate import evaluate
 from .inference import CONDITION_OPTIMIZERS, condition, generate, generate_by_backprop
 from .model import AUNN
@@ -23,32 +25,82 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# -- argument types: bad values fail in argparse, with its one-line error, before anything runs ----
+
+def _number(kind: type, low: float, strict: bool = False) -> Callable[[str], Any]:
+    """An argparse type: an int (kind=int) or a finite float, at least ``low`` (above it when strict)."""
+    def parse(text: str) -> Any:
+        value = kind(text)  # a ValueError here is argparse's "invalid int value: 'x'"
+        if not (math.isfinite(value) and (value > low if strict else value >= low)):
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"expected {what} {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT, NON_NEGATIVE_INT = _number(int, 1), _number(int, 0)
+POSITIVE, NON_NEGATIVE = _number(float, 0, strict=True), _number(float, 0)
+
+
+def _index(text: str) -> str | int:
+    """END, or an index >= 0 (whether it fits the model is checked once the checkpoint is open)."""
+    if text.upper() == "END":
+        return "END"
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected END or an index >= 0, got {text!r}")
+    return int(text)
+
+
+def _device(text: str) -> str:
+    """A device torch can parse, of type cpu or cuda, and for cuda one that exists."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda (or cuda:N), got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available to PyTorch")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: there are only {torch.cuda.device_count()} CUDA devices")
+    return text
+
+
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--backend", default="auto", help="auto, reference, compile or triton (default auto)")
-    p.add_argument("--precision", default="auto", help="auto, fp32, tf32 or bf16 (default auto)")
+    p.add_argument("--device", type=_device, default=default_device(),
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                   help="auto, reference, compile or triton (default auto)")
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                   help="auto, fp32, tf32 or bf16 (default auto)")
 
 
 def _add_condition_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=1, help="gradient steps of conditioning (default 1)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of conditioning (default 1e-3)")
+    p.add_argument("--steps", type=NON_NEGATIVE_INT, default=1, help="gradient steps of conditioning (default 1)")
+    p.add_argument("--lr", type=NON_NEGATIVE, default=1e-3, help="learning rate of conditioning (default 1e-3)")
     p.add_argument("--optimizer", choices=CONDITION_OPTIMIZERS, default="adam",
                    help="optimizer of conditioning: a fresh adam (default) or sgd")
 
 
+ARCHITECTURE = {"hidden": 64, "layers": 8, "bits": 64}  # train's model options and their defaults
+
+
 def _add_training_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hidden", type=int, default=64, help="hidden width H (default 64)")
-    p.add_argument("--layers", type=int, default=8, help="layers incl. input layer and head (default 8)")
-    p.add_argument("--bits", type=int, default=64, help="binary digits of the index (default 64)")
-    p.add_argument("--batch-size", type=int, default=None, help="indices per step (default 2048)")
+    # The model options default to None so that --resume can tell them given (they must then match the checkpoint).
+    p.add_argument("--hidden", type=int, default=None, help="hidden width H (default 64)")
+    p.add_argument("--layers", type=int, default=None, help="layers incl. input layer and head (default 8)")
+    p.add_argument("--bits", type=int, default=None, help="binary digits of the index (default 64)")
+    p.add_argument("--batch-size", type=COUNT, default=None, help="indices per step (default 2048)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, default=None, help="passes over the data (default 10)")
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides epochs)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
+    length.add_argument("--epochs", type=POSITIVE, default=None, help="passes over the data (default 10)")
+    length.add_argument("--steps", type=NON_NEGATIVE_INT, default=None, help="optimizer steps (overrides epochs)")
+    p.add_argument("--lr", type=NON_NEGATIVE, default=None, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=None, help="AdamW weight decay (default 0.01)")
     p.add_argument("--seed", type=int, default=None, help="seed of the initial weights and batch order (default 0)")
-    p.add_argument("--log-every", type=int, default=None, help="steps between log rows (default 50)")
-    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default 2000)")
+    p.add_argument("--log-every", type=COUNT, default=None, help="steps between log rows (default 50)")
+    p.add_argument("--save-every", type=COUNT, default=None, help="steps between checkpoints (default 2000)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False, default=None,
                    help="on CUDA, run every step eagerly instead of replaying a captured graph")
 
@@ -67,16 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="write metrics.json, report.md and plots into a run directory")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--trials", type=int, default=30, help="conditioning trials (toy data; default 30)")
+    p.add_argument("--trials", type=COUNT, default=30, help="conditioning trials (toy data; default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled evaluations (default 0)")
     _add_condition_options(p)
     _add_runtime_options(p)
 
     p = sub.add_parser("generate", help="print the model's tokens past the end of the data (or from any index)")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--start", default="END", help="END (the first index after the data) or an index")
-    p.add_argument("--length", type=int, default=200, help="tokens to print (default 200)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = argmax (default), else softmax sampling")
+    p.add_argument("--start", type=_index, default="END", help="END (the first index after the data) or an index")
+    p.add_argument("--length", type=NON_NEGATIVE_INT, default=200, help="tokens to print (default 200)")
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0,
+                   help="0 = argmax (default), else softmax sampling")
     p.add_argument("--by-backprop", action="store_true",
                    help="Gwern's scheme: train on each prediction as data before predicting the next")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -86,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("condition", help="teach a copy of the model a prompt by backprop, show what follows")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--prompt", required=True, help="text placed at --at .. --at+len-1")
-    p.add_argument("--at", default="END", help="END (the first index after the data) or an index")
-    p.add_argument("--show", type=int, default=40, help="tokens shown after the prompt (default 40)")
+    p.add_argument("--at", type=_index, default="END", help="END (the first index after the data) or an index")
+    p.add_argument("--show", type=NON_NEGATIVE_INT, default=40, help="tokens shown after the prompt (default 40)")
     p.add_argument("--save", type=Path, default=None, help="write the conditioned model to this new run directory")
     _add_condition_options(p)
     _add_runtime_options(p)
@@ -104,41 +157,82 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _index(value: str, data_length: int) -> int:
-    if value.upper() == "END":
-        return data_length
-    try:
-        return int(value)
-    except ValueError:
-        raise SystemExit(f"aunn: expected END or an integer index, got {value!r}") from None
+# -- checks that need more than one option, or a file: all run before any compute ----------------
+
+def _fail(args: argparse.Namespace, message: str) -> NoReturn:
+    raise SystemExit(f"aunn {args.command}: error: {message}")
+
+
+def _check_backend(args: argparse.Namespace) -> None:
+    """The backend asked for must run on the device asked for (argparse has checked both names)."""
+    if args.backend != "auto":
+        reason = BACKENDS[args.backend].unavailable_reason(torch.device(args.device))
+        if reason is not None:
+            _fail(args, f"backend {args.backend!r} is unavailable on {args.device}: {reason}")
+
+
+def _refuse_existing_run(args: argparse.Namespace, path: Path, advice: str) -> None:
+    """Fail unless ``path`` can become a new run directory: a checkpoint or a training log is never overwritten."""
+    if path.exists() and not path.is_dir():
+        _fail(args, f"{path} is a file, not a run directory")
+    found = [name for name in (CHECKPOINT_NAME, LOG_NAME) if (path / name).exists()]
+    if found:
+        _fail(args, f"{path} already holds a run ({', '.join(found)}); {advice}")
 
 
 def _open_run(args: argparse.Namespace) -> AUNN:
     path = args.run_dir / CHECKPOINT_NAME
     if not path.exists():
-        raise SystemExit(f"aunn: no checkpoint in {args.run_dir} (expected {CHECKPOINT_NAME})")
+        _fail(args, f"no checkpoint in {args.run_dir} (expected {CHECKPOINT_NAME})")
     return AUNN.load(path, backend=args.backend, precision=args.precision, map_location=args.device)
 
 
-def _data_length(model: AUNN) -> int:
-    if not model.data_description:
-        raise SystemExit("aunn: the checkpoint does not say which data it was trained on; pass an index, not END")
-    return int(model.data_description["length"])
+def _first_index(args: argparse.Namespace, model: AUNN, value: str | int, length: int) -> int:
+    """Index ``value`` (END: the first after the data), checking that ``length`` indices from it fit the model."""
+    if value == "END":
+        if not model.data_description:
+            _fail(args, "the checkpoint does not say which data it was trained on; pass an index, not END")
+        value = int(model.data_description["length"])
+    last = value + max(length, 1) - 1
+    if last > model.cfg.max_index:
+        _fail(args, f"indices {value}..{last} go past the model's largest index "
+                    f"{model.cfg.max_index} (bits={model.cfg.bits})")
+    return int(value)
+
+
+def _resume(args: argparse.Namespace) -> tuple[AUNN, Dataset, dict[str, Any]]:
+    """The model, data and saved training options of the run in --out, refusing anything that would not
+    continue it exactly: changed data, or model options that differ from the checkpoint's."""
+    model, state, _, _ = load_run(args.out, args.device, args.backend, args.precision)
+    new_run = "--resume continues a run exactly; start a new run with another --out"
+    try:
+        data = data_from_description(model.data_description, model.vocab)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(args, f"cannot reopen the data of this run ({exc}); {new_run}")
+    if data.describe() != model.data_description:
+        _fail(args, f"the data changed since the run was saved (was {model.data_description}, now "
+                    f"{data.describe()}); {new_run}")
+    if args.data and load_data(args.data).describe() != data.describe():
+        _fail(args, "--data differs from the data of the run being resumed")
+    for name in ARCHITECTURE:
+        given, kept = getattr(args, name), getattr(model.cfg, name)
+        if given is not None and given != kept:
+            _fail(args, f"--{name} {given} differs from the checkpoint's {kept}; a resumed run keeps its model")
+    return model, data, state.get("train_config", {})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     saved: dict[str, Any] = {}
     if args.resume:
-        model, state, _, _ = load_run(args.out, args.device, args.backend, args.precision)
-        saved = state.get("train_config", {})
-        data = data_from_description(model.data_description, model.vocab)
-        if args.data and load_data(args.data).describe() != data.describe():
-            raise SystemExit("aunn: --data differs from the data of the run being resumed")
+        model, data, saved = _resume(args)
     else:
+        _refuse_existing_run(args, args.out, "continue it with --resume, or pass another --out")
         if not args.data:
-            raise SystemExit("aunn train: --data is required (toy, text:PATH or bytes:PATH)")
+            _fail(args, "--data is required (toy, text:PATH or bytes:PATH)")
         data = load_data(args.data)
-        cfg = AUNNConfig(vocab_size=data.vocab_size, hidden=args.hidden, layers=args.layers, bits=args.bits)
+        shape = {name: default if getattr(args, name) is None else getattr(args, name)
+                 for name, default in ARCHITECTURE.items()}
+        cfg = AUNNConfig(vocab_size=data.vocab_size, **shape)
         seed = args.seed if args.seed is not None else 0
         model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=seed).to(args.device)
     overrides = {name: getattr(args, name) for name in ("batch_size", "epochs", "steps", "lr", "weight_decay",
@@ -197,7 +291,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     model = _open_run(args)
-    start = _index(args.start, _data_length(model) if args.start.upper() == "END" else 0)
+    start = _first_index(args, model, args.start, args.length)
     generator = torch.Generator().manual_seed(args.seed)
     if args.by_backprop:
         tokens = generate_by_backprop(model, start, args.length, args.temperature, args.steps, args.lr,
@@ -209,12 +303,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_condition(args: argparse.Namespace) -> int:
+    if args.save is not None:
+        _refuse_existing_run(args, args.save, "--save writes a new run directory: pass one without a run")
     model = _open_run(args)
-    at = _index(args.at, _data_length(model) if args.at.upper() == "END" else 0)
     try:
         prompt = torch.tensor(encode(args.prompt, model.vocab), dtype=torch.int64)
     except ValueError as exc:
-        raise SystemExit(f"aunn condition: {exc}") from None
+        _fail(args, str(exc))
+    at = _first_index(args, model, args.at, prompt.numel() + args.show)
     after_prompt = at + prompt.numel()
     tuned = condition(model, prompt, at, steps=args.steps, lr=args.lr, optimizer=args.optimizer)
     span = prompt.numel() + args.show
@@ -260,8 +356,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = AUNNConfig(vocab_size=data.vocab_size, hidden=preset.hidden, layers=preset.layers)
     model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=preset.train.seed).to(args.device)
     marker = args.out / DEMO_MARKER
-    if (args.out / CHECKPOINT_NAME).exists() and not marker.exists():
-        raise SystemExit(f"aunn demo: {args.out} holds a run that is not a demo's; pass another --out")
+    if not marker.exists():
+        _refuse_existing_run(args, args.out, "it is not a demo's: pass another --out")
     args.out.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"written by `aunn demo --preset {args.preset}`; the next demo here overwrites this run\n")
     print(f"demo ({args.preset}): {data.describe()}, {cfg}, {preset.train.total_steps(data.length)} steps "
@@ -294,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        _check_backend(args)
         return COMMANDS[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"aunn {args.command}: error: {exc}", file=sys.stderr)

@@ -87,3 +87,105 @@ def test_bench_subcommand_hands_every_argument_to_the_benchmark(capsys):
         main(["bench", "--help"])
     assert exit_info.value.code == 0
     assert "usage: aunn bench" in capsys.readouterr().out
+
+
+# -- bad input: a one-line error before anything runs, and nothing lost -----------------------------
+
+def _error(argv, capsys):
+    """Run the CLI on bad input; it must stop with a one-line error and no traceback. Returns the error."""
+    try:
+        status = main(argv)
+    except SystemExit as exc:  # argparse's errors and the CLI's own checks
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status not in (0, None) and "Traceback" not in err
+    return status if isinstance(status, str) else err.strip().splitlines()[-1]
+
+
+def _files(path):
+    return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+
+
+TINY = ["--hidden", "8", "--layers", "2", "--quiet"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--steps", "0"], ["--bits", "8"]])
+def test_train_never_overwrites_a_run(run_dir, capsys, extra):
+    before = _files(run_dir)
+    message = _error(["train", "--data", "toy:100", "--out", str(run_dir), *TINY, *extra], capsys)
+    assert "already holds a run" in message and "--resume" in message
+    assert _files(run_dir) == before
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-5"], "--batch-size"),
+    (["--log-every", "0"], "--log-every"), (["--save-every", "0"], "--save-every"),
+    (["--epochs", "inf"], "--epochs"), (["--epochs", "nan"], "--epochs"), (["--steps", "-3"], "--steps"),
+    (["--device", "foo"], "--device"), (["--precision", "fp16"], "--precision"), (["--hidden", "0"], "hidden"),
+    (["--bits", "8"], "do not fit in bits=8"),
+])
+def test_train_rejects_bad_values_before_writing_anything(tmp_path, capsys, bad, expected):
+    out = tmp_path / "run"
+    assert expected in _error(["train", "--data", "toy:100", "--out", str(out), *TINY, *bad], capsys)
+    assert not out.exists()
+
+
+def test_unavailable_device_or_backend_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton then has no CPU backend
+    argv = ["train", "--data", "toy:100", "--out", str(tmp_path / "run"), *TINY]
+    assert "backend 'triton' is unavailable on cpu" in _error([*argv, "--device", "cpu", "--backend", "triton"],
+                                                               capsys)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert "no CUDA device" in _error([*argv, "--device", "cuda"], capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["generate", "--length", "-5"], "--length"), (["generate", "--temperature", "nan"], "--temperature"),
+    (["generate", "--temperature", "-1"], "--temperature"), (["generate", "--start", "-1"], "--start"),
+    (["generate", "--start", str(2**63 - 2), "--length", "3"], "largest index"),
+    (["condition", "--prompt", "|a", "--show", "-10"], "--show"),
+    (["condition", "--prompt", "|a", "--at", str(2**63 - 2)], "largest index"),
+    (["eval", "--trials", "0"], "--trials"), (["eval", "--trials", "-3"], "--trials"),
+])
+def test_run_commands_reject_bad_values(run_dir, capsys, argv, expected):
+    assert expected in _error([argv[0], str(run_dir), *argv[1:]], capsys)
+
+
+def test_generate_reaches_the_last_index(run_dir, capsys):
+    assert main(["generate", str(run_dir), "--start", str(2**63 - 1), "--length", "1"]) == 0
+    assert len(capsys.readouterr().out.strip()) == 1
+
+
+def test_resume_keeps_the_checkpoints_model(run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    before = _files(copy)
+    assert "--hidden 64 differs from the checkpoint's 32" in _error(
+        ["train", "--out", str(copy), "--resume", "--hidden", "64", "--quiet"], capsys)
+    assert _files(copy) == before
+    assert main(["train", "--out", str(copy), "--resume", "--hidden", "32", "--layers", "4", "--steps", "160",
+                 "--quiet"]) == 0  # equal to the checkpoint's: fine
+
+
+def test_condition_never_saves_over_a_run(run_dir, tmp_path, capsys):
+    before = _files(run_dir)
+    assert "already holds a run" in _error(["condition", str(run_dir), "--prompt", "|a", "--save", str(run_dir)],
+                                           capsys)
+    assert _files(run_dir) == before
+    saved = tmp_path / "conditioned"
+    assert main(["condition", str(run_dir), "--prompt", "|a", "--show", "2", "--save", str(saved)]) == 0
+    assert "no training state" in _error(["train", "--out", str(saved), "--resume", "--quiet"], capsys)
+
+
+def test_resume_refuses_changed_data(tmp_path, capsys):
+    text, out = tmp_path / "data.txt", tmp_path / "run"
+    text.write_text("abcabcabc")
+    assert main(["train", "--data", f"text:{text}", "--out", str(out), "--steps", "1", *TINY]) == 0
+    before = _files(out)
+    text.write_text("abcabcabcabc")  # same characters, another length
+    message = _error(["train", "--out", str(out), "--resume", "--quiet"], capsys)
+    assert "data changed" in message and "new run" in message
+    assert _files(out) == before
