@@ -230,3 +230,15 @@ def test_graph_step_check_compares_a_replay_with_an_eager_step(broken, monkeypat
     result = checks.check("graph-step", model, idx, idx % TINY.vocab_size, "fp32")
     assert result.correct is not broken
     assert (result.max_rel_err > 0.5) is broken
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (["--providers", "reference,cublas"], "unknown provider(s) cublas"), (["--workloads", "fit"], "unknown workload"),
+    (["--configs", "huge"], "unknown configuration"), (["--precisions", "fp16"], "unknown precision(s) fp16"),
+    (["--batches", "0"], "integers >= 1"), (["--batches", "-4"], "integers >= 1"),
+])
+def test_bad_options_fail_before_anything_is_created(tmp_path: Path, capsys, bad, expected) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "out"), *bad])
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
