@@ -19,6 +19,7 @@ from .inference import CONDITION_OPTIMIZERS, condition, generate, generate_by_ba
 from .model import AUNN
 from .report import write_report
 from .train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, read_log, load_run, train
+from .validation import check_device
 
 
 def default_device() -> str:
@@ -54,17 +55,13 @@ def _index(text: str) -> str | int:
 
 
 def _device(text: str) -> str:
-    """A device torch can parse, of type cpu or cuda, and for cuda one that exists."""
+    """cpu, cuda or cuda:N, a device this machine has (validation.check_device)."""
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
+        device = check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"expected cpu or cuda (or cuda:N), got {text!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available to PyTorch")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: there are only {torch.cuda.device_count()} CUDA devices")
     return text
 
 

@@ -48,6 +48,8 @@ def check_device(device: str | torch.device) -> torch.device:
     """Return device as a torch.device, raising ValueError if it is malformed or not usable on this machine."""
     try:
         device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device is available to PyTorch")
         torch.empty(0, device=device)
     except (RuntimeError, TypeError, AssertionError, NotImplementedError) as exc:
         # torch raises AssertionError for a device type it was built without (e.g. cuda on a CPU build)
