@@ -131,7 +131,10 @@ def conditioning(model: AUNN, data: ToyData, trials: int, steps: int, lr: float,
 
 def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 30, condition_steps: int = 1,
              condition_lr: float = 1e-3, condition_optimizer: str = "adam") -> dict[str, Any]:
-    """Every metric of metrics.json for this model and dataset."""
+    """Every metric of metrics.json for this model and dataset (conditioning: toy data only)."""
+    if condition_trials < 1 or condition_steps < 0:
+        raise ValueError(f"condition_trials must be >= 1 and condition_steps >= 0, got {condition_trials} "
+                         f"and {condition_steps}")
     generator = torch.Generator().manual_seed(seed)
     metrics: dict[str, Any] = {"data": data.describe(), "config": model.cfg.__dict__.copy()}
     metrics.update(fit(model, data, generator))

@@ -1,6 +1,8 @@
 """report.md: every table row has its header's number of cells, whatever the cells contain."""
 import re
 
+import pytest
+
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.data import ToyData
 from aunn_fast.evaluate import evaluate
@@ -23,3 +25,10 @@ def test_pipes_in_table_cells_are_escaped(tmp_path):
     for table in tables:
         widths = {len(UNESCAPED_PIPE.findall(row)) for row in table.splitlines()}
         assert len(widths) == 1, table
+
+
+def test_evaluate_rejects_zero_conditioning_trials():
+    data = ToyData(chunks=30)
+    model = AUNN(AUNNConfig(hidden=16, layers=3), seed=0)
+    with pytest.raises(ValueError, match="condition_trials"):
+        evaluate(model, data, condition_trials=0)
