@@ -8,7 +8,7 @@ predictions [N]. ``reference`` always exists; ``compile`` is the reference under
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -89,22 +89,23 @@ def available_backends(device: torch.device | str) -> dict[str, str | None]:
     return {name: backend.unavailable_reason(device) for name, backend in BACKENDS.items()}
 
 
-def check_backend_name(name: str) -> str:
-    """Return name if it is "auto" or a backend's name (usable here or not); TypeError/ValueError otherwise."""
+def _check_name(kind: str, name: str, choices: Iterable[str]) -> str:
+    """name if it is "auto" or one of choices; TypeError/ValueError naming the kind otherwise."""
     if not isinstance(name, str):
-        raise TypeError(f"backend must be a str, got {type(name).__name__}")
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+        raise TypeError(f"{kind} must be a str, got {type(name).__name__}")
+    if name != "auto" and name not in choices:
+        raise ValueError(f"unknown {kind} {name!r}; choose from auto, {', '.join(choices)}")
     return name
+
+
+def check_backend_name(name: str) -> str:
+    """name if it is "auto" or a backend's name (usable here or not); TypeError/ValueError otherwise."""
+    return _check_name("backend", name, BACKENDS)
 
 
 def check_precision_name(name: str) -> str:
-    """Return name if it is "auto" or one of PRECISIONS; TypeError/ValueError otherwise."""
-    if not isinstance(name, str):
-        raise TypeError(f"precision must be a str, got {type(name).__name__}")
-    if name != "auto" and name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}; choose from auto, {', '.join(PRECISIONS)}")
-    return name
+    """name if it is "auto" or one of PRECISIONS; TypeError/ValueError otherwise."""
+    return _check_name("precision", name, PRECISIONS)
 
 
 def resolve_backend(name: str, device: torch.device | str) -> Backend:
