@@ -96,7 +96,8 @@ def aunn_forward_kernel(
     hcols = tl.arange(0, BLOCK_H)
     hmask = hcols < H
     act_row = rows[:, None] * H + hcols[None, :]
-    act_store_mask = row_mask[:, None] & hmask[None, :] & (v_range == 0)  # range 0 stores the trunk
+    # every vocabulary range's program computes the fused trunk; range 0's stores it
+    act_store_mask = (rows < tl.where(v_range == 0, N, 0))[:, None] & hmask[None, :]
 
     if FUSED_TRUNK:
         # input layer: h = RMSNorm(SiLU(bits @ W_in.T + b_in)) * g_in
