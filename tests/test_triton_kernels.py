@@ -550,11 +550,13 @@ def test_gpu_large_vocab_loss(hidden, n, generator):
     check_model(cfg, n, generator, "bf16")
 
 
-@pytest.mark.parametrize("force_layerwise,n", [(False, 65), (True, 65), (False, 37)])
-def test_opcheck(force_layerwise, n, generator, monkeypatch):
+@pytest.mark.parametrize("force_layerwise,n,split_vocab", [(False, 65, False), (True, 65, False), (False, 37, False),
+                                                          (True, 37, True)])
+def test_opcheck(force_layerwise, n, split_vocab, generator, monkeypatch):
     """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of both operators,
     fused and layer-wise (whose forward also calls PyTorch GEMMs); at 37 rows the head's
-    weight gradient has one batch split, returned without a sum (a view of its partials).
+    weight gradient has one batch split, returned without a sum (a view of its partials);
+    with split_vocab the head's vocabulary ranges are merged by PyTorch ops.
 
     argmax (mode 1) is checked without grad-requiring inputs, as predict() runs it under no_grad.
     """
@@ -563,6 +565,8 @@ def test_opcheck(force_layerwise, n, generator, monkeypatch):
 
     if force_layerwise:
         monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+    if split_vocab:
+        monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
 
     cfg = AUNNConfig(vocab_size=70, hidden=32, layers=4, bits=64)
     params = with_grad(make_params(cfg, generator))
@@ -591,12 +595,18 @@ def test_torch_compile_fullgraph_layerwise(precision, generator, layerwise):
     check_compiled_matches_eager(precision, generator)
 
 
-def check_compiled_matches_eager(precision, generator):
-    cfg = AUNNConfig(vocab_size=70, hidden=32, layers=5, bits=64)
+def test_torch_compile_fullgraph_vocab_ranges(generator, vocab_ranges):
+    """The same with the head's vocabulary split into ranges, merged by PyTorch ops the compiler traces on a GPU."""
+    assert common.vocab_splits(3, 300, 128, DEVICE)[0] == 3  # 3 row blocks (or fewer) and 3 vocabulary tiles
+    check_compiled_matches_eager("bf16", generator, vocab=300)
+
+
+def check_compiled_matches_eager(precision, generator, vocab=70):
+    cfg = AUNNConfig(vocab_size=vocab, hidden=32, layers=5, bits=64)
     params = make_params(cfg, generator)
     n = 300 if torch.cuda.is_available() else 37
     idx = make_indices(cfg, n, generator)
-    targets = torch.randint(0, 70, (n,), generator=generator).to(DEVICE)
+    targets = torch.randint(0, vocab, (n,), generator=generator).to(DEVICE)
     # On a GPU the compiler traces into the operators: same kernels, but PyTorch's own steps
     # (the sums of weight-gradient partials) may be reordered, a few fp32 roundings.
     tol = {"rtol": 1e-5, "atol": 1e-6} if precision == "fp32" else {"rtol": 1e-4, "atol": 1e-5}
