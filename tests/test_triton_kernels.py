@@ -273,6 +273,7 @@ def test_fp32_against_reference(hidden, layers, residual_every, bits, vocab, bat
     (48, 3, 1, 13, 70, 19),     # hidden not a power of two
     (32, 8, 3, 64, 150, 300),   # 3 row blocks of 128 on 2 persistent programs (backward)
     (16, 4, 5, 64, 5, 37),      # residual_every beyond the hidden layers
+    (64, 7, 2, 64, 9, 520),     # the default residual_every, 2 adds; 5 row blocks on 2 programs
 ])
 def test_fp32_layerwise_path(hidden, layers, residual_every, bits, vocab, batch, generator, layerwise):
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=residual_every)
