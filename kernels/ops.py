@@ -90,6 +90,11 @@ forward_op.register_autograd(_backward, setup_context=_setup_context)
 def run_forward(idx: Tensor, targets: Tensor | None, params: AUNNParams, cfg: AUNNConfig,
                 precision: str, mode: int) -> Tensor:
     """The forward operator's first output; activations are saved only when autograd needs them."""
+    wrong = {name: p.dtype for name, p in zip(AUNNParams._fields, params) if p.dtype != torch.float32}
+    if wrong:
+        raise TypeError(f"the triton kernels take float32 parameters (they round operands per `precision`), got "
+                        f"{', '.join(f'{n} {d}' for n, d in wrong.items())}; keep the model in float32 and pass "
+                        "precision='bf16' instead of converting it")
     save = mode != MODE_ARGMAX and torch.is_grad_enabled() and any(p.requires_grad for p in params)
     if targets is None:
         targets = idx.new_empty(0)

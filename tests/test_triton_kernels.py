@@ -390,6 +390,17 @@ def test_logits_backward_arbitrary_upstream(generator, weight_grad):
         assert_2x_rule(f"d {name}", g, g32, g64)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_parameters_must_be_float32(dtype, generator):
+    """A model converted with .to(dtype) is a TypeError naming the parameters, not a kernel failure:
+    the kernels' precision is chosen by `precision`, on float32 parameters."""
+    cfg = AUNNConfig(vocab_size=5, hidden=16, layers=3, bits=64)
+    params = make_params(cfg, generator)._replace(hidden_weight=make_params(cfg, generator).hidden_weight.to(dtype))
+    idx = make_indices(cfg, 5, generator)
+    with pytest.raises(TypeError, match=f"float32 parameters.*hidden_weight {dtype}"):
+        kernels.logits(idx, params, cfg, "bf16")
+
+
 def test_unknown_weight_grad_method(generator, monkeypatch):
     monkeypatch.setattr(mlp_backward, "WEIGHT_GRAD", "atomics")
     cfg = AUNNConfig(vocab_size=5, hidden=16, layers=3, bits=64)
