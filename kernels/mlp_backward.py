@@ -318,15 +318,16 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
         splits = max(1, min(head_blocks, triton.cdiv(4 * num_sms(device), grid_v * grid_h)))
         rows_per_split = triton.cdiv(head_blocks, splits) * t.block_m_head
         splits = triton.cdiv(n, rows_per_split)
-        dw_part = new_buffer((splits, vocab, hidden), torch.float32, device)
-        db_part = new_buffer((splits, vocab), torch.float32, device)
+        head_dw_part = new_buffer((splits, vocab, hidden), torch.float32, device)
+        head_db_part = new_buffer((splits, vocab), torch.float32, device)
         launch(head_weight_grad_kernel, (grid_v, grid_h, splits),
-               h_last, targets, grad, lse, w_out, out_bias, dw_part, db_part,
+               h_last, targets, grad, lse, w_out, out_bias, head_dw_part, head_db_part,
                n, hidden, vocab, rows_per_split,
                BLOCK_M=t.block_m_head, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
                PRECISION=prec, num_warps=t.num_warps)
         # one split (a large head has tiles enough): its partials are the gradients, no 2 x V x H copy
-        d_out_weight, d_out_bias = (dw_part[0], db_part[0]) if splits == 1 else (dw_part.sum(0), db_part.sum(0))
+        d_out_weight, d_out_bias = ((head_dw_part[0], head_db_part[0]) if splits == 1
+                                    else (head_dw_part.sum(0), head_db_part.sum(0)))
         # dL/dh by head_dh_kernel: on the layer-wise path, and when the fused trunk backward's row
         # blocks are too few to cover a large head (each would stream all of it; see vocab_splits)
         if not t.fused or vocab_splits(triton.cdiv(n, t.block_m_bwd), vocab, t.block_v, device)[0] > 1:

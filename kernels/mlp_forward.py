@@ -71,11 +71,12 @@ def aunn_forward_kernel(
     N, H, V, n_hidden, n_grouped, eps, act_stride, head_in_offset, v_per_range,
     BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL_EVERY: tl.constexpr, UNROLL_GROUPS: tl.constexpr,
-    MODE: tl.constexpr, FUSED_TRUNK: tl.constexpr, STORE_ACTS: tl.constexpr, SPLIT_V: tl.constexpr,
+    MODE: tl.constexpr, FUSED_TRUNK: tl.constexpr, STORE_ACTS: tl.constexpr, RANGE_PARTIALS: tl.constexpr,
     PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,
 ):
     """Forward of BLOCK_M indices (program axis 0) over the vocabulary range [r * v_per_range,
-    (r + 1) * v_per_range) (program axis 1: r; one range of all V unless SPLIT_V).
+    (r + 1) * v_per_range) (program axis 1: r; v_per_range a multiple of BLOCK_V; a one-range
+    grid covers all V).
 
     idx int64 [N]; target int64 [N] (MODE 2); weights fp32 as in AUNNParams (out_w: or its bf16 copy).
     act fp32 or bf16 [n_hidden + 1, N, H] (layer stride act_stride = N * H;
@@ -83,7 +84,7 @@ def aunn_forward_kernel(
     written when STORE_ACTS (fused trunk), read (last layer only) when not FUSED_TRUNK.
     out: MODE 0 logits fp32 [N, V]; MODE 1 argmax int64 [N]; MODE 2 per-row CE fp32 [N]
     (and lse fp32 [N, 2]: per row the max logit and log-sum-exp of logits minus it, for the backward).
-    With SPLIT_V, modes 1 and 2 store their range's partial results instead, for
+    With RANGE_PARTIALS (several ranges), modes 1 and 2 store their range's partial results instead, for
     :func:`combine_ranges`: part fp32 [ranges, 3, N] holds MODE 1 (best logit, its index, -),
     MODE 2 (max logit, sum of exp(logit - max), target logit or 0); out and lse are not written.
     A fused trunk is then recomputed by every range's program and stored by range 0's.
@@ -178,11 +179,11 @@ def aunn_forward_kernel(
                 run_max = new_max
                 target_logit += tl.sum(tl.where(vcols[None, :] == target[:, None], logits, 0.0), axis=1)
 
-    if SPLIT_V:
+    if RANGE_PARTIALS:
         part = part_ptr + v_range.to(tl.int64) * 3 * N + rows
         if MODE == 1:
             tl.store(part, best, mask=row_mask)
-            tl.store(part + N, best_arg.to(tl.float32), mask=row_mask)  # exact: V <= 65,536 < 2^24
+            tl.store(part + N, best_arg.to(tl.float32), mask=row_mask)  # exact: fp32 holds integers to 2^24
         if MODE == 2:
             tl.store(part, run_max, mask=row_mask)
             tl.store(part + N, run_sum, mask=row_mask)
@@ -310,8 +311,8 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
 
     row_blocks = triton.cdiv(n, t.block_m)
     ranges, v_per_range = vocab_splits(row_blocks, vocab, t.block_v, device)
-    split_v = ranges > 1 and mode != MODE_LOGITS  # split logits need no combining
-    part = new_buffer((ranges, 3, n) if split_v else (0,), f32, device)
+    range_partials = ranges > 1 and mode != MODE_LOGITS  # logits of several ranges need no combining
+    part = new_buffer((ranges, 3, n) if range_partials else (0,), f32, device)
     # unrolled residual groups only where the extra copies of a layer fit: not at H = 128 (305 KiB
     # of shared memory), not in fp32 (its FMA-unit products then spill KBs), not past 4 layers
     unroll_groups = t.fused and t.block_h <= 64 and precision != "fp32" and residual_every <= min(n_hidden, 4)
@@ -332,9 +333,9 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
            head_in_offset, v_per_range,
            BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
            BLOCK_K=t.block_k_head, RESIDUAL_EVERY=residual_every, UNROLL_GROUPS=unroll_groups, MODE=mode,
-           FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused, SPLIT_V=split_v, PRECISION=prec, FAST_SIGMOID=fast,
-           num_warps=t.num_warps)
-    if split_v:
+           FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused, RANGE_PARTIALS=range_partials, PRECISION=prec,
+           FAST_SIGMOID=fast, num_warps=t.num_warps)
+    if range_partials:
         out, lse = combine_ranges(part, mode, lse)
     return out, lse, acts, zs
 
