@@ -205,10 +205,7 @@ def _resume(args: argparse.Namespace) -> tuple[AUNN, Dataset, dict[str, Any]]:
     try:
         data = data_from_description(model.data_description, model.vocab)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(args, f"cannot reopen the data of this run ({exc}); {new_run}")
-    if data.describe() != model.data_description:
-        _fail(args, f"the data changed since the run was saved (was {model.data_description}, now "
-                    f"{data.describe()}); {new_run}")
+        _fail(args, f"cannot reopen the data of this run: {exc}; {new_run}")
     if args.data and load_data(args.data).describe() != data.describe():
         _fail(args, "--data differs from the data of the run being resumed")
     for name in ARCHITECTURE:

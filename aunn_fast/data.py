@@ -8,15 +8,25 @@ checkpoint so the run can be reopened. Specs on the command line:
     toy[:CHUNKS[:SEED]]   the seed's sequence of `|aaa`, `|bbb`, `|ccc` chunks (default 100000 chunks)
     text:PATH             UTF-8 text, one token per character, vocabulary built from the file
     bytes:PATH            raw bytes, vocabulary 256, memory-mapped (files larger than RAM work)
+
+A file dataset's description carries the file's SHA-256, so a checkpoint reopens the data only
+if the file is unchanged (an edit that keeps the length included).
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+# A bytes file read on a GPU is copied there once (1 byte per token, in COPY_CHUNK_BYTES pieces) if
+# it takes at most DEVICE_COPY_FRACTION of the free device memory; a larger one is gathered from the
+# memory map on the host, which costs a host round trip per batch.
+DEVICE_COPY_FRACTION = 0.25
+COPY_CHUNK_BYTES = 1 << 28
+TEXT_CHUNK_CHARS = 1 << 24  # characters encoded at a time
 
 
 def _signed(constant: int) -> int:
@@ -71,16 +81,92 @@ class ToyData:
         return {"kind": "toy", "chunks": self.chunks, "seed": self.seed, "length": self.length}
 
 
-class TextData:
-    """UTF-8 text, one token per character; the vocabulary is the file's sorted characters."""
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class FileData:
+    """What text and bytes datasets share: a file, its length in tokens, its fingerprint."""
+
+    kind = ""
+    path: Path
+    length: int
+
+    @property
+    def sha256(self) -> str:
+        """The file's SHA-256, computed on first use (about a second per GB) and kept."""
+        if not hasattr(self, "_sha256"):
+            self._sha256 = file_sha256(self.path)
+        return self._sha256
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description (kind, absolute path, length, sha256) that :func:`data_from_description`
+        reopens."""
+        return {"kind": self.kind, "path": str(self.path.resolve()), "length": self.length, "sha256": self.sha256}
+
+
+def smallest_token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest integer dtype that holds token ids 0..vocab_size-1."""
+    for dtype in (np.uint8, np.int16, np.int32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"vocabulary of {vocab_size} tokens is too large")
+
+
+def _codepoint_chunks(text: str):
+    """The Unicode code points of text as uint32 arrays of at most TEXT_CHUNK_CHARS each, so that the
+    temporaries stay small next to the text itself."""
+    for start in range(0, len(text), TEXT_CHUNK_CHARS):
+        yield np.frombuffer(text[start:start + TEXT_CHUNK_CHARS].encode("utf-32-le"), dtype="<u4")
+
+
+def characters_of(text: str) -> list[str]:
+    """The distinct characters of text, sorted (``sorted(set(text))``, vectorised)."""
+    counts = np.zeros(0, dtype=np.int64)
+    for codepoints in _codepoint_chunks(text):
+        chunk_counts = np.bincount(codepoints)
+        counts = np.pad(counts, (0, max(0, chunk_counts.size - counts.size)))
+        counts[:chunk_counts.size] += chunk_counts
+    return [chr(c) for c in np.flatnonzero(counts).tolist()]
+
+
+def encode_characters(text: str, vocab: list[str]) -> np.ndarray:
+    """Token ids of every character of text under a vocabulary of single characters, vectorised, in
+    the narrowest integer dtype that holds them."""
+    vocab_codepoints = np.array([ord(ch) for ch in vocab], dtype=np.int64)
+    lookup = np.full(0x110000, -1, dtype=np.int32)  # every Unicode code point
+    lookup[vocab_codepoints] = np.arange(len(vocab), dtype=np.int32)
+    ids = np.empty(len(text), dtype=smallest_token_dtype(len(vocab)))
+    start = 0
+    for codepoints in _codepoint_chunks(text):
+        chunk_ids = lookup[codepoints]
+        if (chunk_ids < 0).any():
+            unknown = sorted({chr(c) for c in np.unique(codepoints[chunk_ids < 0]).tolist()})
+            raise ValueError(f"characters not in the vocabulary: {unknown!r}")
+        ids[start:start + codepoints.size] = chunk_ids
+        start += codepoints.size
+    return ids
+
+
+class TextData(FileData):
+    """UTF-8 text, one token per character; the vocabulary is the file's sorted characters (or the
+    given one, e.g. a checkpoint's). Tokens are kept in the narrowest integer dtype."""
+
+    kind = "text"
 
     def __init__(self, path: str | Path, vocab: list[str] | None = None) -> None:
         self.path = Path(path)
         text = self.path.read_text(encoding="utf-8")
         if not text:
             raise ValueError(f"{self.path} is empty")
-        self.vocab = vocab if vocab is not None else sorted(set(text))
-        self.tokens = torch.tensor(encode(text, self.vocab), dtype=torch.int64)
+        if vocab is None:
+            vocab = characters_of(text)
+        if any(len(token) != 1 for token in vocab):
+            raise ValueError("a text dataset's vocabulary must be single characters")
+        self.vocab = vocab
+        self.tokens = torch.from_numpy(encode_characters(text, vocab))
         self.length = len(text)
 
     @property
@@ -92,16 +178,15 @@ class TextData:
         """int64 indices [...] in 0..length-1 -> int64 tokens [...] on idx's device."""
         if self.tokens.device != idx.device:
             self.tokens = self.tokens.to(idx.device)
-        return self.tokens[idx]
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-able description (kind, absolute path, length) that :func:`data_from_description` reopens."""
-        return {"kind": "text", "path": str(self.path.resolve()), "length": self.length}
+        return self.tokens[idx].long()
 
 
-class BytesData:
-    """Raw bytes of a file, memory-mapped; vocabulary 256 (decoded as UTF-8 for display)."""
+class BytesData(FileData):
+    """Raw bytes of a file, memory-mapped; vocabulary 256 (decoded as UTF-8 for display). Read on a
+    GPU, a file that fits (see DEVICE_COPY_FRACTION) is copied there once, so that batches need no
+    host round trip."""
 
+    kind = "bytes"
     vocab = None
     vocab_size = 256
 
@@ -111,15 +196,34 @@ class BytesData:
         if self.length == 0:
             raise ValueError(f"{self.path} is empty")
         self.array = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._copy_device: torch.device | None = None
+        self._copy: torch.Tensor | None = None
+
+    def fits_on(self, device: torch.device) -> bool:
+        """Whether the file is to be copied to device: a GPU with room for it, never the CPU."""
+        if device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        return self.length <= DEVICE_COPY_FRACTION * free
+
+    def _device_copy(self, device: torch.device) -> torch.Tensor | None:
+        """The file as a uint8 tensor on device (copied in chunks on first use), or None where it does not fit."""
+        if self._copy_device != device:
+            self._copy_device, self._copy = device, None
+            if self.fits_on(device):
+                self._copy = torch.empty(self.length, dtype=torch.uint8, device=device)
+                for start in range(0, self.length, COPY_CHUNK_BYTES):
+                    chunk = np.array(self.array[start:start + COPY_CHUNK_BYTES])
+                    self._copy[start:start + chunk.size].copy_(torch.from_numpy(chunk))
+        return self._copy
 
     def targets(self, idx: torch.Tensor) -> torch.Tensor:
         """int64 indices [...] in 0..length-1 -> int64 byte values [...] on idx's device."""
+        copy = self._device_copy(idx.device)
+        if copy is not None:
+            return copy[idx].long()
         picked = self.array[idx.detach().cpu().numpy()]
         return torch.from_numpy(picked.astype(np.int64)).to(idx.device)
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-able description (kind, absolute path, length) that :func:`data_from_description` reopens."""
-        return {"kind": "bytes", "path": str(self.path.resolve()), "length": self.length}
 
 
 Dataset = ToyData | TextData | BytesData
@@ -147,15 +251,26 @@ def load_data(spec: str) -> Dataset:
 
 
 def data_from_description(description: dict[str, Any], vocab: list[str] | None = None) -> Dataset:
-    """Reopen the dataset a checkpoint was trained on."""
+    """Reopen the dataset a checkpoint was trained on; a ValueError if its file changed since (another
+    SHA-256 where the description has one, as from 0.1.0 on; another length)."""
     kind = description["kind"]
     if kind == "toy":
         return ToyData(description["chunks"], description["seed"])
-    if kind == "text":
-        return TextData(description["path"], vocab)
-    if kind == "bytes":
-        return BytesData(description["path"])
-    raise ValueError(f"unknown dataset kind {kind!r} in checkpoint")
+    if kind not in ("text", "bytes"):
+        raise ValueError(f"unknown dataset kind {kind!r} in checkpoint")
+    path = Path(description["path"])
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    digest = file_sha256(path)
+    if description.get("sha256", digest) != digest:
+        raise ValueError(f"{path} changed since the checkpoint was saved "
+                         f"(sha256 was {description['sha256'][:12]}..., now {digest[:12]}...)")
+    data = TextData(path, vocab) if kind == "text" else BytesData(path)
+    if data.length != description["length"]:
+        raise ValueError(f"{path} changed since the checkpoint was saved "
+                         f"(was {description['length']} tokens, now {data.length})")
+    data._sha256 = digest
+    return data
 
 
 def encode(text: str, vocab: list[str] | None) -> list[int]:

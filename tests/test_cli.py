@@ -185,7 +185,9 @@ def test_resume_refuses_changed_data(tmp_path, capsys):
     text.write_text("abcabcabc")
     assert main(["train", "--data", f"text:{text}", "--out", str(out), "--steps", "1", *TINY]) == 0
     before = _files(out)
-    text.write_text("abcabcabcabc")  # same characters, another length
-    message = _error(["train", "--out", str(out), "--resume", "--quiet"], capsys)
-    assert "data changed" in message and "new run" in message
-    assert _files(out) == before
+    for edit in ("abcabcabcabc", "abcabcacb"):  # another length; the same length
+        text.write_text(edit)
+        message = _error(["train", "--out", str(out), "--resume", "--quiet"], capsys)
+        assert "changed since the checkpoint was saved" in message and "new run" in message
+        assert _files(out) == before
+        assert "changed since the checkpoint was saved" in _error(["eval", str(out)], capsys)

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import aunn_fast.data as data_module
 from aunn_fast.data import BytesData, TextData, ToyData, data_from_description, decode, encode, load_data
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -52,6 +53,64 @@ def test_bytes_data_is_memory_mapped(tmp_path):
     idx = torch.tensor([0, 255, 256, 767])
     assert data.targets(idx).tolist() == [0, 255, 0, 255]
     assert encode("é", None) == list("é".encode()) and decode(encode("é", None), None) == "é"
+
+
+def _random_text(generator, length: int, alphabet: str) -> str:
+    picks = torch.randint(0, len(alphabet), (length,), generator=generator).tolist()
+    return "".join(alphabet[i] for i in picks)
+
+
+@pytest.mark.parametrize("alphabet", ["ab\n", "aé€😀\u0000 ", "".join(chr(0x4E00 + i) for i in range(300))])
+@pytest.mark.parametrize("chunk", [7, 1 << 24])
+def test_text_data_encodes_like_the_python_encoder(tmp_path, generator, monkeypatch, alphabet, chunk):
+    monkeypatch.setattr(data_module, "TEXT_CHUNK_CHARS", chunk)
+    text = _random_text(generator, 2000, alphabet)
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    data = TextData(path)
+    assert data.vocab == sorted(set(text)) and data.length == len(text)
+    assert data.targets(torch.arange(len(text))).tolist() == encode(text, data.vocab)
+    assert data.targets(torch.tensor([3])).dtype == torch.int64
+    assert data.tokens.element_size() == (1 if len(data.vocab) <= 256 else 2)
+    wider = sorted(set(text) | {"Z", "ü"})  # a checkpoint's vocabulary may hold characters the file lacks
+    assert TextData(path, wider).targets(torch.arange(len(text))).tolist() == encode(text, wider)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        TextData(path, sorted(set(text))[1:])
+
+
+def test_file_data_reopens_only_unchanged_files(tmp_path):
+    text, raw = tmp_path / "t.txt", tmp_path / "b.bin"
+    text.write_text("abcabc", encoding="utf-8")
+    raw.write_bytes(b"\x00\x01\x02\x03")
+    for data, same_length_edit, longer in ((TextData(text), "abcacb", "abcabca"),
+                                           (BytesData(raw), b"\x00\x01\x03\x02", b"\x00\x01\x02\x03\x04")):
+        description = data.describe()
+        assert len(description["sha256"]) == 64
+        assert data_from_description(description, data.vocab).describe() == description
+        old_checkpoint = {k: v for k, v in description.items() if k != "sha256"}
+        assert data_from_description(old_checkpoint, data.vocab).length == data.length
+        write = data.path.write_text if isinstance(same_length_edit, str) else data.path.write_bytes
+        write(same_length_edit)
+        with pytest.raises(ValueError, match="changed since the checkpoint was saved .sha256"):
+            data_from_description(description, data.vocab)
+        write(longer)
+        with pytest.raises(ValueError, match="changed since the checkpoint was saved .was"):
+            data_from_description(old_checkpoint, data.vocab)
+        data.path.unlink()
+        with pytest.raises(FileNotFoundError):
+            data_from_description(description, data.vocab)
+
+
+def test_bytes_data_copied_to_the_device_gives_the_same_targets(tmp_path, generator, monkeypatch):
+    path = tmp_path / "b.bin"
+    path.write_bytes(bytes(torch.randint(0, 256, (1000,), generator=generator, dtype=torch.uint8).tolist()))
+    idx = torch.randint(0, 1000, (64, 3), generator=generator)
+    gathered = BytesData(path).targets(idx)
+    monkeypatch.setattr(data_module, "COPY_CHUNK_BYTES", 300)  # chunks that do not divide the file
+    monkeypatch.setattr(BytesData, "fits_on", lambda self, device: True)
+    copied = BytesData(path)
+    assert torch.equal(copied.targets(idx), gathered) and gathered.dtype == torch.int64
+    assert copied._copy is not None and torch.equal(copied._copy, torch.from_numpy(copied.array.copy()))
 
 
 @pytest.mark.parametrize("spec,error", [
