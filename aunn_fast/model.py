@@ -1,6 +1,7 @@
 """The AUNN module: parameters, input checks, and dispatch to a backend."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -22,7 +23,8 @@ class AUNN(nn.Module):
     "tf32" or "bf16". Both can be changed later as attributes; an unknown name raises
     ValueError at once, an unavailable backend at the first call. ``validate`` (default
     True) checks index and target ranges before every call; turning it off skips a
-    device sync, e.g. inside a captured CUDA graph.
+    device sync, e.g. inside a captured CUDA graph (torch.compile's tracing skips them too).
+    Calls run with autocast off: ``precision`` alone sets the matrix products' operands.
     """
 
     def __init__(self, cfg: AUNNConfig | None = None, backend: str = "auto", precision: str = "auto",
@@ -85,6 +87,13 @@ class AUNN(nn.Module):
         return f"{self.cfg}, backend={self.backend!r}, precision={self.precision!r}"
 
     # -- compute ---------------------------------------------------------------------
+    def _own_precision(self) -> contextlib.AbstractContextManager[None]:
+        """Autocast off on the model's device: ``precision`` alone picks the products' operands, and
+        every backend computes the same math however the caller has set autocast."""
+        if self.device.type in ("cpu", "cuda"):
+            return torch.autocast(self.device.type, enabled=False)
+        return contextlib.nullcontext()
+
     def _indices(self, idx: torch.Tensor) -> torch.Tensor:
         idx = check_indices(idx, self.cfg, check_range=self.validate)
         if idx.device != self.device:
@@ -95,7 +104,8 @@ class AUNN(nn.Module):
         """int64 indices [...] -> float32 logits [..., vocab]."""
         idx = self._indices(idx)
         backend = self.active_backend()
-        flat = backend.logits(idx.reshape(-1).contiguous(), self.params, self.cfg, self.active_precision())
+        with self._own_precision():
+            flat = backend.logits(idx.reshape(-1).contiguous(), self.params, self.cfg, self.active_precision())
         return flat.reshape(*idx.shape, self.cfg.vocab_size)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -105,15 +115,17 @@ class AUNN(nn.Module):
         if idx.numel() == 0:
             return sum(p.sum() for p in self.parameters()) * 0.0
         backend = self.active_backend()
-        return backend.loss(idx.reshape(-1).contiguous(), targets.reshape(-1).contiguous(),
-                            self.params, self.cfg, self.active_precision())
+        with self._own_precision():
+            return backend.loss(idx.reshape(-1).contiguous(), targets.reshape(-1).contiguous(),
+                                self.params, self.cfg, self.active_precision())
 
     @torch.no_grad()
     def predict(self, idx: torch.Tensor) -> torch.Tensor:
         """int64 indices [...] -> int64 argmax tokens [...]."""
         idx = self._indices(idx)
         backend = self.active_backend()
-        flat = backend.predict(idx.reshape(-1).contiguous(), self.params, self.cfg, self.active_precision())
+        with self._own_precision():
+            flat = backend.predict(idx.reshape(-1).contiguous(), self.params, self.cfg, self.active_precision())
         return flat.reshape(idx.shape)
 
     # -- persistence -------------------------------------------------------------------

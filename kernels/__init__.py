@@ -36,9 +36,10 @@ def unavailable_reason(device: torch.device) -> str | None:
         if not interpret:
             return ("Triton has no CPU backend; set TRITON_INTERPRET=1 before triton is first imported "
                     "to run the kernels in the (slow) interpreter")
-        import sys
-        ops = sys.modules.get(__name__ + ".mlp_forward")
-        if ops is not None and not _is_interpreted(ops.aunn_forward_kernel):
+        # imported (as the first call would) rather than looked up in sys.modules: torch.compile guards
+        # on such a lookup, and a first call under it imports the module in the same trace
+        from . import mlp_forward
+        if not _is_interpreted(mlp_forward.aunn_forward_kernel):
             return "the kernels were compiled before TRITON_INTERPRET=1 was set; set it before importing them"
         return None
     return f"Triton kernels do not run on device type {device.type!r}"

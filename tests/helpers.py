@@ -1,6 +1,7 @@
-"""Shared test helpers: models with non-trivial parameters, relative errors."""
+"""Shared test helpers: models with non-trivial parameters, relative errors, the compiled-model check."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from aunn_fast import AUNN, AUNNConfig
@@ -34,3 +35,24 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖ / ‖expected‖ in float64."""
     expected = expected.detach().double()
     return float((actual.detach().double() - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def check_compiled_model(model: AUNN, idx: torch.Tensor, targets: torch.Tensor, rtol: float, atol: float) -> None:
+    """torch.compile(fullgraph=True) of the model's forward, loss + backward and predict (range checks on,
+    as by default) match the same model run eagerly; dtype errors still surface while tracing."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(idx), model(idx), rtol=rtol, atol=atol)
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(idx, targets)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    eager = loss_and_grads(model.loss)
+    for c, e in zip(loss_and_grads(torch.compile(model.loss, fullgraph=True)), eager):
+        torch.testing.assert_close(c, e, rtol=rtol, atol=atol)
+    assert torch.equal(torch.compile(model.predict, fullgraph=True)(idx), model.predict(idx))
+    with pytest.raises(TypeError, match="indices must be int64"):  # fullgraph would wrap it in its own error
+        torch.compile(model)(idx.float())

@@ -5,7 +5,7 @@ import torch
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast import backends
 
-from helpers import random_indices, random_model
+from helpers import check_compiled_model, random_indices, random_model
 
 
 @pytest.fixture
@@ -153,3 +153,28 @@ def test_bad_eps_is_rejected(eps, error):
 
 def test_good_eps_is_accepted():
     assert AUNNConfig(eps=1e-5).norm_eps == 1e-5 and AUNNConfig(eps=None).norm_eps > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "compile"])
+def test_compiled_model_runs_in_one_graph(backend, generator):
+    cfg = AUNNConfig(vocab_size=5, hidden=16, layers=4, bits=20)
+    model = random_model(cfg, generator, backend=backend, precision="fp32")
+    idx = random_indices(33, 20, generator)
+    check_compiled_model(model, idx, torch.randint(0, 5, (33,), generator=generator), rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_leaves_the_model_in_its_own_precision(model, generator):
+    idx = random_indices(40, 20, generator)
+    targets = torch.randint(0, 5, (40,), generator=generator)
+    loss = model.loss(idx, targets)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, autocast_loss = model(idx), model.loss(idx, targets)
+        assert torch.equal(model.predict(idx), model.predict(idx))
+    assert logits.dtype == torch.float32 and torch.equal(logits, model(idx))
+    assert torch.equal(autocast_loss, loss)
+    autocast_loss.backward()
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)

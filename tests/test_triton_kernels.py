@@ -29,7 +29,7 @@ import torch
 
 from aunn_fast import AUNNConfig, AUNNParams, kernels, reference
 from aunn_fast.params import init_params
-from helpers import rel_err
+from helpers import check_compiled_model, random_indices, random_model, rel_err
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _REASON = kernels.unavailable_reason(DEVICE)
@@ -611,6 +611,17 @@ def test_torch_compile_fullgraph_vocab_ranges(generator, vocab_ranges):
     """The same with the head's vocabulary split into ranges, merged by PyTorch ops the compiler traces on a GPU."""
     assert common.vocab_splits(3, 300, 128, DEVICE)[0] == 3  # 3 row blocks (or fewer) and 3 vocabulary tiles
     check_compiled_matches_eager("bf16", generator, vocab=300)
+
+
+def test_compiled_model_runs_in_one_graph(generator):
+    """torch.compile(model, fullgraph=True) of an AUNN on the triton backend, in its default precision
+    (bf16 on a GPU), with the default range checks, which tracing leaves out."""
+    cfg = AUNNConfig(vocab_size=70, hidden=32, layers=5, bits=64)
+    model = random_model(cfg, generator, backend="triton").to(DEVICE)
+    idx = random_indices(37, 64, generator).to(DEVICE)
+    targets = torch.randint(0, 70, (37,), generator=generator).to(DEVICE)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if model.active_precision() == "fp32" else {"rtol": 1e-4, "atol": 1e-5}
+    check_compiled_model(model, idx, targets, **tol)
 
 
 def check_compiled_matches_eager(precision, generator, vocab=70):
