@@ -16,13 +16,15 @@ from .inference import condition
 from .model import AUNN
 
 EVAL_BATCH = 65_536
+EVAL_LOGITS_MAX = 1 << 24    # logits held at once when scoring (64 MB): fewer rows for a large vocabulary
 FIT_SAMPLE_LIMIT = 1 << 22   # larger datasets are scored on a random sample of this many indices
 HISTOGRAM_SPAN = 100_000     # indices after the data whose predictions are histogrammed
 EXTRAPOLATION_WINDOW = 4_000
 
 
-def _batches(idx: torch.Tensor) -> list[torch.Tensor]:
-    return list(idx.split(EVAL_BATCH))
+def _batches(idx: torch.Tensor, vocab_size: int = 1) -> list[torch.Tensor]:
+    """idx in chunks of EVAL_BATCH indices, fewer where their logits would exceed EVAL_LOGITS_MAX elements."""
+    return list(idx.split(max(1, min(EVAL_BATCH, EVAL_LOGITS_MAX // vocab_size))))
 
 
 @torch.no_grad()
@@ -33,7 +35,7 @@ def fit(model: AUNN, data: Dataset, generator: torch.Generator) -> dict[str, Any
     else:
         idx = torch.randint(0, data.length, (FIT_SAMPLE_LIMIT,), generator=generator)
     correct, total_loss = 0, 0.0
-    for chunk in _batches(idx.to(model.device)):
+    for chunk in _batches(idx.to(model.device), model.cfg.vocab_size):
         targets = data.targets(chunk)
         logits = model(chunk)
         correct += int((logits.argmax(-1) == targets).sum())
