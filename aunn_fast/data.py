@@ -91,23 +91,30 @@ def file_sha256(path: Path) -> str:
 
 
 class FileData:
-    """What text and bytes datasets share: a file, its length in tokens, its fingerprint."""
+    """What text and bytes datasets share: a file, its length in tokens, its fingerprint (the SHA-256
+    of its bytes, with the size and modification time it had when opened)."""
 
     kind = ""
-    path: Path
     length: int
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        stat = self.path.stat()
+        self.size, self.mtime_ns = stat.st_size, stat.st_mtime_ns
+        self._sha256: str | None = None
 
     @property
     def sha256(self) -> str:
-        """The file's SHA-256, computed on first use (about a second per GB) and kept."""
-        if not hasattr(self, "_sha256"):
+        """The file's SHA-256, computed on first use (reading the file: about a second per GB) and kept."""
+        if self._sha256 is None:
             self._sha256 = file_sha256(self.path)
         return self._sha256
 
     def describe(self) -> dict[str, Any]:
-        """JSON-able description (kind, absolute path, length, sha256) that :func:`data_from_description`
-        reopens."""
-        return {"kind": self.kind, "path": str(self.path.resolve()), "length": self.length, "sha256": self.sha256}
+        """JSON-able description (kind, absolute path, length, sha256, size, mtime_ns) that
+        :func:`data_from_description` reopens."""
+        return {"kind": self.kind, "path": str(self.path.resolve()), "length": self.length, "sha256": self.sha256,
+                "size": self.size, "mtime_ns": self.mtime_ns}
 
 
 def smallest_token_dtype(vocab_size: int) -> np.dtype:
@@ -160,7 +167,7 @@ class TextData(FileData):
     kind = "text"
 
     def __init__(self, path: str | Path, vocab: list[str] | None = None) -> None:
-        self.path = Path(path)
+        super().__init__(path)
         text = self.path.read_text(encoding="utf-8")
         if not text:
             raise ValueError(f"{self.path} is empty")
@@ -194,8 +201,8 @@ class BytesData(FileData):
     vocab_size = 256
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.length = self.path.stat().st_size
+        super().__init__(path)
+        self.length = self.size
         if self.length == 0:
             raise ValueError(f"{self.path} is empty")
         self.array = np.memmap(self.path, dtype=np.uint8, mode="r")
@@ -254,8 +261,12 @@ def load_data(spec: str) -> Dataset:
 
 
 def data_from_description(description: dict[str, Any], vocab: list[str] | None = None) -> Dataset:
-    """Reopen the dataset a checkpoint was trained on; a ValueError if its file changed since (another
-    SHA-256 where the description has one, as from 0.1.0 on; another length)."""
+    """Reopen the dataset a checkpoint was trained on; a ValueError if its file changed since.
+
+    A file whose size and modification time are those recorded keeps its recorded SHA-256 (the rule
+    make and git use), so a huge file is not read again; any other file is hashed and must match.
+    Checkpoints without a SHA-256 (written before it was recorded) are checked by length alone.
+    """
     kind = description["kind"]
     if kind == "toy":
         return ToyData(description["chunks"], description["seed"])
@@ -264,10 +275,13 @@ def data_from_description(description: dict[str, Any], vocab: list[str] | None =
     path = Path(description["path"])
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
-    digest = file_sha256(path)
-    if description.get("sha256", digest) != digest:
+    recorded = description.get("sha256")
+    stat = path.stat()
+    untouched = (description.get("size"), description.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
+    digest = recorded if recorded is not None and untouched else file_sha256(path)
+    if recorded is not None and digest != recorded:
         raise ValueError(f"{path} changed since the checkpoint was saved "
-                         f"(sha256 was {description['sha256'][:12]}..., now {digest[:12]}...)")
+                         f"(sha256 was {recorded[:12]}..., now {digest[:12]}...)")
     data = TextData(path, vocab) if kind == "text" else BytesData(path)
     if data.length != description["length"]:
         raise ValueError(f"{path} changed since the checkpoint was saved "

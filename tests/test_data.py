@@ -1,5 +1,6 @@
 """Datasets: determinism of the toy sequence, text and byte vocabularies, spec parsing."""
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,11 @@ def test_text_data_encodes_like_the_python_encoder(tmp_path, generator, monkeypa
         TextData(path, sorted(set(text))[1:])
 
 
-def test_file_data_reopens_only_unchanged_files(tmp_path):
+def _set_mtime(path: Path, mtime_ns: int) -> None:
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_file_data_reopens_only_unchanged_files(tmp_path, monkeypatch):
     text, raw = tmp_path / "t.txt", tmp_path / "b.bin"
     text.write_text("abcabc", encoding="utf-8")
     raw.write_bytes(b"\x00\x01\x02\x03")
@@ -88,12 +93,19 @@ def test_file_data_reopens_only_unchanged_files(tmp_path):
         description = data.describe()
         assert description["sha256"] == hashlib.sha256(data.path.read_bytes()).hexdigest()
         assert data_from_description(description, data.vocab).describe() == description
-        old_checkpoint = {k: v for k, v in description.items() if k != "sha256"}
+        old_checkpoint = {k: v for k, v in description.items() if k not in ("sha256", "size", "mtime_ns")}
         assert data_from_description(old_checkpoint, data.vocab).length == data.length
         write = data.path.write_text if isinstance(same_length_edit, str) else data.path.write_bytes
         write(same_length_edit)
+        _set_mtime(data.path, description["mtime_ns"] + 10**9)  # what an edit does, on any clock granularity
         with pytest.raises(ValueError, match="changed since the checkpoint was saved .sha256"):
             data_from_description(description, data.vocab)
+        edited = hashlib.sha256(data.path.read_bytes()).hexdigest()  # a touched file is hashed; equal is fine
+        assert data_from_description({**description, "sha256": edited}, data.vocab).sha256 == edited
+        _set_mtime(data.path, description["mtime_ns"])  # size and time as recorded: the recorded hash stands
+        with monkeypatch.context() as patch:
+            patch.setattr(data_module, "file_sha256", lambda path: pytest.fail("an untouched file was hashed"))
+            assert data_from_description(description, data.vocab).sha256 == description["sha256"]
         write(longer)
         with pytest.raises(ValueError, match="changed since the checkpoint was saved .was"):
             data_from_description(old_checkpoint, data.vocab)
