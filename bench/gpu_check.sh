@@ -9,8 +9,8 @@
 # On the project's lent device only 8 files come back from $OUT, so run it as
 #   bash bench/gpu_check.sh /tmp/gc; tar czf $OUT/gpu_check.tgz -C /tmp gc
 # Writes OUTDIR/pytest_gpu.log, OUTDIR/pytest_kernels.log, OUTDIR/pytest.log, OUTDIR/bench.log, OUTDIR/variants/,
-# OUTDIR/bench/ and OUTDIR/bench_notebook/ (each results.json, results.md, *.png),
-# and prints a summary table last. Stays under 5 minutes: each step has its own timeout,
+# OUTDIR/bench/ and OUTDIR/bench_notebook/ (each results.json, results.md, *.png), OUTDIR/profiles/
+# (torch.profiler tables and traces of the goal train steps), and prints a summary table last. Stays under 5 minutes: each step has its own timeout,
 # and the benchmark saves its results after every row, so a timed-out run still leaves data.
 set -uo pipefail
 
@@ -18,10 +18,11 @@ OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 GPU_TEST_TIMEOUT=${GPU_TEST_TIMEOUT:-85}
 KERNEL_TEST_TIMEOUT=${KERNEL_TEST_TIMEOUT:-30}
-TEST_TIMEOUT=${TEST_TIMEOUT:-25}
+TEST_TIMEOUT=${TEST_TIMEOUT:-20}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-65}
 NOTEBOOK_TIMEOUT=${NOTEBOOK_TIMEOUT:-30}
 VARIANTS_TIMEOUT=${VARIANTS_TIMEOUT:-35}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-10}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT/bench"
 OUT=$(cd "$OUT" && pwd)
@@ -86,6 +87,14 @@ echo "== kernel candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"
 timeout "$VARIANTS_TIMEOUT" "$PYTHON" -m aunn_fast.bench.kernel_variants --out "$OUT/variants" > "$OUT/variants.log" 2>&1
 VARIANTS_RC=$?
 
+echo "== profiles of the goal train steps (timeout ${PROFILE_TIMEOUT}s each) -> $OUT/profiles"
+timeout "$PROFILE_TIMEOUT" "$PYTHON" -m aunn_fast.bench.profile_step --config seed --workloads train,train-graph \
+    --batches 8192,8192 --calls 10 --out "$OUT/profiles" > "$OUT/profile_seed.log" 2>&1
+PROFILE_SEED_RC=$?
+timeout "$PROFILE_TIMEOUT" "$PYTHON" -m aunn_fast.bench.profile_step --config notebook --workloads train \
+    --batches 2048 --calls 10 --out "$OUT/profiles" > "$OUT/profile_notebook.log" 2>&1
+PROFILE_NOTEBOOK_RC=$?
+
 echo "== summary"
 echo "GPU-only tests exit status $GPU_TEST_RC: $(tail -n 1 "$OUT/pytest_gpu.log")"
 echo "kernel tests exit status $KERNEL_TEST_RC: $(tail -n 1 "$OUT/pytest_kernels.log")"
@@ -93,6 +102,7 @@ echo "other tests exit status $TEST_RC: $(tail -n 1 "$OUT/pytest.log")"
 grep -hE "^(FAILED|ERROR) " "$OUT/pytest_gpu.log" "$OUT/pytest_kernels.log" "$OUT/pytest.log" | head -n 10
 echo "benchmark exit status $BENCH_RC, H=512 benchmark $NOTEBOOK_RC (0 ok, 1 some provider incorrect/failed, 124 timed out)"
 echo "kernel variants exit status $VARIANTS_RC; table in $OUT/variants"
+echo "profiles exit status $PROFILE_SEED_RC (seed), $PROFILE_NOTEBOOK_RC (notebook); tables in $OUT/profiles"
 for run in bench bench_notebook; do
     if [ -f "$OUT/$run/results.json" ]; then
         "$PYTHON" -m aunn_fast.bench.summary "$OUT/$run/results.json"

@@ -242,3 +242,21 @@ def test_bad_options_fail_before_anything_is_created(tmp_path: Path, capsys, bad
         run.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "out"), *bad])
     assert exit_info.value.code == 2 and expected in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_profile_step_writes_a_table_and_a_trace(tmp_path, capsys):
+    """The profiler tool on a CPU: the report names the workload and its operators; the trace is JSON."""
+    from aunn_fast.bench import profile_step
+
+    argv = ["--config", "seed", "--workloads", "train,predict", "--batches", "64,33", "--provider", "reference",
+            "--precision", "fp32", "--calls", "2", "--device", "cpu", "--out", str(tmp_path)]
+    assert profile_step.main(argv) == 0
+    text = (tmp_path / "profile_seed_train_64_reference_fp32.txt").read_text()
+    assert "workload train, batch 64" in text and "ms per call" in text and "aten::mm" in text
+    assert "Optimizer.step#AdamW.step" in text
+    assert "traceEvents" in json.loads((tmp_path / "profile_seed_predict_33_reference_fp32.json").read_text())
+    for bad in (["--workloads", "train,predict", "--batches", "64"], ["--workloads", "nope", "--batches", "4"],
+                ["--workloads", "train-graph", "--batches", "4", "--device", "cpu"]):
+        with pytest.raises(SystemExit):
+            profile_step.main([*bad, "--out", str(tmp_path / "bad")])
+        assert not (tmp_path / "bad").exists()
