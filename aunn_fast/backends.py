@@ -1,9 +1,10 @@
 """Backend dispatch: which implementation computes logits, loss and predictions.
 
 Every backend takes flat, validated int64 indices [N] (and int64 targets [N]) plus
-the float32 parameters, and returns float32 logits [N, V], a scalar loss, or int64
-predictions [N]. ``reference`` always exists; ``compile`` is the reference under
-``torch.compile``; ``triton`` is the fused kernel path (``aunn_fast.kernels``).
+the float32 parameters, and returns float32 logits [N, V], the loss (its last argument,
+``reduction``: "mean" or "sum", a scalar; "none", [N]), or int64 predictions [N].
+``reference`` always exists; ``compile`` is the reference under ``torch.compile``;
+``triton`` is the fused kernel path (``aunn_fast.kernels``).
 """
 from __future__ import annotations
 

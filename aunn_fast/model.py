@@ -14,6 +14,8 @@ from .config import AUNNConfig
 from .params import AUNNParams, init_params, param_shapes
 from .validation import check_indices, check_targets
 
+REDUCTIONS = ("mean", "sum", "none")
+
 
 class AUNN(nn.Module):
     """An MLP that predicts the token at an absolute index from the index alone.
@@ -108,16 +110,21 @@ class AUNN(nn.Module):
             flat = backend.logits(idx.reshape(-1).contiguous(), self.params, self.cfg, self.active_precision())
         return flat.reshape(*idx.shape, self.cfg.vocab_size)
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of int targets at int64 indices (same shape); a float32 scalar."""
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of int targets at int64 indices (same shape [...]), float32: ``reduction``
+        "mean" (default) or "sum", scalars, or "none", each index's loss [...]."""
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
         idx = self._indices(idx)
         targets = check_targets(targets, idx, self.cfg, check_range=self.validate)
-        if idx.numel() == 0:
-            return sum(p.sum() for p in self.parameters()) * 0.0
+        if idx.numel() == 0:  # zero, still connected to the parameters so that backward() works
+            zero = sum(p.sum() for p in self.parameters()) * 0.0
+            return zero.expand(idx.shape) if reduction == "none" else zero
         backend = self.active_backend()
         with self._own_precision():
-            return backend.loss(idx.reshape(-1).contiguous(), targets.reshape(-1).contiguous(),
-                                self.params, self.cfg, self.active_precision())
+            losses = backend.loss(idx.reshape(-1).contiguous(), targets.reshape(-1).contiguous(),
+                                  self.params, self.cfg, self.active_precision(), reduction)
+        return losses.reshape(idx.shape) if reduction == "none" else losses
 
     @torch.no_grad()
     def predict(self, idx: torch.Tensor) -> torch.Tensor:

@@ -81,10 +81,11 @@ def logits(idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: st
 
 
 def loss(idx: torch.Tensor, targets: torch.Tensor, params: AUNNParams, cfg: AUNNConfig,
-         precision: str = "fp32") -> torch.Tensor:
-    """Mean cross-entropy of targets (int64, idx's shape) under the model; a scalar."""
+         precision: str = "fp32", reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of targets (int64 [N]) at indices (int64 [N]) under the model: the mean or the
+    sum (scalars), or each row's ("none", [N])."""
     z = logits(idx, params, cfg, precision)
-    return F.cross_entropy(z.reshape(-1, cfg.vocab_size), targets.reshape(-1).to(torch.int64))
+    return F.cross_entropy(z.reshape(-1, cfg.vocab_size), targets.reshape(-1).to(torch.int64), reduction=reduction)
 
 
 def predict(idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str = "fp32") -> torch.Tensor:

@@ -57,10 +57,11 @@ def logits(idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: st
 
 
 def loss(idx: torch.Tensor, targets: torch.Tensor, params: AUNNParams, cfg: AUNNConfig,
-         precision: str) -> torch.Tensor:
-    """Mean cross-entropy (float32 scalar); logits are never written to memory."""
+         precision: str, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy, float32: the mean or sum (scalars) or each row's ("none", [N]); logits are
+    never written to memory."""
     from . import ops
-    return ops.loss(idx, targets, params, cfg, precision)
+    return ops.loss(idx, targets, params, cfg, precision, reduction)
 
 
 def predict(idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> torch.Tensor:

@@ -108,9 +108,13 @@ def logits(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> 
     return run_forward(idx, None, params, cfg, precision, MODE_LOGITS)
 
 
-def loss(idx: Tensor, targets: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> Tensor:
+def loss(idx: Tensor, targets: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str,
+         reduction: str = "mean") -> Tensor:
+    """The rows' cross-entropies reduced; their backward takes any per-row upstream gradient."""
     row_loss = run_forward(idx, targets, params, cfg, precision, MODE_LOSS)
-    return row_loss.sum() / max(idx.shape[0], 1)
+    if reduction == "none":
+        return row_loss
+    return row_loss.sum() / (max(idx.shape[0], 1) if reduction == "mean" else 1)
 
 
 def predict(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> Tensor:

@@ -31,8 +31,8 @@ def _wrong_logits(idx, params, cfg, precision="fp32"):
     return reference.logits(idx, params, cfg, precision) * 1.05 + 0.1
 
 
-def _wrong_loss(idx, targets, params, cfg, precision="fp32"):
-    return F.cross_entropy(_wrong_logits(idx, params, cfg, precision), targets)
+def _wrong_loss(idx, targets, params, cfg, precision="fp32", reduction="mean"):
+    return F.cross_entropy(_wrong_logits(idx, params, cfg, precision), targets, reduction=reduction)
 
 
 def _wrong_predict(idx, params, cfg, precision="fp32"):

@@ -178,3 +178,26 @@ def test_autocast_leaves_the_model_in_its_own_precision(model, generator):
     autocast_loss.backward()
     for p, g in zip(model.parameters(), grads):
         assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("backend", ["reference", "compile"])
+def test_loss_reductions(backend, generator):
+    model = random_model(AUNNConfig(vocab_size=5, hidden=16, layers=4, bits=20), generator, backend=backend,
+                         precision="fp32")
+    idx = random_indices(12, 20, generator).reshape(3, 4)
+    targets = torch.randint(0, 5, (3, 4), generator=generator)
+    rows = model.loss(idx, targets, reduction="none")
+    assert rows.shape == (3, 4) and rows.dtype == torch.float32
+    expected = torch.nn.functional.cross_entropy(model(idx).reshape(12, 5), targets.reshape(12), reduction="none")
+    torch.testing.assert_close(rows.reshape(12), expected)
+    torch.testing.assert_close(model.loss(idx, targets, reduction="sum"), rows.sum())
+    torch.testing.assert_close(model.loss(idx, targets), rows.mean())
+    empty = torch.empty(0, 2, dtype=torch.int64)
+    assert model.loss(empty, empty, reduction="none").shape == (0, 2)
+    model.loss(empty, empty, reduction="none").sum().backward()
+
+
+def test_unknown_reduction_is_refused_before_compute(model, monkeypatch):
+    _forbid_compute(monkeypatch)
+    with pytest.raises(ValueError, match="unknown reduction 'avg'; choose from mean, sum, none"):
+        model.loss(torch.tensor([1]), torch.tensor([0]), reduction="avg")

@@ -390,6 +390,42 @@ def test_logits_backward_arbitrary_upstream(generator, weight_grad):
         assert_2x_rule(f"d {name}", g, g32, g64)
 
 
+@pytest.mark.parametrize("path", ["fused", "layer-wise", "vocabulary ranges"])
+def test_row_losses_with_weighted_upstream(path, generator, weight_grad, monkeypatch):
+    """reduction="none": each row's loss, and the backward of a weighted sum of them (per-row upstream
+    gradients that are not the mean's 1/N), against the reference's; "sum" and "mean" reduce them."""
+    if path == "layer-wise":
+        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+    if path == "vocabulary ranges":
+        monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
+    cfg = AUNNConfig(vocab_size=150, hidden=32, layers=5, bits=64, residual_every=2)
+    assert (common.vocab_splits(1, cfg.vocab_size, 128, DEVICE)[0] > 1) == (path == "vocabulary ranges")
+    params = make_params(cfg, generator)
+    n = 70
+    idx = make_indices(cfg, n, generator)
+    targets = torch.randint(0, cfg.vocab_size, (n,), generator=generator).to(DEVICE)
+    weights = (2 * torch.rand(n, generator=generator, dtype=torch.float64) - 0.5).to(DEVICE)  # signed, uneven
+
+    def rows_and_grads(fn, p):
+        p = with_grad(p)
+        rows = fn(idx, targets, p, cfg, "fp32", reduction="none")
+        (rows * weights.to(rows.dtype)).sum().backward()
+        return rows.detach(), grads_of(p)
+
+    rows, grads = rows_and_grads(kernels.loss, params)
+    rows32, grads32 = rows_and_grads(reference.loss, params)
+    rows64, grads64 = rows_and_grads(reference.loss, as_double(params))
+    assert rows.shape == (n,)
+    assert_2x_rule("row losses", rows, rows32, rows64, atol=LOSS_ATOL)
+    scales = row_term_scales(idx, targets, as_double(params), cfg, "fp32")
+    for name, g, g32, g64, scale in zip(AUNNParams._fields, grads, grads32, grads64, scales):
+        assert_2x_rule(f"d {name}", g, g32, g64, atol_rel=GRAD_FLOOR_FP32, scale=scale * n * 1.5)
+    total = kernels.loss(idx, targets, params, cfg, "fp32", reduction="sum")
+    mean = kernels.loss(idx, targets, params, cfg, "fp32")
+    torch.testing.assert_close(total, rows.sum(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean, rows.sum() / n, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_parameters_must_be_float32(dtype, generator):
     """A model converted with .to(dtype) is a TypeError naming the parameters, not a kernel failure:
