@@ -211,11 +211,13 @@ def dot(a, b, PRECISION: tl.constexpr):
 
     PRECISION 0: exact fp32 (ieee); 1: tf32 tensor cores; 2: bf16 operands;
     3 / 4: bf16 / tf32 emulated (operands rounded, exact fp32 product) for the interpreter.
+    The tensor cores truncate fp32 operands to tf32 (triton-lang/triton#4574), the reference
+    rounds them to nearest: so they are rounded first, after which truncation changes nothing.
     """
     if PRECISION == 2:
         out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
     elif PRECISION == 1:
-        out = tl.dot(a, b, input_precision="tf32")
+        out = tl.dot(round_tf32(a), round_tf32(b), input_precision="tf32")
     elif PRECISION == 3:
         out = tl.dot(round_bf16(a), round_bf16(b), input_precision="ieee")
     elif PRECISION == 4:
