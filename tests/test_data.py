@@ -126,6 +126,21 @@ def test_bytes_data_copied_to_the_device_gives_the_same_targets(tmp_path, genera
     assert copied._copy is not None and torch.equal(copied._copy, torch.from_numpy(copied.array.copy()))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_file_data_on_the_gpu(tmp_path, generator):
+    """CUDA indices: a bytes file is copied to the GPU once, text tokens move there; same targets as on the CPU."""
+    raw, text = tmp_path / "b.bin", tmp_path / "t.txt"
+    raw.write_bytes(bytes(torch.randint(0, 256, (5000,), generator=generator, dtype=torch.uint8).tolist()))
+    text.write_text(_random_text(generator, 5000, "abcé😀\n"), encoding="utf-8")
+    idx = torch.randint(0, 5000, (4096,), generator=generator)
+    for data in (BytesData(raw), TextData(text)):
+        on_gpu = data.targets(idx.cuda())
+        assert on_gpu.is_cuda and on_gpu.dtype == torch.int64 and torch.equal(on_gpu.cpu(), data.targets(idx))
+    copied = BytesData(raw)
+    copied.targets(idx[:1].cuda())
+    assert copied._copy is not None and copied._copy.is_cuda
+
+
 @pytest.mark.parametrize("spec,error", [
     ("toy:abc", ValueError), ("toy:1:2:3", ValueError), ("text:", ValueError),
     ("text:/no/such/file", FileNotFoundError), ("csv:x", ValueError), ("toy:0", ValueError),
