@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 MAX_BITS = 64
+SMALLEST_NORMAL_FP32 = 2.0**-126
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -19,7 +20,8 @@ class AUNNConfig:
     layers:         total layers counting the input layer and the output head (>= 2);
                     there are ``layers - 2`` hidden H->H layers.
     bits:           binary digits of the index fed to the input layer, 1..64.
-    eps:            RMSNorm epsilon; None means float32 machine epsilon, as ``torch.nn.RMSNorm``.
+    eps:            RMSNorm epsilon, at least 2**-126; None means float32 machine epsilon, as
+                    ``torch.nn.RMSNorm``.
     residual_every: the running residual is added after every ``residual_every``-th hidden layer.
     """
 
@@ -48,8 +50,9 @@ class AUNNConfig:
         if self.eps is not None:
             if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool):
                 raise TypeError(f"AUNNConfig.eps must be a float or None, got {type(self.eps).__name__}")
-            if not (math.isfinite(self.eps) and self.eps > 0):
-                raise ValueError(f"eps must be a finite positive number or None, got {self.eps!r}")
+            if not (math.isfinite(self.eps) and self.eps >= SMALLEST_NORMAL_FP32):
+                raise ValueError(f"eps must be finite and at least 2**-126 (the smallest normal float32: the GPU's "
+                                 f"rsqrt flushes smaller values to zero), or None; got {self.eps!r}")
 
     @property
     def hidden_layers(self) -> int:

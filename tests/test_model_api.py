@@ -144,7 +144,7 @@ def _forbid_compute(monkeypatch):
 
 @pytest.mark.parametrize("eps,error", [
     (float("inf"), ValueError), (float("nan"), ValueError), (0.0, ValueError), (-1e-6, ValueError),
-    (True, TypeError), ("1e-6", TypeError),
+    (2.0**-127, ValueError), (True, TypeError), ("1e-6", TypeError),
 ])
 def test_bad_eps_is_rejected(eps, error):
     with pytest.raises(error, match="eps"):
@@ -153,6 +153,7 @@ def test_bad_eps_is_rejected(eps, error):
 
 def test_good_eps_is_accepted():
     assert AUNNConfig(eps=1e-5).norm_eps == 1e-5 and AUNNConfig(eps=None).norm_eps > 0
+    assert AUNNConfig(eps=2.0**-126).norm_eps == 2.0**-126  # the smallest normal float32
 
 
 @pytest.mark.parametrize("backend", ["reference", "compile"])
