@@ -13,7 +13,7 @@ import torch
 
 from .backends import BACKENDS
 from .config import PRECISIONS, AUNNConfig
-from .data import Dataset, data_from_description, decode, encode, load_data
+from .data import FINGERPRINT_KEYS, Dataset, data_from_description, decode, encode, load_data
 from .evaluate import evaluate
 from .inference import CONDITION_OPTIMIZERS, condition, generate, generate_by_backprop
 from .model import AUNN
@@ -235,7 +235,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "epochs" in overrides:
         saved.pop("steps", None)
     train_cfg = TrainConfig(**{**saved, **overrides})
-    print(f"training {model.cfg} on {data.describe()} for {train_cfg.total_steps(data.length)} steps "
+    shown = {k: v for k, v in data.describe().items() if k not in FINGERPRINT_KEYS}
+    print(f"training {model.cfg} on {shown} for {train_cfg.total_steps(data.length)} steps "
           f"({args.device}, backend {model.active_backend().name}, precision {model.active_precision()})")
     try:
         rows = train(model, data, train_cfg, args.out, resume=args.resume, progress=not args.quiet)

@@ -27,6 +27,7 @@ import torch
 DEVICE_COPY_FRACTION = 0.25
 COPY_CHUNK_BYTES = 1 << 28
 TEXT_CHUNK_CHARS = 1 << 24  # characters encoded at a time
+FINGERPRINT_KEYS = ("sha256", "size", "mtime_ns")  # what a file's description adds to identify its content
 
 
 def _signed(constant: int) -> int:
