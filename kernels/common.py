@@ -26,11 +26,12 @@ import triton
 import triton.language as tl
 
 # How `dot` treats its operands. Under TRITON_INTERPRET=1 a bf16 tl.dot returns garbage
-# (anchors.md) and tf32 is not modelled, so the interpreter gets exact emulations:
-# operands rounded to bf16 / tf32 in registers, then an exact fp32 product, which is
-# what the tensor cores compute (products of rounded operands, fp32 accumulation).
+# (anchors.md), so the interpreter gets an exact emulation: operands rounded to bf16 in
+# registers, then an exact fp32 product, which is what the tensor cores compute (products of
+# rounded operands, fp32 accumulation). tf32 runs the GPU's own code there: its operands are
+# rounded in registers on every machine, and the interpreter's product of rounded operands is exact.
 PRECISION_CODES = {"fp32": 0, "tf32": 1, "bf16": 2}
-INTERPRETER_CODES = {"fp32": 0, "tf32": 4, "bf16": 3}
+INTERPRETER_CODES = {"fp32": 0, "tf32": 1, "bf16": 3}
 
 
 def _patch_interpreter_for_numpy_2_4() -> None:
@@ -209,10 +210,10 @@ def choose_tiles(hidden: int, bits: int, vocab: int, precision: str) -> Tiles:
 def dot(a, b, PRECISION: tl.constexpr):
     """fp32 [M, K] @ fp32 [K, N] -> fp32 [M, N], fp32 accumulation.
 
-    PRECISION 0: exact fp32 (ieee); 1: tf32 tensor cores; 2: bf16 operands;
-    3 / 4: bf16 / tf32 emulated (operands rounded, exact fp32 product) for the interpreter.
-    The tensor cores truncate fp32 operands to tf32 (triton-lang/triton#4574), the reference
-    rounds them to nearest: so they are rounded first, after which truncation changes nothing.
+    PRECISION 0: exact fp32 (ieee); 1: tf32 tensor cores; 2: bf16 operands; 3: bf16 emulated
+    (operands rounded, exact fp32 product) for the interpreter. The tensor cores truncate fp32
+    operands to tf32 (triton-lang/triton#4574), the reference rounds them to nearest: so they are
+    rounded first, after which truncation changes nothing.
     """
     if PRECISION == 2:
         out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
@@ -220,8 +221,6 @@ def dot(a, b, PRECISION: tl.constexpr):
         out = tl.dot(round_tf32(a), round_tf32(b), input_precision="tf32")
     elif PRECISION == 3:
         out = tl.dot(round_bf16(a), round_bf16(b), input_precision="ieee")
-    elif PRECISION == 4:
-        out = tl.dot(round_tf32(a), round_tf32(b), input_precision="ieee")
     else:
         out = tl.dot(a, b, input_precision="ieee")
     return out

@@ -1,9 +1,9 @@
 """Tests of the fused Triton kernels (aunn_fast.kernels) against the PyTorch reference.
 
 On a machine without a GPU the kernels run in Triton's interpreter (conftest sets
-TRITON_INTERPRET=1); there bf16 and tf32 run as exact emulations (operands rounded in
-registers, exact fp32 products), so every precision is checked here too, and the
-hardware paths are checked by the GPU-only tests.
+TRITON_INTERPRET=1); there bf16 runs as an exact emulation and tf32 as on the GPU (both:
+operands rounded in registers, exact fp32 products), so every precision is checked here
+too, and the hardware products are checked by the GPU-only tests.
 
 Accuracy criterion ("2x rule"), per output tensor: with `oracle` the float64 reference
 (float64 parameters, the same operand rounding for tf32/bf16, and for gradients the exact
@@ -44,7 +44,7 @@ if _REASON is None:
 
     @triton.jit
     def rounding_kernel(x_ptr, bf16_ptr, tf32_ptr, N, BLOCK: tl.constexpr):
-        """The kernels' operand rounding (emulated bf16 / tf32) of x fp32 [N], for a bit-exact test."""
+        """The kernels' operand rounding (bf16 emulated, tf32) of x fp32 [N], for a bit-exact test."""
         i = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + i, mask=i < N)
         tl.store(bf16_ptr + i, common.round_bf16(x), mask=i < N)
@@ -511,7 +511,7 @@ def test_norm_eps(force_layerwise, generator, monkeypatch):
 
 
 def test_operand_rounding_is_bit_exact(generator):
-    """round_bf16 / round_tf32 (the interpreter's emulated tensor-core operands) equal PyTorch's bf16
+    """round_bf16 / round_tf32 (the kernels' rounded tensor-core operands) equal PyTorch's bf16
     cast and the reference's tf32 rounding bit for bit, ties to even included (random data almost
     never lands on a tie, and the precision floors would hide a one-ulp slip)."""
     bits = torch.randn(512, generator=generator).view(torch.int32)
