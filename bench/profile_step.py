@@ -1,6 +1,6 @@
 """Where a workload's time goes: torch.profiler over a few calls, operator by operator, kernel by kernel.
 
-    python -m aunn_fast.bench.profile_step --config seed --workload train --batch 8192 --out DIR
+    python -m aunn_fast.bench.profile_step --config seed --workloads train,predict --batches 8192,16M --out DIR
 
 For each --workload/--batch pair, writes into DIR ``profile_<config>_<workload>_<batch>_<provider>_<precision>``:
 ``.txt``, the operators and kernels sorted by self device time (CPU time on a CPU), headed by the
@@ -22,6 +22,7 @@ from aunn_fast import AUNN
 from aunn_fast.backends import BACKENDS
 from aunn_fast.bench import environment, timing
 from aunn_fast.bench.configs import CONFIGS
+from aunn_fast.bench.run import parse_sizes
 from aunn_fast.bench.workloads import WORKLOADS
 from aunn_fast.config import PRECISIONS
 
@@ -56,14 +57,15 @@ def profile_workload(config: str, workload: str, batch: int, provider: str, prec
 
 
 def _pairs(workloads: str, batches: str) -> list[tuple[str, int]]:
+    """(workload, batch) pairs from "train,predict" and "8192,16M" (sizes parsed as the benchmark's --batches)."""
     names = [w.strip() for w in workloads.split(",") if w.strip()]
-    sizes = [int(b) for b in batches.split(",") if b.strip()]
+    sizes = parse_sizes(batches)
     if len(names) != len(sizes):
         raise argparse.ArgumentTypeError("--workloads and --batches pair up: give as many of each")
     unknown = [w for w in names if w not in WORKLOADS]
-    if unknown or any(size < 1 for size in sizes):
-        raise argparse.ArgumentTypeError(f"unknown workload(s) {unknown} (choose from {', '.join(WORKLOADS)}) "
-                                         f"or a batch size below 1 in {sizes}")
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown workload(s) {', '.join(unknown)}; "
+                                         f"choose from {', '.join(WORKLOADS)}")
     return list(zip(names, sizes))
 
 
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=tuple(CONFIGS), default="seed")
     parser.add_argument("--workloads", default="train", help="comma-separated, paired with --batches")
-    parser.add_argument("--batches", default="8192", help="comma-separated batch sizes, one per workload")
+    parser.add_argument("--batches", default="8192",
+                        help="comma-separated batch sizes (K, M suffixes), one per workload")
     parser.add_argument("--provider", choices=tuple(BACKENDS), default="triton")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--calls", type=int, default=20, help="profiled calls (default 20)")
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         pairs = _pairs(args.workloads, args.batches)
-    except (argparse.ArgumentTypeError, ValueError) as exc:
+    except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
     if args.calls < 1:
         parser.error("--calls must be at least 1")

@@ -43,7 +43,7 @@ def _names_from(known: Collection[str], what: str) -> Callable[[str], list[str]]
     return parse
 
 
-def _sizes(text: str) -> tuple[int, ...]:
+def parse_sizes(text: str) -> tuple[int, ...]:
     """"1,2048,64K,1M" -> (1, 2048, 65536, 1048576)."""
     sizes = []
     for part in _names(text):
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                         help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--precisions", type=_names_from(PRECISIONS, "precision(s)"),
                         help="comma-separated fp32,tf32,bf16 (default: fp32; on CUDA also bf16 except compile)")
-    parser.add_argument("--batches", type=_sizes,
+    parser.add_argument("--batches", type=parse_sizes,
                         help="batch sizes for predict/loss/train, e.g. 2048,64K,1M (default: the sweep)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     args = parser.parse_args(argv)

@@ -256,6 +256,7 @@ def test_profile_step_writes_a_table_and_a_trace(tmp_path, capsys):
     assert "Optimizer.step#AdamW.step" in text
     assert "traceEvents" in json.loads((tmp_path / "profile_seed_predict_33_reference_fp32.json").read_text())
     for bad in (["--workloads", "train,predict", "--batches", "64"], ["--workloads", "nope", "--batches", "4"],
+                ["--workloads", "train", "--batches", "0"], ["--workloads", "train", "--batches", "x"],
                 ["--workloads", "train-graph", "--batches", "4", "--device", "cpu"]):
         with pytest.raises(SystemExit):
             profile_step.main([*bad, "--out", str(tmp_path / "bad")])
