@@ -19,6 +19,7 @@ EVAL_BATCH = 65_536
 EVAL_LOGITS_MAX = 1 << 24    # logits held at once when scoring (64 MB): fewer rows for a large vocabulary
 FIT_SAMPLE_LIMIT = 1 << 22   # larger datasets are scored on a random sample of this many indices
 HISTOGRAM_SPAN = 100_000     # indices after the data whose predictions are histogrammed
+HISTOGRAM_TOKENS = 96        # tokens the histogram names; a larger vocabulary's rarer ones are summed as one entry
 EXTRAPOLATION_WINDOW = 4_000
 
 
@@ -52,16 +53,31 @@ def predictions(model: AUNN, start: int, length: int) -> torch.Tensor:
     return torch.cat([model.predict(chunk) for chunk in _batches(idx)]).cpu()
 
 
-def histogram(model: AUNN, data: Dataset, generator: torch.Generator) -> dict[str, dict[str, float]]:
-    """Fraction of each token among predictions past the data, beside its fraction in the data."""
+def histogram(model: AUNN, data: Dataset, generator: torch.Generator) -> tuple[dict[str, dict[str, float]],
+                                                                            dict[str, float] | None]:
+    """Fraction of each token among predictions past the data, beside its fraction in (a sample of) the data.
+
+    Returns ({token name: {"training", "predicted"}}, other). Every token seen in either is named, in
+    vocabulary order, and other is None; where more than HISTOGRAM_TOKENS are seen, only the
+    HISTOGRAM_TOKENS most frequent (by the larger of their two fractions) are named, most frequent
+    first, and other = {"tokens", "training", "predicted"} sums the rest.
+    """
     vocab_size = model.cfg.vocab_size
     predicted = torch.bincount(predictions(model, data.length, HISTOGRAM_SPAN), minlength=vocab_size).double()
     sample = torch.randint(0, data.length, (min(data.length, HISTOGRAM_SPAN),), generator=generator)
     actual = torch.bincount(data.targets(sample).cpu(), minlength=vocab_size).double()
-    names = _token_names(model)
     predicted, actual = predicted / predicted.sum(), actual / actual.sum()
-    return {names[i]: {"predicted": float(predicted[i]), "training": float(actual[i])}
-            for i in range(vocab_size) if predicted[i] > 0 or actual[i] > 0}
+    seen = torch.nonzero((predicted > 0) | (actual > 0)).flatten()
+    other = None
+    if seen.numel() > HISTOGRAM_TOKENS:
+        frequency = torch.maximum(predicted[seen], actual[seen])
+        order = torch.sort(frequency, descending=True, stable=True).indices
+        named, rest = seen[order[:HISTOGRAM_TOKENS]], seen[order[HISTOGRAM_TOKENS:]]
+        other = {"tokens": rest.numel(), "training": float(actual[rest].sum()),
+                 "predicted": float(predicted[rest].sum())}
+        seen = named
+    names = _token_names(model)
+    return {names[i]: {"predicted": float(predicted[i]), "training": float(actual[i])} for i in seen.tolist()}, other
 
 
 def _token_names(model: AUNN) -> list[str]:
@@ -140,7 +156,9 @@ def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 
     generator = torch.Generator().manual_seed(seed)
     metrics: dict[str, Any] = {"data": data.describe(), "config": model.cfg.__dict__.copy()}
     metrics.update(fit(model, data, generator))
-    metrics["histogram"] = histogram(model, data, generator)
+    metrics["histogram"], other = histogram(model, data, generator)
+    if other is not None:
+        metrics["histogram_other"] = other
     if isinstance(data, ToyData):
         metrics["extrapolation"] = extrapolation(model, data)
         metrics["extrapolation_windows"] = {k: list(v) for k, v in extrapolation_windows(data.length).items()}

@@ -1,6 +1,7 @@
 """PNG plots for ``aunn eval`` and ``aunn demo`` (matplotlib, headless)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +57,18 @@ def token_strips(strips: dict[str, torch.Tensor], start: int, vocab: list[str] |
     _save(fig, path)
 
 
-def histogram(hist: dict[str, dict[str, float]], path: Path) -> None:
-    tokens = list(hist)
-    x = np.arange(len(tokens))
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(tokens)), 4))
-    ax.bar(x - 0.2, [hist[t]["training"] for t in tokens], width=0.4, label="training data")
-    ax.bar(x + 0.2, [hist[t]["predicted"] for t in tokens], width=0.4, label="predicted past the data")
-    ax.set_xticks(x, [repr(t) for t in tokens], rotation=90 if len(tokens) > 12 else 0)
+def histogram(hist: dict[str, dict[str, float]], path: Path, other: dict[str, float] | None = None) -> None:
+    """Bars of each named token's training and predicted fraction, and one for ``other`` (the rest summed)."""
+    labels = [repr(t) for t in hist]
+    bars = list(hist.values())
+    if other is not None:
+        labels.append(f"{other['tokens']:,} others")
+        bars.append(other)
+    x = np.arange(len(bars))
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(bars)), 4))
+    ax.bar(x - 0.2, [b["training"] for b in bars], width=0.4, label="training data")
+    ax.bar(x + 0.2, [b["predicted"] for b in bars], width=0.4, label="predicted past the data")
+    ax.set_xticks(x, labels, rotation=90 if len(bars) > 12 else 0)
     ax.set_ylabel("fraction of tokens")
     ax.set_title("Token histogram: training data vs 100,000 predictions after the data")
     ax.legend()
@@ -83,6 +89,8 @@ def extrapolation(bins: dict[str, Any], path: Path) -> None:
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with warnings.catch_warnings():  # a token the font cannot draw (e.g. CJK in DejaVu Sans) is drawn as a box
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -49,7 +49,7 @@ def _plots(run_dir: Path, model: AUNN, data: Dataset, metrics: dict[str, Any],
     plots.token_strips({"predicted": predictions(model, far, 2 * STRIP)}, far, model.vocab,
                        "Predictions 10 million indices past the end of the data", images[-1])
     images.append(run_dir / "histogram.png")
-    plots.histogram(metrics["histogram"], images[-1])
+    plots.histogram(metrics["histogram"], images[-1], metrics.get("histogram_other"))
     if isinstance(data, ToyData):
         images.append(run_dir / "extrapolation.png")
         plots.extrapolation(metrics["extrapolation"], images[-1])
@@ -82,6 +82,9 @@ def _markdown(model: AUNN, data: Dataset, metrics: dict[str, Any], images: list[
     ]
     lines += [_row(repr(token), f"{h['training']:.3f}", f"{h['predicted']:.3f}")
               for token, h in metrics["histogram"].items()]
+    if "histogram_other" in metrics:
+        other = metrics["histogram_other"]
+        lines.append(_row(f"{other['tokens']:,} other tokens", f"{other['training']:.3f}", f"{other['predicted']:.3f}"))
     if "extrapolation" in metrics:
         windows = extrapolation_windows(data.length)
         lines += ["", "## Extrapolation: fraction of valid `|xxx` chunks", "",

@@ -25,3 +25,35 @@ def test_fit_scores_every_index_in_chunks(generator, monkeypatch, logits_max):
     loss = F.cross_entropy(logits.double(), targets).item()
     assert metrics["train_loss"] == pytest.approx(loss, rel=1e-6)
     assert metrics["bits_per_token"] == pytest.approx(loss / math.log(2), rel=1e-6)
+
+
+
+@pytest.mark.parametrize("named", [evaluate.HISTOGRAM_TOKENS, 2])
+def test_histogram_names_the_most_frequent_tokens_and_sums_the_rest(generator, monkeypatch, named):
+    """All four toy tokens occur in the data: named 2 keeps the two most frequent and sums the others."""
+    data = ToyData(chunks=50)
+    model = random_model(AUNNConfig(vocab_size=4, hidden=16, layers=4, bits=16), generator)
+    model.vocab = ToyData.vocab
+    monkeypatch.setattr(evaluate, "HISTOGRAM_SPAN", 400)
+    monkeypatch.setattr(evaluate, "HISTOGRAM_TOKENS", named)
+    sampler = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    replay = torch.Generator().set_state(sampler.get_state())
+    predicted = torch.bincount(model.predict(torch.arange(data.length, data.length + 400)), minlength=4) / 400
+    sample = torch.randint(0, data.length, (data.length,), generator=replay)
+    training = torch.bincount(data.targets(sample), minlength=4) / data.length
+    frequency = torch.maximum(predicted, training)
+    by_frequency = sorted(range(4), key=lambda i: -float(frequency[i]))
+
+    hist, other = evaluate.histogram(model, data, sampler)
+
+    if named >= 4:
+        assert other is None
+        assert list(hist) == ToyData.vocab  # vocabulary order
+    else:
+        top, rest = by_frequency[:named], by_frequency[named:]
+        assert list(hist) == [ToyData.vocab[i] for i in top]  # most frequent first
+        assert other == pytest.approx({"tokens": len(rest), "training": float(training[rest].sum()),
+                                       "predicted": float(predicted[rest].sum())})
+    for i, name in enumerate(ToyData.vocab):
+        if name in hist:
+            assert hist[name] == pytest.approx({"training": float(training[i]), "predicted": float(predicted[i])})
