@@ -43,7 +43,7 @@ def test_large_vocabulary_histogram_names_the_most_frequent_tokens(tmp_path, gen
     chars = [chr(0x4E00 + i) for i in range(300)]
     picks = torch.randint(0, len(chars), (3000,), generator=generator).tolist()
     path = tmp_path / "cjk.txt"
-    path.write_text("".join(chars) + "".join(chars[i] for i in picks), encoding="utf-8")
+    path.write_text("".join(chars) * 50 + "".join(chars[i] for i in picks), encoding="utf-8")  # the sample sees all
     data = TextData(path)
     model = AUNN(AUNNConfig(vocab_size=data.vocab_size, hidden=16, layers=3), seed=0)
     model.vocab, model.data_description = data.vocab, data.describe()
