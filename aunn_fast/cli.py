@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model on a dataset")
-    p.add_argument("--data", required=False, help="toy[:CHUNKS[:SEED]], text:PATH or bytes:PATH")
+    p.add_argument("--data", required=False, help="toy[:CHUNKS[:SEED]], text:PATH, bytes:PATH or tokens:PATH")
     p.add_argument("--out", required=True, type=Path, help="run directory (checkpoint, log)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("condition", help="teach a copy of the model a prompt by backprop, show what follows")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--prompt", required=True, help="text placed at --at .. --at+len-1")
+    p.add_argument("--prompt", required=True,
+                   help="text placed at --at .. --at+len-1 (a tokens:PATH model: token ids separated by spaces)")
     p.add_argument("--at", type=_index, default="END", help="END (the first index after the data) or an index")
     p.add_argument("--show", type=NON_NEGATIVE_INT, default=40, help="tokens shown after the prompt (default 40)")
     p.add_argument("--save", type=Path, default=None, help="write the conditioned model to this new run directory")
@@ -222,7 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         _refuse_existing_run(args, args.out, "continue it with --resume, or pass another --out")
         if not args.data:
-            _fail(args, "--data is required (toy, text:PATH or bytes:PATH)")
+            _fail(args, "--data is required (toy, text:PATH, bytes:PATH or tokens:PATH)")
         data = load_data(args.data)
         shape = {name: default if getattr(args, name) is None else getattr(args, name)
                  for name, default in ARCHITECTURE.items()}

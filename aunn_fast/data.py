@@ -1,13 +1,15 @@
 """Datasets: a token for every absolute index, on any device.
 
 Every dataset offers ``targets(idx)`` (int64 [...] -> int64 tokens [...], on idx's
-device), its ``length`` N (valid indices are 0..N-1), a ``vocab`` (list of strings,
-or None for raw bytes), and ``describe()``, a JSON-able dict that goes into every
+device), its ``length`` N (valid indices are 0..N-1), a ``vocab_size``, a ``vocab`` (how
+tokens read, see :data:`Vocab`), and ``describe()``, a JSON-able dict that goes into every
 checkpoint so the run can be reopened. Specs on the command line:
 
     toy[:CHUNKS[:SEED]]   the seed's sequence of `|aaa`, `|bbb`, `|ccc` chunks (default 100000 chunks)
     text:PATH             UTF-8 text, one token per character, vocabulary built from the file
     bytes:PATH            raw bytes, vocabulary 256, memory-mapped (files larger than RAM work)
+    tokens:PATH           token ids (e.g. BPE), memory-mapped: a 1-D integer .npy, or a .bin of
+                          little-endian uint16 (nanoGPT's train.bin); vocabulary: the largest id + 1
 
 A file dataset's description carries the file's SHA-256, so a checkpoint reopens the data only
 if the file is unchanged (an edit that keeps the length included).
@@ -28,6 +30,11 @@ DEVICE_COPY_FRACTION = 0.25
 COPY_CHUNK_BYTES = 1 << 28
 TEXT_CHUNK_CHARS = 1 << 24  # characters encoded at a time
 FINGERPRINT_KEYS = ("sha256", "size", "mtime_ns")  # what a file's description adds to identify its content
+SCAN_CHUNK_TOKENS = 1 << 26  # token ids checked at a time when a token file is opened
+
+Vocab = list[str] | int | None
+"""How a dataset's tokens read: a list of single characters (text and toy data), None for raw bytes
+(shown as UTF-8), or an int V for token ids 0..V-1 with no text form (shown as numbers)."""
 
 
 def _signed(constant: int) -> int:
@@ -192,10 +199,53 @@ class TextData(FileData):
         return self.tokens[idx].long()
 
 
-class BytesData(FileData):
-    """Raw bytes of a file, memory-mapped; vocabulary 256 (decoded as UTF-8 for display). Read on a
-    GPU, a file that fits (see DEVICE_COPY_FRACTION) is copied there once, so that batches need no
-    host round trip."""
+class MappedTokens(FileData):
+    """A file of token ids memory-mapped as ``array`` (any integer dtype; files larger than RAM work). Read
+    on a GPU, a file whose ids fit (see DEVICE_COPY_FRACTION) is copied there once, in the narrowest dtype
+    that holds the vocabulary, so that batches need no host round trip."""
+
+    array: np.ndarray
+    vocab_size: int
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self._copy_device: torch.device | None = None
+        self._copy: torch.Tensor | None = None
+
+    def fits_on(self, device: torch.device) -> bool:
+        """Whether the ids are to be copied to device: a GPU with room for them, never the CPU."""
+        if device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        return self.length * smallest_token_dtype(self.vocab_size).itemsize <= DEVICE_COPY_FRACTION * free
+
+    def _device_copy(self, device: torch.device) -> torch.Tensor | None:
+        """The ids as a tensor on device (copied in chunks on first use), or None where they do not fit."""
+        if self._copy_device != device:
+            self._copy_device, self._copy = device, None
+            if self.fits_on(device):
+                dtype = smallest_token_dtype(self.vocab_size)
+                self._copy = torch.empty(self.length, dtype=_TORCH_DTYPES[dtype], device=device)
+                step = COPY_CHUNK_BYTES // dtype.itemsize
+                for start in range(0, self.length, step):
+                    chunk = self.array[start:start + step].astype(dtype)
+                    self._copy[start:start + chunk.size].copy_(torch.from_numpy(chunk))
+        return self._copy
+
+    def targets(self, idx: torch.Tensor) -> torch.Tensor:
+        """int64 indices [...] in 0..length-1 -> int64 token ids [...] on idx's device."""
+        copy = self._device_copy(idx.device)
+        if copy is not None:
+            return copy[idx].long()
+        picked = self.array[idx.detach().cpu().numpy()]
+        return torch.from_numpy(picked.astype(np.int64)).to(idx.device)
+
+
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32}
+
+
+class BytesData(MappedTokens):
+    """Raw bytes of a file; vocabulary 256 (decoded as UTF-8 for display)."""
 
     kind = "bytes"
     vocab = None
@@ -207,37 +257,61 @@ class BytesData(FileData):
         if self.length == 0:
             raise ValueError(f"{self.path} is empty")
         self.array = np.memmap(self.path, dtype=np.uint8, mode="r")
-        self._copy_device: torch.device | None = None
-        self._copy: torch.Tensor | None = None
-
-    def fits_on(self, device: torch.device) -> bool:
-        """Whether the file is to be copied to device: a GPU with room for it, never the CPU."""
-        if device.type != "cuda":
-            return False
-        free, _ = torch.cuda.mem_get_info(device)
-        return self.length <= DEVICE_COPY_FRACTION * free
-
-    def _device_copy(self, device: torch.device) -> torch.Tensor | None:
-        """The file as a uint8 tensor on device (copied in chunks on first use), or None where it does not fit."""
-        if self._copy_device != device:
-            self._copy_device, self._copy = device, None
-            if self.fits_on(device):
-                self._copy = torch.empty(self.length, dtype=torch.uint8, device=device)
-                for start in range(0, self.length, COPY_CHUNK_BYTES):
-                    chunk = np.array(self.array[start:start + COPY_CHUNK_BYTES])
-                    self._copy[start:start + chunk.size].copy_(torch.from_numpy(chunk))
-        return self._copy
-
-    def targets(self, idx: torch.Tensor) -> torch.Tensor:
-        """int64 indices [...] in 0..length-1 -> int64 byte values [...] on idx's device."""
-        copy = self._device_copy(idx.device)
-        if copy is not None:
-            return copy[idx].long()
-        picked = self.array[idx.detach().cpu().numpy()]
-        return torch.from_numpy(picked.astype(np.int64)).to(idx.device)
 
 
-Dataset = ToyData | TextData | BytesData
+class TokensData(MappedTokens):
+    """Token ids of an already tokenised corpus: a 1-D integer ``.npy`` file, or a ``.bin`` of little-endian
+    uint16 (nanoGPT's layout). The vocabulary is ids 0..V-1 with V the largest id + 1 (at least 2), found by
+    one pass over the file, unless given (a checkpoint's, for an unchanged file)."""
+
+    kind = "tokens"
+
+    def __init__(self, path: str | Path, vocab_size: int | None = None) -> None:
+        super().__init__(path)
+        self.array = self._open(self.path)
+        self.length = self.array.size
+        if self.length == 0:
+            raise ValueError(f"{self.path} holds no tokens")
+        self.vocab_size = self._scan() if vocab_size is None else vocab_size
+        self.vocab = self.vocab_size
+
+    @staticmethod
+    def _open(path: Path) -> np.ndarray:
+        if path.suffix == ".bin":
+            if path.stat().st_size == 0:
+                raise ValueError(f"{path} holds no tokens")
+            if path.stat().st_size % 2:
+                raise ValueError(f"{path}: a .bin token file holds uint16 ids, but its size is odd (truncated?)")
+            return np.memmap(path, dtype="<u2", mode="r")
+        if path.suffix != ".npy":
+            raise ValueError(f"{path}: a token file is a .npy array or a .bin of uint16 ids")
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:  # numpy's own message: a truncated file, a bad header, an object array
+            raise ValueError(f"{path} is not a readable .npy token array: {exc}") from None
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            raise ValueError(f"{path}: token ids must be a 1-D integer array, got {array.dtype} {array.shape}")
+        return array
+
+    def _scan(self) -> int:
+        """The vocabulary size the ids need; a ValueError for a negative id or one too large to be a token."""
+        low, high = 0, 0
+        for start in range(0, self.length, SCAN_CHUNK_TOKENS):
+            chunk = self.array[start:start + SCAN_CHUNK_TOKENS]
+            low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
+        if low < 0:
+            raise ValueError(f"{self.path} holds a negative token id ({low})")
+        if high >= np.iinfo(np.int32).max:
+            raise ValueError(f"{self.path} holds a token id too large for a vocabulary ({high})")
+        return max(2, high + 1)
+
+    def describe(self) -> dict[str, Any]:
+        """:meth:`FileData.describe` plus the vocabulary size."""
+        return {**super().describe(), "vocab_size": self.vocab_size}
+
+
+Dataset = ToyData | TextData | BytesData | TokensData
+FILE_DATASETS = {"text": TextData, "bytes": BytesData, "tokens": TokensData}
 
 
 def load_data(spec: str) -> Dataset:
@@ -252,16 +326,16 @@ def load_data(spec: str) -> Dataset:
         if len(numbers) > 2:
             raise ValueError(f"toy spec is toy[:CHUNKS[:SEED]], got {spec!r}")
         return ToyData(*numbers)
-    if kind in ("text", "bytes"):
+    if kind in FILE_DATASETS:
         if not rest:
             raise ValueError(f"{kind} spec needs a path: {kind}:PATH")
         if not Path(rest).is_file():
             raise FileNotFoundError(f"no such data file: {rest}")
-        return TextData(rest) if kind == "text" else BytesData(rest)
-    raise ValueError(f"unknown data spec {spec!r}; use toy[:CHUNKS[:SEED]], text:PATH or bytes:PATH")
+        return FILE_DATASETS[kind](rest)
+    raise ValueError(f"unknown data spec {spec!r}; use toy[:CHUNKS[:SEED]], text:PATH, bytes:PATH or tokens:PATH")
 
 
-def data_from_description(description: dict[str, Any], vocab: list[str] | None = None) -> Dataset:
+def data_from_description(description: dict[str, Any], vocab: Vocab = None) -> Dataset:
     """Reopen the dataset a checkpoint was trained on; a ValueError if its file changed since.
 
     A file whose size and modification time are those recorded keeps its recorded SHA-256 (the rule
@@ -271,7 +345,7 @@ def data_from_description(description: dict[str, Any], vocab: list[str] | None =
     kind = description["kind"]
     if kind == "toy":
         return ToyData(description["chunks"], description["seed"])
-    if kind not in ("text", "bytes"):
+    if kind not in FILE_DATASETS:
         raise ValueError(f"unknown dataset kind {kind!r} in checkpoint")
     path = Path(description["path"])
     if not path.is_file():
@@ -283,7 +357,12 @@ def data_from_description(description: dict[str, Any], vocab: list[str] | None =
     if recorded is not None and digest != recorded:
         raise ValueError(f"{path} changed since the checkpoint was saved "
                          f"(sha256 was {recorded[:12]}..., now {digest[:12]}...)")
-    data = TextData(path, vocab) if kind == "text" else BytesData(path)
+    if kind == "text":
+        data = TextData(path, vocab)
+    elif kind == "tokens":
+        data = TokensData(path, description["vocab_size"])
+    else:
+        data = BytesData(path)
     if data.length != description["length"]:
         raise ValueError(f"{path} changed since the checkpoint was saved "
                          f"(was {description['length']} tokens, now {data.length})")
@@ -291,10 +370,16 @@ def data_from_description(description: dict[str, Any], vocab: list[str] | None =
     return data
 
 
-def encode(text: str, vocab: list[str] | None) -> list[int]:
-    """Text -> token ids under a character vocabulary, or UTF-8 bytes when vocab is None."""
+def encode(text: str, vocab: Vocab) -> list[int]:
+    """Text -> token ids under a :data:`Vocab`: characters, UTF-8 bytes (None), or for an int V the ids
+    themselves, written as numbers separated by spaces or commas."""
     if vocab is None:
         return list(text.encode("utf-8"))
+    if isinstance(vocab, int):
+        words = text.replace(",", " ").split()
+        if not all(w.isascii() and w.isdigit() for w in words) or any(int(w) >= vocab for w in words):
+            raise ValueError(f"expected token ids in 0..{vocab - 1} separated by spaces, got {text!r}")
+        return [int(w) for w in words]
     lookup = {token: i for i, token in enumerate(vocab)}
     unknown = sorted({ch for ch in text if ch not in lookup})
     if unknown:
@@ -302,9 +387,11 @@ def encode(text: str, vocab: list[str] | None) -> list[int]:
     return [lookup[ch] for ch in text]
 
 
-def decode(ids: torch.Tensor | list[int], vocab: list[str] | None) -> str:
-    """Token ids -> text under a character vocabulary, or as UTF-8 bytes when vocab is None."""
+def decode(ids: torch.Tensor | list[int], vocab: Vocab) -> str:
+    """Token ids -> text under a :data:`Vocab` (for an int V: the ids as numbers separated by spaces)."""
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
     if vocab is None:
         return bytes(ids).decode("utf-8", errors="replace")
+    if isinstance(vocab, int):
+        return " ".join(map(str, ids))
     return "".join(vocab[i] for i in ids)

@@ -81,9 +81,12 @@ def histogram(model: AUNN, data: Dataset, generator: torch.Generator) -> tuple[d
 
 
 def _token_names(model: AUNN) -> list[str]:
-    if model.vocab is not None:
+    """Each token's name: its character, its byte (ASCII as itself, else hex), or its id as a number."""
+    if isinstance(model.vocab, list):
         return list(model.vocab)
-    return [decode([i], None) if i < 128 else f"0x{i:02x}" for i in range(model.cfg.vocab_size)]
+    if model.vocab is None:
+        return [decode([i], None) if i < 128 else f"0x{i:02x}" for i in range(model.cfg.vocab_size)]
+    return [str(i) for i in range(model.cfg.vocab_size)]
 
 
 def valid_chunk_fraction(tokens: torch.Tensor) -> float:

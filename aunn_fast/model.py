@@ -11,6 +11,7 @@ from torch import nn
 from . import checkpoint
 from .backends import Backend, check_backend_name, check_precision_name, resolve_backend, resolve_precision
 from .config import AUNNConfig
+from .data import Vocab
 from .params import AUNNParams, init_params, param_shapes
 from .validation import check_indices, check_targets
 
@@ -45,7 +46,7 @@ class AUNN(nn.Module):
         for name, tensor in init_params(cfg, generator)._asdict().items():
             self.register_parameter(name, nn.Parameter(tensor))
         self.validate = True
-        self.vocab: list[str] | None = None
+        self.vocab: Vocab = None
         self.data_description: dict[str, Any] | None = None
 
     # -- configuration -------------------------------------------------------------

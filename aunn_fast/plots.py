@@ -13,6 +13,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from .data import Vocab  # noqa: E402
+
 
 def loss_curve(rows: list[dict[str, float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -30,16 +32,17 @@ def loss_curve(rows: list[dict[str, float]], path: Path) -> None:
     _save(fig, path)
 
 
-def token_strips(strips: dict[str, torch.Tensor], start: int, vocab: list[str] | None, title: str,
+def token_strips(strips: dict[str, torch.Tensor], start: int, vocab: Vocab, title: str,
                  path: Path, marker: int | None = None) -> None:
     """One coloured row of tokens per strip over indices start..; a negative token is left blank.
 
-    Strips are int64 [width] each; ``marker`` draws a vertical line before that index.
+    Strips are int64 [width] each; ``marker`` draws a vertical line before that index. Colours tell up to
+    20 tokens apart; a character vocabulary of at most 10 gets a legend.
     """
     names = list(strips)
     grid = np.stack([strips[n].cpu().numpy() for n in names]).astype(float)
     grid[grid < 0] = np.nan
-    vocab_size = int(np.nanmax(grid)) + 1 if vocab is None else len(vocab)
+    vocab_size = len(vocab) if isinstance(vocab, list) else int(np.nanmax(grid)) + 1
     colors = plt.get_cmap("tab10" if vocab_size <= 10 else "tab20").colors[:max(vocab_size, 2)]
     cmap = ListedColormap(colors).with_extremes(bad="white")
     width = grid.shape[1]
@@ -50,7 +53,7 @@ def token_strips(strips: dict[str, torch.Tensor], start: int, vocab: list[str] |
     ax.set_xlabel("index")
     if marker is not None:
         ax.axvline(marker - 0.5, color="black", linewidth=2)
-    if vocab is not None and len(vocab) <= 10:
+    if isinstance(vocab, list) and len(vocab) <= 10:
         handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(len(vocab))]
         ax.legend(handles, [repr(t) for t in vocab], loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_title(title)

@@ -191,3 +191,25 @@ def test_resume_refuses_changed_data(tmp_path, capsys):
         assert "changed since the checkpoint was saved" in message and "new run" in message
         assert _files(out) == before
         assert "changed since the checkpoint was saved" in _error(["eval", str(out)], capsys)
+
+
+def test_token_file_run_end_to_end(tmp_path, capsys):
+    """tokens:PATH: train, resume, eval (histogram named by id), generate (ids), condition on an id prompt."""
+    import numpy as np
+
+    ids, out = tmp_path / "corpus.npy", tmp_path / "run"
+    np.save(ids, (np.arange(600) * 7 % 300).astype(np.uint16))  # 300 ids: the histogram names the top 96
+    assert main(["train", "--data", f"tokens:{ids}", "--out", str(out), "--steps", "3", "--batch-size", "32",
+                 *TINY]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--steps", "4", "--quiet"]) == 0
+    assert main(["eval", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["kind"] == "tokens" and metrics["data"]["vocab_size"] == 300
+    assert all(name.isdigit() for name in metrics["histogram"]) and "histogram_other" in metrics
+    capsys.readouterr()
+    assert main(["generate", str(out), "--length", "5"]) == 0
+    generated = capsys.readouterr().out.split()
+    assert len(generated) == 5 and all(0 <= int(t) < 300 for t in generated)
+    assert main(["condition", str(out), "--prompt", "17 299", "--show", "3"]) == 0
+    assert "before:" in capsys.readouterr().out
+    assert "expected token ids in 0..299" in _error(["condition", str(out), "--prompt", "300"], capsys)

@@ -3,11 +3,13 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import aunn_fast.data as data_module
-from aunn_fast.data import BytesData, TextData, ToyData, data_from_description, decode, encode, load_data
+from aunn_fast.data import (BytesData, TextData, TokensData, ToyData, data_from_description, decode, encode,
+                            load_data)
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -57,6 +59,68 @@ def test_bytes_data_is_memory_mapped(tmp_path):
     assert encode("é", None) == list("é".encode()) and decode(encode("é", None), None) == "é"
 
 
+@pytest.mark.parametrize("dtype,suffix", [(np.uint16, ".bin"), (np.uint16, ".npy"), (np.int64, ".npy"),
+                                          (np.int32, ".npy"), (np.uint8, ".npy")])
+@pytest.mark.parametrize("scan_chunk", [1 << 26, 7])
+def test_token_file_ids_and_vocabulary(tmp_path, generator, monkeypatch, dtype, suffix, scan_chunk):
+    monkeypatch.setattr(data_module, "SCAN_CHUNK_TOKENS", scan_chunk)
+    top = min(int(np.iinfo(dtype).max), 50_256)
+    ids = torch.randint(0, top, (1000,), generator=generator)
+    ids[int(torch.randint(0, 1000, (1,), generator=generator))] = top  # the largest id somewhere inside
+    path = tmp_path / f"corpus{suffix}"
+    array = ids.numpy().astype(dtype)
+    path.write_bytes(array.astype("<u2").tobytes()) if suffix == ".bin" else np.save(path, array)
+    data = load_data(f"tokens:{path}")
+    assert isinstance(data, TokensData) and data.length == 1000
+    assert data.vocab_size == top + 1 and data.vocab == top + 1
+    idx = torch.randint(0, 1000, (64, 3), generator=generator)
+    assert data.targets(idx).dtype == torch.int64 and torch.equal(data.targets(idx), ids[idx])
+    description = data.describe()
+    assert description["vocab_size"] == top + 1
+    with monkeypatch.context() as patch:  # an unchanged file is neither hashed nor scanned again
+        patch.setattr(data_module, "file_sha256", lambda path: pytest.fail("an untouched file was hashed"))
+        patch.setattr(TokensData, "_scan", lambda self: pytest.fail("an untouched file was scanned"))
+        reopened = data_from_description(description, data.vocab)
+    assert reopened.vocab_size == top + 1 and torch.equal(reopened.targets(idx), ids[idx])
+
+
+def test_token_ids_read_as_numbers():
+    assert encode("17 0,  350", 351) == [17, 0, 350]
+    assert decode(torch.tensor([17, 0, 350]), 351) == "17 0 350"
+    for bad in ("351", "-1", "1.5", "a"):
+        with pytest.raises(ValueError, match="expected token ids in 0..350"):
+            encode(bad, 351)
+
+
+def test_token_files_refused_with_the_reason(tmp_path):
+    cases = {
+        "odd.bin": (b"\x01\x00\x02", "size is odd"),
+        "empty.bin": (b"", "holds no tokens"),
+        "ids.txt": (b"1 2 3", "a .npy array or a .bin"),
+    }
+    for name, (content, reason) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=reason):
+            load_data(f"tokens:{tmp_path / name}")
+    arrays = {"negative.npy": (np.array([3, -1, 2]), "negative token id"),
+              "float.npy": (np.array([1.0, 2.0]), "1-D integer array"),
+              "matrix.npy": (np.zeros((2, 3), dtype=np.int32), "1-D integer array"),
+              "huge.npy": (np.array([0, 2**40]), "too large")}
+    for name, (array, reason) in arrays.items():
+        np.save(tmp_path / name, array)
+        with pytest.raises(ValueError, match=reason):
+            load_data(f"tokens:{tmp_path / name}")
+    np.save(tmp_path / "cut.npy", np.arange(100, dtype=np.int32))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "cut.npy").read_bytes()[:150])
+    with pytest.raises(ValueError, match="not a readable .npy"):
+        load_data(f"tokens:{tmp_path / 'cut.npy'}")
+    np.save(tmp_path / "none.npy", np.zeros(0, dtype=np.int32))
+    with pytest.raises(ValueError, match="holds no tokens"):
+        load_data(f"tokens:{tmp_path / 'none.npy'}")
+    np.save(tmp_path / "zeros.npy", np.zeros(5, dtype=np.int32))
+    assert load_data(f"tokens:{tmp_path / 'zeros.npy'}").vocab_size == 2  # a model needs two classes
+
+
 def _random_text(generator, length: int, alphabet: str) -> str:
     picks = torch.randint(0, len(alphabet), (length,), generator=generator).tolist()
     return "".join(alphabet[i] for i in picks)
@@ -85,11 +149,13 @@ def _set_mtime(path: Path, mtime_ns: int) -> None:
 
 
 def test_file_data_reopens_only_unchanged_files(tmp_path, monkeypatch):
-    text, raw = tmp_path / "t.txt", tmp_path / "b.bin"
+    text, raw, ids = tmp_path / "t.txt", tmp_path / "b.bin", tmp_path / "tokens.bin"
     text.write_text("abcabc", encoding="utf-8")
     raw.write_bytes(b"\x00\x01\x02\x03")
+    ids.write_bytes(b"\x00\x01\x02\x03")
     for data, same_length_edit, longer in ((TextData(text), "abcacb", "abcabca"),
-                                           (BytesData(raw), b"\x00\x01\x03\x02", b"\x00\x01\x02\x03\x04")):
+                                           (BytesData(raw), b"\x00\x01\x03\x02", b"\x00\x01\x02\x03\x04"),
+                                           (TokensData(ids), b"\x02\x03\x00\x01", b"\x00\x01\x02\x03\x04\x00")):
         description = data.describe()
         assert description["sha256"] == hashlib.sha256(data.path.read_bytes()).hexdigest()
         assert data_from_description(description, data.vocab).describe() == description
@@ -114,36 +180,47 @@ def test_file_data_reopens_only_unchanged_files(tmp_path, monkeypatch):
             data_from_description(description, data.vocab)
 
 
-def test_bytes_data_copied_to_the_device_gives_the_same_targets(tmp_path, generator, monkeypatch):
-    path = tmp_path / "b.bin"
-    path.write_bytes(bytes(torch.randint(0, 256, (1000,), generator=generator, dtype=torch.uint8).tolist()))
+@pytest.mark.parametrize("vocab", [256, 3000, 50_257])
+def test_mapped_ids_copied_to_the_device_give_the_same_targets(tmp_path, generator, monkeypatch, vocab):
+    """Bytes (vocab 256) and token files: the device copy, in the narrowest dtype (uint8, int16, int32),
+    made in chunks that do not divide the file, gives what the memory map gives."""
+    ids = torch.randint(0, vocab, (1000,), generator=generator)
+    ids[0] = vocab - 1
+    path = tmp_path / "ids.bin"
+    path.write_bytes(ids.numpy().astype(np.uint8 if vocab == 256 else "<u2").tobytes())
+    kind = BytesData if vocab == 256 else TokensData
     idx = torch.randint(0, 1000, (64, 3), generator=generator)
-    gathered = BytesData(path).targets(idx)
-    monkeypatch.setattr(data_module, "COPY_CHUNK_BYTES", 300)  # chunks that do not divide the file
-    monkeypatch.setattr(BytesData, "fits_on", lambda self, device: True)
-    copied = BytesData(path)
-    assert torch.equal(copied.targets(idx), gathered) and gathered.dtype == torch.int64
-    assert copied._copy is not None and torch.equal(copied._copy, torch.from_numpy(copied.array.copy()))
+    gathered = kind(path).targets(idx)
+    assert torch.equal(gathered, ids[idx]) and gathered.dtype == torch.int64
+    monkeypatch.setattr(data_module, "COPY_CHUNK_BYTES", 300)
+    monkeypatch.setattr(kind, "fits_on", lambda self, device: True)
+    copied = kind(path)
+    assert torch.equal(copied.targets(idx), gathered)
+    assert copied._copy is not None and copied._copy.element_size() == {256: 1, 3000: 2, 50_257: 4}[vocab]
+    assert torch.equal(copied._copy.long(), ids)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_file_data_on_the_gpu(tmp_path, generator):
-    """CUDA indices: a bytes file is copied to the GPU once, text tokens move there; same targets as on the CPU."""
-    raw, text = tmp_path / "b.bin", tmp_path / "t.txt"
+    """CUDA indices: bytes and token files are copied to the GPU once, text tokens move there; same targets as
+    on the CPU."""
+    raw, text, ids = tmp_path / "b.bin", tmp_path / "t.txt", tmp_path / "ids.npy"
     raw.write_bytes(bytes(torch.randint(0, 256, (5000,), generator=generator, dtype=torch.uint8).tolist()))
     text.write_text(_random_text(generator, 5000, "abcé😀\n"), encoding="utf-8")
+    np.save(ids, torch.randint(0, 50_257, (5000,), generator=generator).numpy())
     idx = torch.randint(0, 5000, (4096,), generator=generator)
-    for data in (BytesData(raw), TextData(text)):
+    for data in (BytesData(raw), TextData(text), TokensData(ids)):
         on_gpu = data.targets(idx.cuda())
         assert on_gpu.is_cuda and on_gpu.dtype == torch.int64 and torch.equal(on_gpu.cpu(), data.targets(idx))
-    copied = BytesData(raw)
-    copied.targets(idx[:1].cuda())
-    assert copied._copy is not None and copied._copy.is_cuda
+    for copied in (BytesData(raw), TokensData(ids)):
+        copied.targets(idx[:1].cuda())
+        assert copied._copy is not None and copied._copy.is_cuda
 
 
 @pytest.mark.parametrize("spec,error", [
     ("toy:abc", ValueError), ("toy:1:2:3", ValueError), ("text:", ValueError),
     ("text:/no/such/file", FileNotFoundError), ("csv:x", ValueError), ("toy:0", ValueError),
+    ("tokens:", ValueError), ("tokens:/no/such/file.npy", FileNotFoundError),
 ])
 def test_bad_specs(spec, error):
     with pytest.raises(error):
