@@ -26,6 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from aunn_fast.bench.options import names_from
+from aunn_fast.config import PRECISIONS
+
 HOPPER_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100 (sm_90)
 CONFIGS = {  # name: (hidden, layers, vocab), as the benchmark's configurations
     "seed": (64, 8, 4),
@@ -178,15 +181,17 @@ def _table(rows: list[dict[str, object]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compile_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="seed,bytes,notebook", help=f"from {', '.join(CONFIGS)}")
-    parser.add_argument("--precisions", default="fp32,bf16", help="from fp32, tf32, bf16")
-    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--configs", type=names_from(CONFIGS, "configuration(s)"), default="seed,bytes,notebook",
+                        help=f"comma-separated, from {', '.join(CONFIGS)} (default seed,bytes,notebook)")
+    parser.add_argument("--precisions", type=names_from(PRECISIONS, "precision(s)"), default="fp32,bf16",
+                        help="comma-separated, from fp32, tf32, bf16 (default fp32,bf16)")
+    parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels cannot be compiled
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "aunn_fast.bench.compile_check", *(argv or sys.argv[1:])],
                               env=env).returncode
-    rows = _compile_all(args.configs.split(","), args.precisions.split(","))
+    rows = _compile_all(args.configs, args.precisions)
     table = _table(rows)
     print(table)
     if args.out:

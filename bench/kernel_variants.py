@@ -30,7 +30,6 @@ import json
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -40,6 +39,7 @@ from aunn_fast.params import init_params
 
 from .checks import TOLERANCES
 from .environment import describe
+from .options import counts, out_dir
 from .timing import QUICK, median_ms
 
 CHECK_ROWS = 65536
@@ -244,8 +244,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aunn_fast.bench.kernel_variants",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="directory for kernel_variants.md / .json")
-    parser.add_argument("--programs-per-sm", default="2",
+    parser.add_argument("--out", required=True, type=out_dir, help="directory for kernel_variants.md / .json")
+    parser.add_argument("--programs-per-sm", type=counts, default=[2],
                         help="comma-separated PARTIAL_PROGRAMS_PER_SM values for 'partials' (default 2)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "kernel_variants.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         (args.out / "kernel_variants.md").write_text(markdown(meta, rows))
 
-    rows = run(default_plan([int(x) for x in args.programs_per_sm.split(",") if x.strip()]), device, save)
+    rows = run(default_plan(args.programs_per_sm), device, save)
     print(f"wrote {args.out / 'kernel_variants.md'}")
     return 0 if all(r["correct"] and not r["error"] for r in rows) else 1
 

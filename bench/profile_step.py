@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -22,7 +21,7 @@ from aunn_fast import AUNN
 from aunn_fast.backends import BACKENDS
 from aunn_fast.bench import environment, timing
 from aunn_fast.bench.configs import CONFIGS
-from aunn_fast.bench.run import parse_sizes
+from aunn_fast.bench.options import out_dir, parse_sizes
 from aunn_fast.bench.workloads import WORKLOADS
 from aunn_fast.config import PRECISIONS
 
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--calls", type=int, default=20, help="profiled calls (default 20)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=out_dir, required=True)
     args = parser.parse_args(argv)
     try:
         pairs = _pairs(args.workloads, args.batches)

@@ -13,48 +13,15 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
 
 import argparse  # noqa: E402
 import time  # noqa: E402
-from typing import Callable, Collection  # noqa: E402
 
 import torch  # noqa: E402
 
 from aunn_fast.backends import BACKENDS  # noqa: E402
 from aunn_fast.bench import ceilings, environment, harness, plots, report  # noqa: E402
 from aunn_fast.bench.configs import CONFIGS, build_plan  # noqa: E402
+from aunn_fast.bench.options import names_from, out_dir, parse_sizes  # noqa: E402
 from aunn_fast.bench.workloads import WORKLOADS  # noqa: E402
 from aunn_fast.config import PRECISIONS  # noqa: E402
-
-_SUFFIXES = {"K": 1 << 10, "M": 1 << 20}
-
-
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _names_from(known: Collection[str], what: str) -> Callable[[str], list[str]]:
-    """An argparse type: comma-separated names, each one of ``known`` (looked up when parsing)."""
-    def parse(text: str) -> list[str]:
-        names = _names(text)
-        unknown = [name for name in names if name not in known]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or repr(text)}; "
-                                             f"choose from {', '.join(known)}")
-        return names
-
-    return parse
-
-
-def parse_sizes(text: str) -> tuple[int, ...]:
-    """"1,2048,64K,1M" -> (1, 2048, 65536, 1048576)."""
-    sizes = []
-    for part in _names(text):
-        scale = _SUFFIXES.get(part[-1].upper(), 1)
-        digits = part[:-1] if scale > 1 else part
-        if not digits.isdigit() or int(digits) < 1:
-            raise argparse.ArgumentTypeError(f"batch sizes are integers >= 1 (K and M suffixes allowed), got {part!r}")
-        sizes.append(int(digits) * scale)
-    if not sizes:
-        raise argparse.ArgumentTypeError(f"expected batch sizes such as 2048,64K,1M, got {text!r}")
-    return tuple(sizes)
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -62,18 +29,18 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                                      "PyTorch eager and torch.compile, checking correctness first.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="seed config, two sizes per workload, short timing")
-    parser.add_argument("--out", type=Path, help="output folder (default bench/results/<card>-<date>)")
-    parser.add_argument("--providers", type=_names_from(BACKENDS, "provider(s)"),
+    parser.add_argument("--out", type=out_dir, help="output folder (default bench/results/<card>-<date>)")
+    parser.add_argument("--providers", type=names_from(BACKENDS, "provider(s)"),
                         help="comma-separated backends (default: all in BACKENDS)")
-    parser.add_argument("--workloads", type=_names_from(WORKLOADS, "workload(s)"),
+    parser.add_argument("--workloads", type=names_from(WORKLOADS, "workload(s)"),
                         help=f"comma-separated, from {', '.join(WORKLOADS)}")
-    parser.add_argument("--configs", type=_names_from(CONFIGS, "configuration(s)"),
+    parser.add_argument("--configs", type=names_from(CONFIGS, "configuration(s)"),
                         help=f"comma-separated, from {', '.join(CONFIGS)}")
-    parser.add_argument("--precisions", type=_names_from(PRECISIONS, "precision(s)"),
+    parser.add_argument("--precisions", type=names_from(PRECISIONS, "precision(s)"),
                         help="comma-separated fp32,tf32,bf16 (default: fp32; on CUDA also bf16 except compile)")
     parser.add_argument("--batches", type=parse_sizes,
                         help="batch sizes for predict/loss/train, e.g. 2048,64K,1M (default: the sweep)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")

@@ -244,6 +244,37 @@ def test_bad_options_fail_before_anything_is_created(tmp_path: Path, capsys, bad
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_folder_that_is_a_file_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    from aunn_fast.bench import kernel_variants, profile_step
+
+    taken = tmp_path / "results"
+    taken.write_text("not a folder")
+    for main in (run.main, profile_step.main, kernel_variants.main):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--out", str(taken)])
+        assert exit_info.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("bad, expected", [(["--configs", "seed,huge"], "unknown configuration(s) huge"),
+                                           (["--precisions", "fp16"], "unknown precision(s) fp16")])
+def test_compile_check_refuses_unknown_names(capsys, bad, expected) -> None:
+    from aunn_fast.bench import compile_check
+
+    with pytest.raises(SystemExit) as exit_info:
+        compile_check.main(bad)
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_kernel_variants_programs_per_sm_are_counts(capsys) -> None:
+    from aunn_fast.bench import kernel_variants
+
+    for bad in ("2,x", "0", ""):
+        with pytest.raises(SystemExit) as exit_info:
+            kernel_variants.main(["--out", "unused", "--programs-per-sm", bad])
+        assert exit_info.value.code == 2 and "integers >= 1" in capsys.readouterr().err
+
+
 def test_profile_step_writes_a_table_and_a_trace(tmp_path, capsys):
     """The profiler tool on a CPU: the report names the workload and its operators; the trace is JSON."""
     from aunn_fast.bench import profile_step
