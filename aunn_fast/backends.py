@@ -27,6 +27,7 @@ class Backend:
     predict: Callable[..., torch.Tensor]
     precisions: tuple[str, ...]
     unavailable_reason: Callable[[torch.device], str | None]
+    check_settings: Callable[[], None] = lambda: None  # raises ValueError for a bad setting (e.g. an env switch)
 
 
 def _always_available(device: torch.device) -> str | None:
@@ -67,6 +68,10 @@ def _triton_unavailable(device: torch.device) -> str | None:
     return kernels.unavailable_reason(device)
 
 
+def _triton_check_settings() -> None:
+    _import_kernels().check_switches()
+
+
 def _triton_op(op: str) -> Callable[..., torch.Tensor]:
     def run(*args: object, **kwargs: object) -> torch.Tensor:
         return getattr(_import_kernels(), op)(*args, **kwargs)
@@ -80,7 +85,7 @@ BACKENDS: dict[str, Backend] = {
     "compile": Backend("compile", _compiled(reference.logits), _compiled(reference.loss),
                        _compiled(reference.predict), PRECISIONS, _compile_unavailable),
     "triton": Backend("triton", _triton_op("logits"), _triton_op("loss"), _triton_op("predict"),
-                      PRECISIONS, _triton_unavailable),
+                      PRECISIONS, _triton_unavailable, _triton_check_settings),
 }
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any, Callable, NoReturn
 
 import torch
 
-from .backends import BACKENDS
+from .backends import BACKENDS, resolve_backend
 from .config import PRECISIONS, AUNNConfig
 from .data import FINGERPRINT_KEYS, Dataset, data_from_description, decode, encode, load_data
 from .evaluate import evaluate
@@ -28,13 +29,16 @@ def default_device() -> str:
 
 # -- argument types: bad values fail in argparse, with its one-line error, before anything runs ----
 
-def _number(kind: type, low: float, strict: bool = False) -> Callable[[str], Any]:
-    """An argparse type: an int (kind=int) or a finite float, at least ``low`` (above it when strict)."""
+def _number(kind: type, low: float, strict: bool = False, high: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: an int (kind=int) or a finite float, at least ``low`` (above it when strict) and at
+    most ``high``."""
     def parse(text: str) -> Any:
         value = kind(text)  # a ValueError here is argparse's "invalid int value: 'x'"
         if not (math.isfinite(value) and (value > low if strict else value >= low)):
             what = "an integer" if kind is int else "a finite number"
             raise argparse.ArgumentTypeError(f"expected {what} {'>' if strict else '>='} {low:g}, got {text}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"expected at most {high}, got {text}")
         return value
 
     parse.__name__ = kind.__name__
@@ -42,6 +46,7 @@ def _number(kind: type, low: float, strict: bool = False) -> Callable[[str], Any
 
 
 COUNT, NON_NEGATIVE_INT = _number(int, 1), _number(int, 0)
+SEED = _number(int, 0, high=2**63 - 1)  # what torch.Generator.manual_seed takes
 POSITIVE, NON_NEGATIVE = _number(float, 0, strict=True), _number(float, 0)
 
 
@@ -95,15 +100,22 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     length.add_argument("--steps", type=NON_NEGATIVE_INT, default=None, help="optimizer steps (overrides epochs)")
     p.add_argument("--lr", type=NON_NEGATIVE, default=None, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=None, help="AdamW weight decay (default 0.01)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the initial weights and batch order (default 0)")
+    p.add_argument("--seed", type=SEED, default=None, help="seed of the initial weights and batch order (default 0)")
     p.add_argument("--log-every", type=COUNT, default=None, help="steps between log rows (default 50)")
     p.add_argument("--save-every", type=COUNT, default=None, help="steps between checkpoints (default 2000)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False, default=None,
                    help="on CUDA, run every step eagerly instead of replaying a captured graph")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line (``aunn train: error: ...``) instead of after the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aunn", description="Absolute Unit Neural Networks, trained and run fast.")
+    parser = OneLineErrorParser(prog="aunn", description="Absolute Unit Neural Networks, trained and run fast.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model on a dataset")
@@ -117,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="write metrics.json, report.md and plots into a run directory")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--trials", type=COUNT, default=30, help="conditioning trials (toy data; default 30)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled evaluations (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the sampled evaluations (default 0)")
     _add_condition_options(p)
     _add_runtime_options(p)
 
@@ -129,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 = argmax (default), else softmax sampling")
     p.add_argument("--by-backprop", action="store_true",
                    help="Gwern's scheme: train on each prediction as data before predicting the next")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="sampling seed (default 0)")
     _add_condition_options(p)
     _add_runtime_options(p)
 
@@ -157,43 +169,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- checks that need more than one option, or a file: all run before any compute ----------------
 
-def _fail(args: argparse.Namespace, message: str) -> NoReturn:
-    raise SystemExit(f"aunn {args.command}: error: {message}")
+class CommandError(Exception):
+    """Bad input found by a command's own checks: main prints it as one line and exits with status 2."""
+
+
+def _fail(message: str) -> NoReturn:
+    raise CommandError(message)
 
 
 def _check_backend(args: argparse.Namespace) -> None:
-    """The backend asked for must run on the device asked for (argparse has checked both names)."""
+    """The backend asked for must run on the device asked for (argparse has checked both names), and the one
+    that will run must accept its settings (e.g. the triton backend's environment switches)."""
     if args.backend != "auto":
         reason = BACKENDS[args.backend].unavailable_reason(torch.device(args.device))
         if reason is not None:
-            _fail(args, f"backend {args.backend!r} is unavailable on {args.device}: {reason}")
+            _fail(f"backend {args.backend!r} is unavailable on {args.device}: {reason}")
+    resolve_backend(args.backend, args.device).check_settings()
 
 
-def _refuse_existing_run(args: argparse.Namespace, path: Path, advice: str) -> None:
-    """Fail unless ``path`` can become a new run directory: a checkpoint or a training log is never overwritten."""
-    if path.exists() and not path.is_dir():
-        _fail(args, f"{path} is a file, not a run directory")
+def _refuse_existing_run(path: Path, advice: str) -> None:
+    """Fail unless ``path`` can become a new run directory: a directory, or one that can be made (its nearest
+    existing ancestor a writable directory); a checkpoint or a training log is never overwritten."""
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        _fail(f"{existing} is a file, not a directory: {path} cannot be a run directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _fail(f"{existing} is not writable: {path} cannot be a run directory")
     found = [name for name in (CHECKPOINT_NAME, LOG_NAME) if (path / name).exists()]
+    if found == [LOG_NAME]:
+        _fail(f"{path} holds a training log but no checkpoint (a run that stopped before its first save cannot "
+              f"be resumed); pass another --out, or remove {path / LOG_NAME}")
     if found:
-        _fail(args, f"{path} already holds a run ({', '.join(found)}); {advice}")
+        _fail(f"{path} already holds a run ({', '.join(found)}); {advice}")
 
 
-def _open_run(args: argparse.Namespace) -> AUNN:
+def _open_run(args: argparse.Namespace, needs_data: bool = False) -> AUNN:
+    """The run's model. A checkpoint saved by ``model.save`` outside a run has no data and no vocabulary:
+    its tokens are then read and shown as ids, and a command that needs the data (``needs_data``) fails."""
     path = args.run_dir / CHECKPOINT_NAME
     if not path.exists():
-        _fail(args, f"no checkpoint in {args.run_dir} (expected {CHECKPOINT_NAME})")
-    return AUNN.load(path, backend=args.backend, precision=args.precision, map_location=args.device)
+        _fail(f"no checkpoint in {args.run_dir} (expected {CHECKPOINT_NAME})")
+    model = AUNN.load(path, backend=args.backend, precision=args.precision, map_location=args.device)
+    if model.data_description is None:
+        if needs_data:
+            _fail(f"{path} does not say which data it was trained on (saved by model.save, not aunn train)")
+        if model.vocab is None:
+            model.vocab = model.cfg.vocab_size
+    return model
 
 
 def _first_index(args: argparse.Namespace, model: AUNN, value: str | int, length: int) -> int:
     """Index ``value`` (END: the first after the data), checking that ``length`` indices from it fit the model."""
     if value == "END":
         if not model.data_description:
-            _fail(args, "the checkpoint does not say which data it was trained on; pass an index, not END")
+            _fail("the checkpoint does not say which data it was trained on; pass an index, not END")
         value = int(model.data_description["length"])
     last = value + max(length, 1) - 1
     if last > model.cfg.max_index:
-        _fail(args, f"indices {value}..{last} go past the model's largest index "
+        _fail(f"indices {value}..{last} go past the model's largest index "
                     f"{model.cfg.max_index} (bits={model.cfg.bits})")
     return int(value)
 
@@ -206,13 +239,13 @@ def _resume(args: argparse.Namespace) -> tuple[AUNN, Dataset, dict[str, Any]]:
     try:
         data = data_from_description(model.data_description, model.vocab)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(args, f"cannot reopen the data of this run: {exc}; {new_run}")
+        _fail(f"cannot reopen the data of this run: {exc}; {new_run}")
     if args.data and load_data(args.data).describe() != data.describe():
-        _fail(args, "--data differs from the data of the run being resumed")
+        _fail("--data differs from the data of the run being resumed")
     for name in ARCHITECTURE:
         given, kept = getattr(args, name), getattr(model.cfg, name)
         if given is not None and given != kept:
-            _fail(args, f"--{name} {given} differs from the checkpoint's {kept}; a resumed run keeps its model")
+            _fail(f"--{name} {given} differs from the checkpoint's {kept}; a resumed run keeps its model")
     return model, data, state.get("train_config", {})
 
 
@@ -221,13 +254,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         model, data, saved = _resume(args)
     else:
-        _refuse_existing_run(args, args.out, "continue it with --resume, or pass another --out")
+        _refuse_existing_run(args.out, "continue it with --resume, or pass another --out")
         if not args.data:
-            _fail(args, "--data is required (toy, text:PATH, bytes:PATH or tokens:PATH)")
+            _fail("--data is required (toy, text:PATH, bytes:PATH or tokens:PATH)")
         data = load_data(args.data)
         shape = {name: default if getattr(args, name) is None else getattr(args, name)
                  for name, default in ARCHITECTURE.items()}
         cfg = AUNNConfig(vocab_size=data.vocab_size, **shape)
+        if data.length - 1 > cfg.max_index:
+            _fail(f"the data's {data.length} indices do not fit in bits={cfg.bits} "
+                  f"(largest valid index {cfg.max_index})")
         seed = args.seed if args.seed is not None else 0
         model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=seed).to(args.device)
     overrides = {name: getattr(args, name) for name in ("batch_size", "epochs", "steps", "lr", "weight_decay",
@@ -254,9 +290,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _evaluate_run(model: AUNN, run_dir: Path, trials: int, steps: int, lr: float, optimizer: str,
                   seed: int) -> dict[str, Any]:
     data = data_from_description(model.data_description, model.vocab)
+    log_rows = read_log(run_dir / LOG_NAME)  # read first: a broken log fails before the evaluation's work
     metrics = evaluate(model, data, seed=seed, condition_trials=trials, condition_steps=steps, condition_lr=lr,
                        condition_optimizer=optimizer)
-    write_report(run_dir, model, data, metrics, read_log(run_dir / LOG_NAME))
+    write_report(run_dir, model, data, metrics, log_rows)
     return metrics
 
 
@@ -278,7 +315,7 @@ def _summary(metrics: dict[str, Any]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    model = _open_run(args)
+    model = _open_run(args, needs_data=True)
     metrics = _evaluate_run(model, args.run_dir, args.trials, args.steps, args.lr, args.optimizer, args.seed)
     print(_summary(metrics))
     print(f"wrote {args.run_dir}/metrics.json, report.md and plots")
@@ -300,12 +337,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_condition(args: argparse.Namespace) -> int:
     if args.save is not None:
-        _refuse_existing_run(args, args.save, "--save writes a new run directory: pass one without a run")
+        _refuse_existing_run(args.save, "--save writes a new run directory: pass one without a run")
     model = _open_run(args)
     try:
         prompt = torch.tensor(encode(args.prompt, model.vocab), dtype=torch.int64)
     except ValueError as exc:
-        _fail(args, str(exc))
+        _fail(str(exc))
+    if prompt.numel() == 0:
+        _fail("--prompt is empty: give at least one token")
     at = _first_index(args, model, args.at, prompt.numel() + args.show)
     after_prompt = at + prompt.numel()
     tuned = condition(model, prompt, at, steps=args.steps, lr=args.lr, optimizer=args.optimizer)
@@ -353,7 +392,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=preset.train.seed).to(args.device)
     marker = args.out / DEMO_MARKER
     if not marker.exists():
-        _refuse_existing_run(args, args.out, "it is not a demo's: pass another --out")
+        _refuse_existing_run(args.out, "it is not a demo's: pass another --out")
     args.out.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"written by `aunn demo --preset {args.preset}`; the next demo here overwrites this run\n")
     print(f"demo ({args.preset}): {data.describe()}, {cfg}, {preset.train.total_steps(data.length)} steps "
@@ -388,6 +427,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_backend(args)
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (CommandError, ValueError, TypeError, OSError) as exc:
         print(f"aunn {args.command}: error: {exc}", file=sys.stderr)
         return 2

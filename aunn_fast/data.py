@@ -317,15 +317,11 @@ FILE_DATASETS = {"text": TextData, "bytes": BytesData, "tokens": TokensData}
 def load_data(spec: str) -> Dataset:
     """Open a dataset from its command-line spec (see the module docstring)."""
     kind, _, rest = spec.partition(":")
-    if kind == "toy":
-        parts = [p for p in rest.split(":") if p] if rest else []
-        try:
-            numbers = [int(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"toy spec is toy[:CHUNKS[:SEED]], got {spec!r}") from None
-        if len(numbers) > 2:
-            raise ValueError(f"toy spec is toy[:CHUNKS[:SEED]], got {spec!r}")
-        return ToyData(*numbers)
+    if kind == "toy":  # an empty field keeps its default: toy::7 is the default chunks with seed 7
+        fields = rest.split(":") if rest else []
+        if len(fields) > 2 or not all(f.isascii() and f.isdigit() for f in fields if f):
+            raise ValueError(f"toy spec is toy[:CHUNKS[:SEED]] with whole numbers, got {spec!r}")
+        return ToyData(**{name: int(f) for name, f in zip(("chunks", "seed"), fields) if f})
     if kind in FILE_DATASETS:
         if not rest:
             raise ValueError(f"{kind} spec needs a path: {kind}:PATH")

@@ -167,9 +167,10 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
     steps and at the end, atomically). ``resume`` continues from that checkpoint.
     """
     run_path = Path(run_dir) if run_dir is not None else None
-    if data.length - 1 > model.cfg.max_index:  # checked before anything is written
+    if data.length - 1 > model.cfg.max_index:  # checked, like the backend's settings, before anything is written
         raise ValueError(f"the data's {data.length} indices do not fit in bits={model.cfg.bits} "
                          f"(largest valid index {model.cfg.max_index})")
+    model.active_backend().check_settings()
     model.vocab, model.data_description = data.vocab, data.describe()
     optimizer = make_optimizer(model, cfg)
     start = 0
@@ -183,9 +184,12 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
     total = cfg.total_steps(data.length)
     sampler = BatchSampler(data.length, cfg.batch_size, cfg.seed, model.device)
     rows = read_log(run_path / LOG_NAME, start) if run_path else []
-    if run_path is not None:
+    if run_path is not None:  # the log is cut back to the checkpoint, or begun at the first row
         run_path.mkdir(parents=True, exist_ok=True)
-        _write_log(run_path / LOG_NAME, rows)
+        if resume:
+            _write_log(run_path / LOG_NAME, rows)
+        else:
+            (run_path / LOG_NAME).unlink(missing_ok=True)
 
     graphed = None
     if cfg.cuda_graph and model.device.type == "cuda":
@@ -234,9 +238,11 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
 
 
 def _write_log(path: Path, rows: list[dict[str, float]], append: bool = False) -> None:
+    """Write rows to a new log (with its header), or append them (a header first if there is no log yet)."""
+    header = not (append and path.exists())
     with path.open("a" if append else "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        if not append:
+        if header:
             writer.writeheader()
         for row in rows:
             writer.writerow({k: (int(row[k]) if k == "step" else row[k]) for k in LOG_FIELDS})

@@ -15,7 +15,7 @@ from aunn_fast.params import AUNNParams
 
 SUPPORTED_PRECISIONS = ("fp32", "tf32", "bf16")
 
-__all__ = ["SUPPORTED_PRECISIONS", "logits", "loss", "predict", "unavailable_reason"]
+__all__ = ["SUPPORTED_PRECISIONS", "check_switches", "logits", "loss", "predict", "unavailable_reason"]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -43,6 +43,15 @@ def unavailable_reason(device: torch.device) -> str | None:
             return "the kernels were compiled before TRITON_INTERPRET=1 was set; set it before importing them"
         return None
     return f"Triton kernels do not run on device type {device.type!r}"
+
+
+def check_switches() -> None:
+    """A ValueError naming the switch if AUNN_FAST_SIGMOID or AUNN_FAST_WEIGHT_GRAD (or the module attribute
+    it sets) holds an unknown value. The kernels check them at their first call; the trainer and the CLI
+    call this first, so that a bad value stops a run before anything is written."""
+    from . import common, mlp_backward
+    common.fast_sigmoid("fp32")
+    mlp_backward.weight_grad_method()
 
 
 def _is_interpreted(kernel: object) -> bool:

@@ -65,6 +65,14 @@ PARTIAL_PROGRAMS_PER_SM = 2
 ROWWISE_PROGRAMS_PER_SM = 2
 
 
+def weight_grad_method() -> str:
+    """WEIGHT_GRAD, checked: a ValueError naming the switch for an unknown value."""
+    if WEIGHT_GRAD not in WEIGHT_GRAD_CHOICES:
+        raise ValueError(f"unknown trunk weight-gradient method {WEIGHT_GRAD!r} (AUNN_FAST_WEIGHT_GRAD / "
+                         f"mlp_backward.WEIGHT_GRAD); choose one of {', '.join(WEIGHT_GRAD_CHOICES)}")
+    return WEIGHT_GRAD
+
+
 @triton.jit
 def accumulate(ptrs, value, mask, first):
     """*ptrs = value on a program's first row block, else *ptrs += value (each program owns its slice)."""
@@ -293,10 +301,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     acts (fp32, or bf16 from a bf16 forward; and zs on the layer-wise path) are the
     forward's saved activations.
     """
-    weight_grad = WEIGHT_GRAD
-    if weight_grad not in WEIGHT_GRAD_CHOICES:
-        raise ValueError(f"unknown trunk weight-gradient method {weight_grad!r} (AUNN_FAST_WEIGHT_GRAD / "
-                         f"mlp_backward.WEIGHT_GRAD); choose one of {', '.join(WEIGHT_GRAD_CHOICES)}")
+    weight_grad = weight_grad_method()
     device = idx.device
     n, (hidden, bits), vocab = idx.shape[0], in_weight.shape, out_weight.shape[0]
     n_hidden = hidden_weight.shape[0]

@@ -57,9 +57,9 @@ def test_condition_prints_before_and_after_and_saves(run_dir, tmp_path, capsys):
     assert (saved / CHECKPOINT_NAME).exists()
 
 
-def test_condition_rejects_unknown_characters(run_dir):
-    with pytest.raises(SystemExit, match="not in the vocabulary"):
-        main(["condition", str(run_dir), "--prompt", "|z"])
+def test_condition_rejects_unknown_characters_and_an_empty_prompt(run_dir, capsys):
+    assert "not in the vocabulary" in _error(["condition", str(run_dir), "--prompt", "|z"], capsys)
+    assert "--prompt is empty" in _error(["condition", str(run_dir), "--prompt", ""], capsys)
 
 
 def test_demo_tiny_preset(tmp_path, capsys):
@@ -70,16 +70,13 @@ def test_demo_tiny_preset(tmp_path, capsys):
     assert main(["demo", "--preset", "tiny", "--out", str(tmp_path / "demo"), "--quiet"]) == 0  # reruns in place
 
 
-def test_demo_never_overwrites_a_real_run(run_dir):
-    with pytest.raises(SystemExit, match="not a demo"):
-        main(["demo", "--preset", "tiny", "--out", str(run_dir), "--quiet"])
+def test_demo_never_overwrites_a_real_run(run_dir, capsys):
+    assert "not a demo" in _error(["demo", "--preset", "tiny", "--out", str(run_dir), "--quiet"], capsys)
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
-    assert main(["train", "--data", "toy:0", "--out", str(tmp_path / "x")]) == 2
-    assert "error" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["eval", str(tmp_path / "missing")])
+    assert "at least one chunk" in _error(["train", "--data", "toy:0", "--out", str(tmp_path / "x")], capsys)
+    assert "no checkpoint" in _error(["eval", str(tmp_path / "missing")], capsys)
 
 
 def test_bench_subcommand_hands_every_argument_to_the_benchmark(capsys):
@@ -92,14 +89,16 @@ def test_bench_subcommand_hands_every_argument_to_the_benchmark(capsys):
 # -- bad input: a one-line error before anything runs, and nothing lost -----------------------------
 
 def _error(argv, capsys):
-    """Run the CLI on bad input; it must stop with a one-line error and no traceback. Returns the error."""
+    """Run the CLI on bad input; it must stop with exit status 2 and one line on stderr, `aunn COMMAND: error:
+    ...`. Returns that line."""
     try:
         status = main(argv)
-    except SystemExit as exc:  # argparse's errors and the CLI's own checks
+    except SystemExit as exc:  # argparse's errors
         status = exc.code
     err = capsys.readouterr().err
-    assert status not in (0, None) and "Traceback" not in err
-    return status if isinstance(status, str) else err.strip().splitlines()[-1]
+    assert status == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith(f"aunn {argv[0]}: error: "), err
+    return err.strip()
 
 
 def _files(path):
@@ -122,7 +121,7 @@ def test_train_never_overwrites_a_run(run_dir, capsys, extra):
     (["--log-every", "0"], "--log-every"), (["--save-every", "0"], "--save-every"),
     (["--epochs", "inf"], "--epochs"), (["--epochs", "nan"], "--epochs"), (["--steps", "-3"], "--steps"),
     (["--device", "foo"], "--device"), (["--precision", "fp16"], "--precision"), (["--hidden", "0"], "hidden"),
-    (["--bits", "8"], "do not fit in bits=8"),
+    (["--bits", "8"], "do not fit in bits=8"), (["--seed", "-1"], "--seed"), (["--seed", str(2**63)], "--seed"),
 ])
 def test_train_rejects_bad_values_before_writing_anything(tmp_path, capsys, bad, expected):
     out = tmp_path / "run"
@@ -213,3 +212,88 @@ def test_token_file_run_end_to_end(tmp_path, capsys):
     assert main(["condition", str(out), "--prompt", "17 299", "--show", "3"]) == 0
     assert "before:" in capsys.readouterr().out
     assert "expected token ids in 0..299" in _error(["condition", str(out), "--prompt", "300"], capsys)
+
+
+@pytest.mark.parametrize("switch, value", [("common.SIGMOID", "fast"), ("mlp_backward.WEIGHT_GRAD", "atomics")])
+def test_a_bad_kernel_switch_stops_the_run_before_anything_is_written(tmp_path, capsys, monkeypatch, switch, value):
+    """AUNN_FAST_SIGMOID / AUNN_FAST_WEIGHT_GRAD (here their module attributes) are checked up front, by the CLI
+    and by the trainer, not at the first kernel call after the run directory exists."""
+    from aunn_fast import kernels
+    from aunn_fast.data import ToyData
+    from aunn_fast.train import TrainConfig, train
+
+    if kernels.unavailable_reason("cpu") is not None:
+        pytest.skip(kernels.unavailable_reason("cpu"))
+    module, name = switch.split(".")
+    monkeypatch.setattr(f"aunn_fast.kernels.{module}.{name}", value)
+    out = tmp_path / "run"
+    message = _error(["train", "--data", "toy:50", "--out", str(out), "--backend", "triton", "--device", "cpu",
+                      "--steps", "2", *TINY], capsys)
+    assert repr(value) in message and "AUNN_FAST_" in message
+    from aunn_fast import AUNN, AUNNConfig
+    model = AUNN(AUNNConfig(hidden=16, layers=3), backend="triton", precision="fp32")
+    with pytest.raises(ValueError, match="AUNN_FAST_"):
+        train(model, ToyData(50), TrainConfig(steps=2, batch_size=16), out)
+    assert not out.exists()
+
+
+def test_run_directories_under_a_file_are_refused_before_any_work(tmp_path, run_dir, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file")
+    inside = str(blocker / "sub")
+    for argv in (["train", "--data", "toy:50", "--out", inside, "--steps", "1", *TINY],
+                 ["demo", "--preset", "tiny", "--out", inside, "--quiet"],
+                 ["condition", str(run_dir), "--prompt", "|a", "--save", inside]):
+        message = _error(argv, capsys)
+        assert "is a file, not a directory" in message
+    assert blocker.read_text() == "a file"
+
+
+def test_a_run_that_failed_before_its_first_row_leaves_nothing_to_refuse(tmp_path, capsys, monkeypatch):
+    """The log begins at the first row: a first step that fails (out of memory, say) does not leave a log that
+    makes the directory a run; a log without a checkpoint is refused with its own advice."""
+    from aunn_fast import train as train_module
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", "toy:50", "--out", str(out), "--steps", "2", "--batch-size", "16", *TINY]
+
+    def out_of_memory(self, step):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.BatchSampler, "indices", out_of_memory)
+        with pytest.raises(RuntimeError, match="simulated"):
+            main(argv)
+    assert not (out / "log.csv").exists()
+    assert main(argv) == 0
+    (out / CHECKPOINT_NAME).unlink()
+    message = _error(argv, capsys)
+    assert "log but no checkpoint" in message and "remove" in message
+
+
+def test_a_checkpoint_saved_outside_a_run_reads_token_ids(tmp_path, capsys):
+    """model.save() records no data and no vocabulary: generate prints ids, condition takes them, eval says
+    why it cannot run."""
+    from aunn_fast import AUNN, AUNNConfig
+
+    run = tmp_path / "api"
+    run.mkdir()
+    AUNN(AUNNConfig(vocab_size=5, hidden=8, layers=2), seed=0).save(run / CHECKPOINT_NAME)
+    assert main(["generate", str(run), "--start", "0", "--length", "6"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 6 and all(t in "01234" for t in printed)
+    assert main(["condition", str(run), "--prompt", "4 0", "--at", "100", "--show", "2"]) == 0
+    assert "expected token ids in 0..4" in _error(["condition", str(run), "--prompt", "ab", "--at", "0"], capsys)
+    assert "does not say which data" in _error(["eval", str(run)], capsys)
+    assert "pass an index, not END" in _error(["generate", str(run)], capsys)
+
+
+def test_eval_refuses_a_broken_log_before_evaluating(tmp_path, run_dir, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "metrics.json").unlink(missing_ok=True)
+    (copy / "log.csv").write_text("step,epoch,loss,accuracy,indices_per_s,elapsed_s\n5,x,1,1,1,1\n")
+    assert "could not convert" in _error(["eval", str(copy)], capsys)
+    assert not (copy / "metrics.json").exists()

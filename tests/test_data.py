@@ -231,6 +231,11 @@ def test_toy_spec():
     data = load_data("toy:12:5")
     assert (data.chunks, data.seed, data.length) == (12, 5, 48)
     assert load_data("toy").chunks == 100_000
+    assert (load_data("toy::7").chunks, load_data("toy::7").seed) == (100_000, 7)  # an empty field: its default
+    assert (load_data("toy:12:").chunks, load_data("toy:12:").seed) == (12, 0)
+    for bad in ("toy:1:-2", "toy:-1", "toy:1.5", "toy:²"):
+        with pytest.raises(ValueError, match="whole numbers"):
+            load_data(bad)
 
 
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="shared/data/tinyshakespeare.txt is absent")
