@@ -34,6 +34,16 @@ def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
     return ((as_int + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
+def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """x as float32 rounded to bfloat16 (nearest, ties to even), still float32; no autograd. In integer
+    arithmetic, as the tf32 rounding: torch.compile's Inductor drops a float32 -> bfloat16 -> float32 round
+    trip (it keeps bf16 values in float32), which left the compile backend computing in fp32."""
+    x = x.float()
+    as_int = x.view(torch.int32)
+    rounded = ((as_int + (0x7FFF + ((as_int >> 16) & 1))) & -0x10000).view(torch.float32)
+    return torch.where(torch.isnan(x), x, rounded)  # a NaN's carry would wrap to -0
+
+
 def round_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
     """Round a matmul operand to what the tensor cores see, keeping x's dtype.
 
@@ -43,7 +53,7 @@ def round_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
     if precision == "fp32":
         return x
     if precision == "bf16":
-        rounded = x.detach().to(torch.bfloat16).to(x.dtype)
+        rounded = round_to_bf16(x.detach()).to(x.dtype)
     elif precision == "tf32":
         rounded = round_to_tf32(x.detach()).to(x.dtype)
     else:

@@ -37,12 +37,20 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.detach().double() - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
-def check_compiled_model(model: AUNN, idx: torch.Tensor, targets: torch.Tensor, rtol: float, atol: float) -> None:
+def check_compiled_model(model: AUNN, idx: torch.Tensor, targets: torch.Tensor, tolerance: float) -> None:
     """torch.compile(fullgraph=True) of the model's forward, loss + backward and predict (range checks on,
-    as by default) match the same model run eagerly; dtype errors still surface while tracing."""
+    as by default) match the same model run eagerly, within ``tolerance`` (relative, normwise: a reordered
+    sum may move one reduced-precision operand across a rounding boundary); in tf32/bf16 the compiled
+    logits are also far closer to the eager ones than fp32's are, so the precision is honoured. Dtype errors
+    still surface while tracing."""
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
-    torch.testing.assert_close(compiled(idx), model(idx), rtol=rtol, atol=atol)
+    logits, expected = compiled(idx), model(idx)
+    assert rel_err(logits, expected) < tolerance
+    if model.active_precision() != "fp32":
+        full = AUNN(model.cfg, backend="reference", precision="fp32").to(model.device)
+        full.load_state_dict(model.state_dict())
+        assert rel_err(logits, expected) < 0.5 * rel_err(expected, full(idx))
 
     def loss_and_grads(loss_fn):
         model.zero_grad(set_to_none=True)
@@ -52,7 +60,9 @@ def check_compiled_model(model: AUNN, idx: torch.Tensor, targets: torch.Tensor, 
 
     eager = loss_and_grads(model.loss)
     for c, e in zip(loss_and_grads(torch.compile(model.loss, fullgraph=True)), eager):
-        torch.testing.assert_close(c, e, rtol=rtol, atol=atol)
-    assert torch.equal(torch.compile(model.predict, fullgraph=True)(idx), model.predict(idx))
+        assert rel_err(c, e) < tolerance
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 4 * (logits - expected).abs().amax()
+    assert torch.equal(torch.compile(model.predict, fullgraph=True)(idx)[clear], model.predict(idx)[clear])
     with pytest.raises(TypeError, match="indices must be int64"):  # fullgraph would wrap it in its own error
         torch.compile(model)(idx.float())

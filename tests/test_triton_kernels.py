@@ -662,8 +662,7 @@ def test_compiled_model_runs_in_one_graph(generator):
     model = random_model(cfg, generator, backend="triton").to(DEVICE)
     idx = random_indices(37, 64, generator).to(DEVICE)
     targets = torch.randint(0, 70, (37,), generator=generator).to(DEVICE)
-    tol = {"rtol": 1e-5, "atol": 1e-6} if model.active_precision() == "fp32" else {"rtol": 1e-4, "atol": 1e-5}
-    check_compiled_model(model, idx, targets, **tol)
+    check_compiled_model(model, idx, targets, 1e-5 if model.active_precision() == "fp32" else 1e-4)
 
 
 def check_compiled_matches_eager(precision, generator, vocab=70):
