@@ -207,15 +207,18 @@ def check_model(cfg: AUNNConfig, n: int, generator: torch.Generator, precision: 
     oracle = reference.logits(idx, oracle_params, cfg, precision)
     floor = PRECISION_FLOOR[precision]
     assert_2x_rule("logits", got, ref32, oracle, atol_rel=floor)
+    if precision != "fp32" and oracle.numel() >= 64:  # the operands were rounded: nearer this oracle than fp32's
+        unrounded = reference.logits(idx, oracle_params, cfg, "fp32")
+        assert rel_err(got, oracle) < 0.5 * rel_err(unrounded, oracle)
 
-    # predictions: exact wherever the top-2 margin of the oracle logits is clear
+    # predictions: every row's token has an oracle logit within the kernels' own logit error of the row's
+    # best (so the argmax itself wherever the top-2 margin is larger than that error)
     pred = kernels.predict(idx, params, cfg, precision)
     assert pred.dtype == torch.int64 and pred.shape == (n,)
+    assert ((pred >= 0) & (pred < cfg.vocab_size)).all()
     if n:
-        top2 = oracle.topk(2, dim=-1).values
-        clear = (top2[:, 0] - top2[:, 1]) > 1e-4 * max(1.0, oracle.abs().max().item()) * (
-            1 if precision == "fp32" else 1e3)
-        assert torch.equal(pred[clear], oracle.argmax(-1)[clear])
+        margin = 3 * (got.double() - oracle).abs().max().item() + 1e-6 * oracle.abs().max().item()
+        assert (oracle.gather(1, pred[:, None])[:, 0] >= oracle.max(-1).values - margin).all()
 
     # loss and gradients
     loss, grads = run_loss(kernels.loss, idx, targets, params, cfg, precision)
