@@ -24,8 +24,11 @@ def random_model(cfg: AUNNConfig, generator: torch.Generator, **kwargs: object) 
 def random_indices(n: int, bits: int, generator: torch.Generator) -> torch.Tensor:
     """int64 [n] indices spread over [0, 2**bits), with the largest valid index included."""
     top = min(2**bits, 2**63) - 1
-    idx = torch.randint(0, 2**62, (n,), generator=generator, dtype=torch.int64) * 2
-    idx = idx % (top + 1) if bits < 63 else idx + torch.randint(0, 2, (n,), generator=generator)
+    if bits < 63:
+        idx = torch.randint(0, top + 1, (n,), generator=generator, dtype=torch.int64)
+    else:  # randint's bound is an int64: draw 62 bits, shift, and add the lowest bit
+        idx = torch.randint(0, 2**62, (n,), generator=generator, dtype=torch.int64) * 2
+        idx = idx + torch.randint(0, 2, (n,), generator=generator)
     if n:
         idx[0] = top
     return idx

@@ -60,7 +60,8 @@ def test_script_writes_results_markdown_and_plots(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "bench/run.py", "--device", "cpu", "--quick", "--out", str(tmp_path),
                            "--providers", "reference,triton", "--batches", "64"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)  # a hang, not a speed limit: ~15 s idle, far more on a loaded machine
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((tmp_path / "results.json").read_text())
     assert META_FIELDS <= set(data["meta"])
@@ -173,7 +174,8 @@ def test_kernel_variants_check_then_time_and_report_failures():
         ("predict", "default"), ("predict", "32 rows, 2 warps"), ("train", "partials"), ("train", "layer-wise"),
         ("train", "split"), ("train", "bogus"), ("train", "ranges")]
     for r in [*rows[:5], rows[6]]:
-        assert r["correct"] and r["error"] is None and r["max_rel_err"] < 1e-4 and r["ms"] > 0, r
+        assert r["correct"] and r["error"] is None and r["ms"] > 0, r
+        assert r["max_rel_err"] < 1e-5, r  # fp32 candidates: the package's fp32 tolerance
     assert "atomics" in rows[5]["error"] and rows[5]["ms"] is None
     assert mlp_backward.WEIGHT_GRAD == "torch" and common.TILE_OVERRIDES == {} and common.SIGMOID == "exact"
     assert common.FUSED_MAX_HIDDEN == 128 and gemm.SPLIT_K_MIN_ROWS == 4096 and common.VOCAB_SPLIT_MIN == 4096

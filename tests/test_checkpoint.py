@@ -49,10 +49,53 @@ def test_foreign_safetensors_file_is_a_value_error(tmp_path):
         AUNN.load(path)
 
 
+class _Booby:
+    """Unpickling this calls _Booby.trip: a load that unpickled would be seen."""
+
+    tripped = False
+
+    @classmethod
+    def trip(cls) -> None:
+        cls.tripped = True
+
+    def __reduce__(self):
+        return (_Booby.trip, ())
+
+
 def test_pickle_is_never_loaded(model, tmp_path):
     path = tmp_path / "m.pt"
-    torch.save(model.state_dict(), path)
-    with pytest.raises(ValueError):
+    torch.save({"state": model.state_dict(), "booby": _Booby()}, path)
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        AUNN.load(path)
+    assert not _Booby.tripped
+
+
+def _edited_checkpoint(model, path, tensors=None, metadata=None):
+    """model's checkpoint with some tensors and metadata replaced (None: removed)."""
+    from safetensors import safe_open
+
+    model.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        saved = {name: f.get_tensor(name) for name in f.keys()}
+        meta = f.metadata()
+    for name, tensor in (tensors or {}).items():
+        saved.pop(name) if tensor is None else saved.__setitem__(name, tensor)
+    for key, value in (metadata or {}).items():
+        meta.pop(key) if value is None else meta.__setitem__(key, value)
+    save_file(saved, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("tensors, metadata, expected", [
+    ({"out_bias": None}, None, "missing parameters: out_bias"),
+    ({"hidden_weight": torch.zeros(3, 16, 15)}, None, r"hidden_weight has shape \(3, 16, 15\)"),
+    (None, {"config": None}, "has no valid config"),
+    (None, {"config": "{not json"}, "has no valid config"),
+    (None, {"config": '{"vocab_size": 1, "hidden": 16, "layers": 5, "bits": 33}'}, "has no valid config"),
+])
+def test_an_aunn_checkpoint_with_bad_contents_is_a_value_error(model, tmp_path, tensors, metadata, expected):
+    path = _edited_checkpoint(model, tmp_path / "m.safetensors", tensors, metadata)
+    with pytest.raises(ValueError, match=expected):
         AUNN.load(path)
 
 

@@ -129,14 +129,19 @@ def test_train_rejects_bad_values_before_writing_anything(tmp_path, capsys, bad,
     assert not out.exists()
 
 
-def test_unavailable_device_or_backend_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "condition", "demo"])
+def test_unavailable_device_or_backend_is_a_one_line_error(run_dir, tmp_path, capsys, monkeypatch, command):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton then has no CPU backend
-    argv = ["train", "--data", "toy:100", "--out", str(tmp_path / "run"), *TINY]
+    argv = {"train": ["train", "--data", "toy:100", "--out", str(tmp_path / "run"), *TINY],
+            "eval": ["eval", str(run_dir)], "generate": ["generate", str(run_dir)],
+            "condition": ["condition", str(run_dir), "--prompt", "|a"],
+            "demo": ["demo", "--preset", "tiny", "--out", str(tmp_path / "run")]}[command]
+    before = _files(run_dir)
     assert "backend 'triton' is unavailable on cpu" in _error([*argv, "--device", "cpu", "--backend", "triton"],
                                                                capsys)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert "no CUDA device" in _error([*argv, "--device", "cuda"], capsys)
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and _files(run_dir) == before
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -22,12 +22,26 @@ def test_toy_sequence_has_the_seed_structure():
     assert set(chunks) == {"|aaa", "|bbb", "|ccc"}
 
 
+def _toy_token(index: int, seed: int) -> int:
+    """The toy sequence's token at index, in plain Python integers: SplitMix64's finalizer mod 2^64."""
+    mask = (1 << 64) - 1
+
+    def mix(x: int) -> int:
+        x &= mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    return 0 if index % 4 == 0 else 1 + (mix(index // 4 + mix(seed)) >> 1) % 3
+
+
 def test_toy_is_a_pure_function_of_seed_and_chunk(generator):
     a, b = ToyData(100, seed=7), ToyData(10**9, seed=7)
     idx = torch.randint(0, 400, (300,), generator=generator)
     assert torch.equal(a.targets(idx), b.targets(idx))
-    far = torch.randint(0, 2**62, (300,), generator=generator)
-    assert torch.equal(b.targets(far), b.targets(far.clone()))
+    far = torch.cat([torch.randint(0, 2**62, (300,), generator=generator) * 2,
+                     2**63 - 1 - torch.arange(64), torch.arange(64)])
+    assert b.targets(far).tolist() == [_toy_token(i, 7) for i in far.tolist()]
     assert not torch.equal(ToyData(100, seed=8).targets(torch.arange(400)), a.targets(torch.arange(400)))
 
 

@@ -1,16 +1,24 @@
 """The public AUNN API: shapes, dtypes, dispatch, empty batches and every bad-input error."""
+import dataclasses
+
 import pytest
 import torch
 
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast import backends
 
-from helpers import check_compiled_model, random_indices, random_model
+from helpers import check_compiled_model, random_indices, random_model, rel_err
 
 
 @pytest.fixture
 def model(generator):
     return random_model(AUNNConfig(vocab_size=5, hidden=16, layers=4, bits=20), generator)
+
+
+@pytest.fixture(params=[name for name, reason in backends.available_backends("cpu").items() if reason is None])
+def any_backend_model(request, generator):
+    """The same model on each backend usable here (the triton one under the interpreter)."""
+    return random_model(AUNNConfig(vocab_size=5, hidden=16, layers=4, bits=20), generator, backend=request.param)
 
 
 def test_shapes_and_dtypes(model, generator):
@@ -66,7 +74,8 @@ def test_seed_makes_init_reproducible():
     (torch.tensor([3, -1]), ValueError, "non-negative"),
     (torch.tensor([2**20]), ValueError, "bits=20"),
 ])
-def test_bad_indices_fail_before_compute(model, monkeypatch, bad, error, match):
+def test_bad_indices_fail_before_compute(any_backend_model, monkeypatch, bad, error, match):
+    model = any_backend_model
     _forbid_compute(monkeypatch)
     for call in (model, model.predict, lambda i: model.loss(i, torch.zeros(2, dtype=torch.int64))):
         with pytest.raises(error, match=match):
@@ -79,7 +88,8 @@ def test_bad_indices_fail_before_compute(model, monkeypatch, bad, error, match):
     (torch.tensor([0.0, 1.0]), TypeError, "integer"),
     (torch.tensor([0, 1, 2]), ValueError, "shape"),
 ])
-def test_bad_targets_fail_before_compute(model, monkeypatch, targets, error, match):
+def test_bad_targets_fail_before_compute(any_backend_model, monkeypatch, targets, error, match):
+    model = any_backend_model
     _forbid_compute(monkeypatch)
     with pytest.raises(error, match=match):
         model.loss(torch.tensor([1, 2]), targets)
@@ -125,7 +135,7 @@ def test_backend_and_precision_can_be_set_as_attributes(generator):
     fp32 = model(idx)
     model.precision = "bf16"
     bf16 = model(idx)
-    assert not torch.equal(fp32, bf16) and torch.allclose(fp32, bf16, rtol=0.1, atol=0.1)
+    assert 1e-5 < rel_err(bf16, fp32) < 1e-2
 
 
 def test_available_backends_lists_every_backend():
@@ -176,7 +186,6 @@ def test_autocast_leaves_the_model_in_its_own_precision(model, generator):
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, autocast_loss = model(idx), model.loss(idx, targets)
-        assert torch.equal(model.predict(idx), model.predict(idx))
     assert logits.dtype == torch.float32 and torch.equal(logits, model(idx))
     assert torch.equal(autocast_loss, loss)
     autocast_loss.backward()
@@ -184,7 +193,28 @@ def test_autocast_leaves_the_model_in_its_own_precision(model, generator):
         assert torch.equal(p.grad, g)
 
 
-@pytest.mark.parametrize("backend", ["reference", "compile"])
+def test_no_backend_call_sees_autocast(model, generator, monkeypatch):
+    """logits, loss and predict all reach their backend with autocast off (an equality of outputs would miss
+    predict, whose argmax changes only on near ties)."""
+    calls = []
+
+    def spied(fn, name):
+        def run(*args, **kwargs):
+            calls.append((name, torch.is_autocast_enabled("cpu")))
+            return fn(*args, **kwargs)
+        return run
+
+    backend = model.active_backend()
+    spy = dataclasses.replace(backend, **{op: spied(getattr(backend, op), op) for op in ("logits", "loss", "predict")})
+    monkeypatch.setitem(backends.BACKENDS, backend.name, spy)
+    idx = random_indices(10, 20, generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx), model.loss(idx, torch.zeros_like(idx)), model.predict(idx)
+    assert calls == [("logits", False), ("loss", False), ("predict", False)]
+
+
+@pytest.mark.parametrize("backend", [name for name, reason in backends.available_backends("cpu").items()
+                                     if reason is None])
 def test_loss_reductions(backend, generator):
     model = random_model(AUNNConfig(vocab_size=5, hidden=16, layers=4, bits=20), generator, backend=backend,
                          precision="fp32")

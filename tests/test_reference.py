@@ -64,11 +64,13 @@ def test_reference_gradients_match_seed_model(generator):
     ours = AUNN.from_seed_state_dict({k: v for k, v in seed.state_dict().items()})  # structure only
     assert ours.cfg == cfg
     assert rel_err(model.in_weight.grad, seed.input_layer[0].weight.grad) < 1e-10
+    assert rel_err(model.in_bias.grad, seed.input_layer[0].bias.grad) < 1e-10
     assert rel_err(model.in_gain.grad, seed.input_layer[2].weight.grad) < 1e-10
     for i in range(cfg.hidden_layers):
         assert rel_err(model.hidden_weight.grad[i], seed.layers[i][0].weight.grad) < 1e-10
         assert rel_err(model.hidden_bias.grad[i], seed.layers[i][0].bias.grad) < 1e-10
         assert rel_err(model.hidden_gain.grad[i], seed.layers[i][2].weight.grad) < 1e-10
+    assert rel_err(model.out_weight.grad, seed.output_layer.weight.grad) < 1e-10
     assert rel_err(model.out_bias.grad, seed.output_layer.bias.grad) < 1e-10
 
 
@@ -79,7 +81,8 @@ def test_embedding_keeps_every_bit_of_large_indices():
         assert sum(int(b) << j for j, b in enumerate(row)) == i
 
 
-@pytest.mark.parametrize("precision,bound", [("bf16", 3e-2), ("tf32", 3e-3)])
+# The precisions' budgets through 8 layers (worst seen over 30 draws: bf16 7.0e-3, tf32 8.6e-4).
+@pytest.mark.parametrize("precision,bound", [("bf16", 1e-2), ("tf32", 1.5e-3)])
 def test_reduced_precision_reference_error_is_bounded(generator, precision, bound):
     cfg = AUNNConfig(vocab_size=8, hidden=64, layers=8)
     model = random_model(cfg, generator)
