@@ -52,7 +52,8 @@ PY
 # last, torch.compile tracing into the kernels, whose names match "graph"), then the other
 # kernel tests (written for the interpreter, here in fp32 on the GPU; their logic is covered
 # in CI, so a cut costs least there), then the tests whose code takes a CUDA path of its own:
-# the CLI (trainer with its CUDA graph, checkpoints, eval, generate, condition) and the data.
+# the data (first: a second, with the GPU copy of bytes and token files) and the CLI (trainer with its
+# CUDA graph, checkpoints, eval, generate, condition).
 # Triton's cache starts empty on a fresh machine: every kernel specialisation compiles once.
 PYTEST=("$PYTHON" -m pytest -v --maxfail=5 --tb=short -p no:cacheprovider)
 echo "== GPU-only tests (timeout ${GPU_TEST_TIMEOUT}s) -> $OUT/pytest_gpu.log"
@@ -66,7 +67,7 @@ timeout "$KERNEL_TEST_TIMEOUT" "${PYTEST[@]}" tests/test_triton_kernels.py -k "n
 KERNEL_TEST_RC=$?
 tail -n 1 "$OUT/pytest_kernels.log"
 echo "== CLI and data tests (timeout ${TEST_TIMEOUT}s) -> $OUT/pytest.log"
-timeout "$TEST_TIMEOUT" "${PYTEST[@]}" tests/test_cli.py tests/test_data.py > "$OUT/pytest.log" 2>&1
+timeout "$TEST_TIMEOUT" "${PYTEST[@]}" tests/test_data.py tests/test_cli.py > "$OUT/pytest.log" 2>&1
 TEST_RC=$?
 tail -n 1 "$OUT/pytest.log"
 

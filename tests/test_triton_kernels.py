@@ -211,13 +211,15 @@ def check_model(cfg: AUNNConfig, n: int, generator: torch.Generator, precision: 
         unrounded = reference.logits(idx, oracle_params, cfg, "fp32")
         assert rel_err(got, oracle) < 0.5 * rel_err(unrounded, oracle)
 
-    # predictions: every row's token has an oracle logit within the kernels' own logit error of the row's
-    # best (so the argmax itself wherever the top-2 margin is larger than that error)
+    # predictions: every row's token has an oracle logit within a few times the kernels' own logit error of
+    # the row's best (so the argmax itself wherever the top-2 margin is larger); the predict kernel's logits
+    # may round differently from the logits kernel's, hence 4x and a tenth of the precision's floor
     pred = kernels.predict(idx, params, cfg, precision)
     assert pred.dtype == torch.int64 and pred.shape == (n,)
     assert ((pred >= 0) & (pred < cfg.vocab_size)).all()
     if n:
-        margin = 3 * (got.double() - oracle).abs().max().item() + 1e-6 * oracle.abs().max().item()
+        scale = oracle.abs().max().item()
+        margin = 4 * (got.double() - oracle).abs().max().item() + 0.1 * floor * scale
         assert (oracle.gather(1, pred[:, None])[:, 0] >= oracle.max(-1).values - margin).all()
 
     # loss and gradients
