@@ -220,7 +220,8 @@ class MappedTokens(FileData):
         return self.length * smallest_token_dtype(self.vocab_size).itemsize <= DEVICE_COPY_FRACTION * free
 
     def _device_copy(self, device: torch.device) -> torch.Tensor | None:
-        """The ids as a tensor on device (copied in chunks on first use), or None where they do not fit."""
+        """The ids as a tensor on the GPU device (copied in chunks on first use; a copy on another GPU is
+        dropped), or None where they do not fit."""
         if self._copy_device != device:
             self._copy_device, self._copy = device, None
             if self.fits_on(device):
@@ -234,7 +235,7 @@ class MappedTokens(FileData):
 
     def targets(self, idx: torch.Tensor) -> torch.Tensor:
         """int64 indices [...] in 0..length-1 -> int64 token ids [...] on idx's device."""
-        copy = self._device_copy(idx.device)
+        copy = self._device_copy(idx.device) if idx.device.type == "cuda" else None  # CPU: keep a GPU copy
         if copy is not None:
             return copy[idx].long()
         picked = self.array[idx.detach().cpu().numpy()]

@@ -208,10 +208,9 @@ def test_mapped_ids_copied_to_the_device_give_the_same_targets(tmp_path, generat
     assert torch.equal(gathered, ids[idx]) and gathered.dtype == torch.int64
     monkeypatch.setattr(data_module, "COPY_CHUNK_BYTES", 300)
     monkeypatch.setattr(kind, "fits_on", lambda self, device: True)
-    copied = kind(path)
-    assert torch.equal(copied.targets(idx), gathered)
-    assert copied._copy is not None and copied._copy.element_size() == {256: 1, 3000: 2, 50_257: 4}[vocab]
-    assert torch.equal(copied._copy.long(), ids)
+    copy = kind(path)._device_copy(torch.device("cpu"))  # what a GPU gets, made here on the CPU
+    assert copy is not None and copy.element_size() == {256: 1, 3000: 2, 50_257: 4}[vocab]
+    assert torch.equal(copy.long(), ids) and torch.equal(copy[idx].long(), gathered)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -228,6 +227,8 @@ def test_file_data_on_the_gpu(tmp_path, generator):
         assert on_gpu.is_cuda and on_gpu.dtype == torch.int64 and torch.equal(on_gpu.cpu(), data.targets(idx))
     for copied in (BytesData(raw), TokensData(ids)):
         copied.targets(idx[:1].cuda())
+        assert copied._copy is not None and copied._copy.is_cuda
+        copied.targets(idx[:1])  # CPU indices read the memory map and keep the GPU copy
         assert copied._copy is not None and copied._copy.is_cuda
 
 

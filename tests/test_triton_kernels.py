@@ -207,7 +207,9 @@ def check_model(cfg: AUNNConfig, n: int, generator: torch.Generator, precision: 
     oracle = reference.logits(idx, oracle_params, cfg, precision)
     floor = PRECISION_FLOOR[precision]
     assert_2x_rule("logits", got, ref32, oracle, atol_rel=floor)
-    if precision != "fp32" and oracle.numel() >= 64:  # the operands were rounded: nearer this oracle than fp32's
+    # the operands were rounded: nearer this oracle than fp32's (not with tanh.approx's SiLU, whose 2^-11 error
+    # moves some bf16 roundings itself: 0.55-0.74 of fp32's distance in a simulation)
+    if precision != "fp32" and oracle.numel() >= 64 and not common.fast_sigmoid(precision):
         unrounded = reference.logits(idx, oracle_params, cfg, "fp32")
         assert rel_err(got, oracle) < 0.5 * rel_err(unrounded, oracle)
 
