@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-# A bytes file read on a GPU is copied there once (1 byte per token, in COPY_CHUNK_BYTES pieces) if
-# it takes at most DEVICE_COPY_FRACTION of the free device memory; a larger one is gathered from the
-# memory map on the host, which costs a host round trip per batch.
+# A file's token ids read on a GPU are copied there once (in the narrowest dtype, in COPY_CHUNK_BYTES
+# pieces) if they take at most DEVICE_COPY_FRACTION of the free device memory; larger ones are gathered
+# on the host (from the memory map), which costs a host round trip per batch.
 DEVICE_COPY_FRACTION = 0.25
 COPY_CHUNK_BYTES = 1 << 28
 TEXT_CHUNK_CHARS = 1 << 24  # characters encoded at a time
@@ -168,41 +168,14 @@ def encode_characters(text: str, vocab: list[str]) -> np.ndarray:
     return ids
 
 
-class TextData(FileData):
-    """UTF-8 text, one token per character; the vocabulary is the file's sorted characters (or the
-    given one, e.g. a checkpoint's). Tokens are kept in the narrowest integer dtype."""
-
-    kind = "text"
-
-    def __init__(self, path: str | Path, vocab: list[str] | None = None) -> None:
-        super().__init__(path)
-        text = self.path.read_text(encoding="utf-8")
-        if not text:
-            raise ValueError(f"{self.path} is empty")
-        if vocab is None:
-            vocab = characters_of(text)
-        if any(len(token) != 1 for token in vocab):
-            raise ValueError("a text dataset's vocabulary must be single characters")
-        self.vocab = vocab
-        self.tokens = torch.from_numpy(encode_characters(text, vocab))
-        self.length = len(text)
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of distinct tokens."""
-        return len(self.vocab)
-
-    def targets(self, idx: torch.Tensor) -> torch.Tensor:
-        """int64 indices [...] in 0..length-1 -> int64 tokens [...] on idx's device."""
-        if self.tokens.device != idx.device:
-            self.tokens = self.tokens.to(idx.device)
-        return self.tokens[idx].long()
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32}
 
 
-class MappedTokens(FileData):
-    """A file of token ids memory-mapped as ``array`` (any integer dtype; files larger than RAM work). Read
-    on a GPU, a file whose ids fit (see DEVICE_COPY_FRACTION) is copied there once, in the narrowest dtype
-    that holds the vocabulary, so that batches need no host round trip."""
+class TokenArray(FileData):
+    """A file's token ids as a NumPy ``array`` of any integer dtype: memory-mapped (bytes and token files,
+    so files larger than RAM work) or encoded in memory (text). Read on a GPU, ids that fit (see
+    DEVICE_COPY_FRACTION) are copied there once, in the narrowest dtype that holds the vocabulary, so that
+    batches need no host round trip; CPU indices read the array."""
 
     array: np.ndarray
     vocab_size: int
@@ -242,10 +215,32 @@ class MappedTokens(FileData):
         return torch.from_numpy(picked.astype(np.int64)).to(idx.device)
 
 
-_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32}
+class TextData(TokenArray):
+    """UTF-8 text, one token per character; the vocabulary is the file's sorted characters (or the
+    given one, e.g. a checkpoint's). Tokens are kept in memory, in the narrowest integer dtype."""
+
+    kind = "text"
+
+    def __init__(self, path: str | Path, vocab: list[str] | None = None) -> None:
+        super().__init__(path)
+        text = self.path.read_text(encoding="utf-8")
+        if not text:
+            raise ValueError(f"{self.path} is empty")
+        if vocab is None:
+            vocab = characters_of(text)
+        if any(len(token) != 1 for token in vocab):
+            raise ValueError("a text dataset's vocabulary must be single characters")
+        self.vocab = vocab
+        self.array = encode_characters(text, vocab)
+        self.length = len(text)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct tokens."""
+        return len(self.vocab)
 
 
-class BytesData(MappedTokens):
+class BytesData(TokenArray):
     """Raw bytes of a file; vocabulary 256 (decoded as UTF-8 for display)."""
 
     kind = "bytes"
@@ -260,7 +255,7 @@ class BytesData(MappedTokens):
         self.array = np.memmap(self.path, dtype=np.uint8, mode="r")
 
 
-class TokensData(MappedTokens):
+class TokensData(TokenArray):
     """Token ids of an already tokenised corpus: a 1-D integer ``.npy`` file, or a ``.bin`` of little-endian
     uint16 (nanoGPT's layout). The vocabulary is ids 0..V-1 with V the largest id + 1 (at least 2), found by
     one pass over the file, unless given (a checkpoint's, for an unchanged file)."""

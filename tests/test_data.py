@@ -151,7 +151,7 @@ def test_text_data_encodes_like_the_python_encoder(tmp_path, generator, monkeypa
     assert data.vocab == sorted(set(text)) and data.length == len(text)
     assert data.targets(torch.arange(len(text))).tolist() == encode(text, data.vocab)
     assert data.targets(torch.tensor([3])).dtype == torch.int64
-    assert data.tokens.element_size() == (1 if len(data.vocab) <= 256 else 2)
+    assert data.array.itemsize == (1 if len(data.vocab) <= 256 else 2)
     wider = sorted(set(text) | {"Z", "ü"})  # a checkpoint's vocabulary may hold characters the file lacks
     assert TextData(path, wider).targets(torch.arange(len(text))).tolist() == encode(text, wider)
     with pytest.raises(ValueError, match="not in the vocabulary"):
@@ -215,8 +215,7 @@ def test_mapped_ids_copied_to_the_device_give_the_same_targets(tmp_path, generat
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_file_data_on_the_gpu(tmp_path, generator):
-    """CUDA indices: bytes and token files are copied to the GPU once, text tokens move there; same targets as
-    on the CPU."""
+    """CUDA indices: bytes, text and token files are copied to the GPU once; same targets as on the CPU."""
     raw, text, ids = tmp_path / "b.bin", tmp_path / "t.txt", tmp_path / "ids.npy"
     raw.write_bytes(bytes(torch.randint(0, 256, (5000,), generator=generator, dtype=torch.uint8).tolist()))
     text.write_text(_random_text(generator, 5000, "abcé😀\n"), encoding="utf-8")
@@ -225,7 +224,7 @@ def test_file_data_on_the_gpu(tmp_path, generator):
     for data in (BytesData(raw), TextData(text), TokensData(ids)):
         on_gpu = data.targets(idx.cuda())
         assert on_gpu.is_cuda and on_gpu.dtype == torch.int64 and torch.equal(on_gpu.cpu(), data.targets(idx))
-    for copied in (BytesData(raw), TokensData(ids)):
+    for copied in (BytesData(raw), TextData(text), TokensData(ids)):
         copied.targets(idx[:1].cuda())
         assert copied._copy is not None and copied._copy.is_cuda
         copied.targets(idx[:1])  # CPU indices read the memory map and keep the GPU copy
