@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from aunn_fast import AUNN
+from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.backends import BACKENDS
 
 from . import checks, timing
@@ -73,7 +73,7 @@ def estimated_bytes(case: Case, batch: int) -> int:
     """Rough peak device memory of one cell: activations, logits, saved tensors and inputs."""
     cfg = case.cfg
     per_index = 4 * (cfg.bits + 6 * cfg.hidden + 3 * cfg.vocab_size) + 16 * 4
-    if WORKLOADS[case.workload].check in ("grads", "graph-step"):
+    if WORKLOADS[case.workload].check == "steps":
         per_index += 4 * (6 * cfg.layers * cfg.hidden + 2 * cfg.vocab_size)
     return per_index * batch
 
@@ -95,6 +95,18 @@ def _blank_row(provider: str, case: Case, batch: int, precision: str) -> Row:
             "projected_s": None, "skipped": None, "error": None}
 
 
+def nontrivial_model(cfg: AUNNConfig, seed: int) -> AUNN:
+    """The seeded model with biases ~ 0.1 N(0, 1) and gains ~ 1 + 0.1 N(0, 1), not the init's zeros and
+    ones: checked against the reference, a path that dropped a bias or a gain must give a wrong answer."""
+    model = AUNN(cfg, backend=EAGER, precision=BASELINE_PRECISION, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "gain")):
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
 def _configured(base: AUNN, provider: str, precision: str) -> AUNN:
     model = copy.deepcopy(base)
     model.backend, model.precision, model.validate = provider, precision, False
@@ -109,14 +121,20 @@ def measure(row: Row, case: Case, base: AUNN, options: Options) -> None:
     generator = torch.Generator(device=device).manual_seed(options.seed + batch)  # same inputs for every provider
     prepared = workload.prepare(_configured(base, provider, precision), batch, generator)
     row["first_call_s"] = timing.wall_s(prepared.step, device)
-    result = checks.check(workload.check, _configured(base, provider, precision),
-                          prepared.idx, prepared.targets, precision)
+    if workload.check == "steps":
+        result = checks.honours(checks.check_steps(workload.prepare, _configured(base, provider, precision), batch,
+                                                   options.seed + batch, checks.TOLERANCES[precision]), precision)
+    else:
+        result = checks.check(workload.check, _configured(base, provider, precision),
+                              prepared.idx, prepared.targets, precision)
     row.update(correct=result.correct, max_rel_err=result.max_rel_err, argmax_agreement=result.argmax_agreement)
     if not result.correct:
         return
     if workload.stretch:
         ms = timing.stretch_ms(prepared.step, device, budget.stretch_steps)
         row["projected_s"] = ms * SEED_RUN_STEPS / 1e3
+    elif workload.latency:
+        ms = timing.latency_ms(prepared.step, device, budget)
     else:
         ms = timing.median_ms(prepared.step, device, budget)
     row.update(ms=ms, items_per_s=batch / (ms / 1e3))
@@ -184,8 +202,7 @@ def run(cases: list[Case], options: Options, log: Callable[[str], None] = print,
     bases: dict[str, AUNN] = {}
     for case in cases:
         if case.config_name not in bases:
-            bases[case.config_name] = AUNN(case.cfg, backend=EAGER, precision=BASELINE_PRECISION,
-                                           seed=options.seed).to(options.device)
+            bases[case.config_name] = nontrivial_model(case.cfg, options.seed).to(options.device)
         for batch in case.batches:
             if WORKLOADS[case.workload].cuda_only and options.device.type != "cuda":
                 fit = "this workload needs a CUDA device"

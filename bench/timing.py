@@ -76,6 +76,14 @@ def median_ms(fn: Callable[[], object], device: torch.device, budget: Budget) ->
     return float(do_bench(fn, warmup=budget.warmup_ms, rep=budget.rep_ms, return_mode="median"))
 
 
+def latency_ms(fn: Callable[[], object], device: torch.device, budget: Budget) -> float:
+    """Median wall-clock milliseconds of one synchronized call (host time and launch gaps included): what a
+    user waiting for the result sees. On CPU the same as :func:`median_ms`."""
+    if device.type != "cuda":
+        return _cpu_median_ms(fn, budget)
+    return _cpu_median_ms(lambda: (fn(), synchronize(device)), budget)
+
+
 def stretch_ms(fn: Callable[[], object], device: torch.device, steps: int) -> float:
     """Milliseconds per call over ``steps`` back-to-back calls, as a training loop runs them."""
     for _ in range(3):

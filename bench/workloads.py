@@ -44,10 +44,13 @@ class Prepared:
 class Workload:
     """One kind of work.
 
-    check:   what the correctness check compares ("logits", "loss", "grads" or "graph-step").
+    check:   what the correctness check compares: "logits", "loss", or "steps" (the workload's own step
+             replayed on the provider and the reference: gradients and parameter changes).
     ceiling: which hardware ceiling its throughput is compared to ("forward", "train" or None).
     fixed_batches: batch sizes that define the workload (empty: taken from the sweep).
     stretch: timed as a run of consecutive steps (ms/step) instead of a median of single calls.
+    latency: timed as the wall-clock median of single synchronized calls (host time included, as a
+             user waiting for the answer sees it) instead of device time.
     sweep: the workload whose batch sweep this one shares (None: its own).
     cuda_only: skipped, with that reason, on other devices.
     """
@@ -59,6 +62,7 @@ class Workload:
     prepare: Callable[[AUNN, int, torch.Generator], Prepared]
     fixed_batches: tuple[int, ...] = ()
     stretch: bool = False
+    latency: bool = False
     sweep: str | None = None
     cuda_only: bool = False
 
@@ -161,15 +165,15 @@ def _prepare_seed_run_graph(model: AUNN, batch: int, generator: torch.Generator)
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("predict", "forward + argmax", "logits", "forward", _prepare_predict),
     Workload("loss", "forward + cross-entropy (no grad)", "loss", "forward", _prepare_loss),
-    Workload("train", "forward + loss + backward + AdamW step", "grads", "train", _prepare_train),
-    Workload("train-graph", "the train step replayed from one CUDA graph, as `aunn train` runs it", "graph-step",
+    Workload("train", "forward + loss + backward + AdamW step", "steps", "train", _prepare_train),
+    Workload("train-graph", "the train step replayed from one CUDA graph, as `aunn train` runs it", "steps",
              "train", _prepare_train_graph, sweep="train", cuda_only=True),
-    Workload("condition", "prompt of 2 / 64 indices: forward + backward + SGD step", "grads", None,
-             _prepare_condition, fixed_batches=(2, 64)),
+    Workload("condition", "prompt of 2 / 64 indices: forward + backward + SGD step", "steps", None,
+             _prepare_condition, fixed_batches=(2, 64), latency=True),
     Workload("seed-run", f"the seed's run: {SEED_RUN_STEPS:,} train steps of {SEED_RUN_BATCH}, "
-             "extrapolated from a measured stretch", "grads", "train", _prepare_seed_run,
+             "extrapolated from a measured stretch", "steps", "train", _prepare_seed_run,
              fixed_batches=(SEED_RUN_BATCH,), stretch=True),
     Workload("seed-run-graph", "the seed's run with each step replayed from one CUDA graph, as `aunn train` "
-             "runs it", "graph-step", "train", _prepare_seed_run_graph, fixed_batches=(SEED_RUN_BATCH,),
+             "runs it", "steps", "train", _prepare_seed_run_graph, fixed_batches=(SEED_RUN_BATCH,),
              stretch=True, cuda_only=True),
 )}

@@ -3,6 +3,7 @@
 Nothing here asserts on speed."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -96,7 +97,7 @@ def test_incorrect_provider_is_marked_and_never_timed(fake_backends: None) -> No
         assert row["correct"] is False and row["max_rel_err"] > harness.checks.TOLERANCES["fp32"]
         assert row["ms"] is None and row["items_per_s"] is None and row["vs_eager"] is None
     for row in (r for r in rows if r["provider"] == "reference"):
-        assert row["correct"] is True and row["max_rel_err"] == 0.0 and row["vs_eager"] == 1.0
+        assert row["correct"] is True and row["max_rel_err"] < 1e-6 and row["vs_eager"] == 1.0
     for row in (r for r in rows if r["provider"] == "absent"):
         assert row["skipped"] == "needs hardware this machine lacks" and row["correct"] is None
 
@@ -203,35 +204,102 @@ def test_providers_run_in_the_order_given():
         harness.providers_to_run(["cublas"])
 
 
-class _EagerStandIn:
-    """GraphedTrainStep's interface, run eagerly (no CUDA here); broken=True forgets the optimizer step."""
+@pytest.mark.parametrize("workload, optimizer, batch", [("train", "adamw", 64), ("condition", "sgd", 2),
+                                                      ("seed-run", "adamw", 2048)])
+def test_each_training_workload_step_is_the_eager_step_it_claims(workload, optimizer, batch, monkeypatch):
+    """Three timed steps of the workload against zero_grad + backward + one optimizer step, replayed on a
+    twin from the inputs each step used: the same weights and gradients (a step that skipped zero_grad, the
+    backward or the optimizer, or stepped twice, would differ)."""
+    from aunn_fast.bench import workloads
 
-    broken = False
+    model = harness.nontrivial_model(TINY, seed=3)
+    twin = copy.deepcopy(model)
+    seen = []
+    original_loss = model.loss
+    monkeypatch.setattr(model, "loss", lambda idx, targets: seen.append((idx, targets)) or original_loss(idx, targets))
+    step = workloads.WORKLOADS[workload].prepare(model, batch, torch.Generator().manual_seed(7)).step
+    twin_optimizer = workloads.make_optimizer(twin, optimizer)
+    for _ in range(3):
+        step()
+        idx, targets = seen[-1]
+        assert idx.shape == (batch,)
+        twin_optimizer.zero_grad(set_to_none=True)
+        twin.loss(idx, targets).backward()
+        twin_optimizer.step()
+    assert len(seen) == 3
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
 
-    def __init__(self, model, optimizer, batch_size):
-        self.model, self.optimizer = model, optimizer
 
-    def __call__(self, idx, targets):
-        self.optimizer.zero_grad(set_to_none=False)
-        loss = self.model.loss(idx, targets)
-        loss.backward()
-        if not self.broken:
-            self.optimizer.step()
-        return loss
+def _stale_backend(monkeypatch):
+    """'stale': the reference computed with the weights it saw first (gradients still reach the live ones)."""
+    cache = {}
+
+    def stale(params):
+        kept = cache.setdefault("params", [p.detach().clone() for p in params])
+        return type(params)(*[p + (k - p).detach() for p, k in zip(params, kept)])
+
+    monkeypatch.setitem(BACKENDS, "stale", Backend(
+        "stale", lambda idx, params, *a: reference.logits(idx, stale(params), *a),
+        lambda idx, targets, params, *a: reference.loss(idx, targets, stale(params), *a),
+        lambda idx, params, *a: reference.predict(idx, stale(params), *a), PRECISIONS, _always))
 
 
-@pytest.mark.parametrize("broken", [False, True])
-def test_graph_step_check_compares_a_replay_with_an_eager_step(broken, monkeypatch):
-    """The train-graph workload's check fails a captured step that does not do what the eager step does."""
-    from aunn_fast import AUNN
+def test_the_step_check_sees_state_kept_between_steps(monkeypatch):
+    """A provider that keeps using the weights of its first call is right at step 1 and wrong after."""
+    from aunn_fast.bench import checks, workloads
+
+    _stale_backend(monkeypatch)
+    model = harness.nontrivial_model(TINY, seed=3)
+    model.backend = "stale"
+    prepare = workloads.WORKLOADS["train"].prepare
+    result = checks.check_steps(prepare, model, 64, seed=5, tolerance=checks.TOLERANCES["fp32"])
+    assert not result.correct and result.max_rel_err > checks.TOLERANCES["fp32"]
+    model.backend = "reference"
+    assert checks.check_steps(prepare, model, 64, seed=5, tolerance=checks.TOLERANCES["fp32"]).correct
+
+
+def test_a_reduced_precision_that_left_no_trace_is_incorrect():
     from aunn_fast.bench import checks
 
-    monkeypatch.setattr(checks, "GraphedTrainStep", type("StandIn", (_EagerStandIn,), {"broken": broken}))
-    model = AUNN(TINY, backend="reference", precision="fp32", seed=3)
-    idx = torch.randint(0, 2**62, (64,))
-    result = checks.check("graph-step", model, idx, idx % TINY.vocab_size, "fp32")
-    assert result.correct is not broken
-    assert (result.max_rel_err > 0.5) is broken
+    exact = checks.CheckResult(True, 0.0)
+    assert checks.honours(exact, "fp32").correct
+    assert not checks.honours(exact, "bf16").correct and not checks.honours(exact, "tf32").correct
+    assert checks.honours(checks.CheckResult(True, 3e-3), "bf16").correct
+
+
+def _biasless_logits(idx, params, cfg, precision="fp32"):
+    """The reference with every bias taken as 0 and every gain as 1: right only on freshly initialised weights."""
+    plain = type(params)(*[torch.zeros_like(p) if name.endswith("bias") else
+                           torch.ones_like(p) if name.endswith("gain") else p
+                           for name, p in zip(params._fields, params)])
+    return reference.logits(idx, plain, cfg, precision)
+
+
+def test_checks_run_on_nontrivial_biases_and_gains(monkeypatch):
+    def loss(idx, targets, params, cfg, precision="fp32", reduction="mean"):
+        return F.cross_entropy(_biasless_logits(idx, params, cfg, precision), targets, reduction=reduction)
+
+    monkeypatch.setitem(BACKENDS, "biasless", Backend(
+        "biasless", _biasless_logits, loss, lambda *a: _biasless_logits(*a).argmax(-1), PRECISIONS, _always))
+    cases = [Case("tiny", TINY, workload, (64,)) for workload in ("predict", "loss", "train")]
+    rows = harness.run(cases, harness.Options(torch.device("cpu"), ["reference", "biasless"], quick=True),
+                       log=lambda line: None)
+    assert [(r["provider"], r["correct"]) for r in rows] == [("reference", True), ("biasless", False)] * 3
+
+
+def test_the_loss_check_compares_every_row(monkeypatch):
+    """A loss whose mean is right but whose rows are not (here: rows permuted) is incorrect."""
+    def loss(idx, targets, params, cfg, precision="fp32", reduction="mean"):
+        rows = reference.loss(idx, targets, params, cfg, precision, "none").flip(0)
+        return {"none": rows, "sum": rows.sum(), "mean": rows.mean()}[reduction]
+
+    monkeypatch.setitem(BACKENDS, "shuffled", Backend(
+        "shuffled", reference.logits, loss, reference.predict, PRECISIONS, _always))
+    rows = harness.run([Case("tiny", TINY, "loss", (64,))],
+                       harness.Options(torch.device("cpu"), ["reference", "shuffled"], quick=True),
+                       log=lambda line: None)
+    assert [r["correct"] for r in rows] == [True, False]
 
 
 @pytest.mark.parametrize("bad, expected", [
