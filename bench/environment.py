@@ -38,13 +38,21 @@ def _version(package: str) -> str | None:
         return None
 
 
-def git_commit() -> str | None:
-    """HEAD of the repository this file lives in, or None (no git, no commits)."""
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository this file lives in, with "+dirty" when tracked files differ from it (the
+    figures then come from code no commit holds); None without git or commits."""
+    head = _git("rev-parse", "HEAD")
+    if head is None:
+        return None
+    return head + "+dirty" if _git("status", "--porcelain", "--untracked-files=no") else head
 
 
 def describe(device: torch.device) -> dict[str, Any]:

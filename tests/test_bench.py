@@ -362,3 +362,15 @@ def test_profile_step_writes_a_table_and_a_trace(tmp_path, capsys):
         with pytest.raises(SystemExit):
             profile_step.main([*bad, "--out", str(tmp_path / "bad")])
         assert not (tmp_path / "bad").exists()
+
+
+def test_commit_says_when_the_tree_differs_from_it(monkeypatch):
+    from aunn_fast.bench import environment
+
+    answers = {("rev-parse", "HEAD"): "abc123"}
+    monkeypatch.setattr(environment, "_git", lambda *args: answers.get(args[:2], ""))
+    assert environment.git_commit() == "abc123"
+    answers[("status", "--porcelain")] = " M kernels/common.py"
+    assert environment.git_commit() == "abc123+dirty"
+    monkeypatch.setattr(environment, "_git", lambda *args: None)
+    assert environment.git_commit() is None
