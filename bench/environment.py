@@ -48,10 +48,11 @@ def _git(*args: str) -> str | None:
 
 def git_commit() -> str | None:
     """HEAD of the repository this file lives in, with "+dirty" when tracked files differ from it (the
-    figures then come from code no commit holds); None without git or commits."""
+    figures then come from code no commit holds). Where there is no repository (a copy of the working
+    tree, as a lent GPU machine gets), the environment variable AUNN_FAST_COMMIT, else None."""
     head = _git("rev-parse", "HEAD")
     if head is None:
-        return None
+        return os.environ.get("AUNN_FAST_COMMIT")
     return head + "+dirty" if _git("status", "--porcelain", "--untracked-files=no") else head
 
 

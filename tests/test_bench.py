@@ -373,4 +373,7 @@ def test_commit_says_when_the_tree_differs_from_it(monkeypatch):
     answers[("status", "--porcelain")] = " M kernels/common.py"
     assert environment.git_commit() == "abc123+dirty"
     monkeypatch.setattr(environment, "_git", lambda *args: None)
+    monkeypatch.delenv("AUNN_FAST_COMMIT", raising=False)
     assert environment.git_commit() is None
+    monkeypatch.setenv("AUNN_FAST_COMMIT", "def456")  # a tree copied without its repository
+    assert environment.git_commit() == "def456"
