@@ -186,9 +186,7 @@ class TokenArray(FileData):
         self._copy: torch.Tensor | None = None
 
     def fits_on(self, device: torch.device) -> bool:
-        """Whether the ids are to be copied to device: a GPU with room for them, never the CPU."""
-        if device.type != "cuda":
-            return False
+        """Whether the ids are to be copied to the GPU device: whether it has room for them."""
         free, _ = torch.cuda.mem_get_info(device)
         return self.length * smallest_token_dtype(self.vocab_size).itemsize <= DEVICE_COPY_FRACTION * free
 

@@ -129,20 +129,18 @@ def check_steps(prepare: Callable[[AUNN, int, torch.Generator], Any], model: AUN
 
 
 def check(kind: str, model: AUNN, idx: torch.Tensor, targets: torch.Tensor, precision: str) -> CheckResult:
-    """Run a forward check ("logits" or "loss") at the precision's tolerance; in tf32/bf16 an error below
-    PRECISION_EFFECT_FLOOR fails too: such a provider did not compute in the precision it reports."""
+    """Run a forward check ("logits" or "loss") at the precision's tolerance."""
     tolerance = TOLERANCES[precision]
     if kind == "logits":
-        result = check_logits(model, idx, tolerance)
-    elif kind == "loss":
-        result = check_loss(model, idx, targets, tolerance)
-    else:
-        raise ValueError(f"unknown check {kind!r}")
-    return honours(result, precision)
+        return check_logits(model, idx, tolerance)
+    if kind == "loss":
+        return check_loss(model, idx, targets, tolerance)
+    raise ValueError(f"unknown check {kind!r}")
 
 
 def honours(result: CheckResult, precision: str) -> CheckResult:
-    """``result``, failed where a reduced precision left no trace (error below its floor)."""
+    """``result``, failed where a reduced precision left no trace (an error below PRECISION_EFFECT_FLOOR):
+    such a provider did not compute in the precision it reports."""
     if result.max_rel_err < PRECISION_EFFECT_FLOOR.get(precision, 0.0):
         return replace(result, correct=False)
     return result

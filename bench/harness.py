@@ -121,12 +121,12 @@ def measure(row: Row, case: Case, base: AUNN, options: Options) -> None:
     generator = torch.Generator(device=device).manual_seed(options.seed + batch)  # same inputs for every provider
     prepared = workload.prepare(_configured(base, provider, precision), batch, generator)
     row["first_call_s"] = timing.wall_s(prepared.step, device)
+    model = _configured(base, provider, precision)
     if workload.check == "steps":
-        result = checks.honours(checks.check_steps(workload.prepare, _configured(base, provider, precision), batch,
-                                                   options.seed + batch, checks.TOLERANCES[precision]), precision)
+        result = checks.check_steps(workload.prepare, model, batch, options.seed + batch, checks.TOLERANCES[precision])
     else:
-        result = checks.check(workload.check, _configured(base, provider, precision),
-                              prepared.idx, prepared.targets, precision)
+        result = checks.check(workload.check, model, prepared.idx, prepared.targets, precision)
+    result = checks.honours(result, precision)
     row.update(correct=result.correct, max_rel_err=result.max_rel_err, argmax_agreement=result.argmax_agreement)
     if not result.correct:
         return

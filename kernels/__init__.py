@@ -50,7 +50,7 @@ def check_switches() -> None:
     it sets) holds an unknown value. The kernels check them at their first call; the trainer and the CLI
     call this first, so that a bad value stops a run before anything is written."""
     from . import common, mlp_backward
-    common.fast_sigmoid("fp32")
+    common.sigmoid_method()
     mlp_backward.weight_grad_method()
 
 

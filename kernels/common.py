@@ -92,12 +92,17 @@ SIGMOID_CHOICES = ("exact", "tanh")
 SIGMOID = os.environ.get("AUNN_FAST_SIGMOID", "exact")
 
 
-def fast_sigmoid(precision: str) -> bool:
-    """The FAST_SIGMOID constexpr of every kernel for this precision, from SIGMOID."""
+def sigmoid_method() -> str:
+    """SIGMOID, checked: a ValueError naming the switch for an unknown value."""
     if SIGMOID not in SIGMOID_CHOICES:
         raise ValueError(f"unknown sigmoid {SIGMOID!r} (AUNN_FAST_SIGMOID / common.SIGMOID); "
                          f"choose one of {', '.join(SIGMOID_CHOICES)}")
-    return SIGMOID == "tanh" and precision == "bf16" and os.environ.get("TRITON_INTERPRET") != "1"
+    return SIGMOID
+
+
+def fast_sigmoid(precision: str) -> bool:
+    """The FAST_SIGMOID constexpr of every kernel for this precision, from SIGMOID."""
+    return sigmoid_method() == "tanh" and precision == "bf16" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 # Output tiles narrower than this crashed a Triton 3.6 kernel on an H100 (anchors.md),
