@@ -43,6 +43,11 @@ from .options import counts, out_dir
 from .timing import QUICK, median_ms
 
 CHECK_ROWS = 65536
+# At the timed batch each candidate's output is compared with the step's first (default) candidate's
+# (the first that passed):
+# gradients within the precision's tolerance, predictions agreeing on this share of rows (near ties may
+# legitimately go the other way, e.g. with the tanh sigmoid; a fault past the checked rows would not).
+FULL_BATCH_AGREEMENT = 0.99
 
 
 @dataclass(frozen=True)
@@ -179,11 +184,22 @@ def predict_error(cfg, params, idx, targets, precision: str) -> float:
         return _rel_err(logits, reference.logits(idx, params, cfg, "fp32"))
 
 
-WORKLOADS: dict[str, tuple[Callable[..., float], Callable[..., object]]] = {
+def predictions_differ(got: torch.Tensor, want: torch.Tensor, precision: str) -> bool:
+    """Whether two candidates' predictions (int64 [N]) agree on fewer than FULL_BATCH_AGREEMENT of the rows."""
+    return float((got == want).float().mean()) < FULL_BATCH_AGREEMENT
+
+
+def gradients_differ(got: list[torch.Tensor], want: list[torch.Tensor], precision: str) -> bool:
+    """Whether two candidates' gradients differ by more than the precision's tolerance."""
+    return max(_rel_err(g, w) for g, w in zip(got, want)) > TOLERANCES[precision]
+
+
+# workload: (its error against the reference at CHECK_ROWS, the timed call, whether two calls' outputs differ)
+WORKLOADS: dict[str, tuple[Callable[..., float], Callable[..., Any], Callable[..., bool]]] = {
     "predict": (predict_error, lambda cfg, params, idx, targets, precision:
-                kernels.predict(idx, params, cfg, precision)),
+                kernels.predict(idx, params, cfg, precision), predictions_differ),
     "train": (train_error, lambda cfg, params, idx, targets, precision:
-              loss_grads(kernels.loss, idx, targets, params, cfg, precision)),
+              loss_grads(kernels.loss, idx, targets, params, cfg, precision), gradients_differ),
 }
 
 
@@ -192,9 +208,10 @@ def run(plan: list[Step], device: torch.device,
     """Check, then time, every variant of every step; on_row(rows) after each."""
     rows: list[dict[str, Any]] = []
     for s in plan:
-        error_fn, call = WORKLOADS[s.workload]
+        error_fn, call, differ = WORKLOADS[s.workload]
         cfg, params, idx, targets = make_inputs(s.hidden, s.batch, device, vocab=s.vocab)
         check_n = min(s.batch, CHECK_ROWS)
+        baseline = None  # (label, full-batch output) of the step's first candidate that passed its check
         for variant in s.variants:
             row = {"workload": s.workload, "shape": s.shape, "hidden": s.hidden, "vocab": s.vocab, "batch": s.batch,
                    "precision": s.precision, "variant": variant.label, "max_rel_err": None, "correct": None,
@@ -204,6 +221,14 @@ def run(plan: list[Step], device: torch.device,
                 with variant.applied():
                     row["max_rel_err"] = error_fn(cfg, params, idx[:check_n], targets[:check_n], s.precision)
                     row["correct"] = row["max_rel_err"] <= TOLERANCES[s.precision]
+                    if row["correct"] and s.batch > check_n:  # and at the timed batch, beside the default
+                        output = call(cfg, params, idx, targets, s.precision)
+                        if baseline is None:
+                            baseline = (variant.label, output)
+                        elif differ(output, baseline[1], s.precision):
+                            row["correct"] = False
+                            row["error"] = f"differs from {baseline[0]} at batch {s.batch}"
+                        output = None
                     if row["correct"]:
                         row["ms"] = median_ms(lambda: call(cfg, params, idx, targets, s.precision), device, QUICK)
                         row["m_idx_per_s"] = s.batch / row["ms"] / 1e3
@@ -225,7 +250,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}. "
              "predict = forward + argmax; train = forward + loss + backward (no optimizer). "
              f"Median ms; each candidate checked against the fp32 reference at min(batch, {CHECK_ROWS}) rows "
-             "first (predict: logits, train: gradients).", "",
+             "first (predict: logits, train: gradients), and at a larger timed batch against the step's first "
+             f"candidate (gradients within the tolerance, predictions on {FULL_BATCH_AGREEMENT:.0%} of rows).", "",
              "| workload | shape | H | batch | precision | variant | max rel err | ms | M idx/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

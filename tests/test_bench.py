@@ -184,6 +184,29 @@ def test_kernel_variants_check_then_time_and_report_failures():
     assert "| train | tiny | 16 | 37 | fp32 | bogus | — | ERROR |" in table
 
 
+def test_kernel_variants_compare_candidates_at_the_timed_batch(monkeypatch):
+    """Past the rows checked against the reference, a candidate must still agree with the default: here one
+    whose gradients double once the batch exceeds the checked rows."""
+    from aunn_fast.bench import kernel_variants as kv
+    from aunn_fast.kernels import common
+
+    error_fn, call, differ = kv.WORKLOADS["train"]
+
+    def doubling_past_the_check(cfg, params, idx, targets, precision):
+        grads = call(cfg, params, idx, targets, precision)
+        broken = common.TILE_OVERRIDES and idx.numel() > kv.CHECK_ROWS
+        return [2 * g for g in grads] if broken else grads
+
+    monkeypatch.setitem(kv.WORKLOADS, "train", (error_fn, doubling_past_the_check, differ))
+    monkeypatch.setattr(kv, "CHECK_ROWS", 16)
+    plan = [kv.Step("train", "tiny", 16, 40, "fp32", [kv.Variant("default"),
+                                                       kv.Variant("2 warps", tiles=(("num_warps", 2),))])]
+    rows = kv.run(plan, torch.device("cpu"), log=lambda *_: None)
+    assert rows[0]["correct"] and rows[0]["ms"] > 0
+    assert rows[1]["correct"] is False and rows[1]["error"] == "differs from default at batch 40"
+    assert rows[1]["ms"] is None
+
+
 def test_kernel_variants_plan_skips_the_default_backward_tiles():
     """A backward row-block candidate equal to the width's default would time the default twice."""
     pytest.importorskip("triton")
