@@ -6,13 +6,16 @@ restored from the checkpoint, a resumed CPU run reproduces the same losses.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -161,7 +164,8 @@ def accuracy(model: AUNN, idx: torch.Tensor, targets: torch.Tensor) -> float:
 
 def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | None = None,
           resume: bool = False, progress: bool = True) -> list[dict[str, float]]:
-    """Train ``model`` on ``data``; returns the logged rows. Ctrl-C saves a checkpoint and re-raises.
+    """Train ``model`` on ``data``; returns the logged rows. Ctrl-C lets the step under way finish, then saves
+    a checkpoint and raises KeyboardInterrupt (a second Ctrl-C interrupts at once).
 
     With ``run_dir``, writes ``log.csv`` and ``model.safetensors`` there (every ``save_every``
     steps and at the end, atomically). ``resume`` continues from that checkpoint.
@@ -191,50 +195,74 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
         else:
             (run_path / LOG_NAME).unlink(missing_ok=True)
 
-    graphed = None
-    if cfg.cuda_graph and model.device.type == "cuda":
-        graphed = GraphedTrainStep(model, optimizer, min(cfg.batch_size, data.length))
-
-    step = start
-    began, seen = time.perf_counter(), 0
-    bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
-    try:
-        while step < total:
-            idx = sampler.indices(step)
-            targets = data.targets(idx)
-            if graphed is not None and idx.numel() == graphed.batch_size:
-                loss = graphed(idx, targets)
-            else:
-                # a captured graph keeps using the gradient tensors it was captured with: zero, not free
-                optimizer.zero_grad(set_to_none=graphed is None)
-                loss = model.loss(idx, targets)
-                loss.backward()
-                optimizer.step()
-            step += 1
-            seen += idx.numel()
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                elapsed = time.perf_counter() - began
-                row = {"step": step, "epoch": step / sampler.steps_per_epoch, "loss": loss.item(),
-                       "accuracy": accuracy(model, idx, targets), "indices_per_s": seen / max(elapsed, 1e-9),
-                       "elapsed_s": elapsed}
-                rows.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
-                                idx_s=f"{row['indices_per_s']:.3g}")
-                if run_path is not None:
-                    _write_log(run_path / LOG_NAME, [row], append=True)
-            if run_path is not None and step % cfg.save_every == 0:
+    with _ctrl_c_between_steps() as pressed:
+        graphed = None
+        if cfg.cuda_graph and model.device.type == "cuda":
+            graphed = GraphedTrainStep(model, optimizer, min(cfg.batch_size, data.length))
+        step = start
+        began, seen = time.perf_counter(), 0
+        bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+        try:
+            while step < total:
+                if pressed():
+                    raise KeyboardInterrupt
+                idx = sampler.indices(step)
+                targets = data.targets(idx)
+                if graphed is not None and idx.numel() == graphed.batch_size:
+                    loss = graphed(idx, targets)
+                else:
+                    # a captured graph keeps using the gradient tensors it was captured with: zero, not free
+                    optimizer.zero_grad(set_to_none=graphed is None)
+                    loss = model.loss(idx, targets)
+                    loss.backward()
+                    optimizer.step()
+                step += 1
+                seen += idx.numel()
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total:
+                    elapsed = time.perf_counter() - began
+                    row = {"step": step, "epoch": step / sampler.steps_per_epoch, "loss": loss.item(),
+                           "accuracy": accuracy(model, idx, targets), "indices_per_s": seen / max(elapsed, 1e-9),
+                           "elapsed_s": elapsed}
+                    rows.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
+                                    idx_s=f"{row['indices_per_s']:.3g}")
+                    if run_path is not None:
+                        _write_log(run_path / LOG_NAME, [row], append=True)
+                if run_path is not None and step % cfg.save_every == 0:
+                    save_run(run_path, model, optimizer, step, cfg)
+        except KeyboardInterrupt:
+            if run_path is not None:
                 save_run(run_path, model, optimizer, step, cfg)
-    except KeyboardInterrupt:
+                bar.write(f"interrupted at step {step}; checkpoint saved to {run_path / CHECKPOINT_NAME}")
+            raise
+        finally:
+            bar.close()
         if run_path is not None:
             save_run(run_path, model, optimizer, step, cfg)
-            bar.write(f"interrupted at step {step}; checkpoint saved to {run_path / CHECKPOINT_NAME}")
-        raise
-    finally:
-        bar.close()
-    if run_path is not None:
-        save_run(run_path, model, optimizer, step, cfg)
     return rows
+
+
+@contextlib.contextmanager
+def _ctrl_c_between_steps() -> Iterator[Callable[[], bool]]:
+    """A first Ctrl-C (SIGINT) is noted, not raised, so that the step under way completes (weights, optimizer
+    state, step count and log row stay consistent) and training stops after it; a second one raises at once.
+    Yields whether Ctrl-C was pressed. Outside the main thread, where Python delivers no signals, a no-op."""
+    pressed: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def note(signum: int, frame: object) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _write_log(path: Path, rows: list[dict[str, float]], append: bool = False) -> None:
