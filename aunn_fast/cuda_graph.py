@@ -49,32 +49,36 @@ class GraphedTrainStep:
                        for p, s in self.optimizer.state.items()}
         validate, self.model.validate = self.model.validate, False
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    self.optimizer.zero_grad(set_to_none=False)
-                    self._one_step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.optimizer.zero_grad(set_to_none=False)
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.device(self.model.device):  # streams and capture on the model's GPU, not the current one
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_STEPS):
+                        self.optimizer.zero_grad(set_to_none=False)
+                        self._one_step()
+                torch.cuda.current_stream().wait_stream(side)
                 self.optimizer.zero_grad(set_to_none=False)
-                loss = self._one_step()
-        finally:
+                with torch.cuda.graph(self.graph, stream=torch.cuda.Stream()):
+                    self.optimizer.zero_grad(set_to_none=False)
+                    return self._one_step()
+        finally:  # also after a failed or interrupted capture: the warm-up steps must not stay applied
             self.model.validate = validate
-        with torch.no_grad():
-            for p, saved in zip(self.model.parameters(), saved_params):
-                p.copy_(saved)
-            for p, state in self.optimizer.state.items():
-                before = saved_state.get(p, {})
-                for key, value in state.items():
-                    if not torch.is_tensor(value):
-                        continue
-                    if key in before:
-                        value.copy_(before[key])
-                    else:  # state the warm-up created: zero is "no step taken yet"
-                        value.zero_()
-        return loss
+            self._restore(saved_params, saved_state)
+
+    @torch.no_grad()
+    def _restore(self, saved_params: list[torch.Tensor], saved_state: dict) -> None:
+        """Put back the parameters and optimizer state from before the warm-up."""
+        for p, saved in zip(self.model.parameters(), saved_params):
+            p.copy_(saved)
+        for p, state in self.optimizer.state.items():
+            before = saved_state.get(p, {})
+            for key, value in state.items():
+                if not torch.is_tensor(value):
+                    continue
+                if key in before:
+                    value.copy_(before[key])
+                else:  # state the warm-up created: zero is "no step taken yet"
+                    value.zero_()
 
     def __call__(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if idx.shape != (self.batch_size,) or targets.shape != (self.batch_size,):
