@@ -26,10 +26,20 @@ def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator 
     return flat.reshape(logits.shape[:-1]).to(logits.device)
 
 
-def span(start: int, length: int, device: torch.device) -> torch.Tensor:
-    """int64 [length] indices start .. start+length-1 (an addition: arange's end may not be 2**63)."""
+INT64_MAX = 2**63 - 1
+
+
+def check_span(start: int, length: int) -> None:
+    """ValueError unless indices start .. start+length-1 are int64 indices (0 .. 2^63-1) and length >= 0."""
     if length < 0:
         raise ValueError(f"length must be >= 0, got {length}")
+    if start < 0 or start + max(length, 1) - 1 > INT64_MAX:
+        raise ValueError(f"indices {start}..{start + max(length, 1) - 1} are not all in 0..2^63-1")
+
+
+def span(start: int, length: int, device: torch.device) -> torch.Tensor:
+    """int64 [length] indices start .. start+length-1 (an addition: arange's end may not be 2**63)."""
+    check_span(start, length)
     return start + torch.arange(length, device=device, dtype=torch.int64)
 
 
@@ -76,8 +86,13 @@ def generate_by_backprop(model: AUNN, start: int, length: int, temperature: floa
                          generator: torch.Generator | None = None) -> torch.Tensor:
     """Gwern's sampling scheme: predict index i, train a copy on (i, prediction) as data, move to i+1.
 
-    Returns int64 [length]; the model passed in is untouched.
+    Returns int64 [length]; the model passed in is untouched. One optimizer (fresh here) trains the copy
+    through every position.
     """
+    check_span(start, length)
+    if start + max(length, 1) - 1 > model.cfg.max_index:  # before any training step, not at the position past it
+        raise ValueError(f"indices {start}..{start + max(length, 1) - 1} go past the model's largest index "
+                         f"{model.cfg.max_index} (bits={model.cfg.bits})")
     tuned = copy.deepcopy(model)
     opt = make_optimizer(tuned, optimizer, lr)
     out = torch.empty(length, dtype=torch.int64)

@@ -119,3 +119,50 @@ def test_ctrl_c_mid_step_finishes_the_step_and_resumes_exactly(tmp_path):
     assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
     full, part = AUNN.load(tmp_path / "full" / CHECKPOINT_NAME), AUNN.load(tmp_path / "part" / CHECKPOINT_NAME)
     assert all(torch.equal(a, b) for a, b in zip(full.params, part.params))
+
+
+def test_resume_after_a_crash_cuts_the_log_and_loads_the_checkpoints_weights(tmp_path):
+    """A crash (not Ctrl-C: nothing saved) after the step-4 checkpoint leaves log rows 5-6 behind; resuming
+    into a model with other weights must load the checkpoint's and rewrite the log from step 4 on."""
+    data = ToyData(chunks=40)
+    cfg = TrainConfig(batch_size=32, steps=10, lr=3e-3, log_every=1, save_every=4)
+    train(_model(), data, cfg, tmp_path / "full", progress=False)
+
+    class Crashing(ToyData):
+        calls = 0
+
+        def targets(self, idx):
+            self.calls += 1
+            if self.calls == 7:
+                raise RuntimeError("simulated crash")
+            return super().targets(idx)
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(_model(), Crashing(chunks=40), cfg, tmp_path / "part", progress=False)
+    assert [step for step, _ in _losses(tmp_path / "part")] == [1, 2, 3, 4, 5, 6]
+    assert load_run(tmp_path / "part")[1]["step"] == 4
+    train(_model(seed=99), data, cfg, tmp_path / "part", resume=True, progress=False)
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+    full, part = AUNN.load(tmp_path / "full" / CHECKPOINT_NAME), AUNN.load(tmp_path / "part" / CHECKPOINT_NAME)
+    assert all(torch.equal(a, b) for a, b in zip(full.params, part.params))
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    """atomic_write: the file is written beside and renamed over; a write that fails midway leaves the old
+    checkpoint whole and no temporary file."""
+    import aunn_fast.checkpoint as checkpoint
+
+    path = tmp_path / CHECKPOINT_NAME
+    model = _model()
+    model.save(path)
+    old = path.read_bytes()
+
+    def half_then_fail(self, data):
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(checkpoint.Path, "write_bytes", half_then_fail)
+    with pytest.raises(OSError, match="simulated"):
+        _model(seed=5).save(path)
+    assert path.read_bytes() == old and not list(tmp_path.glob(".*.tmp"))
