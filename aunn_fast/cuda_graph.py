@@ -33,9 +33,15 @@ class GraphedTrainStep:
         self.idx = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
         self.targets = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
         self.graph = torch.cuda.CUDAGraph()
+        self.captured_with = self._settings()
         self.loss = self._capture()
         # the graph reads and writes these very tensors: hold them even if a caller sets .grad to None
         self.grads = [p.grad for p in model.parameters()]
+
+    def _settings(self) -> tuple:
+        """What the captured kernels were chosen by: backend, precision, and each group's (float) lr."""
+        rates = tuple(g["lr"] for g in self.optimizer.param_groups if not torch.is_tensor(g["lr"]))
+        return self.model.backend, self.model.precision, rates
 
     def _one_step(self) -> torch.Tensor:
         loss = self.model.loss(self.idx, self.targets)
@@ -83,6 +89,11 @@ class GraphedTrainStep:
     def __call__(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if idx.shape != (self.batch_size,) or targets.shape != (self.batch_size,):
             raise ValueError(f"a graphed step takes exactly {self.batch_size} indices and targets")
+        if idx.dtype != torch.int64 or targets.dtype != torch.int64:
+            raise TypeError(f"a graphed step takes int64 indices and targets, got {idx.dtype} and {targets.dtype}")
+        if self._settings() != self.captured_with:  # the replay would silently run the old choices
+            raise RuntimeError(f"captured with (backend, precision, lr) = {self.captured_with}, now "
+                               f"{self._settings()}: capture a new GraphedTrainStep")
         self.idx.copy_(idx)
         self.targets.copy_(targets)
         self.graph.replay()

@@ -46,6 +46,25 @@ def test_graph_rejects_wrong_batch_size():
         graphed(torch.zeros(63, dtype=torch.int64, device="cuda"), torch.zeros(63, dtype=torch.int64, device="cuda"))
 
 
+def test_graph_refuses_what_it_would_silently_ignore():
+    """Inputs of another dtype, and a backend, precision or learning rate changed after capture."""
+    model = AUNN(AUNNConfig(hidden=32, layers=3), backend="reference", precision="fp32").cuda()
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
+    graphed = GraphedTrainStep(model, optimizer, 64)
+    ids = torch.zeros(64, dtype=torch.int64, device="cuda")
+    with pytest.raises(TypeError, match="int64"):
+        graphed(ids.float(), ids)
+    graphed(ids, ids)
+    for change, undo in ((lambda: setattr(model, "precision", "bf16"), lambda: setattr(model, "precision", "fp32")),
+                         (lambda: optimizer.param_groups[0].update(lr=1e-2),
+                          lambda: optimizer.param_groups[0].update(lr=1e-3))):
+        change()
+        with pytest.raises(RuntimeError, match="capture a new GraphedTrainStep"):
+            graphed(ids, ids)
+        undo()
+        graphed(ids, ids)
+
+
 def test_graph_keeps_its_gradient_buffers():
     """A caller freeing the gradients (zero_grad(set_to_none=True)) and emptying the cache does not
     change what a replay computes: the graph holds the tensors it was captured with."""
