@@ -19,7 +19,7 @@ from .evaluate import evaluate
 from .inference import CONDITION_OPTIMIZERS, condition, generate, generate_by_backprop
 from .model import AUNN
 from .report import write_report
-from .train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, read_log, load_run, train
+from .train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, check_data_fits, read_log, load_run, train
 from .validation import check_device
 
 
@@ -218,16 +218,13 @@ def _open_run(args: argparse.Namespace, needs_data: bool = False) -> AUNN:
     return model
 
 
-def _first_index(args: argparse.Namespace, model: AUNN, value: str | int, length: int) -> int:
+def _first_index(model: AUNN, value: str | int, length: int) -> int:
     """Index ``value`` (END: the first after the data), checking that ``length`` indices from it fit the model."""
     if value == "END":
         if not model.data_description:
             _fail("the checkpoint does not say which data it was trained on; pass an index, not END")
         value = int(model.data_description["length"])
-    last = value + max(length, 1) - 1
-    if last > model.cfg.max_index:
-        _fail(f"indices {value}..{last} go past the model's largest index "
-                    f"{model.cfg.max_index} (bits={model.cfg.bits})")
+    model.cfg.check_span(int(value), length)
     return int(value)
 
 
@@ -261,9 +258,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         shape = {name: default if getattr(args, name) is None else getattr(args, name)
                  for name, default in ARCHITECTURE.items()}
         cfg = AUNNConfig(vocab_size=data.vocab_size, **shape)
-        if data.length - 1 > cfg.max_index:
-            _fail(f"the data's {data.length} indices do not fit in bits={cfg.bits} "
-                  f"(largest valid index {cfg.max_index})")
+        check_data_fits(data, cfg)
         seed = args.seed if args.seed is not None else 0
         model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=seed).to(args.device)
     overrides = {name: getattr(args, name) for name in ("batch_size", "epochs", "steps", "lr", "weight_decay",
@@ -324,7 +319,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     model = _open_run(args)
-    start = _first_index(args, model, args.start, args.length)
+    start = _first_index(model, args.start, args.length)
     generator = torch.Generator().manual_seed(args.seed)
     if args.by_backprop:
         tokens = generate_by_backprop(model, start, args.length, args.temperature, args.steps, args.lr,
@@ -345,7 +340,7 @@ def cmd_condition(args: argparse.Namespace) -> int:
         _fail(str(exc))
     if prompt.numel() == 0:
         _fail("--prompt is empty: give at least one token")
-    at = _first_index(args, model, args.at, prompt.numel() + args.show)
+    at = _first_index(model, args.at, prompt.numel() + args.show)
     after_prompt = at + prompt.numel()
     tuned = condition(model, prompt, at, steps=args.steps, lr=args.lr, optimizer=args.optimizer)
     span = prompt.numel() + args.show

@@ -71,6 +71,16 @@ class AUNNConfig:
         """Largest valid index: 2**bits - 1, capped by the int64 range."""
         return min(2**self.bits, 2**63) - 1
 
+    def check_span(self, start: int, length: int) -> None:
+        """ValueError unless the indices start .. start+length-1 (start itself when length is 0) are valid
+        indices of this model, 0 .. max_index; also for length < 0."""
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
+        last = start + max(length, 1) - 1
+        if start < 0 or last > self.max_index:
+            raise ValueError(f"indices {start}..{last} go past the model's largest index {self.max_index} "
+                             f"(bits={self.bits})")
+
     def to_json(self) -> str:
         """The config as a JSON object with sorted keys (read back by :meth:`from_json`)."""
         return json.dumps(asdict(self), sort_keys=True)

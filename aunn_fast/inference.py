@@ -26,28 +26,18 @@ def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator 
     return flat.reshape(logits.shape[:-1]).to(logits.device)
 
 
-INT64_MAX = 2**63 - 1
-
-
-def check_span(start: int, length: int) -> None:
-    """ValueError unless indices start .. start+length-1 are int64 indices (0 .. 2^63-1) and length >= 0."""
-    if length < 0:
-        raise ValueError(f"length must be >= 0, got {length}")
-    if start < 0 or start + max(length, 1) - 1 > INT64_MAX:
-        raise ValueError(f"indices {start}..{start + max(length, 1) - 1} are not all in 0..2^63-1")
-
-
-def span(start: int, length: int, device: torch.device) -> torch.Tensor:
-    """int64 [length] indices start .. start+length-1 (an addition: arange's end may not be 2**63)."""
-    check_span(start, length)
-    return start + torch.arange(length, device=device, dtype=torch.int64)
+def span(model: AUNN, start: int, length: int) -> torch.Tensor:
+    """int64 [length] indices start .. start+length-1 on the model's device, checked to be its indices
+    (an addition, as arange's end may not be 2**63)."""
+    model.cfg.check_span(start, length)
+    return start + torch.arange(length, device=model.device, dtype=torch.int64)
 
 
 @torch.no_grad()
 def generate(model: AUNN, start: int, length: int, temperature: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Tokens at indices start .. start+length-1: int64 [length]."""
-    idx = span(start, length, model.device)
+    idx = span(model, start, length)
     if temperature == 0:
         return model.predict(idx)
     return sample(model(idx), temperature, generator)
@@ -72,7 +62,7 @@ def condition(model: AUNN, prompt: torch.Tensor, at: int, steps: int = 1, lr: fl
         raise ValueError(f"steps must be >= 0, got {steps}")
     tuned = copy.deepcopy(model)
     prompt = prompt.to(tuned.device, torch.int64)
-    idx = span(at, prompt.numel(), tuned.device)
+    idx = span(tuned, at, prompt.numel())
     opt = make_optimizer(tuned, optimizer, lr)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -89,10 +79,7 @@ def generate_by_backprop(model: AUNN, start: int, length: int, temperature: floa
     Returns int64 [length]; the model passed in is untouched. One optimizer (fresh here) trains the copy
     through every position.
     """
-    check_span(start, length)
-    if start + max(length, 1) - 1 > model.cfg.max_index:  # before any training step, not at the position past it
-        raise ValueError(f"indices {start}..{start + max(length, 1) - 1} go past the model's largest index "
-                         f"{model.cfg.max_index} (bits={model.cfg.bits})")
+    model.cfg.check_span(start, length)  # before any training step, not at the position past the range
     tuned = copy.deepcopy(model)
     opt = make_optimizer(tuned, optimizer, lr)
     out = torch.empty(length, dtype=torch.int64)

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint
+from .config import AUNNConfig
 from .cuda_graph import GraphedTrainStep
 from .data import Dataset
 from .model import AUNN
@@ -162,6 +163,13 @@ def accuracy(model: AUNN, idx: torch.Tensor, targets: torch.Tensor) -> float:
     return (model.predict(idx) == targets).float().mean().item() if idx.numel() else float("nan")
 
 
+def check_data_fits(data: Dataset, cfg: AUNNConfig) -> None:
+    """ValueError unless the data's indices 0 .. length-1 are all indices of a model with this config."""
+    if data.length - 1 > cfg.max_index:
+        raise ValueError(f"the data's {data.length} indices do not fit in bits={cfg.bits} "
+                         f"(largest valid index {cfg.max_index})")
+
+
 def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | None = None,
           resume: bool = False, progress: bool = True) -> list[dict[str, float]]:
     """Train ``model`` on ``data``; returns the logged rows. Ctrl-C lets the step under way finish, then saves
@@ -171,9 +179,7 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
     steps and at the end, atomically). ``resume`` continues from that checkpoint.
     """
     run_path = Path(run_dir) if run_dir is not None else None
-    if data.length - 1 > model.cfg.max_index:  # checked, like the backend's settings, before anything is written
-        raise ValueError(f"the data's {data.length} indices do not fit in bits={model.cfg.bits} "
-                         f"(largest valid index {model.cfg.max_index})")
+    check_data_fits(data, model.cfg)  # checked, like the backend's settings, before anything is written
     model.active_backend().check_settings()
     model.vocab, model.data_description = data.vocab, data.describe()
     optimizer = make_optimizer(model, cfg)
