@@ -35,18 +35,18 @@ from typing import Any, Callable, Iterator
 import torch
 
 from aunn_fast import AUNNConfig, AUNNParams, kernels, reference
-from aunn_fast.params import init_params
 
 from .checks import TOLERANCES
 from .environment import describe
+from .harness import nontrivial_model
 from .options import counts, out_dir
 from .timing import QUICK, median_ms
 
 CHECK_ROWS = 65536
-# At the timed batch each candidate's output is compared with the step's first (default) candidate's
-# (the first that passed):
-# gradients within the precision's tolerance, predictions agreeing on this share of rows (near ties may
-# legitimately go the other way, e.g. with the tanh sigmoid; a fault past the checked rows would not).
+# At the timed batch each candidate's output is compared with that of the step's first candidate that
+# passed its check (the default, normally): gradients within the precision's tolerance, predictions agreeing
+# on this share of rows (near ties may legitimately go the other way, e.g. with the tanh sigmoid; a fault
+# past the checked rows would not).
 FULL_BATCH_AGREEMENT = 0.99
 
 
@@ -148,9 +148,8 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
 def make_inputs(hidden: int, batch: int, device: torch.device, layers: int = 8, vocab: int = 4):
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
     g = torch.Generator().manual_seed(0)
-    # biases and gains away from their zero / one init, so that every gradient is exercised
-    params = AUNNParams(*[(t if name.endswith("weight") else t + 0.1 * torch.randn(t.shape, generator=g)).to(device)
-                          for name, t in zip(AUNNParams._fields, init_params(cfg, g))])
+    # biases and gains away from their zero / one init, as the benchmark's, so that every gradient is exercised
+    params = AUNNParams(*[t.detach().to(device) for t in nontrivial_model(cfg, seed=0).params])
     idx = torch.randint(0, 2**63 - 1, (batch,), generator=g, dtype=torch.int64).to(device)
     targets = torch.randint(0, cfg.vocab_size, (batch,), generator=g).to(device)
     return cfg, params, idx, targets
