@@ -36,10 +36,32 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         write(tmp)
+        _fsync(tmp)  # the data on disk before the rename, so a crash leaves the old file or the new, whole
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's writes to the disk; for a directory (its entries, the rename) only where the OS can."""
+    if not path.is_dir():
+        fd = os.open(path, os.O_RDONLY)
+    elif hasattr(os, "O_DIRECTORY"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+    else:  # Windows opens no directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():  # some file systems refuse to sync a directory; the file itself must be synced
+            raise
+    finally:
+        os.close(fd)
 
 
 def save(path: str | os.PathLike[str], model: "AUNN", extra: dict[str, torch.Tensor] | None = None,

@@ -166,3 +166,27 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file(tmp_path, monkeypatc
     with pytest.raises(OSError, match="simulated"):
         _model(seed=5).save(path)
     assert path.read_bytes() == old and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names open files through Linux's /proc")
+def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_previous_one(tmp_path, monkeypatch):
+    """atomic_write syncs the new file before the rename (a crash then leaves the old file or the whole new
+    one, never a renamed empty file) and the directory after it (so the rename itself survives)."""
+    import aunn_fast.checkpoint as checkpoint
+
+    events = []
+    real_fsync, real_replace = checkpoint.os.fsync, checkpoint.os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    _model().save(tmp_path / CHECKPOINT_NAME)
+    (_, synced_file), (_, renamed), (_, synced_dir) = events
+    assert synced_file == renamed and renamed.endswith(".tmp") and synced_dir == str(tmp_path)
