@@ -125,11 +125,13 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
 
 
-def save_run(run_dir: Path, model: AUNN, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+def save_run(run_dir: Path, model: AUNN, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
+             elapsed_s: float) -> None:
+    """Checkpoint a run: the model, the optimizer state, the step reached and the training time so far."""
     tensors, groups = optimizer_tensors(optimizer)
     model.save(run_dir / CHECKPOINT_NAME, extra=tensors, extra_metadata={
         "optimizer_groups": groups,
-        "train_state": json.dumps({"step": step, "train_config": asdict(cfg)}),
+        "train_state": json.dumps({"step": step, "elapsed_s": elapsed_s, "train_config": asdict(cfg)}),
     })
 
 
@@ -183,14 +185,14 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
     model.active_backend().check_settings()
     model.vocab, model.data_description = data.vocab, data.describe()
     optimizer = make_optimizer(model, cfg)
-    start = 0
+    start, elapsed_before = 0, 0.0
     if resume:
         if run_path is None:
             raise ValueError("resume needs a run directory")
         saved, state, extra, metadata = load_run(run_path, model.device)
         model.load_params(saved.params._asdict())
         restore_optimizer(optimizer, extra, metadata["optimizer_groups"])
-        start = int(state["step"])
+        start, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
     total = cfg.total_steps(data.length)
     sampler = BatchSampler(data.length, cfg.batch_size, cfg.seed, model.device)
     rows = read_log(run_path / LOG_NAME, start) if run_path else []
@@ -207,6 +209,10 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
             graphed = GraphedTrainStep(model, optimizer, min(cfg.batch_size, data.length))
         step = start
         began, seen = time.perf_counter(), 0
+
+        def elapsed() -> float:
+            return elapsed_before + time.perf_counter() - began
+
         bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
         try:
             while step < total:
@@ -226,26 +232,26 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
                 seen += idx.numel()
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == total:
-                    elapsed = time.perf_counter() - began
+                    now = elapsed()
                     row = {"step": step, "epoch": step / sampler.steps_per_epoch, "loss": loss.item(),
-                           "accuracy": accuracy(model, idx, targets), "indices_per_s": seen / max(elapsed, 1e-9),
-                           "elapsed_s": elapsed}
+                           "accuracy": accuracy(model, idx, targets),
+                           "indices_per_s": seen / max(now - elapsed_before, 1e-9), "elapsed_s": now}
                     rows.append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
                                     idx_s=f"{row['indices_per_s']:.3g}")
                     if run_path is not None:
                         _write_log(run_path / LOG_NAME, [row], append=True)
                 if run_path is not None and step % cfg.save_every == 0:
-                    save_run(run_path, model, optimizer, step, cfg)
+                    save_run(run_path, model, optimizer, step, cfg, elapsed())
         except KeyboardInterrupt:
             if run_path is not None:
-                save_run(run_path, model, optimizer, step, cfg)
+                save_run(run_path, model, optimizer, step, cfg, elapsed())
                 bar.write(f"interrupted at step {step}; checkpoint saved to {run_path / CHECKPOINT_NAME}")
             raise
         finally:
             bar.close()
         if run_path is not None:
-            save_run(run_path, model, optimizer, step, cfg)
+            save_run(run_path, model, optimizer, step, cfg, elapsed())
     return rows
 
 

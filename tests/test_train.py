@@ -2,6 +2,7 @@
 import csv
 import os
 import signal
+import types
 
 import pytest
 import torch
@@ -41,6 +42,22 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
     assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
     full, part = AUNN.load(tmp_path / "full" / CHECKPOINT_NAME), AUNN.load(tmp_path / "part" / CHECKPOINT_NAME)
     assert all(torch.equal(a, b) for a, b in zip(full.params, part.params))
+
+
+def test_elapsed_time_continues_across_a_resume(tmp_path, monkeypatch):
+    """log.csv's elapsed_s is the run's training time: a resumed run counts on from its checkpoint's."""
+    import aunn_fast.train as train_module
+
+    clock = iter(range(0, 10**6, 10))  # every reading of the clock is 10 s after the previous
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    data = ToyData(chunks=40)
+    cfg = TrainConfig(batch_size=32, steps=8, lr=3e-3, log_every=2, save_every=1000)
+    train(_model(), data, TrainConfig(**{**cfg.__dict__, "steps": 4}), tmp_path, progress=False)
+    model, state, _, _ = load_run(tmp_path)
+    train(model, data, cfg, tmp_path, resume=True, progress=False)
+    with (tmp_path / LOG_NAME).open() as f:
+        elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(f)]
+    assert elapsed == sorted(elapsed) and elapsed[2] > state["elapsed_s"] >= elapsed[1] > 0
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
