@@ -273,7 +273,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         rows = train(model, data, train_cfg, args.out, resume=args.resume, progress=not args.quiet)
     except KeyboardInterrupt:
-        print(f"interrupted: resume with `aunn train --out {args.out} --resume`", file=sys.stderr)
+        if (args.out / CHECKPOINT_NAME).exists():
+            print(f"interrupted: resume with `aunn train --out {args.out} --resume`", file=sys.stderr)
+        else:
+            print("interrupted before the first checkpoint: nothing to resume", file=sys.stderr)
         return 130
     if rows:
         last = rows[-1]

@@ -302,3 +302,20 @@ def test_eval_refuses_a_broken_log_before_evaluating(tmp_path, run_dir, capsys):
     (copy / "log.csv").write_text("step,epoch,loss,accuracy,indices_per_s,elapsed_s\n5,x,1,1,1,1\n")
     assert "could not convert" in _error(["eval", str(copy)], capsys)
     assert not (copy / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_ctrl_c_advice_matches_what_was_saved(tmp_path, capsys, monkeypatch, saved):
+    """Ctrl-C during training: exit 130, with --resume advice only where a checkpoint exists to resume from."""
+    import aunn_fast.cli as cli
+
+    def interrupted(model, data, cfg, run_dir, **kwargs):
+        if saved:
+            model.save(run_dir / CHECKPOINT_NAME)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", "--data", "toy:8", "--out", str(out), "--hidden", "16", "--layers", "2", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert ("--resume" in err) == saved and ("nothing to resume" in err) != saved
