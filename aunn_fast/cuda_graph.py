@@ -35,6 +35,7 @@ class GraphedTrainStep:
         self.graph = torch.cuda.CUDAGraph()
         self.captured_with = self._settings()
         self.loss = self._capture()
+        self.captured_state, self.captured_addresses = optimizer.state, self._param_addresses()
         # the graph reads and writes these very tensors: hold them even if a caller sets .grad to None
         self.grads = [p.grad for p in model.parameters()]
 
@@ -42,6 +43,9 @@ class GraphedTrainStep:
         """What the captured kernels were chosen by: backend, precision, and each group's (float) lr."""
         rates = tuple(g["lr"] for g in self.optimizer.param_groups if not torch.is_tensor(g["lr"]))
         return self.model.backend, self.model.precision, rates
+
+    def _param_addresses(self) -> list[int]:
+        return [p.data_ptr() for p in self.model.parameters()]
 
     def _one_step(self) -> torch.Tensor:
         loss = self.model.loss(self.idx, self.targets)
@@ -94,6 +98,10 @@ class GraphedTrainStep:
         if self._settings() != self.captured_with:  # the replay would silently run the old choices
             raise RuntimeError(f"captured with (backend, precision, lr) = {self.captured_with}, now "
                                f"{self._settings()}: capture a new GraphedTrainStep")
+        if self.optimizer.state is not self.captured_state or self._param_addresses() != self.captured_addresses:
+            raise RuntimeError("the parameters or the optimizer state were replaced since capture (say by "
+                               "optimizer.load_state_dict), and a replay would update the old ones: "
+                               "capture a new GraphedTrainStep")
         self.idx.copy_(idx)
         self.targets.copy_(targets)
         self.graph.replay()

@@ -47,7 +47,8 @@ def test_graph_rejects_wrong_batch_size():
 
 
 def test_graph_refuses_what_it_would_silently_ignore():
-    """Inputs of another dtype, and a backend, precision or learning rate changed after capture."""
+    """Inputs of another dtype; a backend, precision or learning rate changed after capture; parameters
+    or optimizer state replaced (not updated in place) after capture."""
     model = AUNN(AUNNConfig(hidden=32, layers=3), backend="reference", precision="fp32").cuda()
     optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
     graphed = GraphedTrainStep(model, optimizer, 64)
@@ -62,6 +63,14 @@ def test_graph_refuses_what_it_would_silently_ignore():
         with pytest.raises(RuntimeError, match="capture a new GraphedTrainStep"):
             graphed(ids, ids)
         undo()
+        graphed(ids, ids)
+    optimizer.load_state_dict(optimizer.state_dict())  # new state tensors: the graph holds the old ones
+    with pytest.raises(RuntimeError, match="replaced since capture"):
+        graphed(ids, ids)
+    graphed = GraphedTrainStep(model, optimizer, 64)
+    graphed(ids, ids)
+    model.in_bias.data = model.in_bias.data.clone()
+    with pytest.raises(RuntimeError, match="replaced since capture"):
         graphed(ids, ids)
 
 
