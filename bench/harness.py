@@ -4,7 +4,8 @@ reference, then time. Produces one result row (a JSON-ready dict) per cell.
 Row fields: provider, workload, config, batch, precision, ms (median per call, or per
 step for seed-run), items_per_s (indices/s), correct, max_rel_err, argmax_agreement
 (predict), vs_eager, vs_compile, first_call_s (the first, untimed call: torch.compile
-and JIT time), projected_s (seed-run), skipped (reason) and error (message). Speed
+and JIT time), projected_s and short_step_ms (seed-run: the run's seconds, and the ms of each
+epoch's last, shorter step), skipped (reason) and error (message). Speed
 fields are null unless the row ran and was correct.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from aunn_fast.backends import BACKENDS
 
 from . import checks, timing
 from .configs import Case
-from .workloads import SEED_RUN_STEPS, WORKLOADS
+from .workloads import WORKLOADS, seed_run_seconds
 
 EAGER, COMPILE = "reference", "compile"  # the baselines every ratio is taken against, in fp32
 BASELINE_PRECISION = "fp32"
@@ -92,7 +93,7 @@ def _blank_row(provider: str, case: Case, batch: int, precision: str) -> Row:
     return {"provider": provider, "workload": case.workload, "config": case.config_name, "batch": batch,
             "precision": precision, "ms": None, "items_per_s": None, "correct": None, "max_rel_err": None,
             "argmax_agreement": None, "vs_eager": None, "vs_compile": None, "first_call_s": None,
-            "projected_s": None, "skipped": None, "error": None}
+            "projected_s": None, "short_step_ms": None, "skipped": None, "error": None}
 
 
 def nontrivial_model(cfg: AUNNConfig, seed: int) -> AUNN:
@@ -132,7 +133,9 @@ def measure(row: Row, case: Case, base: AUNN, options: Options) -> None:
         return
     if workload.stretch:
         ms = timing.stretch_ms(prepared.step, device, budget.stretch_steps)
-        row["projected_s"] = ms * SEED_RUN_STEPS / 1e3
+        if prepared.short_step is not None:
+            row["short_step_ms"] = timing.stretch_ms(prepared.short_step, device, budget.stretch_steps)
+        row["projected_s"] = seed_run_seconds(batch, ms, row["short_step_ms"])
     elif workload.latency:
         ms = timing.latency_ms(prepared.step, device, budget)
     else:
@@ -149,7 +152,7 @@ def run_cell(row: Row, case: Case, base: AUNN, options: Options) -> None:
     except Exception as exc:  # one failing provider must not end the run
         message = str(exc).strip().splitlines()
         row.update(correct=False, error=f"{type(exc).__name__}: {message[0] if message else ''}"[:500],
-                   ms=None, items_per_s=None, projected_s=None)
+                   ms=None, items_per_s=None, projected_s=None, short_step_ms=None)
     finally:
         if options.device.type == "cuda":
             torch.cuda.empty_cache()

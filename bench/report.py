@@ -29,7 +29,8 @@ def build_meta(environment: dict[str, Any], cases: list[Case], quick: bool, argv
         "error_metric": "max|x - ref| / max|ref| against the reference provider in fp32 (gradients: worst parameter)",
         "baselines": "vs_eager: reference provider in fp32; vs_compile: compile provider in fp32; same run",
         "timing": ("CUDA: triton.testing.do_bench median (device events); CPU: median of time.perf_counter; "
-                   f"seed-run: ms/step over a stretch of consecutive steps, projected over {SEED_RUN_STEPS:,} steps"),
+                   "seed-run: ms/step over a stretch of consecutive full steps, each epoch's short step timed "
+                   f"apart (short_step_ms), projected over {SEED_RUN_STEPS:,} steps"),
         "ceilings": ceiling_info,
     }
 

@@ -33,11 +33,15 @@ SEED_RUN_STEPS = math.ceil(SEED_RUN_INDICES / SEED_RUN_BATCH) * SEED_RUN_EPOCHS 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A ready workload: ``step()`` runs one timed call; ``idx``/``targets`` (int64 [batch]) feed the check."""
+    """A ready workload: ``step()`` runs one timed call; ``idx``/``targets`` (int64 [batch]) feed the check.
+
+    ``short_step`` (seed-run): the epoch's last, shorter step, timed apart for the projection.
+    """
 
     step: Callable[[], object]
     idx: torch.Tensor
     targets: torch.Tensor
+    short_step: Callable[[], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,29 +141,54 @@ def _prepare_condition(model: AUNN, batch: int, generator: torch.Generator) -> P
     return _rotating(model, batch, generator, _training_call(model, make_optimizer(model, "sgd")))
 
 
+def seed_run_seconds(batch: int, step_ms: float, short_step_ms: float | None) -> float:
+    """The seed's run in seconds: SEED_RUN_EPOCHS epochs of full steps and, where the batch does not
+    divide the data, one shorter step."""
+    full_steps, rest = divmod(SEED_RUN_INDICES, batch)
+    if rest and short_step_ms is None:
+        raise ValueError(f"at batch {batch} each epoch ends with a short step of {rest}: its time is needed")
+    return SEED_RUN_EPOCHS * (full_steps * step_ms + (short_step_ms if rest else 0.0)) / 1e3
+
+
 def _seed_run(model: AUNN, batch: int, generator: torch.Generator,
-              call: Callable[[torch.Tensor, torch.Tensor], object]) -> Prepared:
-    """Walk a shuffled epoch of the seed's 400,000 indices in full batches, gathering each batch."""
+              call: Callable[[torch.Tensor, torch.Tensor], object],
+              short_call: Callable[[torch.Tensor, torch.Tensor], object]) -> Prepared:
+    """Walk a shuffled epoch of the seed's 400,000 indices in full batches, gathering each batch; the
+    indices left over (640 at batch 2048) make the epoch's short step."""
     order = torch.randperm(SEED_RUN_INDICES, generator=generator, device=generator.device)
     data = random_targets(model.cfg, SEED_RUN_INDICES, generator)
-    starts = itertools.cycle(range(0, SEED_RUN_INDICES - batch + 1, batch))
+    full_steps, rest = divmod(SEED_RUN_INDICES, batch)
+    starts = itertools.cycle(range(0, full_steps * batch, batch))
 
     def step() -> None:
         idx = order[next(starts):][:batch]
         call(idx, data[idx])
 
+    def short_step() -> None:
+        idx = order[full_steps * batch:]
+        short_call(idx, data[idx])
+
     first = order[:batch]
-    return Prepared(step, first, data[first])
+    return Prepared(step, first, data[first], short_step if rest else None)
 
 
 def _prepare_seed_run(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
-    return _seed_run(model, batch, generator, _training_call(model, make_optimizer(model, "adamw")))
+    call = _training_call(model, make_optimizer(model, "adamw"))
+    return _seed_run(model, batch, generator, call, call)
 
 
 def _prepare_seed_run_graph(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
-    """The seed's run as `aunn train` runs it on CUDA: each gathered batch through one captured step."""
+    """The seed's run as `aunn train` runs it on CUDA: each full batch through one captured step, the
+    short one eagerly (zeroing the gradients the graph holds instead of freeing them)."""
     optimizer = make_train_optimizer(model, TrainConfig(lr=1e-3))  # the trainer's own: fused, capturable
-    return _seed_run(model, batch, generator, GraphedTrainStep(model, optimizer, batch))
+    graphed = GraphedTrainStep(model, optimizer, batch)
+
+    def short_call(idx: torch.Tensor, targets: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=False)
+        model.loss(idx, targets).backward()
+        optimizer.step()
+
+    return _seed_run(model, batch, generator, graphed, short_call)
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
