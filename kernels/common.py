@@ -62,16 +62,18 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 def launch(kernel, grid, *args, **kwargs) -> None:
     """Launch through ``torch.library.wrap_triton`` (traceable by torch.compile / export).
 
-    In the interpreter wrap_triton hands back the plain kernel, which cannot run on the fake
-    tensors torch.compile and opcheck trace with; there the launch is skipped, as the
-    traced graph only needs the output buffers' shapes.
+    In the interpreter the operators are opaque custom_ops (see ops.py), so the kernel is
+    launched directly (torch 2.13's wrap_triton would hand it back unchanged, torch 2.11's
+    refuses an interpreted kernel), and not at all on the fake tensors torch.compile and
+    opcheck trace with: the traced graph only needs the output buffers' shapes.
     """
     import torch
     from torch._subclasses.fake_tensor import is_fake
     from torch.library import wrap_triton
 
-    if os.environ.get("TRITON_INTERPRET") == "1" and any(
-            isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+            kernel[grid](*args, **kwargs)
         return
     wrap_triton(kernel)[grid](*args, **kwargs)
 
