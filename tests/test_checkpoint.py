@@ -89,6 +89,7 @@ def _edited_checkpoint(model, path, tensors=None, metadata=None):
 @pytest.mark.parametrize("tensors, metadata, expected", [
     ({"out_bias": None}, None, "missing parameters: out_bias"),
     ({"hidden_weight": torch.zeros(3, 16, 15)}, None, r"hidden_weight has shape \(3, 16, 15\)"),
+    ({"in_weight": torch.zeros(33, 16)}, None, r"in_weight has shape \(33, 16\), expected \(16, 33\)"),  # transposed
     (None, {"config": None}, "has no valid config"),
     (None, {"config": "{not json"}, "has no valid config"),
     (None, {"config": '{"vocab_size": 1, "hidden": 16, "layers": 5, "bits": 33}'}, "has no valid config"),

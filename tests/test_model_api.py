@@ -87,6 +87,7 @@ def test_bad_indices_fail_before_compute(any_backend_model, monkeypatch, bad, er
     (torch.tensor([-1, 0]), ValueError, "outside the vocabulary"),
     (torch.tensor([0.0, 1.0]), TypeError, "integer"),
     (torch.tensor([0, 1, 2]), ValueError, "shape"),
+    (torch.tensor([[0], [1]]), ValueError, "shape"),  # as many targets as indices, in another shape
 ])
 def test_bad_targets_fail_before_compute(any_backend_model, monkeypatch, targets, error, match):
     model = any_backend_model

@@ -102,3 +102,11 @@ def test_bf16_reference_rounds_operands_like_torch_bf16_matmul(generator):
     ours = reference._linear(a, w, None, "bf16")
     torch_bf16 = (a.bfloat16().float() @ w.bfloat16().float().T)
     assert torch.equal(ours, torch_bf16)
+
+
+def test_bf16_rounding_of_exact_ties_is_to_even(generator):
+    """round_to_bf16 on values exactly halfway between two bf16 numbers (which random data never
+    hits) rounds as torch's cast does: to the even one."""
+    bits = torch.randn(4096, generator=generator).view(torch.int32)
+    ties = ((bits & ~0xFFFF) | 0x8000).view(torch.float32)
+    assert torch.equal(reference.round_to_bf16(ties), ties.to(torch.bfloat16).float())

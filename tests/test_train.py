@@ -10,8 +10,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.data import ToyData
-from aunn_fast.train import (CHECKPOINT_NAME, LOG_NAME, BatchSampler, TrainConfig, load_run, optimizer_tensors,
-                              restore_optimizer, train)
+from aunn_fast.train import (CHECKPOINT_NAME, LOG_NAME, BatchSampler, TrainConfig, check_data_fits, load_run,
+                              optimizer_tensors, restore_optimizer, train)
 
 
 def _model(seed=0):
@@ -76,6 +76,14 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     _, state, extra, _ = load_run(tmp_path)
     assert state["step"] == 5 and any(k.startswith("optim.") for k in extra)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_data_fits_exactly_up_to_the_largest_index():
+    """bits=8 holds indices 0..255: 256 tokens fit, 257 do not."""
+    cfg = AUNNConfig(hidden=16, layers=3, bits=8)
+    check_data_fits(types.SimpleNamespace(length=256), cfg)
+    with pytest.raises(ValueError, match="257 indices do not fit in bits=8"):
+        check_data_fits(types.SimpleNamespace(length=257), cfg)
 
 
 def test_epoch_batches_cover_the_data_once():
