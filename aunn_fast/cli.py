@@ -303,6 +303,7 @@ def _summary(metrics: dict[str, Any]) -> str:
     if "extrapolation" in metrics:
         ext = metrics["extrapolation"]
         lines.append("valid |xxx chunks   " + ", ".join(f"{k}: {v:.3f}" for k, v in ext.items()))
+    if "conditioning" in metrics:
         cond = metrics["conditioning"]
         lines.append(f"conditioning        {cond['success_rate']:.1%} success over {cond['trials']} trials "
                      f"({cond['steps']} {cond['optimizer']} step(s), lr {cond['lr']}); training accuracy after "

@@ -89,6 +89,14 @@ class ToyData:
         return {"kind": "toy", "chunks": self.chunks, "seed": self.seed, "length": self.length}
 
 
+def random_indices(length: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """int64 [n] drawn uniformly from 0 .. length-1, on the generator's device; length up to 2**63 (then
+    every int64 >= 0, where randint's exclusive bound would overflow)."""
+    if length == 1 << 63:
+        return torch.empty(n, dtype=torch.int64, device=generator.device).random_(generator=generator)
+    return torch.randint(0, length, (n,), generator=generator, device=generator.device)
+
+
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks (hashlib.file_digest needs Python 3.11)."""
     digest = hashlib.sha256()

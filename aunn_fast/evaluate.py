@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import Dataset, ToyData, decode
-from .inference import condition
+from .data import Dataset, ToyData, decode, random_indices
+from .inference import condition, span
 from .model import AUNN
 
 EVAL_BATCH = 65_536
@@ -21,6 +21,16 @@ FIT_SAMPLE_LIMIT = 1 << 22   # larger datasets are scored on a random sample of 
 HISTOGRAM_SPAN = 100_000     # indices after the data whose predictions are histogrammed
 HISTOGRAM_TOKENS = 96        # tokens the histogram names; a larger vocabulary's rarer ones are summed as one entry
 EXTRAPOLATION_WINDOW = 4_000
+
+
+def room_after(model: AUNN, data: Dataset) -> int:
+    """How many indices follow the data within the model's index range (0 when the data fills it)."""
+    return model.cfg.max_index + 1 - data.length
+
+
+def histogram_span(model: AUNN, data: Dataset) -> int:
+    """How many predictions after the data the histogram counts: HISTOGRAM_SPAN, or as many as there are."""
+    return min(HISTOGRAM_SPAN, room_after(model, data))
 
 
 def _batches(idx: torch.Tensor, vocab_size: int = 1) -> list[torch.Tensor]:
@@ -34,7 +44,7 @@ def fit(model: AUNN, data: Dataset, generator: torch.Generator) -> dict[str, Any
     if data.length <= FIT_SAMPLE_LIMIT:
         idx = torch.arange(data.length, dtype=torch.int64)
     else:
-        idx = torch.randint(0, data.length, (FIT_SAMPLE_LIMIT,), generator=generator)
+        idx = random_indices(data.length, FIT_SAMPLE_LIMIT, generator)
     correct, total_loss = 0, 0.0
     for chunk in _batches(idx.to(model.device), model.cfg.vocab_size):
         targets = data.targets(chunk)
@@ -49,7 +59,9 @@ def fit(model: AUNN, data: Dataset, generator: torch.Generator) -> dict[str, Any
 @torch.no_grad()
 def predictions(model: AUNN, start: int, length: int) -> torch.Tensor:
     """int64 [length] argmax tokens at start .. start+length-1 (on the CPU)."""
-    idx = torch.arange(start, start + length, dtype=torch.int64, device=model.device)
+    if length == 0:  # also at 2**63, one past the last int64, where the data fills the index range
+        return torch.empty(0, dtype=torch.int64)
+    idx = span(model, start, length)
     return torch.cat([model.predict(chunk) for chunk in _batches(idx)]).cpu()
 
 
@@ -63,10 +75,11 @@ def histogram(model: AUNN, data: Dataset, generator: torch.Generator) -> tuple[d
     first, and other = {"tokens", "training", "predicted"} sums the rest.
     """
     vocab_size = model.cfg.vocab_size
-    predicted = torch.bincount(predictions(model, data.length, HISTOGRAM_SPAN), minlength=vocab_size).double()
-    sample = torch.randint(0, data.length, (min(data.length, HISTOGRAM_SPAN),), generator=generator)
+    span = histogram_span(model, data)
+    predicted = torch.bincount(predictions(model, data.length, span), minlength=vocab_size).double()
+    sample = random_indices(data.length, min(data.length, HISTOGRAM_SPAN), generator)
     actual = torch.bincount(data.targets(sample).cpu(), minlength=vocab_size).double()
-    predicted, actual = predicted / predicted.sum(), actual / actual.sum()
+    predicted, actual = predicted / max(span, 1), actual / actual.sum()
     seen = torch.nonzero((predicted > 0) | (actual > 0)).flatten()
     other = None
     if seen.numel() > HISTOGRAM_TOKENS:
@@ -96,24 +109,26 @@ def valid_chunk_fraction(tokens: torch.Tensor) -> float:
     return float(valid.double().mean())
 
 
-def extrapolation_windows(length: int) -> dict[str, tuple[int, int]]:
-    """(start, size) of each extrapolation bin; every start is 4-aligned."""
+def extrapolation_windows(length: int, max_index: int) -> dict[str, tuple[int, int]]:
+    """(start, size) of each extrapolation bin that lies within 0 .. max_index; every start is 4-aligned."""
     align = lambda i: (i + 3) // 4 * 4  # noqa: E731
     half = EXTRAPOLATION_WINDOW // 2
     boundary = 1 << (length + half).bit_length()  # a power of two with the whole window past the data
-    return {
+    windows = {
         "near": (align(length), 100),
         "1k": (align(length + 1_000), EXTRAPOLATION_WINDOW),
         "100k": (align(length + 100_000), EXTRAPOLATION_WINDOW),
         "10M": (align(length + 10_000_000), EXTRAPOLATION_WINDOW),
         "pow2_boundary": (boundary - half, EXTRAPOLATION_WINDOW),
     }
+    return {name: (start, size) for name, (start, size) in windows.items() if start + size - 1 <= max_index}
 
 
 def extrapolation(model: AUNN, data: ToyData) -> dict[str, Any]:
-    """Per bin, the fraction of chunks predicted as a valid `|xxx`; plus the chance level."""
+    """Per bin that fits in the model's index range, the fraction of chunks predicted as a valid `|xxx`;
+    plus the chance level."""
     bins = {name: valid_chunk_fraction(predictions(model, start, size))
-            for name, (start, size) in extrapolation_windows(data.length).items()}
+            for name, (start, size) in extrapolation_windows(data.length, model.cfg.max_index).items()}
     v = model.cfg.vocab_size
     bins["chance_uniform"] = (1 / v) * (v - 1) * (1 / v) ** 3
     return bins
@@ -127,11 +142,12 @@ def conditioning(model: AUNN, data: ToyData, trials: int, steps: int, lr: float,
     success is a real flip (e.g. `|aaa` to `|ccc`). Collateral drift is the training
     accuracy of the conditioned copies on a fixed sample of training indices.
     """
-    sample = torch.randint(0, data.length, (min(data.length, 8192),), generator=generator).to(model.device)
+    sample = random_indices(data.length, min(data.length, 8192), generator).to(model.device)
     sample_targets = data.targets(sample)
+    chunks_after = room_after(model, data) // 4  # trials spread over them; they may share one when few
     successes, drift, examples = 0, [], []
     for trial in range(trials):
-        chunk_start = data.length + 4 * (trial * 997 + 1)
+        chunk_start = data.length + 4 * ((trial * 997 + 1) % chunks_after)
         before = predictions(model, chunk_start, 4)
         choices = [t for t in (1, 2, 3) if t != int(before[1])]
         letter = choices[int(torch.randint(0, len(choices), (1,), generator=generator))]
@@ -152,7 +168,12 @@ def conditioning(model: AUNN, data: ToyData, trials: int, steps: int, lr: float,
 
 def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 30, condition_steps: int = 1,
              condition_lr: float = 1e-3, condition_optimizer: str = "adam") -> dict[str, Any]:
-    """Every metric of metrics.json for this model and dataset (conditioning: toy data only)."""
+    """Every metric of metrics.json for this model and dataset (extrapolation and conditioning: toy data only).
+
+    What needs indices after the data covers those the model has (data that ends near 2**bits leaves
+    few or none): histogram_predictions says how many predictions the histogram counts, windows
+    past the largest index are left out of the extrapolation, and conditioning needs one chunk.
+    """
     if condition_trials < 1 or condition_steps < 0:
         raise ValueError(f"condition_trials must be >= 1 and condition_steps >= 0, got {condition_trials} "
                          f"and {condition_steps}")
@@ -160,11 +181,14 @@ def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 
     metrics: dict[str, Any] = {"data": data.describe(), "config": model.cfg.__dict__.copy()}
     metrics.update(fit(model, data, generator))
     metrics["histogram"], other = histogram(model, data, generator)
+    metrics["histogram_predictions"] = histogram_span(model, data)
     if other is not None:
         metrics["histogram_other"] = other
     if isinstance(data, ToyData):
         metrics["extrapolation"] = extrapolation(model, data)
-        metrics["extrapolation_windows"] = {k: list(v) for k, v in extrapolation_windows(data.length).items()}
-        metrics["conditioning"] = conditioning(model, data, condition_trials, condition_steps, condition_lr,
-                                               condition_optimizer, generator)
+        windows = extrapolation_windows(data.length, model.cfg.max_index)
+        metrics["extrapolation_windows"] = {k: list(v) for k, v in windows.items()}
+        if room_after(model, data) >= 4:
+            metrics["conditioning"] = conditioning(model, data, condition_trials, condition_steps, condition_lr,
+                                                   condition_optimizer, generator)
     return metrics

@@ -60,8 +60,10 @@ def token_strips(strips: dict[str, torch.Tensor], start: int, vocab: Vocab, titl
     _save(fig, path)
 
 
-def histogram(hist: dict[str, dict[str, float]], path: Path, other: dict[str, float] | None = None) -> None:
-    """Bars of each named token's training and predicted fraction, and one for ``other`` (the rest summed)."""
+def histogram(hist: dict[str, dict[str, float]], path: Path, predictions: int,
+              other: dict[str, float] | None = None) -> None:
+    """Bars of each named token's training and predicted fraction (of ``predictions`` after the data), and one
+    for ``other`` (the rest summed)."""
     labels = [repr(t) for t in hist]
     bars = list(hist.values())
     if other is not None:
@@ -73,7 +75,7 @@ def histogram(hist: dict[str, dict[str, float]], path: Path, other: dict[str, fl
     ax.bar(x + 0.2, [b["predicted"] for b in bars], width=0.4, label="predicted past the data")
     ax.set_xticks(x, labels, rotation=90 if len(bars) > 12 else 0)
     ax.set_ylabel("fraction of tokens")
-    ax.set_title("Token histogram: training data vs 100,000 predictions after the data")
+    ax.set_title(f"Token histogram: training data vs {predictions:,} predictions after the data")
     ax.legend()
     _save(fig, path)
 

@@ -9,7 +9,7 @@ import torch
 
 from . import plots
 from .data import Dataset, ToyData, decode
-from .evaluate import EXTRAPOLATION_WINDOW, extrapolation_windows, predictions
+from .evaluate import EXTRAPOLATION_WINDOW, predictions, room_after
 from .inference import condition
 from .model import AUNN
 
@@ -36,25 +36,29 @@ def _plots(run_dir: Path, model: AUNN, data: Dataset, metrics: dict[str, Any],
     if log_rows:
         images.append(run_dir / "loss.png")
         plots.loss_curve(log_rows, images[-1])
-    start = max(0, data.length - STRIP)
-    predicted = predictions(model, start, data.length + STRIP - start)
-    truth = torch.cat([data.targets(torch.arange(start, data.length)).cpu(),
-                       torch.full((STRIP,), -1, dtype=torch.int64)])
+    room = room_after(model, data)
+    start, after = max(0, data.length - STRIP), min(STRIP, room)
+    predicted = predictions(model, start, data.length + after - start)
+    truth = torch.cat([data.targets(start + torch.arange(data.length - start)).cpu(),
+                       torch.full((after,), -1, dtype=torch.int64)])
     images.append(run_dir / "end_of_data.png")
-    plots.token_strips({"data": truth[: predicted.numel()], "predicted": predicted}, start, model.vocab,
+    plots.token_strips({"data": truth, "predicted": predicted}, start, model.vocab,
                        "Data and predictions around the end of the data (black line)",
                        images[-1], marker=data.length)
-    far = data.length + 10_000_000
-    images.append(run_dir / "past_10M.png")
-    plots.token_strips({"predicted": predictions(model, far, 2 * STRIP)}, far, model.vocab,
-                       "Predictions 10 million indices past the end of the data", images[-1])
+    if room >= 10_000_000 + 2 * STRIP:
+        far = data.length + 10_000_000
+        images.append(run_dir / "past_10M.png")
+        plots.token_strips({"predicted": predictions(model, far, 2 * STRIP)}, far, model.vocab,
+                           "Predictions 10 million indices past the end of the data", images[-1])
     images.append(run_dir / "histogram.png")
-    plots.histogram(metrics["histogram"], images[-1], metrics.get("histogram_other"))
+    plots.histogram(metrics["histogram"], images[-1], metrics["histogram_predictions"],
+                    metrics.get("histogram_other"))
     if isinstance(data, ToyData):
         images.append(run_dir / "extrapolation.png")
         plots.extrapolation(metrics["extrapolation"], images[-1])
-        images.append(run_dir / "conditioning.png")
-        _conditioning_plot(model, metrics["conditioning"], images[-1])
+        if "conditioning" in metrics:
+            images.append(run_dir / "conditioning.png")
+            _conditioning_plot(model, metrics["conditioning"], images[-1])
     return images
 
 
@@ -63,8 +67,9 @@ def _conditioning_plot(model: AUNN, cond: dict[str, Any], path: Path) -> None:
     at = example["index"]
     prompt = torch.tensor([model.vocab.index(ch) for ch in example["taught"]], dtype=torch.int64)
     tuned = condition(model, prompt, at, steps=cond["steps"], lr=cond["lr"], optimizer=cond["optimizer"])
-    start = at - 16
-    plots.token_strips({"before": predictions(model, start, 36), "after": predictions(tuned, start, 36)}, start,
+    start = max(0, at - 16)
+    width = min(at + 20, model.cfg.max_index + 1) - start
+    plots.token_strips({"before": predictions(model, start, width), "after": predictions(tuned, start, width)}, start,
                        model.vocab, f"Conditioning: taught {example['taught']!r} at index {at} "
                        f"({cond['steps']} {cond['optimizer']} step(s), lr {cond['lr']})", path, marker=at)
 
@@ -77,7 +82,7 @@ def _markdown(model: AUNN, data: Dataset, metrics: dict[str, Any], images: list[
         f"| training accuracy | {metrics['train_accuracy']:.4%} (over {metrics['scored_indices']:,} indices) |",
         f"| training loss | {metrics['train_loss']:.5f} nats |",
         f"| bits per token | {metrics['bits_per_token']:.5f} |", "",
-        "## Token histogram (100,000 predictions after the data)", "",
+        f"## Token histogram ({metrics['histogram_predictions']:,} predictions after the data)", "",
         "| token | training | predicted |", "|---|---|---|",
     ]
     lines += [_row(repr(token), f"{h['training']:.3f}", f"{h['predicted']:.3f}")
@@ -86,13 +91,15 @@ def _markdown(model: AUNN, data: Dataset, metrics: dict[str, Any], images: list[
         other = metrics["histogram_other"]
         lines.append(_row(f"{other['tokens']:,} other tokens", f"{other['training']:.3f}", f"{other['predicted']:.3f}"))
     if "extrapolation" in metrics:
-        windows = extrapolation_windows(data.length)
+        windows = metrics["extrapolation_windows"]
         lines += ["", "## Extrapolation: fraction of valid `|xxx` chunks", "",
                   "| window | first index | indices | valid |", "|---|---|---|---|"]
         lines += [f"| {name} | {windows[name][0]:,} | {windows[name][1]:,} | {metrics['extrapolation'][name]:.3f} |"
                   for name in windows]
         lines += [f"| chance (uniform guesses) | | | {metrics['extrapolation']['chance_uniform']:.4f} |", "",
-                  f"Windows after `near` hold {EXTRAPOLATION_WINDOW:,} indices each."]
+                  f"Windows after `near` hold {EXTRAPOLATION_WINDOW:,} indices each; windows past the "
+                  f"model's largest index ({model.cfg.max_index:,}) are left out."]
+    if "conditioning" in metrics:
         cond = metrics["conditioning"]
         lines += ["", "## Conditioning by backprop", "",
                   f"{cond['trials']} trials on fresh copies, {cond['steps']} {cond['optimizer']} step(s) at lr "
@@ -101,7 +108,7 @@ def _markdown(model: AUNN, data: Dataset, metrics: dict[str, Any], images: list[
                   "| index | taught | before | after | success |", "|---|---|---|---|---|"]
         lines += [_row(f"{e['index']:,}", f"`{e['taught']}`", f"`{e['before']}`", f"`{e['after']}`", str(e["success"]))
                   for e in cond["examples"]]
-    sample = decode(predictions(model, data.length, 80), model.vocab)
+    sample = decode(predictions(model, data.length, min(80, room_after(model, data))), model.vocab)
     lines += ["", "## Generated right after the data", "", "```", sample, "```", "", "## Plots", ""]
     lines += [f"![{image.stem}]({image.name})" for image in images]
     return "\n".join(lines) + "\n"

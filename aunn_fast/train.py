@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import AUNNConfig
 from .cuda_graph import GraphedTrainStep
-from .data import Dataset
+from .data import Dataset, random_indices
 from .model import AUNN
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -81,8 +81,7 @@ class BatchSampler:
     def indices(self, step: int) -> torch.Tensor:
         """int64 [<= batch_size] indices for this step, on the sampler's device."""
         if self.length > PERMUTE_LIMIT:
-            return torch.randint(0, self.length, (self.batch_size,), device=self.device,
-                                 generator=self._generator(1, step))
+            return random_indices(self.length, self.batch_size, self._generator(1, step))
         epoch, within = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._perm = torch.randperm(self.length, device=self.device, generator=self._generator(0, epoch))

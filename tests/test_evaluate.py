@@ -57,3 +57,34 @@ def test_histogram_names_the_most_frequent_tokens_and_sums_the_rest(generator, m
     for i, name in enumerate(ToyData.vocab):
         if name in hist:
             assert hist[name] == pytest.approx({"training": float(training[i]), "predicted": float(predicted[i])})
+
+
+@pytest.mark.parametrize("bits, chunks", [(12, 1000), (64, 2**61)])
+def test_data_that_fills_the_index_range_is_evaluated_as_far_as_indices_go(generator, monkeypatch, tmp_path, bits,
+                                                                           chunks):
+    """Toy data ending 96 indices before 2**12, and data filling all 2**63 int64 indices: every metric that
+    needs indices after the data covers those there are, and the report and plots are written."""
+    from aunn_fast.report import write_report
+
+    monkeypatch.setattr(evaluate, "FIT_SAMPLE_LIMIT", 2048)
+    data = ToyData(chunks=chunks)
+    model = random_model(AUNNConfig(vocab_size=4, hidden=16, layers=4, bits=bits), generator)
+    model.vocab = ToyData.vocab
+    room = model.cfg.max_index + 1 - data.length
+    assert room == (96 if bits == 12 else 0)
+
+    metrics = evaluate.evaluate(model, data, condition_trials=3)
+
+    assert metrics["histogram_predictions"] == room
+    predicted = sum(h["predicted"] for h in metrics["histogram"].values())
+    assert predicted == pytest.approx(1.0 if room else 0.0)
+    assert metrics["extrapolation_windows"] == {} and set(metrics["extrapolation"]) == {"chance_uniform"}
+    if room:
+        assert metrics["conditioning"]["trials"] == 3
+        assert all(data.length <= e["index"] <= model.cfg.max_index - 3 for e in metrics["conditioning"]["examples"])
+    else:
+        assert "conditioning" not in metrics
+    written = {path.name for path in write_report(tmp_path, model, data, metrics, [])}
+    assert written == {"metrics.json", "report.md", "end_of_data.png", "histogram.png", "extrapolation.png"} | (
+        {"conditioning.png"} if room else set())
+    assert f"({room:,} predictions after the data)" in (tmp_path / "report.md").read_text()

@@ -93,11 +93,13 @@ def test_epoch_batches_cover_the_data_once():
     assert not torch.equal(sampler.indices(4), batches[0])  # the next epoch is reshuffled
 
 
-def test_huge_datasets_are_sampled_uniformly():
-    sampler = BatchSampler(length=2**40, batch_size=1000, seed=1, device=torch.device("cpu"))
+@pytest.mark.parametrize("length", [2**40, 2**63])  # 2**63: every int64 index, past randint's bound
+def test_huge_datasets_are_sampled_uniformly(length):
+    sampler = BatchSampler(length=length, batch_size=1000, seed=1, device=torch.device("cpu"))
     idx = sampler.indices(7)
-    assert idx.shape == (1000,) and idx.max() < 2**40 and idx.float().mean() > 2**38
-    assert torch.equal(idx, sampler.indices(7))
+    assert idx.shape == (1000,) and idx.dtype == torch.int64 and idx.min() >= 0 and idx.max() <= length - 1
+    assert 0.4 * length < idx.double().mean() < 0.6 * length
+    assert torch.equal(idx, sampler.indices(7)) and not torch.equal(idx, sampler.indices(8))
 
 
 def test_restore_optimizer_keeps_the_resuming_optimizers_settings():
