@@ -8,6 +8,8 @@ optimizer must be capturable.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .model import AUNN
@@ -62,7 +64,10 @@ class GraphedTrainStep:
             with torch.cuda.device(self.model.device):  # streams and capture on the model's GPU, not the current one
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
+                with torch.cuda.stream(side), warnings.catch_warnings():
+                    # torch warns, once per optimizer, that a capturable one stepping uncaptured may be slow:
+                    # here it is about to be captured (and the trainer's few eager steps are meant)
+                    warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
                     for _ in range(WARMUP_STEPS):
                         self.optimizer.zero_grad(set_to_none=False)
                         self._one_step()
