@@ -75,11 +75,11 @@ def histogram(model: AUNN, data: Dataset, generator: torch.Generator) -> tuple[d
     first, and other = {"tokens", "training", "predicted"} sums the rest.
     """
     vocab_size = model.cfg.vocab_size
-    span = histogram_span(model, data)
-    predicted = torch.bincount(predictions(model, data.length, span), minlength=vocab_size).double()
+    count = histogram_span(model, data)
+    predicted = torch.bincount(predictions(model, data.length, count), minlength=vocab_size).double()
     sample = random_indices(data.length, min(data.length, HISTOGRAM_SPAN), generator)
     actual = torch.bincount(data.targets(sample).cpu(), minlength=vocab_size).double()
-    predicted, actual = predicted / max(span, 1), actual / actual.sum()
+    predicted, actual = predicted / max(count, 1), actual / actual.sum()
     seen = torch.nonzero((predicted > 0) | (actual > 0)).flatten()
     other = None
     if seen.numel() > HISTOGRAM_TOKENS:
