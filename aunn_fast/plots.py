@@ -46,13 +46,15 @@ def token_strips(strips: dict[str, torch.Tensor], start: int, vocab: Vocab, titl
     colors = plt.get_cmap("tab10" if vocab_size <= 10 else "tab20").colors[:max(vocab_size, 2)]
     cmap = ListedColormap(colors).with_extremes(bad="white")
     width = grid.shape[1]
+    # A float64 axis cannot tell indices apart past 2**53: there it counts from start instead.
+    origin = start if start + width > 2**53 else 0
     fig, ax = plt.subplots(figsize=(min(16, 8 + width / 50), 1.5 + 0.4 * len(names)))
     ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, interpolation="nearest",
-              extent=(start - 0.5, start + width - 0.5, len(names) - 0.5, -0.5))
+              extent=(start - origin - 0.5, start - origin + width - 0.5, len(names) - 0.5, -0.5))
     ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("index")
+    ax.set_xlabel(f"index - {origin:,}" if origin else "index")
     if marker is not None:
-        ax.axvline(marker - 0.5, color="black", linewidth=2)
+        ax.axvline(marker - origin - 0.5, color="black", linewidth=2)
     if isinstance(vocab, list) and len(vocab) <= 10:
         handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(len(vocab))]
         ax.legend(handles, [repr(t) for t in vocab], loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)

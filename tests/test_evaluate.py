@@ -59,6 +59,7 @@ def test_histogram_names_the_most_frequent_tokens_and_sums_the_rest(generator, m
             assert hist[name] == pytest.approx({"training": float(training[i]), "predicted": float(predicted[i])})
 
 
+@pytest.mark.filterwarnings("error")  # e.g. matplotlib's, for an index axis that floats cannot resolve
 @pytest.mark.parametrize("bits, chunks", [(12, 1000), (64, 2**61)])
 def test_data_that_fills_the_index_range_is_evaluated_as_far_as_indices_go(generator, monkeypatch, tmp_path, bits,
                                                                            chunks):
