@@ -19,6 +19,7 @@ Conventions used by every kernel in this package:
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -76,6 +77,16 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             kernel[grid](*args, **kwargs)
         return
     wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def on_device_of(tensor: torch.Tensor):
+    """A context in which the tensor's CUDA device is the current one (no-op off CUDA).
+
+    Triton compiles for and launches on the current device, whatever device the tensors
+    are on: without this, a model on cuda:1 while cuda:0 is current would have its kernels
+    launched on cuda:0 with pointers into cuda:1's memory.
+    """
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else nullcontext()
 
 
 def precision_code(precision: str) -> int:

@@ -20,6 +20,7 @@ from aunn_fast.config import AUNNConfig
 from aunn_fast.params import AUNNParams
 
 from . import mlp_backward, mlp_forward
+from .common import on_device_of
 from .mlp_forward import MODE_ARGMAX, MODE_LOGITS, MODE_LOSS
 
 
@@ -46,8 +47,9 @@ def forward_op(idx: Tensor, targets: Tensor, in_weight: Tensor, in_bias: Tensor,
                out_bias: Tensor, residual_every: int, eps: float, precision: str, mode: int,
                save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, lse, acts, zs); see :func:`mlp_forward.forward`."""
-    return mlp_forward.forward(idx, targets, in_weight, in_bias, in_gain, hidden_weight, hidden_bias,
-                               hidden_gain, out_weight, out_bias, residual_every, eps, precision, mode, save)
+    with on_device_of(idx):
+        return mlp_forward.forward(idx, targets, in_weight, in_bias, in_gain, hidden_weight, hidden_bias,
+                                   hidden_gain, out_weight, out_bias, residual_every, eps, precision, mode, save)
 
 
 @_operator("aunn_fast::backward")
@@ -56,9 +58,10 @@ def backward_op(idx: Tensor, targets: Tensor, grad: Tensor, lse: Tensor, acts: T
                 hidden_bias: Tensor, hidden_gain: Tensor, out_weight: Tensor, out_bias: Tensor,
                 residual_every: int, eps: float, precision: str, mode: int) -> list[Tensor]:
     """Gradients of the eight parameters; see :func:`mlp_backward.backward`."""
-    return mlp_backward.backward(idx, targets, grad, lse, acts, zs, in_weight, in_bias, in_gain,
-                                 hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
-                                 residual_every, eps, precision, mode)
+    with on_device_of(idx):
+        return mlp_backward.backward(idx, targets, grad, lse, acts, zs, in_weight, in_bias, in_gain,
+                                     hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
+                                     residual_every, eps, precision, mode)
 
 
 def _setup_context(ctx, inputs, output) -> None:

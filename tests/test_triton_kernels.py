@@ -23,11 +23,12 @@ does), the reference's autograd only each product's result; measured ratios reac
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from aunn_fast import AUNNConfig, AUNNParams, kernels, reference
+from aunn_fast import AUNN, AUNNConfig, AUNNParams, kernels, reference
 from aunn_fast.params import init_params
 from helpers import check_compiled_model, random_indices, random_model, rel_err
 
@@ -611,6 +612,41 @@ def test_gpu_large_vocab_loss(hidden, n, generator):
     (fp32 weight, the vocabulary split into ranges over the SMs)."""
     cfg = AUNNConfig(vocab_size=50257, hidden=hidden, layers=4, bits=64)
     check_model(cfg, n, generator, "bf16")
+
+
+def test_kernels_launch_on_the_indices_device(generator, monkeypatch):
+    """Triton launches on the current CUDA device: both operators make the indices' device current
+    (a model on cuda:1 while cuda:0 is current), and the guard names that device."""
+    from aunn_fast.kernels import ops
+
+    assert common.on_device_of(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))).idx == 1
+    entered = []
+
+    def recording(tensor):
+        entered.append(tensor)
+        return common.on_device_of(tensor)
+
+    monkeypatch.setattr(ops, "on_device_of", recording)
+    model = random_model(AUNNConfig(vocab_size=5, hidden=16, layers=4, bits=20), generator, backend="triton").to(DEVICE)
+    idx = random_indices(9, 20, generator).to(DEVICE)
+    model.loss(idx, torch.randint(0, 5, (9,), generator=generator).to(DEVICE)).backward()
+    assert len(entered) == 2 and all(torch.equal(t, idx) for t in entered)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_model_on_a_device_that_is_not_current(generator):
+    cfg = AUNNConfig(vocab_size=70, hidden=64, layers=4, bits=64)
+    model = random_model(cfg, generator, backend="triton", precision="fp32").to("cuda:1")
+    oracle = AUNN(cfg, backend="reference", precision="fp32").to("cuda:1")
+    oracle.load_state_dict(model.state_dict())
+    idx = random_indices(300, 64, generator).to("cuda:1")
+    targets = torch.randint(0, 70, (300,), generator=generator).to("cuda:1")
+    torch.cuda.set_device(0)
+    for m in (model, oracle):
+        m.loss(idx, targets).backward()
+    assert rel_err(model(idx), oracle(idx)) < 1e-5
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-4, name
 
 
 @pytest.mark.parametrize("force_layerwise,n,split_vocab", [(False, 65, False), (True, 65, False), (False, 37, False),
