@@ -2,13 +2,23 @@
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here.
 """
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # In the interpreter the kernels are opaque custom ops, which Inductor's on-disk caches do not look
+    # inside: a graph compiled against earlier kernels (other output shapes) would be reused and fail.
+    # So the cache is kept per version of the package's sources. (On a GPU the graph holds the kernels.)
+    root = Path(__file__).parents[1]
+    sources = sorted([*root.glob("aunn_fast/*.py"), *root.glob("kernels/*.py")])
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"aunn_inductor_{digest}"))
 
 
 @pytest.fixture
