@@ -95,7 +95,7 @@ def aunn_backward_kernel(
     (P = number of programs).
 
     HEAD_FROM_LSE: grad is the per-row upstream gradient of the row losses fp32 [N]
-    (targets int64 [N] and softmax stats lse fp32 [N, 2] from the forward); else grad is dL/dh_last fp32 [N, H].
+    (targets int64 [N] and softmax stats lse fp32 [N, 3] from the forward); else grad is dL/dh_last fp32 [N, H].
     act fp32 or bf16 [L-1, N, H] from the forward. Outputs, each program summing over its row blocks:
     dgain and db fp32 [P, L-1, H]; with WEIGHT_GRADS also dw_in fp32 [P, H, BITS] (input layer)
     and dw fp32 [P, L-2, H, H] (hidden layers), and dz is not stored; without it dz [L-1, N, H]
@@ -188,7 +188,7 @@ def head_weight_grad_kernel(
 ):
     """Partial head gradients of rows [split * rows_per_split, (split + 1) * rows_per_split).
 
-    h fp32 or bf16 [N, H] (last activation); grad fp32 [N]; softmax stats lse fp32 [N, 2]; target int64 [N].
+    h fp32 or bf16 [N, H] (last activation); grad fp32 [N]; softmax stats lse fp32 [N, 3]; target int64 [N].
     dw fp32 [splits, V, H] += dlogits.T @ h over the split's rows; db fp32 [splits, V].
     """
     pid_v = tl.program_id(0)
@@ -205,8 +205,8 @@ def head_weight_grad_kernel(
         row_mask = rows < N
         logits = head_logits_tile(h_ptr, rows, row_mask, out_w_ptr, out_b_ptr, vcols, vmask, H,
                                   BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
-        row_max, log_sum = load_softmax_stats(lse_ptr, rows, row_mask)
-        d = dlogits(logits, row_max, log_sum, tl.load(target_ptr + rows, mask=row_mask, other=0),
+        row_max, log_sum, target_complement = load_softmax_stats(lse_ptr, rows, row_mask)
+        d = dlogits(logits, row_max, log_sum, target_complement, tl.load(target_ptr + rows, mask=row_mask, other=0),
                     tl.load(grad_ptr + rows, mask=row_mask, other=0.0), vcols, vmask, row_mask)
         h = tl.load(h_ptr + rows[:, None] * H + hcols[None, :], mask=row_mask[:, None] & hmask[None, :],
                     other=0.0).to(tl.float32)

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (choose_tiles, dot, fast_sigmoid, head_logits_tile, index_bits, launch, next_pow2,
-                     precision_code, silu_rmsnorm, store_activation, vocab_splits)
+from .common import (choose_tiles, cross_entropy_stats, dot, fast_sigmoid, head_logits_tile, index_bits, launch,
+                     next_pow2, precision_code, silu_rmsnorm, store_activation, vocab_splits)
 from .gemm import matmul, reusable_operand
 
 MODE_LOGITS, MODE_ARGMAX, MODE_LOSS = 0, 1, 2
@@ -83,10 +83,11 @@ def aunn_forward_kernel(
     the last layer at head_in_offset): activation after each layer (the input of the next);
     written when STORE_ACTS (fused trunk), read (last layer only) when not FUSED_TRUNK.
     out: MODE 0 logits fp32 [N, V]; MODE 1 argmax int64 [N]; MODE 2 per-row CE fp32 [N]
-    (and lse fp32 [N, 2]: per row the max logit and log-sum-exp of logits minus it, for the backward).
+    (and the softmax stats lse fp32 [N, 3] for the backward, see :func:`common.cross_entropy_stats`).
     With RANGE_PARTIALS (several ranges), modes 1 and 2 store their range's partial results instead, for
     :func:`combine_ranges`: part fp32 [ranges, 3, N] holds MODE 1 (best logit, its index, -),
-    MODE 2 (max logit, sum of exp(logit - max), target logit or 0); out and lse are not written.
+    MODE 2 (max logit, sum of exp(logit - max) over the non-target entries, target logit or 0);
+    out and lse are not written.
     A fused trunk is then recomputed by every range's program and stored by range 0's.
     UNROLL_GROUPS: the first n_grouped hidden layers run as unrolled groups of RESIDUAL_EVERY.
     """
@@ -146,7 +147,7 @@ def aunn_forward_kernel(
     best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     best_arg = tl.zeros((BLOCK_M,), dtype=tl.int32)
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    other_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the non-target entries' share of the softmax sum
     target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if MODE == 2:
         target = tl.load(target_ptr + rows, mask=row_mask, other=0)
@@ -175,9 +176,11 @@ def aunn_forward_kernel(
                 best = tl.where(better, chunk_max, best)
             else:
                 new_max = tl.maximum(run_max, chunk_max)
-                run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+                is_target = vcols[None, :] == target[:, None]
+                others = tl.where(is_target, 0.0, tl.exp(logits - new_max[:, None]))
+                other_sum = other_sum * tl.exp(run_max - new_max) + tl.sum(others, axis=1)
                 run_max = new_max
-                target_logit += tl.sum(tl.where(vcols[None, :] == target[:, None], logits, 0.0), axis=1)
+                target_logit += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
 
     if RANGE_PARTIALS:
         part = part_ptr + v_range.to(tl.int64) * 3 * N + rows
@@ -186,15 +189,16 @@ def aunn_forward_kernel(
             tl.store(part + N, best_arg.to(tl.float32), mask=row_mask)  # exact: fp32 holds integers to 2^24
         if MODE == 2:
             tl.store(part, run_max, mask=row_mask)
-            tl.store(part + N, run_sum, mask=row_mask)
+            tl.store(part + N, other_sum, mask=row_mask)
             tl.store(part + 2 * N, target_logit, mask=row_mask)
     elif MODE == 1:
         tl.store(out_ptr + rows, best_arg.to(tl.int64), mask=row_mask)
     elif MODE == 2:
-        log_sum = tl.log(run_sum)
-        tl.store(out_ptr + rows, (run_max - target_logit) + log_sum, mask=row_mask)
-        tl.store(lse_ptr + 2 * rows, run_max, mask=row_mask)
-        tl.store(lse_ptr + 2 * rows + 1, log_sum, mask=row_mask)
+        row_loss, log_sum, target_complement = cross_entropy_stats(run_max, other_sum, target_logit)
+        tl.store(out_ptr + rows, row_loss, mask=row_mask)
+        tl.store(lse_ptr + 3 * rows, run_max, mask=row_mask)
+        tl.store(lse_ptr + 3 * rows + 1, log_sum, mask=row_mask)
+        tl.store(lse_ptr + 3 * rows + 2, target_complement, mask=row_mask)
 
 
 @triton.jit
@@ -283,7 +287,7 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
     """Launch the forward. Returns (out, lse, acts, zs).
 
     out: logits fp32 [N, V] (mode 0) | argmax int64 [N] (mode 1) | per-row CE fp32 [N] (mode 2).
-    lse: fp32 [N, 2] in mode 2 (row max, log-sum-exp relative to it), else empty.
+    lse: fp32 [N, 3] in mode 2 (row max, log-sum-exp relative to it, 1 - p_target), else empty.
     acts: [L-1, N, H] activations after each layer when save, else empty; bf16 when precision
     is bf16 (each reader rounds them to bf16 anyway; residual sums stay fp32), else fp32.
     zs: fp32 [L-1, N, H] pre-activations on the layer-wise path when save, else empty.
@@ -298,7 +302,7 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
         out = new_buffer((n, vocab), f32, device)
     else:
         out = new_buffer((n,), torch.int64 if mode == MODE_ARGMAX else f32, device)
-    lse = new_buffer((n, 2) if mode == MODE_LOSS else (0,), f32, device)
+    lse = new_buffer((n, 3) if mode == MODE_LOSS else (0,), f32, device)
     empty = torch.empty(0, dtype=f32, device=device)
     # (distinct empty tensors: an operator's outputs must not alias one another)
     act_dtype = torch.bfloat16 if precision == "bf16" else f32
@@ -345,13 +349,17 @@ def combine_ranges(part: torch.Tensor, mode: int, lse: torch.Tensor) -> tuple[to
 
     part fp32 [ranges, 3, N]. MODE_ARGMAX: out int64 [N], the index of the best logit, on ties
     the first range's (torch.argmax keeps the first maximum, as each range kept its first); lse
-    is passed through. MODE_LOSS: out fp32 [N] the cross-entropy, lse fp32 [N, 2] per row the
-    max logit and the log-sum-exp of the logits minus it.
+    is passed through. MODE_LOSS: out fp32 [N] the cross-entropy, lse fp32 [N, 3] the softmax
+    stats, computed as :func:`common.cross_entropy_stats` computes them.
     """
     if mode == MODE_ARGMAX:
         best_range = part[:, 0].argmax(0, keepdim=True)
         return part[:, 1].gather(0, best_range).squeeze(0).long(), lse
-    range_max, range_sum, target_logit = part.unbind(1)
+    range_max, range_other_sum, range_target_logit = part.unbind(1)
     row_max = range_max.amax(0)
-    log_sum = (range_sum * torch.exp(range_max - row_max)).sum(0).log()
-    return (row_max - target_logit.sum(0)) + log_sum, torch.stack([row_max, log_sum], 1)
+    other_sum = (range_other_sum * torch.exp(range_max - row_max)).sum(0)
+    target_logit = range_target_logit.sum(0)  # one range holds it, the others 0
+    total = other_sum + torch.exp(target_logit - row_max)
+    log_sum = total.log()
+    row_loss = torch.where(target_logit == row_max, other_sum.log1p(), (row_max - target_logit) + log_sum)
+    return row_loss, torch.stack([row_max, log_sum, other_sum / total], 1)

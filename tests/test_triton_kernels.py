@@ -319,6 +319,47 @@ def test_vocabulary_ranges(force_layerwise, precision, generator, vocab_ranges, 
     check_model(cfg, 150, generator, precision)  # 2-3 row blocks x 3-5 ranges, the last range short
 
 
+@pytest.mark.parametrize("ranges", [False, True])
+def test_confident_rows_keep_their_digits(ranges, generator, monkeypatch):
+    """Rows the model has memorised (losses 1e-12 to 1e-6, p_target within that of 1): the kernels keep fp32's
+    relative precision in each row's loss and in the gradients of those rows' losses, where PyTorch's
+    cross-entropy (the fp32 reference) rounds the softmax sum 1 + (the other entries' share) and returns a loss
+    of 0 below about 6e-8 and a target gradient of 0 with it. With ranges, the head is split into vocabulary
+    ranges (layer-wise trunk) and the forward's statistics are combined by PyTorch (combine_ranges)."""
+    if ranges:
+        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+        monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
+    cfg = AUNNConfig(vocab_size=300, hidden=32, layers=4, bits=64, residual_every=2)
+    assert (common.vocab_splits(3, cfg.vocab_size, 128, DEVICE)[0] > 1) == ranges
+    params = make_params(cfg, generator)
+    idx = make_indices(cfg, 150, generator)
+    top2 = reference.logits(idx, as_double(params), cfg).topk(2, -1).values
+    scale = 14.0 / (top2[:, 0] - top2[:, 1]).median().item()  # the median row's margin: 14 nats
+    params = params._replace(out_weight=params.out_weight * scale, out_bias=params.out_bias * scale)
+    targets = reference.predict(idx, as_double(params), cfg)
+    oracle_rows = reference.loss(idx, targets, as_double(params), cfg, reduction="none")
+    confident = (oracle_rows > 1e-12) & (oracle_rows < 1e-6)
+    assert confident.sum() >= 20
+
+    def confident_rows_loss(loss_fn, p):
+        """Each row's loss (float64 [N]) and the gradients of the confident rows' summed loss."""
+        p = with_grad(p)
+        rows = loss_fn(idx, targets, p, cfg, "fp32", reduction="none")
+        (rows * confident.to(rows.dtype)).sum().backward()
+        return rows.detach().double(), grads_of(p)
+
+    def row_err(rows):
+        return ((rows - oracle_rows).abs() / oracle_rows)[confident].max().item()
+
+    got_rows, got_grads = confident_rows_loss(kernels.loss, params)
+    ref_rows, ref_grads = confident_rows_loss(reference.loss, params)
+    _, oracle_grads = confident_rows_loss(reference.loss, as_double(params))
+    # the logits' own fp32 error (~1e-6 of their size, ~30) moves a confident row's loss by ~1e-5 of itself
+    assert row_err(got_rows) < 1e-3 and row_err(ref_rows) > 0.5
+    for name, got, ref, oracle in zip(AUNNParams._fields, got_grads, ref_grads, oracle_grads):
+        assert rel_err(got, oracle) < 1e-3 and rel_err(ref, oracle) > 1e-2, name
+
+
 @pytest.mark.parametrize("row_programs,vocab", [(1, 50257), (3, 50257), (5, 300), (8, 50257), (1000, 65536),
                                                 (1, 4095), (1, 4096)])
 def test_vocab_splits_cover_the_vocabulary(row_programs, vocab):
