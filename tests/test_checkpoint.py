@@ -161,3 +161,17 @@ def test_checkpoint_file_mode_follows_the_umask(model, tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "n.safetensors").stat().st_mode) == 0o640
+
+
+def test_load_keeps_the_asked_backend_and_precision(tmp_path):
+    AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=3), seed=0).save(tmp_path / "m.safetensors")
+    loaded = AUNN.load(tmp_path / "m.safetensors", backend="reference", precision="bf16")
+    assert (loaded.backend, loaded.precision) == ("reference", "bf16")
+
+
+def test_seed_state_dict_holds_copies():
+    model = AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=4), seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    for t in model.to_seed_state_dict().values():
+        t.add_(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -11,9 +11,10 @@ from aunn_fast.train import TrainConfig, make_optimizer, train
 
 from helpers import rel_err
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
+@needs_cuda
 @pytest.mark.parametrize("backend,hidden,precision", [
     ("reference", 64, "fp32"),
     ("triton", 64, "fp32"),
@@ -41,6 +42,7 @@ def test_graphed_steps_match_eager_steps(backend, hidden, precision):
         assert rel_err(b, a) < tol
 
 
+@needs_cuda
 def test_graph_rejects_wrong_batch_size():
     model = AUNN(AUNNConfig(hidden=32, layers=3)).cuda()
     graphed = GraphedTrainStep(model, make_optimizer(model, TrainConfig()), 64)
@@ -48,6 +50,7 @@ def test_graph_rejects_wrong_batch_size():
         graphed(torch.zeros(63, dtype=torch.int64, device="cuda"), torch.zeros(63, dtype=torch.int64, device="cuda"))
 
 
+@needs_cuda
 def test_graph_refuses_what_it_would_silently_ignore():
     """Inputs of another dtype; a backend, precision or learning rate changed after capture; parameters
     or optimizer state replaced (not updated in place) after capture."""
@@ -76,6 +79,7 @@ def test_graph_refuses_what_it_would_silently_ignore():
         graphed(ids, ids)
 
 
+@needs_cuda
 def test_graph_keeps_its_gradient_buffers():
     """A caller freeing the gradients (zero_grad(set_to_none=True)) and emptying the cache does not
     change what a replay computes: the graph holds the tensors it was captured with."""
@@ -97,6 +101,7 @@ def test_graph_keeps_its_gradient_buffers():
         assert rel_err(b, a) < 1e-5
 
 
+@needs_cuda
 def test_trainer_mixes_graphed_and_eager_steps():
     """With a short last batch per epoch the trainer alternates replays and eager steps; the result
     must match a run without the graph. torch's warning that a capturable optimizer steps uncaptured
@@ -112,3 +117,36 @@ def test_trainer_mixes_graphed_and_eager_steps():
         results.append([p.detach().clone() for p in model.parameters()])
     for eager, graphed in zip(*results):
         assert rel_err(graphed, eager) < 1e-4
+
+
+# The checks that run before any capture, on the CPU too.
+
+def test_graphed_step_needs_a_cuda_model():
+    model = AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=3), seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), capturable=True)
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedTrainStep(model, optimizer, 8)
+
+
+def test_graphed_step_restore_undoes_the_warm_up():
+    """_restore puts back the parameters and zeroes optimizer state the warm-up created (no step taken yet)."""
+    model = AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=3), seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = object.__new__(GraphedTrainStep)
+    step.model, step.optimizer = model, optimizer
+    saved = [p.detach().clone() for p in model.parameters()]
+    model.loss(torch.arange(16), torch.arange(16) % 4).backward()
+    optimizer.step()
+    step._restore(saved, {})
+    assert all(torch.equal(a, b) for a, b in zip(saved, model.parameters()))
+    for state in optimizer.state.values():
+        assert all(not v.any() for v in state.values() if torch.is_tensor(v))
+
+
+def test_graphed_step_refuses_other_dtypes_before_replaying():
+    step = object.__new__(GraphedTrainStep)
+    step.batch_size = 4
+    ids = torch.zeros(4, dtype=torch.int64)
+    for idx, targets in ((ids.int(), ids), (ids, ids.int())):
+        with pytest.raises(TypeError, match="int64"):
+            step(idx, targets)

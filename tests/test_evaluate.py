@@ -1,4 +1,5 @@
 """The fit metrics of ``aunn eval``: the same figures however the scoring is chunked."""
+import copy
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import aunn_fast.evaluate as evaluate
-from aunn_fast import AUNNConfig
+from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.data import ToyData
 
 from helpers import random_model
@@ -89,3 +90,64 @@ def test_data_that_fills_the_index_range_is_evaluated_as_far_as_indices_go(gener
     assert written == {"metrics.json", "report.md", "end_of_data.png", "histogram.png", "extrapolation.png"} | (
         {"conditioning.png"} if room else set())
     assert f"({room:,} predictions after the data)" in (tmp_path / "report.md").read_text()
+
+
+def test_fit_scores_every_index_up_to_the_sample_limit(monkeypatch, generator):
+    data = ToyData(chunks=25)
+    model = random_model(AUNNConfig(vocab_size=4, hidden=16, layers=3, bits=16), generator)
+    monkeypatch.setattr(evaluate, "FIT_SAMPLE_LIMIT", data.length)
+    idx = torch.arange(data.length)
+    expected = F.cross_entropy(model(idx).double(), data.targets(idx)).item()
+    scored = evaluate.fit(model, data, torch.Generator().manual_seed(0))
+    assert scored["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_extrapolation_window_ending_at_the_largest_index_is_kept():
+    assert evaluate.extrapolation_windows(96, 195)["near"] == (96, 100)  # indices 96 .. 195
+    assert "near" not in evaluate.extrapolation_windows(96, 194)
+
+
+def test_valid_chunks_and_the_chance_level(generator):
+    assert evaluate.valid_chunk_fraction(torch.tensor([0, 1, 1, 1, 0, 0, 0, 0, 0, 2, 2, 3])) == pytest.approx(1 / 3)
+    model = random_model(AUNNConfig(vocab_size=4, hidden=8, layers=3, bits=16), generator)
+    assert evaluate.extrapolation(model, ToyData(chunks=10))["chance_uniform"] == pytest.approx(3 / 4**4)
+
+
+def _stub_condition(monkeypatch, data, taught):
+    """Replace evaluate.condition: record the taught letter; the 'tuned' copy predicts the training data
+    perfectly (so its accuracy, the drift figure, is exactly 1)."""
+    def condition(model, prompt, at, **kwargs):
+        taught.append(int(prompt[1]))
+        tuned = copy.deepcopy(model)
+        tuned.predict = lambda idx: data.targets(idx)
+        return tuned
+
+    monkeypatch.setattr(evaluate, "condition", condition)
+
+
+def test_conditioning_teaches_a_new_letter_at_aligned_chunks_and_measures_the_tuned_copy(monkeypatch):
+    data = ToyData(chunks=30)
+    model = AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=3, bits=16), seed=0)
+    model.predict = lambda idx: torch.where(idx % 4 == 0, 0, 2)  # `|bbb` everywhere: `b` is never taught
+    taught = []
+    _stub_condition(monkeypatch, data, taught)
+    result = evaluate.conditioning(model, data, trials=30, steps=1, lr=1e-3, optimizer="adam",
+                                   generator=torch.Generator().manual_seed(0))
+    assert len(taught) == 30 and set(taught) <= {1, 3}
+    assert all(e["index"] % 4 == 0 and e["index"] >= data.length for e in result["examples"])
+    assert result["train_accuracy_after"] == 1.0
+
+
+def test_conditioning_runs_when_exactly_one_chunk_follows_the_data(monkeypatch):
+    data = ToyData(chunks=1023)  # 4092 indices: 4 left in bits=12
+    model = AUNN(AUNNConfig(vocab_size=4, hidden=8, layers=3, bits=12), seed=0)
+    model.vocab = ToyData.vocab
+    _stub_condition(monkeypatch, data, [])
+    metrics = evaluate.evaluate(model, data, condition_trials=1)
+    assert metrics["conditioning"]["examples"][0]["index"] == 4092
+
+
+def test_byte_token_names():
+    model = AUNN(AUNNConfig(vocab_size=256, hidden=8, layers=2, bits=8))
+    names = evaluate._token_names(model)
+    assert (names[65], names[127], names[128], names[255]) == ("A", "\x7f", "0x80", "0xff")

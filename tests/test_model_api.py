@@ -236,3 +236,63 @@ def test_unknown_reduction_is_refused_before_compute(model, monkeypatch):
     _forbid_compute(monkeypatch)
     with pytest.raises(ValueError, match="unknown reduction 'avg'; choose from mean, sum, none"):
         model.loss(torch.tensor([1]), torch.tensor([0]), reduction="avg")
+
+
+def test_config_and_keywords_together_are_refused():
+    with pytest.raises(TypeError, match="not both"):
+        AUNN(AUNNConfig(hidden=8, layers=2), hidden=16)
+
+
+def test_validate_off_hands_targets_to_the_backend_unchecked(monkeypatch):
+    """With validate=False no range check (and its device sync) runs: the targets reach the backend."""
+    model = AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=3), seed=0)
+    calls = []
+    backend = model.active_backend()
+    spy = dataclasses.replace(backend, loss=lambda *args: calls.append(args) or torch.zeros(()))
+    monkeypatch.setitem(backends.BACKENDS, backend.name, spy)
+    model.validate = False
+    model.loss(torch.tensor([1, 2]), torch.tensor([0, 4]))
+    assert len(calls) == 1
+
+
+def test_targets_on_another_device_or_of_bool_type_are_refused():
+    model = AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=3), seed=0)
+    idx = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="targets are on meta but indices are on cpu"):
+        model.loss(idx, torch.zeros(2, dtype=torch.int64, device="meta"))
+    with pytest.raises(TypeError, match="integer token ids"):
+        model.loss(idx, torch.tensor([True, False]))
+
+
+@pytest.mark.parametrize("triton_reason, expected", [(None, "triton"), ("no triton here", "reference")])
+def test_auto_backend_on_cuda_is_triton_where_usable(monkeypatch, triton_reason, expected):
+    triton = dataclasses.replace(backends.BACKENDS["triton"], unavailable_reason=lambda device: triton_reason)
+    monkeypatch.setitem(backends.BACKENDS, "triton", triton)
+    assert backends.resolve_backend("auto", "cuda").name == expected
+    assert backends.resolve_backend("auto", "cpu").name == "reference"
+
+
+def test_precision_must_be_one_the_backend_offers():
+    fp32_only = dataclasses.replace(backends.BACKENDS["reference"], precisions=("fp32",))
+    with pytest.raises(ValueError, match="does not offer precision 'bf16'"):
+        backends.resolve_precision("bf16", "cpu", fp32_only)
+    assert backends.resolve_precision("auto", "cuda", fp32_only) == "fp32"
+    assert backends.resolve_precision("auto", "cuda", backends.BACKENDS["reference"]) == "bf16"
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("residual_every", 0, ValueError), ("hidden", True, TypeError), ("bits", False, TypeError),
+])
+def test_config_bounds_and_types(field, value, error):
+    with pytest.raises(error, match=field):
+        AUNNConfig(**{field: value})
+
+
+def test_check_span_of_length_zero_checks_its_start():
+    cfg = AUNNConfig(bits=8)
+    cfg.check_span(255, 0)
+    cfg.check_span(0, 256)
+    with pytest.raises(ValueError, match="largest index 255"):
+        cfg.check_span(256, 0)
+    with pytest.raises(ValueError, match="largest index 255"):
+        cfg.check_span(1, 256)

@@ -1,5 +1,6 @@
 """report.md: every table row has its header's number of cells, whatever the cells contain."""
 import re
+import types
 import warnings
 
 import pytest
@@ -8,8 +9,11 @@ from PIL import Image
 
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.data import TextData, ToyData
+import aunn_fast.evaluate as evaluate_module
 from aunn_fast.evaluate import HISTOGRAM_TOKENS, evaluate
 from aunn_fast.report import write_report
+
+from helpers import random_model
 
 UNESCAPED_PIPE = re.compile(r"(?<!\\)\|")
 
@@ -62,3 +66,41 @@ def test_large_vocabulary_histogram_names_the_most_frequent_tokens(tmp_path, gen
     assert len(section.splitlines()) == 2 + HISTOGRAM_TOKENS + 1  # header, rule, named, others
     with Image.open(tmp_path / "run" / "histogram.png") as image:
         assert image.width <= 0.3 * (HISTOGRAM_TOKENS + 1) * 110 + 1
+
+
+def _cells(line):
+    return [c.strip() for c in UNESCAPED_PIPE.split(line)[1:-1]]
+
+
+def test_report_rows_show_their_own_figures(tmp_path):
+    data = ToyData(chunks=30)
+    model = random_model(AUNNConfig(vocab_size=4, hidden=16, layers=3, bits=16), torch.Generator().manual_seed(1))
+    model.vocab = ToyData.vocab
+    metrics = evaluate(model, data, condition_trials=1)
+    model.predict = lambda idx: idx % 4  # the report's own predictions: `|abc` repeated, from index 120 on
+    write_report(tmp_path, model, data, metrics, log_rows=[])
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    rows = {_cells(line)[0]: _cells(line)[1:] for line in lines if line.startswith("| ")}
+    assert rows["training loss"] == [f"{metrics['train_loss']:.5f} nats"]
+    assert rows["bits per token"] == [f"{metrics['bits_per_token']:.5f}"]
+    for token, h in metrics["histogram"].items():
+        assert rows[repr(token).replace("|", r"\|")] == [f"{h['training']:.3f}", f"{h['predicted']:.3f}"]
+    for name, (start, size) in metrics["extrapolation_windows"].items():
+        assert rows[name] == [f"{start:,}", f"{size:,}", f"{metrics['extrapolation'][name]:.3f}"]
+    generated = lines[lines.index("## Generated right after the data") + 3]
+    assert generated == "|abc" * 20
+
+
+def test_past_10m_plot_needs_exactly_its_strip(tmp_path, monkeypatch):
+    """The strip 10M past the data is drawn when its 400 indices fit, even with nothing to spare."""
+    monkeypatch.setattr(evaluate_module, "FIT_SAMPLE_LIMIT", 2048)
+    room = 10_000_000 + 400
+    data = ToyData(chunks=(2**24 - room) // 4)
+    model = AUNN(AUNNConfig(vocab_size=4, hidden=8, layers=3, bits=24), seed=0)
+    model.vocab = ToyData.vocab
+    assert evaluate_module.room_after(model, data) == room
+    metrics = {"histogram": {"|": {"training": 0.25, "predicted": 1.0}}, "histogram_predictions": 100}
+    written = write_report(tmp_path, model, types.SimpleNamespace(length=data.length, targets=data.targets),
+                           {**metrics, "data": {}, "train_accuracy": 0.5, "train_loss": 1.0, "bits_per_token": 1.4,
+                            "scored_indices": 1}, log_rows=[])
+    assert "past_10M.png" in {p.name for p in written}

@@ -10,8 +10,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.data import ToyData
-from aunn_fast.train import (CHECKPOINT_NAME, LOG_NAME, BatchSampler, TrainConfig, check_data_fits, load_run,
-                              optimizer_tensors, restore_optimizer, train)
+import aunn_fast.train as train_module
+from aunn_fast.train import (CHECKPOINT_NAME, LOG_NAME, BatchSampler, TrainConfig, accuracy, check_data_fits, load_run,
+                              make_optimizer, optimizer_tensors, restore_optimizer, train)
 
 
 def _model(seed=0):
@@ -217,3 +218,84 @@ def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_previous_one(tmp_p
     _model().save(tmp_path / CHECKPOINT_NAME)
     (_, synced_file), (_, renamed), (_, synced_dir) = events
     assert synced_file == renamed and renamed.endswith(".tmp") and synced_dir == str(tmp_path)
+
+
+def _log_rows(run_dir):
+    with (run_dir / LOG_NAME).open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_train_config_lengths():
+    """steps=0 is a valid (empty) run, negative steps are not; epochs round up to whole steps, and a short
+    last batch counts as a step."""
+    assert TrainConfig(steps=0).total_steps(100) == 0
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=-1)
+    cfg = TrainConfig(batch_size=32, epochs=1.1)
+    assert cfg.steps_per_epoch(100) == 4
+    assert cfg.total_steps(100) == 5  # 4.4 steps: the started one is taken
+    assert TrainConfig(batch_size=32, epochs=1.0).total_steps(100) == 4
+
+
+def test_permutation_is_used_up_to_the_limit(monkeypatch):
+    """A dataset of exactly PERMUTE_LIMIT indices is still permuted: an epoch covers every index once."""
+    monkeypatch.setattr(train_module, "PERMUTE_LIMIT", 100)
+    sampler = BatchSampler(length=100, batch_size=32, seed=1, device=torch.device("cpu"))
+    assert sorted(torch.cat([sampler.indices(step) for step in range(4)]).tolist()) == list(range(100))
+
+
+def test_optimizer_uses_the_configured_weight_decay():
+    model = _model()
+    for wd in (0.0, 0.1):
+        group = make_optimizer(model, TrainConfig(lr=2e-3, weight_decay=wd)).param_groups[0]
+        assert (group["lr"], group["weight_decay"]) == (2e-3, wd)
+
+
+def test_batch_order_follows_the_seed():
+    """TrainConfig.seed sets the batch order: the same seed reproduces a run, another seed changes it."""
+    data = ToyData(chunks=20)
+
+    def run(seed):
+        model = _model()
+        train(model, data, TrainConfig(batch_size=16, steps=3, lr=3e-3, seed=seed), progress=False)
+        return [p.detach().clone() for p in model.parameters()]
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_log_rows_epoch_accuracy_and_the_last_step(tmp_path):
+    """Rows every log_every steps and at the last step; epoch is fractional; accuracy is a fraction."""
+    data = ToyData(chunks=40)  # 160 indices: 5 batches of 32 per epoch
+    rows = train(_model(), data, TrainConfig(batch_size=32, steps=7, lr=3e-3, log_every=3), tmp_path, progress=False)
+    logged = _log_rows(tmp_path)
+    assert [r["step"] for r in logged] == [r["step"] for r in rows] == [3, 6, 7]
+    assert [r["epoch"] for r in logged] == pytest.approx([3 / 5, 6 / 5, 7 / 5])
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in logged)
+    model = _model()
+    idx = torch.arange(32)
+    expected = (model.predict(idx) == data.targets(idx)).double().mean().item()
+    assert 0 < expected < 1 and accuracy(model, idx, data.targets(idx)) == pytest.approx(expected)
+
+
+def test_throughput_after_a_resume_counts_only_the_resumed_time(tmp_path, monkeypatch):
+    """indices_per_s is the indices seen by this process over its own training time, not over the run's."""
+    clock = iter(range(0, 10**6, 10))
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    data = ToyData(chunks=40)
+    cfg = TrainConfig(batch_size=32, steps=8, lr=3e-3, log_every=2, save_every=1000)
+    train(_model(), data, TrainConfig(**{**cfg.__dict__, "steps": 4}), tmp_path, progress=False)
+    _, state, _, _ = load_run(tmp_path)
+    assert state["elapsed_s"] > 0
+    train(_model(), data, cfg, tmp_path, resume=True, progress=False)
+    for row in _log_rows(tmp_path):
+        before = 0.0 if row["step"] <= 4 else state["elapsed_s"]
+        seen = 32 * (row["step"] - (0 if row["step"] <= 4 else 4))
+        assert row["indices_per_s"] == pytest.approx(seen / (row["elapsed_s"] - before))
+
+
+def test_a_checkpoint_without_optimizer_state_cannot_be_resumed(tmp_path):
+    _model().save(tmp_path / CHECKPOINT_NAME, extra_metadata={"train_state": '{"step": 3}'})
+    with pytest.raises(ValueError, match="no training state"):
+        load_run(tmp_path)
