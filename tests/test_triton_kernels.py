@@ -339,7 +339,7 @@ def test_confident_rows_keep_their_digits(ranges, generator, monkeypatch):
     targets = reference.predict(idx, as_double(params), cfg)
     oracle_rows = reference.loss(idx, targets, as_double(params), cfg, reduction="none")
     confident = (oracle_rows > 1e-12) & (oracle_rows < 1e-6)
-    assert confident.sum() >= 20
+    assert confident.sum() >= 10  # at least 19 of the 150 rows in 360 draws, 42 in the median one
 
     def confident_rows_loss(loss_fn, p):
         """Each row's loss (float64 [N]) and the gradients of the confident rows' summed loss."""
@@ -354,10 +354,11 @@ def test_confident_rows_keep_their_digits(ranges, generator, monkeypatch):
     got_rows, got_grads = confident_rows_loss(kernels.loss, params)
     ref_rows, ref_grads = confident_rows_loss(reference.loss, params)
     _, oracle_grads = confident_rows_loss(reference.loss, as_double(params))
-    # the logits' own fp32 error (~1e-6 of their size, ~30) moves a confident row's loss by ~1e-5 of itself
-    assert row_err(got_rows) < 1e-3 and row_err(ref_rows) > 0.5
+    # the logits' own fp32 error (~1e-6 of their size, ~30) moves a confident row's loss by ~1e-5 of itself;
+    # the reference's errors (1e-2 to 1 on rows, ~1e-2 on gradients) show that the draw is a hard case
+    assert row_err(got_rows) < 1e-3 and row_err(ref_rows) > 10 * row_err(got_rows)
     for name, got, ref, oracle in zip(AUNNParams._fields, got_grads, ref_grads, oracle_grads):
-        assert rel_err(got, oracle) < 1e-3 and rel_err(ref, oracle) > 1e-2, name
+        assert rel_err(got, oracle) < 1e-3 and rel_err(ref, oracle) > 10 * rel_err(got, oracle), name
 
 
 @pytest.mark.parametrize("row_programs,vocab", [(1, 50257), (3, 50257), (5, 300), (8, 50257), (1000, 65536),
