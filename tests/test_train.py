@@ -19,9 +19,13 @@ def _model(seed=0):
     return AUNN(AUNNConfig(vocab_size=4, hidden=32, layers=4), seed=seed)
 
 
-def _losses(run_dir):
+def _log_rows(run_dir):
     with (run_dir / LOG_NAME).open() as f:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _losses(run_dir):
+    return [(int(r["step"]), r["loss"]) for r in _log_rows(run_dir)]
 
 
 def test_training_memorises_a_small_toy_sequence():
@@ -218,11 +222,6 @@ def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_previous_one(tmp_p
     _model().save(tmp_path / CHECKPOINT_NAME)
     (_, synced_file), (_, renamed), (_, synced_dir) = events
     assert synced_file == renamed and renamed.endswith(".tmp") and synced_dir == str(tmp_path)
-
-
-def _log_rows(run_dir):
-    with (run_dir / LOG_NAME).open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def test_train_config_lengths():
