@@ -333,7 +333,8 @@ def silu_rmsnorm_backward(dy, z, gain, H, eps, FAST_SIGMOID: tl.constexpr):
 def head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr):
-    """Logits [BLOCK_M, BLOCK_V] = h[rows] @ w[vcols].T + b[vcols].
+    """Logits [BLOCK_M, BLOCK_V] = h[rows] @ w[vcols].T + b[vcols]; -inf in the columns past the vocabulary,
+    so that softmax and argmax need no mask.
 
     h fp32/bf16 [N, H] is streamed from memory in BLOCK_K chunks."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
@@ -344,7 +345,7 @@ def head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
                     other=0.0).to(tl.float32)
         wt = tl.load(w_ptr + vcols[None, :] * H + k[:, None], mask=kmask[:, None] & vmask[None, :], other=0.0)
         acc += dot(a, wt, PRECISION)
-    return acc + tl.load(b_ptr + vcols, mask=vmask, other=0.0)[None, :]
+    return acc + tl.load(b_ptr + vcols, mask=vmask, other=float("-inf"))[None, :]
 
 
 @triton.jit
@@ -387,14 +388,21 @@ def load_softmax_stats(stats_ptr, rows, row_mask):
 
 
 @triton.jit
-def dlogits(logits, row_max, log_sum, target_complement, target, grad_row, vcols, vmask, row_mask):
+def load_targets(target_ptr, rows, row_mask):
+    """Targets int32 [M] of int64 targets [N]: the vocabulary is at most 65,536, and the vocabulary
+    columns they are compared with are int32 (an int64 compare costs two instructions)."""
+    return tl.load(target_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def dlogits(logits, row_max, log_sum, target_complement, target, grad_row, vcols, row_mask):
     """d(sum_rows grad_row * CE)/d logits for one tile: (softmax - onehot(target)) * grad_row, the target's
     entry -(1 - p_target) as the forward computed it.
 
-    0 outside the valid rows and columns."""
+    0 in the masked rows, and in the columns past the vocabulary (their logits are -inf)."""
     p = tl.exp((logits - row_max[:, None]) - log_sum[:, None])
     d = tl.where(vcols[None, :] == target[:, None], -target_complement[:, None], p) * grad_row[:, None]
-    return tl.where(row_mask[:, None] & vmask[None, :], d, 0.0)
+    return tl.where(row_mask[:, None], d, 0.0)
 
 
 @triton.jit
@@ -409,7 +417,7 @@ def head_backward_rows(h_ptr, target_ptr, grad_ptr, stats_ptr, w_ptr, b_ptr, row
     Logits are recomputed chunk by chunk from h [N, H] and the saved softmax stats [N, 3]; never stored.
     """
     row_max, log_sum, target_complement = load_softmax_stats(stats_ptr, rows, row_mask)
-    target = tl.load(target_ptr + rows, mask=row_mask, other=0)
+    target = load_targets(target_ptr, rows, row_mask)
     grad_row = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
     dh = tl.zeros((BLOCK_M, BLOCK_HC), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
@@ -417,7 +425,7 @@ def head_backward_rows(h_ptr, target_ptr, grad_ptr, stats_ptr, w_ptr, b_ptr, row
         vmask = vcols < V
         logits = head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
                                   BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
-        d = dlogits(logits, row_max, log_sum, target_complement, target, grad_row, vcols, vmask, row_mask)
+        d = dlogits(logits, row_max, log_sum, target_complement, target, grad_row, vcols, row_mask)
         w = tl.load(w_ptr + vcols[:, None] * H + hcols[None, :], mask=vmask[:, None] & hmask[None, :], other=0.0)
         dh += dot(d, w, PRECISION)
     return dh

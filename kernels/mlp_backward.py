@@ -42,6 +42,7 @@ from .common import (
     index_bits,
     launch,
     load_softmax_stats,
+    load_targets,
     num_sms,
     precision_code,
     silu_rmsnorm_backward,
@@ -206,8 +207,8 @@ def head_weight_grad_kernel(
         logits = head_logits_tile(h_ptr, rows, row_mask, out_w_ptr, out_b_ptr, vcols, vmask, H,
                                   BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
         row_max, log_sum, target_complement = load_softmax_stats(lse_ptr, rows, row_mask)
-        d = dlogits(logits, row_max, log_sum, target_complement, tl.load(target_ptr + rows, mask=row_mask, other=0),
-                    tl.load(grad_ptr + rows, mask=row_mask, other=0.0), vcols, vmask, row_mask)
+        d = dlogits(logits, row_max, log_sum, target_complement, load_targets(target_ptr, rows, row_mask),
+                    tl.load(grad_ptr + rows, mask=row_mask, other=0.0), vcols, row_mask)
         h = tl.load(h_ptr + rows[:, None] * H + hcols[None, :], mask=row_mask[:, None] & hmask[None, :],
                     other=0.0).to(tl.float32)
         dw += dot(tl.trans(d), h, PRECISION)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .common import (choose_tiles, cross_entropy_stats, dot, fast_sigmoid, head_logits_tile, index_bits, launch,
-                     next_pow2, precision_code, silu_rmsnorm, store_activation, vocab_splits)
+                     load_targets, next_pow2, precision_code, silu_rmsnorm, store_activation, vocab_splits)
 from .gemm import matmul, reusable_operand
 
 MODE_LOGITS, MODE_ARGMAX, MODE_LOSS = 0, 1, 2
@@ -150,7 +150,7 @@ def aunn_forward_kernel(
     other_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the non-target entries' share of the softmax sum
     target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if MODE == 2:
-        target = tl.load(target_ptr + rows, mask=row_mask, other=0)
+        target = load_targets(target_ptr, rows, row_mask)
     v_begin = v_range * v_per_range
     for v0 in range(v_begin, tl.minimum(V, v_begin + v_per_range), BLOCK_V):
         vcols = v0 + tl.arange(0, BLOCK_V)
@@ -158,7 +158,8 @@ def aunn_forward_kernel(
         if FUSED_TRUNK:
             w_out_t = tl.load(out_w_ptr + vcols[None, :] * H + hcols[:, None],
                               mask=hmask[:, None] & vmask[None, :], other=0.0)
-            logits = dot(h, w_out_t, PRECISION) + tl.load(out_b_ptr + vcols, mask=vmask, other=0.0)[None, :]
+            bias = tl.load(out_b_ptr + vcols, mask=vmask, other=float("-inf"))  # softmax and argmax need no mask
+            logits = dot(h, w_out_t, PRECISION) + bias[None, :]
         else:
             logits = head_logits_tile(act_ptr + head_in_offset, rows, row_mask,
                                       out_w_ptr, out_b_ptr, vcols, vmask, H,
@@ -167,7 +168,6 @@ def aunn_forward_kernel(
             tl.store(out_ptr + rows[:, None] * V + vcols[None, :], logits,
                      mask=row_mask[:, None] & vmask[None, :])
         else:
-            logits = tl.where(vmask[None, :], logits, float("-inf"))
             chunk_max = tl.max(logits, axis=1)
             if MODE == 1:
                 # strict '>' keeps the earlier chunk on ties; tl.argmax keeps the first within a chunk
