@@ -1,4 +1,7 @@
-"""Triton building blocks shared by the forward and backward kernels, and the tile choices.
+"""How the kernels are configured and launched, on the host: tile sizes per model shape, the
+sigmoid switch, vocabulary ranges, and the launch itself (device guard, ``wrap_triton``).
+The kernels' shared device code lives in :mod:`.precision` (matrix products per precision mode),
+:mod:`.trunk_blocks` (index bits, SiLU + RMSNorm) and :mod:`.head_blocks` (logits, cross-entropy).
 
 Conventions used by every kernel in this package:
 
@@ -12,7 +15,7 @@ Conventions used by every kernel in this package:
 * weights are stored as ``nn.Linear`` stores them, [out, in]; a kernel that needs
   W.T loads it transposed through pointer arithmetic; weights are fp32, except that a
   large output weight is read as its bf16 copy in the bf16 mode (``mlp_forward.head_weight``);
-* every matrix product goes through :func:`dot`, which applies the precision mode
+* every matrix product goes through :func:`.precision.dot`, which applies the precision mode
   (operands rounded per mode, accumulation always float32);
 * row offsets are int64 so that N * H and N * V may exceed 2**31.
 """
@@ -24,15 +27,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import triton
-import triton.language as tl
-
-# How `dot` treats its operands. Under TRITON_INTERPRET=1 a bf16 tl.dot returns garbage
-# (anchors.md), so the interpreter gets an exact emulation: operands rounded to bf16 in
-# registers, then an exact fp32 product, which is what the tensor cores compute (products of
-# rounded operands, fp32 accumulation). tf32 runs the GPU's own code there: its operands are
-# rounded in registers on every machine, and the interpreter's product of rounded operands is exact.
-PRECISION_CODES = {"fp32": 0, "tf32": 1, "bf16": 2}
-INTERPRETER_CODES = {"fp32": 0, "tf32": 1, "bf16": 3}
 
 
 def _patch_interpreter_for_numpy_2_4() -> None:
@@ -88,12 +82,6 @@ def on_device_of(tensor: torch.Tensor):
     """
     return torch.cuda.device(tensor.device) if tensor.is_cuda else nullcontext()
 
-
-def precision_code(precision: str) -> int:
-    """The PRECISION constexpr for `dot` on this machine."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return INTERPRETER_CODES[precision]
-    return PRECISION_CODES[precision]
 
 
 # How the kernels compute SiLU's sigmoid (a benchmarking switch, read at call time):
@@ -219,213 +207,3 @@ def choose_tiles(hidden: int, bits: int, vocab: int, precision: str) -> Tiles:
         num_warps_bwd=4 if (fused and block_h <= 64 and precision == "bf16") else 8,
     )
     return replace(tiles, **TILE_OVERRIDES) if TILE_OVERRIDES else tiles
-
-
-# ----------------------------------------------------------------------------- jit helpers
-
-
-@triton.jit
-def dot(a, b, PRECISION: tl.constexpr):
-    """fp32 [M, K] @ fp32 [K, N] -> fp32 [M, N], fp32 accumulation.
-
-    PRECISION 0: exact fp32 (ieee); 1: tf32 tensor cores; 2: bf16 operands; 3: bf16 emulated
-    (operands rounded, exact fp32 product) for the interpreter. The tensor cores truncate fp32
-    operands to tf32 (triton-lang/triton#4574), the reference rounds them to nearest: so they are
-    rounded first, after which truncation changes nothing.
-    """
-    if PRECISION == 2:
-        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
-    elif PRECISION == 1:
-        out = tl.dot(round_tf32(a), round_tf32(b), input_precision="tf32")
-    elif PRECISION == 3:
-        out = tl.dot(round_bf16(a), round_bf16(b), input_precision="ieee")
-    else:
-        out = tl.dot(a, b, input_precision="ieee")
-    return out
-
-
-@triton.jit
-def round_bf16(x):
-    """fp32 (or bf16) -> fp32 holding the nearest bfloat16 (ties to even), as torch's .to(torch.bfloat16)."""
-    bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def round_tf32(x):
-    """fp32 -> fp32 rounded to TensorFloat-32 (10 mantissa bits, nearest), as reference.round_operand."""
-    bits = x.to(tl.int32, bitcast=True)
-    return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def store_activation(ptrs, h, mask, PRECISION: tl.constexpr):
-    """Store fp32 h at ptrs (fp32, or bf16 rounded to nearest: the GPU's conversion does that, the
-    interpreter's truncates, so under PRECISION 3 (emulated bf16) it is rounded first)."""
-    if PRECISION == 3 and ptrs.dtype.element_ty == tl.bfloat16:
-        h = round_bf16(h)
-    tl.store(ptrs, h.to(ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def index_bits(idx, k, BITS: tl.constexpr):
-    """int64 idx [M], int32 bit positions k [K] -> fp32 [M, K]: bit k of idx, 0 where k >= BITS."""
-    shift = tl.minimum(k, 63).to(tl.int64)
-    bit = (idx[:, None] >> shift[None, :]) & 1
-    return tl.where(k[None, :] < BITS, bit, 0).to(tl.float32)
-
-
-@triton.jit
-def tanh_approx(x):
-    """fp32 tanh by PTX tanh.approx.f32: one special-function op, absolute error ~5e-4 (NVIDIA GPUs only)."""
-    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                     pack=1)
-
-
-@triton.jit
-def sigmoid(z, FAST_SIGMOID: tl.constexpr):
-    """fp32 sigmoid: 1 / (1 + exp(-z)) (an exp and a reciprocal, each with range fix-ups), or with
-    FAST_SIGMOID 0.5 * tanh(z / 2) + 0.5 (one tanh_approx)."""
-    if FAST_SIGMOID:
-        return 0.5 * tanh_approx(0.5 * z) + 0.5
-    else:
-        return tl.sigmoid(z)
-
-
-@triton.jit
-def silu(z, FAST_SIGMOID: tl.constexpr):
-    """fp32 z * sigmoid(z); with FAST_SIGMOID as z/2 * tanh(z/2) + z/2: a multiply, a tanh and an FMA."""
-    if FAST_SIGMOID:
-        half = 0.5 * z
-        return half * tanh_approx(half) + half
-    else:
-        return z * tl.sigmoid(z)
-
-
-@triton.jit
-def silu_rmsnorm(z, gain, H, eps, FAST_SIGMOID: tl.constexpr):
-    """z fp32 [M, BLOCK_H] (padded columns 0), gain [BLOCK_H] -> RMSNorm(SiLU(z)) * gain over the H real columns."""
-    s = silu(z, FAST_SIGMOID)
-    inv_rms = tl.rsqrt(tl.sum(s * s, axis=1) / H + eps)
-    return s * inv_rms[:, None] * gain[None, :]
-
-
-@triton.jit
-def silu_rmsnorm_backward(dy, z, gain, H, eps, FAST_SIGMOID: tl.constexpr):
-    """For y = RMSNorm(SiLU(z)) * gain: dL/dy [M, BLOCK_H] -> (dL/dz [M, BLOCK_H], dL/dgain summed over rows [BLOCK_H]).
-
-    With s = SiLU(z), r = rsqrt(mean(s^2) + eps), n = s * r:
-        dgain = sum_rows(dy * n);  dn = dy * gain;  ds = r * (dn - n * mean(dn * n));  dz = ds * SiLU'(z).
-    """
-    sig = sigmoid(z, FAST_SIGMOID)
-    s = z * sig
-    inv_rms = tl.rsqrt(tl.sum(s * s, axis=1) / H + eps)
-    n = s * inv_rms[:, None]
-    dgain = tl.sum(dy * n, axis=0)
-    dn = dy * gain[None, :]
-    ds = inv_rms[:, None] * (dn - n * (tl.sum(dn * n, axis=1) / H)[:, None])
-    dz = ds * (sig * (1.0 + z * (1.0 - sig)))
-    return dz, dgain
-
-
-@triton.jit
-def head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
-                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """Logits [BLOCK_M, BLOCK_V] = h[rows] @ w[vcols].T + b[vcols]; -inf in the columns past the vocabulary,
-    so that softmax and argmax need no mask.
-
-    h fp32/bf16 [N, H] is streamed from memory in BLOCK_K chunks."""
-    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < H
-        a = tl.load(h_ptr + rows[:, None] * H + k[None, :], mask=row_mask[:, None] & kmask[None, :],
-                    other=0.0).to(tl.float32)
-        wt = tl.load(w_ptr + vcols[None, :] * H + k[:, None], mask=kmask[:, None] & vmask[None, :], other=0.0)
-        acc += dot(a, wt, PRECISION)
-    return acc + tl.load(b_ptr + vcols, mask=vmask, other=float("-inf"))[None, :]
-
-
-@triton.jit
-def log1p(x):
-    """log(1 + x) for x >= 0 with x's own digits when x is tiny (Kahan: log(u) * x / (u - 1), u = 1 + x)."""
-    u = 1.0 + x
-    rounded = u - 1.0
-    return tl.where(rounded == 0.0, x, tl.log(u) * (x / tl.where(rounded == 0.0, 1.0, rounded)))
-
-
-@triton.jit
-def cross_entropy_stats(row_max, other_sum, target_logit):
-    """Per row (cross-entropy, log_sum, 1 - p_target), fp32 [M] each, from the row's max logit, the sum of
-    exp(logit - max) over the non-target entries and the target's logit; log_sum = log of the whole sum.
-
-    A confident row (p_target near 1) is the common case once an AUNN has memorised its data. There
-    log(sum) = log(1 + other_sum) and p_target - 1 would round other_sum's digits away, the loss and the
-    target's gradient with them (PyTorch's, at a loss of 1e-7, are off by 15%); from other_sum both
-    keep full precision: the loss is log1p(other_sum) when the target is the max, 1 - p_target is
-    other_sum / sum.
-    """
-    total = other_sum + tl.exp(target_logit - row_max)
-    log_sum = tl.log(total)
-    row_loss = tl.where(target_logit == row_max, log1p(other_sum), (row_max - target_logit) + log_sum)
-    return row_loss, log_sum, other_sum / total
-
-
-@triton.jit
-def load_softmax_stats(stats_ptr, rows, row_mask):
-    """Per-row (max logit, log of the sum of exp(logit - max), 1 - p_target), fp32 [M] each, from stats
-    fp32 [N, 3] (:func:`cross_entropy_stats`).
-
-    Max and log-sum are kept apart rather than as one logsumexp: when one logit dominates, log-sum is
-    tiny and max + log-sum would round most of its digits away.
-    """
-    row_max = tl.load(stats_ptr + 3 * rows, mask=row_mask, other=0.0)
-    log_sum = tl.load(stats_ptr + 3 * rows + 1, mask=row_mask, other=0.0)
-    target_complement = tl.load(stats_ptr + 3 * rows + 2, mask=row_mask, other=0.0)
-    return row_max, log_sum, target_complement
-
-
-@triton.jit
-def load_targets(target_ptr, rows, row_mask):
-    """Targets int32 [M] of int64 targets [N]: the vocabulary is at most 65,536, and the vocabulary
-    columns they are compared with are int32 (an int64 compare costs two instructions)."""
-    return tl.load(target_ptr + rows, mask=row_mask, other=0).to(tl.int32)
-
-
-@triton.jit
-def dlogits(logits, row_max, log_sum, target_complement, target, grad_row, vcols, row_mask):
-    """d(sum_rows grad_row * CE)/d logits for one tile: (softmax - onehot(target)) * grad_row, the target's
-    entry -(1 - p_target) as the forward computed it.
-
-    0 in the masked rows, and in the columns past the vocabulary (their logits are -inf)."""
-    p = tl.exp((logits - row_max[:, None]) - log_sum[:, None])
-    d = tl.where(vcols[None, :] == target[:, None], -target_complement[:, None], p) * grad_row[:, None]
-    return tl.where(row_mask[:, None], d, 0.0)
-
-
-@triton.jit
-def head_backward_rows(h_ptr, target_ptr, grad_ptr, stats_ptr, w_ptr, b_ptr, rows, row_mask, hcols, hmask,
-                       H, V, v_begin, v_end, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_HC: tl.constexpr, PRECISION: tl.constexpr):
-    """dL/dh[rows, hcols] [BLOCK_M, BLOCK_HC] of the loss sum_rows grad_row * CE(h @ w.T + b, target),
-    the vocabulary entries [v_begin, v_end) only (v_begin a multiple of BLOCK_V).
-
-    h is fp32 or bf16 [N, H].
-
-    Logits are recomputed chunk by chunk from h [N, H] and the saved softmax stats [N, 3]; never stored.
-    """
-    row_max, log_sum, target_complement = load_softmax_stats(stats_ptr, rows, row_mask)
-    target = load_targets(target_ptr, rows, row_mask)
-    grad_row = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
-    dh = tl.zeros((BLOCK_M, BLOCK_HC), dtype=tl.float32)
-    for v0 in range(v_begin, v_end, BLOCK_V):
-        vcols = v0 + tl.arange(0, BLOCK_V)
-        vmask = vcols < V
-        logits = head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
-                                  BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
-        d = dlogits(logits, row_max, log_sum, target_complement, target, grad_row, vcols, row_mask)
-        w = tl.load(w_ptr + vcols[:, None] * H + hcols[None, :], mask=vmask[:, None] & hmask[None, :], other=0.0)
-        dh += dot(d, w, PRECISION)
-    return dh

@@ -32,23 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    choose_tiles,
-    dlogits,
-    dot,
-    fast_sigmoid,
-    head_backward_rows,
-    head_logits_tile,
-    index_bits,
-    launch,
-    load_softmax_stats,
-    load_targets,
-    num_sms,
-    precision_code,
-    silu_rmsnorm_backward,
-    store_activation,
-    vocab_splits,
-)
+from .common import choose_tiles, fast_sigmoid, launch, num_sms, vocab_splits
+from .head_blocks import dlogits, head_backward_rows, head_logits_tile, load_softmax_stats, load_targets
+from .precision import dot, precision_code, store_activation
+from .trunk_blocks import index_bits, silu_rmsnorm_backward
 from .gemm import batch_reduced_matmul, matmul, reusable_operand
 from .mlp_forward import MODE_LOGITS, MODE_LOSS, head_weight, index_bits_matrix, new_buffer
 

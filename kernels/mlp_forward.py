@@ -20,8 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (choose_tiles, cross_entropy_stats, dot, fast_sigmoid, head_logits_tile, index_bits, launch,
-                     load_targets, next_pow2, precision_code, silu_rmsnorm, store_activation, vocab_splits)
+from .common import choose_tiles, fast_sigmoid, launch, next_pow2, vocab_splits
+from .head_blocks import cross_entropy_stats, head_logits_tile, load_targets
+from .precision import dot, precision_code, store_activation
+from .trunk_blocks import index_bits, silu_rmsnorm
 from .gemm import matmul, reusable_operand
 
 MODE_LOGITS, MODE_ARGMAX, MODE_LOSS = 0, 1, 2
@@ -83,7 +85,7 @@ def aunn_forward_kernel(
     the last layer at head_in_offset): activation after each layer (the input of the next);
     written when STORE_ACTS (fused trunk), read (last layer only) when not FUSED_TRUNK.
     out: MODE 0 logits fp32 [N, V]; MODE 1 argmax int64 [N]; MODE 2 per-row CE fp32 [N]
-    (and the softmax stats lse fp32 [N, 3] for the backward, see :func:`common.cross_entropy_stats`).
+    (and the softmax stats lse fp32 [N, 3] for the backward, see :func:`head_blocks.cross_entropy_stats`).
     With RANGE_PARTIALS (several ranges), modes 1 and 2 store their range's partial results instead, for
     :func:`combine_ranges`: part fp32 [ranges, 3, N] holds MODE 1 (best logit, its index, -),
     MODE 2 (max logit, sum of exp(logit - max) over the non-target entries, target logit or 0);
@@ -350,7 +352,7 @@ def combine_ranges(part: torch.Tensor, mode: int, lse: torch.Tensor) -> tuple[to
     part fp32 [ranges, 3, N]. MODE_ARGMAX: out int64 [N], the index of the best logit, on ties
     the first range's (torch.argmax keeps the first maximum, as each range kept its first); lse
     is passed through. MODE_LOSS: out fp32 [N] the cross-entropy, lse fp32 [N, 3] the softmax
-    stats, computed as :func:`common.cross_entropy_stats` computes them.
+    stats, computed as :func:`head_blocks.cross_entropy_stats` computes them.
     """
     if mode == MODE_ARGMAX:
         best_range = part[:, 0].argmax(0, keepdim=True)

@@ -42,14 +42,15 @@ if _REASON is None:
     import triton.language as tl
 
     from aunn_fast.kernels import common, mlp_backward, mlp_forward
+    from aunn_fast.kernels.precision import round_bf16, round_tf32
 
     @triton.jit
     def rounding_kernel(x_ptr, bf16_ptr, tf32_ptr, N, BLOCK: tl.constexpr):
         """The kernels' operand rounding (bf16 emulated, tf32) of x fp32 [N], for a bit-exact test."""
         i = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + i, mask=i < N)
-        tl.store(bf16_ptr + i, common.round_bf16(x), mask=i < N)
-        tl.store(tf32_ptr + i, common.round_tf32(x), mask=i < N)
+        tl.store(bf16_ptr + i, round_bf16(x), mask=i < N)
+        tl.store(tf32_ptr + i, round_tf32(x), mask=i < N)
 
 ATOL_REL = 1e-5
 # Floors of the 2x rule by precision (relative to max|oracle|). In tf32/bf16 an operand that
