@@ -362,6 +362,31 @@ def test_confident_rows_keep_their_digits(ranges, generator, monkeypatch):
         assert rel_err(got, oracle) < 1e-3 and rel_err(ref, oracle) > 10 * rel_err(got, oracle), name
 
 
+@pytest.mark.parametrize("path", ["fused", "layer-wise", "vocabulary ranges"])
+def test_logits_past_exp_range(path, generator, monkeypatch):
+    """Head biases of 100 (exp(100) overflows float32): loss and gradients stay finite and right on every path.
+    A row block's padded rows see logits equal to the bias, so the head's backward has to mask those rows:
+    their zero upstream gradient alone would leave inf * 0 = NaN in the bias and hidden gradients."""
+    if path == "layer-wise":
+        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+    if path == "vocabulary ranges":
+        monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
+    cfg = AUNNConfig(vocab_size=150, hidden=32, layers=4, bits=64, residual_every=2)
+    params = make_params(cfg, generator)
+    params = params._replace(out_bias=params.out_bias + 100.0 * (torch.arange(150, device=DEVICE) % 3 == 0))
+    n = 37
+    idx = make_indices(cfg, n, generator)
+    targets = torch.randint(0, cfg.vocab_size, (n,), generator=generator).to(DEVICE)
+    loss, grads = run_loss(kernels.loss, idx, targets, params, cfg, "fp32")
+    loss32, grads32 = run_loss(reference.loss, idx, targets, params, cfg, "fp32")
+    loss64, grads64 = run_loss(reference.loss, idx, targets, as_double(params), cfg, "fp32")
+    assert loss64 > 30  # most targets sit 100 nats below the biased entries
+    assert_2x_rule("loss", loss, loss32, loss64)
+    scales = row_term_scales(idx, targets, as_double(params), cfg)
+    for name, g, g32, g64, scale in zip(AUNNParams._fields, grads, grads32, grads64, scales):
+        assert_2x_rule(f"d {name}", g, g32, g64, atol_rel=GRAD_FLOOR_FP32, scale=scale)
+
+
 @pytest.mark.parametrize("row_programs,vocab", [(1, 50257), (3, 50257), (5, 300), (8, 50257), (1000, 65536),
                                                 (1, 4095), (1, 4096)])
 def test_vocab_splits_cover_the_vocabulary(row_programs, vocab):
