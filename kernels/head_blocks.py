@@ -1,6 +1,6 @@
 """Device functions of the output head and its cross-entropy: a logits tile, the fused loss's
-softmax statistics, dloss/dlogits, and dL/dh over a range of the vocabulary. Logits never reach
-memory: every pass over the head recomputes them tile by tile."""
+softmax statistics, dloss/dlogits, and dL/dh over a range of the vocabulary. On the loss path the
+logits never reach memory: every pass over the head recomputes them tile by tile."""
 from __future__ import annotations
 
 import triton
