@@ -33,11 +33,11 @@ import triton
 import triton.language as tl
 
 from .common import choose_tiles, fast_sigmoid, launch, num_sms, vocab_splits
+from .gemm import batch_reduced_matmul, matmul, reusable_operand
 from .head_blocks import dlogits, head_backward_rows, head_logits_tile, load_softmax_stats, load_targets
+from .mlp_forward import MODE_LOGITS, MODE_LOSS, head_weight, index_bits_matrix, new_buffer
 from .precision import dot, precision_code, store_activation
 from .trunk_blocks import index_bits, silu_rmsnorm_backward
-from .gemm import batch_reduced_matmul, matmul, reusable_operand
-from .mlp_forward import MODE_LOGITS, MODE_LOSS, head_weight, index_bits_matrix, new_buffer
 
 # How the fused trunk's weight and bias gradients are computed (a benchmarking switch, read
 # at call time; the layer-wise path always uses "torch"):

@@ -21,10 +21,10 @@ import triton
 import triton.language as tl
 
 from .common import choose_tiles, fast_sigmoid, launch, next_pow2, vocab_splits
+from .gemm import matmul, reusable_operand
 from .head_blocks import cross_entropy_stats, head_logits_tile, load_targets
 from .precision import dot, precision_code, store_activation
 from .trunk_blocks import index_bits, silu_rmsnorm
-from .gemm import matmul, reusable_operand
 
 MODE_LOGITS, MODE_ARGMAX, MODE_LOSS = 0, 1, 2
 
