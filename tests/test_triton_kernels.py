@@ -362,6 +362,9 @@ def test_confident_rows_keep_their_digits(ranges, generator, monkeypatch):
         assert rel_err(got, oracle) < 1e-3 and rel_err(ref, oracle) > 10 * rel_err(got, oracle), name
 
 
+# the interpreter's NumPy reports the padded rows' exp(100) and inf * 0, which the row mask then discards
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
 @pytest.mark.parametrize("path", ["fused", "layer-wise", "vocabulary ranges"])
 def test_logits_past_exp_range(path, generator, monkeypatch):
     """Head biases of 100 (exp(100) overflows float32): loss and gradients stay finite and right on every path.
