@@ -10,11 +10,17 @@ from .precision import dot
 
 
 @triton.jit
+def head_bias(b_ptr, vcols, vmask):
+    """The output bias of vocabulary columns vcols [BLOCK_V], fp32; -inf in the columns past the vocabulary
+    (vmask false), so that logits built on it need no column mask in softmax, argmax or dlogits."""
+    return tl.load(b_ptr + vcols, mask=vmask, other=float("-inf"))
+
+
+@triton.jit
 def head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr):
-    """Logits [BLOCK_M, BLOCK_V] = h[rows] @ w[vcols].T + b[vcols]; -inf in the columns past the vocabulary,
-    so that softmax and argmax need no mask.
+    """Logits [BLOCK_M, BLOCK_V] = h[rows] @ w[vcols].T + b[vcols]; -inf past the vocabulary (:func:`head_bias`).
 
     h fp32/bf16 [N, H] is streamed from memory in BLOCK_K chunks."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
@@ -25,7 +31,7 @@ def head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
                     other=0.0).to(tl.float32)
         wt = tl.load(w_ptr + vcols[None, :] * H + k[:, None], mask=kmask[:, None] & vmask[None, :], other=0.0)
         acc += dot(a, wt, PRECISION)
-    return acc + tl.load(b_ptr + vcols, mask=vmask, other=float("-inf"))[None, :]
+    return acc + head_bias(b_ptr, vcols, vmask)[None, :]
 
 
 @triton.jit

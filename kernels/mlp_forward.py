@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .common import choose_tiles, fast_sigmoid, launch, next_pow2, vocab_splits
 from .gemm import matmul, reusable_operand
-from .head_blocks import cross_entropy_stats, head_logits_tile, load_targets
+from .head_blocks import cross_entropy_stats, head_bias, head_logits_tile, load_targets
 from .precision import dot, precision_code, store_activation
 from .trunk_blocks import index_bits, silu_rmsnorm
 
@@ -160,8 +160,7 @@ def aunn_forward_kernel(
         if FUSED_TRUNK:
             w_out_t = tl.load(out_w_ptr + vcols[None, :] * H + hcols[:, None],
                               mask=hmask[:, None] & vmask[None, :], other=0.0)
-            bias = tl.load(out_b_ptr + vcols, mask=vmask, other=float("-inf"))  # softmax and argmax need no mask
-            logits = dot(h, w_out_t, PRECISION) + bias[None, :]
+            logits = dot(h, w_out_t, PRECISION) + head_bias(out_b_ptr, vcols, vmask)[None, :]
         else:
             logits = head_logits_tile(act_ptr + head_in_offset, rows, row_mask,
                                       out_w_ptr, out_b_ptr, vcols, vmask, H,
