@@ -56,6 +56,10 @@ PY
 # CUDA graph, checkpoints, eval, generate, condition).
 # Triton's cache starts empty on a fresh machine: every kernel specialisation compiles once.
 PYTEST=("$PYTHON" -m pytest -v --maxfail=5 --tb=short -p no:cacheprovider)
+# Test processes share the one GPU; several of them compile the cold cache's kernels in parallel.
+if "$PYTHON" -c "import xdist" 2>/dev/null; then
+    PYTEST+=(-n "${TEST_WORKERS:-8}")
+fi
 echo "== GPU-only tests (timeout ${GPU_TEST_TIMEOUT}s) -> $OUT/pytest_gpu.log"
 timeout "$GPU_TEST_TIMEOUT" "${PYTEST[@]}" tests/test_cuda_graph.py tests/test_triton_kernels.py -k "graph or gpu" \
     > "$OUT/pytest_gpu.log" 2>&1
