@@ -45,7 +45,8 @@ def silu(z, FAST_SIGMOID: tl.constexpr):
 def silu_rmsnorm(z, gain, H, eps, FAST_SIGMOID: tl.constexpr):
     """z fp32 [M, BLOCK_H] (padded columns 0), gain [BLOCK_H] -> RMSNorm(SiLU(z)) * gain over the H real columns."""
     s = silu(z, FAST_SIGMOID)
-    inv_rms = tl.rsqrt(tl.sum(s * s, axis=1) / H + eps)
+    # torch.compile's generated launcher passes a float argument as fp64: keep the tile in fp32
+    inv_rms = tl.rsqrt(tl.sum(s * s, axis=1) / H + tl.cast(eps, tl.float32))
     return s * inv_rms[:, None] * gain[None, :]
 
 
@@ -58,7 +59,7 @@ def silu_rmsnorm_backward(dy, z, gain, H, eps, FAST_SIGMOID: tl.constexpr):
     """
     sig = sigmoid(z, FAST_SIGMOID)
     s = z * sig
-    inv_rms = tl.rsqrt(tl.sum(s * s, axis=1) / H + eps)
+    inv_rms = tl.rsqrt(tl.sum(s * s, axis=1) / H + tl.cast(eps, tl.float32))
     n = s * inv_rms[:, None]
     dgain = tl.sum(dy * n, axis=0)
     dn = dy * gain[None, :]
