@@ -660,10 +660,11 @@ def test_gpu_precisions(precision, hidden, layers, vocab, generator, weight_grad
 
 
 @gpu_only
+@pytest.mark.parametrize("sigmoid", ["tanh", "exact"])
 @pytest.mark.parametrize("hidden,layers,vocab", [(64, 8, 4), (128, 6, 300)])
-def test_gpu_bf16_tanh_sigmoid(hidden, layers, vocab, generator, weight_grad, monkeypatch):
-    """SiLU through tanh.approx.f32 (common.SIGMOID = "tanh") keeps bf16's accuracy."""
-    monkeypatch.setattr(common, "SIGMOID", "tanh")
+def test_gpu_bf16_sigmoids(hidden, layers, vocab, sigmoid, generator, weight_grad, monkeypatch):
+    """bf16 keeps its accuracy with either sigmoid: SiLU through tanh.approx.f32 (the default) or exact."""
+    monkeypatch.setattr(common, "SIGMOID", sigmoid)
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
     check_model(cfg, 4099, generator, "bf16")
 
