@@ -1,6 +1,7 @@
 """Time the fused kernels' candidate configurations against each other (CUDA only).
 
     python -m aunn_fast.bench.kernel_variants --out DIR [--programs-per-sm 1,2,4]
+        [--workloads predict,train] [--shapes seed,notebook,H128,bpe] [--precisions bf16,fp32]
 
 Each candidate sets the kernels' benchmarking switches: the trunk weight-gradient method
 (``mlp_backward.WEIGHT_GRAD``: "torch" or "partials", the latter once per
@@ -39,7 +40,7 @@ from aunn_fast import AUNNConfig, AUNNParams, kernels, reference
 from .checks import TOLERANCES
 from .environment import describe
 from .harness import nontrivial_model
-from .options import counts, out_dir
+from .options import comma_separated, counts, names_from, out_dir
 from .timing import QUICK, median_ms
 
 CHECK_ROWS = 65536
@@ -272,7 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=out_dir, help="directory for kernel_variants.md / .json")
     parser.add_argument("--programs-per-sm", type=counts, default=[2],
                         help="comma-separated PARTIAL_PROGRAMS_PER_SM values for 'partials' (default 2)")
+    parser.add_argument("--workloads", type=names_from(WORKLOADS, "workload"), default=list(WORKLOADS),
+                        help="comma-separated workloads to run (default: predict,train)")
+    parser.add_argument("--shapes", type=comma_separated, default=None,
+                        help="comma-separated shapes to run: seed, notebook, H128, bpe (default: all)")
+    parser.add_argument("--precisions", type=names_from(TOLERANCES, "precision"), default=list(TOLERANCES),
+                        help="comma-separated precisions to run (default: all in the plan)")
     args = parser.parse_args(argv)
+    plan = [s for s in default_plan(args.programs_per_sm) if s.workload in args.workloads
+            and s.precision in args.precisions and (args.shapes is None or s.shape in args.shapes)]
+    if not plan:
+        parser.error("the filters leave no step to run")
     if not torch.cuda.is_available():
         print("kernel_variants: needs a CUDA GPU (torch sees none)", file=sys.stderr)
         return 2
@@ -288,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "kernel_variants.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         (args.out / "kernel_variants.md").write_text(markdown(meta, rows))
 
-    rows = run(default_plan(args.programs_per_sm), device, save)
+    rows = run(plan, device, save)
     print(f"wrote {args.out / 'kernel_variants.md'}")
     return 0 if all(r["correct"] and not r["error"] for r in rows) else 1
 
