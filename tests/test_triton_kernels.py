@@ -789,8 +789,13 @@ def check_compiled_matches_eager(precision, generator, vocab=70):
     idx = make_indices(cfg, n, generator)
     targets = torch.randint(0, vocab, (n,), generator=generator).to(DEVICE)
     # On a GPU the compiler traces into the operators: same kernels, but PyTorch's own steps
-    # (the sums of weight-gradient partials) may be reordered, a few fp32 roundings.
-    tol = {"rtol": 1e-5, "atol": 1e-6} if precision == "fp32" else {"rtol": 1e-4, "atol": 1e-5}
+    # (the sums of weight-gradient partials, the layer-wise path's GEMMs) may be reordered or run
+    # by other GEMM kernels, a few fp32 roundings relative to the tensor's scale (on the H100, a
+    # logit near zero of the layer-wise fp32 path differed by 2.3e-6, 0.2% of itself).
+    rel = 1e-5 if precision == "fp32" else 1e-4
+
+    def assert_close(got, want):
+        torch.testing.assert_close(got, want, rtol=rel, atol=rel * float(want.abs().max()))
 
     def loss_and_grads(fn):
         p = with_grad(params)
@@ -802,9 +807,9 @@ def check_compiled_matches_eager(precision, generator, vocab=70):
     compiled = loss_and_grads(torch.compile(lambda p: kernels.loss(idx, targets, p, cfg, precision),
                                             fullgraph=True))
     for c, e in zip(compiled, eager):
-        torch.testing.assert_close(c, e, **tol)
+        assert_close(c, e)
     logits = torch.compile(lambda p: kernels.logits(idx, p, cfg, precision), fullgraph=True)(params)
-    torch.testing.assert_close(logits, kernels.logits(idx, params, cfg, precision), **tol)
+    assert_close(logits, kernels.logits(idx, params, cfg, precision))
     with torch.no_grad():
         pred = torch.compile(lambda p: kernels.predict(idx, p, cfg, precision), fullgraph=True)(params)
     assert torch.equal(pred, kernels.predict(idx, params, cfg, precision))
