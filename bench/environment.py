@@ -47,12 +47,15 @@ def _git(*args: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """HEAD of the repository this file lives in, with "+dirty" when tracked files differ from it (the
-    figures then come from code no commit holds). Where there is no repository (a copy of the working
-    tree, as a lent GPU machine gets), the environment variable AUNN_FAST_COMMIT, else None."""
+    """The environment variable AUNN_FAST_COMMIT where set (a lent GPU machine gets a copy of the working
+    tree whose repository may be an older snapshot: one reported the session's first commit "+dirty"
+    while the tree held four later ones); else HEAD of the repository this file lives in, with "+dirty"
+    when tracked files differ from it (the figures then come from code no commit holds); else None."""
+    if os.environ.get("AUNN_FAST_COMMIT"):
+        return os.environ["AUNN_FAST_COMMIT"]
     head = _git("rev-parse", "HEAD")
     if head is None:
-        return os.environ.get("AUNN_FAST_COMMIT")
+        return None
     return head + "+dirty" if _git("status", "--porcelain", "--untracked-files=no") else head
 
 

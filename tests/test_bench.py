@@ -393,11 +393,13 @@ def test_commit_says_when_the_tree_differs_from_it(monkeypatch):
 
     answers = {("rev-parse", "HEAD"): "abc123"}
     monkeypatch.setattr(environment, "_git", lambda *args: answers.get(args[:2], ""))
+    monkeypatch.delenv("AUNN_FAST_COMMIT", raising=False)
     assert environment.git_commit() == "abc123"
     answers[("status", "--porcelain")] = " M kernels/common.py"
     assert environment.git_commit() == "abc123+dirty"
-    monkeypatch.setattr(environment, "_git", lambda *args: None)
-    monkeypatch.delenv("AUNN_FAST_COMMIT", raising=False)
-    assert environment.git_commit() is None
-    monkeypatch.setenv("AUNN_FAST_COMMIT", "def456")  # a tree copied without its repository
+    monkeypatch.setenv("AUNN_FAST_COMMIT", "def456")  # given explicitly: it wins over a stale repository
     assert environment.git_commit() == "def456"
+    monkeypatch.setattr(environment, "_git", lambda *args: None)
+    assert environment.git_commit() == "def456"
+    monkeypatch.delenv("AUNN_FAST_COMMIT")
+    assert environment.git_commit() is None
