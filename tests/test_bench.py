@@ -216,7 +216,8 @@ def test_kernel_variants_plan_skips_the_default_backward_tiles():
     labels = {(s.shape, s.batch, s.precision): [v.label for v in s.variants] for s in kv.default_plan([2])}
     assert "torch + tanh, bwd 32 rows 4 warps" not in labels["seed", 1 << 20, "bf16"]  # H = 64's default
     assert "torch + tanh, bwd 32 rows 8 warps" in labels["seed", 1 << 20, "bf16"]
-    assert "torch + tanh, bwd 32 rows 4 warps" in labels["H128", 65536, "bf16"]
+    assert "torch + tanh, bwd 32 rows 4 warps" not in labels["H128", 65536, "bf16"]  # and H = 128's
+    assert "torch + tanh, bwd 16 rows 8 warps" in labels["H128", 65536, "bf16"]
     assert "layer-wise" in labels["H128", 65536, "bf16"]
 
 
