@@ -169,7 +169,7 @@ def aunn_backward_kernel(
 
 @triton.jit
 def head_weight_grad_kernel(
-    h_ptr, target_ptr, grad_ptr, lse_ptr, out_w_ptr, out_b_ptr, dw_ptr, db_ptr,
+    h_ptr, target_ptr, grad_ptr, lse_ptr, out_w_ptr, out_b_ptr, part_ptr,
     N, H, V, rows_per_split,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -177,7 +177,8 @@ def head_weight_grad_kernel(
     """Partial head gradients of rows [split * rows_per_split, (split + 1) * rows_per_split).
 
     h fp32 or bf16 [N, H] (last activation); grad fp32 [N]; softmax stats lse fp32 [N, 3]; target int64 [N].
-    dw fp32 [splits, V, H] += dlogits.T @ h over the split's rows; db fp32 [splits, V].
+    part fp32 [splits, V * H + V]: per split, dw = dlogits.T @ h over its rows ([V, H], row-major),
+    then db = the column sums of dlogits ([V]), so that one reduction over the splits gives both.
     """
     pid_v = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -200,10 +201,10 @@ def head_weight_grad_kernel(
                     other=0.0).to(tl.float32)
         dw += dot(tl.trans(d), h, PRECISION)
         db += tl.sum(d, axis=0)
-    out = split.to(tl.int64) * V + vcols
-    tl.store(dw_ptr + out[:, None] * H + hcols[None, :], dw, mask=vmask[:, None] & hmask[None, :])
+    part = part_ptr + split.to(tl.int64) * (V * H + V)
+    tl.store(part + vcols[:, None] * H + hcols[None, :], dw, mask=vmask[:, None] & hmask[None, :])
     if pid_h == 0:  # every hidden-column program computed the same bias gradient; one writes it
-        tl.store(db_ptr + out, db, mask=vmask)
+        tl.store(part + V * H + vcols, db, mask=vmask)
 
 
 @triton.jit
@@ -282,7 +283,11 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
              in_gain: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias: torch.Tensor,
              hidden_gain: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
              residual_every: int, eps: float, precision: str, mode: int) -> list[torch.Tensor]:
-    """Gradients of all eight parameters, in AUNNParams order.
+    """[d_in_weight, d_hidden_weight, head, bias_gain], each summed over the batch by one reduction:
+    head fp32 [V * H + V] holds the output weight's gradient (row-major) then the output bias's;
+    bias_gain fp32 [2, L-1, H] the bias (0) and gain (1) gradients of the input layer (row 0) and
+    of the hidden layers (rows 1..). :func:`parameter_gradients` puts all eight in AUNNParams
+    order (an operator's outputs must not alias one another, so the views are taken outside it).
 
     mode MODE_LOSS: grad fp32 [N] is the upstream gradient of each row's cross-entropy
     (targets, lse from the forward). mode MODE_LOGITS: grad fp32 [N, V] is dL/dlogits.
@@ -295,9 +300,11 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     n_hidden = hidden_weight.shape[0]
     t = choose_tiles(hidden, bits, vocab, precision)
     prec, fast = precision_code(precision), fast_sigmoid(precision)
+    n_layers = n_hidden + 1
     if n == 0:
-        return [torch.zeros_like(p) for p in (in_weight, in_bias, in_gain, hidden_weight, hidden_bias,
-                                              hidden_gain, out_weight, out_bias)]
+        return [torch.zeros_like(in_weight), torch.zeros_like(hidden_weight),
+                torch.zeros(vocab * hidden + vocab, dtype=torch.float32, device=device),
+                torch.zeros((2, n_layers, hidden), dtype=torch.float32, device=device)]
     h_last = acts[n_hidden]
     # the head kernels' output weight (a bf16 copy for large heads); the fused trunk backward reads
     # fp32 (with a bf16 one its "partials" form fails to compile under Triton 3.6)
@@ -311,16 +318,14 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
         splits = max(1, min(head_blocks, triton.cdiv(4 * num_sms(device), grid_v * grid_h)))
         rows_per_split = triton.cdiv(head_blocks, splits) * t.block_m_head
         splits = triton.cdiv(n, rows_per_split)
-        head_dw_part = new_buffer((splits, vocab, hidden), torch.float32, device)
-        head_db_part = new_buffer((splits, vocab), torch.float32, device)
+        head_part = new_buffer((splits, vocab * hidden + vocab), torch.float32, device)
         launch(head_weight_grad_kernel, (grid_v, grid_h, splits),
-               h_last, targets, grad, lse, w_out, out_bias, head_dw_part, head_db_part,
+               h_last, targets, grad, lse, w_out, out_bias, head_part,
                n, hidden, vocab, rows_per_split,
                BLOCK_M=t.block_m_head, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
                PRECISION=prec, num_warps=t.num_warps)
         # one split (a large head has tiles enough): its partials are the gradients, no 2 x V x H copy
-        d_out_weight, d_out_bias = ((head_dw_part[0], head_db_part[0]) if splits == 1
-                                    else (head_dw_part.sum(0), head_db_part.sum(0)))
+        head = head_part[0] if splits == 1 else head_part.sum(0)
         # dL/dh by head_dh_kernel: on the layer-wise path, and when the fused trunk backward's row
         # blocks are too few to cover a large head (each would stream all of it; see vocab_splits)
         if not t.fused or vocab_splits(triton.cdiv(n, t.block_m_bwd), vocab, t.block_v, device)[0] > 1:
@@ -333,8 +338,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
             dh = dh[0] if ranges == 1 else dh.sum(0)
     else:
         assert mode == MODE_LOGITS
-        d_out_weight = batch_reduced_matmul(grad, h_last, precision)
-        d_out_bias = grad.sum(0)
+        head = torch.cat([batch_reduced_matmul(grad, h_last, precision).flatten(), grad.sum(0)])
         dh = matmul(grad, out_weight, precision)
 
     # ---- trunk: dz of every layer (or, WEIGHT_GRAD "partials", per-program weight and bias
@@ -347,9 +351,8 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
         programs = row_blocks
     else:  # a persistent grid: the gain and bias partials stay [programs, L-1, H] however large N is
         programs = _persistent_programs(device, triton.cdiv(n, t.block_m_rowwise), ROWWISE_PROGRAMS_PER_SM)
-    n_layers = n_hidden + 1
-    dgain_part = new_buffer((programs, n_layers, hidden), torch.float32, device)
-    db_part = new_buffer((programs, n_layers, hidden), torch.float32, device)
+    bias_gain_part = new_buffer((2, programs, n_layers, hidden), torch.float32, device)
+    db_part, dgain_part = bias_gain_part[0], bias_gain_part[1]
     if partials:
         dz, x = torch.empty(0, dtype=torch.float32, device=device), torch.empty(0, dtype=torch.float32, device=device)
         dw_in_part = new_buffer((programs, hidden, bits), torch.float32, device)
@@ -394,8 +397,11 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     else:
         d_in_weight = batch_reduced_matmul(dz[0], x, precision)
         d_hidden_weight = batch_reduced_matmul(dz[1:], acts[:n_hidden], precision)
-    # input layer and hidden layers summed apart: an operator's outputs must not alias one another
-    d_in_bias, d_hidden_bias = db_part[:, 0].sum(0), db_part[:, 1:].sum(0)
-    d_in_gain, d_hidden_gain = dgain_part[:, 0].sum(0), dgain_part[:, 1:].sum(0)
-    return [d_in_weight, d_in_bias, d_in_gain, d_hidden_weight, d_hidden_bias, d_hidden_gain, d_out_weight,
-            d_out_bias]
+    return [d_in_weight, d_hidden_weight, head, bias_gain_part.sum(1)]
+
+
+def parameter_gradients(grads: list[torch.Tensor], vocab: int, hidden: int) -> list[torch.Tensor]:
+    """:func:`backward`'s outputs -> the eight parameters' gradients in AUNNParams order."""
+    d_in_weight, d_hidden_weight, head, (bias, gain) = grads
+    d_out_weight, d_out_bias = head[:vocab * hidden].view(vocab, hidden), head[vocab * hidden:]
+    return [d_in_weight, bias[0], gain[0], d_hidden_weight, bias[1:], gain[1:], d_out_weight, d_out_bias]

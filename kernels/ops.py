@@ -57,7 +57,7 @@ def backward_op(idx: Tensor, targets: Tensor, grad: Tensor, lse: Tensor, acts: T
                 in_weight: Tensor, in_bias: Tensor, in_gain: Tensor, hidden_weight: Tensor,
                 hidden_bias: Tensor, hidden_gain: Tensor, out_weight: Tensor, out_bias: Tensor,
                 residual_every: int, eps: float, precision: str, mode: int) -> list[Tensor]:
-    """Gradients of the eight parameters; see :func:`mlp_backward.backward`."""
+    """The parameters' gradients, packed; see :func:`mlp_backward.backward`."""
     with on_device_of(idx):
         return mlp_backward.backward(idx, targets, grad, lse, acts, zs, in_weight, in_bias, in_gain,
                                      hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
@@ -86,7 +86,8 @@ def _backward(ctx, grad_out, grad_lse, grad_acts, grad_zs):
         raise RuntimeError("aunn_fast::forward ran with save=False: no activations were kept for backward")
     grads = backward_op(idx, targets, grad_out.contiguous(), lse, acts, zs, *params,
                         residual_every, eps, precision, mode)
-    return (None, None, *grads, None, None, None, None, None)
+    out_weight = params[6]
+    return (None, None, *mlp_backward.parameter_gradients(grads, *out_weight.shape), None, None, None, None, None)
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
