@@ -166,8 +166,9 @@ class Tiles:
     block_v: int      # vocabulary chunk of the head (>= 64)
     block_hc: int     # hidden-column chunk of the head backward kernels
     block_k_head: int # reduction chunk of the head when it streams h from memory
-    num_warps: int
+    num_warps: int      # warps of the forward and of the layer-wise path's per-layer kernels
     num_warps_bwd: int  # warps of the fused trunk backward (aunn_backward_kernel)
+    num_warps_head: int  # warps of the head's backward kernels (weight gradient, dh)
 
 
 # A benchmarking hook (bench/kernel_variants.py): Tiles fields replaced in every choose_tiles
@@ -210,5 +211,8 @@ def choose_tiles(hidden: int, bits: int, vocab: int, precision: str) -> Tiles:
         # bf16, 32 rows on 4 warps: 20% fewer instructions per index than on 8 and no spill at
         # H = 64, at the same 8 warps per SM (registers); tf32 spills 60 B there and fp32 288 B
         num_warps_bwd=4 if (fused and precision == "bf16") else 8,
+        # on 4 warps (the forward's at H = 64 in bf16) these spill up to 570 B at vocab 50,257 and
+        # issue twice the instructions at vocab 4 (compile report)
+        num_warps_head=8,
     )
     return replace(tiles, **TILE_OVERRIDES) if TILE_OVERRIDES else tiles

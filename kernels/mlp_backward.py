@@ -323,7 +323,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
                h_last, targets, grad, lse, w_out, out_bias, head_part,
                n, hidden, vocab, rows_per_split,
                BLOCK_M=t.block_m_head, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
-               PRECISION=prec, num_warps=t.num_warps)
+               PRECISION=prec, num_warps=t.num_warps_head)
         # one split (a large head has tiles enough): its partials are the gradients, no 2 x V x H copy
         head = head_part[0] if splits == 1 else head_part.sum(0)
         # dL/dh by head_dh_kernel: on the layer-wise path, and when the fused trunk backward's row
@@ -334,7 +334,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
             launch(head_dh_kernel, (head_blocks, grid_h, ranges),
                    h_last, targets, grad, lse, w_out, out_bias, dh, n, hidden, vocab, v_per_range,
                    BLOCK_M=t.block_m_head, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
-                   PRECISION=prec, num_warps=t.num_warps)
+                   PRECISION=prec, num_warps=t.num_warps_head)
             dh = dh[0] if ranges == 1 else dh.sum(0)
     else:
         assert mode == MODE_LOGITS
