@@ -186,7 +186,7 @@ def choose_tiles(hidden: int, bits: int, vocab: int, precision: str) -> Tiles:
         # bf16 at H = 64: 64 rows on 4 warps ran 1.4x faster than 128 on 8 on an H100 (NOTES.md)
         block_m = (64 if block_h > 64 or precision == "bf16" else 128) // (2 if precision == "fp32" else 1)
         # bf16 at H = 128: 32 backward rows on 4 warps ran 1.35x faster than 16 on 8 on an H100
-        # (NOTES.md), despite the ~90 B spill the compile report shows there
+        # (NOTES.md), despite the ~1.4 KB spill the compile report shows there
         block_m_bwd = 32 if (block_h <= 64 or precision == "bf16") else 16
     else:
         # off the fused path block_m is the forward head's rows, and block_m_bwd has no reader:
