@@ -38,7 +38,8 @@ class GraphedTrainStep:
         self.captured_with = self._settings()
         self.loss = self._capture()
         self.captured_state, self.captured_addresses = optimizer.state, self._param_addresses()
-        # the graph reads and writes these very tensors: hold them even if a caller sets .grad to None
+        # the graph writes the gradients into the tensors it made during capture (now each .grad):
+        # hold them even if a caller sets .grad to None
         self.grads = [p.grad for p in model.parameters()]
 
     def _settings(self) -> tuple:
@@ -72,9 +73,11 @@ class GraphedTrainStep:
                         self.optimizer.zero_grad(set_to_none=False)
                         self._one_step()
                 torch.cuda.current_stream().wait_stream(side)
-                self.optimizer.zero_grad(set_to_none=False)
+                # captured without gradients, the backward hands each parameter its gradient tensor
+                # (allocated from the graph's pool, rewritten by every replay) instead of zeroing and
+                # adding into existing ones: a memset and one add per parameter fewer per step
+                self.optimizer.zero_grad(set_to_none=True)
                 with torch.cuda.graph(self.graph, stream=torch.cuda.Stream()):
-                    self.optimizer.zero_grad(set_to_none=False)
                     return self._one_step()
         finally:  # also after a failed or interrupted capture: the warm-up steps must not stay applied
             self.model.validate = validate
