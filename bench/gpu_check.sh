@@ -10,8 +10,13 @@
 #   bash bench/gpu_check.sh /tmp/gc; tar czf $OUT/gpu_check.tgz -C /tmp gc
 # Writes OUTDIR/pytest_gpu.log, OUTDIR/pytest_kernels.log, OUTDIR/pytest.log, OUTDIR/bench.log,
 # OUTDIR/bench/ and OUTDIR/bench_notebook/ (each results.json, results.md, *.png), OUTDIR/profiles/
-# (torch.profiler tables and traces of the goal train steps), OUTDIR/variants/ when VARIANTS_TIMEOUT > 0, and prints a summary table last. Stays under 5 minutes: each step has its own timeout,
-# and the benchmark saves its results after every row, so a timed-out run still leaves data.
+# (torch.profiler tables and traces of the goal train steps), OUTDIR/variants/ when VARIANTS_TIMEOUT > 0,
+# OUTDIR/ncu/ when NCU_TIMEOUT > 0, and prints a summary table last. Stays under 5 minutes: each step
+# has its own timeout (*_TIMEOUT, seconds; 0 skips the step), and the benchmark saves its results after
+# every row, so a timed-out run still leaves data. A second call on the same lease, after a first
+# full one, can run only what the first left out, e.g.
+#   GPU_TEST_TIMEOUT=0 TEST_TIMEOUT=0 BENCH_TIMEOUT=0 NOTEBOOK_TIMEOUT=0 PROFILE_TIMEOUT=0 \
+#   NCU_TIMEOUT=100 VARIANTS_TIMEOUT=150 bash bench/gpu_check.sh /tmp/gc2
 set -uo pipefail
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
@@ -23,6 +28,7 @@ BENCH_TIMEOUT=${BENCH_TIMEOUT:-80}
 NOTEBOOK_TIMEOUT=${NOTEBOOK_TIMEOUT:-30}
 VARIANTS_TIMEOUT=${VARIANTS_TIMEOUT:-0}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-12}
+NCU_TIMEOUT=${NCU_TIMEOUT:-0}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT/bench"
 OUT=$(cd "$OUT" && pwd)
@@ -62,23 +68,28 @@ PYTEST=("$PYTHON" -m pytest -v --maxfail=5 --tb=short -p no:cacheprovider)
 if "$PYTHON" -c "import xdist" 2>/dev/null; then
     PYTEST+=(-n "${TEST_WORKERS:-8}")
 fi
+# stage TIMEOUT LOG COMMAND...: runs COMMAND under the timeout with its output in LOG, unless TIMEOUT is 0
+# (then LOG is left empty); its exit status is the command's (124: timed out), 0 when skipped.
+stage() {
+    local limit=$1 log=$2
+    shift 2
+    : > "$log"
+    [ "$limit" -gt 0 ] || return 0
+    timeout "$limit" "$@" > "$log" 2>&1
+}
+
 echo "== GPU-only tests (timeout ${GPU_TEST_TIMEOUT}s) -> $OUT/pytest_gpu.log"
 GPU_TESTS="graph or gpu or opcheck or materializes"
-timeout "$GPU_TEST_TIMEOUT" "${PYTEST[@]}" tests/test_cuda_graph.py tests/test_triton_kernels.py -k "$GPU_TESTS" \
-    > "$OUT/pytest_gpu.log" 2>&1
+stage "$GPU_TEST_TIMEOUT" "$OUT/pytest_gpu.log" "${PYTEST[@]}" tests/test_cuda_graph.py tests/test_triton_kernels.py \
+    -k "$GPU_TESTS"
 GPU_TEST_RC=$?
 tail -n 1 "$OUT/pytest_gpu.log"
-KERNEL_TEST_RC=0
-: > "$OUT/pytest_kernels.log"
-if [ "$KERNEL_TEST_TIMEOUT" -gt 0 ]; then
-    echo "== other kernel tests (timeout ${KERNEL_TEST_TIMEOUT}s) -> $OUT/pytest_kernels.log"
-    timeout "$KERNEL_TEST_TIMEOUT" "${PYTEST[@]}" tests/test_triton_kernels.py -k "not ($GPU_TESTS)" \
-        > "$OUT/pytest_kernels.log" 2>&1
-    KERNEL_TEST_RC=$?
-    tail -n 1 "$OUT/pytest_kernels.log"
-fi
+echo "== other kernel tests (timeout ${KERNEL_TEST_TIMEOUT}s) -> $OUT/pytest_kernels.log"
+stage "$KERNEL_TEST_TIMEOUT" "$OUT/pytest_kernels.log" "${PYTEST[@]}" tests/test_triton_kernels.py -k "not ($GPU_TESTS)"
+KERNEL_TEST_RC=$?
+tail -n 1 "$OUT/pytest_kernels.log"
 echo "== CLI and data tests (timeout ${TEST_TIMEOUT}s) -> $OUT/pytest.log"
-timeout "$TEST_TIMEOUT" "${PYTEST[@]}" tests/test_data.py tests/test_cli.py > "$OUT/pytest.log" 2>&1
+stage "$TEST_TIMEOUT" "$OUT/pytest.log" "${PYTEST[@]}" tests/test_data.py tests/test_cli.py
 TEST_RC=$?
 tail -n 1 "$OUT/pytest.log"
 
@@ -86,47 +97,76 @@ echo "== quick benchmark (timeout ${BENCH_TIMEOUT}s) -> $OUT/bench.log"
 # Most important work first, as the timeout may cut the run: the goal workloads, and in each
 # batch the fused kernels, then eager, then torch.compile (which compiles once per shape).
 PROVIDERS=triton,reference,compile
-timeout "$BENCH_TIMEOUT" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick --out "$OUT/bench" \
-    --providers "$PROVIDERS" --workloads predict,train,train-graph,seed-run,condition,loss > "$OUT/bench.log" 2>&1
+stage "$BENCH_TIMEOUT" "$OUT/bench.log" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick --out "$OUT/bench" \
+    --providers "$PROVIDERS" --workloads predict,train,train-graph,seed-run,condition,loss
 BENCH_RC=$?
 
 echo "== H=512 train step at batch 2,048 and the seed run (timeout ${NOTEBOOK_TIMEOUT}s) -> $OUT/bench_notebook.log"
-timeout "$NOTEBOOK_TIMEOUT" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick --configs notebook \
-    --batches 2048 --out "$OUT/bench_notebook" --providers "$PROVIDERS" \
-    --workloads train,train-graph,seed-run-graph,seed-run > "$OUT/bench_notebook.log" 2>&1
+stage "$NOTEBOOK_TIMEOUT" "$OUT/bench_notebook.log" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick \
+    --configs notebook --batches 2048 --out "$OUT/bench_notebook" --providers "$PROVIDERS" \
+    --workloads train,train-graph,seed-run-graph,seed-run
 NOTEBOOK_RC=$?
 
 echo "== profiles of the goal train steps (timeout ${PROFILE_TIMEOUT}s each) -> $OUT/profiles"
-timeout "$PROFILE_TIMEOUT" "$PYTHON" -m aunn_fast.bench.profile_step --config seed --workloads train,train-graph \
-    --batches 1048576,8192 --calls 10 --out "$OUT/profiles" > "$OUT/profile_seed.log" 2>&1
+stage "$PROFILE_TIMEOUT" "$OUT/profile_seed.log" "$PYTHON" -m aunn_fast.bench.profile_step --config seed \
+    --workloads train,train-graph --batches 1048576,8192 --calls 10 --out "$OUT/profiles"
 PROFILE_SEED_RC=$?
-timeout "$PROFILE_TIMEOUT" "$PYTHON" -m aunn_fast.bench.profile_step --config notebook --workloads train-graph \
-    --batches 2048 --calls 10 --out "$OUT/profiles" > "$OUT/profile_notebook.log" 2>&1
+stage "$PROFILE_TIMEOUT" "$OUT/profile_notebook.log" "$PYTHON" -m aunn_fast.bench.profile_step --config notebook \
+    --workloads train-graph --batches 2048 --calls 10 --out "$OUT/profiles"
 PROFILE_NOTEBOOK_RC=$?
 
-# Only when given time (the 5 minutes are spent above): the candidates the H100 has not settled
-# (kernels/NOTES.md: the backward's row blocks in bf16); the full plan is `kernel_variants` unfiltered.
-VARIANTS_RC=0
-if [ "$VARIANTS_TIMEOUT" -gt 0 ]; then
-    echo "== kernel candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"
-    timeout "$VARIANTS_TIMEOUT" "$PYTHON" -m aunn_fast.bench.kernel_variants --out "$OUT/variants" \
-        --workloads train --shapes seed,H128 --precisions bf16 > "$OUT/variants.log" 2>&1
-    VARIANTS_RC=$?
+# Hardware counters (Nsight Compute, kernels/NOTES.md "What to measure next"): the fused backward and
+# forward of the seed model's 1M-index train step, and the forward of its 16M-index predict, one launch
+# each after two warm-up calls (--launch-skip counts the matching launches: forward, backward, ...).
+# --clock-control none: the device's clocks are left alone (.library/device/METHOD.md). The reports are
+# also printed as text (details page: throughput, occupancy, warp stalls; source page: per-SASS-line
+# samples), as this machine has no ncu to open them with. NCU_TIMEOUT bounds each of the two runs.
+NCU_RC=0
+echo "== Nsight Compute (timeout ${NCU_TIMEOUT}s each) -> $OUT/ncu"
+if [ "$NCU_TIMEOUT" -gt 0 ]; then
+    mkdir -p "$OUT/ncu"
+    NCU=(ncu --clock-control none --set full --import-source no -f)
+    stage "$NCU_TIMEOUT" "$OUT/ncu/train.log" "${NCU[@]}" -o "$OUT/ncu/train_1M" \
+        --kernel-name regex:'aunn_(forward|backward)_kernel' --launch-skip 4 --launch-count 2 \
+        "$PYTHON" -m aunn_fast.bench.profile_step --config seed --workloads train --batches 1048576 --calls 1 \
+        --no-profiler
+    NCU_RC=$?
+    stage "$NCU_TIMEOUT" "$OUT/ncu/predict.log" "${NCU[@]}" -o "$OUT/ncu/predict_16M" \
+        --kernel-name aunn_forward_kernel --launch-skip 3 --launch-count 1 \
+        "$PYTHON" -m aunn_fast.bench.profile_step --config seed --workloads predict --batches 16M --calls 1 \
+        --no-profiler
+    PREDICT_NCU_RC=$?
+    [ "$NCU_RC" = 0 ] && NCU_RC=$PREDICT_NCU_RC
+    for report in "$OUT"/ncu/*.ncu-rep; do
+        [ -f "$report" ] || continue
+        ncu --import "$report" --page details > "${report%.ncu-rep}_details.txt" 2>&1
+        ncu --import "$report" --page source --print-source sass --csv > "${report%.ncu-rep}_source.csv" 2>&1
+    done
 fi
+
+# Only when given time (the 5 minutes are spent above): the candidates the H100 has not settled
+# (kernels/NOTES.md: the fp32 mode's products, FMAs or tf32x3; the bf16 ones are settled); the full
+# plan is `kernel_variants` unfiltered.
+echo "== kernel candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"
+stage "$VARIANTS_TIMEOUT" "$OUT/variants.log" "$PYTHON" -m aunn_fast.bench.kernel_variants --out "$OUT/variants" \
+    --workloads predict,train --shapes seed,H128 --precisions fp32
+VARIANTS_RC=$?
 
 echo "== summary"
 echo "GPU-only tests exit status $GPU_TEST_RC: $(tail -n 1 "$OUT/pytest_gpu.log")"
-[ "$KERNEL_TEST_TIMEOUT" -gt 0 ] && echo "kernel tests exit status $KERNEL_TEST_RC: $(tail -n 1 "$OUT/pytest_kernels.log")"
+echo "kernel tests exit status $KERNEL_TEST_RC: $(tail -n 1 "$OUT/pytest_kernels.log")"
 echo "CLI and data tests exit status $TEST_RC: $(tail -n 1 "$OUT/pytest.log")"
 grep -hE "^(FAILED|ERROR) " "$OUT/pytest_gpu.log" "$OUT/pytest_kernels.log" "$OUT/pytest.log" | head -n 10
 echo "benchmark exit status $BENCH_RC, H=512 benchmark $NOTEBOOK_RC (0 ok, 1 some provider incorrect/failed, 124 timed out)"
-[ "$VARIANTS_TIMEOUT" -gt 0 ] && echo "kernel variants exit status $VARIANTS_RC; table in $OUT/variants"
 echo "profiles exit status $PROFILE_SEED_RC (seed), $PROFILE_NOTEBOOK_RC (notebook); tables in $OUT/profiles"
+echo "ncu exit status $NCU_RC; reports in $OUT/ncu; kernel variants exit status $VARIANTS_RC; table in $OUT/variants"
 for run in bench bench_notebook; do
     if [ -f "$OUT/$run/results.json" ]; then
         "$PYTHON" -m aunn_fast.bench.summary "$OUT/$run/results.json"
-    else
+    elif [ -s "$OUT/$run.log" ]; then
         tail -n 20 "$OUT/$run.log"
     fi
 done
-[ "$GPU_TEST_RC" = 0 ] && [ "$KERNEL_TEST_RC" = 0 ] && [ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ] && [ "$NOTEBOOK_RC" = 0 ] && [ "$VARIANTS_RC" = 0 ]
+for rc in "$GPU_TEST_RC" "$KERNEL_TEST_RC" "$TEST_RC" "$BENCH_RC" "$NOTEBOOK_RC" "$NCU_RC" "$VARIANTS_RC"; do
+    [ "$rc" = 0 ] || exit 1
+done

@@ -7,12 +7,17 @@ For each --workload/--batch pair, writes into DIR ``profile_<config>_<workload>_
 environment and the mean wall time per call; and ``.json``, a Chrome trace of the same calls
 (chrome://tracing or ui.perfetto.dev). A goal the benchmark shows missed is explained from these:
 which launch dominates, and how much of a step is host overhead between launches.
+
+With ``--no-profiler`` the same warm-up and calls run with no profiler attached and nothing is written
+but the wall time per call: a target for an outside profiler (``ncu``, which cannot share CUPTI with
+torch.profiler; see bench/gpu_check.sh), with the workload's launches in a known order.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -29,9 +34,9 @@ WARMUP_CALLS = 5
 TABLE_ROWS = 25
 
 
-def profile_workload(config: str, workload: str, batch: int, provider: str, precision: str, calls: int,
-                     device: torch.device, seed: int = 0) -> tuple[str, profile]:
-    """Profile ``calls`` calls of a workload after warm-up; returns (report text, the profiler)."""
+def warmed_up_step(config: str, workload: str, batch: int, provider: str, precision: str, device: torch.device,
+                   seed: int = 0) -> Callable[[], object]:
+    """A workload's step, prepared and called WARMUP_CALLS times."""
     model = AUNN(CONFIGS[config], backend=provider, precision=precision, seed=seed).to(device)
     model.validate = False  # as in the benchmark: no range checks (a device sync each) in the step
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -39,13 +44,25 @@ def profile_workload(config: str, workload: str, batch: int, provider: str, prec
     for _ in range(WARMUP_CALLS):
         step()
     timing.synchronize(device)
+    return step
+
+
+def timed_calls(step: Callable[[], object], calls: int, device: torch.device) -> float:
+    """Mean wall time of ``calls`` calls in ms, the device synchronized at the end."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    timing.synchronize(device)
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def profile_workload(config: str, workload: str, batch: int, provider: str, precision: str, calls: int,
+                     device: torch.device, seed: int = 0) -> tuple[str, profile]:
+    """Profile ``calls`` calls of a workload after warm-up; returns (report text, the profiler)."""
+    step = warmed_up_step(config, workload, batch, provider, precision, device, seed)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        timing.synchronize(device)
-        wall_ms = (time.perf_counter() - start) * 1e3 / calls
+        wall_ms = timed_calls(step, calls, device)
     env = environment.describe(device)
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     header = (f"{config} {CONFIGS[config]}, workload {workload}, batch {batch:,}, provider {provider}, "
@@ -78,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--calls", type=int, default=20, help="profiled calls (default 20)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=out_dir, required=True)
+    parser.add_argument("--out", type=out_dir, help="directory for the reports (required unless --no-profiler)")
+    parser.add_argument("--no-profiler", action="store_true",
+                        help="run the warm-up and calls unprofiled, for an outside profiler; write nothing")
     args = parser.parse_args(argv)
     try:
         pairs = _pairs(args.workloads, args.batches)
@@ -86,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.calls < 1:
         parser.error("--calls must be at least 1")
+    if args.out is None and not args.no_profiler:
+        parser.error("--out is required (unless --no-profiler)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     cuda_only = [workload for workload, _ in pairs if WORKLOADS[workload].cuda_only]
@@ -95,8 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     reason = BACKENDS[args.provider].unavailable_reason(device)
     if reason is not None:
         parser.error(f"provider {args.provider} is unavailable on {device}: {reason}")
-    args.out.mkdir(parents=True, exist_ok=True)
     for workload, batch in pairs:
+        if args.no_profiler:
+            step = warmed_up_step(args.config, workload, batch, args.provider, args.precision, device)
+            print(f"{workload} at {batch:,}: {timed_calls(step, args.calls, device):.3f} ms per call "
+                  f"({args.calls} calls after {WARMUP_CALLS} warm-up calls, no profiler)", flush=True)
+            continue
+        args.out.mkdir(parents=True, exist_ok=True)
         text, prof = profile_workload(args.config, workload, batch, args.provider, args.precision, args.calls, device)
         stem = args.out / f"profile_{args.config}_{workload}_{batch}_{args.provider}_{args.precision}"
         stem.with_suffix(".txt").write_text(text + "\n")

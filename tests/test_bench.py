@@ -389,6 +389,20 @@ def test_profile_step_writes_a_table_and_a_trace(tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
 
 
+def test_profile_step_without_the_profiler_writes_nothing(tmp_path, capsys):
+    """--no-profiler (a target for ncu) runs the calls and prints their wall time; --out is then optional."""
+    from aunn_fast.bench import profile_step
+
+    argv = ["--workloads", "train", "--batches", "64", "--provider", "reference", "--precision", "fp32",
+            "--calls", "2", "--device", "cpu", "--no-profiler"]
+    assert profile_step.main(argv) == 0
+    assert "train at 64:" in capsys.readouterr().out
+    assert profile_step.main([*argv, "--out", str(tmp_path / "unused")]) == 0
+    assert not (tmp_path / "unused").exists()
+    with pytest.raises(SystemExit):
+        profile_step.main(argv[:-1])  # neither --out nor --no-profiler
+
+
 def test_commit_says_when_the_tree_differs_from_it(monkeypatch):
     from aunn_fast.bench import environment
 
