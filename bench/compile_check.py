@@ -1,6 +1,7 @@
 """Compile every Triton kernel for a Hopper GPU (sm_90a) on a machine without one.
 
-    python -m aunn_fast.bench.compile_check [--configs seed,bytes] [--precisions fp32,bf16] [--out FILE]
+    python -m aunn_fast.bench.compile_check [--configs seed,bytes] [--precisions fp32,bf16]
+        [--fp32-products ieee,tf32x3] [--out FILE]
 
 Triton compiles to a cubin without a driver when it is handed the target; its bundled
 ``ptxas -v`` then reports what a GPU run would pay: registers per thread, spill stores
@@ -12,7 +13,8 @@ hidden layers, in the fused backward one hidden layer; x warps / rows per progra
 what that costs per index in warp-instructions issued); MUFU (special-function unit:
 exp2, rcp, tanh, rsqrt...) and MMA (HMMA/HGMMA tensor-core instructions). Each is counted
 once per place in the code, so a loop body counts once.
-In bf16 every path is compiled with both sigmoid choices (``common.SIGMOID``).
+In bf16 every path is compiled with both sigmoid choices (``common.SIGMOID``); in fp32 with each
+product method of ``--fp32-products`` (``precision.FP32_PRODUCTS``; rows "fp32 tf32x3").
 Runs without TRITON_INTERPRET (it re-executes itself with the variable removed).
 Exit status 0 when everything compiled, 1 otherwise.
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 from aunn_fast.bench.options import names_from
 from aunn_fast.config import PRECISIONS
 
+FP32_PRODUCTS = ("ieee", "tf32x3")  # precision.FP32_PRODUCTS_CHOICES (not imported: it loads Triton)
 HOPPER_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100 (sm_90)
 CONFIGS = {  # name: (hidden, layers, vocab), as the benchmark's configurations
     "seed": (64, 8, 4),
@@ -104,7 +107,8 @@ def _sass_counts(cubin: bytes) -> dict[str, int]:
             "mufu": len(re.findall(r"\bMUFU\.", text)), "mma": len(re.findall(r"\bH(?:G)?MMA\.", text))}
 
 
-def _compile_all(configs: list[str], precisions: list[str]) -> list[dict[str, object]]:
+def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple[str, ...] = ("ieee",)
+                 ) -> list[dict[str, object]]:
     """Run every launcher on CPU tensors with launches replaced by compile-only warmups."""
     import torch
     from triton.runtime.driver import driver
@@ -112,6 +116,7 @@ def _compile_all(configs: list[str], precisions: list[str]) -> list[dict[str, ob
     driver.set_active(_HopperWithoutDriver())
     from aunn_fast.config import AUNNConfig
     from aunn_fast.kernels import common, mlp_backward, mlp_forward
+    from aunn_fast.kernels import precision as precision_modes
     from aunn_fast.kernels.mlp_forward import MODE_ARGMAX, MODE_LOGITS, MODE_LOSS
     from aunn_fast.params import init_params
 
@@ -142,22 +147,25 @@ def _compile_all(configs: list[str], precisions: list[str]) -> list[dict[str, ob
             rows_label = "" if n == 4096 else ", few rows"
             idx = torch.randint(0, 2**62, (n,))
             targets = torch.randint(0, vocab, (n,))
-            for precision in precisions:
-                for sigmoid in common.SIGMOID_CHOICES if precision == "bf16" else ("exact",):
-                    common.SIGMOID = sigmoid
-                    context.update(config=name, precision=precision, sigmoid=sigmoid)
-                    for mode, label in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_LOSS, "loss")):
-                        context["path"] = f"forward {label}{rows_label}"
-                        mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps, precision,
-                                            mode, False)
-                    context["path"] = f"forward loss, training{rows_label}"
-                    out, lse, acts, zs = mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps,
-                                                             precision, MODE_LOSS, True)
-                    for weight_grad in ("torch", "partials"):
-                        context["path"] = f"backward ({weight_grad}){rows_label}"
-                        mlp_backward.WEIGHT_GRAD = weight_grad
-                        mlp_backward.backward(idx, targets, torch.ones(n), lse, acts, zs, *params,
-                                              cfg.residual_every, cfg.norm_eps, precision, MODE_LOSS)
+            variants = [(p, s, f) for p in precisions
+                        for s in (common.SIGMOID_CHOICES if p == "bf16" else ("exact",))
+                        for f in (fp32_products if p == "fp32" else ("ieee",))]
+            for precision, sigmoid, products in variants:
+                common.SIGMOID, precision_modes.FP32_PRODUCTS = sigmoid, products
+                shown = precision if products == "ieee" else f"{precision} {products}"
+                context.update(config=name, precision=shown, sigmoid=sigmoid)
+                for mode, label in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_LOSS, "loss")):
+                    context["path"] = f"forward {label}{rows_label}"
+                    mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps, precision,
+                                        mode, False)
+                context["path"] = f"forward loss, training{rows_label}"
+                out, lse, acts, zs = mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps,
+                                                         precision, MODE_LOSS, True)
+                for weight_grad in ("torch", "partials"):
+                    context["path"] = f"backward ({weight_grad}){rows_label}"
+                    mlp_backward.WEIGHT_GRAD = weight_grad
+                    mlp_backward.backward(idx, targets, torch.ones(n), lse, acts, zs, *params,
+                                          cfg.residual_every, cfg.norm_eps, precision, MODE_LOSS)
     return rows
 
 
@@ -185,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, from {', '.join(CONFIGS)} (default seed,bytes,notebook)")
     parser.add_argument("--precisions", type=names_from(PRECISIONS, "precision(s)"), default="fp32,bf16",
                         help="comma-separated, from fp32, tf32, bf16 (default fp32,bf16)")
+    parser.add_argument("--fp32-products", type=names_from(FP32_PRODUCTS, "fp32 product method(s)"), default="ieee",
+                        help="comma-separated, from ieee, tf32x3: how fp32 kernels multiply (default ieee)")
     parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels cannot be compiled
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "aunn_fast.bench.compile_check", *(argv or sys.argv[1:])],
                               env=env).returncode
-    rows = _compile_all(args.configs, args.precisions)
+    rows = _compile_all(args.configs, args.precisions, tuple(args.fp32_products))
     table = _table(rows)
     print(table)
     if args.out:

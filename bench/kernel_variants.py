@@ -8,12 +8,13 @@ Each candidate sets the kernels' benchmarking switches: the trunk weight-gradien
 ``--programs-per-sm`` value), the sigmoid (``common.SIGMOID``: "exact" or "tanh", bf16 only),
 the tiles (``common.TILE_OVERRIDES``: rows per program and warps, forward or backward),
 the widest fused model (``common.FUSED_MAX_HIDDEN``; 0 runs H=128 on the layer-wise path),
-the weight-gradient products' split over the batch (``gemm.SPLIT_K_MIN_ROWS``) and the head's
-vocabulary ranges at few rows (``common.VOCAB_SPLIT_MIN``).
+the weight-gradient products' split over the batch (``gemm.SPLIT_K_MIN_ROWS``), the head's
+vocabulary ranges at few rows (``common.VOCAB_SPLIT_MIN``) and the fp32 mode's products
+(``precision.FP32_PRODUCTS``: "ieee" FMAs or "tf32x3" on the tensor cores).
 Two workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
 
 * predict - forward + argmax (``kernels.predict``), bf16, seed model (H=64) at 16M and H=128 at 4M,
-  last the bpe model (H=256, vocab 50,257) at 2,048;
+  fp32 at 16M (seed), last the bpe model (H=256, vocab 50,257) at 2,048;
 * train   - forward + loss + backward (``torch.autograd.grad``, no optimizer), bf16 then fp32,
   seed model at 1M, 8,192 and 65,536, H=512 at 2,048, H=128 at 65,536; last the bpe model
   at a 64-index prompt (conditioning's latency, less the SGD step).
@@ -63,16 +64,18 @@ class Variant:
     fused_max_hidden: int | None = None
     split_k_min_rows: int | None = None
     vocab_split_min: int | None = None
+    fp32_products: str | None = None
 
     @contextmanager
     def applied(self) -> Iterator[None]:
-        from aunn_fast.kernels import common, gemm, mlp_backward
+        from aunn_fast.kernels import common, gemm, mlp_backward, precision
 
         switches = [(mlp_backward, "WEIGHT_GRAD", self.weight_grad), (common, "SIGMOID", self.sigmoid),
                     (mlp_backward, "PARTIAL_PROGRAMS_PER_SM", self.programs_per_sm),
                     (common, "FUSED_MAX_HIDDEN", self.fused_max_hidden),
                     (gemm, "SPLIT_K_MIN_ROWS", self.split_k_min_rows),
-                    (common, "VOCAB_SPLIT_MIN", self.vocab_split_min)]
+                    (common, "VOCAB_SPLIT_MIN", self.vocab_split_min),
+                    (precision, "FP32_PRODUCTS", self.fp32_products)]
         saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
         tiles = dict(common.TILE_OVERRIDES)
         for module, name, value in switches:
@@ -125,7 +128,9 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
                      for rows, warps in ((64, 4), (256, 8)) for sigmoid in ("exact", "tanh")]
     predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), *forward_tiles]
     train_bf16 = [Variant("torch"), *partials, *tanh]
-    train_fp32 = [Variant("torch"), *partials]
+    # the fp32 mode's products on the tensor cores (three tf32 products each) instead of FMAs
+    tf32x3 = Variant("tf32x3", fp32_products="tf32x3")
+    train_fp32 = [Variant("torch"), *partials, tf32x3]
     # "torch"'s weight-gradient products as one cuBLAS product per layer, unsplit over the batch
     no_batch_split = Variant("torch, no batch split", split_k_min_rows=1 << 62)
     # H = 128 is the widest fused model: the layer-wise path (cuBLAS + epilogues) beside it
@@ -141,6 +146,7 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
                                                                                          sigmoid="tanh")]),
             Step("predict", "H128", 128, 1 << 22, "bf16", [*predict, *layerwise]),
             Step("train", "H128", 128, 65536, "bf16", [*train_bf16, *backward_tiles(128), *layerwise]),
+            Step("predict", "seed", 64, 1 << 24, "fp32", [Variant("default"), tf32x3]),
             Step("train", "seed", 64, 1 << 20, "fp32", train_fp32),
             Step("train", "H128", 128, 65536, "fp32", train_fp32),
             Step("train", "bpe", 256, 64, "bf16", vocab_ranges, vocab=50257),

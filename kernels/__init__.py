@@ -46,12 +46,13 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def check_switches() -> None:
-    """A ValueError naming the switch if AUNN_FAST_SIGMOID or AUNN_FAST_WEIGHT_GRAD (or the module attribute
-    it sets) holds an unknown value. The kernels check them at their first call; the trainer and the CLI
-    call this first, so that a bad value stops a run before anything is written."""
-    from . import common, mlp_backward
+    """A ValueError naming the switch if AUNN_FAST_SIGMOID, AUNN_FAST_WEIGHT_GRAD or AUNN_FAST_FP32_PRODUCTS
+    (or the module attribute it sets) holds an unknown value. The kernels check them at their first call; the
+    trainer and the CLI call this first, so that a bad value stops a run before anything is written."""
+    from . import common, mlp_backward, precision
     common.sigmoid_method()
     mlp_backward.weight_grad_method()
+    precision.fp32_products()
 
 
 def _is_interpreted(kernel: object) -> bool:

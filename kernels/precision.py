@@ -16,12 +16,30 @@ import triton.language as tl
 PRECISION_CODES = {"fp32": 0, "tf32": 1, "bf16": 2}
 INTERPRETER_CODES = {"fp32": 0, "tf32": 1, "bf16": 3}
 
+# How the fp32 mode multiplies (a benchmarking switch, read at call time):
+# "ieee"   - fp32 fused multiply-adds on the FMA units (on an H100 the fp32 path ran at 0.40x
+#            torch.compile: kernels/NOTES.md);
+# "tf32x3" - on the tensor cores as three tf32 products (a = a_hi + a_lo with a_hi = a rounded to
+#            tf32: a_lo @ b_hi + a_hi @ b_lo + a_hi @ b_hi), relative error per product ~2^-21
+#            against fp32's 2^-24. The interpreter emulates it (code 5, see `dot`).
+FP32_PRODUCTS_CHOICES = ("ieee", "tf32x3")
+FP32_PRODUCTS = os.environ.get("AUNN_FAST_FP32_PRODUCTS", "ieee")
+
+
+def fp32_products() -> str:
+    """FP32_PRODUCTS, checked: a ValueError naming the switch for an unknown value."""
+    if FP32_PRODUCTS not in FP32_PRODUCTS_CHOICES:
+        raise ValueError(f"unknown fp32 products {FP32_PRODUCTS!r} (AUNN_FAST_FP32_PRODUCTS / "
+                         f"precision.FP32_PRODUCTS); choose one of {', '.join(FP32_PRODUCTS_CHOICES)}")
+    return FP32_PRODUCTS
+
 
 def precision_code(precision: str) -> int:
     """The PRECISION constexpr for `dot` on this machine."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return INTERPRETER_CODES[precision]
-    return PRECISION_CODES[precision]
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if precision == "fp32" and fp32_products() == "tf32x3":
+        return 5 if interpreted else 4
+    return (INTERPRETER_CODES if interpreted else PRECISION_CODES)[precision]
 
 
 @triton.jit
@@ -29,9 +47,11 @@ def dot(a, b, PRECISION: tl.constexpr):
     """fp32 [M, K] @ fp32 [K, N] -> fp32 [M, N], fp32 accumulation.
 
     PRECISION 0: exact fp32 (ieee); 1: tf32 tensor cores; 2: bf16 operands; 3: bf16 emulated
-    (operands rounded, exact fp32 product) for the interpreter. The tensor cores truncate fp32
+    (operands rounded, exact fp32 product) for the interpreter; 4: fp32 as three tf32 products
+    (Triton's tf32x3); 5: the same emulated for the interpreter. The tensor cores truncate fp32
     operands to tf32 (triton-lang/triton#4574), the reference rounds them to nearest: so they are
-    rounded first, after which truncation changes nothing.
+    rounded first, after which truncation changes nothing. tf32x3 splits each operand into its
+    nearest tf32 value and the rest, which the tensor cores then truncate.
     """
     if PRECISION == 2:
         out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
@@ -39,6 +59,13 @@ def dot(a, b, PRECISION: tl.constexpr):
         out = tl.dot(round_tf32(a), round_tf32(b), input_precision="tf32")
     elif PRECISION == 3:
         out = tl.dot(round_bf16(a), round_bf16(b), input_precision="ieee")
+    elif PRECISION == 4:
+        out = tl.dot(a, b, input_precision="tf32x3")
+    elif PRECISION == 5:
+        a_hi, b_hi = round_tf32(a), round_tf32(b)
+        out = tl.dot(truncate_tf32(a - a_hi), b_hi, input_precision="ieee")
+        out += tl.dot(a_hi, truncate_tf32(b - b_hi), input_precision="ieee")
+        out += tl.dot(a_hi, b_hi, input_precision="ieee")
     else:
         out = tl.dot(a, b, input_precision="ieee")
     return out
@@ -57,6 +84,12 @@ def round_tf32(x):
     """fp32 -> fp32 rounded to TensorFloat-32 (10 mantissa bits, nearest), as reference.round_operand."""
     bits = x.to(tl.int32, bitcast=True)
     return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def truncate_tf32(x):
+    """fp32 -> fp32 with the 13 low mantissa bits cleared: what the tensor cores read of an fp32 operand."""
+    return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
 
 
 @triton.jit

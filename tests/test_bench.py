@@ -219,6 +219,19 @@ def test_kernel_variants_plan_skips_the_default_backward_tiles():
     assert "torch + tanh, bwd 32 rows 4 warps" not in labels["H128", 65536, "bf16"]  # and H = 128's
     assert "torch + tanh, bwd 16 rows 8 warps" in labels["H128", 65536, "bf16"]
     assert "layer-wise" in labels["H128", 65536, "bf16"]
+    assert labels["seed", 1 << 24, "fp32"] == ["default", "tf32x3"]  # fp32's products: FMAs or tensor cores
+    assert "tf32x3" in labels["seed", 1 << 20, "fp32"]
+
+
+def test_kernel_variant_sets_and_restores_the_fp32_products():
+    pytest.importorskip("triton")
+    from aunn_fast.bench import kernel_variants as kv
+    from aunn_fast.kernels import precision
+
+    before = precision.FP32_PRODUCTS
+    with kv.Variant("tf32x3", fp32_products="tf32x3").applied():
+        assert precision.FP32_PRODUCTS == "tf32x3"
+    assert precision.FP32_PRODUCTS == before
 
 
 def test_providers_run_in_the_order_given():

@@ -41,7 +41,7 @@ if _REASON is None:
     import triton
     import triton.language as tl
 
-    from aunn_fast.kernels import common, mlp_backward, mlp_forward
+    from aunn_fast.kernels import common, mlp_backward, mlp_forward, precision
     from aunn_fast.kernels.precision import round_bf16, round_tf32
 
     @triton.jit
@@ -551,6 +551,30 @@ def test_sigmoid_switch(monkeypatch):
         common.fast_sigmoid("bf16")
 
 
+@pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", [
+    (32, 8, 2, 64, 150, 130),   # the seed layout, vocab over two tiles, batch over two blocks
+    (48, 4, 2, 20, 7, 200),     # hidden not a power of two
+])
+def test_fp32_as_three_tf32_products(hidden, layers, residual_every, bits, vocab, batch, generator, weight_grad,
+                                     monkeypatch):
+    """precision.FP32_PRODUCTS "tf32x3" (the interpreter's emulation of Triton's: operands split into their
+    nearest tf32 value and the truncated rest) keeps the fp32 mode within its 2x rule; its logits differ from
+    the FMA path's (so the switch was honoured) by far less than the fp32 floor."""
+    cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=residual_every)
+    params, idx = make_params(cfg, generator), make_indices(cfg, batch, generator)
+    ieee = kernels.logits(idx, params, cfg, "fp32")
+    monkeypatch.setattr(precision, "FP32_PRODUCTS", "tf32x3")
+    assert 0 < rel_err(kernels.logits(idx, params, cfg, "fp32"), ieee) < 1e-5
+    check_model(cfg, batch, generator)
+
+
+def test_fp32_products_switch(monkeypatch):
+    monkeypatch.setattr(precision, "FP32_PRODUCTS", "tf32x4")
+    with pytest.raises(ValueError, match="ieee, tf32x3"):
+        precision.precision_code("fp32")
+    assert precision.precision_code("bf16") in (2, 3)  # only the fp32 mode reads the switch
+
+
 # ----------------------------------------------------------------------------- edge cases
 
 
@@ -657,6 +681,15 @@ def test_gpu_precisions(precision, hidden, layers, vocab, generator, weight_grad
         pytest.skip("the layer-wise path has one weight-gradient method; its 'torch' case runs it")
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
     check_model(cfg, 4099, generator, precision)
+
+
+@gpu_only
+@pytest.mark.parametrize("hidden,layers,vocab", [(64, 8, 4), (128, 6, 300)])
+def test_gpu_fp32_as_three_tf32_products(hidden, layers, vocab, generator, weight_grad, monkeypatch):
+    """The fp32 mode on the tensor cores (Triton's tf32x3) within the fp32 2x rule on the hardware."""
+    monkeypatch.setattr(precision, "FP32_PRODUCTS", "tf32x3")
+    cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
+    check_model(cfg, 4099, generator, "fp32")
 
 
 @gpu_only
