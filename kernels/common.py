@@ -95,12 +95,18 @@ SIGMOID_CHOICES = ("exact", "tanh")
 SIGMOID = os.environ.get("AUNN_FAST_SIGMOID", "tanh")
 
 
+def checked_switch(value: str, choices: tuple[str, ...], what: str, attribute: str) -> str:
+    """A benchmarking switch's value, or a ValueError naming the switch: its environment variable
+    (AUNN_FAST_ + the attribute's name) and its module attribute ("module.NAME")."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r} (AUNN_FAST_{attribute.split('.')[-1]} / {attribute}); "
+                         f"choose one of {', '.join(choices)}")
+    return value
+
+
 def sigmoid_method() -> str:
-    """SIGMOID, checked: a ValueError naming the switch for an unknown value."""
-    if SIGMOID not in SIGMOID_CHOICES:
-        raise ValueError(f"unknown sigmoid {SIGMOID!r} (AUNN_FAST_SIGMOID / common.SIGMOID); "
-                         f"choose one of {', '.join(SIGMOID_CHOICES)}")
-    return SIGMOID
+    """SIGMOID, checked."""
+    return checked_switch(SIGMOID, SIGMOID_CHOICES, "sigmoid", "common.SIGMOID")
 
 
 def fast_sigmoid(precision: str) -> bool:

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import choose_tiles, fast_sigmoid, launch, num_sms, vocab_splits
+from .common import checked_switch, choose_tiles, fast_sigmoid, launch, num_sms, vocab_splits
 from .gemm import batch_reduced_matmul, matmul, reusable_operand
 from .head_blocks import dlogits, head_backward_rows, head_logits_tile, load_softmax_stats, load_targets
 from .mlp_forward import MODE_LOGITS, MODE_LOSS, head_weight, index_bits_matrix, new_buffer
@@ -54,11 +54,8 @@ ROWWISE_PROGRAMS_PER_SM = 2
 
 
 def weight_grad_method() -> str:
-    """WEIGHT_GRAD, checked: a ValueError naming the switch for an unknown value."""
-    if WEIGHT_GRAD not in WEIGHT_GRAD_CHOICES:
-        raise ValueError(f"unknown trunk weight-gradient method {WEIGHT_GRAD!r} (AUNN_FAST_WEIGHT_GRAD / "
-                         f"mlp_backward.WEIGHT_GRAD); choose one of {', '.join(WEIGHT_GRAD_CHOICES)}")
-    return WEIGHT_GRAD
+    """WEIGHT_GRAD, checked."""
+    return checked_switch(WEIGHT_GRAD, WEIGHT_GRAD_CHOICES, "trunk weight-gradient method", "mlp_backward.WEIGHT_GRAD")
 
 
 @triton.jit

@@ -8,6 +8,8 @@ import os
 import triton
 import triton.language as tl
 
+from .common import checked_switch
+
 # How `dot` treats its operands. Under TRITON_INTERPRET=1 a bf16 tl.dot returns garbage
 # (anchors.md), so the interpreter gets an exact emulation: operands rounded to bf16 in
 # registers, then an exact fp32 product, which is what the tensor cores compute (products of
@@ -27,11 +29,8 @@ FP32_PRODUCTS = os.environ.get("AUNN_FAST_FP32_PRODUCTS", "ieee")
 
 
 def fp32_products() -> str:
-    """FP32_PRODUCTS, checked: a ValueError naming the switch for an unknown value."""
-    if FP32_PRODUCTS not in FP32_PRODUCTS_CHOICES:
-        raise ValueError(f"unknown fp32 products {FP32_PRODUCTS!r} (AUNN_FAST_FP32_PRODUCTS / "
-                         f"precision.FP32_PRODUCTS); choose one of {', '.join(FP32_PRODUCTS_CHOICES)}")
-    return FP32_PRODUCTS
+    """FP32_PRODUCTS, checked."""
+    return checked_switch(FP32_PRODUCTS, FP32_PRODUCTS_CHOICES, "fp32 product method", "precision.FP32_PRODUCTS")
 
 
 def precision_code(precision: str) -> int:
