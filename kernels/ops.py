@@ -120,7 +120,11 @@ def loss(idx: Tensor, targets: Tensor, params: AUNNParams, cfg: AUNNConfig, prec
     row_loss = run_forward(idx, targets, params, cfg, precision, MODE_LOSS)
     if reduction == "none":
         return row_loss
-    return row_loss.sum() / (max(idx.shape[0], 1) if reduction == "mean" else 1)
+    # mean(): one reduction, and a backward that hands the operator a contiguous gradient; sum() / N
+    # was a second launch each way (the division, and a copy of the sum's stride-0 gradient)
+    if reduction == "sum" or idx.shape[0] == 0:  # the mean of no rows is 0, with zero gradients
+        return row_loss.sum()
+    return row_loss.mean()
 
 
 def predict(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> Tensor:
