@@ -142,7 +142,9 @@ def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple
         hidden, layers, vocab = CONFIGS[name]
         cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers)
         params = init_params(cfg)
-        # 4,096 rows; and for a large head 64, whose few row blocks split the vocabulary into ranges
+        # 4,096 rows, compiled as a large batch runs them (bf16 weight copies, mlp_forward.WEIGHT_COPY_MIN_ROWS);
+        # and for a large head 64, whose few row blocks split the vocabulary into ranges
+        mlp_forward.WEIGHT_COPY_MIN_ROWS = 4096
         for n in (4096, 64) if vocab >= common.VOCAB_SPLIT_MIN else (4096,):
             rows_label = "" if n == 4096 else ", few rows"
             idx = torch.randint(0, 2**62, (n,))

@@ -13,8 +13,9 @@ Conventions used by every kernel in this package:
   >= H are exactly zero (masked loads with other=0), so sums over the padded tile
   equal sums over the H real columns;
 * weights are stored as ``nn.Linear`` stores them, [out, in]; a kernel that needs
-  W.T loads it transposed through pointer arithmetic; weights are fp32, except that a
-  large output weight is read as its bf16 copy in the bf16 mode (``mlp_forward.head_weight``);
+  W.T loads it transposed through pointer arithmetic; weights are fp32, except that in the bf16
+  mode a large output weight is read as its bf16 copy (``mlp_forward.head_weight``) and, for a
+  large batch, the fused kernels read bf16 copies of all of them (``mlp_forward.fused_weights``);
 * every matrix product goes through :func:`.precision.dot`, which applies the precision mode
   (operands rounded per mode, accumulation always float32);
 * row offsets are int64 so that N * H and N * V may exceed 2**31.

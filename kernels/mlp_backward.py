@@ -35,7 +35,7 @@ import triton.language as tl
 from .common import checked_switch, choose_tiles, fast_sigmoid, launch, num_sms, vocab_splits
 from .gemm import batch_reduced_matmul, matmul, reusable_operand
 from .head_blocks import dlogits, head_backward_rows, head_logits_tile, load_softmax_stats, load_targets
-from .mlp_forward import MODE_LOGITS, MODE_LOSS, head_weight, index_bits_matrix, new_buffer
+from .mlp_forward import MODE_LOGITS, MODE_LOSS, fused_weights, head_weight, index_bits_matrix, new_buffer
 from .precision import dot, precision_code, store_activation
 from .trunk_blocks import index_bits, silu_rmsnorm_backward
 
@@ -81,7 +81,8 @@ def aunn_backward_kernel(
 
     HEAD_FROM_LSE: grad is the per-row upstream gradient of the row losses fp32 [N]
     (targets int64 [N] and softmax stats lse fp32 [N, 3] from the forward); else grad is dL/dh_last fp32 [N, H].
-    act fp32 or bf16 [L-1, N, H] from the forward. Outputs, each program summing over its row blocks:
+    act fp32 or bf16 [L-1, N, H] from the forward; weights fp32 or bf16 copies (mlp_forward.fused_weights).
+    Outputs, each program summing over its row blocks:
     dgain and db fp32 [P, L-1, H]; with WEIGHT_GRADS also dw_in fp32 [P, H, BITS] (input layer)
     and dw fp32 [P, L-2, H, H] (hidden layers), and dz is not stored; without it dz [L-1, N, H]
     and the index bits x [N, BITS] (fp32, or bf16 in bf16 mode; the weight gradients are then
@@ -303,9 +304,14 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
                 torch.zeros(vocab * hidden + vocab, dtype=torch.float32, device=device),
                 torch.zeros((2, n_layers, hidden), dtype=torch.float32, device=device)]
     h_last = acts[n_hidden]
-    # the head kernels' output weight (a bf16 copy for large heads); the fused trunk backward reads
-    # fp32 (with a bf16 one its "partials" form fails to compile under Triton 3.6)
-    w_out = head_weight(out_weight, precision, n)
+    partials = t.fused and weight_grad == "partials"
+    # the weights as the kernels read them: in the bf16 mode bf16 copies (mlp_forward.fused_weights,
+    # head_weight), except that the fused trunk backward's "partials" form reads the output weight in
+    # fp32 (with a bf16 one it fails to compile under Triton 3.6)
+    if t.fused:
+        w_in, w_hidden, w_out = fused_weights(in_weight, hidden_weight, out_weight, precision, n, head=not partials)
+    else:
+        w_out = head_weight(out_weight, precision, n)
 
     # ---- head: dL/d out_weight, out_bias, and (unless fused below) dL/dh_last
     dh = None
@@ -340,7 +346,6 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
 
     # ---- trunk: dz of every layer (or, WEIGHT_GRAD "partials", per-program weight and bias
     # gradient partials) and per-program gain partials
-    partials = t.fused and weight_grad == "partials"
     row_blocks = triton.cdiv(n, t.block_m_bwd)  # of the fused trunk backward
     if partials:
         programs = _persistent_programs(device, row_blocks, PARTIAL_PROGRAMS_PER_SM)
@@ -366,7 +371,8 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
         from_lse = dh is None
         launch(aunn_backward_kernel, (programs,),
                idx, targets, grad if from_lse else dh, lse, acts, dz, x, dgain_part, dw_in_part, dw_part, db_part,
-               in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
+               w_in, in_bias, in_gain, w_hidden, hidden_bias, hidden_gain, out_weight if partials else w_out,
+               out_bias,
                n, hidden, vocab, n_hidden, residual_every, eps, n * hidden, n_hidden * n * hidden,
                BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v,
                HEAD_FROM_LSE=from_lse, WEIGHT_GRADS=partials, PRECISION=prec,

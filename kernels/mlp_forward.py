@@ -13,8 +13,11 @@ Kernels:
 * :func:`layer_epilogue_kernel` - the layer-wise path for wide models: per layer a
   PyTorch GEMM (cuBLAS), then this kernel: bias + SiLU + RMSNorm * gain (+ residual).
 * :func:`index_bits_kernel` - the layer-wise path's input: the index bits as a GEMM operand.
+* :func:`bf16_copy_kernel` - the fused path's weights as bf16 copies, one launch (:func:`fused_weights`).
 """
 from __future__ import annotations
+
+from itertools import accumulate
 
 import torch
 import triton
@@ -54,12 +57,58 @@ def head_weight(out_weight: torch.Tensor, precision: str, rows: int) -> torch.Te
     return reusable_operand(out_weight, precision) if large else out_weight
 
 
+# The fused kernels load every layer's weight tile in every row block. Read as fp32, each tile was
+# converted to bf16 by every program on every layer (and loaded at twice the bytes); from this many
+# rows on, in the bf16 mode, they read bf16 copies of the trunk's weights and of a small head's,
+# made by one launch per call (:func:`fused_weights`). Compile report (sm_90a, seed model, tanh):
+# forward loop 805 -> 715 instructions per thread (predict), training forward 874 -> 796 with 192 ->
+# 149 registers (2 -> 3 blocks per SM) and 72 -> 57 KiB of shared memory; backward 856 -> 746, its
+# 16 B spill gone; the head's weight-gradient loop 115 -> 69. Fewer rows fill less than a wave of
+# programs, where one conversion per program costs about what the copy's launch does (a guess, to
+# be measured: kernel_variants' "fp32 weights" candidate).
+WEIGHT_COPY_MIN_ROWS = 16384
+
+
+@triton.jit
+def bf16_copy_kernel(a_ptr, b_ptr, c_ptr, out_ptr, a_end, b_end, c_end, BLOCK: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """out bf16 [c_end] = a, b, c (fp32, flattened) one after another: a fills [0, a_end), b [a_end, b_end),
+    c [b_end, c_end); rounded to nearest (:func:`store_activation`)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    from_a, from_b = i < a_end, (i >= a_end) & (i < b_end)
+    from_c = (i >= b_end) & (i < c_end)
+    x = tl.where(from_a, tl.load(a_ptr + i, mask=from_a, other=0.0),
+                 tl.where(from_b, tl.load(b_ptr + (i - a_end), mask=from_b, other=0.0),
+                          tl.load(c_ptr + (i - b_end), mask=from_c, other=0.0)))
+    store_activation(out_ptr + i, x, i < c_end, PRECISION)
+
+
+def fused_weights(in_weight: torch.Tensor, hidden_weight: torch.Tensor, out_weight: torch.Tensor,
+                  precision: str, rows: int, head: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(in, hidden, out) weights as the fused kernels read them for a batch of rows: from
+    WEIGHT_COPY_MIN_ROWS rows on in the bf16 mode, bf16 copies of the trunk's (and, with head, of a
+    small output weight; a large one is :func:`head_weight`'s), made by one launch; else as given."""
+    out = head_weight(out_weight, precision, rows)
+    if precision != "bf16" or rows < WEIGHT_COPY_MIN_ROWS:
+        return in_weight, hidden_weight, out
+    sources = [in_weight, hidden_weight] + ([out_weight] if head and out.dtype == torch.float32 else [])
+    sizes = [t.numel() for t in sources]
+    ends = list(accumulate(sizes))
+    copy = torch.empty(ends[-1], dtype=torch.bfloat16, device=in_weight.device)
+    block = 1024
+    # with two sources the third segment is the second again, over an empty range
+    launch(bf16_copy_kernel, (triton.cdiv(ends[-1], block),), *(sources + sources[-1:])[:3], copy,
+           *(ends + ends[-1:])[:3], BLOCK=block, PRECISION=precision_code(precision), num_warps=4)
+    copies = [part.view(t.shape) for part, t in zip(copy.split(sizes), sources)]
+    return copies[0], copies[1], copies[2] if len(copies) == 3 else out
+
+
 @triton.jit
 def hidden_layer(h, w_ptr, b_ptr, g_ptr, layer, H, eps, hcols, hmask,
                  PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr):
     """Hidden layer ``layer`` on a register tile: RMSNorm(SiLU(h @ W[layer].T + b[layer])) * g[layer].
 
-    h fp32 [M, BLOCK_H]; w fp32 [n_hidden, H, H], b and g fp32 [n_hidden, H]."""
+    h fp32 [M, BLOCK_H]; w fp32 or bf16 [n_hidden, H, H], b and g fp32 [n_hidden, H]."""
     w_t = tl.load(w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None],
                   mask=hmask[:, None] & hmask[None, :], other=0.0)
     z = dot(h, w_t, PRECISION) + tl.load(b_ptr + layer * H + hcols, mask=hmask, other=0.0)[None, :]
@@ -80,7 +129,7 @@ def aunn_forward_kernel(
     (r + 1) * v_per_range) (program axis 1: r; v_per_range a multiple of BLOCK_V; a one-range
     grid covers all V).
 
-    idx int64 [N]; target int64 [N] (MODE 2); weights fp32 as in AUNNParams (out_w: or its bf16 copy).
+    idx int64 [N]; target int64 [N] (MODE 2); weights as in AUNNParams, fp32 or bf16 copies (:func:`fused_weights`).
     act fp32 or bf16 [n_hidden + 1, N, H] (layer stride act_stride = N * H;
     the last layer at head_in_offset): activation after each layer (the input of the next);
     written when STORE_ACTS (fused trunk), read (last layer only) when not FUSED_TRUNK.
@@ -331,10 +380,14 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
         if not save:
             head_in, head_in_offset = outs[-1], 0
 
+    if t.fused:
+        in_weight, hidden_weight, w_out = fused_weights(in_weight, hidden_weight, out_weight, precision, n)
+    else:
+        w_out = head_weight(out_weight, precision, n)
     launch(aunn_forward_kernel, (row_blocks, ranges),
            idx, targets, out, lse, part, head_in,
-           in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, head_weight(out_weight, precision, n),
-           out_bias, n, hidden, vocab, n_hidden, n_hidden // residual_every * residual_every, eps, n * hidden,
+           in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, w_out, out_bias,
+           n, hidden, vocab, n_hidden, n_hidden // residual_every * residual_every, eps, n * hidden,
            head_in_offset, v_per_range,
            BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
            BLOCK_K=t.block_k_head, RESIDUAL_EVERY=residual_every, UNROLL_GROUPS=unroll_groups, MODE=mode,

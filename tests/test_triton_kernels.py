@@ -447,6 +447,49 @@ def test_bf16_head_weight_copy(force_layerwise, generator, weight_grad, monkeypa
     check_model(cfg, 70, generator, "bf16")
 
 
+def launched_kernels(monkeypatch) -> list[str]:
+    """The names of the kernels the launchers launch from now on (recorded, then launched)."""
+    names: list[str] = []
+
+    def recording(kernel, grid, *args, **kwargs):
+        names.append(kernel.fn.__name__)
+        common.launch(kernel, grid, *args, **kwargs)
+
+    for module in (mlp_forward, mlp_backward):
+        monkeypatch.setattr(module, "launch", recording)
+    return names
+
+
+@pytest.mark.parametrize("layers,vocab,large_head", [(5, 7, False), (2, 70, False), (4, 150, True)])
+def test_bf16_weight_copies(layers, vocab, large_head, generator, weight_grad, monkeypatch):
+    """From WEIGHT_COPY_MIN_ROWS rows on, the fused bf16 kernels read bf16 copies of the weights, made by
+    one launch per call: the same logits, loss and gradients as rounding the fp32 weights in the kernels
+    (bit for bit in the interpreter; a GPU may order a product's sums differently), within the 2x rule.
+    Two layers: no hidden layer (an empty segment); a large head: its copy is head_weight's, not this one's."""
+    if large_head:
+        monkeypatch.setattr(mlp_forward, "HEAD_COPY_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(mlp_forward, "HEAD_COPY_MIN_ROWS", 0)
+    cfg = AUNNConfig(vocab_size=vocab, hidden=32, layers=layers, bits=64, residual_every=2)
+    params, idx = make_params(cfg, generator), make_indices(cfg, 70, generator)
+    targets = torch.randint(0, vocab, (70,), generator=generator).to(DEVICE)
+
+    def outputs() -> list[torch.Tensor]:
+        loss, grads = run_loss(kernels.loss, idx, targets, params, cfg, "bf16")
+        return [kernels.logits(idx, params, cfg, "bf16"), kernels.predict(idx, params, cfg, "bf16"), loss, *grads]
+
+    from_fp32 = outputs()
+    monkeypatch.setattr(mlp_forward, "WEIGHT_COPY_MIN_ROWS", 0)
+    launched = launched_kernels(monkeypatch)
+    from_copies = outputs()
+    assert launched.count("bf16_copy_kernel") == 4  # logits, predict, loss forward, its backward
+    for got, want in zip(from_copies, from_fp32):
+        if torch.cuda.is_available():
+            assert rel_err(got.float(), want.float()) < 1e-2
+        else:
+            assert torch.equal(got, want)
+    check_model(cfg, 70, generator, "bf16")
+
+
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
 def test_reduced_precision_layerwise(precision, generator, layerwise):
     """The layer-wise path's GEMMs in bf16/tf32 (bf16 activations and dz, fp32 residual stream)."""
@@ -681,6 +724,15 @@ def test_gpu_precisions(precision, hidden, layers, vocab, generator, weight_grad
         pytest.skip("the layer-wise path has one weight-gradient method; its 'torch' case runs it")
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
     check_model(cfg, 4099, generator, precision)
+
+
+@gpu_only
+@pytest.mark.parametrize("hidden,layers,vocab", [(64, 8, 4), (128, 6, 300)])
+def test_gpu_bf16_weight_copies(hidden, layers, vocab, generator, weight_grad, monkeypatch):
+    """The fused bf16 kernels reading bf16 weight copies (batches from WEIGHT_COPY_MIN_ROWS on) on the hardware."""
+    monkeypatch.setattr(mlp_forward, "WEIGHT_COPY_MIN_ROWS", 0)
+    cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
+    check_model(cfg, 4099, generator, "bf16")
 
 
 @gpu_only
