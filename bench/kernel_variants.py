@@ -2,6 +2,7 @@
 
     python -m aunn_fast.bench.kernel_variants --out DIR [--programs-per-sm 1,2,4]
         [--workloads predict,train] [--shapes seed,notebook,H128,bpe] [--precisions bf16,fp32]
+        [--labels "torch + tanh,torch + tanh + fp32 weights"]
 
 Each candidate sets the kernels' benchmarking switches: the trunk weight-gradient method
 (``mlp_backward.WEIGHT_GRAD``: "torch" or "partials", the latter once per
@@ -9,8 +10,10 @@ Each candidate sets the kernels' benchmarking switches: the trunk weight-gradien
 the tiles (``common.TILE_OVERRIDES``: rows per program and warps, forward or backward),
 the widest fused model (``common.FUSED_MAX_HIDDEN``; 0 runs H=128 on the layer-wise path),
 the weight-gradient products' split over the batch (``gemm.SPLIT_K_MIN_ROWS``), the head's
-vocabulary ranges at few rows (``common.VOCAB_SPLIT_MIN``) and the fp32 mode's products
-(``precision.FP32_PRODUCTS``: "ieee" FMAs or "tf32x3" on the tensor cores).
+vocabulary ranges at few rows (``common.VOCAB_SPLIT_MIN``), the fp32 mode's products
+(``precision.FP32_PRODUCTS``: "ieee" FMAs or "tf32x3" on the tensor cores) and the bf16 weight
+copies of large batches (``mlp_forward.WEIGHT_COPY_MIN_ROWS``; "+ fp32 weights" reads the fp32
+weights as before). ``--labels`` keeps only the named candidates of each step.
 Two workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
 
 * predict - forward + argmax (``kernels.predict``), bf16, seed model (H=64) at 16M and H=128 at 4M,
@@ -31,7 +34,7 @@ import argparse
 import json
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -65,17 +68,19 @@ class Variant:
     split_k_min_rows: int | None = None
     vocab_split_min: int | None = None
     fp32_products: str | None = None
+    weight_copy_min_rows: int | None = None
 
     @contextmanager
     def applied(self) -> Iterator[None]:
-        from aunn_fast.kernels import common, gemm, mlp_backward, precision
+        from aunn_fast.kernels import common, gemm, mlp_backward, mlp_forward, precision
 
         switches = [(mlp_backward, "WEIGHT_GRAD", self.weight_grad), (common, "SIGMOID", self.sigmoid),
                     (mlp_backward, "PARTIAL_PROGRAMS_PER_SM", self.programs_per_sm),
                     (common, "FUSED_MAX_HIDDEN", self.fused_max_hidden),
                     (gemm, "SPLIT_K_MIN_ROWS", self.split_k_min_rows),
                     (common, "VOCAB_SPLIT_MIN", self.vocab_split_min),
-                    (precision, "FP32_PRODUCTS", self.fp32_products)]
+                    (precision, "FP32_PRODUCTS", self.fp32_products),
+                    (mlp_forward, "WEIGHT_COPY_MIN_ROWS", self.weight_copy_min_rows)]
         saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
         tiles = dict(common.TILE_OVERRIDES)
         for module, name, value in switches:
@@ -126,8 +131,11 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     forward_tiles = [Variant(f"{rows} rows, {warps} warps" + (" + tanh" if sigmoid == "tanh" else ""),
                              sigmoid=sigmoid, tiles=(("block_m", rows), ("num_warps", warps)))
                      for rows, warps in ((64, 4), (256, 8)) for sigmoid in ("exact", "tanh")]
-    predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), *forward_tiles]
-    train_bf16 = [Variant("torch"), *partials, *tanh]
+    # the large batches' bf16 weight copies against reading the fp32 weights in every program
+    fp32_weights = {label: Variant(f"{label} + fp32 weights", weight_grad, "tanh", weight_copy_min_rows=1 << 62)
+                    for label, weight_grad in (("tanh", "torch"), ("torch + tanh", "torch"))}
+    predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), fp32_weights["tanh"], *forward_tiles]
+    train_bf16 = [Variant("torch"), *partials, *tanh, fp32_weights["torch + tanh"]]
     # the fp32 mode's products on the tensor cores (three tf32 products each) instead of FMAs
     tf32x3 = Variant("tf32x3", fp32_products="tf32x3")
     train_fp32 = [Variant("torch"), *partials, tf32x3]
@@ -286,9 +294,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated shapes to run: seed, notebook, H128, bpe (default: all)")
     parser.add_argument("--precisions", type=names_from(TOLERANCES, "precision"), default=list(TOLERANCES),
                         help="comma-separated precisions to run (default: all in the plan)")
+    parser.add_argument("--labels", type=comma_separated, default=None,
+                        help="comma-separated candidate labels to keep in each step (default: all); at the timed "
+                             "batch each is compared with the first kept one")
     args = parser.parse_args(argv)
-    plan = [s for s in default_plan(args.programs_per_sm) if s.workload in args.workloads
+    plan = [replace(s, variants=[v for v in s.variants if args.labels is None or v.label in args.labels])
+            for s in default_plan(args.programs_per_sm) if s.workload in args.workloads
             and s.precision in args.precisions and (args.shapes is None or s.shape in args.shapes)]
+    plan = [s for s in plan if s.variants]
     if not plan:
         parser.error("the filters leave no step to run")
     if not torch.cuda.is_available():

@@ -234,6 +234,28 @@ def test_kernel_variant_sets_and_restores_the_fp32_products():
     assert precision.FP32_PRODUCTS == before
 
 
+def test_kernel_variants_labels_keep_the_named_candidates(tmp_path, capsys, monkeypatch):
+    """--labels narrows every step to the named candidates (the bf16 weight copies' comparison here); a
+    filter that keeps nothing is a usage error, before any GPU is asked for."""
+    pytest.importorskip("triton")
+    from aunn_fast.bench import kernel_variants as kv
+
+    kept = []
+    monkeypatch.setattr(kv, "run", lambda plan, device, on_row: kept.extend(plan) or [])
+    monkeypatch.setattr(kv.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kv.kernels, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(kv, "describe", lambda device: {})
+    labels = "torch + tanh,torch + tanh + fp32 weights"
+    assert kv.main(["--out", str(tmp_path), "--workloads", "train", "--shapes", "seed",
+                    "--precisions", "bf16", "--labels", labels]) == 0
+    assert kept and all([v.label for v in s.variants] == labels.split(",") for s in kept)
+    copies = kept[0].variants[1]
+    assert copies.sigmoid == "tanh" and copies.weight_copy_min_rows > kept[0].batch
+    with pytest.raises(SystemExit) as exit_info:
+        kv.main(["--out", str(tmp_path / "none"), "--labels", "nothing like it"])
+    assert exit_info.value.code == 2 and "no step" in capsys.readouterr().err
+
+
 def test_providers_run_in_the_order_given():
     """gpu_check puts the fused kernels first, so a time limit cuts torch.compile, not them."""
     assert harness.providers_to_run(None) == list(BACKENDS)
