@@ -2,7 +2,7 @@
 
     python -m aunn_fast.bench.kernel_variants --out DIR [--programs-per-sm 1,2,4]
         [--workloads predict,train] [--shapes seed,notebook,H128,bpe] [--precisions bf16,fp32]
-        [--labels "torch + tanh,torch + tanh + fp32 weights"]
+        [--labels "torch + tanh;torch + tanh + fp32 weights"]
 
 Each candidate sets the kernels' benchmarking switches: the trunk weight-gradient method
 (``mlp_backward.WEIGHT_GRAD``: "torch" or "partials", the latter once per
@@ -294,9 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated shapes to run: seed, notebook, H128, bpe (default: all)")
     parser.add_argument("--precisions", type=names_from(TOLERANCES, "precision"), default=list(TOLERANCES),
                         help="comma-separated precisions to run (default: all in the plan)")
-    parser.add_argument("--labels", type=comma_separated, default=None,
-                        help="comma-separated candidate labels to keep in each step (default: all); at the timed "
-                             "batch each is compared with the first kept one")
+    parser.add_argument("--labels", type=lambda text: [label.strip() for label in text.split(";") if label.strip()],
+                        default=None, help="semicolon-separated candidate labels (some hold commas) to keep in "
+                                           "each step (default: all); at the timed batch each is compared with "
+                                           "the first one kept")
     args = parser.parse_args(argv)
     plan = [replace(s, variants=[v for v in s.variants if args.labels is None or v.label in args.labels])
             for s in default_plan(args.programs_per_sm) if s.workload in args.workloads
