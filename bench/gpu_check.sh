@@ -16,7 +16,7 @@
 # every row, so a timed-out run still leaves data. A second call on the same lease, after a first
 # full one, can run only what the first left out, e.g.
 #   GPU_TEST_TIMEOUT=0 TEST_TIMEOUT=0 BENCH_TIMEOUT=0 NOTEBOOK_TIMEOUT=0 PROFILE_TIMEOUT=0 \
-#   NCU_TIMEOUT=80 VARIANTS_TIMEOUT=150 bash bench/gpu_check.sh /tmp/gc2
+#   NCU_TIMEOUT=80 VARIANTS_TIMEOUT=180 bash bench/gpu_check.sh /tmp/gc2
 set -uo pipefail
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
@@ -145,13 +145,14 @@ if [ "$NCU_TIMEOUT" -gt 0 ]; then
 fi
 
 # Only when given time (the 5 minutes are spent above): the candidates the H100 has not settled
-# (kernels/NOTES.md): large batches' bf16 weight copies against the fp32 weights (bf16, tanh), the
-# forward on 4 warps at H = 128, the fp32 mode's products (FMAs or tf32x3); the full plan is
+# (kernels/NOTES.md): large batches' bf16 weight copies against the fp32 weights (bf16, tanh), register
+# caps, the forward on 4 warps at H = 128, the fp32 mode's products (FMAs or tf32x3); the full plan is
 # `kernel_variants` unfiltered.
 echo "== kernel candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"
 stage "$VARIANTS_TIMEOUT" "$OUT/variants.log" "$PYTHON" -m aunn_fast.bench.kernel_variants --out "$OUT/variants" \
     --workloads predict,train --shapes seed,H128 --precisions bf16,fp32 --labels "tanh;tanh + fp32 weights;\
-torch + tanh;torch + tanh + fp32 weights;64 rows, 4 warps + tanh;default;torch;tf32x3"
+tanh + 128 registers;torch + tanh;torch + tanh + fp32 weights;torch + tanh + bwd 168 registers;\
+64 rows, 4 warps + tanh;default;torch;tf32x3"
 VARIANTS_RC=$?
 
 echo "== summary"

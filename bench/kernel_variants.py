@@ -13,7 +13,8 @@ the weight-gradient products' split over the batch (``gemm.SPLIT_K_MIN_ROWS``), 
 vocabulary ranges at few rows (``common.VOCAB_SPLIT_MIN``), the fp32 mode's products
 (``precision.FP32_PRODUCTS``: "ieee" FMAs or "tf32x3" on the tensor cores) and the bf16 weight
 copies of large batches (``mlp_forward.WEIGHT_COPY_MIN_ROWS``; "+ fp32 weights" reads the fp32
-weights as before). ``--labels`` keeps only the named candidates of each step.
+weights as before) and register caps (``Tiles.max_registers``/``max_registers_bwd``, Triton's maxnreg).
+``--labels`` keeps only the named candidates of each step.
 Two workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
 
 * predict - forward + argmax (``kernels.predict``), bf16, seed model (H=64) at 16M and H=128 at 4M,
@@ -134,8 +135,15 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # the large batches' bf16 weight copies against reading the fp32 weights in every program
     fp32_weights = {label: Variant(f"{label} + fp32 weights", weight_grad, "tanh", weight_copy_min_rows=1 << 62)
                     for label, weight_grad in (("tanh", "torch"), ("torch + tanh", "torch"))}
-    predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), fp32_weights["tanh"], *forward_tiles]
-    train_bf16 = [Variant("torch"), *partials, *tanh, fp32_weights["torch + tanh"]]
+    # registers capped (maxnreg) for more blocks per SM, at the price of spills (compile report, seed model with
+    # the weight copies: the predict forward 143 -> 128 registers, 3 -> 4 blocks, 56 B spill; the backward
+    # 248 -> 168, 2 -> 3 blocks, 128 B spill)
+    register_caps = {"tanh": Variant("tanh + 128 registers", sigmoid="tanh", tiles=(("max_registers", 128),)),
+                     "torch + tanh": Variant("torch + tanh + bwd 168 registers", "torch", "tanh",
+                                             (("max_registers_bwd", 168),))}
+    predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), fp32_weights["tanh"], register_caps["tanh"],
+               *forward_tiles]
+    train_bf16 = [Variant("torch"), *partials, *tanh, fp32_weights["torch + tanh"], register_caps["torch + tanh"]]
     # the fp32 mode's products on the tensor cores (three tf32 products each) instead of FMAs
     tf32x3 = Variant("tf32x3", fp32_products="tf32x3")
     train_fp32 = [Variant("torch"), *partials, tf32x3]

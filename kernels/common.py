@@ -176,6 +176,16 @@ class Tiles:
     num_warps: int      # warps of the forward and of the layer-wise path's per-layer kernels
     num_warps_bwd: int  # warps of the fused trunk backward (aunn_backward_kernel)
     num_warps_head: int  # warps of the head's backward kernels (weight gradient, dh)
+    # registers per thread allowed to the fused forward / backward (Triton's maxnreg; 0: the compiler's
+    # choice, the default): fewer registers, more blocks per SM, perhaps spills. A kernel_variants candidate,
+    # passed only when set (torch.compile's wrap_triton does not take maxnreg as a launch option in torch 2.11)
+    max_registers: int = 0
+    max_registers_bwd: int = 0
+
+
+def register_cap(max_registers: int) -> dict[str, int]:
+    """The launch option that caps a kernel's registers per thread, or none for 0."""
+    return {"maxnreg": max_registers} if max_registers else {}
 
 
 # A benchmarking hook (bench/kernel_variants.py): Tiles fields replaced in every choose_tiles
