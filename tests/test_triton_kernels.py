@@ -808,13 +808,15 @@ def test_gpu_model_on_a_device_that_is_not_current(generator):
         assert rel_err(p.grad, q.grad) < 1e-4, name
 
 
-@pytest.mark.parametrize("force_layerwise,n,split_vocab", [(False, 65, False), (True, 65, False), (False, 37, False),
-                                                          (True, 37, True)])
-def test_opcheck(force_layerwise, n, split_vocab, generator, monkeypatch):
+@pytest.mark.parametrize("force_layerwise,n,split_vocab,weight_copies", [
+    (False, 65, False, False), (True, 65, False, False), (False, 37, False, False), (True, 37, True, False),
+    (False, 65, False, True)])
+def test_opcheck(force_layerwise, n, split_vocab, weight_copies, generator, monkeypatch):
     """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of both operators,
     fused and layer-wise (whose forward also calls PyTorch GEMMs); at 37 rows the head's
     weight gradient has one batch split, returned without a sum (a view of its partials);
-    with split_vocab the head's vocabulary ranges are merged by PyTorch ops.
+    with split_vocab the head's vocabulary ranges are merged by PyTorch ops; with weight_copies
+    (bf16) the fused kernels read the large batches' bf16 weight copies, views of one buffer.
 
     argmax (mode 1) is checked without grad-requiring inputs, as predict() runs it under no_grad.
     """
@@ -825,12 +827,14 @@ def test_opcheck(force_layerwise, n, split_vocab, generator, monkeypatch):
         monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
     if split_vocab:
         monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
+    if weight_copies:
+        monkeypatch.setattr(mlp_forward, "WEIGHT_COPY_MIN_ROWS", 0)
 
     cfg = AUNNConfig(vocab_size=70, hidden=32, layers=4, bits=64)
     params = with_grad(make_params(cfg, generator))
     idx = make_indices(cfg, n, generator)
     targets = torch.randint(0, 70, (n,), generator=generator).to(DEVICE)
-    hp = (cfg.residual_every, cfg.norm_eps, "fp32")
+    hp = (cfg.residual_every, cfg.norm_eps, "bf16" if weight_copies else "fp32")
     for mode in (0, 2):
         opcheck(torch.ops.aunn_fast.forward.default, (idx, targets, *params, *hp, mode, True))
     detached = [p.detach() for p in params]
@@ -851,6 +855,13 @@ def test_torch_compile_fullgraph_layerwise(precision, generator, layerwise):
     """The same through the layer-wise path, whose operators also run PyTorch GEMMs (in bf16 on a
     GPU ``torch.mm(out_dtype=float32)``, which the compiler must trace inside the triton_op)."""
     check_compiled_matches_eager(precision, generator)
+
+
+def test_torch_compile_fullgraph_weight_copies(generator, weight_grad, monkeypatch):
+    """The same with the large batches' bf16 weight copies (mlp_forward.fused_weights), whose launch and views
+    the compiler traces inside the triton_op on a GPU."""
+    monkeypatch.setattr(mlp_forward, "WEIGHT_COPY_MIN_ROWS", 0)
+    check_compiled_matches_eager("bf16", generator)
 
 
 def test_torch_compile_fullgraph_vocab_ranges(generator, vocab_ranges):
