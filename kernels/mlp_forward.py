@@ -83,6 +83,18 @@ def bf16_copy_kernel(a_ptr, b_ptr, c_ptr, out_ptr, a_end, b_end, c_end, BLOCK: t
     store_activation(out_ptr + i, x, i < c_end, PRECISION)
 
 
+def bf16_copies(sources: list[torch.Tensor]) -> list[torch.Tensor]:
+    """bf16 copies of two or three contiguous fp32 tensors, views of one buffer made by one launch."""
+    sizes = [t.numel() for t in sources]
+    ends = list(accumulate(sizes))
+    copy = torch.empty(ends[-1], dtype=torch.bfloat16, device=sources[0].device)
+    block = 1024
+    # with two sources the third segment is the second again, over an empty range
+    launch(bf16_copy_kernel, (triton.cdiv(ends[-1], block),), *(sources + sources[-1:])[:3], copy,
+           *(ends + ends[-1:])[:3], BLOCK=block, PRECISION=precision_code("bf16"), num_warps=4)
+    return [part.view(t.shape) for part, t in zip(copy.split(sizes), sources)]
+
+
 def fused_weights(in_weight: torch.Tensor, hidden_weight: torch.Tensor, out_weight: torch.Tensor,
                   precision: str, rows: int, head: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(in, hidden, out) weights as the fused kernels read them for a batch of rows: from
@@ -91,15 +103,7 @@ def fused_weights(in_weight: torch.Tensor, hidden_weight: torch.Tensor, out_weig
     out = head_weight(out_weight, precision, rows)
     if precision != "bf16" or rows < WEIGHT_COPY_MIN_ROWS:
         return in_weight, hidden_weight, out
-    sources = [in_weight, hidden_weight] + ([out_weight] if head and out.dtype == torch.float32 else [])
-    sizes = [t.numel() for t in sources]
-    ends = list(accumulate(sizes))
-    copy = torch.empty(ends[-1], dtype=torch.bfloat16, device=in_weight.device)
-    block = 1024
-    # with two sources the third segment is the second again, over an empty range
-    launch(bf16_copy_kernel, (triton.cdiv(ends[-1], block),), *(sources + sources[-1:])[:3], copy,
-           *(ends + ends[-1:])[:3], BLOCK=block, PRECISION=precision_code(precision), num_warps=4)
-    copies = [part.view(t.shape) for part, t in zip(copy.split(sizes), sources)]
+    copies = bf16_copies([in_weight, hidden_weight] + ([out_weight] if head and out.dtype == torch.float32 else []))
     return copies[0], copies[1], copies[2] if len(copies) == 3 else out
 
 
@@ -317,7 +321,9 @@ def layerwise_trunk(idx: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.T
     grid = (triton.cdiv(n, block_m),)
     prec, fast = precision_code(precision), fast_sigmoid(precision)
     x = index_bits_matrix(idx, in_weight.shape[1], outs[0].dtype)
-    weights = [in_weight, *reusable_operand(hidden_weight, precision)]
+    # in bf16 the GEMMs' weight operands: both weights' copies by one launch (cast separately, two)
+    in_w, hidden_w = bf16_copies([in_weight, hidden_weight]) if precision == "bf16" else (in_weight, hidden_weight)
+    weights = [in_w, *hidden_w]
     biases, gains = [in_bias, *hidden_bias], [in_gain, *hidden_gain]
     has_residual = n_hidden >= residual_every
     res = new_buffer((n, hidden) if has_residual else (0,), torch.float32, idx.device)
