@@ -15,7 +15,7 @@ def test_matmul_rounds_operands_and_keeps_an_fp32_result(precision, generator):
     assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
-@pytest.mark.parametrize("rows,splits", [(4096 * 6, 4), (1 << 20, 256), (4096, 1), (8190, 1)])
+@pytest.mark.parametrize("rows,splits", [(1024 * 6, 4), (1 << 20, 256), (8192, 8), (1024, 1), (2046, 1)])
 def test_batch_reduced_matmul_splits_the_batch(rows, splits, generator, monkeypatch):
     """dz.T @ a summed over the rows, in power-of-two chunks of at least SPLIT_K_MIN_ROWS rows;
     with and without a leading layer dimension; the same result as one product."""
