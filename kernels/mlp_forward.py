@@ -13,7 +13,8 @@ Kernels:
 * :func:`layer_epilogue_kernel` - the layer-wise path for wide models: per layer a
   PyTorch GEMM (cuBLAS), then this kernel: bias + SiLU + RMSNorm * gain (+ residual).
 * :func:`index_bits_kernel` - the layer-wise path's input: the index bits as a GEMM operand.
-* :func:`bf16_copy_kernel` - the fused path's weights as bf16 copies, one launch (:func:`fused_weights`).
+* :func:`bf16_copy_kernel` - weights as bf16 copies, one launch (:func:`bf16_copies`): the fused kernels'
+  for large batches (:func:`fused_weights`), the layer-wise path's GEMM operands.
 """
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ def head_weight(out_weight: torch.Tensor, precision: str, rows: int) -> torch.Te
 # converted to bf16 by every program on every layer (and loaded at twice the bytes); from this many
 # rows on, in the bf16 mode, they read bf16 copies of the trunk's weights and of a small head's,
 # made by one launch per call (:func:`fused_weights`). Compile report (sm_90a, seed model, tanh):
-# forward loop 805 -> 715 instructions per thread (predict), training forward 874 -> 796 with 192 ->
-# 149 registers (2 -> 3 blocks per SM) and 72 -> 57 KiB of shared memory; backward 856 -> 746, its
+# forward loop 805 -> 714 instructions per thread (predict), training forward 874 -> 796 with 192 ->
+# 154 registers (2 -> 3 blocks per SM) and 72 -> 56 KiB of shared memory; backward 856 -> 746, its
 # 16 B spill gone; the head's weight-gradient loop 115 -> 69. Fewer rows fill less than a wave of
 # programs, where one conversion per program costs about what the copy's launch does (a guess, to
 # be measured: kernel_variants' "fp32 weights" candidate).
