@@ -17,6 +17,12 @@ from .model import AUNN
 WARMUP_STEPS = 3
 
 
+def capturable(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether an optimizer's step can be captured: created with capturable=True, or SGD, whose step keeps
+    no state on the host (its learning rate is captured as it is, and a replay refuses a changed one)."""
+    return isinstance(optimizer, torch.optim.SGD) or all(g.get("capturable", False) for g in optimizer.param_groups)
+
+
 class GraphedTrainStep:
     """``step(idx, targets) -> loss`` replaying a captured graph; idx/targets int64 [batch_size] on CUDA.
 
@@ -28,9 +34,8 @@ class GraphedTrainStep:
     def __init__(self, model: AUNN, optimizer: torch.optim.Optimizer, batch_size: int) -> None:
         if model.device.type != "cuda":
             raise ValueError("CUDA graph capture needs a model on a CUDA device")
-        for group in optimizer.param_groups:
-            if not group.get("capturable", False):
-                raise ValueError("the optimizer must be created with capturable=True")
+        if not capturable(optimizer):
+            raise ValueError("the optimizer must be created with capturable=True (or be SGD)")
         self.model, self.optimizer, self.batch_size = model, optimizer, batch_size
         self.idx = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
         self.targets = torch.zeros(batch_size, dtype=torch.int64, device=model.device)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from aunn_fast import AUNN, AUNNConfig
-from aunn_fast.cuda_graph import GraphedTrainStep
+from aunn_fast.cuda_graph import GraphedTrainStep, capturable
 from aunn_fast.data import ToyData
 from aunn_fast.train import TrainConfig, make_optimizer, train
 
@@ -119,7 +119,36 @@ def test_trainer_mixes_graphed_and_eager_steps():
         assert rel_err(graphed, eager) < 1e-4
 
 
+@needs_cuda
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_graphed_conditioning_matches_eager_conditioning(optimizer, monkeypatch):
+    """condition and generate_by_backprop replay one captured step from GRAPH_MIN_STEPS steps on: the same
+    tuned weights and tokens as their eager steps (Adam captured with capturable=True, SGD as it is)."""
+    from aunn_fast import inference
+
+    model = AUNN(AUNNConfig(hidden=32, layers=4, vocab_size=5), backend="triton", precision="fp32", seed=3).cuda()
+    prompt = torch.tensor([1, 4, 0, 2, 3, 3, 1], device="cuda")
+    results, graph_min_steps = [], inference.GRAPH_MIN_STEPS
+    for min_steps in (graph_min_steps, 1 << 30):  # graphed, then eager
+        monkeypatch.setattr(inference, "GRAPH_MIN_STEPS", min_steps)
+        tuned = inference.condition(model, prompt, 1000, steps=10, lr=1e-2, optimizer=optimizer)
+        tokens = inference.generate_by_backprop(model, 2000, 6, steps=2, lr=1e-2, optimizer=optimizer)
+        results.append(([p.detach().clone() for p in tuned.parameters()], tokens))
+    (graphed, graphed_tokens), (eager, eager_tokens) = results
+    for a, b in zip(graphed, eager):
+        assert rel_err(a, b) < 1e-4
+    assert torch.equal(graphed_tokens, eager_tokens)
+    monkeypatch.setattr(inference, "GRAPH_MIN_STEPS", graph_min_steps)
+    with pytest.raises(ValueError, match="outside the vocabulary"):  # checked once, before the graph
+        inference.condition(model, prompt + 5, 1000, steps=graph_min_steps)
+
+
 # The checks that run before any capture, on the CPU too.
+
+def test_graphs_take_capturable_optimizers_and_sgd():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert capturable(torch.optim.SGD(params, lr=0.1)) and capturable(torch.optim.Adam(params, capturable=True))
+    assert not capturable(torch.optim.Adam(params)) and not capturable(torch.optim.AdamW(params))
 
 def test_graphed_step_needs_a_cuda_model():
     model = AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=3), seed=0)
