@@ -98,7 +98,7 @@ echo "== quick benchmark (timeout ${BENCH_TIMEOUT}s) -> $OUT/bench.log"
 # batch the fused kernels, then eager, then torch.compile (which compiles once per shape).
 PROVIDERS=triton,reference,compile
 stage "$BENCH_TIMEOUT" "$OUT/bench.log" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick --out "$OUT/bench" \
-    --providers "$PROVIDERS" --workloads predict,train,train-graph,seed-run,condition,loss
+    --providers "$PROVIDERS" --workloads predict,train,train-graph,seed-run,condition,condition-graph,loss
 BENCH_RC=$?
 
 echo "== H=512 train step at batch 2,048 and the seed run (timeout ${NOTEBOOK_TIMEOUT}s) -> $OUT/bench_notebook.log"

@@ -141,6 +141,12 @@ def _prepare_condition(model: AUNN, batch: int, generator: torch.Generator) -> P
     return _rotating(model, batch, generator, _training_call(model, make_optimizer(model, "sgd")))
 
 
+def _prepare_condition_graph(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
+    """The conditioning step as `aunn condition` runs it on CUDA from inference.GRAPH_MIN_STEPS steps on:
+    replayed from one captured graph."""
+    return _rotating(model, batch, generator, GraphedTrainStep(model, make_optimizer(model, "sgd"), batch))
+
+
 def seed_run_seconds(batch: int, step_ms: float, short_step_ms: float | None) -> float:
     """The seed's run in seconds: SEED_RUN_EPOCHS epochs of full steps and, where the batch does not
     divide the data, one shorter step."""
@@ -199,6 +205,9 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              "train", _prepare_train_graph, sweep="train", cuda_only=True),
     Workload("condition", "prompt of 2 / 64 indices: forward + backward + SGD step", "steps", None,
              _prepare_condition, fixed_batches=(2, 64), latency=True),
+    Workload("condition-graph", "the conditioning step replayed from one CUDA graph, as `aunn condition` runs "
+             "8 steps or more", "steps", None, _prepare_condition_graph, fixed_batches=(2, 64), latency=True,
+             cuda_only=True),
     Workload("seed-run", f"the seed's run: {SEED_RUN_STEPS:,} train steps of {SEED_RUN_BATCH}, "
              "extrapolated from a measured stretch", "steps", "train", _prepare_seed_run,
              fixed_batches=(SEED_RUN_BATCH,), stretch=True),

@@ -67,8 +67,8 @@ def test_script_writes_results_markdown_and_plots(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "results.json").read_text())
     assert META_FIELDS <= set(data["meta"])
     rows = data["rows"]
-    assert {r["workload"] for r in rows} == {"predict", "loss", "train", "train-graph", "condition", "seed-run",
-                                             "seed-run-graph"}
+    assert {r["workload"] for r in rows} == {"predict", "loss", "train", "train-graph", "condition",
+                                             "condition-graph", "seed-run", "seed-run-graph"}
     for row in rows:
         assert ROW_FIELDS <= set(row)
         if row["workload"].endswith("-graph") and row["provider"] == "reference":
