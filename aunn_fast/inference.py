@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Callable
 
 import torch
 
@@ -65,6 +66,24 @@ def make_optimizer(model: AUNN, name: str, lr: float, capturable: bool = False) 
     raise ValueError(f"unknown conditioning optimizer {name!r}; choose from {', '.join(CONDITION_OPTIMIZERS)}")
 
 
+def optimizer_step(model: AUNN, optimizer: str, lr: float, batch: int, total_steps: int
+                   ) -> Callable[[torch.Tensor, torch.Tensor], object]:
+    """``step(idx, targets)``: one step of a fresh optimizer on ``batch`` indices and their targets, run
+    ``total_steps`` times in all: replayed from one captured CUDA graph where that is GRAPH_MIN_STEPS or more
+    on CUDA (its steps check no input: the caller does), else eager."""
+    graphed = model.device.type == "cuda" and batch > 0 and total_steps >= GRAPH_MIN_STEPS
+    opt = make_optimizer(model, optimizer, lr, capturable=graphed)
+    if graphed:
+        return GraphedTrainStep(model, opt, batch)
+
+    def step(idx: torch.Tensor, targets: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        model.loss(idx, targets).backward()
+        opt.step()
+
+    return step
+
+
 def condition(model: AUNN, prompt: torch.Tensor, at: int, steps: int = 1, lr: float = 1e-3,
               optimizer: str = "adam") -> AUNN:
     """A copy of ``model`` after ``steps`` optimizer steps on the prompt (int64 [P]) at indices at..at+P-1."""
@@ -73,18 +92,10 @@ def condition(model: AUNN, prompt: torch.Tensor, at: int, steps: int = 1, lr: fl
     tuned = copy.deepcopy(model)
     prompt = prompt.to(tuned.device, torch.int64)
     idx = span(tuned, at, prompt.numel())
-    graphed = tuned.device.type == "cuda" and steps >= GRAPH_MIN_STEPS and prompt.numel() > 0
-    opt = make_optimizer(tuned, optimizer, lr, capturable=graphed)
-    if graphed:
-        check_targets(prompt, idx, tuned.cfg)  # the graph's steps check nothing
-        step = GraphedTrainStep(tuned, opt, prompt.numel())
-        for _ in range(steps):
-            step(idx, prompt)
-        return tuned
+    check_targets(prompt, idx, tuned.cfg)  # once, before any step
+    step = optimizer_step(tuned, optimizer, lr, prompt.numel(), steps)
     for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        tuned.loss(idx, prompt).backward()
-        opt.step()
+        step(idx, prompt)
     return tuned
 
 
@@ -98,9 +109,7 @@ def generate_by_backprop(model: AUNN, start: int, length: int, temperature: floa
     """
     model.cfg.check_span(start, length)  # before any training step, not at the position past the range
     tuned = copy.deepcopy(model)
-    graphed = tuned.device.type == "cuda" and length * steps >= GRAPH_MIN_STEPS and steps > 0
-    opt = make_optimizer(tuned, optimizer, lr, capturable=graphed)
-    graph = GraphedTrainStep(tuned, opt, 1) if graphed else None  # the model's own predictions: valid targets
+    step = optimizer_step(tuned, optimizer, lr, 1, length * steps)  # targets: the model's own, valid, tokens
     out = torch.empty(length, dtype=torch.int64)
     for offset in range(length):
         idx = torch.tensor([start + offset], device=tuned.device, dtype=torch.int64)
@@ -108,10 +117,5 @@ def generate_by_backprop(model: AUNN, start: int, length: int, temperature: floa
             token = sample(tuned(idx), temperature, generator)
         out[offset] = token.item()
         for _ in range(steps):
-            if graph is not None:
-                graph(idx, token)
-                continue
-            opt.zero_grad(set_to_none=True)
-            tuned.loss(idx, token).backward()
-            opt.step()
+            step(idx, token)
     return out
