@@ -133,8 +133,8 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
                              sigmoid=sigmoid, tiles=(("block_m", rows), ("num_warps", warps)))
                      for rows, warps in ((64, 4), (256, 8)) for sigmoid in ("exact", "tanh")]
     # the large batches' bf16 weight copies against reading the fp32 weights in every program
-    fp32_weights = {label: Variant(f"{label} + fp32 weights", weight_grad, "tanh", weight_copy_min_rows=1 << 62)
-                    for label, weight_grad in (("tanh", "torch"), ("torch + tanh", "torch"))}
+    fp32_weights = {label: Variant(f"{label} + fp32 weights", sigmoid="tanh", weight_copy_min_rows=1 << 62)
+                    for label in ("tanh", "torch + tanh")}
     # registers capped (maxnreg) for more blocks per SM, at the price of spills (compile report, seed model with
     # the weight copies: the predict forward 143 -> 128 registers, 3 -> 4 blocks, 56 B spill; the backward
     # 248 -> 168, 2 -> 3 blocks, 128 B spill)
