@@ -71,7 +71,7 @@ def accumulate(ptrs, value, mask, first):
 def aunn_backward_kernel(
     idx_ptr, target_ptr, grad_ptr, lse_ptr, act_ptr, dz_ptr, x_ptr, dgain_ptr, dw_in_ptr, dw_ptr, db_ptr,
     in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,
-    N, H, V, n_hidden, residual_every, eps, act_stride, head_in_offset,
+    N, H: tl.constexpr, V, n_hidden, residual_every, eps, act_stride, head_in_offset,
     BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr, HEAD_FROM_LSE: tl.constexpr, WEIGHT_GRADS: tl.constexpr, PRECISION: tl.constexpr,
     FAST_SIGMOID: tl.constexpr,

@@ -124,7 +124,7 @@ def hidden_layer(h, w_ptr, b_ptr, g_ptr, layer, H, eps, hcols, hmask,
 def aunn_forward_kernel(
     idx_ptr, target_ptr, out_ptr, lse_ptr, part_ptr, act_ptr,
     in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,
-    N, H, V, n_hidden, n_grouped, eps, act_stride, head_in_offset, v_per_range,
+    N, H: tl.constexpr, V, n_hidden, n_grouped, eps, act_stride, head_in_offset, v_per_range,
     BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL_EVERY: tl.constexpr, UNROLL_GROUPS: tl.constexpr,
     MODE: tl.constexpr, FUSED_TRUNK: tl.constexpr, STORE_ACTS: tl.constexpr, RANGE_PARTIALS: tl.constexpr,
