@@ -151,7 +151,7 @@ fi
 echo "== kernel candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"
 stage "$VARIANTS_TIMEOUT" "$OUT/variants.log" "$PYTHON" -m aunn_fast.bench.kernel_variants --out "$OUT/variants" \
     --workloads predict,train --shapes seed,H128 --precisions bf16,fp32 --labels "tanh;tanh + fp32 weights;\
-tanh + 128 registers;torch + tanh;torch + tanh + fp32 weights;torch + tanh + bwd 168 registers;\
+torch + tanh;torch + tanh + fp32 weights;torch + tanh + bwd 168 registers;\
 partials + tanh;64 rows, 4 warps + tanh;default;torch;tf32x3"
 VARIANTS_RC=$?
 
