@@ -307,9 +307,10 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     partials = t.fused and weight_grad == "partials"
     # the weights as the kernels read them: in the bf16 mode bf16 copies (mlp_forward.fused_weights,
     # head_weight), except that the fused trunk backward's "partials" form reads the output weight in
-    # fp32 (with a bf16 one it fails to compile under Triton 3.6)
+    # fp32 (with a bf16 one it fails to compile under Triton 3.6); logits()' backward reads none
     if t.fused:
-        w_in, w_hidden, w_out = fused_weights(in_weight, hidden_weight, out_weight, precision, n, head=not partials)
+        w_in, w_hidden, w_out = fused_weights(in_weight, hidden_weight, out_weight, precision, n,
+                                              head=mode == MODE_LOSS and not partials)
     else:
         w_out = head_weight(out_weight, precision, n)
 
