@@ -123,10 +123,11 @@ def test_trainer_mixes_graphed_and_eager_steps():
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_graphed_conditioning_matches_eager_conditioning(optimizer, monkeypatch):
     """condition and generate_by_backprop replay one captured step from GRAPH_MIN_STEPS steps on: the same
-    tuned weights and tokens as their eager steps (Adam captured with capturable=True, SGD as it is)."""
+    tuned weights and tokens as their eager steps (Adam fused, captured with capturable=True; SGD as it is)."""
     from aunn_fast import inference
 
     model = AUNN(AUNNConfig(hidden=32, layers=4, vocab_size=5), backend="triton", precision="fp32", seed=3).cuda()
+    assert inference.make_optimizer(model, "adam", 1e-3).defaults["fused"]
     prompt = torch.tensor([1, 4, 0, 2, 3, 3, 1], device="cuda")
     results, graph_min_steps = [], inference.GRAPH_MIN_STEPS
     for min_steps in (graph_min_steps, 1 << 30):  # graphed, then eager
