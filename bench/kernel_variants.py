@@ -13,7 +13,9 @@ the weight-gradient products' split over the batch (``gemm.SPLIT_K_MIN_ROWS``), 
 vocabulary ranges at few rows (``common.VOCAB_SPLIT_MIN``), the fp32 mode's products
 (``precision.FP32_PRODUCTS``: "ieee" FMAs or "tf32x3" on the tensor cores) and the bf16 weight
 copies of large batches (``mlp_forward.WEIGHT_COPY_MIN_ROWS``; "+ fp32 weights" reads the fp32
-weights as before) and register caps (``Tiles.max_registers``/``max_registers_bwd``, Triton's maxnreg).
+weights as before), register caps (``Tiles.max_registers``/``max_registers_bwd``, Triton's maxnreg) and
+where a small head's gradients are summed (``mlp_backward.HEAD_GRADS_IN_TRUNK``; "+ head kernel": by
+``head_weight_grad_kernel`` instead of the trunk backward).
 ``--labels`` keeps only the named candidates of each step.
 Two workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
 
@@ -70,6 +72,7 @@ class Variant:
     vocab_split_min: int | None = None
     fp32_products: str | None = None
     weight_copy_min_rows: int | None = None
+    head_grads_in_trunk: bool | None = None
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -81,7 +84,8 @@ class Variant:
                     (gemm, "SPLIT_K_MIN_ROWS", self.split_k_min_rows),
                     (common, "VOCAB_SPLIT_MIN", self.vocab_split_min),
                     (precision, "FP32_PRODUCTS", self.fp32_products),
-                    (mlp_forward, "WEIGHT_COPY_MIN_ROWS", self.weight_copy_min_rows)]
+                    (mlp_forward, "WEIGHT_COPY_MIN_ROWS", self.weight_copy_min_rows),
+                    (mlp_backward, "HEAD_GRADS_IN_TRUNK", self.head_grads_in_trunk)]
         saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
         tiles = dict(common.TILE_OVERRIDES)
         for module, name, value in switches:
@@ -139,8 +143,11 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # seed model, weight copies, constexpr H: 227 -> 168 registers, 2 -> 3 blocks, 88 B spill, 5% more
     # instructions; the forward needs no cap since H became a constant: 106-124 registers, 4 blocks)
     backward_register_cap = Variant("torch + tanh + bwd 168 registers", "torch", "tanh", (("max_registers_bwd", 168),))
+    # the small head's gradients by their own kernel and reduction, as before the trunk backward summed them
+    head_kernel = Variant("torch + tanh + head kernel", "torch", "tanh", head_grads_in_trunk=False)
     predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), fp32_weights["tanh"], *forward_tiles]
-    train_bf16 = [Variant("torch"), *partials, *tanh, fp32_weights["torch + tanh"], backward_register_cap]
+    train_bf16 = [Variant("torch"), *partials, *tanh, head_kernel, fp32_weights["torch + tanh"],
+                  backward_register_cap]
     # the fp32 mode's products on the tensor cores (three tf32 products each) instead of FMAs
     tf32x3 = Variant("tf32x3", fp32_products="tf32x3")
     train_fp32 = [Variant("torch"), *partials, tf32x3]

@@ -93,18 +93,25 @@ def dlogits(logits, row_max, log_sum, target_complement, target, grad_row, vcols
 
 @triton.jit
 def head_backward_rows(h_ptr, target_ptr, grad_ptr, stats_ptr, w_ptr, b_ptr, rows, row_mask, hcols, hmask,
-                       H, V, v_begin, v_end, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_HC: tl.constexpr, PRECISION: tl.constexpr):
+                       H, V, v_begin, v_end, head_grads_ptr,
+                       BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_HC: tl.constexpr, PRECISION: tl.constexpr, HEAD_GRADS: tl.constexpr):
     """dL/dh[rows, hcols] [BLOCK_M, BLOCK_HC] of the loss sum_rows grad_row * CE(h @ w.T + b, target),
     the vocabulary entries [v_begin, v_end) only (v_begin a multiple of BLOCK_V).
 
     h is fp32 or bf16 [N, H].
 
     Logits are recomputed chunk by chunk from h [N, H] and the saved softmax stats [N, 3]; never stored.
+    HEAD_GRADS (hcols covering all of H): also the rows' share of the head's own gradients, stored at
+    head_grads_ptr, fp32 [V * H + V]: dlogits.T @ h ([V, H] row-major), then the column sums of dlogits.
+    (Stored, not added: with a load-add-store here Triton 3.6 fails to compile the bf16 trunk backward.)
     """
     row_max, log_sum, target_complement = load_softmax_stats(stats_ptr, rows, row_mask)
     target = load_targets(target_ptr, rows, row_mask)
     grad_row = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+    if HEAD_GRADS:
+        h = tl.load(h_ptr + rows[:, None] * H + hcols[None, :], mask=row_mask[:, None] & hmask[None, :],
+                    other=0.0).to(tl.float32)
     dh = tl.zeros((BLOCK_M, BLOCK_HC), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         vcols = v0 + tl.arange(0, BLOCK_V)
@@ -114,4 +121,8 @@ def head_backward_rows(h_ptr, target_ptr, grad_ptr, stats_ptr, w_ptr, b_ptr, row
         d = dlogits(logits, row_max, log_sum, target_complement, target, grad_row, vcols, row_mask)
         w = tl.load(w_ptr + vcols[:, None] * H + hcols[None, :], mask=vmask[:, None] & hmask[None, :], other=0.0)
         dh += dot(d, w, PRECISION)
+        if HEAD_GRADS:
+            tl.store(head_grads_ptr + vcols[:, None] * H + hcols[None, :], dot(tl.trans(d), h, PRECISION),
+                     mask=vmask[:, None] & hmask[None, :])
+            tl.store(head_grads_ptr + V * H + vcols, tl.sum(d, axis=0), mask=vmask)
     return dh

@@ -51,6 +51,13 @@ PARTIAL_PROGRAMS_PER_SM = 2
 # The layer-wise backward's persistent grid on CUDA: programs per SM (a guess to be measured), so
 # that its gain and bias partials are [2 x SMs, L-1, H] whatever the batch.
 ROWWISE_PROGRAMS_PER_SM = 2
+# Small heads' gradients summed by the fused trunk backward, which recomputes their dlogits anyway
+# (see `backward`; 2026-11-27, not yet measured): on the 1M-row step on the H100 head_weight_grad_kernel
+# took 0.31 ms of 5.0, and at 8,192 rows it and its reduction are two launches of the graphed step. The
+# trunk kernel pays a dot and a store per row block (compile report, seed model, bf16 with tanh: 227 ->
+# 255 registers, still 2 blocks per SM; its layer loop 671 -> 692 instructions). False: the separate
+# kernel always (a kernel_variants candidate).
+HEAD_GRADS_IN_TRUNK = True
 
 
 def weight_grad_method() -> str:
@@ -69,12 +76,12 @@ def accumulate(ptrs, value, mask, first):
 
 @triton.jit
 def aunn_backward_kernel(
-    idx_ptr, target_ptr, grad_ptr, lse_ptr, act_ptr, dz_ptr, x_ptr, dgain_ptr, dw_in_ptr, dw_ptr, db_ptr,
+    idx_ptr, target_ptr, grad_ptr, lse_ptr, act_ptr, dz_ptr, x_ptr, part_ptr, dw_in_ptr, dw_ptr,
     in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,
-    N, H: tl.constexpr, V, n_hidden, residual_every, eps, act_stride, head_in_offset,
+    N, H: tl.constexpr, V, n_hidden, residual_every, eps, act_stride, head_in_offset, partial_stride,
     BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr, HEAD_FROM_LSE: tl.constexpr, WEIGHT_GRADS: tl.constexpr, PRECISION: tl.constexpr,
-    FAST_SIGMOID: tl.constexpr,
+    BLOCK_V: tl.constexpr, HEAD_FROM_LSE: tl.constexpr, HEAD_GRADS: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
+    PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,
 ):
     """Trunk backward, all layers in registers; program p takes row blocks p, p + P, p + 2P, ...
     (P = number of programs).
@@ -83,10 +90,12 @@ def aunn_backward_kernel(
     (targets int64 [N] and softmax stats lse fp32 [N, 3] from the forward); else grad is dL/dh_last fp32 [N, H].
     act fp32 or bf16 [L-1, N, H] from the forward; weights fp32 or bf16 copies (mlp_forward.fused_weights).
     Outputs, each program summing over its row blocks:
-    dgain and db fp32 [P, L-1, H]; with WEIGHT_GRADS also dw_in fp32 [P, H, BITS] (input layer)
-    and dw fp32 [P, L-2, H, H] (hidden layers), and dz is not stored; without it dz [L-1, N, H]
-    and the index bits x [N, BITS] (fp32, or bf16 in bf16 mode; the weight gradients are then
-    PyTorch's).
+    part fp32 [P, partial_stride], program p's row: the bias gradients [L-1, H], the gain gradients
+    [L-1, H] and, with HEAD_GRADS (HEAD_FROM_LSE, one row block per program), the head's (out_weight
+    [V, H], out_bias [V]);
+    with WEIGHT_GRADS also dw_in fp32 [P, H, BITS] (input layer) and dw fp32 [P, L-2, H, H] (hidden
+    layers), and dz is not stored; without it dz [L-1, N, H] and the index bits x [N, BITS] (fp32, or
+    bf16 in bf16 mode; the weight gradients are then PyTorch's).
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -95,8 +104,9 @@ def aunn_backward_kernel(
     hh_mask = hmask[:, None] & hmask[None, :]
     k = tl.arange(0, BLOCK_BITS)
     pid64 = pid.to(tl.int64)
-    dgain_row = dgain_ptr + pid64 * (n_hidden + 1) * H + hcols
-    db_row = db_ptr + pid64 * (n_hidden + 1) * H + hcols
+    db_row = part_ptr + pid64 * partial_stride + hcols
+    dgain_row = db_row + (n_hidden + 1) * H
+    head_grads = part_ptr + pid64 * partial_stride + 2 * (n_hidden + 1) * H
     dw_tile = dw_ptr + pid64 * n_hidden * H * H + hcols[:, None] * H + hcols[None, :]
     dw_in_tile = dw_in_ptr + pid64 * H * BITS + hcols[None, :] * BITS + k[:, None]
     dw_in_mask = (k[:, None] < BITS) & hmask[None, :]
@@ -114,8 +124,8 @@ def aunn_backward_kernel(
 
         if HEAD_FROM_LSE:
             gh = head_backward_rows(act_ptr + head_in_offset, target_ptr, grad_ptr, lse_ptr, out_w_ptr, out_b_ptr,
-                                    rows, row_mask, hcols, hmask, H, V, 0, V,
-                                    BLOCK_M, BLOCK_V, BLOCK_H, BLOCK_H, PRECISION)
+                                    rows, row_mask, hcols, hmask, H, V, 0, V, head_grads,
+                                    BLOCK_M, BLOCK_V, BLOCK_H, BLOCK_H, PRECISION, HEAD_GRADS)
         else:
             gh = tl.load(grad_ptr + act_row, mask=act_mask, other=0.0)
 
@@ -222,8 +232,8 @@ def head_dh_kernel(
     v_range = tl.program_id(2)
     v_begin = v_range * v_per_range
     dh = head_backward_rows(h_ptr, target_ptr, grad_ptr, lse_ptr, out_w_ptr, out_b_ptr, rows, row_mask,
-                            hcols, hmask, H, V, v_begin, tl.minimum(V, v_begin + v_per_range),
-                            BLOCK_M, BLOCK_V, BLOCK_K, BLOCK_HC, PRECISION)
+                            hcols, hmask, H, V, v_begin, tl.minimum(V, v_begin + v_per_range), dh_ptr,
+                            BLOCK_M, BLOCK_V, BLOCK_K, BLOCK_HC, PRECISION, False)
     out = dh_ptr + v_range.to(tl.int64) * N * H + rows[:, None] * H + hcols[None, :]
     tl.store(out, dh, mask=row_mask[:, None] & hmask[None, :])
 
@@ -281,11 +291,11 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
              in_gain: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias: torch.Tensor,
              hidden_gain: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
              residual_every: int, eps: float, precision: str, mode: int) -> list[torch.Tensor]:
-    """[d_in_weight, d_hidden_weight, head, bias_gain], each summed over the batch by one reduction:
-    head fp32 [V * H + V] holds the output weight's gradient (row-major) then the output bias's;
-    bias_gain fp32 [2, L-1, H] the bias (0) and gain (1) gradients of the input layer (row 0) and
-    of the hidden layers (rows 1..). :func:`parameter_gradients` puts all eight in AUNNParams
-    order (an operator's outputs must not alias one another, so the views are taken outside it).
+    """[d_in_weight, d_hidden_weight, sums], each summed over the batch: sums fp32 [2 * L-1 * H + V * H + V]
+    packs the bias gradients of the input layer and the hidden layers ([L-1, H]), their gain gradients
+    (the same), the output weight's ([V, H], row-major) and the output bias's ([V]), as the reductions
+    that give them write them. :func:`parameter_gradients` puts all eight in AUNNParams order (an
+    operator's outputs must not alias one another, so the views are taken outside it).
 
     mode MODE_LOSS: grad fp32 [N] is the upstream gradient of each row's cross-entropy
     (targets, lse from the forward). mode MODE_LOGITS: grad fp32 [N, V] is dL/dlogits.
@@ -299,10 +309,12 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     t = choose_tiles(hidden, bits, vocab, precision)
     prec, fast = precision_code(precision), fast_sigmoid(precision)
     n_layers = n_hidden + 1
+    trunk_size, head_size = 2 * n_layers * hidden, vocab * hidden + vocab
     if n == 0:
         return [torch.zeros_like(in_weight), torch.zeros_like(hidden_weight),
-                torch.zeros(vocab * hidden + vocab, dtype=torch.float32, device=device),
-                torch.zeros((2, n_layers, hidden), dtype=torch.float32, device=device)]
+                torch.zeros(trunk_size + head_size, dtype=torch.float32, device=device)]
+    sums = new_buffer((trunk_size + head_size,), torch.float32, device)
+    head_sums = sums[trunk_size:]
     h_last = acts[n_hidden]
     partials = t.fused and weight_grad == "partials"
     # the weights as the kernels read them: in the bf16 mode bf16 copies (mlp_forward.fused_weights,
@@ -313,26 +325,36 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
                                               head=mode == MODE_LOSS and not partials)
     else:
         w_out = head_weight(out_weight, precision, n)
+    row_blocks = triton.cdiv(n, t.block_m_bwd)  # of the fused trunk backward
+    # dL/dh by head_dh_kernel: on the layer-wise path, and when the fused trunk backward's row blocks
+    # are too few to cover a large head (each would stream all of it; see vocab_splits)
+    head_dh = mode == MODE_LOSS and (not t.fused or vocab_splits(row_blocks, vocab, t.block_v, device)[0] > 1)
+    # The fused trunk backward recomputes the head's logits and dlogits for its dL/dh: where the head's
+    # gradients are no larger than the bias and gain partials it writes per program anyway (small
+    # vocabularies), its programs (one row block each: not "partials") add them to their partials, and
+    # head_weight_grad_kernel's pass over the batch and its reduction are saved.
+    head_in_trunk = (HEAD_GRADS_IN_TRUNK and t.fused and mode == MODE_LOSS and not head_dh and not partials
+                     and head_size <= trunk_size)
 
     # ---- head: dL/d out_weight, out_bias, and (unless fused below) dL/dh_last
     dh = None
     if mode == MODE_LOSS:
         grid_v, grid_h = triton.cdiv(vocab, t.block_v), triton.cdiv(hidden, t.block_hc)
         head_blocks = triton.cdiv(n, t.block_m_head)
-        splits = max(1, min(head_blocks, triton.cdiv(4 * num_sms(device), grid_v * grid_h)))
-        rows_per_split = triton.cdiv(head_blocks, splits) * t.block_m_head
-        splits = triton.cdiv(n, rows_per_split)
-        head_part = new_buffer((splits, vocab * hidden + vocab), torch.float32, device)
-        launch(head_weight_grad_kernel, (grid_v, grid_h, splits),
-               h_last, targets, grad, lse, w_out, out_bias, head_part,
-               n, hidden, vocab, rows_per_split,
-               BLOCK_M=t.block_m_head, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
-               PRECISION=prec, num_warps=t.num_warps_head)
-        # one split (a large head has tiles enough): its partials are the gradients, no 2 x V x H copy
-        head = head_part[0] if splits == 1 else head_part.sum(0)
-        # dL/dh by head_dh_kernel: on the layer-wise path, and when the fused trunk backward's row
-        # blocks are too few to cover a large head (each would stream all of it; see vocab_splits)
-        if not t.fused or vocab_splits(triton.cdiv(n, t.block_m_bwd), vocab, t.block_v, device)[0] > 1:
+        if not head_in_trunk:
+            splits = max(1, min(head_blocks, triton.cdiv(4 * num_sms(device), grid_v * grid_h)))
+            rows_per_split = triton.cdiv(head_blocks, splits) * t.block_m_head
+            splits = triton.cdiv(n, rows_per_split)
+            # one split (a large head has tiles enough): its partials are the gradients
+            head_part = head_sums[None] if splits == 1 else new_buffer((splits, head_size), torch.float32, device)
+            launch(head_weight_grad_kernel, (grid_v, grid_h, splits),
+                   h_last, targets, grad, lse, w_out, out_bias, head_part,
+                   n, hidden, vocab, rows_per_split,
+                   BLOCK_M=t.block_m_head, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
+                   PRECISION=prec, num_warps=t.num_warps_head)
+            if splits > 1:
+                torch.sum(head_part, 0, out=head_sums)
+        if head_dh:
             ranges, v_per_range = vocab_splits(head_blocks * grid_h, vocab, t.block_v, device)
             dh = new_buffer((ranges, n, hidden), torch.float32, device)
             launch(head_dh_kernel, (head_blocks, grid_h, ranges),
@@ -342,20 +364,21 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
             dh = dh[0] if ranges == 1 else dh.sum(0)
     else:
         assert mode == MODE_LOGITS
-        head = torch.cat([batch_reduced_matmul(grad, h_last, precision).flatten(), grad.sum(0)])
+        head_sums[:vocab * hidden].view(vocab, hidden).copy_(batch_reduced_matmul(grad, h_last, precision))
+        torch.sum(grad, 0, out=head_sums[vocab * hidden:])
         dh = matmul(grad, out_weight, precision)
 
     # ---- trunk: dz of every layer (or, WEIGHT_GRAD "partials", per-program weight and bias
-    # gradient partials) and per-program gain partials
-    row_blocks = triton.cdiv(n, t.block_m_bwd)  # of the fused trunk backward
+    # gradient partials) and per-program bias and gain partials (and the head's, head_in_trunk)
     if partials:
         programs = _persistent_programs(device, row_blocks, PARTIAL_PROGRAMS_PER_SM)
     elif t.fused:
         programs = row_blocks
     else:  # a persistent grid: the gain and bias partials stay [programs, L-1, H] however large N is
         programs = _persistent_programs(device, triton.cdiv(n, t.block_m_rowwise), ROWWISE_PROGRAMS_PER_SM)
-    bias_gain_part = new_buffer((2, programs, n_layers, hidden), torch.float32, device)
-    db_part, dgain_part = bias_gain_part[0], bias_gain_part[1]
+    part_size = trunk_size + (head_size if head_in_trunk else 0)
+    # one program (a prompt's few rows): its partials are the sums
+    part = sums[None, :part_size] if programs == 1 else new_buffer((programs, part_size), torch.float32, device)
     if partials:
         dz, x = torch.empty(0, dtype=torch.float32, device=device), torch.empty(0, dtype=torch.float32, device=device)
         dw_in_part = new_buffer((programs, hidden, bits), torch.float32, device)
@@ -371,41 +394,47 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     if t.fused:
         from_lse = dh is None
         launch(aunn_backward_kernel, (programs,),
-               idx, targets, grad if from_lse else dh, lse, acts, dz, x, dgain_part, dw_in_part, dw_part, db_part,
+               idx, targets, grad if from_lse else dh, lse, acts, dz, x, part, dw_in_part, dw_part,
                w_in, in_bias, in_gain, w_hidden, hidden_bias, hidden_gain, out_weight if partials else w_out,
                out_bias,
-               n, hidden, vocab, n_hidden, residual_every, eps, n * hidden, n_hidden * n * hidden,
+               n, hidden, vocab, n_hidden, residual_every, eps, n * hidden, n_hidden * n * hidden, part.stride(0),
                BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v,
-               HEAD_FROM_LSE=from_lse, WEIGHT_GRADS=partials, PRECISION=prec,
+               HEAD_FROM_LSE=from_lse, HEAD_GRADS=head_in_trunk, WEIGHT_GRADS=partials, PRECISION=prec,
                FAST_SIGMOID=fast, num_warps=t.num_warps_bwd, **register_cap(t.max_registers_bwd))
     else:
         w_hidden = reusable_operand(hidden_weight, precision)  # cast once for every layer's dh = dz @ W
         # the residual stream's gradient, where there is a residual add
         g_res = new_buffer((n, hidden) if n_hidden >= residual_every else (0,), torch.float32, device)
+        db_part, dgain_part = part.view(programs, 2, n_layers, hidden).unbind(1)
         gh, residual_seen = dh, False
         for layer in reversed(range(n_layers)):  # 0 is the input layer, l > 0 hidden layer l - 1
             residual = layer % residual_every == 0
             gain = in_gain if layer == 0 else hidden_gain[layer - 1]
             launch(layer_backward_kernel, (programs,),
                    gh, g_res, zs[layer], gain, dz[layer], dgain_part[:, layer], db_part[:, layer],
-                   n, hidden, eps, n_layers * hidden,
+                   n, hidden, eps, part.stride(0),
                    BLOCK_M=t.block_m_rowwise, BLOCK_H=t.block_h, ADD_RES=residual and residual_seen,
                    STORE_RES=residual and layer > 0, PRECISION=prec, FAST_SIGMOID=fast, num_warps=t.num_warps)
             residual_seen |= residual
             if layer > 0:
                 gh = matmul(dz[layer], w_hidden[layer - 1], precision)
+    if programs > 1:
+        torch.sum(part, 0, out=sums[:part_size])
 
-    # ---- weight and bias gradients of the trunk: partials summed, or from dz and the saved activations
+    # ---- weight gradients of the trunk: partials summed, or from dz and the saved activations
     if partials:
         d_in_weight, d_hidden_weight = dw_in_part.sum(0), dw_part.sum(0)
     else:
         d_in_weight = batch_reduced_matmul(dz[0], x, precision)
         d_hidden_weight = batch_reduced_matmul(dz[1:], acts[:n_hidden], precision)
-    return [d_in_weight, d_hidden_weight, head, bias_gain_part.sum(1)]
+    return [d_in_weight, d_hidden_weight, sums]
 
 
 def parameter_gradients(grads: list[torch.Tensor], vocab: int, hidden: int) -> list[torch.Tensor]:
     """:func:`backward`'s outputs -> the eight parameters' gradients in AUNNParams order."""
-    d_in_weight, d_hidden_weight, head, (bias, gain) = grads
+    d_in_weight, d_hidden_weight, sums = grads
+    n_layers = d_hidden_weight.shape[0] + 1
+    bias, gain = sums[:2 * n_layers * hidden].view(2, n_layers, hidden)
+    head = sums[2 * n_layers * hidden:]
     d_out_weight, d_out_bias = head[:vocab * hidden].view(vocab, hidden), head[vocab * hidden:]
     return [d_in_weight, bias[0], gain[0], d_hidden_weight, bias[1:], gain[1:], d_out_weight, d_out_bias]

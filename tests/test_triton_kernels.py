@@ -279,6 +279,29 @@ def test_fp32_against_reference(hidden, layers, residual_every, bits, vocab, bat
     check_model(cfg, batch, generator)
 
 
+@pytest.mark.parametrize("method,vocab,batch,head_kernel", [
+    ("torch", 5, 70, False), ("torch", 5, 1, False), ("torch", 150, 70, True), ("partials", 5, 70, True)])
+def test_small_heads_take_their_gradients_from_the_trunk_backward(method, vocab, batch, head_kernel, generator,
+                                                                   monkeypatch):
+    """Where the head's gradients are no larger than the trunk's bias and gain partials (vocab 5 at H = 32,
+    4 layers: 165 against 256 per program), the fused trunk backward, which recomputes the head's dlogits
+    anyway, also sums dlogits.T @ h and dlogits per program: no head_weight_grad_kernel launch. With one
+    program (batch 1) its partials are written straight into the packed sums. Not on the "partials"
+    method's persistent grid (its programs take several row blocks; the head's are stored, not added)."""
+    monkeypatch.setattr(mlp_backward, "WEIGHT_GRAD", method)
+    launched = []
+
+    def recording_launch(kernel, *args, **kwargs):
+        launched.append(kernel)
+        return common.launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(mlp_backward, "launch", recording_launch)
+    cfg = AUNNConfig(vocab_size=vocab, hidden=32, layers=4, bits=64)
+    check_model(cfg, batch, generator)
+    assert mlp_backward.aunn_backward_kernel in launched
+    assert (mlp_backward.head_weight_grad_kernel in launched) == head_kernel
+
+
 @pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", [
     (32, 4, 2, 64, 5, 37),
     (48, 3, 1, 13, 70, 19),     # hidden not a power of two
