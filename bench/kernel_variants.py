@@ -133,9 +133,11 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
                 for rows, warps in ((32, 8), (32, 4), (16, 8), (128, 8))
                 if (rows, warps) != (default.block_m_bwd, default.num_warps_bwd)]
 
+    # 128 rows on 4 warps (compile report, seed model, bf16, tanh): 240 registers, 2 blocks per SM instead of
+    # 64 rows' 4, for 13% fewer loop instructions per row and half the weight reads from L2 per row
     forward_tiles = [Variant(f"{rows} rows, {warps} warps" + (" + tanh" if sigmoid == "tanh" else ""),
                              sigmoid=sigmoid, tiles=(("block_m", rows), ("num_warps", warps)))
-                     for rows, warps in ((64, 4), (256, 8)) for sigmoid in ("exact", "tanh")]
+                     for rows, warps in ((64, 4), (128, 4), (256, 8)) for sigmoid in ("exact", "tanh")]
     # the large batches' bf16 weight copies against reading the fp32 weights in every program
     fp32_weights = {label: Variant(f"{label} + fp32 weights", sigmoid="tanh", weight_copy_min_rows=1 << 62)
                     for label in ("tanh", "torch + tanh")}
