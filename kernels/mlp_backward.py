@@ -54,9 +54,9 @@ ROWWISE_PROGRAMS_PER_SM = 2
 # Small heads' gradients summed by the fused trunk backward, which recomputes their dlogits anyway
 # (see `backward`; 2026-11-27, not yet measured): on the 1M-row step on the H100 head_weight_grad_kernel
 # took 0.31 ms of 5.0, and at 8,192 rows it and its reduction are two launches of the graphed step. The
-# trunk kernel pays a dot and a store per row block (compile report, seed model, bf16 with tanh: 227 ->
-# 255 registers, still 2 blocks per SM; its layer loop 671 -> 692 instructions). False: the separate
-# kernel always (a kernel_variants candidate).
+# trunk kernel pays a product and a store per row block (SASS, seed model, bf16 with tanh: 227 -> 255
+# registers, still 2 blocks per SM; ~8% more instructions per block). False: the separate kernel always
+# (a kernel_variants candidate).
 HEAD_GRADS_IN_TRUNK = True
 
 
