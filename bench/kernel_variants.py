@@ -15,7 +15,8 @@ vocabulary ranges at few rows (``common.VOCAB_SPLIT_MIN``), the fp32 mode's prod
 copies of large batches (``mlp_forward.WEIGHT_COPY_MIN_ROWS``; "+ fp32 weights" reads the fp32
 weights as before), register caps (``Tiles.max_registers``/``max_registers_bwd``, Triton's maxnreg) and
 where a small head's gradients are summed (``mlp_backward.HEAD_GRADS_IN_TRUNK``; "+ head kernel": by
-``head_weight_grad_kernel`` instead of the trunk backward).
+``head_weight_grad_kernel`` instead of the trunk backward) and how the trunk backward reads each hidden
+weight (``mlp_backward.LOAD_WEIGHT_ONCE``; "+ weight as W.T": transposed into registers, as before).
 ``--labels`` keeps only the named candidates of each step.
 Two workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
 
@@ -73,6 +74,7 @@ class Variant:
     fp32_products: str | None = None
     weight_copy_min_rows: int | None = None
     head_grads_in_trunk: bool | None = None
+    load_weight_once: bool | None = None
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -85,7 +87,8 @@ class Variant:
                     (common, "VOCAB_SPLIT_MIN", self.vocab_split_min),
                     (precision, "FP32_PRODUCTS", self.fp32_products),
                     (mlp_forward, "WEIGHT_COPY_MIN_ROWS", self.weight_copy_min_rows),
-                    (mlp_backward, "HEAD_GRADS_IN_TRUNK", self.head_grads_in_trunk)]
+                    (mlp_backward, "HEAD_GRADS_IN_TRUNK", self.head_grads_in_trunk),
+                    (mlp_backward, "LOAD_WEIGHT_ONCE", self.load_weight_once)]
         saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
         tiles = dict(common.TILE_OVERRIDES)
         for module, name, value in switches:
@@ -151,8 +154,11 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     backward_register_cap = Variant("torch + tanh + bwd 168 registers", "torch", "tanh", (("max_registers_bwd", 168),))
     # the small head's gradients by their own kernel and reduction, as before the trunk backward summed them
     head_kernel = Variant("torch + tanh + head kernel", "torch", "tanh", head_grads_in_trunk=False)
+    # the backward's hidden weights loaded transposed into registers, as before the pipelined W [out, in] tile
+    # (SASS: at H = 64 8 more barriers per layer; at H = 128 32 more, but 89 fewer local-memory accesses)
+    weight_transposed = Variant("torch + tanh + weight as W.T", "torch", "tanh", load_weight_once=False)
     predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), fp32_weights["tanh"], *forward_tiles]
-    train_bf16 = [Variant("torch"), *partials, *tanh, head_kernel, fp32_weights["torch + tanh"],
+    train_bf16 = [Variant("torch"), *partials, *tanh, head_kernel, weight_transposed, fp32_weights["torch + tanh"],
                   backward_register_cap]
     # the fp32 mode's products on the tensor cores (three tf32 products each) instead of FMAs
     tf32x3 = Variant("tf32x3", fp32_products="tf32x3")

@@ -58,6 +58,14 @@ ROWWISE_PROGRAMS_PER_SM = 2
 # registers, still 2 blocks per SM; ~8% more instructions per block). False: the separate kernel always
 # (a kernel_variants candidate).
 HEAD_GRADS_IN_TRUNK = True
+# How the fused trunk backward reads a hidden layer's weight for its two products (2026-11-27, not yet
+# measured). True: once as stored, W [out, in]; Triton's pipeliner then streams it into shared memory a layer
+# ahead (cp.async) and both products read it there, one transposed (SASS, seed model, bf16, tanh: 8 barriers
+# fewer per layer, 26 -> 18 in the loop, 682 -> 685 instructions, 12 B of spill). False: loaded as W.T into
+# registers at the top of each layer, L1-cached but not prefetched, then rewritten through shared memory in
+# four rounds of two barriers for the products' operand layouts. The "partials" form always takes the latter:
+# with the former Triton 3.6 fails to compile it in bf16 (PassManager::run failed, compile_check).
+LOAD_WEIGHT_ONCE = True
 
 
 def weight_grad_method() -> str:
@@ -81,7 +89,7 @@ def aunn_backward_kernel(
     N, H: tl.constexpr, V, n_hidden, residual_every, eps, act_stride, head_in_offset, partial_stride,
     BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr, HEAD_FROM_LSE: tl.constexpr, HEAD_GRADS: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
-    PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,
+    WEIGHT_ONCE: tl.constexpr, PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,
 ):
     """Trunk backward, all layers in registers; program p takes row blocks p, p + P, p + 2P, ...
     (P = number of programs).
@@ -96,6 +104,8 @@ def aunn_backward_kernel(
     with WEIGHT_GRADS also dw_in fp32 [P, H, BITS] (input layer) and dw fp32 [P, L-2, H, H] (hidden
     layers), and dz is not stored; without it dz [L-1, N, H] and the index bits x [N, BITS] (fp32, or
     bf16 in bf16 mode; the weight gradients are then PyTorch's).
+    WEIGHT_ONCE: each hidden layer's weight is loaded as stored, W [out, in], and both products read that
+    one tile (z = a @ W.T, dL/dh = dz @ W); else as W.T (see LOAD_WEIGHT_ONCE).
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -143,7 +153,13 @@ def aunn_backward_kernel(
                 g_res = gh
             act_in_ptr -= act_stride
             a = tl.load(act_in_ptr + act_row, mask=act_mask, other=0.0).to(tl.float32)
-            w_t = tl.load(hid_w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None], mask=hh_mask, other=0.0)
+            if WEIGHT_ONCE:
+                w = tl.load(hid_w_ptr + layer * H * H + hcols[:, None] * H + hcols[None, :], mask=hh_mask, other=0.0)
+                w_t = tl.trans(w)
+            else:
+                w_t = tl.load(hid_w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None], mask=hh_mask,
+                              other=0.0)
+                w = tl.trans(w_t)
             z = dot(a, w_t, PRECISION) + tl.load(hid_b_ptr + layer * H + hcols, mask=hmask, other=0.0)[None, :]
             dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(hid_g_ptr + layer * H + hcols, mask=hmask, other=0.0),
                                               H, eps, FAST_SIGMOID)
@@ -154,7 +170,7 @@ def aunn_backward_kernel(
                 dz_out_ptr -= act_stride
             accumulate(db_row + (layer + 1) * H, tl.sum(dz, axis=0), hmask, first)
             accumulate(dgain_row + (layer + 1) * H, dgain, hmask, first)
-            gh = dot(dz, tl.trans(w_t), PRECISION)
+            gh = dot(dz, w, PRECISION)
 
         # input layer; res started as its output
         gh = gh + g_res
@@ -399,7 +415,8 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
                out_bias,
                n, hidden, vocab, n_hidden, residual_every, eps, n * hidden, n_hidden * n * hidden, part.stride(0),
                BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v,
-               HEAD_FROM_LSE=from_lse, HEAD_GRADS=head_in_trunk, WEIGHT_GRADS=partials, PRECISION=prec,
+               HEAD_FROM_LSE=from_lse, HEAD_GRADS=head_in_trunk, WEIGHT_GRADS=partials,
+               WEIGHT_ONCE=LOAD_WEIGHT_ONCE and not partials, PRECISION=prec,
                FAST_SIGMOID=fast, num_warps=t.num_warps_bwd, **register_cap(t.max_registers_bwd))
     else:
         w_hidden = reusable_operand(hidden_weight, precision)  # cast once for every layer's dh = dz @ W

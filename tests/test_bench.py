@@ -166,23 +166,26 @@ def test_kernel_variants_check_then_time_and_report_failures():
 
     switches = [(mlp_backward, "WEIGHT_GRAD"), (common, "SIGMOID"), (common, "FUSED_MAX_HIDDEN"),
                 (gemm, "SPLIT_K_MIN_ROWS"), (common, "VOCAB_SPLIT_MIN"), (precision, "FP32_PRODUCTS"),
-                (mlp_forward, "WEIGHT_COPY_MIN_ROWS"), (mlp_backward, "HEAD_GRADS_IN_TRUNK")]
+                (mlp_forward, "WEIGHT_COPY_MIN_ROWS"), (mlp_backward, "HEAD_GRADS_IN_TRUNK"),
+                (mlp_backward, "LOAD_WEIGHT_ONCE")]
     before = [getattr(module, name) for module, name in switches]
     plan = [kv.Step("predict", "tiny", 16, 37, "fp32",
                     [kv.Variant("default"), kv.Variant("32 rows, 2 warps", tiles=(("block_m", 32), ("num_warps", 2)))]),
             kv.Step("train", "tiny", 16, 37, "fp32",
                     [kv.Variant("partials", "partials", programs_per_sm=1),
                      kv.Variant("layer-wise", fused_max_hidden=0), kv.Variant("split", split_k_min_rows=8),
-                     kv.Variant("head kernel", head_grads_in_trunk=False), kv.Variant("bogus", "atomics")]),
+                     kv.Variant("head kernel", head_grads_in_trunk=False),
+                     kv.Variant("weight as W.T", load_weight_once=False), kv.Variant("bogus", "atomics")]),
             kv.Step("train", "tiny-vocab", 16, 5, "fp32", [kv.Variant("ranges", vocab_split_min=0)], vocab=300)]
     rows = kv.run(plan, torch.device("cpu"), log=lambda *_: None)
     assert [(r["workload"], r["variant"]) for r in rows] == [
         ("predict", "default"), ("predict", "32 rows, 2 warps"), ("train", "partials"), ("train", "layer-wise"),
-        ("train", "split"), ("train", "head kernel"), ("train", "bogus"), ("train", "ranges")]
-    for r in [*rows[:6], rows[7]]:
+        ("train", "split"), ("train", "head kernel"), ("train", "weight as W.T"), ("train", "bogus"),
+        ("train", "ranges")]
+    for r in [*rows[:7], rows[8]]:
         assert r["correct"] and r["error"] is None and r["ms"] > 0, r
         assert r["max_rel_err"] < 1e-5, r  # fp32 candidates: the package's fp32 tolerance
-    assert "atomics" in rows[6]["error"] and rows[6]["ms"] is None
+    assert "atomics" in rows[7]["error"] and rows[7]["ms"] is None
     assert [getattr(module, name) for module, name in switches] == before and common.TILE_OVERRIDES == {}
     table = kv.markdown({"device": "cpu", "torch": "-", "triton": "-", "commit": "-", "date": "-"}, rows)
     assert "| train | tiny | 16 | 37 | fp32 | bogus | — | ERROR |" in table
@@ -225,6 +228,7 @@ def test_kernel_variants_plan_skips_the_default_backward_tiles():
     assert labels["seed", 1 << 24, "fp32"] == ["default", "tf32x3"]  # fp32's products: FMAs or tensor cores
     assert "tf32x3" in labels["seed", 1 << 20, "fp32"]
     assert "torch + tanh + head kernel" in labels["seed", 8192, "bf16"]
+    assert "torch + tanh + weight as W.T" in labels["H128", 65536, "bf16"]
 
 
 def test_kernel_variant_sets_and_restores_the_fp32_products():
