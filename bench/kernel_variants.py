@@ -13,8 +13,9 @@ the weight-gradient products' split over the batch (``gemm.SPLIT_K_MIN_ROWS``), 
 vocabulary ranges at few rows (``common.VOCAB_SPLIT_MIN``), the fp32 mode's products
 (``precision.FP32_PRODUCTS``: "ieee" FMAs or "tf32x3" on the tensor cores) and the bf16 weight
 copies of large batches (``mlp_forward.WEIGHT_COPY_MIN_ROWS``; "+ fp32 weights" reads the fp32
-weights as before), register caps (``Tiles.max_registers``/``max_registers_bwd``, Triton's maxnreg) and
-where a small head's gradients are summed (``mlp_backward.HEAD_GRADS_IN_TRUNK``; "+ head kernel": by
+weights as before), register caps (``Tiles.max_registers``/``max_registers_bwd``, Triton's maxnreg), the
+forward's pipeline depth (``Tiles.num_stages``), where a small head's gradients are summed
+(``mlp_backward.HEAD_GRADS_IN_TRUNK``; "+ head kernel": by
 ``head_weight_grad_kernel`` instead of the trunk backward) and how the trunk backward reads each hidden
 weight (``mlp_backward.LOAD_WEIGHT_ONCE``; "+ weight as W.T": transposed into registers, as before).
 ``--labels`` keeps only the named candidates of each step.
@@ -157,7 +158,12 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # the backward's hidden weights loaded transposed into registers, as before the pipelined W [out, in] tile
     # (SASS: at H = 64 8 more barriers per layer; at H = 128 32 more, but 89 fewer local-memory accesses)
     weight_transposed = Variant("torch + tanh + weight as W.T", "torch", "tanh", load_weight_once=False)
-    predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), fp32_weights["tanh"], *forward_tiles]
+    # the forward on 2 pipeline stages and 96 registers (compile report, seed model, bf16, tanh: shared memory
+    # 49 -> 33 KB and registers 106 -> 96 with 28 B of spill, so 5 blocks of 4 warps per SM instead of 4)
+    forward_occupancy = Variant("tanh + 2 stages, 96 registers", sigmoid="tanh",
+                                tiles=(("num_stages", 2), ("max_registers", 96)))
+    predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), fp32_weights["tanh"], forward_occupancy,
+               *forward_tiles]
     train_bf16 = [Variant("torch"), *partials, *tanh, head_kernel, weight_transposed, fp32_weights["torch + tanh"],
                   backward_register_cap]
     # the fp32 mode's products on the tensor cores (three tf32 products each) instead of FMAs

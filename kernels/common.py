@@ -181,11 +181,16 @@ class Tiles:
     # passed only when set (torch.compile's wrap_triton does not take maxnreg as a launch option in torch 2.11)
     max_registers: int = 0
     max_registers_bwd: int = 0
+    # software-pipeline stages of the fused forward (Triton's num_stages; 0: Triton's default, 3 on Hopper):
+    # each stage keeps a layer's weight tile in shared memory. A kernel_variants candidate, passed only when set
+    num_stages: int = 0
 
 
-def register_cap(max_registers: int) -> dict[str, int]:
-    """The launch option that caps a kernel's registers per thread, or none for 0."""
-    return {"maxnreg": max_registers} if max_registers else {}
+def compile_options(max_registers: int, num_stages: int = 0) -> dict[str, int]:
+    """The launch options capping a kernel's registers per thread (maxnreg) and setting its pipeline depth
+    (num_stages), each only when set (0: the compiler's choice)."""
+    options = {"maxnreg": max_registers} if max_registers else {}
+    return options | ({"num_stages": num_stages} if num_stages else {})
 
 
 # A benchmarking hook (bench/kernel_variants.py): Tiles fields replaced in every choose_tiles

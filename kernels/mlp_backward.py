@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import checked_switch, choose_tiles, fast_sigmoid, launch, num_sms, register_cap, vocab_splits
+from .common import checked_switch, choose_tiles, compile_options, fast_sigmoid, launch, num_sms, vocab_splits
 from .gemm import batch_reduced_matmul, matmul, reusable_operand
 from .head_blocks import dlogits, head_backward_rows, head_logits_tile, load_softmax_stats, load_targets
 from .mlp_forward import MODE_LOGITS, MODE_LOSS, fused_weights, head_weight, index_bits_matrix, new_buffer
@@ -417,7 +417,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
                BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v,
                HEAD_FROM_LSE=from_lse, HEAD_GRADS=head_in_trunk, WEIGHT_GRADS=partials,
                WEIGHT_ONCE=LOAD_WEIGHT_ONCE and not partials, PRECISION=prec,
-               FAST_SIGMOID=fast, num_warps=t.num_warps_bwd, **register_cap(t.max_registers_bwd))
+               FAST_SIGMOID=fast, num_warps=t.num_warps_bwd, **compile_options(t.max_registers_bwd))
     else:
         w_hidden = reusable_operand(hidden_weight, precision)  # cast once for every layer's dh = dz @ W
         # the residual stream's gradient, where there is a residual add

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import choose_tiles, fast_sigmoid, launch, next_pow2, register_cap, vocab_splits
+from .common import choose_tiles, compile_options, fast_sigmoid, launch, next_pow2, vocab_splits
 from .gemm import matmul, reusable_operand
 from .head_blocks import cross_entropy_stats, head_bias, head_logits_tile, load_targets
 from .precision import dot, precision_code, store_activation
@@ -399,7 +399,7 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, i
            BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
            BLOCK_K=t.block_k_head, RESIDUAL_EVERY=residual_every, UNROLL_GROUPS=unroll_groups, MODE=mode,
            FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused, RANGE_PARTIALS=range_partials, PRECISION=prec,
-           FAST_SIGMOID=fast, num_warps=t.num_warps, **register_cap(t.max_registers))
+           FAST_SIGMOID=fast, num_warps=t.num_warps, **compile_options(t.max_registers, t.num_stages))
     if range_partials:
         out, lse = combine_ranges(part, mode, lse)
     return out, lse, acts, zs

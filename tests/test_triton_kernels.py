@@ -600,10 +600,11 @@ def test_unknown_weight_grad_method(generator, monkeypatch):
 
 
 @pytest.mark.parametrize("tiles", [{"block_m": 256}, {"block_m": 64}, {"block_m_bwd": 128}, {"block_m_bwd": 16},
-                                   {"max_registers": 128, "max_registers_bwd": 168}])
+                                   {"max_registers": 128, "max_registers_bwd": 168},
+                                   {"num_stages": 2, "max_registers": 96}])
 def test_tile_candidates(tiles, generator, weight_grad, monkeypatch):
-    """The row blocks and register caps bench/kernel_variants times (common.TILE_OVERRIDES) compute the same
-    model (the interpreter takes the cap and ignores it; a GPU compiles to it)."""
+    """The row blocks, register caps and pipeline depths bench/kernel_variants times (common.TILE_OVERRIDES)
+    compute the same model (the interpreter takes the caps and stages and ignores them; a GPU compiles to them)."""
     monkeypatch.setattr(common, "TILE_OVERRIDES", tiles)
     cfg = AUNNConfig(vocab_size=9, hidden=32, layers=6, bits=64, residual_every=2)
     check_model(cfg, 300, generator)
