@@ -16,7 +16,7 @@
 # every row, so a timed-out run still leaves data. A second call on the same lease, after a first
 # full one, can run only what the first left out, e.g.
 #   GPU_TEST_TIMEOUT=0 TEST_TIMEOUT=0 BENCH_TIMEOUT=0 NOTEBOOK_TIMEOUT=0 PROFILE_TIMEOUT=0 \
-#   NCU_TIMEOUT=80 VARIANTS_TIMEOUT=180 bash bench/gpu_check.sh /tmp/gc2
+#   NCU_TIMEOUT=60 VARIANTS_TIMEOUT=240 bash bench/gpu_check.sh /tmp/gc2
 set -uo pipefail
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}

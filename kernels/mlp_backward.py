@@ -307,7 +307,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
              in_gain: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias: torch.Tensor,
              hidden_gain: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
              residual_every: int, eps: float, precision: str, mode: int) -> list[torch.Tensor]:
-    """[d_in_weight, d_hidden_weight, sums], each summed over the batch: sums fp32 [2 * L-1 * H + V * H + V]
+    """[d_in_weight, d_hidden_weight, sums], each summed over the batch: sums fp32 [2 (L-1) H + V H + V]
     packs the bias gradients of the input layer and the hidden layers ([L-1, H]), their gain gradients
     (the same), the output weight's ([V, H], row-major) and the output bias's ([V]), as the reductions
     that give them write them. :func:`parameter_gradients` puts all eight in AUNNParams order (an
