@@ -145,19 +145,18 @@ if [ "$NCU_TIMEOUT" -gt 0 ]; then
 fi
 
 # Only when given time (the 5 minutes are spent above): the candidates the H100 has not settled
-# (kernels/NOTES.md): large batches' bf16 weight copies against the fp32 weights (bf16, tanh), register
-# caps, "partials" again (with the copies), the small head's gradients by their own kernel, the backward's
-# weights loaded transposed (as before the pipelined tile), backward tiles
-# of 64 rows x 4 warps and 128 x 8 (H = 64; the latter 4% faster than the default once), the forward on
-# 4 warps at H = 128, on 128 rows x 4 warps at H = 64 and on 2 pipeline stages with 96 registers (5 blocks
-# per SM), the fp32 mode's products (FMAs or tf32x3); the
-# full plan is `kernel_variants` unfiltered.
+# (kernels/NOTES.md, "What to measure next"): large batches' bf16 weight copies against fp32 weights;
+# the backward's register cap, its small-head gradients by their own kernel, its weights loaded
+# transposed (as before the pipelined tile), its tiles of 64 rows x 4 warps and 128 x 8, and "partials"
+# (default tiles and 128-row blocks); the forward on 4 warps at H = 128, on 128 rows x 4 warps and on
+# 2 pipeline stages with 96 registers (5 blocks per SM); the fp32 mode's products (FMAs or tf32x3).
+# The full plan is `kernel_variants` unfiltered.
 echo "== kernel candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"
 stage "$VARIANTS_TIMEOUT" "$OUT/variants.log" "$PYTHON" -m aunn_fast.bench.kernel_variants --out "$OUT/variants" \
     --workloads predict,train --shapes seed,H128 --precisions bf16,fp32 --labels "tanh;tanh + fp32 weights;\
 torch + tanh;torch + tanh + head kernel;torch + tanh + weight as W.T;torch + tanh + fp32 weights;\
 torch + tanh + bwd 168 registers;\
-torch + tanh, bwd 64 rows 4 warps;torch + tanh, bwd 128 rows 8 warps;\
+torch + tanh, bwd 64 rows 4 warps;torch + tanh, bwd 128 rows 8 warps;partials + tanh, bwd 128 rows 8 warps;\
 partials + tanh;64 rows, 4 warps + tanh;128 rows, 4 warps + tanh;tanh + 2 stages, 96 registers;\
 default;torch;tf32x3"
 VARIANTS_RC=$?
