@@ -1,6 +1,6 @@
 """Input checks that run before any compute, so bad input fails with a clear message.
 
-The range checks read the smallest and largest value back to the host (a device sync). While
+The range checks read the smallest and largest value back to the host (one device sync per tensor). While
 torch.compile traces they are left out: reading a value would break the graph. Types, shapes
 and devices are still checked then.
 """
@@ -13,6 +13,13 @@ from .config import AUNNConfig
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
+def value_range(values: torch.Tensor) -> tuple[int, int]:
+    """(smallest, largest) of a non-empty integer tensor, read back in one transfer: one device sync where
+    int(t.min()) and int(t.max()) were two, each of which waits for all queued GPU work."""
+    lo, hi = torch.stack(torch.aminmax(values)).tolist()
+    return lo, hi
+
+
 def check_indices(idx: torch.Tensor, cfg: AUNNConfig, check_range: bool = True) -> torch.Tensor:
     """Return idx as int64, raising TypeError/ValueError for anything that is not a valid index."""
     if not isinstance(idx, torch.Tensor):
@@ -22,7 +29,7 @@ def check_indices(idx: torch.Tensor, cfg: AUNNConfig, check_range: bool = True) 
                         "floating-point indices lose their low bits above 2**24")
     idx = idx.to(torch.int64)
     if check_range and idx.numel() > 0 and not torch.compiler.is_compiling():
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = value_range(idx)
         if lo < 0:
             raise ValueError(f"indices must be non-negative, got {lo}")
         if hi > cfg.max_index:
@@ -42,7 +49,7 @@ def check_targets(targets: torch.Tensor, idx: torch.Tensor, cfg: AUNNConfig, che
         raise ValueError(f"targets are on {targets.device} but indices are on {idx.device}")
     targets = targets.to(torch.int64)
     if check_range and targets.numel() > 0 and not torch.compiler.is_compiling():
-        lo, hi = int(targets.min()), int(targets.max())
+        lo, hi = value_range(targets)
         if lo < 0 or hi >= cfg.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"target {bad} is outside the vocabulary [0, {cfg.vocab_size})")

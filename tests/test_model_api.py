@@ -96,6 +96,17 @@ def test_bad_targets_fail_before_compute(any_backend_model, monkeypatch, targets
         model.loss(torch.tensor([1, 2]), targets)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_value_range_reads_exact_extremes(dtype):
+    """The range checks' one read-back (validation.value_range): exact Python ints, int64's extremes included."""
+    from aunn_fast.validation import value_range
+
+    info = torch.iinfo(dtype)
+    values = torch.tensor([5, info.max, info.min, 7], dtype=dtype)
+    assert value_range(values) == (info.min, info.max)
+    assert value_range(torch.tensor([2**63 - 2, 2**62])) == (2**62, 2**63 - 2)
+
+
 def test_full_64_bit_range_is_valid():
     model = AUNN(AUNNConfig(hidden=16, layers=3))
     assert model.predict(torch.tensor([0, 2**63 - 1])).shape == (2,)
