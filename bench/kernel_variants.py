@@ -133,14 +133,15 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
         64 rows on 4 warps at H = 64 (SASS, bf16, tanh): each warp owns 16 whole rows, so RMSNorm's row sums
         need no barrier: its layer loop issues 79 warp-instructions per row against 32 x 4's 85, with 15
         barriers per 64 rows against 26 per 32; 255 registers and 96 KB of shared memory, 2 blocks per SM
-        as now (128 x 8, 4% faster than 32 x 4 on the H100, runs 1 block of 128 KB per SM)."""
+        as now (128 x 8, 4% faster than 32 x 4 on the H100, runs 1 block of 128 KB per SM). At H = 128,
+        128 x 8 needs 256 KB of shared memory, more than an SM has: left out there."""
         from aunn_fast.kernels.common import choose_tiles
 
         default = choose_tiles(hidden, 64, 4, "bf16")
         return [Variant(f"torch + tanh, bwd {rows} rows {warps} warps", "torch", "tanh",
                         (("block_m_bwd", rows), ("num_warps_bwd", warps)))
                 for rows, warps in ((32, 8), (32, 4), (16, 8), (64, 4), (128, 8))
-                if (rows, warps) != (default.block_m_bwd, default.num_warps_bwd)]
+                if (rows, warps) != (default.block_m_bwd, default.num_warps_bwd) and rows * hidden <= 128 * 64]
 
     # 128 rows on 4 warps (compile report, seed model, bf16, tanh): 240 registers, 2 blocks per SM instead of
     # 64 rows' 4, for 13% fewer loop instructions per row and half the weight reads from L2 per row
@@ -168,12 +169,12 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # "partials" on 128-row blocks of 8 warps, one program per SM (SASS, seed model, bf16, tanh: 81
     # warp-instructions per row and layer, its own dW product included, against "torch"'s 85 on 32 x 4; 255
     # registers, 88 B spill, 1 block per SM): a quarter of the 32-row blocks' partial load-add-stores in L2, and
-    # no dz written nor batched products (0.64 ms of the 1M step on the H100). 64-row blocks do not compile
-    # in this form under Triton 3.6.
+    # no dz written nor batched products (0.64 ms of the 1M step on the H100). H = 64 only: 64-row blocks,
+    # and 128-row blocks at H = 128, fail to compile in this form under Triton 3.6.
     wide_partials = Variant("partials + tanh, bwd 128 rows 8 warps", "partials", "tanh",
                             (("block_m_bwd", 128), ("num_warps_bwd", 8)), programs_per_sm=1)
-    train_bf16 = [Variant("torch"), *partials, *tanh, wide_partials, head_kernel, weight_transposed,
-                  fp32_weights["torch + tanh"], backward_register_cap]
+    train_bf16 = [Variant("torch"), *partials, *tanh, head_kernel, weight_transposed, fp32_weights["torch + tanh"],
+                  backward_register_cap]
     # the fp32 mode's products on the tensor cores (three tf32 products each) instead of FMAs
     tf32x3 = Variant("tf32x3", fp32_products="tf32x3")
     train_fp32 = [Variant("torch"), *partials, tf32x3]
@@ -187,7 +188,8 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # the eager 8,192- and 65,536-row steps late: the H100 ran them host-bound (1.5-2.4 ms eager against
     # 0.16 ms graphed at 8,192), so they rank candidates least well
     return [Step("predict", "seed", 64, 1 << 24, "bf16", predict),
-            Step("train", "seed", 64, 1 << 20, "bf16", [*train_bf16, *backward_tiles(64), no_batch_split]),
+            Step("train", "seed", 64, 1 << 20, "bf16", [*train_bf16, wide_partials, *backward_tiles(64),
+                                                        no_batch_split]),
             Step("predict", "H128", 128, 1 << 22, "bf16", [*predict, *layerwise]),
             Step("train", "H128", 128, 65536, "bf16", [*train_bf16, *backward_tiles(128), *layerwise]),
             Step("predict", "seed", 64, 1 << 24, "fp32", [Variant("default"), tf32x3]),
@@ -195,8 +197,8 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
             Step("train", "H128", 128, 65536, "fp32", train_fp32),
             Step("train", "notebook", 512, 2048, "bf16", [Variant("layer-wise"), Variant("layer-wise + tanh",
                                                                                          sigmoid="tanh")]),
-            Step("train", "seed", 64, 8192, "bf16", [*train_bf16, *backward_tiles(64)]),
-            Step("train", "seed", 64, 65536, "bf16", [*train_bf16, *backward_tiles(64)]),
+            Step("train", "seed", 64, 8192, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
+            Step("train", "seed", 64, 65536, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
             Step("train", "bpe", 256, 64, "bf16", vocab_ranges, vocab=50257),
             Step("predict", "bpe", 256, 2048, "bf16", vocab_ranges, vocab=50257)]
 

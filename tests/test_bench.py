@@ -229,6 +229,9 @@ def test_kernel_variants_plan_skips_the_default_backward_tiles():
     assert "tf32x3" in labels["seed", 1 << 20, "fp32"]
     assert "torch + tanh + head kernel" in labels["seed", 8192, "bf16"]
     assert "torch + tanh + weight as W.T" in labels["H128", 65536, "bf16"]
+    assert "torch + tanh, bwd 128 rows 8 warps" not in labels["H128", 65536, "bf16"]  # 256 KB of shared memory
+    assert "partials + tanh, bwd 128 rows 8 warps" in labels["seed", 1 << 20, "bf16"]
+    assert "partials + tanh, bwd 128 rows 8 warps" not in labels["H128", 65536, "bf16"]  # does not compile
 
 
 def test_kernel_variant_sets_and_restores_the_fp32_products():
