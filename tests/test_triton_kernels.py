@@ -832,15 +832,17 @@ def test_gpu_model_on_a_device_that_is_not_current(generator):
         assert rel_err(p.grad, q.grad) < 1e-4, name
 
 
-@pytest.mark.parametrize("force_layerwise,n,split_vocab,weight_copies", [
-    (False, 65, False, False), (True, 65, False, False), (False, 37, False, False), (True, 37, True, False),
-    (False, 65, False, True)])
-def test_opcheck(force_layerwise, n, split_vocab, weight_copies, generator, monkeypatch):
+@pytest.mark.parametrize("force_layerwise,n,split_vocab,weight_copies,vocab", [
+    (False, 65, False, False, 70), (True, 65, False, False, 70), (False, 37, False, False, 70),
+    (True, 37, True, False, 70), (False, 65, False, True, 70), (False, 65, False, False, 5),
+    (False, 20, False, False, 5)])
+def test_opcheck(force_layerwise, n, split_vocab, weight_copies, vocab, generator, monkeypatch):
     """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of both operators,
     fused and layer-wise (whose forward also calls PyTorch GEMMs); at 37 rows the head's
     weight gradient has one batch split, returned without a sum (a view of its partials);
     with split_vocab the head's vocabulary ranges are merged by PyTorch ops; with weight_copies
-    (bf16) the fused kernels read the large batches' bf16 weight copies, views of one buffer.
+    (bf16) the fused kernels read the large batches' bf16 weight copies, views of one buffer; at vocab 5
+    the trunk backward sums the head's gradients too, into the packed sums directly at 20 rows (one program).
 
     argmax (mode 1) is checked without grad-requiring inputs, as predict() runs it under no_grad.
     """
@@ -854,10 +856,10 @@ def test_opcheck(force_layerwise, n, split_vocab, weight_copies, generator, monk
     if weight_copies:
         monkeypatch.setattr(mlp_forward, "WEIGHT_COPY_MIN_ROWS", 0)
 
-    cfg = AUNNConfig(vocab_size=70, hidden=32, layers=4, bits=64)
+    cfg = AUNNConfig(vocab_size=vocab, hidden=32, layers=4, bits=64)
     params = with_grad(make_params(cfg, generator))
     idx = make_indices(cfg, n, generator)
-    targets = torch.randint(0, 70, (n,), generator=generator).to(DEVICE)
+    targets = torch.randint(0, vocab, (n,), generator=generator).to(DEVICE)
     hp = (cfg.residual_every, cfg.norm_eps, "bf16" if weight_copies else "fp32")
     for mode in (0, 2):
         opcheck(torch.ops.aunn_fast.forward.default, (idx, targets, *params, *hp, mode, True))
