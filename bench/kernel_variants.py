@@ -15,9 +15,9 @@ vocabulary ranges at few rows (``common.VOCAB_SPLIT_MIN``), the fp32 mode's prod
 copies of large batches (``mlp_forward.WEIGHT_COPY_MIN_ROWS``; "+ fp32 weights" reads the fp32
 weights as before), register caps (``Tiles.max_registers``/``max_registers_bwd``, Triton's maxnreg), the
 forward's pipeline depth (``Tiles.num_stages``), where a small head's gradients are summed
-(``mlp_backward.HEAD_GRADS_IN_TRUNK``; "+ head kernel": by
-``head_weight_grad_kernel`` instead of the trunk backward) and how the trunk backward reads each hidden
-weight (``mlp_backward.LOAD_WEIGHT_ONCE``; "+ weight as W.T": transposed into registers, as before).
+(``mlp_backward.HEAD_GRADS_IN_TRUNK``; "+ head kernel": by ``head_weight_grad_kernel`` instead of the
+trunk backward) and how the trunk backward reads each hidden weight (``mlp_backward.LOAD_WEIGHT_ONCE``;
+"+ weight as W.T": transposed into registers, as before).
 ``--labels`` keeps only the named candidates of each step.
 Two workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
 
@@ -143,11 +143,10 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
                 for rows, warps in ((32, 8), (32, 4), (16, 8), (64, 4), (128, 8))
                 if (rows, warps) != (default.block_m_bwd, default.num_warps_bwd) and rows * hidden <= 128 * 64]
 
-    # 128 rows on 4 warps (compile report, seed model, bf16, tanh): 240 registers, 2 blocks per SM instead of
-    # 64 rows' 4, for 13% fewer loop instructions per row and half the weight reads from L2 per row
-    forward_tiles = [Variant(f"{rows} rows, {warps} warps" + (" + tanh" if sigmoid == "tanh" else ""),
-                             sigmoid=sigmoid, tiles=(("block_m", rows), ("num_warps", warps)))
-                     for rows, warps in ((64, 4), (128, 4), (256, 8)) for sigmoid in ("exact", "tanh")]
+    def forward_tiles(pairs: tuple[tuple[int, int], ...]) -> list[Variant]:
+        return [Variant(f"{rows} rows, {warps} warps" + (" + tanh" if sigmoid == "tanh" else ""),
+                        sigmoid=sigmoid, tiles=(("block_m", rows), ("num_warps", warps)))
+                for rows, warps in pairs for sigmoid in ("exact", "tanh")]
     # the large batches' bf16 weight copies against reading the fp32 weights in every program
     fp32_weights = {label: Variant(f"{label} + fp32 weights", sigmoid="tanh", weight_copy_min_rows=1 << 62)
                     for label in ("tanh", "torch + tanh")}
@@ -164,8 +163,12 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # 49 -> 33 KB and registers 106 -> 96 with 28 B of spill, so 5 blocks of 4 warps per SM instead of 4)
     forward_occupancy = Variant("tanh + 2 stages, 96 registers", sigmoid="tanh",
                                 tiles=(("num_stages", 2), ("max_registers", 96)))
-    predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), fp32_weights["tanh"], forward_occupancy,
-               *forward_tiles]
+    predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), fp32_weights["tanh"],
+               *forward_tiles(((64, 4), (256, 8)))]
+    # at H = 64 only (at H = 128 both spill 0.8-1.2 KB): 128 rows on 4 warps (compile report, bf16, tanh: 240
+    # registers, 2 blocks per SM instead of 64 rows' 4, for 13% fewer loop instructions per row and half the
+    # weight reads from L2 per row), and the 5-block form above
+    predict_h64 = [*predict, forward_occupancy, *forward_tiles(((128, 4),))]
     # "partials" on 128-row blocks of 8 warps, one program per SM (SASS, seed model, bf16, tanh: 81
     # warp-instructions per row and layer, its own dW product included, against "torch"'s 85 on 32 x 4; 255
     # registers, 88 B spill, 1 block per SM): a quarter of the 32-row blocks' partial load-add-stores in L2, and
@@ -187,7 +190,7 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     vocab_ranges = [Variant("vocabulary ranges"), Variant("no vocabulary ranges", vocab_split_min=1 << 62)]
     # the eager 8,192- and 65,536-row steps late: the H100 ran them host-bound (1.5-2.4 ms eager against
     # 0.16 ms graphed at 8,192), so they rank candidates least well
-    return [Step("predict", "seed", 64, 1 << 24, "bf16", predict),
+    return [Step("predict", "seed", 64, 1 << 24, "bf16", predict_h64),
             Step("train", "seed", 64, 1 << 20, "bf16", [*train_bf16, wide_partials, *backward_tiles(64),
                                                         no_batch_split]),
             Step("predict", "H128", 128, 1 << 22, "bf16", [*predict, *layerwise]),

@@ -347,7 +347,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     head_dh = mode == MODE_LOSS and (not t.fused or vocab_splits(row_blocks, vocab, t.block_v, device)[0] > 1)
     # The fused trunk backward recomputes the head's logits and dlogits for its dL/dh: where the head's
     # gradients are no larger than the bias and gain partials it writes per program anyway (small
-    # vocabularies), its programs (one row block each: not "partials") add them to their partials, and
+    # vocabularies), its programs (one row block each: not "partials") store them in their partial rows, and
     # head_weight_grad_kernel's pass over the batch and its reduction are saved.
     head_in_trunk = (HEAD_GRADS_IN_TRUNK and t.fused and mode == MODE_LOSS and not head_dh and not partials
                      and head_size <= trunk_size)

@@ -232,6 +232,8 @@ def test_kernel_variants_plan_skips_the_default_backward_tiles():
     assert "torch + tanh, bwd 128 rows 8 warps" not in labels["H128", 65536, "bf16"]  # 256 KB of shared memory
     assert "partials + tanh, bwd 128 rows 8 warps" in labels["seed", 1 << 20, "bf16"]
     assert "partials + tanh, bwd 128 rows 8 warps" not in labels["H128", 65536, "bf16"]  # does not compile
+    assert "tanh + 2 stages, 96 registers" in labels["seed", 1 << 24, "bf16"]
+    assert "128 rows, 4 warps + tanh" not in labels["H128", 1 << 22, "bf16"]  # spills 0.8 KB there
 
 
 def test_kernel_variant_sets_and_restores_the_fp32_products():
