@@ -114,9 +114,10 @@ def aunn_backward_kernel(
     hh_mask = hmask[:, None] & hmask[None, :]
     k = tl.arange(0, BLOCK_BITS)
     pid64 = pid.to(tl.int64)
-    db_row = part_ptr + pid64 * partial_stride + hcols
+    part_row = part_ptr + pid64 * partial_stride
+    db_row = part_row + hcols
     dgain_row = db_row + (n_hidden + 1) * H
-    head_grads = part_ptr + pid64 * partial_stride + 2 * (n_hidden + 1) * H
+    head_grads = part_row + 2 * (n_hidden + 1) * H
     dw_tile = dw_ptr + pid64 * n_hidden * H * H + hcols[:, None] * H + hcols[None, :]
     dw_in_tile = dw_in_ptr + pid64 * H * BITS + hcols[None, :] * BITS + k[:, None]
     dw_in_mask = (k[:, None] < BITS) & hmask[None, :]
