@@ -1,7 +1,7 @@
 """Compile every Triton kernel for a Hopper GPU (sm_90a) on a machine without one.
 
     python -m aunn_fast.bench.compile_check [--configs seed,bytes] [--precisions fp32,bf16]
-        [--fp32-products ieee,tf32x3] [--out FILE]
+        [--fp32-products tf32x3,ieee] [--out FILE]
 
 Triton compiles to a cubin without a driver when it is handed the target; its bundled
 ``ptxas -v`` then reports what a GPU run would pay: registers per thread, spill stores
@@ -14,7 +14,8 @@ what that costs per index in warp-instructions issued); MUFU (special-function u
 exp2, rcp, tanh, rsqrt...) and MMA (HMMA/HGMMA tensor-core instructions). Each is counted
 once per place in the code, so a loop body counts once.
 In bf16 every path is compiled with both sigmoid choices (``common.SIGMOID``); in fp32 with each
-product method of ``--fp32-products`` (``precision.FP32_PRODUCTS``; rows "fp32 tf32x3").
+product method of ``--fp32-products`` (``precision.FP32_PRODUCTS``; the default "tf32x3" in rows "fp32",
+FMAs in rows "fp32 ieee").
 Runs without TRITON_INTERPRET (it re-executes itself with the variable removed).
 Exit status 0 when everything compiled, 1 otherwise.
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 from aunn_fast.bench.options import names_from
 from aunn_fast.config import PRECISIONS
 
-FP32_PRODUCTS = ("ieee", "tf32x3")  # precision.FP32_PRODUCTS_CHOICES (not imported: it loads Triton)
+FP32_PRODUCTS = ("tf32x3", "ieee")  # precision.FP32_PRODUCTS_CHOICES, default first (not imported: it loads Triton)
 HOPPER_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100 (sm_90)
 CONFIGS = {  # name: (hidden, layers, vocab), as the benchmark's configurations
     "seed": (64, 8, 4),
@@ -107,7 +108,7 @@ def _sass_counts(cubin: bytes) -> dict[str, int]:
             "mufu": len(re.findall(r"\bMUFU\.", text)), "mma": len(re.findall(r"\bH(?:G)?MMA\.", text))}
 
 
-def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple[str, ...] = ("ieee",)
+def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple[str, ...] = FP32_PRODUCTS[:1]
                  ) -> list[dict[str, object]]:
     """Run every launcher on CPU tensors with launches replaced by compile-only warmups."""
     import torch
@@ -151,10 +152,10 @@ def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple
             targets = torch.randint(0, vocab, (n,))
             variants = [(p, s, f) for p in precisions
                         for s in (common.SIGMOID_CHOICES if p == "bf16" else ("exact",))
-                        for f in (fp32_products if p == "fp32" else ("ieee",))]
+                        for f in (fp32_products if p == "fp32" else FP32_PRODUCTS[:1])]
             for precision, sigmoid, products in variants:
                 common.SIGMOID, precision_modes.FP32_PRODUCTS = sigmoid, products
-                shown = precision if products == "ieee" else f"{precision} {products}"
+                shown = precision if products == FP32_PRODUCTS[0] else f"{precision} {products}"
                 context.update(config=name, precision=shown, sigmoid=sigmoid)
                 for mode, label in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_LOSS, "loss")):
                     context["path"] = f"forward {label}{rows_label}"
@@ -195,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, from {', '.join(CONFIGS)} (default seed,bytes,notebook)")
     parser.add_argument("--precisions", type=names_from(PRECISIONS, "precision(s)"), default="fp32,bf16",
                         help="comma-separated, from fp32, tf32, bf16 (default fp32,bf16)")
-    parser.add_argument("--fp32-products", type=names_from(FP32_PRODUCTS, "fp32 product method(s)"), default="ieee",
-                        help="comma-separated, from ieee, tf32x3: how fp32 kernels multiply (default ieee)")
+    parser.add_argument("--fp32-products", type=names_from(FP32_PRODUCTS, "fp32 product method(s)"),
+                        default=FP32_PRODUCTS[0],
+                        help="comma-separated, from tf32x3, ieee: how fp32 kernels multiply (default tf32x3)")
     parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels cannot be compiled

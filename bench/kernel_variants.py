@@ -11,7 +11,7 @@ the tiles (``common.TILE_OVERRIDES``: rows per program and warps, forward or bac
 the widest fused model (``common.FUSED_MAX_HIDDEN``; 0 runs H=128 on the layer-wise path),
 the weight-gradient products' split over the batch (``gemm.SPLIT_K_MIN_ROWS``), the head's
 vocabulary ranges at few rows (``common.VOCAB_SPLIT_MIN``), the fp32 mode's products
-(``precision.FP32_PRODUCTS``: "ieee" FMAs or "tf32x3" on the tensor cores) and the bf16 weight
+(``precision.FP32_PRODUCTS``: "tf32x3" on the tensor cores, the default, or "ieee" FMAs) and the bf16 weight
 copies of large batches (``mlp_forward.WEIGHT_COPY_MIN_ROWS``; "+ fp32 weights" reads the fp32
 weights as before), register caps (``Tiles.max_registers``/``max_registers_bwd``, Triton's maxnreg), the
 forward's pipeline depth (``Tiles.num_stages``), where a small head's gradients are summed
@@ -24,9 +24,9 @@ Two workloads, run most decisive first (:func:`default_plan`), as a time limit m
 * predict - forward + argmax (``kernels.predict``), bf16, seed model (H=64) at 16M and H=128 at 4M,
   fp32 at 16M (seed), last the bpe model (H=256, vocab 50,257) at 2,048;
 * train   - forward + loss + backward (``torch.autograd.grad``, no optimizer), the seed model at 1M
-  and H=128 at 65,536 in bf16, then in fp32; H=512 at 2,048; the seed model at 8,192 and 65,536 (eager,
-  host-bound on the H100); last the bpe model at a 64-index prompt (conditioning's latency, less the
-  SGD step).
+  and H=128 at 512K in bf16 (at 65,536 the H100 ran it host-bound), then in fp32; H=512 at 2,048;
+  the seed model at 8,192 and 65,536 (eager, host-bound on the H100); last the bpe model at a
+  64-index prompt (conditioning's latency, less the SGD step).
 
 Every candidate is checked against the fp32 reference at min(batch, 65536) rows first
 (predict: the logits; train: every gradient; max |x - ref| / max |ref|, tolerances of
@@ -163,8 +163,9 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # 49 -> 33 KB and registers 106 -> 96 with 28 B of spill, so 5 blocks of 4 warps per SM instead of 4)
     forward_occupancy = Variant("tanh + 2 stages, 96 registers", sigmoid="tanh",
                                 tiles=(("num_stages", 2), ("max_registers", 96)))
+    # 64 rows on 8 warps: the forward's tiles at H = 128 before the H100 ran 4 warps 1.78x faster there
     predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), fp32_weights["tanh"],
-               *forward_tiles(((64, 4), (256, 8)))]
+               *forward_tiles(((64, 4), (64, 8), (256, 8)))]
     # at H = 64 only (at H = 128 both spill 0.8-1.2 KB): 128 rows on 4 warps (compile report, bf16, tanh: 240
     # registers, 2 blocks per SM instead of 64 rows' 4, for 13% fewer loop instructions per row and half the
     # weight reads from L2 per row), and the 5-block form above
@@ -178,9 +179,9 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
                             (("block_m_bwd", 128), ("num_warps_bwd", 8)), programs_per_sm=1)
     train_bf16 = [Variant("torch"), *partials, *tanh, head_kernel, weight_transposed, fp32_weights["torch + tanh"],
                   backward_register_cap]
-    # the fp32 mode's products on the tensor cores (three tf32 products each) instead of FMAs
-    tf32x3 = Variant("tf32x3", fp32_products="tf32x3")
-    train_fp32 = [Variant("torch"), *partials, tf32x3]
+    # the fp32 mode's products on the FMA units instead of the tensor cores (three tf32 products each, the default)
+    ieee = Variant("ieee", fp32_products="ieee")
+    train_fp32 = [Variant("torch"), *partials, ieee]
     # "torch"'s weight-gradient products as one cuBLAS product per layer, unsplit over the batch
     no_batch_split = Variant("torch, no batch split", split_k_min_rows=1 << 62)
     # H = 128 is the widest fused model: the layer-wise path (cuBLAS + epilogues) beside it
@@ -194,10 +195,10 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
             Step("train", "seed", 64, 1 << 20, "bf16", [*train_bf16, wide_partials, *backward_tiles(64),
                                                         no_batch_split]),
             Step("predict", "H128", 128, 1 << 22, "bf16", [*predict, *layerwise]),
-            Step("train", "H128", 128, 65536, "bf16", [*train_bf16, *backward_tiles(128), *layerwise]),
-            Step("predict", "seed", 64, 1 << 24, "fp32", [Variant("default"), tf32x3]),
+            Step("train", "H128", 128, 1 << 19, "bf16", [*train_bf16, *backward_tiles(128), *layerwise]),
+            Step("predict", "seed", 64, 1 << 24, "fp32", [Variant("default"), ieee]),
             Step("train", "seed", 64, 1 << 20, "fp32", train_fp32),
-            Step("train", "H128", 128, 65536, "fp32", train_fp32),
+            Step("train", "H128", 128, 1 << 19, "fp32", train_fp32),
             Step("train", "notebook", 512, 2048, "bf16", [Variant("layer-wise"), Variant("layer-wise + tanh",
                                                                                          sigmoid="tanh")]),
             Step("train", "seed", 64, 8192, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),

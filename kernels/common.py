@@ -207,9 +207,10 @@ def choose_tiles(hidden: int, bits: int, vocab: int, precision: str) -> Tiles:
         # forward spills ~300 B (H = 64) / ~130 B (H = 128) for ~5% fewer instructions per index
         # bf16 at H = 64: 64 rows on 4 warps ran 1.4x faster than 128 on 8 on an H100 (NOTES.md)
         block_m = (64 if block_h > 64 or precision == "bf16" else 128) // (2 if precision == "fp32" else 1)
-        # bf16 at H = 128: 32 backward rows on 4 warps ran 1.35x faster than 16 on 8 on an H100
-        # (NOTES.md), despite the ~1.4 KB spill the compile report shows there
-        block_m_bwd = 32 if (block_h <= 64 or precision == "bf16") else 16
+        # bf16 backward, twice the rows on 4 warps: at H = 64 64 rows ran 1.19x faster than 32 (each warp
+        # owns whole rows), at H = 128 32 rows 1.35x faster than 16 on 8 warps, despite the ~1.4 KB spill the
+        # compile report shows there (H100, NOTES.md)
+        block_m_bwd = (32 if block_h <= 64 else 16) * (2 if precision == "bf16" else 1)
     else:
         # off the fused path block_m is the forward head's rows, and block_m_bwd has no reader:
         # the per-layer kernels take block_m_rowwise rows, the head's backward block_m_head
@@ -229,7 +230,8 @@ def choose_tiles(hidden: int, bits: int, vocab: int, precision: str) -> Tiles:
         block_v=128 if (vocab > 64 and block_h <= 64 and precision != "fp32") else 64,
         block_hc=min(block_h, 128),
         block_k_head=block_h if fused else 64,
-        num_warps=4 if (fused and block_h <= 64 and precision == "bf16") else 8,
+        # the fused bf16 forward on 4 warps: on an H100 at H = 128 1.78x faster than on 8 (NOTES.md)
+        num_warps=4 if (fused and precision == "bf16") else 8,
         # bf16, 32 rows on 4 warps: 20% fewer instructions per index than on 8 and no spill at
         # H = 64, at the same 8 warps per SM (registers); tf32 spills 60 B there and fp32 288 B
         num_warps_bwd=4 if (fused and precision == "bf16") else 8,

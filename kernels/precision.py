@@ -18,14 +18,15 @@ from .common import checked_switch
 PRECISION_CODES = {"fp32": 0, "tf32": 1, "bf16": 2}
 INTERPRETER_CODES = {"fp32": 0, "tf32": 1, "bf16": 3}
 
-# How the fp32 mode multiplies (a benchmarking switch, read at call time):
-# "ieee"   - fp32 fused multiply-adds on the FMA units (on an H100 the fp32 path ran at 0.40x
-#            torch.compile: kernels/NOTES.md);
+# How the fp32 mode multiplies (read at call time):
 # "tf32x3" - on the tensor cores as three tf32 products (a = a_hi + a_lo with a_hi = a rounded to
 #            tf32: a_lo @ b_hi + a_hi @ b_lo + a_hi @ b_hi), relative error per product ~2^-21
-#            against fp32's 2^-24. The interpreter emulates it (code 5, see `dot`).
-FP32_PRODUCTS_CHOICES = ("ieee", "tf32x3")
-FP32_PRODUCTS = os.environ.get("AUNN_FAST_FP32_PRODUCTS", "ieee")
+#            against fp32's 2^-24; on an H100 3.0x (predict) and 1.9x (forward + backward) faster than "ieee"
+#            at the same error against the reference (kernels/NOTES.md). The interpreter emulates it
+#            (code 5, see `dot`);
+# "ieee"   - fp32 fused multiply-adds on the FMA units.
+FP32_PRODUCTS_CHOICES = ("tf32x3", "ieee")
+FP32_PRODUCTS = os.environ.get("AUNN_FAST_FP32_PRODUCTS", "tf32x3")
 
 
 def fp32_products() -> str:

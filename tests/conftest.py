@@ -12,6 +12,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # fp32 kernels multiply with FMAs here: the interpreter's emulation of the GPU default, tf32x3 (three
+    # products per dot), made the suite a third slower; the tests of tf32x3 select it themselves.
+    os.environ.setdefault("AUNN_FAST_FP32_PRODUCTS", "ieee")
     # In the interpreter the kernels are opaque custom ops, which Inductor's on-disk caches do not look
     # inside: a graph compiled against earlier kernels (other output shapes) would be reused and fail.
     # So the cache is kept per version of the package's sources. (On a GPU the graph holds the kernels.)

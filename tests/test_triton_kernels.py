@@ -23,6 +23,9 @@ does), the reference's autograd only each product's result; measured ratios reac
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -631,6 +634,7 @@ def test_fp32_as_three_tf32_products(hidden, layers, residual_every, bits, vocab
     the FMA path's (so the switch was honoured) by far less than the fp32 floor."""
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=residual_every)
     params, idx = make_params(cfg, generator), make_indices(cfg, batch, generator)
+    monkeypatch.setattr(precision, "FP32_PRODUCTS", "ieee")
     ieee = kernels.logits(idx, params, cfg, "fp32")
     monkeypatch.setattr(precision, "FP32_PRODUCTS", "tf32x3")
     assert 0 < rel_err(kernels.logits(idx, params, cfg, "fp32"), ieee) < 1e-5
@@ -638,8 +642,13 @@ def test_fp32_as_three_tf32_products(hidden, layers, residual_every, bits, vocab
 
 
 def test_fp32_products_switch(monkeypatch):
+    """tf32x3 unless AUNN_FAST_FP32_PRODUCTS says otherwise (conftest picks ieee for the interpreter); checked."""
+    env = {k: v for k, v in os.environ.items() if k != "AUNN_FAST_FP32_PRODUCTS"}
+    default = subprocess.run([sys.executable, "-c", "from aunn_fast.kernels import precision; "
+                              "print(precision.FP32_PRODUCTS)"], env=env, capture_output=True, text=True)
+    assert default.stdout.strip() == "tf32x3", default.stderr[-2000:]
     monkeypatch.setattr(precision, "FP32_PRODUCTS", "tf32x4")
-    with pytest.raises(ValueError, match="ieee, tf32x3"):
+    with pytest.raises(ValueError, match="tf32x3, ieee"):
         precision.precision_code("fp32")
     assert precision.precision_code("bf16") in (2, 3)  # only the fp32 mode reads the switch
 
@@ -762,10 +771,12 @@ def test_gpu_bf16_weight_copies(hidden, layers, vocab, generator, weight_grad, m
 
 
 @gpu_only
+@pytest.mark.parametrize("products", ["tf32x3", "ieee"])
 @pytest.mark.parametrize("hidden,layers,vocab", [(64, 8, 4), (128, 6, 300)])
-def test_gpu_fp32_as_three_tf32_products(hidden, layers, vocab, generator, weight_grad, monkeypatch):
-    """The fp32 mode on the tensor cores (Triton's tf32x3) within the fp32 2x rule on the hardware."""
-    monkeypatch.setattr(precision, "FP32_PRODUCTS", "tf32x3")
+def test_gpu_fp32_products(hidden, layers, vocab, products, generator, weight_grad, monkeypatch):
+    """The fp32 mode on the tensor cores (Triton's tf32x3, the default) and on the FMA units, each within the
+    fp32 2x rule on the hardware."""
+    monkeypatch.setattr(precision, "FP32_PRODUCTS", products)
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
     check_model(cfg, 4099, generator, "fp32")
 
