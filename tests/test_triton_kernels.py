@@ -918,6 +918,9 @@ def test_compiled_model_runs_in_one_graph(generator):
 
 
 def check_compiled_matches_eager(precision, generator, vocab=70):
+    # Dynamo keeps compiled code per code object (the lambdas below), guarded on the inputs but not on the
+    # kernels' switches (the layer-wise path's FUSED_MAX_HIDDEN): another test's graph would be reused
+    torch._dynamo.reset()
     cfg = AUNNConfig(vocab_size=vocab, hidden=32, layers=5, bits=64)
     params = make_params(cfg, generator)
     n = 300 if torch.cuda.is_available() else 37
