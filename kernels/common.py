@@ -198,19 +198,22 @@ def compile_options(max_registers: int, num_stages: int = 0) -> dict[str, int]:
 TILE_OVERRIDES: dict[str, int] = {}
 
 
-def choose_tiles(hidden: int, bits: int, vocab: int, precision: str) -> Tiles:
-    """Tiles by the compile report for sm_90a (kernels/NOTES.md): no spill in bf16 where one is avoidable."""
+def choose_tiles(hidden: int, bits: int, vocab: int, precision: str, partials: bool = False) -> Tiles:
+    """Tiles by the compile report for sm_90a (kernels/NOTES.md): no spill in bf16 where one is avoidable.
+    partials: for the fused backward's "partials" weight gradients (mlp_backward.WEIGHT_GRAD)."""
     block_h = max(MIN_TILE_N, next_pow2(hidden))
     fused = hidden <= FUSED_MAX_HIDDEN
     if fused:
-        # fp32 products run on the FMA units and hold more registers: half the rows, or the
-        # forward spills ~300 B (H = 64) / ~130 B (H = 128) for ~5% fewer instructions per index
+        # fp32 holds more registers (FMA products, or tf32x3's operand parts): half the rows, or the
+        # forward spills ~300 B (H = 64) / ~130 B (H = 128) with FMAs for ~5% fewer instructions per index
         # bf16 at H = 64: 64 rows on 4 warps ran 1.4x faster than 128 on 8 on an H100 (NOTES.md)
         block_m = (64 if block_h > 64 or precision == "bf16" else 128) // (2 if precision == "fp32" else 1)
-        # bf16 backward, twice the rows on 4 warps: at H = 64 64 rows ran 1.19x faster than 32 (each warp
-        # owns whole rows), at H = 128 32 rows 1.35x faster than 16 on 8 warps, despite the ~1.4 KB spill the
-        # compile report shows there (H100, NOTES.md)
-        block_m_bwd = (32 if block_h <= 64 else 16) * (2 if precision == "bf16" else 1)
+        block_m_bwd = 32 if block_h <= 64 else 16
+        if precision == "bf16":
+            # twice the rows on 4 warps: at H = 64 64 rows ran 1.19x faster than 32 (each warp owns whole
+            # rows), at H = 128 32 rows 1.35x faster than 16 on 8 warps, despite the ~1.4 KB spill the compile
+            # report shows there (H100, NOTES.md); "partials" on 64 rows fails to compile under Triton 3.6
+            block_m_bwd = 32 if partials else 2 * block_m_bwd
     else:
         # off the fused path block_m is the forward head's rows, and block_m_bwd has no reader:
         # the per-layer kernels take block_m_rowwise rows, the head's backward block_m_head

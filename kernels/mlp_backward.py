@@ -323,7 +323,7 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
     device = idx.device
     n, (hidden, bits), vocab = idx.shape[0], in_weight.shape, out_weight.shape[0]
     n_hidden = hidden_weight.shape[0]
-    t = choose_tiles(hidden, bits, vocab, precision)
+    t = choose_tiles(hidden, bits, vocab, precision, partials=weight_grad == "partials")
     prec, fast = precision_code(precision), fast_sigmoid(precision)
     n_layers = n_hidden + 1
     trunk_size, head_size = 2 * n_layers * hidden, vocab * hidden + vocab
