@@ -121,6 +121,8 @@ class Step:
 
 def default_plan(programs_per_sm: list[int]) -> list[Step]:
     """The steps in the order they are run: most decisive first, as a time limit may cut the run."""
+    from aunn_fast.kernels.common import choose_tiles
+
     partials = [Variant("partials" if len(programs_per_sm) == 1 else f"partials x{k}/SM", "partials",
                         programs_per_sm=k) for k in programs_per_sm]
     tanh = [Variant(f"{v.label} + tanh", v.weight_grad, "tanh", programs_per_sm=v.programs_per_sm)
@@ -133,20 +135,21 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
         64 rows on 4 warps at H = 64 (SASS, bf16, tanh): each warp owns 16 whole rows, so RMSNorm's row sums
         need no barrier: its layer loop issues 79 warp-instructions per row against 32 x 4's 85, with 15
         barriers per 64 rows against 26 per 32; 255 registers and 96 KB of shared memory, 2 blocks per SM
-        as now (128 x 8, 4% faster than 32 x 4 on the H100, runs 1 block of 128 KB per SM). At H = 128,
-        128 x 8 needs 256 KB of shared memory, more than an SM has: left out there."""
-        from aunn_fast.kernels.common import choose_tiles
-
+        (the H100 ran it 1.19x faster than 32 x 4: now the default; 128 x 8 runs 1 block of 128 KB per SM).
+        At H = 128, 128 x 8 needs 256 KB of shared memory, more than an SM has: left out there."""
         default = choose_tiles(hidden, 64, 4, "bf16")
         return [Variant(f"torch + tanh, bwd {rows} rows {warps} warps", "torch", "tanh",
                         (("block_m_bwd", rows), ("num_warps_bwd", warps)))
                 for rows, warps in ((32, 8), (32, 4), (16, 8), (64, 4), (128, 8))
                 if (rows, warps) != (default.block_m_bwd, default.num_warps_bwd) and rows * hidden <= 128 * 64]
 
-    def forward_tiles(pairs: tuple[tuple[int, int], ...]) -> list[Variant]:
+    def forward_tiles(hidden: int, pairs: tuple[tuple[int, int], ...]) -> list[Variant]:
+        """Forward row blocks and warps other than the default at this width, each with either sigmoid."""
+        default = choose_tiles(hidden, 64, 4, "bf16")
         return [Variant(f"{rows} rows, {warps} warps" + (" + tanh" if sigmoid == "tanh" else ""),
                         sigmoid=sigmoid, tiles=(("block_m", rows), ("num_warps", warps)))
-                for rows, warps in pairs for sigmoid in ("exact", "tanh")]
+                for rows, warps in pairs if (rows, warps) != (default.block_m, default.num_warps)
+                for sigmoid in ("exact", "tanh")]
     # the large batches' bf16 weight copies against reading the fp32 weights in every program
     fp32_weights = {label: Variant(f"{label} + fp32 weights", sigmoid="tanh", weight_copy_min_rows=1 << 62)
                     for label in ("tanh", "torch + tanh")}
@@ -164,12 +167,13 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     forward_occupancy = Variant("tanh + 2 stages, 96 registers", sigmoid="tanh",
                                 tiles=(("num_stages", 2), ("max_registers", 96)))
     # 64 rows on 8 warps: the forward's tiles at H = 128 before the H100 ran 4 warps 1.78x faster there
-    predict = [Variant("default"), Variant("tanh", sigmoid="tanh"), fp32_weights["tanh"],
-               *forward_tiles(((64, 4), (64, 8), (256, 8)))]
+    def predict(hidden: int) -> list[Variant]:
+        return [Variant("default"), Variant("tanh", sigmoid="tanh"), fp32_weights["tanh"],
+                *forward_tiles(hidden, ((64, 4), (64, 8), (256, 8)))]
     # at H = 64 only (at H = 128 both spill 0.8-1.2 KB): 128 rows on 4 warps (compile report, bf16, tanh: 240
     # registers, 2 blocks per SM instead of 64 rows' 4, for 13% fewer loop instructions per row and half the
     # weight reads from L2 per row), and the 5-block form above
-    predict_h64 = [*predict, forward_occupancy, *forward_tiles(((128, 4),))]
+    predict_h64 = [*predict(64), forward_occupancy, *forward_tiles(64, ((128, 4),))]
     # "partials" on 128-row blocks of 8 warps, one program per SM (SASS, seed model, bf16, tanh: 81
     # warp-instructions per row and layer, its own dW product included, against "torch"'s 85 on 32 x 4; 255
     # registers, 88 B spill, 1 block per SM): a quarter of the 32-row blocks' partial load-add-stores in L2, and
@@ -194,7 +198,7 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     return [Step("predict", "seed", 64, 1 << 24, "bf16", predict_h64),
             Step("train", "seed", 64, 1 << 20, "bf16", [*train_bf16, wide_partials, *backward_tiles(64),
                                                         no_batch_split]),
-            Step("predict", "H128", 128, 1 << 22, "bf16", [*predict, *layerwise]),
+            Step("predict", "H128", 128, 1 << 22, "bf16", [*predict(128), *layerwise]),
             Step("train", "H128", 128, 1 << 19, "bf16", [*train_bf16, *backward_tiles(128), *layerwise]),
             Step("predict", "seed", 64, 1 << 24, "fp32", [Variant("default"), ieee]),
             Step("train", "seed", 64, 1 << 20, "fp32", train_fp32),

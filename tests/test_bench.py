@@ -214,8 +214,8 @@ def test_kernel_variants_compare_candidates_at_the_timed_batch(monkeypatch):
     assert rows[1]["ms"] is None
 
 
-def test_kernel_variants_plan_skips_the_default_backward_tiles():
-    """A backward row-block candidate equal to the width's default would time the default twice."""
+def test_kernel_variants_plan_skips_the_default_tiles():
+    """A row-block candidate (backward or forward) equal to the width's default would time the default twice."""
     pytest.importorskip("triton")
     from aunn_fast.bench import kernel_variants as kv
 
@@ -234,6 +234,9 @@ def test_kernel_variants_plan_skips_the_default_backward_tiles():
     assert "partials + tanh, bwd 128 rows 8 warps" not in labels["H128", 1 << 19, "bf16"]  # does not compile
     assert "tanh + 2 stages, 96 registers" in labels["seed", 1 << 24, "bf16"]
     assert "128 rows, 4 warps + tanh" not in labels["H128", 1 << 22, "bf16"]  # spills 0.8 KB there
+    for shape, batch in (("seed", 1 << 24), ("H128", 1 << 22)):  # the forward's default tiles at both widths
+        assert "64 rows, 4 warps + tanh" not in labels[shape, batch, "bf16"]
+        assert "64 rows, 8 warps + tanh" in labels[shape, batch, "bf16"]
 
 
 def test_kernel_variant_sets_and_restores_the_fp32_products():
@@ -467,3 +470,12 @@ def test_commit_says_when_the_tree_differs_from_it(monkeypatch):
     assert environment.git_commit() == "def456"
     monkeypatch.delenv("AUNN_FAST_COMMIT")
     assert environment.git_commit() is None
+
+
+def test_compile_check_knows_the_fp32_product_methods() -> None:
+    """compile_check keeps its own copy (importing the kernels loads Triton): the same methods, default first."""
+    pytest.importorskip("triton")
+    from aunn_fast.bench import compile_check
+    from aunn_fast.kernels import precision
+
+    assert compile_check.FP32_PRODUCTS == precision.FP32_PRODUCTS_CHOICES
