@@ -235,8 +235,8 @@ def choose_tiles(hidden: int, bits: int, vocab: int, precision: str, partials: b
         block_k_head=block_h if fused else 64,
         # the fused bf16 forward on 4 warps: on an H100 at H = 128 1.78x faster than on 8 (NOTES.md)
         num_warps=4 if (fused and precision == "bf16") else 8,
-        # bf16, 32 rows on 4 warps: 20% fewer instructions per index than on 8 and no spill at
-        # H = 64, at the same 8 warps per SM (registers); tf32 spills 60 B there and fp32 288 B
+        # bf16 on 4 warps (compile report, 32 rows: 20% fewer instructions per index than on 8 and no
+        # spill at H = 64, at the same 8 warps per SM); tf32 spills 60 B there and fp32 288 B
         num_warps_bwd=4 if (fused and precision == "bf16") else 8,
         # on 4 warps (the forward's at H = 64 in bf16) these spill up to 570 B at vocab 50,257 and
         # issue twice the instructions at vocab 4 (compile report)

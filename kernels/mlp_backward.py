@@ -52,19 +52,21 @@ PARTIAL_PROGRAMS_PER_SM = 2
 # that its gain and bias partials are [2 x SMs, L-1, H] whatever the batch.
 ROWWISE_PROGRAMS_PER_SM = 2
 # Small heads' gradients summed by the fused trunk backward, which recomputes their dlogits anyway
-# (see `backward`; 2026-11-27, not yet measured): on the 1M-row step on the H100 head_weight_grad_kernel
-# took 0.31 ms of 5.0, and at 8,192 rows it and its reduction are two launches of the graphed step. The
-# trunk kernel pays a product and a store per row block (SASS, seed model, bf16 with tanh: 227 -> 255
-# registers, still 2 blocks per SM; ~8% more instructions per block). False: the separate kernel always
-# (a kernel_variants candidate).
+# (see `backward`): on the 1M-row step on the H100 head_weight_grad_kernel took 0.31 ms of 5.0, and at
+# 8,192 rows it and its reduction are two launches of the graphed step. The trunk kernel pays a product
+# and a store per row block (SASS, seed model, bf16 with tanh: 227 -> 255 registers, still 2 blocks per
+# SM; ~8% more instructions per block). Measured on the H100's second lease: a tie at 1M rows (forward +
+# backward 3.445 ms against 3.472 with the separate kernel); kept for the graphed small step's two
+# launches. False: the separate kernel always (a kernel_variants candidate).
 HEAD_GRADS_IN_TRUNK = True
-# How the fused trunk backward reads a hidden layer's weight for its two products (2026-11-27, not yet
-# measured). True: once as stored, W [out, in]; Triton's pipeliner then streams it into shared memory a layer
-# ahead (cp.async) and both products read it there, one transposed (SASS, seed model, bf16, tanh: 8 barriers
-# fewer per layer, 26 -> 18 in the loop, 682 -> 685 instructions, 12 B of spill). False: loaded as W.T into
-# registers at the top of each layer, L1-cached but not prefetched, then rewritten through shared memory in
-# four rounds of two barriers for the products' operand layouts. The "partials" form always takes the latter:
-# with the former Triton 3.6 fails to compile it in bf16 (PassManager::run failed, compile_check).
+# How the fused trunk backward reads a hidden layer's weight for its two products (on the H100 True ran the
+# 1M-row forward + backward 10% faster: 3.445 ms against 3.824). True: once as stored, W [out, in]; Triton's
+# pipeliner then streams it into shared memory a layer ahead (cp.async) and both products read it there, one
+# transposed (SASS, seed model, bf16, tanh: 8 barriers fewer per layer, 26 -> 18 in the loop, 682 -> 685
+# instructions, 12 B of spill). False: loaded as W.T into registers at the top of each layer, L1-cached but
+# not prefetched, then rewritten through shared memory in four rounds of two barriers for the products'
+# operand layouts. The "partials" form always takes the latter: with the former Triton 3.6 fails to compile
+# it in bf16 (PassManager::run failed, compile_check).
 LOAD_WEIGHT_ONCE = True
 
 
