@@ -9,17 +9,18 @@
 # On the project's lent device only 8 files come back from $OUT, so run it as
 #   bash bench/gpu_check.sh /tmp/gc; tar czf $OUT/gpu_check.tgz -C /tmp gc
 # Writes OUTDIR/pytest_gpu.log, OUTDIR/pytest_kernels.log, OUTDIR/pytest.log, OUTDIR/bench.log,
-# OUTDIR/bench/ and OUTDIR/bench_notebook/ (each results.json, results.md, *.png), OUTDIR/profiles/
-# (torch.profiler tables and traces of the goal train steps), OUTDIR/variants/ when VARIANTS_TIMEOUT > 0,
-# OUTDIR/ncu/ when NCU_TIMEOUT > 0, and prints a summary table last. Takes at most ~6.5 minutes: each step
-# has its own timeout (*_TIMEOUT, seconds; 0 skips the step), and the benchmark saves its results after
-# every row, so a timed-out run still leaves data. On a fresh machine most of the benchmark's time goes to
-# compiling (Triton's cache starts empty, torch.compile compiles each shape): the second lease's 80 s reached
-# only the first two workloads, a warm rerun needed 87 s for all of them. A device machine given back after
+# OUTDIR/bench/, OUTDIR/bench_notebook/ and OUTDIR/bench_bpe/ (each results.json, results.md, *.png),
+# OUTDIR/profiles/ (torch.profiler tables and traces of the goal train steps and the bpe one),
+# OUTDIR/variants/ when VARIANTS_TIMEOUT > 0, OUTDIR/ncu/ when NCU_TIMEOUT > 0, and prints a summary table
+# last. Takes at most ~8 minutes: each step has its own timeout (*_TIMEOUT, seconds; 0 skips the step), and
+# the benchmark saves its results after every row, so a timed-out run still leaves data. On a fresh machine
+# most of the benchmark's time goes to compiling (Triton's cache starts empty, torch.compile compiles each
+# shape): the second lease's 80 s reached only the first two workloads, a warm rerun needed 87 s for all of
+# them; the third lease's 130 s reached all but torch.compile's loss row. A device machine given back after
 # 30 s idle cannot wait for a reading of the results: a second call must follow at once, e.g. only what the
 # first left out,
-#   GPU_TEST_TIMEOUT=0 TEST_TIMEOUT=0 BENCH_TIMEOUT=0 NOTEBOOK_TIMEOUT=0 PROFILE_TIMEOUT=0 \
-#   NCU_TIMEOUT=60 VARIANTS_TIMEOUT=240 bash bench/gpu_check.sh /tmp/gc2
+#   GPU_TEST_TIMEOUT=0 TEST_TIMEOUT=0 BENCH_TIMEOUT=0 NOTEBOOK_TIMEOUT=0 BPE_TIMEOUT=0 PROFILE_TIMEOUT=0 \
+#   NCU_TIMEOUT=60 VARIANTS_TIMEOUT=120 bash bench/gpu_check.sh /tmp/gc2
 set -uo pipefail
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
@@ -29,6 +30,7 @@ KERNEL_TEST_TIMEOUT=${KERNEL_TEST_TIMEOUT:-0}
 TEST_TIMEOUT=${TEST_TIMEOUT:-50}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-130}
 NOTEBOOK_TIMEOUT=${NOTEBOOK_TIMEOUT:-45}
+BPE_TIMEOUT=${BPE_TIMEOUT:-60}
 VARIANTS_TIMEOUT=${VARIANTS_TIMEOUT:-0}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-20}
 NCU_TIMEOUT=${NCU_TIMEOUT:-0}
@@ -110,6 +112,11 @@ stage "$NOTEBOOK_TIMEOUT" "$OUT/bench_notebook.log" "$PYTHON" -m aunn_fast.bench
     --workloads train,train-graph,seed-run-graph,seed-run
 NOTEBOOK_RC=$?
 
+echo "== bpe train step at batch 16,384 (timeout ${BPE_TIMEOUT}s) -> $OUT/bench_bpe.log"
+stage "$BPE_TIMEOUT" "$OUT/bench_bpe.log" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick \
+    --configs bpe --batches 16K --out "$OUT/bench_bpe" --providers "$PROVIDERS" --workloads train
+BPE_RC=$?
+
 echo "== profiles of the goal train steps (timeout ${PROFILE_TIMEOUT}s each) -> $OUT/profiles"
 stage "$PROFILE_TIMEOUT" "$OUT/profile_seed.log" "$PYTHON" -m aunn_fast.bench.profile_step --config seed \
     --workloads train,train-graph --batches 1048576,8192 --calls 10 --out "$OUT/profiles"
@@ -117,6 +124,9 @@ PROFILE_SEED_RC=$?
 stage "$PROFILE_TIMEOUT" "$OUT/profile_notebook.log" "$PYTHON" -m aunn_fast.bench.profile_step --config notebook \
     --workloads train-graph --batches 2048 --calls 10 --out "$OUT/profiles"
 PROFILE_NOTEBOOK_RC=$?
+stage "$PROFILE_TIMEOUT" "$OUT/profile_bpe.log" "$PYTHON" -m aunn_fast.bench.profile_step --config bpe \
+    --workloads train --batches 16384 --calls 10 --out "$OUT/profiles"
+PROFILE_BPE_RC=$?
 
 # Hardware counters (Nsight Compute, kernels/NOTES.md "What to measure next"): the fused backward and
 # forward of the seed model's 1M-index train step, and the forward of its 16M-index predict, one launch
@@ -147,18 +157,12 @@ if [ "$NCU_TIMEOUT" -gt 0 ]; then
     done
 fi
 
-# Only when given time: the candidates the H100 has not settled (kernels/NOTES.md, "What to measure
-# next"): the defaults the second lease chose against the tiles they replaced (backward 32 rows x 4 warps
-# at H = 64, forward 8 warps at H = 128, fp32 on FMAs); the backward on 128 rows x 8 warps and "partials"
-# (default tiles and 128-row blocks), 64 rows at H = 128; the forward on 128 rows x 4 warps and on 2
-# pipeline stages with 96 registers (5 blocks per SM; within the noise on the second lease).
-# The full plan is `kernel_variants` unfiltered.
+# Only when given time: the candidate the H100 has not settled (kernels/NOTES.md, "What to measure
+# next"): the bpe train step's head backward on all 256 hidden columns (its logits computed once per
+# kernel instead of twice) against the default 128. The full plan is `kernel_variants` unfiltered.
 echo "== kernel candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"
 stage "$VARIANTS_TIMEOUT" "$OUT/variants.log" "$PYTHON" -m aunn_fast.bench.kernel_variants --out "$OUT/variants" \
-    --workloads predict,train --shapes seed,H128 --precisions bf16,fp32 --labels "tanh;torch + tanh;\
-torch + tanh, bwd 32 rows 4 warps;torch + tanh, bwd 64 rows 4 warps;torch + tanh, bwd 128 rows 8 warps;\
-partials + tanh, bwd 128 rows 8 warps;partials + tanh;64 rows, 8 warps + tanh;128 rows, 4 warps + tanh;\
-tanh + 2 stages, 96 registers;default;torch;ieee"
+    --workloads train --shapes bpe --precisions bf16 --labels "default;head backward on 256 columns"
 VARIANTS_RC=$?
 
 echo "== summary"
@@ -166,16 +170,16 @@ echo "GPU-only tests exit status $GPU_TEST_RC: $(tail -n 1 "$OUT/pytest_gpu.log"
 echo "kernel tests exit status $KERNEL_TEST_RC: $(tail -n 1 "$OUT/pytest_kernels.log")"
 echo "CLI and data tests exit status $TEST_RC: $(tail -n 1 "$OUT/pytest.log")"
 grep -hE "^(FAILED|ERROR) " "$OUT/pytest_gpu.log" "$OUT/pytest_kernels.log" "$OUT/pytest.log" | head -n 10
-echo "benchmark exit status $BENCH_RC, H=512 benchmark $NOTEBOOK_RC (0 ok, 1 some provider incorrect/failed, 124 timed out)"
-echo "profiles exit status $PROFILE_SEED_RC (seed), $PROFILE_NOTEBOOK_RC (notebook); tables in $OUT/profiles"
+echo "benchmark exit status $BENCH_RC, H=512 benchmark $NOTEBOOK_RC, bpe $BPE_RC (0 ok, 1 some provider incorrect/failed, 124 timed out)"
+echo "profiles exit status $PROFILE_SEED_RC (seed), $PROFILE_NOTEBOOK_RC (notebook), $PROFILE_BPE_RC (bpe); tables in $OUT/profiles"
 echo "ncu exit status $NCU_RC; reports in $OUT/ncu; kernel variants exit status $VARIANTS_RC; table in $OUT/variants"
-for run in bench bench_notebook; do
+for run in bench bench_notebook bench_bpe; do
     if [ -f "$OUT/$run/results.json" ]; then
         "$PYTHON" -m aunn_fast.bench.summary "$OUT/$run/results.json"
     elif [ -s "$OUT/$run.log" ]; then
         tail -n 20 "$OUT/$run.log"
     fi
 done
-for rc in "$GPU_TEST_RC" "$KERNEL_TEST_RC" "$TEST_RC" "$BENCH_RC" "$NOTEBOOK_RC" "$NCU_RC" "$VARIANTS_RC"; do
+for rc in "$GPU_TEST_RC" "$KERNEL_TEST_RC" "$TEST_RC" "$BENCH_RC" "$NOTEBOOK_RC" "$BPE_RC" "$NCU_RC" "$VARIANTS_RC"; do
     [ "$rc" = 0 ] || exit 1
 done

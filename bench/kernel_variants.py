@@ -25,8 +25,8 @@ Two workloads, run most decisive first (:func:`default_plan`), as a time limit m
   fp32 at 16M (seed), last the bpe model (H=256, vocab 50,257) at 2,048;
 * train   - forward + loss + backward (``torch.autograd.grad``, no optimizer), the seed model at 1M
   and H=128 at 512K in bf16 (at 65,536 the H100 ran it host-bound), then in fp32; H=512 at 2,048;
-  the seed model at 8,192 and 65,536 (eager, host-bound on the H100); last the bpe model at a
-  64-index prompt (conditioning's latency, less the SGD step).
+  the seed model at 8,192 and 65,536 (eager, host-bound on the H100); last the bpe model at 16,384
+  (the head backward's columns) and at a 64-index prompt (conditioning's latency, less the SGD step).
 
 Every candidate is checked against the fp32 reference at min(batch, 65536) rows first
 (predict: the logits; train: every gradient; max |x - ref| / max |ref|, tolerances of
@@ -193,6 +193,10 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
                                                                     fused_max_hidden=0)]
     # a large head at few rows: its vocabulary split into ranges across the SMs, or one program per row block
     vocab_ranges = [Variant("vocabulary ranges"), Variant("no vocabulary ranges", vocab_split_min=1 << 62)]
+    # the head backward kernels recompute the logits in each hidden-column program: at H = 256 twice each, on
+    # 128 columns (the H100's bpe train step at 16K: 23.2 ms, ~2.9 TFLOP of head products for 1.3 needed);
+    # on all 256 columns once, with twice the accumulator per program
+    head_columns = [Variant("default"), Variant("head backward on 256 columns", tiles=(("block_hc", 256),))]
     # the eager 8,192- and 65,536-row steps late: the H100 ran them host-bound (1.5-2.4 ms eager against
     # 0.16 ms graphed at 8,192), so they rank candidates least well
     return [Step("predict", "seed", 64, 1 << 24, "bf16", predict_h64),
@@ -207,6 +211,7 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
                                                                                          sigmoid="tanh")]),
             Step("train", "seed", 64, 8192, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
             Step("train", "seed", 64, 65536, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
+            Step("train", "bpe", 256, 16384, "bf16", head_columns, vocab=50257),
             Step("train", "bpe", 256, 64, "bf16", vocab_ranges, vocab=50257),
             Step("predict", "bpe", 256, 2048, "bf16", vocab_ranges, vocab=50257)]
 

@@ -273,6 +273,26 @@ def test_kernel_variants_labels_keep_the_named_candidates(tmp_path, capsys, monk
     assert exit_info.value.code == 2 and "no step" in capsys.readouterr().err
 
 
+def test_gpu_check_selects_candidates_the_plan_has():
+    """gpu_check.sh's kernel_variants filters name steps and candidates of the plan: a label renamed in the
+    plan would leave the lease's variants stage with nothing to time (or time only part of what it should)."""
+    pytest.importorskip("triton")
+    import re
+    import shlex
+
+    from aunn_fast.bench import kernel_variants as kv
+
+    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text()
+    call = re.search(r"aunn_fast\.bench\.kernel_variants (.*?)\nVARIANTS_RC", script, re.S).group(1)
+    args = shlex.split(call.replace("\\\n", " "))
+    option = {name: args[args.index(name) + 1] for name in ("--workloads", "--shapes", "--precisions", "--labels")}
+    steps = [s for s in kv.default_plan([2]) if s.workload in option["--workloads"].split(",")
+             and s.shape in option["--shapes"].split(",") and s.precision in option["--precisions"].split(",")]
+    offered = {v.label for s in steps for v in s.variants}
+    wanted = option["--labels"].split(";")
+    assert steps and set(wanted) <= offered
+
+
 def test_providers_run_in_the_order_given():
     """gpu_check puts the fused kernels first, so a time limit cuts torch.compile, not them."""
     assert harness.providers_to_run(None) == list(BACKENDS)
