@@ -1,7 +1,7 @@
 """Compile every Triton kernel for a Hopper GPU (sm_90a) on a machine without one.
 
     python -m aunn_fast.bench.compile_check [--configs seed,bytes] [--precisions fp32,bf16]
-        [--fp32-products tf32x3,ieee] [--out FILE]
+        [--fp32-products tf32x3,ieee] [--tiles block_hc=256,num_warps_head=4] [--out FILE]
 
 Triton compiles to a cubin without a driver when it is handed the target; its bundled
 ``ptxas -v`` then reports what a GPU run would pay: registers per thread, spill stores
@@ -16,6 +16,8 @@ once per place in the code, so a loop body counts once.
 In bf16 every path is compiled with both sigmoid choices (``common.SIGMOID``); in fp32 with each
 product method of ``--fp32-products`` (``precision.FP32_PRODUCTS``; the default "tf32x3" in rows "fp32",
 FMAs in rows "fp32 ieee").
+``--tiles`` overrides fields of every ``choose_tiles`` answer (``common.TILE_OVERRIDES``, as
+kernel_variants' candidates do), to see a candidate's registers and spills before timing it.
 Runs without TRITON_INTERPRET (it re-executes itself with the variable removed).
 Exit status 0 when everything compiled, 1 otherwise.
 """
@@ -108,9 +110,10 @@ def _sass_counts(cubin: bytes) -> dict[str, int]:
             "mufu": len(re.findall(r"\bMUFU\.", text)), "mma": len(re.findall(r"\bH(?:G)?MMA\.", text))}
 
 
-def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple[str, ...] = FP32_PRODUCTS[:1]
-                 ) -> list[dict[str, object]]:
-    """Run every launcher on CPU tensors with launches replaced by compile-only warmups."""
+def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple[str, ...] = FP32_PRODUCTS[:1],
+                 tiles: dict[str, int] | None = None) -> list[dict[str, object]]:
+    """Run every launcher on CPU tensors with launches replaced by compile-only warmups; tiles: Tiles fields
+    replaced in every choose_tiles answer."""
     import torch
     from triton.runtime.driver import driver
 
@@ -139,6 +142,7 @@ def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple
                      **_sass_counts(compiled.asm["cubin"])})
 
     mlp_forward.launch = mlp_backward.launch = compile_only
+    common.TILE_OVERRIDES.update(tiles or {})
     for name in configs:
         hidden, layers, vocab = CONFIGS[name]
         cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers)
@@ -190,6 +194,21 @@ def _table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def _tile_overrides(text: str) -> dict[str, int]:
+    """"block_hc=256,num_warps_head=4" -> {"block_hc": 256, "num_warps_head": 4}, fields of kernels.common.Tiles
+    (listed here, not imported: that loads Triton)."""
+    fields = ("block_h", "block_bits", "block_m", "block_m_bwd", "block_m_head", "block_m_rowwise", "block_v",
+              "block_hc", "block_k_head", "num_warps", "num_warps_bwd", "num_warps_head", "max_registers",
+              "max_registers_bwd", "num_stages")
+    overrides = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name.strip() not in fields or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r}: expected FIELD=INTEGER with FIELD one of {', '.join(fields)}")
+        overrides[name.strip()] = int(value)
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compile_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", type=names_from(CONFIGS, "configuration(s)"), default="seed,bytes,notebook",
@@ -199,13 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp32-products", type=names_from(FP32_PRODUCTS, "fp32 product method(s)"),
                         default=FP32_PRODUCTS[0],
                         help="comma-separated, from tf32x3, ieee: how fp32 kernels multiply (default tf32x3)")
+    parser.add_argument("--tiles", type=_tile_overrides, default={},
+                        help="comma-separated Tiles field=value overrides, e.g. block_hc=256 (default: none)")
     parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels cannot be compiled
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "aunn_fast.bench.compile_check", *(argv or sys.argv[1:])],
                               env=env).returncode
-    rows = _compile_all(args.configs, args.precisions, tuple(args.fp32_products))
+    rows = _compile_all(args.configs, args.precisions, tuple(args.fp32_products), args.tiles)
     table = _table(rows)
     print(table)
     if args.out:

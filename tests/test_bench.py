@@ -424,7 +424,9 @@ def test_an_output_folder_that_is_a_file_is_a_usage_error(tmp_path: Path, capsys
 
 
 @pytest.mark.parametrize("bad, expected", [(["--configs", "seed,huge"], "unknown configuration(s) huge"),
-                                           (["--precisions", "fp16"], "unknown precision(s) fp16")])
+                                           (["--precisions", "fp16"], "unknown precision(s) fp16"),
+                                           (["--tiles", "block_hc=256,bloc_v=64"], "'bloc_v=64': expected FIELD"),
+                                           (["--tiles", "block_hc=wide"], "'block_hc=wide': expected FIELD")])
 def test_compile_check_refuses_unknown_names(capsys, bad, expected) -> None:
     from aunn_fast.bench import compile_check
 
@@ -499,3 +501,16 @@ def test_compile_check_knows_the_fp32_product_methods() -> None:
     from aunn_fast.kernels import precision
 
     assert compile_check.FP32_PRODUCTS == precision.FP32_PRODUCTS_CHOICES
+
+
+def test_compile_check_knows_the_tile_fields() -> None:
+    """--tiles checks names against its own list (importing the kernels loads Triton): the Tiles fields a
+    candidate can set, all of them."""
+    pytest.importorskip("triton")
+    import dataclasses
+
+    from aunn_fast.bench import compile_check
+    from aunn_fast.kernels.common import Tiles
+
+    every = [f.name for f in dataclasses.fields(Tiles) if f.name != "fused"]
+    assert compile_check._tile_overrides(",".join(f"{name}=1" for name in every)) == dict.fromkeys(every, 1)
