@@ -19,14 +19,16 @@ forward's pipeline depth (``Tiles.num_stages``), where a small head's gradients 
 trunk backward) and how the trunk backward reads each hidden weight (``mlp_backward.LOAD_WEIGHT_ONCE``;
 "+ weight as W.T": transposed into registers, as before).
 ``--labels`` keeps only the named candidates of each step.
-Two workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
+Three workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
 
 * predict - forward + argmax (``kernels.predict``), bf16, seed model (H=64) at 16M and H=128 at 4M,
   fp32 at 16M (seed), last the bpe model (H=256, vocab 50,257) at 2,048;
 * train   - forward + loss + backward (``torch.autograd.grad``, no optimizer), the seed model at 1M
-  and H=128 at 512K in bf16 (at 65,536 the H100 ran it host-bound), then in fp32; H=512 at 2,048;
-  the seed model at 8,192 and 65,536 (eager, host-bound on the H100); last the bpe model at 16,384
-  (the head backward's columns) and at a 64-index prompt (conditioning's latency, less the SGD step).
+  and H=128 at 512K in bf16 (at 65,536 the H100 ran it host-bound), then in fp32; last the bpe model
+  at 16,384 (the head backward's columns) and at a 64-index prompt (conditioning's latency, less the
+  SGD step);
+* train-graph - the same replayed from one CUDA graph, where eager launches would be host-bound: H=512
+  at 2,048 (its per-layer kernels' tiles), the seed model at 8,192 and 65,536.
 
 Every candidate is checked against the fp32 reference at min(batch, 65536) rows first
 (predict: the logits; train: every gradient; max |x - ref| / max |ref|, tolerances of
@@ -197,7 +199,15 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # 128 columns (the H100's bpe train step at 16K: 23.2 ms, ~2.9 TFLOP of head products for 1.3 needed);
     # on all 256 columns once, with twice the accumulator per program (compile report, bf16: 255 and 174
     # registers against 193 and 136, no spill, 64 KB of shared memory against 48; one 8-warp block per SM either way)
-    head_columns = [Variant("default"), Variant("head backward on 256 columns", tiles=(("block_hc", 256),))]
+    head_columns = [Variant("torch + tanh", "torch", "tanh"),
+                    Variant("torch + tanh + head backward on 256 columns", "torch", "tanh", (("block_hc", 256),))]
+    # H = 512's per-layer kernels (the graphed 2,048-row step on the H100: 7 SiLU/RMSNorm backwards at 10.5 us and
+    # 7 epilogues at 5.4 us, 111 of its 302 us): 16-row blocks on 8 warps, 128 programs at 2,048 rows, one per
+    # SM; on 8 rows twice the programs, or on 4 warps twice the blocks per SM
+    layer_kernels = [Variant("layer-wise + tanh", sigmoid="tanh"),
+                     Variant("layer-wise + tanh, layer kernels on 8 rows", sigmoid="tanh",
+                             tiles=(("block_m_rowwise", 8),)),
+                     Variant("layer-wise + tanh, layer kernels on 4 warps", sigmoid="tanh", tiles=(("num_warps", 4),))]
     # the eager 8,192- and 65,536-row steps late: the H100 ran them host-bound (1.5-2.4 ms eager against
     # 0.16 ms graphed at 8,192), so they rank candidates least well
     return [Step("predict", "seed", 64, 1 << 24, "bf16", predict_h64),
@@ -208,10 +218,9 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
             Step("predict", "seed", 64, 1 << 24, "fp32", [Variant("default"), ieee]),
             Step("train", "seed", 64, 1 << 20, "fp32", train_fp32),
             Step("train", "H128", 128, 1 << 19, "fp32", train_fp32),
-            Step("train", "notebook", 512, 2048, "bf16", [Variant("layer-wise"), Variant("layer-wise + tanh",
-                                                                                         sigmoid="tanh")]),
-            Step("train", "seed", 64, 8192, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
-            Step("train", "seed", 64, 65536, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
+            Step("train-graph", "notebook", 512, 2048, "bf16", layer_kernels),
+            Step("train-graph", "seed", 64, 8192, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
+            Step("train-graph", "seed", 64, 65536, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
             Step("train", "bpe", 256, 16384, "bf16", head_columns, vocab=50257),
             Step("train", "bpe", 256, 64, "bf16", vocab_ranges, vocab=50257),
             Step("predict", "bpe", 256, 2048, "bf16", vocab_ranges, vocab=50257)]
@@ -265,12 +274,41 @@ def gradients_differ(got: list[torch.Tensor], want: list[torch.Tensor], precisio
     return max(_rel_err(g, w) for g, w in zip(got, want)) > TOLERANCES[precision]
 
 
-# workload: (its error against the reference at CHECK_ROWS, the timed call, whether two calls' outputs differ)
-WORKLOADS: dict[str, tuple[Callable[..., float], Callable[..., Any], Callable[..., bool]]] = {
+def graphed_loss_grads(cfg, params, idx, targets, precision: str) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """:func:`loss_grads` of kernels.loss captured in one CUDA graph (after two warm-up calls on a side
+    stream, as capture requires); the returned call replays it and returns the graph's gradient tensors.
+    Small training steps are host-bound when launched one kernel at a time (H = 512 at 2,048 rows: 4.5 ms
+    eager against 0.33 ms graphed on the H100), so only a graph ranks their kernels."""
+    p = [t.detach().requires_grad_() for t in params]
+
+    def grads():
+        return torch.autograd.grad(kernels.loss(idx, targets, AUNNParams(*p), cfg, precision), p)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            grads()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = grads()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
+
+
+# workload: (its error against the reference at CHECK_ROWS, what makes the timed call from the inputs,
+# whether two calls' outputs differ)
+WORKLOADS: dict[str, tuple[Callable[..., float], Callable[..., Callable[[], Any]], Callable[..., bool]]] = {
     "predict": (predict_error, lambda cfg, params, idx, targets, precision:
-                kernels.predict(idx, params, cfg, precision), predictions_differ),
+                lambda: kernels.predict(idx, params, cfg, precision), predictions_differ),
     "train": (train_error, lambda cfg, params, idx, targets, precision:
-              loss_grads(kernels.loss, idx, targets, params, cfg, precision), gradients_differ),
+              lambda: loss_grads(kernels.loss, idx, targets, params, cfg, precision), gradients_differ),
+    "train-graph": (train_error, graphed_loss_grads, gradients_differ),
 }
 
 
@@ -279,7 +317,7 @@ def run(plan: list[Step], device: torch.device,
     """Check, then time, every variant of every step; on_row(rows) after each."""
     rows: list[dict[str, Any]] = []
     for s in plan:
-        error_fn, call, differ = WORKLOADS[s.workload]
+        error_fn, prepare, differ = WORKLOADS[s.workload]
         cfg, params, idx, targets = make_inputs(s.hidden, s.batch, device, vocab=s.vocab)
         check_n = min(s.batch, CHECK_ROWS)
         baseline = None  # (label, full-batch output) of the step's first candidate that passed its check
@@ -292,17 +330,20 @@ def run(plan: list[Step], device: torch.device,
                 with variant.applied():
                     row["max_rel_err"] = error_fn(cfg, params, idx[:check_n], targets[:check_n], s.precision)
                     row["correct"] = row["max_rel_err"] <= TOLERANCES[s.precision]
-                    if row["correct"] and s.batch > check_n:  # and at the timed batch, beside the default
-                        output = call(cfg, params, idx, targets, s.precision)
-                        if baseline is None:
-                            baseline = (variant.label, output)
+                    call = prepare(cfg, params, idx, targets, s.precision) if row["correct"] else None
+                    if call is not None and s.batch > check_n:  # and at the timed batch, beside the default
+                        output = call()
+                        if baseline is None:  # a copy: a graph's outputs are rewritten by its next replay
+                            baseline = (variant.label, output.clone() if torch.is_tensor(output)
+                                        else [t.clone() for t in output])
                         elif differ(output, baseline[1], s.precision):
                             row["correct"] = False
                             row["error"] = f"differs from {baseline[0]} at batch {s.batch}"
                         output = None
                     if row["correct"]:
-                        row["ms"] = median_ms(lambda: call(cfg, params, idx, targets, s.precision), device, QUICK)
+                        row["ms"] = median_ms(call, device, QUICK)
                         row["m_idx_per_s"] = s.batch / row["ms"] / 1e3
+                    call = None
             except Exception as exc:  # an OOM or a kernel failure loses one cell, not the run
                 row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 if device.type == "cuda":
@@ -345,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--programs-per-sm", type=counts, default=[2],
                         help="comma-separated PARTIAL_PROGRAMS_PER_SM values for 'partials' (default 2)")
     parser.add_argument("--workloads", type=names_from(WORKLOADS, "workload"), default=list(WORKLOADS),
-                        help="comma-separated workloads to run (default: predict,train)")
+                        help="comma-separated workloads to run (default: predict,train,train-graph)")
     parser.add_argument("--shapes", type=comma_separated, default=None,
                         help="comma-separated shapes to run: seed, notebook, H128, bpe (default: all)")
     parser.add_argument("--precisions", type=names_from(TOLERANCES, "precision"), default=list(TOLERANCES),

@@ -197,12 +197,12 @@ def test_kernel_variants_compare_candidates_at_the_timed_batch(monkeypatch):
     from aunn_fast.bench import kernel_variants as kv
     from aunn_fast.kernels import common
 
-    error_fn, call, differ = kv.WORKLOADS["train"]
+    error_fn, prepare, differ = kv.WORKLOADS["train"]
 
     def doubling_past_the_check(cfg, params, idx, targets, precision):
-        grads = call(cfg, params, idx, targets, precision)
+        call = prepare(cfg, params, idx, targets, precision)
         broken = common.TILE_OVERRIDES and idx.numel() > kv.CHECK_ROWS
-        return [2 * g for g in grads] if broken else grads
+        return (lambda: [2 * g for g in call()]) if broken else call
 
     monkeypatch.setitem(kv.WORKLOADS, "train", (error_fn, doubling_past_the_check, differ))
     monkeypatch.setattr(kv, "CHECK_ROWS", 16)
@@ -212,6 +212,23 @@ def test_kernel_variants_compare_candidates_at_the_timed_batch(monkeypatch):
     assert rows[0]["correct"] and rows[0]["ms"] > 0
     assert rows[1]["correct"] is False and rows[1]["error"] == "differs from default at batch 40"
     assert rows[1]["ms"] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_kernel_variants_graph_replays_the_eager_gradients():
+    """The train-graph workload's replay writes the gradients of the inputs as they are at replay time,
+    as the eager call computes them (outputs poisoned before each replay)."""
+    from aunn_fast.bench import kernel_variants as kv
+
+    cfg, params, idx, targets = kv.make_inputs(64, 4096, torch.device("cuda"))
+    replay = kv.graphed_loss_grads(cfg, params, idx, targets, "bf16")
+    for _ in range(2):
+        for g in replay():
+            g.fill_(float("nan"))
+        got = [g.clone() for g in replay()]
+        want = kv.loss_grads(kernels.loss, idx, targets, params, cfg, "bf16")
+        assert not kv.gradients_differ(got, want, "fp32")
+        idx.copy_(torch.randint(0, 2**62, idx.shape, device=idx.device))  # the graph reads idx where it lies
 
 
 def test_kernel_variants_plan_skips_the_default_tiles():
@@ -284,7 +301,7 @@ def test_gpu_check_selects_candidates_the_plan_has():
 
     script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text()
     call = re.search(r"aunn_fast\.bench\.kernel_variants (.*?)\nVARIANTS_RC", script, re.S).group(1)
-    args = shlex.split(call.replace("\\\n", " "))
+    args = shlex.split(call.replace("\\\n", ""))  # a backslash-newline joins lines, as in bash
     option = {name: args[args.index(name) + 1] for name in ("--workloads", "--shapes", "--precisions", "--labels")}
     steps = [s for s in kv.default_plan([2]) if s.workload in option["--workloads"].split(",")
              and s.shape in option["--shapes"].split(",") and s.precision in option["--precisions"].split(",")]
