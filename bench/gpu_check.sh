@@ -61,11 +61,10 @@ PY
 # are collected with short tracebacks, not just the first. First what only a GPU can check
 # (the CUDA graphs; the kernels' tf32/bf16 hardware products, tanh sigmoid, cuBLAS GEMMs;
 # torch.compile tracing into the kernels, whose names match "graph"; opcheck of the operators
-# as the GPU registers them, triton_op; autograd's fills), then, only when KERNEL_TEST_TIMEOUT is
-# given, the other kernel tests (written for the interpreter, here in fp32 on the GPU; their
-# logic is covered in CI; on a cold machine they need minutes), then the tests whose code takes
-# a CUDA path of its own:
-# the data (first: a second, with the GPU copy of bytes and token files) and the CLI (trainer with its
+# as the GPU registers them, triton_op; autograd's fills; kernel_variants' graphed step), then,
+# only when KERNEL_TEST_TIMEOUT is given, the other kernel tests (written for the interpreter, here in
+# fp32 on the GPU; their logic is covered in CI; on a cold machine they need minutes), then the tests
+# whose code takes a CUDA path of its own: the data (first: a second, with the GPU copy of bytes and token files) and the CLI (trainer with its
 # CUDA graph, checkpoints, eval, generate, condition).
 # Triton's cache starts empty on a fresh machine: every kernel specialisation compiles once.
 PYTEST=("$PYTHON" -m pytest -v --maxfail=5 --tb=short -p no:cacheprovider)
@@ -86,7 +85,7 @@ stage() {
 echo "== GPU-only tests (timeout ${GPU_TEST_TIMEOUT}s) -> $OUT/pytest_gpu.log"
 GPU_TESTS="graph or gpu or opcheck or materializes"
 stage "$GPU_TEST_TIMEOUT" "$OUT/pytest_gpu.log" "${PYTEST[@]}" tests/test_cuda_graph.py tests/test_triton_kernels.py \
-    -k "$GPU_TESTS"
+    tests/test_bench.py -k "$GPU_TESTS"
 GPU_TEST_RC=$?
 tail -n 1 "$OUT/pytest_gpu.log"
 echo "== other kernel tests (timeout ${KERNEL_TEST_TIMEOUT}s) -> $OUT/pytest_kernels.log"
