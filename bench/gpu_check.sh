@@ -64,8 +64,8 @@ PY
 # as the GPU registers them, triton_op; autograd's fills; kernel_variants' graphed step), then,
 # only when KERNEL_TEST_TIMEOUT is given, the other kernel tests (written for the interpreter, here in
 # fp32 on the GPU; their logic is covered in CI; on a cold machine they need minutes), then the tests
-# whose code takes a CUDA path of its own: the data (first: a second, with the GPU copy of bytes and token files) and the CLI (trainer with its
-# CUDA graph, checkpoints, eval, generate, condition).
+# whose code takes a CUDA path of its own: the data (first: a second, with the GPU copy of bytes and
+# token files) and the CLI (trainer with its CUDA graph, checkpoints, eval, generate, condition).
 # Triton's cache starts empty on a fresh machine: every kernel specialisation compiles once.
 PYTEST=("$PYTHON" -m pytest -v --maxfail=5 --tb=short -p no:cacheprovider)
 # Test processes share the one GPU; several of them compile the cold cache's kernels in parallel.
