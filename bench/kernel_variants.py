@@ -17,7 +17,8 @@ weights as before), register caps (``Tiles.max_registers``/``max_registers_bwd``
 forward's pipeline depth (``Tiles.num_stages``), where a small head's gradients are summed
 (``mlp_backward.HEAD_GRADS_IN_TRUNK``; "+ head kernel": by ``head_weight_grad_kernel`` instead of the
 trunk backward) and how the trunk backward reads each hidden weight (``mlp_backward.LOAD_WEIGHT_ONCE``;
-"+ weight as W.T": transposed into registers, as before).
+"+ weight as W.T": transposed into registers, as before) and how a large head's backward runs
+(``mlp_backward.HEAD_GEMM_MIN_VOCAB``; "+ head backward by products": cuBLAS on materialised dlogits).
 ``--labels`` keeps only the named candidates of each step.
 Three workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
 
@@ -79,6 +80,7 @@ class Variant:
     weight_copy_min_rows: int | None = None
     head_grads_in_trunk: bool | None = None
     load_weight_once: bool | None = None
+    head_gemm_min_vocab: int | None = None
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -92,7 +94,8 @@ class Variant:
                     (precision, "FP32_PRODUCTS", self.fp32_products),
                     (mlp_forward, "WEIGHT_COPY_MIN_ROWS", self.weight_copy_min_rows),
                     (mlp_backward, "HEAD_GRADS_IN_TRUNK", self.head_grads_in_trunk),
-                    (mlp_backward, "LOAD_WEIGHT_ONCE", self.load_weight_once)]
+                    (mlp_backward, "LOAD_WEIGHT_ONCE", self.load_weight_once),
+                    (mlp_backward, "HEAD_GEMM_MIN_VOCAB", self.head_gemm_min_vocab)]
         saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
         tiles = dict(common.TILE_OVERRIDES)
         for module, name, value in switches:
@@ -203,8 +206,10 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # 128 columns (the H100's bpe train step at 16K: 23.2 ms, ~2.9 TFLOP of head products for 1.3 needed);
     # on all 256 columns once, with twice the accumulator per program (compile report, bf16: 255 and 174
     # registers against 193 and 136, no spill, 64 KB of shared memory against 48; one 8-warp block per SM either way)
-    head_columns = [Variant("torch + tanh", "torch", "tanh"),
-                    Variant("torch + tanh + head backward on 256 columns", "torch", "tanh", (("block_hc", 256),))]
+    # or as three cuBLAS products on dlogits materialised a chunk of rows at a time (mlp_backward.HEAD_GEMM_MIN_VOCAB)
+    head_backward = [Variant("torch + tanh", "torch", "tanh"),
+                     Variant("torch + tanh + head backward on 256 columns", "torch", "tanh", (("block_hc", 256),)),
+                     Variant("torch + tanh + head backward by products", "torch", "tanh", head_gemm_min_vocab=0)]
     # H = 512's per-layer kernels (the graphed 2,048-row step on the H100: 7 SiLU/RMSNorm backwards at 10.5 us and
     # 7 epilogues at 5.4 us, 111 of its 302 us): 16-row blocks on 8 warps, 128 programs at 2,048 rows, one per
     # SM; on 8 rows twice the programs, or on 4 warps twice the blocks per SM
@@ -225,7 +230,7 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
             Step("train-graph", "notebook", 512, 2048, "bf16", [*layer_kernels, no_batch_split_tanh]),
             Step("train-graph", "seed", 64, 8192, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
             Step("train-graph", "seed", 64, 65536, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
-            Step("train", "bpe", 256, 16384, "bf16", head_columns, vocab=50257),
+            Step("train", "bpe", 256, 16384, "bf16", head_backward, vocab=50257),
             Step("train", "bpe", 256, 64, "bf16", vocab_ranges, vocab=50257),
             Step("predict", "bpe", 256, 2048, "bf16", vocab_ranges, vocab=50257)]
 

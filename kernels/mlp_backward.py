@@ -16,6 +16,9 @@ Kernels:
 * :func:`head_dh_kernel` - dL/dh of the head (logits recomputed, never stored), per
   (row block, hidden-column chunk, vocabulary range): on the layer-wise path, and on the
   fused one when its row blocks are too few for a large vocabulary (``common.vocab_splits``).
+* :func:`dlogits_kernel` - with HEAD_GEMM_MIN_VOCAB (a candidate), dlogits of a chunk of rows
+  whose logits a PyTorch product computed, and its bias-gradient partials: the head's backward
+  then runs as three products (:func:`head_backward_gemms`) instead of the two kernels above.
 * :func:`layer_backward_kernel` - the layer-wise path for wide models: per layer the residual
   bookkeeping, the SiLU/RMSNorm backward from the stored pre-activations, and per-program
   gain and bias gradients.
@@ -34,7 +37,7 @@ import triton.language as tl
 
 from .common import checked_switch, choose_tiles, compile_options, fast_sigmoid, launch, num_sms, vocab_splits
 from .gemm import batch_reduced_matmul, matmul, reusable_operand
-from .head_blocks import dlogits, head_backward_rows, head_logits_tile, load_softmax_stats, load_targets
+from .head_blocks import dlogits, head_backward_rows, head_bias, head_logits_tile, load_softmax_stats, load_targets
 from .mlp_forward import MODE_LOGITS, MODE_LOSS, fused_weights, head_weight, index_bits_matrix, new_buffer
 from .precision import dot, precision_code, store_activation
 from .trunk_blocks import index_bits, silu_rmsnorm_backward
@@ -68,6 +71,17 @@ HEAD_GRADS_IN_TRUNK = True
 # operand layouts. The "partials" form always takes the latter: with the former Triton 3.6 fails to compile
 # it in bf16 (PassManager::run failed, compile_check).
 LOAD_WEIGHT_ONCE = True
+# The head's backward where head_dh_kernel would run (the layer-wise path; the fused one when its row blocks
+# split the vocabulary), from vocabularies this large on, through PyTorch products on dlogits materialised a
+# chunk of rows at a time (:func:`head_backward_gemms`). A kernel_variants candidate, off until a GPU has
+# timed it: head_dh_kernel and head_weight_grad_kernel recompute the logits in each of their hidden-column
+# programs, so the H100's bpe train step (vocab 50,257, H = 256, 16K rows: 23.2 ms) multiplied ~2.9 TFLOP
+# of head products where logits, dL/dh and dL/dW need 1.3; here cuBLAS runs those three, for writing and
+# reading dlogits (2 bytes an entry in bf16) and one [V, H] accumulation per chunk.
+HEAD_GEMM_MIN_VOCAB = 1 << 62
+# fp32 logits per chunk: 2^27 elements, 512 MB (2,670 rows at vocab 50,257; with dlogits in bf16, 768 MB in all)
+HEAD_GEMM_CHUNK_ELEMENTS = 1 << 27
+DLOGITS_BLOCK_M, DLOGITS_BLOCK_V = 32, 128
 
 
 def weight_grad_method() -> str:
@@ -258,6 +272,28 @@ def head_dh_kernel(
 
 
 @triton.jit
+def dlogits_kernel(logits_ptr, b_ptr, target_ptr, grad_ptr, stats_ptr, d_ptr, db_ptr, N, V,
+                   BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr):
+    """d(sum_rows grad * CE)/d logits of a [BLOCK_M, BLOCK_V] tile, from the logits less the bias, fp32 [N, V]
+    (a PyTorch product), the forward's softmax stats fp32 [N, 3], targets int64 [N] and grad fp32 [N]: d [N, V]
+    (fp32, or bf16 in the bf16 mode: only products read it), and the column sums of the fp32 tile, the bias
+    gradient's share of row block p (program axis 0), at db_ptr + p * V."""
+    block = tl.program_id(0).to(tl.int64)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    vcols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = vcols < V
+    offsets = rows[:, None] * V + vcols[None, :]
+    mask = row_mask[:, None] & vmask[None, :]
+    logits = tl.load(logits_ptr + offsets, mask=mask, other=0.0) + head_bias(b_ptr, vcols, vmask)[None, :]
+    row_max, log_sum, target_complement = load_softmax_stats(stats_ptr, rows, row_mask)
+    d = dlogits(logits, row_max, log_sum, target_complement, load_targets(target_ptr, rows, row_mask),
+                tl.load(grad_ptr + rows, mask=row_mask, other=0.0), vcols, row_mask)
+    store_activation(d_ptr + offsets, d, mask, PRECISION)
+    tl.store(db_ptr + block * V + vcols, tl.sum(d, axis=0), mask=vmask)
+
+
+@triton.jit
 def layer_backward_kernel(
     dy_ptr, g_res_ptr, z_ptr, g_ptr, dz_ptr, dgain_ptr, dbias_ptr, N, H, eps, partial_stride,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, ADD_RES: tl.constexpr, STORE_RES: tl.constexpr,
@@ -303,6 +339,39 @@ def _persistent_programs(device: torch.device, row_blocks: int, per_sm: int) -> 
     if device.type == "cuda":
         return min(row_blocks, per_sm * num_sms(device))
     return min(row_blocks, 2)
+
+
+def head_backward_gemms(h_last: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: torch.Tensor,
+                        out_weight: torch.Tensor, out_bias: torch.Tensor, precision: str,
+                        head_sums: torch.Tensor) -> torch.Tensor:
+    """dL/dh_last fp32 [N, H] of sum_rows grad * CE (targets, the forward's stats lse), and the head's own
+    gradients written to head_sums fp32 [V * H + V] (out_weight's [V, H] row-major, then out_bias's), a chunk
+    of rows at a time (HEAD_GEMM_CHUNK_ELEMENTS): logits = h @ W.T by :func:`matmul`, dlogits by
+    :func:`dlogits_kernel`, then dL/dh = dlogits @ W and dL/dW += dlogits.T @ h by :func:`matmul`."""
+    n, hidden = h_last.shape
+    vocab = out_weight.shape[0]
+    device = h_last.device
+    d_weight, d_bias = head_sums[:vocab * hidden].view(vocab, hidden), head_sums[vocab * hidden:]
+    d_weight.zero_()
+    d_bias.zero_()
+    weight = reusable_operand(out_weight, precision)
+    d_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    chunk = max(1, HEAD_GEMM_CHUNK_ELEMENTS // (vocab * DLOGITS_BLOCK_M)) * DLOGITS_BLOCK_M
+    dh = new_buffer((n, hidden), torch.float32, device)
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        h = h_last[start:end]
+        row_blocks = triton.cdiv(end - start, DLOGITS_BLOCK_M)
+        d = new_buffer((end - start, vocab), d_dtype, device)
+        bias_part = new_buffer((row_blocks, vocab), torch.float32, device)
+        launch(dlogits_kernel, (row_blocks, triton.cdiv(vocab, DLOGITS_BLOCK_V)),
+               matmul(h, weight.t(), precision), out_bias, targets[start:end], grad[start:end], lse[start:end],
+               d, bias_part, end - start, vocab,
+               BLOCK_M=DLOGITS_BLOCK_M, BLOCK_V=DLOGITS_BLOCK_V, PRECISION=precision_code(precision), num_warps=4)
+        dh[start:end] = matmul(d, weight, precision)
+        d_weight += matmul(d.t(), h, precision)
+        d_bias += bias_part.sum(0)
+    return dh
 
 
 def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: torch.Tensor,
@@ -357,7 +426,9 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, lse: 
 
     # ---- head: dL/d out_weight, out_bias, and (unless fused below) dL/dh_last
     dh = None
-    if mode == MODE_LOSS:
+    if mode == MODE_LOSS and head_dh and vocab >= HEAD_GEMM_MIN_VOCAB:
+        dh = head_backward_gemms(h_last, targets, grad, lse, out_weight, out_bias, precision, head_sums)
+    elif mode == MODE_LOSS:
         grid_v, grid_h = triton.cdiv(vocab, t.block_v), triton.cdiv(hidden, t.block_hc)
         head_blocks = triton.cdiv(n, t.block_m_head)
         if not head_in_trunk:

@@ -167,7 +167,7 @@ def test_kernel_variants_check_then_time_and_report_failures():
     switches = [(mlp_backward, "WEIGHT_GRAD"), (common, "SIGMOID"), (common, "FUSED_MAX_HIDDEN"),
                 (gemm, "SPLIT_K_MIN_ROWS"), (common, "VOCAB_SPLIT_MIN"), (precision, "FP32_PRODUCTS"),
                 (mlp_forward, "WEIGHT_COPY_MIN_ROWS"), (mlp_backward, "HEAD_GRADS_IN_TRUNK"),
-                (mlp_backward, "LOAD_WEIGHT_ONCE")]
+                (mlp_backward, "LOAD_WEIGHT_ONCE"), (mlp_backward, "HEAD_GEMM_MIN_VOCAB")]
     before = [getattr(module, name) for module, name in switches]
     plan = [kv.Step("predict", "tiny", 16, 37, "fp32",
                     [kv.Variant("default"), kv.Variant("32 rows, 2 warps", tiles=(("block_m", 32), ("num_warps", 2)))]),
@@ -176,13 +176,15 @@ def test_kernel_variants_check_then_time_and_report_failures():
                      kv.Variant("layer-wise", fused_max_hidden=0), kv.Variant("split", split_k_min_rows=8),
                      kv.Variant("head kernel", head_grads_in_trunk=False),
                      kv.Variant("weight as W.T", load_weight_once=False), kv.Variant("bogus", "atomics")]),
-            kv.Step("train", "tiny-vocab", 16, 5, "fp32", [kv.Variant("ranges", vocab_split_min=0)], vocab=300)]
+            kv.Step("train", "tiny-vocab", 16, 5, "fp32", [kv.Variant("ranges", vocab_split_min=0),
+                                                            kv.Variant("products", vocab_split_min=0,
+                                                                       head_gemm_min_vocab=0)], vocab=300)]
     rows = kv.run(plan, torch.device("cpu"), log=lambda *_: None)
     assert [(r["workload"], r["variant"]) for r in rows] == [
         ("predict", "default"), ("predict", "32 rows, 2 warps"), ("train", "partials"), ("train", "layer-wise"),
         ("train", "split"), ("train", "head kernel"), ("train", "weight as W.T"), ("train", "bogus"),
-        ("train", "ranges")]
-    for r in [*rows[:7], rows[8]]:
+        ("train", "ranges"), ("train", "products")]
+    for r in [*rows[:7], *rows[8:]]:
         assert r["correct"] and r["error"] is None and r["ms"] > 0, r
         assert r["max_rel_err"] < 1e-5, r  # fp32 candidates: the package's fp32 tolerance
     assert "atomics" in rows[7]["error"] and rows[7]["ms"] is None

@@ -346,6 +346,24 @@ def test_vocabulary_ranges(force_layerwise, precision, generator, vocab_ranges, 
     check_model(cfg, 150, generator, precision)  # 2-3 row blocks x 3-5 ranges, the last range short
 
 
+@pytest.mark.parametrize("force_layerwise", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_head_backward_by_products(force_layerwise, precision, generator, monkeypatch):
+    """The head's backward as PyTorch products on dlogits materialised a chunk of rows at a time (a candidate:
+    mlp_backward.HEAD_GEMM_MIN_VOCAB), where head_dh_kernel would run: on the layer-wise path, and on the fused
+    one with its vocabulary split into ranges; 64-row chunks, the last one short."""
+    monkeypatch.setattr(mlp_backward, "HEAD_GEMM_MIN_VOCAB", 0)
+    monkeypatch.setattr(mlp_backward, "HEAD_GEMM_CHUNK_ELEMENTS", 64 * 300)
+    monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
+    if force_layerwise:
+        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+    launched = launched_kernels(monkeypatch)
+    cfg = AUNNConfig(vocab_size=300, hidden=32, layers=4, bits=64, residual_every=2)
+    check_model(cfg, 150, generator, precision)
+    assert launched.count("dlogits_kernel") == 3  # 150 rows: chunks of 64, 64 and 22
+    assert "head_dh_kernel" not in launched and "head_weight_grad_kernel" not in launched
+
+
 @pytest.mark.parametrize("ranges", [False, True])
 def test_confident_rows_keep_their_digits(ranges, generator, monkeypatch):
     """Rows the model has memorised (losses 1e-12 to 1e-6, p_target within that of 1): the kernels keep fp32's
