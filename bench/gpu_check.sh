@@ -20,7 +20,7 @@
 # 30 s idle cannot wait for a reading of the results: a second call must follow at once, e.g. only what the
 # first left out,
 #   GPU_TEST_TIMEOUT=0 TEST_TIMEOUT=0 BENCH_TIMEOUT=0 NOTEBOOK_TIMEOUT=0 BPE_TIMEOUT=0 PROFILE_TIMEOUT=0 \
-#   NCU_TIMEOUT=60 VARIANTS_TIMEOUT=120 bash bench/gpu_check.sh /tmp/gc2
+#   VARIANTS_TIMEOUT=150 bash bench/gpu_check.sh /tmp/gc2
 set -uo pipefail
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
