@@ -159,13 +159,13 @@ fi
 # Only when given time: the candidates the H100 has not settled (kernels/NOTES.md, "What to measure
 # next"): the bpe train step's head backward on all 256 hidden columns (its logits computed once per
 # kernel instead of twice) or as cuBLAS products on materialised dlogits, against the default; H = 512's graphed step with its per-layer kernels on
-# 8 rows or 4 warps against 16 rows on 8, and with its weight-gradient products unsplit over the batch.
-# The full plan is `kernel_variants` unfiltered.
+# 8 rows or 4 warps against 16 rows on 8, and with its weight-gradient products unsplit over the batch; a
+# 2-index prompt's graphed step with "partials" weight gradients. The full plan is `kernel_variants` unfiltered.
 echo "== kernel candidates (timeout ${VARIANTS_TIMEOUT}s) -> $OUT/variants"
 stage "$VARIANTS_TIMEOUT" "$OUT/variants.log" "$PYTHON" -m aunn_fast.bench.kernel_variants --out "$OUT/variants" \
-    --workloads train,train-graph --shapes bpe,notebook --precisions bf16 --labels "torch + tanh;\
+    --workloads train,train-graph --shapes bpe,notebook,prompt --precisions bf16 --labels "torch + tanh;\
 torch + tanh + head backward on 256 columns;torch + tanh + head backward by products;layer-wise + tanh;layer-wise + tanh, layer kernels on 8 rows;\
-layer-wise + tanh, layer kernels on 4 warps;layer-wise + tanh, no batch split"
+layer-wise + tanh, layer kernels on 4 warps;layer-wise + tanh, no batch split;partials + tanh"
 VARIANTS_RC=$?
 
 echo "== summary"

@@ -1,7 +1,7 @@
 """Time the fused kernels' candidate configurations against each other (CUDA only).
 
     python -m aunn_fast.bench.kernel_variants --out DIR [--programs-per-sm 1,2,4]
-        [--workloads predict,train] [--shapes seed,notebook,H128,bpe] [--precisions bf16,fp32]
+        [--workloads predict,train,train-graph] [--shapes seed,notebook,H128,bpe,prompt] [--precisions bf16,fp32]
         [--labels "torch + tanh;torch + tanh + fp32 weights"]
 
 Each candidate sets the kernels' benchmarking switches: the trunk weight-gradient method
@@ -29,7 +29,7 @@ Three workloads, run most decisive first (:func:`default_plan`), as a time limit
   at 16,384 (the head backward's columns) and at a 64-index prompt (conditioning's latency, less the
   SGD step);
 * train-graph - the same replayed from one CUDA graph, where eager launches would be host-bound: H=512
-  at 2,048 (its per-layer kernels' tiles), the seed model at 8,192 and 65,536.
+  at 2,048 (its per-layer kernels' tiles), the seed model at 8,192 and 65,536, and at a 2-index prompt.
 
 Every candidate is checked against the fp32 reference at min(batch, 65536) rows first
 (predict: the logits; train: every gradient; max |x - ref| / max |ref|, tolerances of
@@ -230,6 +230,9 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
             Step("train-graph", "notebook", 512, 2048, "bf16", [*layer_kernels, no_batch_split_tanh]),
             Step("train-graph", "seed", 64, 8192, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
             Step("train-graph", "seed", 64, 65536, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
+            # a 2-index prompt's step, graphed (conditioning: 0.11 ms on the H100, 1.47x torch.compile): "partials"
+            # forms the weight gradients in its one program, in place of two batched products over the stored dz
+            Step("train-graph", "prompt", 64, 2, "bf16", tanh),
             Step("train", "bpe", 256, 16384, "bf16", head_backward, vocab=50257),
             Step("train", "bpe", 256, 64, "bf16", vocab_ranges, vocab=50257),
             Step("predict", "bpe", 256, 2048, "bf16", vocab_ranges, vocab=50257)]
@@ -397,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", type=names_from(WORKLOADS, "workload"), default=list(WORKLOADS),
                         help="comma-separated workloads to run (default: predict,train,train-graph)")
     parser.add_argument("--shapes", type=comma_separated, default=None,
-                        help="comma-separated shapes to run: seed, notebook, H128, bpe (default: all)")
+                        help="comma-separated shapes to run: seed, notebook, H128, bpe, prompt (default: all)")
     parser.add_argument("--precisions", type=names_from(TOLERANCES, "precision"), default=list(TOLERANCES),
                         help="comma-separated precisions to run (default: all in the plan)")
     parser.add_argument("--labels", type=lambda text: [label.strip() for label in text.split(";") if label.strip()],
