@@ -193,9 +193,9 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     train_fp32 = [Variant("torch"), *partials, ieee]
     # "torch"'s weight-gradient products as one cuBLAS product per layer, unsplit over the batch
     no_batch_split = Variant("torch, no batch split", split_k_min_rows=1 << 62)
-    # at H = 512 the split's partial sums read 29 MB of fp32 per step (7 x 2 x 512 x 512; the graphed 2,048-row
-    # step's sums: 22 us of 302 on the H100); unsplit, the products have half the output tiles (56 of 256 x 128,
-    # the tiles cuBLAS chose for the split ones, for 132 SMs)
+    # at H = 512 the split's partial sums read 12.6 MB of fp32 per step (6 x 2 x 512 x 512; the graphed 2,048-row
+    # step's four sums: 22 us of 302 on the H100); unsplit, the products have half the output tiles (48 of
+    # 256 x 128, the tiles cuBLAS chose for the split ones, for 132 SMs)
     no_batch_split_tanh = Variant("layer-wise + tanh, no batch split", sigmoid="tanh", split_k_min_rows=1 << 62)
     # H = 128 is the widest fused model: the layer-wise path (cuBLAS + epilogues) beside it
     layerwise = [Variant("layer-wise", fused_max_hidden=0), Variant("layer-wise + tanh", sigmoid="tanh",
