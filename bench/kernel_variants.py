@@ -203,7 +203,7 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # a large head at few rows: its vocabulary split into ranges across the SMs, or one program per row block
     vocab_ranges = [Variant("vocabulary ranges"), Variant("no vocabulary ranges", vocab_split_min=1 << 62)]
     # the head backward kernels recompute the logits in each hidden-column program: at H = 256 twice each, on
-    # 128 columns (the H100's bpe train step at 16K: 23.2 ms, ~2.9 TFLOP of head products for 1.3 needed);
+    # 128 columns (the H100's bpe train step at 16K: 23.2 ms, ~2.9 TFLOP of head products for 1.7 needed);
     # on all 256 columns once, with twice the accumulator per program (compile report, bf16: 255 and 174
     # registers against 193 and 136, no spill, 64 KB of shared memory against 48; one 8-warp block per SM either way)
     # or as three cuBLAS products on dlogits materialised a chunk of rows at a time (mlp_backward.HEAD_GEMM_MIN_VOCAB)

@@ -76,8 +76,9 @@ LOAD_WEIGHT_ONCE = True
 # chunk of rows at a time (:func:`head_backward_gemms`). A kernel_variants candidate, off until a GPU has
 # timed it: head_dh_kernel and head_weight_grad_kernel recompute the logits in each of their hidden-column
 # programs, so the H100's bpe train step (vocab 50,257, H = 256, 16K rows: 23.2 ms) multiplied ~2.9 TFLOP
-# of head products where logits, dL/dh and dL/dW need 1.3; here cuBLAS runs those three, for writing and
-# reading dlogits (2 bytes an entry in bf16) and one [V, H] accumulation per chunk.
+# of head products where 1.7 would do (0.42 each: the forward's logits, the backward's logits, dL/dh and
+# dL/dW); here cuBLAS runs the backward's three, for writing and reading dlogits (2 bytes an entry in
+# bf16) and one [V, H] accumulation per chunk.
 HEAD_GEMM_MIN_VOCAB = 1 << 62
 # fp32 logits per chunk: 2^27 elements, 512 MB (2,670 rows at vocab 50,257; with dlogits in bf16, 768 MB in all)
 HEAD_GEMM_CHUNK_ELEMENTS = 1 << 27
