@@ -111,11 +111,12 @@ def check_steps(prepare: Callable[[AUNN, int, torch.Generator], Any], model: AUN
     ref = reference_copy(model)
     device = next(model.parameters()).device
     steps = [prepare(m, batch, torch.Generator(device=device).manual_seed(seed)).step for m in (model, ref)]
-    moved = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
-    expected = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
+    start = [p.detach().clone() for p in model.parameters()]
+    # per parameter, the reference's updates less the provider's, summed over the steps (each pair of
+    # updates from the same weights): the reference's total change is the provider's plus this
+    apart = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
     err = 0.0
     for _ in range(STEPS):
-        before = [p.detach().clone() for p in model.parameters()]
         for step in steps:
             step()
         for got, want in zip(model.parameters(), ref.parameters()):
@@ -125,20 +126,20 @@ def check_steps(prepare: Callable[[AUNN, int, torch.Generator], Any], model: AUN
                 return CheckResult(False, float("inf"))
             err = max(err, _rel(float((got.grad - want.grad).abs().max()), float(want.grad.abs().max())))
         with torch.no_grad():
-            for start, got, want, total, total_expected in zip(before, model.parameters(), ref.parameters(), moved,
-                                                               expected):
-                total += (got - start).double()
-                total_expected += (want - start).double()
+            for got, want, difference in zip(model.parameters(), ref.parameters(), apart):
+                difference += (want - got).double()
                 want.copy_(got)
     moved_as_expected = True
-    for total, total_expected in zip(moved, expected):
-        total, total_expected = total.flatten(), total_expected.flatten()
-        if total_expected.norm() == 0:
-            moved_as_expected &= bool(total.norm() == 0)
-            continue
-        cosine = float(total @ total_expected / (total.norm() * total_expected.norm()).clamp_min(_TINY))
-        ratio = float(total.norm() / total_expected.norm())
-        moved_as_expected &= cosine >= 1 - UPDATE_TOLERANCE and abs(math.log(max(ratio, _TINY))) <= UPDATE_TOLERANCE
+    with torch.no_grad():
+        for before, got, difference in zip(start, model.parameters(), apart):
+            moved = (got - before).double().flatten()
+            expected = moved + difference.flatten()
+            if expected.norm() == 0:
+                moved_as_expected &= bool(moved.norm() == 0)
+                continue
+            cosine = float(moved @ expected / (moved.norm() * expected.norm()).clamp_min(_TINY))
+            ratio = float(moved.norm() / expected.norm())
+            moved_as_expected &= cosine >= 1 - UPDATE_TOLERANCE and abs(math.log(max(ratio, _TINY))) <= UPDATE_TOLERANCE
     return CheckResult(err <= tolerance and moved_as_expected, err)
 
 
