@@ -26,7 +26,8 @@ class AUNN(nn.Module):
     "tf32" or "bf16". Both can be changed later as attributes; an unknown name raises
     ValueError at once, an unavailable backend at the first call. ``validate`` (default
     True) checks index and target ranges before every call; turning it off skips a
-    device sync, e.g. inside a captured CUDA graph (torch.compile's tracing skips them too).
+    device sync, e.g. inside a captured CUDA graph (torch.compile's tracing and torch.func's transforms,
+    such as ``torch.func.vmap(model)``, skip them too).
     Calls run with autocast off: ``precision`` alone sets the matrix products' operands.
     """
 

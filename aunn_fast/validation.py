@@ -1,8 +1,9 @@
 """Input checks that run before any compute, so bad input fails with a clear message.
 
 The range checks read the smallest and largest value back to the host (one device sync per tensor). While
-torch.compile traces they are left out: reading a value would break the graph. Types, shapes
-and devices are still checked then.
+torch.compile traces, or a torch.func transform (vmap, grad, jacrev, ...) runs, they are left out: reading a
+value would break the graph, and a vmapped tensor has no storage to read. Types, shapes and devices are
+still checked then.
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ def value_range(values: torch.Tensor) -> tuple[int, int]:
     return lo, hi
 
 
+def transforming() -> bool:
+    """True while torch.compile traces or a torch.func transform runs: no value can be read back then."""
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def check_indices(idx: torch.Tensor, cfg: AUNNConfig, check_range: bool = True) -> torch.Tensor:
     """Return idx as int64, raising TypeError/ValueError for anything that is not a valid index."""
     if not isinstance(idx, torch.Tensor):
@@ -28,7 +34,7 @@ def check_indices(idx: torch.Tensor, cfg: AUNNConfig, check_range: bool = True) 
         raise TypeError(f"indices must be int64 (or int32), got {idx.dtype}; "
                         "floating-point indices lose their low bits above 2**24")
     idx = idx.to(torch.int64)
-    if check_range and idx.numel() > 0 and not torch.compiler.is_compiling():
+    if check_range and idx.numel() > 0 and not transforming():
         lo, hi = value_range(idx)
         if lo < 0:
             raise ValueError(f"indices must be non-negative, got {lo}")
@@ -48,7 +54,7 @@ def check_targets(targets: torch.Tensor, idx: torch.Tensor, cfg: AUNNConfig, che
     if targets.device != idx.device:
         raise ValueError(f"targets are on {targets.device} but indices are on {idx.device}")
     targets = targets.to(torch.int64)
-    if check_range and targets.numel() > 0 and not torch.compiler.is_compiling():
+    if check_range and targets.numel() > 0 and not transforming():
         lo, hi = value_range(targets)
         if lo < 0 or hi >= cfg.vocab_size:
             bad = lo if lo < 0 else hi
