@@ -4,4 +4,4 @@ from .model import AUNN
 from .params import AUNNParams
 
 __all__ = ["AUNN", "AUNNConfig", "AUNNParams"]
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the one place the version is written (pyproject.toml reads it)

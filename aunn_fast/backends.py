@@ -64,7 +64,8 @@ def _triton_unavailable(device: torch.device) -> str | None:
     try:
         kernels = _import_kernels()
     except ImportError as exc:
-        return f"the triton backend needs the `triton` package, which failed to import: {exc}"
+        return (f"the triton backend needs the `triton` package, which failed to import: {exc} (a CUDA build of "
+                "torch brings it on Linux; elsewhere pip install 'aunn_fast[triton]')")
     return kernels.unavailable_reason(device)
 
 

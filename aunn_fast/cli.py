@@ -12,6 +12,7 @@ from typing import Any, Callable, NoReturn
 
 import torch
 
+from . import __version__
 from .backends import BACKENDS, resolve_backend
 from .config import PRECISIONS, AUNNConfig
 from .data import FINGERPRINT_KEYS, Dataset, data_from_description, decode, encode, load_data
@@ -116,6 +117,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="aunn", description="Absolute Unit Neural Networks, trained and run fast.")
+    parser.add_argument("--version", action="version", version=f"aunn_fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model on a dataset")
