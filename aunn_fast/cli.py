@@ -16,7 +16,7 @@ from . import __version__
 from .backends import BACKENDS, resolve_backend
 from .config import PRECISIONS, AUNNConfig
 from .data import FINGERPRINT_KEYS, Dataset, data_from_description, decode, encode, load_data
-from .evaluate import evaluate
+from .evaluate import evaluate, summary
 from .inference import CONDITION_OPTIMIZERS, condition, generate, generate_by_backprop
 from .model import AUNN
 from .report import write_report
@@ -297,28 +297,10 @@ def _evaluate_run(model: AUNN, run_dir: Path, trials: int, steps: int, lr: float
     return metrics
 
 
-def _summary(metrics: dict[str, Any]) -> str:
-    lines = [f"training accuracy   {metrics['train_accuracy']:.4%}",
-             f"training loss       {metrics['train_loss']:.5f} nats ({metrics['bits_per_token']:.5f} bits/token)"]
-    hist = ", ".join(f"{t!r}: {h['predicted']:.3f}" for t, h in list(metrics["histogram"].items())[:8])
-    lines.append(f"predicted histogram {hist}")
-    if "extrapolation" in metrics:
-        ext = metrics["extrapolation"]
-        lines.append("valid |xxx chunks   " + ", ".join(f"{k}: {v:.3f}" for k, v in ext.items()))
-    if "conditioning" in metrics:
-        cond = metrics["conditioning"]
-        lines.append(f"conditioning        {cond['success_rate']:.1%} success over {cond['trials']} trials "
-                     f"({cond['steps']} {cond['optimizer']} step(s), lr {cond['lr']}); training accuracy after "
-                     f"{cond['train_accuracy_after']:.4%}")
-        for e in cond["examples"][:3]:
-            lines.append(f"    at {e['index']}: taught {e['taught']!r}: {e['before']!r} -> {e['after']!r}")
-    return "\n".join(lines)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     model = _open_run(args, needs_data=True)
     metrics = _evaluate_run(model, args.run_dir, args.trials, args.steps, args.lr, args.optimizer, args.seed)
-    print(_summary(metrics))
+    print(summary(metrics))
     print(f"wrote {args.run_dir}/metrics.json, report.md and plots")
     return 0
 
@@ -404,7 +386,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     trained = time.perf_counter()
     metrics = _evaluate_run(model, args.out, 30, steps=1, lr=1e-3, optimizer="adam", seed=0)
     print(f"trained in {trained - began:.1f} s, evaluated in {time.perf_counter() - trained:.1f} s")
-    print(_summary(metrics))
+    print(summary(metrics))
     print(f"generated after the data: {decode(generate(model, data.length, 40), model.vocab)!r}")
     print(f"wrote {args.out}/metrics.json, report.md, plots and the checkpoint")
     return 0

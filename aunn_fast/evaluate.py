@@ -21,6 +21,7 @@ FIT_SAMPLE_LIMIT = 1 << 22   # larger datasets are scored on a random sample of 
 HISTOGRAM_SPAN = 100_000     # indices after the data whose predictions are histogrammed
 HISTOGRAM_TOKENS = 96        # tokens the histogram names; a larger vocabulary's rarer ones are summed as one entry
 EXTRAPOLATION_WINDOW = 4_000
+SUMMARY_TOKENS = 8           # tokens the summary's histogram line names, the most often predicted
 
 
 def room_after(model: AUNN, data: Dataset) -> int:
@@ -69,10 +70,10 @@ def histogram(model: AUNN, data: Dataset, generator: torch.Generator) -> tuple[d
                                                                             dict[str, float] | None]:
     """Fraction of each token among predictions past the data, beside its fraction in (a sample of) the data.
 
-    Returns ({token name: {"training", "predicted"}}, other). Every token seen in either is named, in
-    vocabulary order, and other is None; where more than HISTOGRAM_TOKENS are seen, only the
-    HISTOGRAM_TOKENS most frequent (by the larger of their two fractions) are named, most frequent
-    first, and other = {"tokens", "training", "predicted"} sums the rest.
+    Returns ({token name: {"training", "predicted"}}, other). The tokens seen in either are named most
+    frequent first (by the larger of their two fractions; ties in vocabulary order), and other is None;
+    where more than HISTOGRAM_TOKENS are seen, only the HISTOGRAM_TOKENS most frequent are named and
+    other = {"tokens", "training", "predicted"} sums the rest.
     """
     vocab_size = model.cfg.vocab_size
     count = histogram_span(model, data)
@@ -81,14 +82,12 @@ def histogram(model: AUNN, data: Dataset, generator: torch.Generator) -> tuple[d
     actual = torch.bincount(data.targets(sample).cpu(), minlength=vocab_size).double()
     predicted, actual = predicted / max(count, 1), actual / actual.sum()
     seen = torch.nonzero((predicted > 0) | (actual > 0)).flatten()
+    seen = seen[torch.sort(torch.maximum(predicted[seen], actual[seen]), descending=True, stable=True).indices]
     other = None
     if seen.numel() > HISTOGRAM_TOKENS:
-        frequency = torch.maximum(predicted[seen], actual[seen])
-        order = torch.sort(frequency, descending=True, stable=True).indices
-        named, rest = seen[order[:HISTOGRAM_TOKENS]], seen[order[HISTOGRAM_TOKENS:]]
+        seen, rest = seen[:HISTOGRAM_TOKENS], seen[HISTOGRAM_TOKENS:]
         other = {"tokens": rest.numel(), "training": float(actual[rest].sum()),
                  "predicted": float(predicted[rest].sum())}
-        seen = named
     names = _token_names(model)
     return {names[i]: {"predicted": float(predicted[i]), "training": float(actual[i])} for i in seen.tolist()}, other
 
@@ -192,3 +191,28 @@ def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 
             metrics["conditioning"] = conditioning(model, data, condition_trials, condition_steps, condition_lr,
                                                    condition_optimizer, generator)
     return metrics
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """The lines ``aunn eval`` and ``aunn demo`` print: fit, the most often predicted tokens (a list that ends
+    in "..." and the count left out when it is cut), extrapolation and conditioning where measured."""
+    lines = [f"training accuracy   {metrics['train_accuracy']:.4%}",
+             f"training loss       {metrics['train_loss']:.5f} nats ({metrics['bits_per_token']:.5f} bits/token)"]
+    ranked = sorted(metrics["histogram"].items(), key=lambda item: -item[1]["predicted"])
+    left_out = len(ranked) - SUMMARY_TOKENS + metrics.get("histogram_other", {}).get("tokens", 0)
+    ids = metrics["data"].get("kind") == "tokens"  # token ids are shown as numbers, characters quoted
+    hist = ", ".join(f"{t if ids else repr(t)}: {h['predicted']:.3f}" for t, h in ranked[:SUMMARY_TOKENS])
+    if left_out > 0:
+        hist += f", ... ({left_out:,} more tokens)"
+    lines.append(f"predicted histogram {hist}")
+    if "extrapolation" in metrics:
+        ext = metrics["extrapolation"]
+        lines.append("valid |xxx chunks   " + ", ".join(f"{k}: {v:.3f}" for k, v in ext.items()))
+    if "conditioning" in metrics:
+        cond = metrics["conditioning"]
+        lines.append(f"conditioning        {cond['success_rate']:.1%} success over {cond['trials']} trials "
+                     f"({cond['steps']} {cond['optimizer']} step(s), lr {cond['lr']}); training accuracy after "
+                     f"{cond['train_accuracy_after']:.4%}")
+        for e in cond["examples"][:3]:
+            lines.append(f"    at {e['index']}: taught {e['taught']!r}: {e['before']!r} -> {e['after']!r}")
+    return "\n".join(lines)

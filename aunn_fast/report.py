@@ -13,7 +13,8 @@ from .evaluate import EXTRAPOLATION_WINDOW, predictions, room_after
 from .inference import condition
 from .model import AUNN
 
-STRIP = 200  # indices shown on each side of the end of the data
+PANEL_LINES = 3  # lines of tokens shown on each side of the end of the data
+FAR = 10_000_000  # past_10M.png: how far past the data
 
 
 def write_report(run_dir: Path, model: AUNN, data: Dataset, metrics: dict[str, Any],
@@ -36,22 +37,25 @@ def _plots(run_dir: Path, model: AUNN, data: Dataset, metrics: dict[str, Any],
     if log_rows:
         images.append(run_dir / "loss.png")
         plots.loss_curve(log_rows, images[-1])
+    vocab, vocab_size = model.vocab, model.cfg.vocab_size
+    side = PANEL_LINES * plots.tokens_per_line(vocab)  # indices shown on each side of the end of the data
     room = room_after(model, data)
-    start, after = max(0, data.length - STRIP), min(STRIP, room)
+    start, after = max(0, data.length - side), min(side, room)
     predicted = predictions(model, start, data.length + after - start)
     truth = torch.cat([data.targets(start + torch.arange(data.length - start)).cpu(),
                        torch.full((after,), -1, dtype=torch.int64)])
     images.append(run_dir / "end_of_data.png")
-    plots.token_strips({"data": truth, "predicted": predicted}, start, model.vocab,
-                       "Data and predictions around the end of the data (black line)",
-                       images[-1], marker=data.length)
-    if room >= 10_000_000 + 2 * STRIP:
-        far = data.length + 10_000_000
+    plots.token_panel({"data": truth, "predicted": predicted}, start, vocab, vocab_size,
+                      "Data and predictions around the end of the data", images[-1],
+                      breaks={data.length: f"end of the data: predictions from index {data.length:,} on"},
+                      compare=("predicted", "data"))
+    if room >= FAR + side:
+        far = data.length + FAR
         images.append(run_dir / "past_10M.png")
-        plots.token_strips({"predicted": predictions(model, far, 2 * STRIP)}, far, model.vocab,
-                           "Predictions 10 million indices past the end of the data", images[-1])
+        plots.token_panel({"predicted": predictions(model, far, side)}, far, vocab, vocab_size,
+                          f"Predictions {FAR:,} indices past the end of the data (index {far:,} on)", images[-1])
     images.append(run_dir / "histogram.png")
-    plots.histogram(metrics["histogram"], images[-1], metrics["histogram_predictions"],
+    plots.histogram(metrics["histogram"], images[-1], metrics["histogram_predictions"], vocab,
                     metrics.get("histogram_other"))
     if isinstance(data, ToyData):
         images.append(run_dir / "extrapolation.png")
@@ -69,9 +73,13 @@ def _conditioning_plot(model: AUNN, cond: dict[str, Any], path: Path) -> None:
     tuned = condition(model, prompt, at, steps=cond["steps"], lr=cond["lr"], optimizer=cond["optimizer"])
     start = max(0, at - 16)
     width = min(at + 20, model.cfg.max_index + 1) - start
-    plots.token_strips({"before": predictions(model, start, width), "after": predictions(tuned, start, width)}, start,
-                       model.vocab, f"Conditioning: taught {example['taught']!r} at index {at} "
-                       f"({cond['steps']} {cond['optimizer']} step(s), lr {cond['lr']})", path, marker=at)
+    taught = torch.full((width,), -1, dtype=torch.int64)
+    taught[at - start:at - start + len(prompt)] = prompt[:width - (at - start)]
+    plots.token_panel({"before": predictions(model, start, width), "taught": taught,
+                       "after": predictions(tuned, start, width)}, start, model.vocab, model.cfg.vocab_size,
+                      f"Conditioning: {example['taught']!r} taught at index {at:,} "
+                      f"({cond['steps']} {cond['optimizer']} step(s), lr {cond['lr']}): predictions before and "
+                      "after", path, breaks={at: "the prompt"}, compare=("after", "before"))
 
 
 def _markdown(model: AUNN, data: Dataset, metrics: dict[str, Any], images: list[Path]) -> str:
