@@ -10,7 +10,7 @@ from aunn_fast.cli import build_parser, main
 from aunn_fast.evaluate import EXTRAPOLATION_WINDOW, extrapolation_windows
 from aunn_fast.inference import sample
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+CLI_DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 
 def test_a_small_temperature_samples_nearly_the_argmax():
@@ -22,7 +22,7 @@ def test_a_small_temperature_samples_nearly_the_argmax():
 
 
 def test_eval_trials_default_is_the_documented_one():
-    documented = int(re.search(r"`--trials` \((\d+)\)", README.read_text()).group(1))
+    documented = int(re.search(r"`--trials` \((\d+)\)", CLI_DOCS.read_text()).group(1))
     assert build_parser().parse_args(["eval", "somewhere"]).trials == documented == 30
 
 

@@ -1,17 +1,29 @@
-"""The README's Python examples run as written."""
+"""The Python examples of the README and of docs/python.md run as written."""
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", ROOT / "docs" / "python.md"]
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def python_blocks() -> list:
+    return [pytest.param(page.name, block, id=f"{page.name}-{i}") for page in PAGES
+            for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))]
 
 
-@pytest.mark.parametrize("block", python_blocks())
-def test_python_example_runs(block, tmp_path, monkeypatch):
+@pytest.mark.parametrize("page,block", python_blocks())
+def test_python_example_runs(page, block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples may write files
-    exec(compile(block, "README.md", "exec"), {})
+    exec(compile(block, page, "exec"), {})
+
+
+def test_docs_links_point_to_files():
+    """Every relative link of the README and the docs pages names a file of the repository, or one of the pages
+    other branches write (training, errors, kernels, cpp)."""
+    pending = {"docs/training.md", "docs/errors.md", "docs/kernels.md", "docs/cpp.md"}
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            path = (page.parent / target).resolve()
+            assert path.exists() or str(path.relative_to(ROOT)) in pending, f"{page.name}: {target}"
