@@ -113,8 +113,9 @@ def token_panel(rows: dict[str, torch.Tensor], start: int, vocab: Vocab, vocab_s
     """Rows of tokens over indices start.. as text, wrapped into lines that each begin with their absolute index.
 
     rows: name -> int64 [width] token ids, all of one width; -1 leaves a position blank (e.g. no data past
-    the end), and a row blank over a whole line is left out of that line. breaks: index -> caption; a line ends before that index and the caption is shown between.
-    compare: (row, other): the row's tokens that differ from the other row's are drawn in red.
+    the end), and a row blank over a whole line is left out of that line. breaks: index -> caption; a line
+    ends before that index and the caption is shown between. compare: (row, other): the row's tokens that
+    differ from the other row's are drawn in red.
     """
     labels = token_labels(vocab, vocab_size)
     names = list(rows)
@@ -134,33 +135,33 @@ def token_panel(rows: dict[str, torch.Tensor], start: int, vocab: Vocab, vocab_s
     if compare is not None:
         legend.append(f"red: {compare[0]} differs from {compare[1]}")
 
-    lines: list[tuple[float, Any]] = []  # (y, draw function), in lines from the top
+    texts_drawn: list[dict[str, Any]] = []  # _text's arguments; y counts lines from the top
     y = 0.0
     for line in textwrap.wrap(title, columns):
-        lines.append((y, functools.partial(_text, x=0, s=line, weight="bold")))
+        texts_drawn.append(dict(x=0, y=y, s=line, weight="bold"))
         y += 1
     y += 0.5
     for first, last in groups:
         if first in breaks:
-            lines.append((y, functools.partial(_text, x=x0, s=f"── {breaks[first]} ──", color="tab:blue")))
+            texts_drawn.append(dict(x=x0, y=y, s=f"── {breaks[first]} ──", color="tab:blue"))
             y += 1
         shown_rows = [name for name in names if any(texts[name][first:last])]  # a row blank here is left out
         for row, name in enumerate(shown_rows):
             if row == 0:
-                lines.append((y, functools.partial(_text, x=0, s=f"{start + first:>{index_width},}", color="gray")))
-            lines.append((y, functools.partial(_text, x=index_width + 2, s=name, color="gray")))
+                texts_drawn.append(dict(x=0, y=y, s=f"{start + first:>{index_width},}", color="gray"))
+            texts_drawn.append(dict(x=index_width + 2, y=y, s=name, color="gray"))
             x = x0
             for j in range(first, last):
                 token = texts[name][j]
                 differs = (compare is not None and name == compare[0] and token and texts[compare[1]][j]
                            and token != texts[compare[1]][j])
                 if token:
-                    lines.append((y, functools.partial(_text, x=x, s=token, color=DIFFERS if differs else "black")))
+                    texts_drawn.append(dict(x=x, y=y, s=token, color=DIFFERS if differs else "black"))
                 x += cells[j]
             y += 1
         y += 0.4
     for line in textwrap.wrap("   ".join(legend), columns):
-        lines.append((y, functools.partial(_text, x=0, s=line, color="gray")))
+        texts_drawn.append(dict(x=0, y=y, s=line, color="gray"))
         y += 1
 
     fig = plt.figure(figsize=((columns + 2) * CHAR_WIDTH / 72, (y + 1) * LINE_HEIGHT / 72))
@@ -168,8 +169,8 @@ def token_panel(rows: dict[str, torch.Tensor], start: int, vocab: Vocab, vocab_s
     ax.set_xlim(-1, columns + 1)
     ax.set_ylim(y + 0.5, -0.5)
     ax.axis("off")
-    for line_y, draw in lines:
-        draw(ax, y=line_y)
+    for text in texts_drawn:
+        _text(ax, **text)
     _save(fig, path, tight=False)
 
 

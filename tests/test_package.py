@@ -1,8 +1,8 @@
 """Packaging: one version for the package and the command line, metadata in pyproject.toml, Triton an extra."""
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import aunn_fast
 from aunn_fast.cli import main
