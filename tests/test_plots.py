@@ -2,12 +2,16 @@
 histograms most frequent first with one "other" bar, summaries that say when they are cut."""
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from aunn_fast import plots
-from aunn_fast.evaluate import SUMMARY_TOKENS, summary
+import aunn_fast.evaluate as evaluate_module
+from aunn_fast import AUNN, AUNNConfig, plots
+from aunn_fast.data import load_data
+from aunn_fast.evaluate import SUMMARY_TOKENS, evaluate, summary
+from aunn_fast.report import write_report
 
 CHARS = ["\n", " ", "a", "b", "é", "\x1b", "中"]  # newline, space, ASCII, Latin-1, control, a glyph the font lacks
 
@@ -117,3 +121,23 @@ def test_summary_lists_the_most_predicted_tokens_and_says_when_it_is_cut():
     assert line.endswith(", ... (8 more tokens)")  # 3 named and 5 summed
     ids = summary(_metrics({"50256": 0.9, "7": 0.1}, kind="tokens"))
     assert "predicted histogram 50256: 0.900, 7: 0.100" in ids
+
+
+@pytest.mark.parametrize("spec", ["text", "bytes", "tokens"])
+def test_eval_plots_of_each_data_kind_are_written_without_warnings(tmp_path, monkeypatch, spec):
+    """write_report on text (with characters the font lacks), bytes (non-ASCII) and token ids: every plot is
+    written, with no missing-glyph or layout warning."""
+    monkeypatch.setattr(evaluate_module, "HISTOGRAM_SPAN", 500)
+    path = tmp_path / ("data.npy" if spec == "tokens" else "data.txt")
+    if spec == "tokens":
+        np.save(path, (np.arange(300) * 7 % 1000).astype(np.int64))
+    else:
+        path.write_text("To be, or not to be:\tthat is the question.\nCAFÉ 中文 \x1b end.\n" * 5, encoding="utf-8")
+    data = load_data(f"{spec}:{path}")
+    model = AUNN(AUNNConfig(vocab_size=data.vocab_size, hidden=16, layers=3), seed=0)
+    model.vocab, model.data_description = data.vocab, data.describe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = write_report(tmp_path / "run", model, data, evaluate(model, data), log_rows=[])
+    assert {p.name for p in written} == {"metrics.json", "report.md", "end_of_data.png", "past_10M.png",
+                                         "histogram.png"}
