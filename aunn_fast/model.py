@@ -140,22 +140,39 @@ class AUNN(nn.Module):
     def save(self, path: str | os.PathLike[str], extra: dict[str, torch.Tensor] | None = None,
              extra_metadata: dict[str, str] | None = None) -> None:
         """Write parameters, config, vocabulary and data description to a safetensors file, atomically."""
-        checkpoint.save(path, self, extra, extra_metadata)
+        checkpoint.save(path, self.params._asdict(), self.cfg, self.vocab, self.data_description, extra,
+                        extra_metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str = "auto", precision: str = "auto",
              map_location: str | torch.device = "cpu") -> "AUNN":
-        """Read a file written by :meth:`save`; raises ValueError for truncated or foreign files."""
-        return checkpoint.load_model(cls, path, backend, precision, map_location)
+        """Read a file written by :meth:`save`, validated whole first (:func:`checkpoint.load`): a
+        ``CheckpointError`` (a ValueError) names the file and the field for a truncated, foreign or
+        inconsistent file, FileNotFoundError says there is none."""
+        return cls.from_checkpoint(checkpoint.load(path, map_location), backend, precision)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: checkpoint.Checkpoint, backend: str = "auto", precision: str = "auto") -> "AUNN":
+        """The model of a checkpoint already read by :func:`checkpoint.load`, on its tensors' device."""
+        model = cls(ckpt.cfg, backend=backend, precision=precision).to(ckpt.params["in_weight"].device)
+        model.load_params(ckpt.params)
+        model.vocab, model.data_description = ckpt.vocab, ckpt.data_description
+        return model
 
     @classmethod
     def from_seed_state_dict(cls, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> "AUNN":
-        """Build from the seed notebook's state dict; the config is inferred from its shapes."""
-        return checkpoint.from_seed_state_dict(cls, state_dict, **kwargs)
+        """Build from the seed notebook's state dict; the config is inferred from its shapes (``eps`` and
+        ``residual_every`` in kwargs go to the config, the rest to the constructor). Entries must be finite
+        floating-point tensors: a ValueError/TypeError names the first that is not."""
+        config_fields = {f: kwargs.pop(f) for f in ("eps", "residual_every") if f in kwargs}
+        cfg, params = checkpoint.params_from_seed_state_dict(state_dict, **config_fields)
+        model = cls(cfg, **kwargs)
+        model.load_params(params)
+        return model
 
     def to_seed_state_dict(self) -> dict[str, torch.Tensor]:
-        """The seed notebook's state-dict layout (inverse of :meth:`from_seed_state_dict`)."""
-        return checkpoint.to_seed_state_dict(self)
+        """The seed notebook's state-dict layout (inverse of :meth:`from_seed_state_dict`), as detached copies."""
+        return checkpoint.seed_state_dict(self.params._asdict(), self.cfg.hidden_layers)
 
     def load_params(self, params: dict[str, torch.Tensor]) -> None:
         """Copy tensors named as in :class:`AUNNParams` into this model, checking every shape."""
