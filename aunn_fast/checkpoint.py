@@ -168,7 +168,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_bytes: int) -> TensorIn
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(path, where, "its header entry must hold exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise CheckpointError(path, where, f"unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
         raise CheckpointError(path, where, f"shape must be a list of sizes >= 0, got {shape!r}")

@@ -13,6 +13,7 @@ from .backends import Backend, check_backend_name, check_precision_name, resolve
 from .config import AUNNConfig
 from .data import Vocab
 from .params import AUNNParams, init_params, param_shapes
+from .resources import check_model_fits
 from .validation import check_indices, check_targets
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -42,6 +43,7 @@ class AUNN(nn.Module):
         self.cfg = cfg
         self.backend = backend  # names checked here, before the weights are drawn
         self.precision = precision
+        check_model_fits(cfg, "cpu")  # the weights are drawn on the host
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, tensor in init_params(cfg, generator)._asdict().items():
             self.register_parameter(name, nn.Parameter(tensor))
