@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from .atomic import atomic_write
 from .config import AUNNConfig
+from .data import ToyData
 from .errors import CheckpointError, MissingFileError, UserInputError, UserTypeError
 from .params import param_shapes
 from .resources import check_fits
@@ -323,8 +324,8 @@ def _data_description(path: Path, metadata: Mapping[str, str], cfg: AUNNConfig, 
     if kind == "toy":
         need("chunks", lambda v: _is_int(v) and 4 * v == data["length"], "an integer, a quarter of data.length")
         need("seed", lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED}")
-        if cfg.vocab_size != 4:
-            raise CheckpointError(path, "config.vocab_size", f"toy data has 4 tokens, the config says {cfg.vocab_size}")
+        if vocab != ToyData.vocab:
+            raise CheckpointError(path, "vocab", f"toy data's vocabulary is {ToyData.vocab}, got {vocab!r}")
         return data
     need("path", lambda v: isinstance(v, str) and v != "" and "\0" not in v, "a file's path")
     need("sha256", lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),

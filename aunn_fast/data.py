@@ -240,7 +240,10 @@ class TextData(TokenArray):
 
     def __init__(self, path: str | Path, vocab: list[str] | None = None) -> None:
         super().__init__(path)
-        text = self.path.read_text(encoding="utf-8")
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserInputError(f"{self.path} is not UTF-8 text ({exc}); bytes:{self.path} reads any file") from None
         if not text:
             raise UserInputError(f"{self.path} is empty")
         if vocab is None:

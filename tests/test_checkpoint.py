@@ -17,7 +17,7 @@ from helpers import random_indices, random_model
 def model(generator):
     m = random_model(AUNNConfig(vocab_size=4, hidden=16, layers=5, bits=33, residual_every=1), generator)
     m.vocab = ["w", "x", "y", "z"]
-    m.data_description = {"kind": "toy", "chunks": 7, "seed": 1, "length": 28}
+    m.data_description = {"kind": "text", "path": "/data/wxyz.txt", "length": 28}
     return m
 
 
@@ -115,6 +115,10 @@ def _edited_checkpoint(model, path, tensors=None, metadata=None):
     (None, {"vocab": "7"}, "vocab: 7 token ids, but config.vocab_size is 4"),
     (None, {"data": '{"chunks": 7, "seed": 1, "length": 28}'}, "data.kind: must be one of"),
     (None, {"data": '{"kind": "toy", "seed": 1, "length": 28}'}, "data.chunks: missing"),
+    (None, {"data": '{"kind": "toy", "chunks": 7, "seed": 1, "length": 28}'}, "vocab: toy data's vocabulary is"),
+    (None, {"data": '{"kind": "bytes", "path": "/a", "length": 28}'}, "vocab: bytes data has 256 tokens"),
+    (None, {"data": '{"kind": "tokens", "path": "/a", "length": 28, "vocab_size": 5}'}, "data.vocab_size: must be"),
+    (None, {"data": '{"kind": "text", "path": "/a", "length": 28, "sha256": "abc"}'}, "data.sha256: must be 64"),
     (None, {"data": '{"kind": "toy", "chunks": 7, "seed": -1, "length": 28}'}, "data.seed: must be"),
     (None, {"data": '{"kind": "toy", "chunks": 7, "seed": 1, "length": 29}'}, "data.chunks: must be"),
     (None, {"data": '{"kind": "text", "length": 28}'}, "data.path: missing"),
