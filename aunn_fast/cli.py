@@ -11,7 +11,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 
@@ -213,7 +213,7 @@ def _check_run_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _writing(path: Path | None, command: str):  # type: ignore[no-untyped-def]
+def _writing(path: Path | None, command: str) -> Iterator[None]:
     """Hold the lock of run directory ``path`` (if any) for the block, after checking that it can be one."""
     if path is None:
         yield
@@ -300,6 +300,7 @@ def _train_locked(args: argparse.Namespace) -> int:
         if "epochs" in overrides:
             saved.pop("steps", None)
         train_cfg = TrainConfig(**{**saved, **overrides})
+        total = train_cfg.total_steps(data.length)
     else:
         _refuse_existing_run(args.out, "continue it with --resume, or pass another --out")
         if not args.data:
@@ -310,9 +311,9 @@ def _train_locked(args: argparse.Namespace) -> int:
         cfg = AUNNConfig(vocab_size=data.vocab_size, **shape)
         check_data_fits(data, cfg)
         train_cfg = TrainConfig(**overrides)
+        total = train_cfg.total_steps(data.length)
         check_model_fits(cfg, args.device, min(train_cfg.batch_size, data.length))
         model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=train_cfg.seed).to(args.device)
-    total = train_cfg.total_steps(data.length)
     shown = {k: v for k, v in data.describe().items() if k not in FINGERPRINT_KEYS}
     print(f"training {model.cfg} on {shown} for {total} steps "
           f"({args.device}, backend {model.active_backend().name}, precision {model.active_precision()})")
