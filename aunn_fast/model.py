@@ -12,6 +12,7 @@ from . import checkpoint
 from .backends import Backend, check_backend_name, check_precision_name, resolve_backend, resolve_precision
 from .config import AUNNConfig
 from .data import Vocab
+from .errors import UserInputError, UserTypeError
 from .params import AUNNParams, init_params, param_shapes
 from .resources import check_model_fits
 from .validation import check_indices, check_targets
@@ -37,9 +38,9 @@ class AUNN(nn.Module):
         if cfg is None:
             cfg = AUNNConfig(**config_kwargs)
         elif not isinstance(cfg, AUNNConfig):
-            raise TypeError(f"cfg must be an AUNNConfig (or None), got {type(cfg).__name__}")
+            raise UserTypeError(f"cfg must be an AUNNConfig (or None), got {type(cfg).__name__}")
         elif config_kwargs:
-            raise TypeError("pass either an AUNNConfig or config keyword arguments, not both")
+            raise UserTypeError("pass either an AUNNConfig or config keyword arguments, not both")
         self.cfg = cfg
         self.backend = backend  # names checked here, before the weights are drawn
         self.precision = precision
@@ -102,7 +103,7 @@ class AUNN(nn.Module):
     def _indices(self, idx: torch.Tensor) -> torch.Tensor:
         idx = check_indices(idx, self.cfg, check_range=self.validate)
         if idx.device != self.device:
-            raise ValueError(f"indices are on {idx.device} but the model is on {self.device}")
+            raise UserInputError(f"indices are on {idx.device} but the model is on {self.device}")
         return idx
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,7 @@ class AUNN(nn.Module):
         """Cross-entropy of int targets at int64 indices (same shape [...]), float32: ``reduction``
         "mean" (default) or "sum", scalars, or "none", each index's loss [...]."""
         if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
+            raise UserInputError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
         idx = self._indices(idx)
         targets = check_targets(targets, idx, self.cfg, check_range=self.validate)
         if idx.numel() == 0:  # zero, still connected to the parameters so that backward() works
@@ -181,10 +182,10 @@ class AUNN(nn.Module):
         expected = param_shapes(self.cfg)
         missing = set(expected) - set(params)
         if missing:
-            raise ValueError(f"missing parameters: {', '.join(sorted(missing))}")
+            raise UserInputError(f"missing parameters: {', '.join(sorted(missing))}")
         with torch.no_grad():
             for name, shape in expected.items():
                 tensor = params[name]
                 if tuple(tensor.shape) != shape:
-                    raise ValueError(f"parameter {name} has shape {tuple(tensor.shape)}, expected {shape}")
+                    raise UserInputError(f"parameter {name} has shape {tuple(tensor.shape)}, expected {shape}")
                 getattr(self, name).copy_(tensor)

@@ -209,7 +209,7 @@ def check_data_fits(data: Dataset, cfg: AUNNConfig) -> None:
     """ValueError unless the data's indices 0 .. length-1 are all indices of a model with this config."""
     if data.length - 1 > cfg.max_index:
         raise UserInputError(f"the data's {data.length} indices do not fit in bits={cfg.bits} "
-                         f"(largest valid index {cfg.max_index})")
+                             f"(largest valid index {cfg.max_index})")
 
 
 def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | None = None,
@@ -238,7 +238,7 @@ def _train(model: AUNN, data: Dataset, cfg: TrainConfig, run_path: Path | None, 
     start, elapsed_before = 0, 0.0
     if resume:
         if run_path is None:
-            raise ValueError("resume needs a run directory")
+            raise UserInputError("resume needs a run directory")
         saved, state, extra, metadata = load_run(run_path, model.device, reset_optimizer=reset_optimizer)
         model.load_params(saved.params._asdict())
         if reset_optimizer:
