@@ -2,7 +2,8 @@
 
 A file is written beside its destination under a temporary name ``.NAME.PID.RANDOM.tmp`` and renamed
 over it once synced. A process killed mid-write leaves its temporary file behind; the next write of the
-same destination removes those whose writer is no longer running.
+same destination removes those whose writer is no longer running. A set of files is written into a
+staging directory ``.staging.PID.RANDOM`` and moved into place once all are written.
 """
 from __future__ import annotations
 
@@ -94,9 +95,14 @@ def write_file_set(directory: Path, write: Callable[[Path], list[Path]]) -> list
     ``directory`` changes. Returns the files' final paths.
 
     The files are renamed one by one, each atomically: a crash during the renames (microseconds, no
-    data written) can leave the new set partly in place, but never a half-written file.
+    data written) can leave the new set partly in place, but never a half-written file. Staging
+    directories left by killed writers are removed first.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(directory):  # staging directories of writers that were killed
+        match = re.fullmatch(r"\.staging\.(\d+)\.[0-9a-f]{16}", name)
+        if match and not _running(int(match.group(1))):
+            shutil.rmtree(directory / name, ignore_errors=True)
     staging = directory / f".staging.{os.getpid()}.{secrets.token_hex(8)}"
     staging.mkdir()
     try:

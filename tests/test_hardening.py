@@ -282,11 +282,17 @@ def test_reset_optimizer_resumes_without_the_optimizer_state_loudly(run_dir, tmp
 
 # -- 5. nothing half written ------------------------------------------------------------------------------------
 
+def _dead_pid() -> int:
+    """The pid of a process that has ended."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
 def test_temporary_files_of_a_killed_save_are_removed_by_the_next(tmp_path):
     model = AUNN(AUNNConfig(vocab_size=4, hidden=8, layers=2), seed=0)
     path = tmp_path / CHECKPOINT_NAME
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    left = [tmp_path / f".{CHECKPOINT_NAME}.{int(dead.stdout)}.0123456789abcdef.tmp",  # a killed writer's
+    left = [tmp_path / f".{CHECKPOINT_NAME}.{_dead_pid()}.0123456789abcdef.tmp",  # a killed writer's
             tmp_path / f".{CHECKPOINT_NAME}.fedcba9876543210.tmp"]  # of a version that named no pid
     alive = tmp_path / f".{CHECKPOINT_NAME}.{os.getppid()}.00112233445566ff.tmp"  # a live writer's: kept
     for file in (*left, alive):
@@ -312,6 +318,9 @@ def test_a_full_disk_during_eval_leaves_the_previous_outputs(run_dir, tmp_path, 
     copy = _copy(run_dir, tmp_path)
     for name in ("metrics.json", "report.md", "loss.png", "histogram.png"):
         (copy / name).write_text(f"the previous evaluation's {name}")
+    killed = copy / f".staging.{_dead_pid()}.0123456789abcdef"  # an eval killed while writing its set
+    killed.mkdir()
+    (killed / "metrics.json").write_text("half")
     before = _files(copy)
     monkeypatch.setattr("aunn_fast.report.plots.histogram", _disk_full)
     assert "No space left" in _error(["eval", str(copy), "--trials", "1"], capsys)
