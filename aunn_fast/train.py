@@ -225,7 +225,7 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
     """
     if run_dir is None:
         return _train(model, data, cfg, None, resume, progress, reset_optimizer)
-    with runlock.hold(run_dir, "aunn train"):
+    with runlock.hold(run_dir, "aunn_fast.train.train()"):
         return _train(model, data, cfg, Path(run_dir), resume, progress, reset_optimizer)
 
 
