@@ -222,8 +222,8 @@ def _check_tensor_infos(path: Path, infos: Mapping[str, TensorInfo], cfg: AUNNCo
             continue
         number, _, key = name[len(EXTRA_PREFIX + OPTIMIZER_PREFIX):].partition(".")
         if not (number.isascii() and number.isdigit() and int(number) < len(order) and key in OPTIMIZER_KEYS):
-            raise CheckpointError(path, f"tensor {name!r}", f"not optimizer state: expected "
-                                                            f"optim.{{0..{len(order) - 1}}}.{{{','.join(OPTIMIZER_KEYS)}}}")
+            expected = f"optim.{{0..{len(order) - 1}}}.{{{','.join(OPTIMIZER_KEYS)}}}"
+            raise CheckpointError(path, f"tensor {name!r}", f"not optimizer state: expected {expected}")
         found.setdefault(int(number), set()).add(key)
         if key == "step":
             _expect(path, name, info, (), ("F32", "F64"))
