@@ -2,24 +2,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 
-from . import __version__
-from .backends import BACKENDS, resolve_backend
+from . import __version__, runlock
+from .atomic import write_file_set
+from .backends import BACKENDS, resolve_backend, resolve_precision
 from .config import PRECISIONS, AUNNConfig
 from .data import FINGERPRINT_KEYS, Dataset, data_from_description, decode, encode, load_data
+from .errors import AUNNError, CheckpointError
 from .evaluate import evaluate, summary
 from .inference import CONDITION_OPTIMIZERS, condition, generate, generate_by_backprop
 from .model import AUNN
 from .report import write_report
+from .resources import check_fits, check_model_fits
 from .train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, check_data_fits, read_log, load_run, train
 from .validation import check_device
 
@@ -124,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=False, help="toy[:CHUNKS[:SEED]], text:PATH, bytes:PATH or tokens:PATH")
     p.add_argument("--out", required=True, type=Path, help="run directory (checkpoint, log)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--reset-optimizer", action="store_true",
+                   help="with --resume: continue with a fresh AdamW (zero moments) instead of the saved one; "
+                        "the run then differs from an uninterrupted one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_training_options(p)
     _add_runtime_options(p)
@@ -186,17 +195,39 @@ def _check_backend(args: argparse.Namespace) -> None:
         reason = BACKENDS[args.backend].unavailable_reason(torch.device(args.device))
         if reason is not None:
             _fail(f"backend {args.backend!r} is unavailable on {args.device}: {reason}")
-    resolve_backend(args.backend, args.device).check_settings()
+    backend = resolve_backend(args.backend, args.device)
+    try:  # both check the user's settings only: every ValueError is one
+        backend.check_settings()
+        resolve_precision(args.precision, torch.device(args.device), backend)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
-def _refuse_existing_run(path: Path, advice: str) -> None:
-    """Fail unless ``path`` can become a new run directory: a directory, or one that can be made (its nearest
-    existing ancestor a writable directory); a checkpoint or a training log is never overwritten."""
+def _check_run_path(path: Path) -> None:
+    """Fail unless ``path`` is a directory, or one that can be made (its nearest existing ancestor a writable
+    directory)."""
     existing = next(p for p in (path, *path.absolute().parents) if p.exists())
     if not existing.is_dir():
         _fail(f"{existing} is a file, not a directory: {path} cannot be a run directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         _fail(f"{existing} is not writable: {path} cannot be a run directory")
+
+
+@contextlib.contextmanager
+def _writing(path: Path | None, command: str) -> Iterator[None]:
+    """Hold the lock of run directory ``path`` (if any) for the block, after checking that it can be one."""
+    if path is None:
+        yield
+        return
+    _check_run_path(path)
+    with runlock.hold(path, command):
+        yield
+
+
+def _refuse_existing_run(path: Path, advice: str) -> None:
+    """Fail unless ``path`` can become a new run directory (:func:`_check_run_path`); a checkpoint or a
+    training log is never overwritten."""
+    _check_run_path(path)
     found = [name for name in (CHECKPOINT_NAME, LOG_NAME) if (path / name).exists()]
     if found == [LOG_NAME]:
         _fail(f"{path} holds a training log but no checkpoint (a run that stopped before its first save cannot "
@@ -233,7 +264,11 @@ def _first_index(model: AUNN, value: str | int, length: int) -> int:
 def _resume(args: argparse.Namespace) -> tuple[AUNN, Dataset, dict[str, Any]]:
     """The model, data and saved training options of the run in --out, refusing anything that would not
     continue it exactly: changed data, or model options that differ from the checkpoint's."""
-    model, state, _, _ = load_run(args.out, args.device, args.backend, args.precision)
+    model, state, _, _ = load_run(args.out, args.device, args.backend, args.precision, args.reset_optimizer)
+    try:
+        TrainConfig(**state.get("train_config", {}))
+    except (TypeError, ValueError) as exc:  # a field this version does not know, or a value out of range
+        raise CheckpointError(args.out / CHECKPOINT_NAME, "train_state.train_config", str(exc)) from None
     new_run = "--resume continues a run exactly; start a new run with another --out"
     try:
         data = data_from_description(model.data_description, model.vocab)
@@ -249,9 +284,24 @@ def _resume(args: argparse.Namespace) -> tuple[AUNN, Dataset, dict[str, Any]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.reset_optimizer and not args.resume:
+        _fail("--reset-optimizer applies to --resume only")
+    with _writing(args.out, "aunn train"):
+        return _train_locked(args)
+
+
+def _train_locked(args: argparse.Namespace) -> int:
+    """cmd_train, holding --out's lock: the checks of the directory's contents, then the run."""
+    overrides = {name: getattr(args, name) for name in ("batch_size", "epochs", "steps", "lr", "weight_decay",
+                                                        "seed", "log_every", "save_every", "cuda_graph")
+                 if getattr(args, name) is not None}
     saved: dict[str, Any] = {}
     if args.resume:
         model, data, saved = _resume(args)
+        if "epochs" in overrides:
+            saved.pop("steps", None)
+        train_cfg = TrainConfig(**{**saved, **overrides})
+        total = train_cfg.total_steps(data.length)
     else:
         _refuse_existing_run(args.out, "continue it with --resume, or pass another --out")
         if not args.data:
@@ -261,19 +311,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                  for name, default in ARCHITECTURE.items()}
         cfg = AUNNConfig(vocab_size=data.vocab_size, **shape)
         check_data_fits(data, cfg)
-        seed = args.seed if args.seed is not None else 0
-        model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=seed).to(args.device)
-    overrides = {name: getattr(args, name) for name in ("batch_size", "epochs", "steps", "lr", "weight_decay",
-                                                        "seed", "log_every", "save_every", "cuda_graph")
-                 if getattr(args, name) is not None}
-    if "epochs" in overrides:
-        saved.pop("steps", None)
-    train_cfg = TrainConfig(**{**saved, **overrides})
+        train_cfg = TrainConfig(**overrides)
+        total = train_cfg.total_steps(data.length)
+        check_model_fits(cfg, args.device, min(train_cfg.batch_size, data.length))
+        model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=train_cfg.seed).to(args.device)
     shown = {k: v for k, v in data.describe().items() if k not in FINGERPRINT_KEYS}
-    print(f"training {model.cfg} on {shown} for {train_cfg.total_steps(data.length)} steps "
+    print(f"training {model.cfg} on {shown} for {total} steps "
           f"({args.device}, backend {model.active_backend().name}, precision {model.active_precision()})")
     try:
-        rows = train(model, data, train_cfg, args.out, resume=args.resume, progress=not args.quiet)
+        rows = train(model, data, train_cfg, args.out, resume=args.resume, progress=not args.quiet,
+                     reset_optimizer=args.reset_optimizer)
     except KeyboardInterrupt:
         if (args.out / CHECKPOINT_NAME).exists():
             print(f"interrupted: resume with `aunn train --out {args.out} --resume`", file=sys.stderr)
@@ -293,7 +340,8 @@ def _evaluate_run(model: AUNN, run_dir: Path, trials: int, steps: int, lr: float
     log_rows = read_log(run_dir / LOG_NAME)  # read first: a broken log fails before the evaluation's work
     metrics = evaluate(model, data, seed=seed, condition_trials=trials, condition_steps=steps, condition_lr=lr,
                        condition_optimizer=optimizer)
-    write_report(run_dir, model, data, metrics, log_rows)
+    # written as a set: a failure (a full disk) leaves the directory's previous report as it was
+    write_file_set(run_dir, lambda staging: write_report(staging, model, data, metrics, log_rows))
     return metrics
 
 
@@ -305,9 +353,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+PRINTED_TOKEN_BYTES = 48  # a token's Python int in a list, its text, the printed string: an estimate
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     model = _open_run(args)
     start = _first_index(model, args.start, args.length)
+    check_fits(f"printing {args.length:,} tokens", args.length * PRINTED_TOKEN_BYTES, "cpu")
     generator = torch.Generator().manual_seed(args.seed)
     if args.by_backprop:
         tokens = generate_by_backprop(model, start, args.length, args.temperature, args.steps, args.lr,
@@ -319,6 +371,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_condition(args: argparse.Namespace) -> int:
+    with _writing(args.save, "aunn condition --save"):
+        return _condition_locked(args)
+
+
+def _condition_locked(args: argparse.Namespace) -> int:
+    """cmd_condition, holding the lock of --save's directory (if given)."""
     if args.save is not None:
         _refuse_existing_run(args.save, "--save writes a new run directory: pass one without a run")
     model = _open_run(args)
@@ -337,7 +395,6 @@ def cmd_condition(args: argparse.Namespace) -> int:
     print(f"before: {decode(generate(model, at, span), model.vocab)!r}")
     print(f"after:  {decode(generate(tuned, at, span), model.vocab)!r}")
     if args.save is not None:
-        args.save.mkdir(parents=True, exist_ok=True)
         tuned.save(args.save / CHECKPOINT_NAME)
         print(f"conditioned model saved to {args.save / CHECKPOINT_NAME}")
     return 0
@@ -402,7 +459,15 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "con
             "demo": cmd_demo}
 
 
+# OSErrors that are the machine's state, not a bug: a full disk, a read-only file system, no permission
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE,
+                      errno.ENAMETOOLONG}
+REPORT = "the aunn_fast issue tracker"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Exit status 0: done; 2: the user's error (bad input, an unusable file, a full disk, too
+    little memory), one line on stderr; 1: an internal error (a bug), with its traceback; 130: Ctrl-C."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # every later argument, --help included, belongs to the benchmark
         return cmd_bench(argv[1:])
@@ -410,6 +475,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_backend(args)
         return COMMANDS[args.command](args)
-    except (CommandError, ValueError, TypeError, OSError) as exc:
-        print(f"aunn {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (CommandError, AUNNError) as exc:
+        return _user_error(args.command, exc)
+    except OSError as exc:
+        if exc.errno in ENVIRONMENT_ERRNOS:
+            return _user_error(args.command, exc)
+        return _internal_error(args.command)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        return _user_error(args.command, f"out of memory ({str(exc).splitlines()[0] if str(exc) else 'host'}): "
+                                         "try a smaller --batch-size, model or --length")
+    except Exception:
+        return _internal_error(args.command)
+
+
+def _user_error(command: str, error: BaseException | str) -> int:
+    print(f"aunn {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def _internal_error(command: str) -> int:
+    """Print the traceback of the exception being handled and what to do with it."""
+    kind, error, _ = sys.exc_info()
+    traceback.print_exc()
+    print(f"aunn {command}: internal error: {kind.__name__ if kind else 'error'}: {error}\n"
+          f"This is a bug in aunn_fast {__version__}, not a problem with your input. Please report it to {REPORT} "
+          "with the command line and the traceback above.", file=sys.stderr)
+    return 1

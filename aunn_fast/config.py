@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .errors import UserInputError, UserTypeError
+
 MAX_BITS = 64
 SMALLEST_NORMAL_FP32 = 2.0**-126
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -36,22 +38,22 @@ class AUNNConfig:
         for name in ("vocab_size", "hidden", "layers", "bits", "residual_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"AUNNConfig.{name} must be an int, got {type(value).__name__}")
+                raise UserTypeError(f"AUNNConfig.{name} must be an int, got {type(value).__name__}")
         if self.vocab_size < 2:
-            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
+            raise UserInputError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+            raise UserInputError(f"hidden must be >= 1, got {self.hidden}")
         if self.layers < 2:
-            raise ValueError(f"layers must be >= 2 (input layer and output head), got {self.layers}")
+            raise UserInputError(f"layers must be >= 2 (input layer and output head), got {self.layers}")
         if not 1 <= self.bits <= MAX_BITS:
-            raise ValueError(f"bits must be in 1..{MAX_BITS}, got {self.bits}")
+            raise UserInputError(f"bits must be in 1..{MAX_BITS}, got {self.bits}")
         if self.residual_every < 1:
-            raise ValueError(f"residual_every must be >= 1, got {self.residual_every}")
+            raise UserInputError(f"residual_every must be >= 1, got {self.residual_every}")
         if self.eps is not None:
             if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool):
-                raise TypeError(f"AUNNConfig.eps must be a float or None, got {type(self.eps).__name__}")
+                raise UserTypeError(f"AUNNConfig.eps must be a float or None, got {type(self.eps).__name__}")
             if not (math.isfinite(self.eps) and self.eps >= SMALLEST_NORMAL_FP32):
-                raise ValueError(f"eps must be finite and at least 2**-126 (the smallest normal float32: the GPU's "
+                raise UserInputError(f"eps must be finite and at least 2**-126 (the smallest normal float32: the GPU's "
                                  f"rsqrt flushes smaller values to zero), or None; got {self.eps!r}")
 
     @property
@@ -75,10 +77,10 @@ class AUNNConfig:
         """ValueError unless the indices start .. start+length-1 (start itself when length is 0) are valid
         indices of this model, 0 .. max_index; also for length < 0."""
         if length < 0:
-            raise ValueError(f"length must be >= 0, got {length}")
+            raise UserInputError(f"length must be >= 0, got {length}")
         last = start + max(length, 1) - 1
         if start < 0 or last > self.max_index:
-            raise ValueError(f"indices {start}..{last} go past the model's largest index {self.max_index} "
+            raise UserInputError(f"indices {start}..{last} go past the model's largest index {self.max_index} "
                              f"(bits={self.bits})")
 
     def to_json(self) -> str:

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import MissingFileError, UserInputError, UserTypeError
+
 # A file's token ids read on a GPU are copied there once (in the narrowest dtype, in COPY_CHUNK_BYTES
 # pieces) if they take at most DEVICE_COPY_FRACTION of the free device memory; larger ones are gathered
 # on the host (from the memory map), which costs a host round trip per batch.
@@ -63,9 +65,18 @@ class ToyData:
 
     vocab = ["|", "a", "b", "c"]
 
+    MAX_CHUNKS = 2**61  # 4 indices each: the int64 indices 0 .. 2**63-1
+    MAX_SEED = 2**63 - 1  # an int64
+
     def __init__(self, chunks: int = 100_000, seed: int = 0) -> None:
-        if chunks < 1:
-            raise ValueError(f"toy data needs at least one chunk, got {chunks}")
+        for name, value in (("chunks", chunks), ("seed", seed)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UserTypeError(f"toy data's {name} must be an int, got {type(value).__name__}")
+        if not 1 <= chunks <= self.MAX_CHUNKS:
+            raise UserInputError(f"toy data needs at least one chunk and at most 2**61 (4 indices each, within int64), "
+                                 f"got {chunks}")
+        if not 0 <= seed <= self.MAX_SEED:
+            raise UserInputError(f"toy data's seed must be in 0..2**63-1, got {seed}")
         self.chunks, self.seed = chunks, seed
         self.length = 4 * chunks
 
@@ -138,7 +149,7 @@ def smallest_token_dtype(vocab_size: int) -> np.dtype:
     for dtype in (np.uint8, np.int16, np.int32):
         if vocab_size - 1 <= np.iinfo(dtype).max:
             return np.dtype(dtype)
-    raise ValueError(f"vocabulary of {vocab_size} tokens is too large")
+    raise UserInputError(f"vocabulary of {vocab_size} tokens is too large")
 
 
 def _codepoint_chunks(text: str):
@@ -170,7 +181,7 @@ def encode_characters(text: str, vocab: list[str]) -> np.ndarray:
         chunk_ids = lookup[codepoints]
         if (chunk_ids < 0).any():
             unknown = sorted({chr(c) for c in np.unique(codepoints[chunk_ids < 0]).tolist()})
-            raise ValueError(f"characters not in the vocabulary: {unknown!r}")
+            raise UserInputError(f"characters not in the vocabulary: {unknown!r}")
         ids[start:start + codepoints.size] = chunk_ids
         start += codepoints.size
     return ids
@@ -229,13 +240,16 @@ class TextData(TokenArray):
 
     def __init__(self, path: str | Path, vocab: list[str] | None = None) -> None:
         super().__init__(path)
-        text = self.path.read_text(encoding="utf-8")
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserInputError(f"{self.path} is not UTF-8 text ({exc}); bytes:{self.path} reads any file") from None
         if not text:
-            raise ValueError(f"{self.path} is empty")
+            raise UserInputError(f"{self.path} is empty")
         if vocab is None:
             vocab = characters_of(text)
         if any(len(token) != 1 for token in vocab):
-            raise ValueError("a text dataset's vocabulary must be single characters")
+            raise UserInputError("a text dataset's vocabulary must be single characters")
         self.vocab = vocab
         self.array = encode_characters(text, vocab)
         self.length = len(text)
@@ -257,7 +271,7 @@ class BytesData(TokenArray):
         super().__init__(path)
         self.length = self.size
         if self.length == 0:
-            raise ValueError(f"{self.path} is empty")
+            raise UserInputError(f"{self.path} is empty")
         self.array = np.memmap(self.path, dtype=np.uint8, mode="r")
 
 
@@ -273,7 +287,7 @@ class TokensData(TokenArray):
         self.array = self._open(self.path)
         self.length = self.array.size
         if self.length == 0:
-            raise ValueError(f"{self.path} holds no tokens")
+            raise UserInputError(f"{self.path} holds no tokens")
         self.vocab_size = self._scan() if vocab_size is None else vocab_size
         self.vocab = self.vocab_size
 
@@ -281,18 +295,18 @@ class TokensData(TokenArray):
     def _open(path: Path) -> np.ndarray:
         if path.suffix == ".bin":
             if path.stat().st_size == 0:
-                raise ValueError(f"{path} holds no tokens")
+                raise UserInputError(f"{path} holds no tokens")
             if path.stat().st_size % 2:
-                raise ValueError(f"{path}: a .bin token file holds uint16 ids, but its size is odd (truncated?)")
+                raise UserInputError(f"{path}: a .bin token file holds uint16 ids, but its size is odd (truncated?)")
             return np.memmap(path, dtype="<u2", mode="r")
         if path.suffix != ".npy":
-            raise ValueError(f"{path}: a token file is a .npy array or a .bin of uint16 ids")
+            raise UserInputError(f"{path}: a token file is a .npy array or a .bin of uint16 ids")
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as exc:  # numpy's own message: a truncated file, a bad header, an object array
-            raise ValueError(f"{path} is not a readable .npy token array: {exc}") from None
+            raise UserInputError(f"{path} is not a readable .npy token array: {exc}") from None
         if array.ndim != 1 or array.dtype.kind not in "iu":
-            raise ValueError(f"{path}: token ids must be a 1-D integer array, got {array.dtype} {array.shape}")
+            raise UserInputError(f"{path}: token ids must be a 1-D integer array, got {array.dtype} {array.shape}")
         return array
 
     def _scan(self) -> int:
@@ -302,9 +316,9 @@ class TokensData(TokenArray):
             chunk = self.array[start:start + SCAN_CHUNK_TOKENS]
             low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
         if low < 0:
-            raise ValueError(f"{self.path} holds a negative token id ({low})")
+            raise UserInputError(f"{self.path} holds a negative token id ({low})")
         if high >= np.iinfo(np.int32).max:
-            raise ValueError(f"{self.path} holds a token id too large for a vocabulary ({high})")
+            raise UserInputError(f"{self.path} holds a token id too large for a vocabulary ({high})")
         return max(2, high + 1)
 
     def describe(self) -> dict[str, Any]:
@@ -322,15 +336,15 @@ def load_data(spec: str) -> Dataset:
     if kind == "toy":  # an empty field keeps its default: toy::7 is the default chunks with seed 7
         fields = rest.split(":") if rest else []
         if len(fields) > 2 or not all(f.isascii() and f.isdigit() for f in fields if f):
-            raise ValueError(f"toy spec is toy[:CHUNKS[:SEED]] with whole numbers, got {spec!r}")
+            raise UserInputError(f"toy spec is toy[:CHUNKS[:SEED]] with whole numbers, got {spec!r}")
         return ToyData(**{name: int(f) for name, f in zip(("chunks", "seed"), fields) if f})
     if kind in FILE_DATASETS:
         if not rest:
-            raise ValueError(f"{kind} spec needs a path: {kind}:PATH")
+            raise UserInputError(f"{kind} spec needs a path: {kind}:PATH")
         if not Path(rest).is_file():
-            raise FileNotFoundError(f"no such data file: {rest}")
+            raise MissingFileError(f"no such data file: {rest}")
         return FILE_DATASETS[kind](rest)
-    raise ValueError(f"unknown data spec {spec!r}; use toy[:CHUNKS[:SEED]], text:PATH, bytes:PATH or tokens:PATH")
+    raise UserInputError(f"unknown data spec {spec!r}; use toy[:CHUNKS[:SEED]], text:PATH, bytes:PATH or tokens:PATH")
 
 
 def data_from_description(description: dict[str, Any], vocab: Vocab = None) -> Dataset:
@@ -344,16 +358,16 @@ def data_from_description(description: dict[str, Any], vocab: Vocab = None) -> D
     if kind == "toy":
         return ToyData(description["chunks"], description["seed"])
     if kind not in FILE_DATASETS:
-        raise ValueError(f"unknown dataset kind {kind!r} in checkpoint")
+        raise UserInputError(f"unknown dataset kind {kind!r} in checkpoint")
     path = Path(description["path"])
     if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
+        raise MissingFileError(f"no such data file: {path}")
     recorded = description.get("sha256")
     stat = path.stat()
     untouched = (description.get("size"), description.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
     digest = recorded if recorded is not None and untouched else file_sha256(path)
     if recorded is not None and digest != recorded:
-        raise ValueError(f"{path} changed since the checkpoint was saved "
+        raise UserInputError(f"{path} changed since the checkpoint was saved "
                          f"(sha256 was {recorded[:12]}..., now {digest[:12]}...)")
     if kind == "text":
         data = TextData(path, vocab)
@@ -362,7 +376,7 @@ def data_from_description(description: dict[str, Any], vocab: Vocab = None) -> D
     else:
         data = BytesData(path)
     if data.length != description["length"]:
-        raise ValueError(f"{path} changed since the checkpoint was saved "
+        raise UserInputError(f"{path} changed since the checkpoint was saved "
                          f"(was {description['length']} tokens, now {data.length})")
     data._sha256 = digest
     return data
@@ -376,12 +390,12 @@ def encode(text: str, vocab: Vocab) -> list[int]:
     if isinstance(vocab, int):
         words = text.replace(",", " ").split()
         if not all(w.isascii() and w.isdigit() for w in words) or any(int(w) >= vocab for w in words):
-            raise ValueError(f"expected token ids in 0..{vocab - 1} separated by spaces, got {text!r}")
+            raise UserInputError(f"expected token ids in 0..{vocab - 1} separated by spaces, got {text!r}")
         return [int(w) for w in words]
     lookup = {token: i for i, token in enumerate(vocab)}
     unknown = sorted({ch for ch in text if ch not in lookup})
     if unknown:
-        raise ValueError(f"characters not in the vocabulary: {unknown!r}")
+        raise UserInputError(f"characters not in the vocabulary: {unknown!r}")
     return [lookup[ch] for ch in text]
 
 

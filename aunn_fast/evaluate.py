@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Dataset, ToyData, decode, random_indices
+from .errors import UserInputError
 from .inference import condition, span
 from .model import AUNN
 
@@ -174,7 +175,7 @@ def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 
     past the largest index are left out of the extrapolation, and conditioning needs one chunk.
     """
     if condition_trials < 1 or condition_steps < 0:
-        raise ValueError(f"condition_trials must be >= 1 and condition_steps >= 0, got {condition_trials} "
+        raise UserInputError(f"condition_trials must be >= 1 and condition_steps >= 0, got {condition_trials} "
                          f"and {condition_steps}")
     generator = torch.Generator().manual_seed(seed)
     metrics: dict[str, Any] = {"data": data.describe(), "config": model.cfg.__dict__.copy()}

@@ -12,7 +12,9 @@ from . import checkpoint
 from .backends import Backend, check_backend_name, check_precision_name, resolve_backend, resolve_precision
 from .config import AUNNConfig
 from .data import Vocab
+from .errors import UserInputError, UserTypeError
 from .params import AUNNParams, init_params, param_shapes
+from .resources import check_model_fits
 from .validation import check_indices, check_targets
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -37,12 +39,13 @@ class AUNN(nn.Module):
         if cfg is None:
             cfg = AUNNConfig(**config_kwargs)
         elif not isinstance(cfg, AUNNConfig):
-            raise TypeError(f"cfg must be an AUNNConfig (or None), got {type(cfg).__name__}")
+            raise UserTypeError(f"cfg must be an AUNNConfig (or None), got {type(cfg).__name__}")
         elif config_kwargs:
-            raise TypeError("pass either an AUNNConfig or config keyword arguments, not both")
+            raise UserTypeError("pass either an AUNNConfig or config keyword arguments, not both")
         self.cfg = cfg
         self.backend = backend  # names checked here, before the weights are drawn
         self.precision = precision
+        check_model_fits(cfg, "cpu")  # the weights are drawn on the host
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, tensor in init_params(cfg, generator)._asdict().items():
             self.register_parameter(name, nn.Parameter(tensor))
@@ -101,7 +104,7 @@ class AUNN(nn.Module):
     def _indices(self, idx: torch.Tensor) -> torch.Tensor:
         idx = check_indices(idx, self.cfg, check_range=self.validate)
         if idx.device != self.device:
-            raise ValueError(f"indices are on {idx.device} but the model is on {self.device}")
+            raise UserInputError(f"indices are on {idx.device} but the model is on {self.device}")
         return idx
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -116,7 +119,7 @@ class AUNN(nn.Module):
         """Cross-entropy of int targets at int64 indices (same shape [...]), float32: ``reduction``
         "mean" (default) or "sum", scalars, or "none", each index's loss [...]."""
         if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
+            raise UserInputError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
         idx = self._indices(idx)
         targets = check_targets(targets, idx, self.cfg, check_range=self.validate)
         if idx.numel() == 0:  # zero, still connected to the parameters so that backward() works
@@ -141,32 +144,49 @@ class AUNN(nn.Module):
     def save(self, path: str | os.PathLike[str], extra: dict[str, torch.Tensor] | None = None,
              extra_metadata: dict[str, str] | None = None) -> None:
         """Write parameters, config, vocabulary and data description to a safetensors file, atomically."""
-        checkpoint.save(path, self, extra, extra_metadata)
+        checkpoint.save(path, self.params._asdict(), self.cfg, self.vocab, self.data_description, extra,
+                        extra_metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str = "auto", precision: str = "auto",
              map_location: str | torch.device = "cpu") -> "AUNN":
-        """Read a file written by :meth:`save`; raises ValueError for truncated or foreign files."""
-        return checkpoint.load_model(cls, path, backend, precision, map_location)
+        """Read a file written by :meth:`save`, validated whole first (:func:`checkpoint.load`): a
+        ``CheckpointError`` (a ValueError) names the file and the field for a truncated, foreign or
+        inconsistent file, FileNotFoundError says there is none."""
+        return cls.from_checkpoint(checkpoint.load(path, map_location), backend, precision)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: checkpoint.Checkpoint, backend: str = "auto", precision: str = "auto") -> "AUNN":
+        """The model of a checkpoint already read by :func:`checkpoint.load`, on its tensors' device."""
+        model = cls(ckpt.cfg, backend=backend, precision=precision).to(ckpt.params["in_weight"].device)
+        model.load_params(ckpt.params)
+        model.vocab, model.data_description = ckpt.vocab, ckpt.data_description
+        return model
 
     @classmethod
     def from_seed_state_dict(cls, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> "AUNN":
-        """Build from the seed notebook's state dict; the config is inferred from its shapes."""
-        return checkpoint.from_seed_state_dict(cls, state_dict, **kwargs)
+        """Build from the seed notebook's state dict; the config is inferred from its shapes (``eps`` and
+        ``residual_every`` in kwargs go to the config, the rest to the constructor). Entries must be finite
+        floating-point tensors: a ValueError/TypeError names the first that is not."""
+        config_fields = {f: kwargs.pop(f) for f in ("eps", "residual_every") if f in kwargs}
+        cfg, params = checkpoint.params_from_seed_state_dict(state_dict, **config_fields)
+        model = cls(cfg, **kwargs)
+        model.load_params(params)
+        return model
 
     def to_seed_state_dict(self) -> dict[str, torch.Tensor]:
-        """The seed notebook's state-dict layout (inverse of :meth:`from_seed_state_dict`)."""
-        return checkpoint.to_seed_state_dict(self)
+        """The seed notebook's state-dict layout (inverse of :meth:`from_seed_state_dict`), as detached copies."""
+        return checkpoint.seed_state_dict(self.params._asdict(), self.cfg.hidden_layers)
 
     def load_params(self, params: dict[str, torch.Tensor]) -> None:
         """Copy tensors named as in :class:`AUNNParams` into this model, checking every shape."""
         expected = param_shapes(self.cfg)
         missing = set(expected) - set(params)
         if missing:
-            raise ValueError(f"missing parameters: {', '.join(sorted(missing))}")
+            raise UserInputError(f"missing parameters: {', '.join(sorted(missing))}")
         with torch.no_grad():
             for name, shape in expected.items():
                 tensor = params[name]
                 if tuple(tensor.shape) != shape:
-                    raise ValueError(f"parameter {name} has shape {tuple(tensor.shape)}, expected {shape}")
+                    raise UserInputError(f"parameter {name} has shape {tuple(tensor.shape)}, expected {shape}")
                 getattr(self, name).copy_(tensor)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -20,16 +23,21 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, runlock
+from .atomic import atomic_write
 from .config import AUNNConfig
 from .cuda_graph import GraphedTrainStep
 from .data import Dataset, random_indices
+from .divergence import LossWatch, check_finite
+from .errors import CheckpointError, UserInputError, UserTypeError
 from .model import AUNN
 
 CHECKPOINT_NAME = "model.safetensors"
 LOG_NAME = "log.csv"
 LOG_FIELDS = ["step", "epoch", "loss", "accuracy", "indices_per_s", "elapsed_s"]
 PERMUTE_LIMIT = 1 << 27  # above this many indices an epoch samples uniformly instead of permuting
+MAX_STEPS = 2**53  # steps (and epochs, as their ratio) stay exact in a float64
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -47,18 +55,39 @@ class TrainConfig:
     cuda_graph: bool = True  # on CUDA, replay full-size steps from one captured graph
 
     def __post_init__(self) -> None:
+        """UserTypeError/UserInputError (TypeError/ValueError) for a field of the wrong type or range."""
+        for name in ("batch_size", "log_every", "save_every", "seed", *(("steps",) if self.steps is not None else ())):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UserTypeError(f"TrainConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+        for name in ("epochs", "lr", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise UserTypeError(f"TrainConfig.{name} must be a number, got {type(value).__name__} {value!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise UserTypeError(f"TrainConfig.cuda_graph must be a bool, got {type(self.cuda_graph).__name__}")
         for name in ("batch_size", "log_every", "save_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
+                raise UserInputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and not 0 <= self.steps <= MAX_STEPS:
+            raise UserInputError(f"steps must be in 0..2**53, got {self.steps}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserInputError(f"seed must be in 0..2**63-1, got {self.seed}")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise ValueError(f"epochs must be a finite number > 0, got {self.epochs}")
+            raise UserInputError(f"epochs must be a finite number > 0, got {self.epochs}")
+        for name in ("lr", "weight_decay"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UserInputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
 
     def total_steps(self, length: int) -> int:
+        """The run's length in steps; UserInputError if epochs over this data make more than 2**53."""
         if self.steps is not None:
             return self.steps
-        return max(1, math.ceil(self.epochs * self.steps_per_epoch(length)))
+        steps = self.epochs * self.steps_per_epoch(length)
+        if not steps <= MAX_STEPS:
+            raise UserInputError(f"epochs={self.epochs:g} over {length:,} indices in batches of {self.batch_size} "
+                                 f"make {steps:.3g} steps, more than a run can take (2**53)")
+        return max(1, math.ceil(steps))
 
     def steps_per_epoch(self, length: int) -> int:
         return max(1, math.ceil(length / self.batch_size))
@@ -126,28 +155,37 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 
 def save_run(run_dir: Path, model: AUNN, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
              elapsed_s: float) -> None:
-    """Checkpoint a run: the model, the optimizer state, the step reached and the training time so far."""
+    """Checkpoint a run: the model, the optimizer state, the step reached and the training time so far.
+    TrainingDiverged, and nothing written, if a weight or an optimizer moment is not finite."""
     tensors, groups = optimizer_tensors(optimizer)
+    check_finite([*model.named_parameters(), *tensors.items()], step, cfg.lr)
     model.save(run_dir / CHECKPOINT_NAME, extra=tensors, extra_metadata={
         "optimizer_groups": groups,
         "train_state": json.dumps({"step": step, "elapsed_s": elapsed_s, "train_config": asdict(cfg)}),
     })
 
 
-def load_run(run_dir: Path, device: torch.device | str = "cpu", backend: str = "auto",
-             precision: str = "auto") -> tuple[AUNN, dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+def load_run(run_dir: Path, device: torch.device | str = "cpu", backend: str = "auto", precision: str = "auto",
+             reset_optimizer: bool = False
+             ) -> tuple[AUNN, dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
     """The model of a run directory, its training state, its extra tensors and its metadata.
 
-    Raises ValueError for a checkpoint without training state (one not written by :func:`train`).
+    Raises CheckpointError (a ValueError) for a checkpoint without training state (one not written by
+    :func:`train`), or past step 0 without its optimizer state unless ``reset_optimizer``.
     """
     path = Path(run_dir) / CHECKPOINT_NAME
-    model = AUNN.load(path, backend=backend, precision=precision, map_location=device)
-    tensors, metadata = checkpoint.read(path, device)
-    if "train_state" not in metadata or "optimizer_groups" not in metadata:
-        raise ValueError(f"{path} holds a model but no training state (step, optimizer), so its run cannot be "
-                         "resumed; was it saved by `aunn condition --save`?")
-    state = json.loads(metadata["train_state"])
-    return model, state, checkpoint.extra_tensors(tensors), metadata
+    ckpt = checkpoint.load(path, device)
+    if ckpt.train_state is None or ckpt.optimizer_groups is None:
+        raise CheckpointError(path, "train_state", "absent: the file holds a model but no training state (step, "
+                                                   "optimizer), so its run cannot be resumed; was it saved by "
+                                                   "`aunn condition --save`?")
+    step = ckpt.train_state["step"]
+    if step > 0 and not ckpt.has_optimizer_state and not reset_optimizer:
+        raise CheckpointError(path, "extra.optim", f"the optimizer state of step {step} is missing, so the run "
+                                                   "cannot continue exactly; --reset-optimizer (reset_optimizer=True) "
+                                                   "continues with a fresh AdamW")
+    model = AUNN.from_checkpoint(ckpt, backend, precision)
+    return model, ckpt.train_state, ckpt.extra, ckpt.metadata
 
 
 def read_log(path: Path, up_to_step: int = 1 << 62) -> list[dict[str, float]]:
@@ -155,7 +193,10 @@ def read_log(path: Path, up_to_step: int = 1 << 62) -> list[dict[str, float]]:
     if not path.exists():
         return []
     with path.open() as f:
-        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        try:
+            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        except (ValueError, TypeError) as exc:  # a cell that is no number, or a row with too few cells
+            raise UserInputError(f"{path} is not a training log: {exc}") from None
     return [row for row in rows if row["step"] <= up_to_step]
 
 
@@ -167,19 +208,29 @@ def accuracy(model: AUNN, idx: torch.Tensor, targets: torch.Tensor) -> float:
 def check_data_fits(data: Dataset, cfg: AUNNConfig) -> None:
     """ValueError unless the data's indices 0 .. length-1 are all indices of a model with this config."""
     if data.length - 1 > cfg.max_index:
-        raise ValueError(f"the data's {data.length} indices do not fit in bits={cfg.bits} "
-                         f"(largest valid index {cfg.max_index})")
+        raise UserInputError(f"the data's {data.length} indices do not fit in bits={cfg.bits} "
+                             f"(largest valid index {cfg.max_index})")
 
 
 def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | None = None,
-          resume: bool = False, progress: bool = True) -> list[dict[str, float]]:
+          resume: bool = False, progress: bool = True, reset_optimizer: bool = False) -> list[dict[str, float]]:
     """Train ``model`` on ``data``; returns the logged rows. Ctrl-C lets the step under way finish, then saves
     a checkpoint and raises KeyboardInterrupt (a second Ctrl-C interrupts at once).
 
     With ``run_dir``, writes ``log.csv`` and ``model.safetensors`` there (every ``save_every``
-    steps and at the end, atomically). ``resume`` continues from that checkpoint.
+    steps and at the end, atomically), holding the directory's lock (:mod:`aunn_fast.runlock`:
+    RunDirectoryBusy if another process writes there). ``resume`` continues from that checkpoint
+    (``reset_optimizer``: with a fresh AdamW where its optimizer state is missing or unwanted).
+    A non-finite loss or weight stops the run with TrainingDiverged, without saving it.
     """
-    run_path = Path(run_dir) if run_dir is not None else None
+    if run_dir is None:
+        return _train(model, data, cfg, None, resume, progress, reset_optimizer)
+    with runlock.hold(run_dir, "aunn_fast.train.train()"):
+        return _train(model, data, cfg, Path(run_dir), resume, progress, reset_optimizer)
+
+
+def _train(model: AUNN, data: Dataset, cfg: TrainConfig, run_path: Path | None, resume: bool, progress: bool,
+           reset_optimizer: bool) -> list[dict[str, float]]:
     check_data_fits(data, model.cfg)  # checked, like the backend's settings, before anything is written
     model.active_backend().check_settings()
     model.vocab, model.data_description = data.vocab, data.describe()
@@ -187,10 +238,14 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
     start, elapsed_before = 0, 0.0
     if resume:
         if run_path is None:
-            raise ValueError("resume needs a run directory")
-        saved, state, extra, metadata = load_run(run_path, model.device)
+            raise UserInputError("resume needs a run directory")
+        saved, state, extra, metadata = load_run(run_path, model.device, reset_optimizer=reset_optimizer)
         model.load_params(saved.params._asdict())
-        restore_optimizer(optimizer, extra, metadata["optimizer_groups"])
+        if reset_optimizer:
+            print(f"warning: --reset-optimizer: AdamW restarts with zero moments at step {state['step']}; this run "
+                  "will not reproduce the uninterrupted one", file=sys.stderr)
+        else:
+            restore_optimizer(optimizer, extra, metadata["optimizer_groups"])
         start, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
     total = cfg.total_steps(data.length)
     sampler = BatchSampler(data.length, cfg.batch_size, cfg.seed, model.device)
@@ -213,6 +268,7 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
             return elapsed_before + time.perf_counter() - began
 
         bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+        watch = LossWatch(min(cfg.log_every, cfg.save_every), model.device, cfg.lr)
         try:
             while step < total:
                 if pressed():
@@ -228,8 +284,11 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
                     loss.backward()
                     optimizer.step()
                 step += 1
+                watch.record(step, loss)
                 seen += idx.numel()
                 bar.update(1)
+                if step % cfg.log_every == 0 or step % cfg.save_every == 0 or step == total:
+                    watch.check()
                 if step % cfg.log_every == 0 or step == total:
                     now = elapsed()
                     row = {"step": step, "epoch": step / sampler.steps_per_epoch, "loss": loss.item(),
@@ -243,6 +302,7 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
                 if run_path is not None and step % cfg.save_every == 0:
                     save_run(run_path, model, optimizer, step, cfg, elapsed())
         except KeyboardInterrupt:
+            watch.check()
             if run_path is not None:
                 save_run(run_path, model, optimizer, step, cfg, elapsed())
                 bar.write(f"interrupted at step {step}; checkpoint saved to {run_path / CHECKPOINT_NAME}")
@@ -277,11 +337,30 @@ def _ctrl_c_between_steps() -> Iterator[Callable[[], bool]]:
 
 
 def _write_log(path: Path, rows: list[dict[str, float]], append: bool = False) -> None:
-    """Write rows to a new log (with its header), or append them (a header first if there is no log yet)."""
-    header = not (append and path.exists())
-    with path.open("a" if append else "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        if header:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (int(row[k]) if k == "step" else row[k]) for k in LOG_FIELDS})
+    """Write rows to a new log (with its header, atomically), or append them (a new log if there is none yet).
+    An append that fails (a full disk) is cut back, so the log never ends in half a row."""
+    lines = [{k: (int(row[k]) if k == "step" else row[k]) for k in LOG_FIELDS} for row in rows]
+    if not (append and path.exists()):
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+                writer.writeheader()
+                writer.writerows(lines)
+
+        atomic_write(path, write)
+        return
+    text = io.StringIO(newline="")
+    csv.DictWriter(text, fieldnames=LOG_FIELDS).writerows(lines)
+    data = text.getvalue().encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)

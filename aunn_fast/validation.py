@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .config import AUNNConfig
+from .errors import UserInputError, UserTypeError
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -29,36 +30,36 @@ def transforming() -> bool:
 def check_indices(idx: torch.Tensor, cfg: AUNNConfig, check_range: bool = True) -> torch.Tensor:
     """Return idx as int64, raising TypeError/ValueError for anything that is not a valid index."""
     if not isinstance(idx, torch.Tensor):
-        raise TypeError(f"indices must be a torch.Tensor, got {type(idx).__name__}")
+        raise UserTypeError(f"indices must be a torch.Tensor, got {type(idx).__name__}")
     if idx.dtype not in INDEX_DTYPES:
-        raise TypeError(f"indices must be int64 (or int32), got {idx.dtype}; "
+        raise UserTypeError(f"indices must be int64 (or int32), got {idx.dtype}; "
                         "floating-point indices lose their low bits above 2**24")
     idx = idx.to(torch.int64)
     if check_range and idx.numel() > 0 and not transforming():
         lo, hi = value_range(idx)
         if lo < 0:
-            raise ValueError(f"indices must be non-negative, got {lo}")
+            raise UserInputError(f"indices must be non-negative, got {lo}")
         if hi > cfg.max_index:
-            raise ValueError(f"index {hi} does not fit in bits={cfg.bits} (largest valid index {cfg.max_index})")
+            raise UserInputError(f"index {hi} does not fit in bits={cfg.bits} (largest valid index {cfg.max_index})")
     return idx
 
 
 def check_targets(targets: torch.Tensor, idx: torch.Tensor, cfg: AUNNConfig, check_range: bool = True) -> torch.Tensor:
     """Return targets as int64 of idx's shape, raising for wrong type, shape or out-of-vocabulary ids."""
     if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+        raise UserTypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be integer token ids, got {targets.dtype}")
+        raise UserTypeError(f"targets must be integer token ids, got {targets.dtype}")
     if targets.shape != idx.shape:
-        raise ValueError(f"targets shape {tuple(targets.shape)} does not match indices shape {tuple(idx.shape)}")
+        raise UserInputError(f"targets shape {tuple(targets.shape)} does not match indices shape {tuple(idx.shape)}")
     if targets.device != idx.device:
-        raise ValueError(f"targets are on {targets.device} but indices are on {idx.device}")
+        raise UserInputError(f"targets are on {targets.device} but indices are on {idx.device}")
     targets = targets.to(torch.int64)
     if check_range and targets.numel() > 0 and not transforming():
         lo, hi = value_range(targets)
         if lo < 0 or hi >= cfg.vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"target {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+            raise UserInputError(f"target {bad} is outside the vocabulary [0, {cfg.vocab_size})")
     return targets
 
 
@@ -71,5 +72,5 @@ def check_device(device: str | torch.device) -> torch.device:
         torch.empty(0, device=device)
     except (RuntimeError, TypeError, AssertionError, NotImplementedError) as exc:
         # torch raises AssertionError for a device type it was built without (e.g. cuda on a CPU build)
-        raise ValueError(f"device {str(device)!r} is not usable on this machine: {exc}") from None
+        raise UserInputError(f"device {str(device)!r} is not usable on this machine: {exc}") from None
     return device
