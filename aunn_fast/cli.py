@@ -12,6 +12,7 @@ from typing import Any, Callable, NoReturn
 
 import torch
 
+from . import distributed
 from .backends import BACKENDS, resolve_backend
 from .config import PRECISIONS, AUNNConfig
 from .data import FINGERPRINT_KEYS, Dataset, data_from_description, decode, encode, load_data
@@ -425,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_backend(args)
-        return COMMANDS[args.command](args)
+        with distributed.command_rank(args):  # under torchrun, one rank of a data-parallel run
+            return COMMANDS[args.command](args)
     except (CommandError, ValueError, TypeError, OSError) as exc:
         print(f"aunn {args.command}: error: {exc}", file=sys.stderr)
         return 2
