@@ -151,8 +151,9 @@ class DataParallel:
 
     ``step(step) -> (idx, targets, loss)``: this rank's indices and targets (int64 [share])
     and the global batch's mean loss (float32 []), after the optimizer step. ``pressed()``
-    says whether this rank was interrupted (Ctrl-C); :meth:`stop_agreed` whether any rank
-    was, as of the last step, so that every rank stops after the same step.
+    says whether this rank was interrupted (Ctrl-C), asked just before the step's all-reduce;
+    :meth:`stop_agreed` whether any rank was, as of the last step, so that every rank stops
+    after the same step.
     """
 
     def __init__(self, model: AUNN, optimizer: torch.optim.Optimizer, sampler: EpochSampler, data: Dataset,
@@ -188,14 +189,15 @@ class DataParallel:
         self.loss.copy_(loss.detach())
 
     def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        status, error = INTERRUPTED if self.pressed() else RUNNING, None
+        error = None
         idx = targets = torch.empty(0, dtype=torch.int64, device=self.model.device)
         try:
             idx = self.sampler.indices(step)
             targets = self.data.targets(idx)
             self.pack(idx, targets, self.sampler.global_batch_size(step))
         except Exception as exc:  # told to every rank by the all-reduce below, then raised here
-            status, error = FAILED, exc
+            error = exc
+        status = FAILED if error is not None else INTERRUPTED if self.pressed() else RUNNING
         self.status.zero_()
         self.status[self.rank] = status
         dist.all_reduce(self.buffer)

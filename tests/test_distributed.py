@@ -141,12 +141,12 @@ def test_a_failing_rank_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path)
 
 
 def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
-    """SIGINT reaches rank 1 during its 3rd step: every rank completes the 4th (where rank 1 reports it), then
-    stops, and rank 0 saves the checkpoint of step 4."""
+    """SIGINT reaches rank 1 during its 3rd step: every rank completes that step (whose all-reduce tells them),
+    then stops, and rank 0 saves the checkpoint of step 3."""
     run = tmp_path / "run"
     results = _spawn(run, steps=8, fault={"rank": 1, "call": 3, "kind": "sigint"})
     assert [r["error"] for r in results] == ["KeyboardInterrupt: ", "KeyboardInterrupt: "]
-    assert load_run(run)[1]["step"] == 4 and [int(r["step"]) for r in read_log(run / LOG_NAME)] == [1, 2, 3, 4]
+    assert load_run(run)[1]["step"] == 3 and [int(r["step"]) for r in read_log(run / LOG_NAME)] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("backend", ["reference", "compile", "triton"])
