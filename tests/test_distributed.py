@@ -186,6 +186,25 @@ def test_launch_variables_are_checked():
         distributed.launch_from_env({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                                      "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     assert distributed.rank_device(launch, "cpu") == "cpu"
+    with pytest.raises(ValueError, match="pass --device cuda"):
+        distributed.rank_device(launch, "cuda:1")
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ValueError, match="local rank 1 has no GPU"):
+            distributed.rank_device(launch, "cuda")
+
+
+def test_a_log_written_before_the_world_size_column_resumes(tmp_path):
+    """Runs logged before log.csv had world_size: their rows read as 1 process, and resuming rewrites them so."""
+    run = tmp_path / "run"
+    train(_model(), ToyData(chunks=CHUNKS), _config(2, save_every=2), run, progress=False)
+    lines = (run / LOG_NAME).read_text().splitlines()
+    (run / LOG_NAME).write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    assert "world_size" not in (run / LOG_NAME).read_text()
+    model, _, _, _ = load_run(run)
+    train(model, ToyData(chunks=CHUNKS), _config(3), run, resume=True, progress=False)
+    rows = read_log(run / LOG_NAME)
+    assert [(int(r["step"]), int(r["world_size"])) for r in rows] == [(1, 1), (2, 1), (3, 1)]
+    assert (run / LOG_NAME).read_text().splitlines()[1].endswith(",1")
 
 
 def test_only_train_runs_under_torchrun(tmp_path, capsys, monkeypatch):
