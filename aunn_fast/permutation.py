@@ -10,7 +10,7 @@ bits. Each round replaces one half by itself XOR a keyed hash of the other (alte
 halves, so unequal halves need no swap); every round is invertible, so the network is a
 bijection of [0, 2^k). Positions it maps to n or beyond are mapped again ("cycle
 walking") until they land below n, which restricts it to a bijection of [0, n); as
-2^k < 2n, fewer than 2 rounds of walking are needed on average.
+2^k <= 2n, a position needs at most 2 passes through the network on average.
 
 All arithmetic is on int64 tensors holding values below 2^32 (a half) or below 2^63 (a
 whole), and every product is of a value below 2^32 by a constant below 2^31, so nothing
