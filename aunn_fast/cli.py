@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 
-from . import __version__, runlock
+from . import __version__, distributed, runlock
 from .atomic import write_file_set
 from .backends import BACKENDS, resolve_backend, resolve_precision
 from .config import PRECISIONS, AUNNConfig
@@ -215,11 +215,15 @@ def _check_run_path(path: Path) -> None:
 
 @contextlib.contextmanager
 def _writing(path: Path | None, command: str) -> Iterator[None]:
-    """Hold the lock of run directory ``path`` (if any) for the block, after checking that it can be one."""
+    """Hold the lock of run directory ``path`` (if any) for the block, after checking that it can be one. Under
+    torchrun rank 0 alone holds it, as it alone writes there."""
     if path is None:
         yield
         return
     _check_run_path(path)
+    if distributed.rank_and_world_size()[0] != 0:
+        yield
+        return
     with runlock.hold(path, command):
         yield
 
@@ -474,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_backend(args)
-        return COMMANDS[args.command](args)
+        with distributed.command_rank(args):  # under torchrun, one rank of a data-parallel run
+            return COMMANDS[args.command](args)
     except (CommandError, AUNNError) as exc:
         return _user_error(args.command, exc)
     except OSError as exc:

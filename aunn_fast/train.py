@@ -23,19 +23,19 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, runlock
+from . import checkpoint, distributed, runlock
 from .atomic import atomic_write
 from .config import AUNNConfig
 from .cuda_graph import GraphedTrainStep
-from .data import Dataset, random_indices
+from .data import Dataset
 from .divergence import LossWatch, check_finite
 from .errors import CheckpointError, UserInputError, UserTypeError
 from .model import AUNN
+from .sampler import EpochSampler
 
 CHECKPOINT_NAME = "model.safetensors"
 LOG_NAME = "log.csv"
-LOG_FIELDS = ["step", "epoch", "loss", "accuracy", "indices_per_s", "elapsed_s"]
-PERMUTE_LIMIT = 1 << 27  # above this many indices an epoch samples uniformly instead of permuting
+LOG_FIELDS = ["step", "epoch", "loss", "accuracy", "indices_per_s", "elapsed_s", "world_size"]
 MAX_STEPS = 2**53  # steps (and epochs, as their ratio) stay exact in a float64
 MAX_SEED = 2**63 - 1
 
@@ -93,32 +93,6 @@ class TrainConfig:
         return max(1, math.ceil(length / self.batch_size))
 
 
-class BatchSampler:
-    """Index batches for every step: a fresh permutation per epoch, or uniform draws for huge data."""
-
-    def __init__(self, length: int, batch_size: int, seed: int, device: torch.device) -> None:
-        self.length, self.batch_size, self.seed, self.device = length, batch_size, seed, device
-        self.steps_per_epoch = max(1, math.ceil(length / batch_size))
-        self._epoch: int | None = None
-        self._perm: torch.Tensor | None = None
-
-    def _generator(self, *key: int) -> torch.Generator:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(hash((self.seed,) + key) & 0x7FFF_FFFF_FFFF_FFFF)
-        return gen
-
-    def indices(self, step: int) -> torch.Tensor:
-        """int64 [<= batch_size] indices for this step, on the sampler's device."""
-        if self.length > PERMUTE_LIMIT:
-            return random_indices(self.length, self.batch_size, self._generator(1, step))
-        epoch, within = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._perm = torch.randperm(self.length, device=self.device, generator=self._generator(0, epoch))
-            self._epoch = epoch
-        assert self._perm is not None
-        return self._perm[within * self.batch_size:(within + 1) * self.batch_size]
-
-
 def make_optimizer(model: AUNN, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; on CUDA fused, and capturable (so it can live in a CUDA graph) when cfg.cuda_graph."""
     on_cuda = model.device.type == "cuda"
@@ -154,14 +128,16 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 
 
 def save_run(run_dir: Path, model: AUNN, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
-             elapsed_s: float) -> None:
-    """Checkpoint a run: the model, the optimizer state, the step reached and the training time so far.
-    TrainingDiverged, and nothing written, if a weight or an optimizer moment is not finite."""
+             elapsed_s: float, world_size: int = 1) -> None:
+    """Checkpoint a run: the model, the optimizer state, the step reached, the training time so far and the
+    number of processes it ran with. TrainingDiverged, and nothing written, if a weight or an optimizer moment
+    is not finite."""
     tensors, groups = optimizer_tensors(optimizer)
     check_finite([*model.named_parameters(), *tensors.items()], step, cfg.lr)
     model.save(run_dir / CHECKPOINT_NAME, extra=tensors, extra_metadata={
         "optimizer_groups": groups,
-        "train_state": json.dumps({"step": step, "elapsed_s": elapsed_s, "train_config": asdict(cfg)}),
+        "train_state": json.dumps({"step": step, "elapsed_s": elapsed_s, "train_config": asdict(cfg),
+                                   "world_size": world_size}),
     })
 
 
@@ -194,7 +170,7 @@ def read_log(path: Path, up_to_step: int = 1 << 62) -> list[dict[str, float]]:
         return []
     with path.open() as f:
         try:
-            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            rows = [{"world_size": 1.0, **{k: float(v) for k, v in row.items()}} for row in csv.DictReader(f)]
         except (ValueError, TypeError) as exc:  # a cell that is no number, or a row with too few cells
             raise UserInputError(f"{path} is not a training log: {exc}") from None
     return [row for row in rows if row["step"] <= up_to_step]
@@ -222,9 +198,15 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
     RunDirectoryBusy if another process writes there). ``resume`` continues from that checkpoint
     (``reset_optimizer``: with a fresh AdamW where its optimizer state is missing or unwanted).
     A non-finite loss or weight stops the run with TrainingDiverged, without saving it.
+
+    In an initialized torch.distributed process group (torchrun), every rank calls this: each trains on its
+    share of every global batch of ``cfg.batch_size`` (aunn_fast.distributed); rank 0 alone writes ``run_dir``
+    (and holds its lock) and shows progress. The rows (global loss and accuracy) are the same on every rank, but
+    only rank 0's begin with those of the log resumed.
     """
-    if run_dir is None:
-        return _train(model, data, cfg, None, resume, progress, reset_optimizer)
+    if run_dir is None or distributed.rank_and_world_size()[0] != 0:  # rank 0 alone writes (and locks) run_dir
+        return _train(model, data, cfg, None if run_dir is None else Path(run_dir), resume, progress,
+                      reset_optimizer)
     with runlock.hold(run_dir, "aunn_fast.train.train()"):
         return _train(model, data, cfg, Path(run_dir), resume, progress, reset_optimizer)
 
@@ -248,7 +230,9 @@ def _train(model: AUNN, data: Dataset, cfg: TrainConfig, run_path: Path | None, 
             restore_optimizer(optimizer, extra, metadata["optimizer_groups"])
         start, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
     total = cfg.total_steps(data.length)
-    sampler = BatchSampler(data.length, cfg.batch_size, cfg.seed, model.device)
+    sampler = EpochSampler(data.length, cfg.batch_size, cfg.seed, model.device, *distributed.rank_and_world_size())
+    if sampler.rank != 0:  # rank 0 alone writes the run directory and shows progress
+        run_path, progress = None, False
     rows = read_log(run_path / LOG_NAME, start) if run_path else []
     if run_path is not None:  # the log is cut back to the checkpoint, or begun at the first row
         run_path.mkdir(parents=True, exist_ok=True)
@@ -258,8 +242,12 @@ def _train(model: AUNN, data: Dataset, cfg: TrainConfig, run_path: Path | None, 
             (run_path / LOG_NAME).unlink(missing_ok=True)
 
     with _ctrl_c_between_steps() as pressed:
+        parallel = None
+        if distributed.is_initialized():  # every rank stops after the same step, when any was interrupted
+            parallel = distributed.DataParallel(model, optimizer, sampler, data, pressed)
+            pressed = parallel.stop_agreed
         graphed = None
-        if cfg.cuda_graph and model.device.type == "cuda":
+        if cfg.cuda_graph and model.device.type == "cuda" and parallel is None:
             graphed = GraphedTrainStep(model, optimizer, min(cfg.batch_size, data.length))
         step = start
         began, seen = time.perf_counter(), 0
@@ -273,44 +261,49 @@ def _train(model: AUNN, data: Dataset, cfg: TrainConfig, run_path: Path | None, 
             while step < total:
                 if pressed():
                     raise KeyboardInterrupt
-                idx = sampler.indices(step)
-                targets = data.targets(idx)
-                if graphed is not None and idx.numel() == graphed.batch_size:
-                    loss = graphed(idx, targets)
+                if parallel is not None:
+                    idx, targets, loss = parallel.step(step)
                 else:
-                    # a captured graph keeps using the gradient tensors it was captured with: zero, not free
-                    optimizer.zero_grad(set_to_none=graphed is None)
-                    loss = model.loss(idx, targets)
-                    loss.backward()
-                    optimizer.step()
+                    idx = sampler.indices(step)
+                    targets = data.targets(idx)
+                    if graphed is not None and idx.numel() == graphed.batch_size:
+                        loss = graphed(idx, targets)
+                    else:
+                        # a captured graph keeps using the gradient tensors it was captured with: zero, not free
+                        optimizer.zero_grad(set_to_none=graphed is None)
+                        loss = model.loss(idx, targets)
+                        loss.backward()
+                        optimizer.step()
+                seen += sampler.global_batch_size(step)
                 step += 1
                 watch.record(step, loss)
-                seen += idx.numel()
                 bar.update(1)
                 if step % cfg.log_every == 0 or step % cfg.save_every == 0 or step == total:
                     watch.check()
                 if step % cfg.log_every == 0 or step == total:
                     now = elapsed()
                     row = {"step": step, "epoch": step / sampler.steps_per_epoch, "loss": loss.item(),
-                           "accuracy": accuracy(model, idx, targets),
-                           "indices_per_s": seen / max(now - elapsed_before, 1e-9), "elapsed_s": now}
+                           "accuracy": accuracy(model, idx, targets) if parallel is None
+                           else parallel.accuracy(idx, targets),
+                           "indices_per_s": seen / max(now - elapsed_before, 1e-9), "elapsed_s": now,
+                           "world_size": sampler.world_size}
                     rows.append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
                                     idx_s=f"{row['indices_per_s']:.3g}")
                     if run_path is not None:
                         _write_log(run_path / LOG_NAME, [row], append=True)
                 if run_path is not None and step % cfg.save_every == 0:
-                    save_run(run_path, model, optimizer, step, cfg, elapsed())
+                    save_run(run_path, model, optimizer, step, cfg, elapsed(), sampler.world_size)
         except KeyboardInterrupt:
             watch.check()
             if run_path is not None:
-                save_run(run_path, model, optimizer, step, cfg, elapsed())
+                save_run(run_path, model, optimizer, step, cfg, elapsed(), sampler.world_size)
                 bar.write(f"interrupted at step {step}; checkpoint saved to {run_path / CHECKPOINT_NAME}")
             raise
         finally:
             bar.close()
         if run_path is not None:
-            save_run(run_path, model, optimizer, step, cfg, elapsed())
+            save_run(run_path, model, optimizer, step, cfg, elapsed(), sampler.world_size)
     return rows
 
 
@@ -339,7 +332,7 @@ def _ctrl_c_between_steps() -> Iterator[Callable[[], bool]]:
 def _write_log(path: Path, rows: list[dict[str, float]], append: bool = False) -> None:
     """Write rows to a new log (with its header, atomically), or append them (a new log if there is none yet).
     An append that fails (a full disk) is cut back, so the log never ends in half a row."""
-    lines = [{k: (int(row[k]) if k == "step" else row[k]) for k in LOG_FIELDS} for row in rows]
+    lines = [{k: (int(row[k]) if k in ("step", "world_size") else row[k]) for k in LOG_FIELDS} for row in rows]
     if not (append and path.exists()):
         def write(tmp: Path) -> None:
             with tmp.open("w", newline="") as f:

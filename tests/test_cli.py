@@ -267,7 +267,7 @@ def test_a_run_that_failed_before_its_first_row_leaves_nothing_to_refuse(tmp_pat
         raise RuntimeError("CUDA out of memory (simulated)")
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_module.BatchSampler, "indices", out_of_memory)
+        patch.setattr(train_module.EpochSampler, "indices", out_of_memory)
         assert main(argv) == 1  # an error the package does not know: internal, with its traceback
     assert "simulated" in capsys.readouterr().err
     assert not out.exists()  # nor an empty directory

@@ -11,7 +11,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.data import ToyData
 import aunn_fast.train as train_module
-from aunn_fast.train import (CHECKPOINT_NAME, LOG_NAME, BatchSampler, TrainConfig, accuracy, check_data_fits, load_run,
+from aunn_fast.train import (CHECKPOINT_NAME, LOG_NAME, TrainConfig, accuracy, check_data_fits, load_run,
                               make_optimizer, optimizer_tensors, restore_optimizer, train)
 
 
@@ -89,22 +89,6 @@ def test_data_fits_exactly_up_to_the_largest_index():
     check_data_fits(types.SimpleNamespace(length=256), cfg)
     with pytest.raises(ValueError, match="257 indices do not fit in bits=8"):
         check_data_fits(types.SimpleNamespace(length=257), cfg)
-
-
-def test_epoch_batches_cover_the_data_once():
-    sampler = BatchSampler(length=100, batch_size=32, seed=1, device=torch.device("cpu"))
-    batches = [sampler.indices(step) for step in range(4)]
-    assert sorted(torch.cat(batches).tolist()) == list(range(100))
-    assert not torch.equal(sampler.indices(4), batches[0])  # the next epoch is reshuffled
-
-
-@pytest.mark.parametrize("length", [2**40, 2**63])  # 2**63: every int64 index, past randint's bound
-def test_huge_datasets_are_sampled_uniformly(length):
-    sampler = BatchSampler(length=length, batch_size=1000, seed=1, device=torch.device("cpu"))
-    idx = sampler.indices(7)
-    assert idx.shape == (1000,) and idx.dtype == torch.int64 and idx.min() >= 0 and idx.max() <= length - 1
-    assert 0.4 * length < idx.double().mean() < 0.6 * length
-    assert torch.equal(idx, sampler.indices(7)) and not torch.equal(idx, sampler.indices(8))
 
 
 def test_restore_optimizer_keeps_the_resuming_optimizers_settings():
@@ -234,13 +218,6 @@ def test_train_config_lengths():
     assert cfg.steps_per_epoch(100) == 4
     assert cfg.total_steps(100) == 5  # 4.4 steps: the started one is taken
     assert TrainConfig(batch_size=32, epochs=1.0).total_steps(100) == 4
-
-
-def test_permutation_is_used_up_to_the_limit(monkeypatch):
-    """A dataset of exactly PERMUTE_LIMIT indices is still permuted: an epoch covers every index once."""
-    monkeypatch.setattr(train_module, "PERMUTE_LIMIT", 100)
-    sampler = BatchSampler(length=100, batch_size=32, seed=1, device=torch.device("cpu"))
-    assert sorted(torch.cat([sampler.indices(step) for step in range(4)]).tolist()) == list(range(100))
 
 
 def test_optimizer_uses_the_configured_weight_decay():
