@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -11,9 +11,11 @@ from torch import nn
 from . import checkpoint
 from .backends import Backend, check_backend_name, check_precision_name, resolve_backend, resolve_precision
 from .config import AUNNConfig
-from .data import Vocab
 from .params import AUNNParams, init_params, param_shapes
 from .validation import check_indices, check_targets
+
+if TYPE_CHECKING:  # a type only: the model does not depend on the data module
+    from .data import Vocab
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -46,7 +48,7 @@ class AUNN(nn.Module):
         for name, tensor in init_params(cfg, generator)._asdict().items():
             self.register_parameter(name, nn.Parameter(tensor))
         self.validate = True
-        self.vocab: Vocab = None
+        self.vocab: Vocab | None = None
         self.data_description: dict[str, Any] | None = None
 
     # -- configuration -------------------------------------------------------------
@@ -144,12 +146,12 @@ class AUNN(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str = "auto", precision: str = "auto",
-             map_location: str | torch.device = "cpu") -> "AUNN":
+             map_location: str | torch.device = "cpu") -> AUNN:
         """Read a file written by :meth:`save`; raises ValueError for truncated or foreign files."""
         return checkpoint.load_model(cls, path, backend, precision, map_location)
 
     @classmethod
-    def from_seed_state_dict(cls, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> "AUNN":
+    def from_seed_state_dict(cls, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> AUNN:
         """Build from the seed notebook's state dict; the config is inferred from its shapes."""
         return checkpoint.from_seed_state_dict(cls, state_dict, **kwargs)
 
