@@ -6,9 +6,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -19,7 +20,7 @@ from .evaluate import evaluate
 from .inference import CONDITION_OPTIMIZERS, condition, generate, generate_by_backprop
 from .model import AUNN
 from .report import write_report
-from .train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, check_data_fits, read_log, load_run, train
+from .train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, check_data_fits, load_run, read_log, train
 from .validation import check_device
 
 
