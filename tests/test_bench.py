@@ -128,7 +128,7 @@ def test_triton_on_cpu_is_skipped_without_interpreter(monkeypatch: pytest.Monkey
     assert harness.unavailable_reason("triton", torch.device("cpu"))
 
 
-def test_ceilings_match_the_anchors() -> None:
+def test_ceilings_match_the_datasheet_estimates() -> None:
     seed = AUNNConfig(vocab_size=4, hidden=64, layers=8, bits=64)
     assert ceilings.ceilings(seed, "forward").sfu == pytest.approx(4.7e9, rel=0.02)
     assert ceilings.ceilings(seed, "train").sfu == pytest.approx(2.3e9, rel=0.02)
