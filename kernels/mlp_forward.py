@@ -6,7 +6,7 @@ Kernels:
   whole trunk runs in registers (index bits -> input layer -> every hidden layer,
   residuals included); the head then loops over the vocabulary in BLOCK_V chunks and
   finishes per MODE: 0 stores logits, 1 keeps a running argmax, 2 keeps an online
-  logsumexp plus the target logit and stores the per-row loss and logsumexp. Without
+  softmax sum plus the target logit and stores the per-row loss and softmax statistics. Without
   FUSED_TRUNK the trunk's last activation is read from memory (layer-wise path). With
   few row blocks and a large vocabulary a second grid axis splits the vocabulary into
   ranges (``config.vocab_splits``) whose partial results :func:`combine_ranges` merges.

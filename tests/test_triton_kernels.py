@@ -352,7 +352,7 @@ def test_fp32_layerwise_path(hidden, layers, residual_every, bits, vocab, batch,
 
 @pytest.mark.parametrize("hidden,batch", [(256, 17), (1024, 3)])
 def test_fp32_wide_model(hidden, batch, generator):
-    """hidden over FUSED_MAX_HIDDEN, up to the largest supported: the layer-wise path with streamed GEMMs."""
+    """hidden over KernelOptions.fused_max_hidden, up to the largest supported: the layer-wise path with streamed GEMMs."""
     cfg = AUNNConfig(vocab_size=5, hidden=hidden, layers=3, bits=64, residual_every=1)
     check_model(cfg, batch, generator)
 
@@ -973,7 +973,7 @@ def test_compiled_model_runs_in_one_graph(generator):
 
 def check_compiled_matches_eager(precision, generator, vocab=70):
     # Dynamo keeps compiled code per code object (the lambdas below), guarded on the inputs but not on the
-    # kernels' switches (the layer-wise path's FUSED_MAX_HIDDEN): another test's graph would be reused
+    # default options, which it takes as a constant (ops._default_encoding): another test's graph would be reused
     torch._dynamo.reset()
     cfg = AUNNConfig(vocab_size=vocab, hidden=32, layers=5, bits=64)
     params = make_params(cfg, generator)
