@@ -144,7 +144,9 @@ def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple
 
     for module in (mlp_forward, mlp_backward, head_backward, weights):
         module.launch = compile_only  # this process only compiles: every launcher's launch is a warmup
-    hopper = DeviceTraits(sms=132, interpreted=False)
+    # compiled as for a GPU, with the grids of 4 SMs: then 4,096 rows take the head's unsplit form (as an H100's
+    # 132 SMs do from ~17K rows on) and 64 rows split its vocabulary into ranges, so both forms are compiled
+    compile_device = DeviceTraits(sms=4, interpreted=False)
     # 4,096 rows, compiled as a large batch runs them (bf16 weight copies, KernelOptions.weight_copy_min_rows);
     # and for a large head 64, whose few row blocks split the vocabulary into ranges
     base = KernelOptions(weight_copy_min_rows=4096, tiles=tuple((tiles or {}).items()))
@@ -164,7 +166,7 @@ def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple
                 context.update(config=name, precision=shown, sigmoid=sigmoid)
                 for weight_grad in WEIGHT_GRAD_METHODS:
                     options = replace(base, sigmoid=sigmoid, fp32_products=products, weight_grad=weight_grad)
-                    config = choose_config(hidden, cfg.bits, vocab, precision, hopper, options)
+                    config = choose_config(hidden, cfg.bits, vocab, precision, compile_device, options)
                     if weight_grad == WEIGHT_GRAD_METHODS[0]:  # the forward does not depend on it
                         for mode, label in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_LOSS, "loss")):
                             context["path"] = f"forward {label}{rows_label}"

@@ -19,7 +19,7 @@ from functools import cache, lru_cache
 import torch
 
 WEIGHT_GRAD_METHODS = ("torch", "partials")
-SIGMOID_METHODS = ("tanh", "exact")
+SIGMOID_METHODS = ("exact", "tanh")
 FP32_PRODUCT_METHODS = ("tf32x3", "ieee")
 HEAD_BACKWARD_METHODS = ("kernels", "products")
 # option field: its environment variable (read once, by default_options)
