@@ -8,8 +8,8 @@ the float32 parameters, and returns float32 logits [N, V], the loss (its last ar
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 

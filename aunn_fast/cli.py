@@ -9,9 +9,10 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -26,7 +27,7 @@ from .inference import CONDITION_OPTIMIZERS, condition, generate, generate_by_ba
 from .model import AUNN
 from .report import write_report
 from .resources import check_fits, check_model_fits
-from .train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, check_data_fits, read_log, load_run, train
+from .train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, check_data_fits, load_run, read_log, train
 from .validation import check_device
 
 

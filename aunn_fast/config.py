@@ -88,7 +88,7 @@ class AUNNConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "AUNNConfig":
+    def from_json(cls, text: str) -> AUNNConfig:
         """The config written by :meth:`to_json`, validated again."""
         fields: dict[str, Any] = json.loads(text)
         return cls(**fields)

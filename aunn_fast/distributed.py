@@ -22,14 +22,14 @@ import contextlib
 import datetime
 import os
 import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 
-from .errors import UserInputError
 from .data import Dataset
+from .errors import UserInputError
 from .model import AUNN
 from .sampler import EpochSampler
 

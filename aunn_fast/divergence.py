@@ -7,7 +7,7 @@ the next step's loss shows; a checkpoint is written only after its weights and m
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

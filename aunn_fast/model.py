@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -11,11 +11,13 @@ from torch import nn
 from . import checkpoint
 from .backends import Backend, check_backend_name, check_precision_name, resolve_backend, resolve_precision
 from .config import AUNNConfig
-from .data import Vocab
 from .errors import UserInputError, UserTypeError
 from .params import AUNNParams, init_params, param_shapes
 from .resources import check_model_fits
 from .validation import check_indices, check_targets
+
+if TYPE_CHECKING:  # a type only: the model does not depend on the data module
+    from .data import Vocab
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -50,7 +52,7 @@ class AUNN(nn.Module):
         for name, tensor in init_params(cfg, generator)._asdict().items():
             self.register_parameter(name, nn.Parameter(tensor))
         self.validate = True
-        self.vocab: Vocab = None
+        self.vocab: Vocab | None = None
         self.data_description: dict[str, Any] | None = None
 
     # -- configuration -------------------------------------------------------------
@@ -149,14 +151,14 @@ class AUNN(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str = "auto", precision: str = "auto",
-             map_location: str | torch.device = "cpu") -> "AUNN":
+             map_location: str | torch.device = "cpu") -> AUNN:
         """Read a file written by :meth:`save`, validated whole first (:func:`checkpoint.load`): a
         ``CheckpointError`` (a ValueError) names the file and the field for a truncated, foreign or
         inconsistent file, FileNotFoundError says there is none."""
         return cls.from_checkpoint(checkpoint.load(path, map_location), backend, precision)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: checkpoint.Checkpoint, backend: str = "auto", precision: str = "auto") -> "AUNN":
+    def from_checkpoint(cls, ckpt: checkpoint.Checkpoint, backend: str = "auto", precision: str = "auto") -> AUNN:
         """The model of a checkpoint already read by :func:`checkpoint.load`, on its tensors' device."""
         model = cls(ckpt.cfg, backend=backend, precision=precision).to(ckpt.params["in_weight"].device)
         model.load_params(ckpt.params)
@@ -164,7 +166,7 @@ class AUNN(nn.Module):
         return model
 
     @classmethod
-    def from_seed_state_dict(cls, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> "AUNN":
+    def from_seed_state_dict(cls, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> AUNN:
         """Build from the seed notebook's state dict; the config is inferred from its shapes (``eps`` and
         ``residual_every`` in kwargs go to the config, the rest to the constructor). Entries must be finite
         floating-point tensors: a ValueError/TypeError names the first that is not."""

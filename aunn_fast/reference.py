@@ -20,28 +20,16 @@ import torch.nn.functional as F
 
 from .config import AUNNConfig
 from .params import AUNNParams
+from .rounding import round_to_bf16, round_to_tf32
+
+__all__ = ["binary_embedding", "hidden_state", "logits", "loss", "predict", "round_operand", "round_to_bf16",
+           "round_to_tf32"]
 
 
 def binary_embedding(idx: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """int64 [...] -> dtype [..., bits]; feature j is bit j of the index."""
     shifts = torch.arange(bits, device=idx.device, dtype=torch.int64)
     return ((idx.to(torch.int64).unsqueeze(-1) >> shifts) & 1).to(dtype)
-
-
-def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
-    """x as float32 rounded to TensorFloat-32 (nearest, 10 mantissa bits), still float32; no autograd."""
-    as_int = x.float().view(torch.int32)
-    return ((as_int + 0x1000) & ~0x1FFF).view(torch.float32)
-
-
-def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
-    """x as float32 rounded to bfloat16 (nearest, ties to even), still float32; no autograd. In integer
-    arithmetic, as the tf32 rounding: torch.compile's Inductor drops a float32 -> bfloat16 -> float32 round
-    trip (it keeps bf16 values in float32), which left the compile backend computing in fp32."""
-    x = x.float()
-    as_int = x.view(torch.int32)
-    rounded = ((as_int + (0x7FFF + ((as_int >> 16) & 1))) & -0x10000).view(torch.float32)
-    return torch.where(torch.isnan(x), x, rounded)  # a NaN's carry would wrap to -0
 
 
 def round_operand(x: torch.Tensor, precision: str) -> torch.Tensor:

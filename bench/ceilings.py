@@ -1,12 +1,12 @@
 """Hardware ceilings for the fast paths, as documented constants (NVIDIA H100 SXM).
 
-Source: /work/shared/anchors.md ("Limits to aim at (H100, H=64, estimates)") and the
-H100 SXM datasheet. Two ceilings, in indices per second:
+Source: the H100 SXM datasheet (clock, SMs, special-function and tensor-core rates), as the
+project's first estimates of the limits at H=64 used them. Two ceilings, in indices per second:
 
 * special-function unit (SFU): each SiLU costs an exp and a reciprocal on the SFU,
   16 ops/clock/SM x 132 SMs x 1.98 GHz. Forward does 2 * H * (L-1) such ops per
   index (the input layer and L-2 hidden layers), train twice that. At H=64, L=8
-  this gives ~4.7 G idx/s forward and ~2.3 G idx/s train, the anchors' figures.
+  this gives ~4.7 G idx/s forward and ~2.3 G idx/s train.
 * tensor cores: forward FLOPs per index ~ 2 * (bits*H + (L-2)*H*H + H*V), train
   ~ 3x forward, at 989 TFLOP/s dense bf16 (the limit for every precision: it is
   the fastest any of them can go).
@@ -61,7 +61,7 @@ def ceilings(cfg: AUNNConfig, kind: str) -> Ceilings:
 def describe(configs: dict[str, AUNNConfig]) -> dict[str, Any]:
     """results.json's meta.ceilings: constants, source, and indices/s per config and kind."""
     return {
-        "source": "anchors.md (H100 limits) and the H100 SXM datasheet; see aunn_fast/bench/ceilings.py",
+        "source": "the H100 SXM datasheet; see aunn_fast/bench/ceilings.py",
         "sfu_ops_per_s": H100_SFU_OPS_PER_S,
         "tensor_core_flops": H100_BF16_DENSE_FLOPS,
         "idx_per_s": {name: {kind: asdict(ceilings(cfg, kind)) for kind in FLOP_FACTOR}

@@ -13,10 +13,10 @@ hidden layers, in the fused backward one hidden layer; x warps / rows per progra
 what that costs per index in warp-instructions issued); MUFU (special-function unit:
 exp2, rcp, tanh, rsqrt...) and MMA (HMMA/HGMMA tensor-core instructions). Each is counted
 once per place in the code, so a loop body counts once.
-In bf16 every path is compiled with both sigmoid choices (``common.SIGMOID``); in fp32 with each
-product method of ``--fp32-products`` (``precision.FP32_PRODUCTS``; the default "tf32x3" in rows "fp32",
+In bf16 every path is compiled with both sigmoid choices (``KernelOptions.sigmoid``); in fp32 with each
+product method of ``--fp32-products`` (``KernelOptions.fp32_products``; the default "tf32x3" in rows "fp32",
 FMAs in rows "fp32 ieee").
-``--tiles`` overrides fields of every ``choose_tiles`` answer (``common.TILE_OVERRIDES``, as
+``--tiles`` overrides fields of every ``choose_tiles`` answer (``KernelOptions.tiles``, as
 kernel_variants' candidates do), to see a candidate's registers and spills before timing it.
 Runs without TRITON_INTERPRET (it re-executes itself with the variable removed).
 Exit status 0 when everything compiled, 1 otherwise.
@@ -29,12 +29,13 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import fields, replace
 from pathlib import Path
 
 from aunn_fast.bench.options import names_from
 from aunn_fast.config import PRECISIONS
+from aunn_fast.kernels.config import FP32_PRODUCT_METHODS, SIGMOID_METHODS, WEIGHT_GRAD_METHODS, KernelOptions, Tiles
 
-FP32_PRODUCTS = ("tf32x3", "ieee")  # precision.FP32_PRODUCTS_CHOICES, default first (not imported: it loads Triton)
 HOPPER_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100 (sm_90)
 CONFIGS = {  # name: (hidden, layers, vocab), as the benchmark's configurations
     "seed": (64, 8, 4),
@@ -110,7 +111,7 @@ def _sass_counts(cubin: bytes) -> dict[str, int]:
             "mufu": len(re.findall(r"\bMUFU\.", text)), "mma": len(re.findall(r"\bH(?:G)?MMA\.", text))}
 
 
-def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple[str, ...] = FP32_PRODUCTS[:1],
+def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple[str, ...] = FP32_PRODUCT_METHODS[:1],
                  tiles: dict[str, int] | None = None) -> list[dict[str, object]]:
     """Run every launcher on CPU tensors with launches replaced by compile-only warmups; tiles: Tiles fields
     replaced in every choose_tiles answer."""
@@ -119,9 +120,9 @@ def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple
 
     driver.set_active(_HopperWithoutDriver())
     from aunn_fast.config import AUNNConfig
-    from aunn_fast.kernels import common, mlp_backward, mlp_forward
-    from aunn_fast.kernels import precision as precision_modes
-    from aunn_fast.kernels.mlp_forward import MODE_ARGMAX, MODE_LOGITS, MODE_LOSS
+    from aunn_fast.kernels import head_backward, mlp_backward, mlp_forward, weights
+    from aunn_fast.kernels.common import MODE_ARGMAX, MODE_LOGITS, MODE_LOSS
+    from aunn_fast.kernels.config import DeviceTraits, choose_config
     from aunn_fast.params import init_params
 
     rows: list[dict[str, object]] = []
@@ -141,38 +142,42 @@ def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple
                      "shared": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], "sm_90a"),
                      **_sass_counts(compiled.asm["cubin"])})
 
-    mlp_forward.launch = mlp_backward.launch = compile_only
-    common.TILE_OVERRIDES.update(tiles or {})
+    for module in (mlp_forward, mlp_backward, head_backward, weights):
+        module.launch = compile_only  # this process only compiles: every launcher's launch is a warmup
+    # compiled as for a GPU, with the grids of 4 SMs: then 4,096 rows take the head's unsplit form (as an H100's
+    # 132 SMs do from ~17K rows on) and 64 rows split its vocabulary into ranges, so both forms are compiled
+    compile_device = DeviceTraits(sms=4, interpreted=False)
+    # 4,096 rows, compiled as a large batch runs them (bf16 weight copies, KernelOptions.weight_copy_min_rows);
+    # and for a large head 64, whose few row blocks split the vocabulary into ranges
+    base = KernelOptions(weight_copy_min_rows=4096, tiles=tuple((tiles or {}).items()))
     for name in configs:
         hidden, layers, vocab = CONFIGS[name]
         cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers)
         params = init_params(cfg)
-        # 4,096 rows, compiled as a large batch runs them (bf16 weight copies, mlp_forward.WEIGHT_COPY_MIN_ROWS);
-        # and for a large head 64, whose few row blocks split the vocabulary into ranges
-        mlp_forward.WEIGHT_COPY_MIN_ROWS = 4096
-        for n in (4096, 64) if vocab >= common.VOCAB_SPLIT_MIN else (4096,):
+        for n in (4096, 64) if vocab >= base.vocab_split_min else (4096,):
             rows_label = "" if n == 4096 else ", few rows"
             idx = torch.randint(0, 2**62, (n,))
             targets = torch.randint(0, vocab, (n,))
             variants = [(p, s, f) for p in precisions
-                        for s in (common.SIGMOID_CHOICES if p == "bf16" else ("exact",))
-                        for f in (fp32_products if p == "fp32" else FP32_PRODUCTS[:1])]
+                        for s in (SIGMOID_METHODS if p == "bf16" else ("exact",))
+                        for f in (fp32_products if p == "fp32" else FP32_PRODUCT_METHODS[:1])]
             for precision, sigmoid, products in variants:
-                common.SIGMOID, precision_modes.FP32_PRODUCTS = sigmoid, products
-                shown = precision if products == FP32_PRODUCTS[0] else f"{precision} {products}"
+                shown = precision if products == FP32_PRODUCT_METHODS[0] else f"{precision} {products}"
                 context.update(config=name, precision=shown, sigmoid=sigmoid)
-                for mode, label in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_LOSS, "loss")):
-                    context["path"] = f"forward {label}{rows_label}"
-                    mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps, precision,
-                                        mode, False)
-                context["path"] = f"forward loss, training{rows_label}"
-                out, lse, acts, zs = mlp_forward.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps,
-                                                         precision, MODE_LOSS, True)
-                for weight_grad in ("torch", "partials"):
+                for weight_grad in WEIGHT_GRAD_METHODS:
+                    options = replace(base, sigmoid=sigmoid, fp32_products=products, weight_grad=weight_grad)
+                    config = choose_config(hidden, cfg.bits, vocab, precision, compile_device, options)
+                    if weight_grad == WEIGHT_GRAD_METHODS[0]:  # the forward does not depend on it
+                        for mode, label in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_LOSS, "loss")):
+                            context["path"] = f"forward {label}{rows_label}"
+                            mlp_forward.forward(idx, targets, params, cfg.residual_every, cfg.norm_eps, mode, False,
+                                                config)
+                    context["path"] = f"forward loss, training{rows_label}"
+                    out, stats, acts, zs = mlp_forward.forward(idx, targets, params, cfg.residual_every, cfg.norm_eps,
+                                                               MODE_LOSS, True, config)
                     context["path"] = f"backward ({weight_grad}){rows_label}"
-                    mlp_backward.WEIGHT_GRAD = weight_grad
-                    mlp_backward.backward(idx, targets, torch.ones(n), lse, acts, zs, *params,
-                                          cfg.residual_every, cfg.norm_eps, precision, MODE_LOSS)
+                    mlp_backward.backward(idx, targets, torch.ones(n), stats, acts, zs, params, cfg.residual_every,
+                                          cfg.norm_eps, MODE_LOSS, config)
     return rows
 
 
@@ -195,16 +200,13 @@ def _table(rows: list[dict[str, object]]) -> str:
 
 
 def _tile_overrides(text: str) -> dict[str, int]:
-    """"block_hc=256,num_warps_head=4" -> {"block_hc": 256, "num_warps_head": 4}, fields of kernels.common.Tiles
-    (listed here, not imported: that loads Triton)."""
-    fields = ("block_h", "block_bits", "block_m", "block_m_bwd", "block_m_head", "block_m_rowwise", "block_v",
-              "block_hc", "block_k_head", "num_warps", "num_warps_bwd", "num_warps_head", "max_registers",
-              "max_registers_bwd", "num_stages")
+    """"block_hc=256,num_warps_head=4" -> {"block_hc": 256, "num_warps_head": 4}, fields of kernels.config.Tiles."""
+    names = [f.name for f in fields(Tiles) if f.name != "fused"]
     overrides = {}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
-        if name.strip() not in fields or not value.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"{item!r}: expected FIELD=INTEGER with FIELD one of {', '.join(fields)}")
+        if name.strip() not in names or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r}: expected FIELD=INTEGER with FIELD one of {', '.join(names)}")
         overrides[name.strip()] = int(value)
     return overrides
 
@@ -215,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, from {', '.join(CONFIGS)} (default seed,bytes,notebook)")
     parser.add_argument("--precisions", type=names_from(PRECISIONS, "precision(s)"), default="fp32,bf16",
                         help="comma-separated, from fp32, tf32, bf16 (default fp32,bf16)")
-    parser.add_argument("--fp32-products", type=names_from(FP32_PRODUCTS, "fp32 product method(s)"),
-                        default=FP32_PRODUCTS[0],
+    parser.add_argument("--fp32-products", type=names_from(FP32_PRODUCT_METHODS, "fp32 product method(s)"),
+                        default=FP32_PRODUCT_METHODS[0],
                         help="comma-separated, from tf32x3, ieee: how fp32 kernels multiply (default tf32x3)")
     parser.add_argument("--tiles", type=_tile_overrides, default={},
                         help="comma-separated Tiles field=value overrides, e.g. block_hc=256 (default: none)")

@@ -127,7 +127,7 @@ stage "$PROFILE_TIMEOUT" "$OUT/profile_bpe.log" "$PYTHON" -m aunn_fast.bench.pro
     --workloads train --batches 16384 --calls 10 --out "$OUT/profiles"
 PROFILE_BPE_RC=$?
 
-# Hardware counters (Nsight Compute, kernels/NOTES.md "What to measure next"): the fused backward and
+# Hardware counters (Nsight Compute, kernels/DESIGN.md "Open questions"): the fused backward and
 # forward of the seed model's 1M-index train step, and the forward of its 16M-index predict, one launch
 # each after two warm-up calls (--launch-skip counts the matching launches: forward, backward, ...).
 # --clock-control none: the device's clocks are left alone (.library/device/METHOD.md). The reports are
@@ -156,8 +156,8 @@ if [ "$NCU_TIMEOUT" -gt 0 ]; then
     done
 fi
 
-# Only when given time: the candidates the H100 has not settled (kernels/NOTES.md, "What to measure
-# next"): the bpe train step's head backward on all 256 hidden columns (its logits computed once per
+# Only when given time: the candidates the H100 has not settled (kernels/DESIGN.md, "Open
+# questions"): the bpe train step's head backward on all 256 hidden columns (its logits computed once per
 # kernel instead of twice) or as cuBLAS products on materialised dlogits, against the default; H = 512's graphed step with its per-layer kernels on
 # 8 rows or 4 warps against 16 rows on 8, and with its weight-gradient products unsplit over the batch; a
 # 2-index prompt's graphed step with "partials" weight gradients. The full plan is `kernel_variants` unfiltered.

@@ -4,21 +4,15 @@
         [--workloads predict,train,train-graph] [--shapes seed,notebook,H128,bpe,prompt] [--precisions bf16,fp32]
         [--labels "torch + tanh;torch + tanh + fp32 weights"]
 
-Each candidate sets the kernels' benchmarking switches: the trunk weight-gradient method
-(``mlp_backward.WEIGHT_GRAD``: "torch" or "partials", the latter once per
-``--programs-per-sm`` value), the sigmoid (``common.SIGMOID``: "exact" or "tanh", bf16 only),
-the tiles (``common.TILE_OVERRIDES``: rows per program and warps, forward or backward),
-the widest fused model (``common.FUSED_MAX_HIDDEN``; 0 runs H=128 on the layer-wise path),
-the weight-gradient products' split over the batch (``gemm.SPLIT_K_MIN_ROWS``), the head's
-vocabulary ranges at few rows (``common.VOCAB_SPLIT_MIN``), the fp32 mode's products
-(``precision.FP32_PRODUCTS``: "tf32x3" on the tensor cores, the default, or "ieee" FMAs) and the bf16 weight
-copies of large batches (``mlp_forward.WEIGHT_COPY_MIN_ROWS``; "+ fp32 weights" reads the fp32
-weights as before), register caps (``Tiles.max_registers``/``max_registers_bwd``, Triton's maxnreg), the
-forward's pipeline depth (``Tiles.num_stages``), where a small head's gradients are summed
-(``mlp_backward.HEAD_GRADS_IN_TRUNK``; "+ head kernel": by ``head_weight_grad_kernel`` instead of the
-trunk backward) and how the trunk backward reads each hidden weight (``mlp_backward.LOAD_WEIGHT_ONCE``;
-"+ weight as W.T": transposed into registers, as before) and how a large head's backward runs
-(``mlp_backward.HEAD_GEMM_MIN_VOCAB``; "+ head backward by products": cuBLAS on materialised dlogits).
+Each candidate is a :class:`~aunn_fast.kernels.config.KernelOptions` value (as ``triton.Config`` lists are
+configurations), passed to the kernels' calls: the trunk weight-gradient method ("torch" or "partials", the
+latter once per ``--programs-per-sm`` value), the sigmoid ("exact" or "tanh", bf16 only), tile overrides (rows
+per program, warps, register caps, pipeline stages), the widest fused model (0 runs H=128 on the layer-wise
+path), the weight-gradient products' split over the batch, the head's vocabulary ranges at few rows, the fp32
+mode's products ("tf32x3" or "ieee"), the bf16 weight copies of large batches ("+ fp32 weights": none),
+where a small head's gradients are summed ("+ head kernel"), how the trunk backward reads each hidden weight
+("+ weight as W.T") and how a large head's backward runs ("+ head backward by products"). docs/kernels.md
+lists every field.
 ``--labels`` keeps only the named candidates of each step.
 Three workloads, run most decisive first (:func:`default_plan`), as a time limit may cut the run:
 
@@ -42,13 +36,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 from aunn_fast import AUNNConfig, AUNNParams, kernels, reference
+from aunn_fast.kernels.config import KernelOptions, choose_tiles, default_options
 
 from .checks import TOLERANCES
 from .environment import describe
@@ -64,51 +59,24 @@ CHECK_ROWS = 65536
 FULL_BATCH_AGREEMENT = 0.99
 
 
+# a threshold no batch or vocabulary reaches: the candidate never takes that path
+NEVER = 1 << 62
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One setting of the kernels' benchmarking switches; tiles: (Tiles field, value) overrides."""
+    """One candidate configuration of the kernels."""
 
     label: str
-    weight_grad: str = "torch"
-    sigmoid: str = "exact"
-    tiles: tuple[tuple[str, int], ...] = ()
-    programs_per_sm: int | None = None
-    fused_max_hidden: int | None = None
-    split_k_min_rows: int | None = None
-    vocab_split_min: int | None = None
-    fp32_products: str | None = None
-    weight_copy_min_rows: int | None = None
-    head_grads_in_trunk: bool | None = None
-    load_weight_once: bool | None = None
-    head_gemm_min_vocab: int | None = None
+    options: KernelOptions
 
-    @contextmanager
-    def applied(self) -> Iterator[None]:
-        from aunn_fast.kernels import common, gemm, mlp_backward, mlp_forward, precision
 
-        switches = [(mlp_backward, "WEIGHT_GRAD", self.weight_grad), (common, "SIGMOID", self.sigmoid),
-                    (mlp_backward, "PARTIAL_PROGRAMS_PER_SM", self.programs_per_sm),
-                    (common, "FUSED_MAX_HIDDEN", self.fused_max_hidden),
-                    (gemm, "SPLIT_K_MIN_ROWS", self.split_k_min_rows),
-                    (common, "VOCAB_SPLIT_MIN", self.vocab_split_min),
-                    (precision, "FP32_PRODUCTS", self.fp32_products),
-                    (mlp_forward, "WEIGHT_COPY_MIN_ROWS", self.weight_copy_min_rows),
-                    (mlp_backward, "HEAD_GRADS_IN_TRUNK", self.head_grads_in_trunk),
-                    (mlp_backward, "LOAD_WEIGHT_ONCE", self.load_weight_once),
-                    (mlp_backward, "HEAD_GEMM_MIN_VOCAB", self.head_gemm_min_vocab)]
-        saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
-        tiles = dict(common.TILE_OVERRIDES)
-        for module, name, value in switches:
-            if value is not None:
-                setattr(module, name, value)
-        common.TILE_OVERRIDES.update(self.tiles)
-        try:
-            yield
-        finally:
-            for module, name, value in saved:
-                setattr(module, name, value)
-            common.TILE_OVERRIDES.clear()
-            common.TILE_OVERRIDES.update(tiles)
+def variant(label: str, weight_grad: str = "torch", sigmoid: str = "exact", tiles: tuple[tuple[str, int], ...] = (),
+            **changes: Any) -> Variant:
+    """A candidate: the default options (the environment's switches read) with the "torch" weight gradients,
+    the exact sigmoid, the tile overrides and the other KernelOptions fields given."""
+    return Variant(label, replace(default_options(), weight_grad=weight_grad, sigmoid=sigmoid, tiles=tiles,
+                                  **changes))
 
 
 @dataclass(frozen=True)
@@ -126,12 +94,9 @@ class Step:
 
 def default_plan(programs_per_sm: list[int]) -> list[Step]:
     """The steps in the order they are run: most decisive first, as a time limit may cut the run."""
-    from aunn_fast.kernels.common import choose_tiles
-
-    partials = [Variant("partials" if len(programs_per_sm) == 1 else f"partials x{k}/SM", "partials",
-                        programs_per_sm=k) for k in programs_per_sm]
-    tanh = [Variant(f"{v.label} + tanh", v.weight_grad, "tanh", programs_per_sm=v.programs_per_sm)
-            for v in [Variant("torch"), *partials]]
+    partials = [variant("partials" if len(programs_per_sm) == 1 else f"partials x{k}/SM", "partials",
+                        partial_programs_per_sm=k) for k in programs_per_sm]
+    tanh = [Variant(f"{v.label} + tanh", replace(v.options, sigmoid="tanh")) for v in [variant("torch"), *partials]]
     def backward_tiles(hidden: int) -> list[Variant]:
         """Backward row blocks other than the default at this width: more rows per program share each
         layer's fixed work (weight tile, transposes, gain sums) but need more registers (compile
@@ -142,38 +107,38 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
         barriers per 64 rows against 26 per 32; 255 registers and 96 KB of shared memory, 2 blocks per SM
         (the H100 ran it 1.19x faster than 32 x 4: now the default; 128 x 8 runs 1 block of 128 KB per SM).
         At H = 128, 128 x 8 needs 256 KB of shared memory, more than an SM has: left out there."""
-        default = choose_tiles(hidden, 64, 4, "bf16")
-        return [Variant(f"torch + tanh, bwd {rows} rows {warps} warps", "torch", "tanh",
+        default = choose_tiles(hidden, 64, 4, "bf16", KernelOptions())
+        return [variant(f"torch + tanh, bwd {rows} rows {warps} warps", "torch", "tanh",
                         (("block_m_bwd", rows), ("num_warps_bwd", warps)))
                 for rows, warps in ((32, 8), (32, 4), (16, 8), (64, 4), (128, 8))
                 if (rows, warps) != (default.block_m_bwd, default.num_warps_bwd) and rows * hidden <= 128 * 64]
 
     def forward_tiles(hidden: int, pairs: tuple[tuple[int, int], ...]) -> list[Variant]:
         """Forward row blocks and warps other than the default at this width, each with either sigmoid."""
-        default = choose_tiles(hidden, 64, 4, "bf16")
-        return [Variant(f"{rows} rows, {warps} warps" + (" + tanh" if sigmoid == "tanh" else ""),
+        default = choose_tiles(hidden, 64, 4, "bf16", KernelOptions())
+        return [variant(f"{rows} rows, {warps} warps" + (" + tanh" if sigmoid == "tanh" else ""),
                         sigmoid=sigmoid, tiles=(("block_m", rows), ("num_warps", warps)))
                 for rows, warps in pairs if (rows, warps) != (default.block_m, default.num_warps)
                 for sigmoid in ("exact", "tanh")]
     # the large batches' bf16 weight copies against reading the fp32 weights in every program
-    fp32_weights = {label: Variant(f"{label} + fp32 weights", sigmoid="tanh", weight_copy_min_rows=1 << 62)
+    fp32_weights = {label: variant(f"{label} + fp32 weights", sigmoid="tanh", weight_copy_min_rows=NEVER)
                     for label in ("tanh", "torch + tanh")}
     # the backward's registers capped (maxnreg) for more blocks per SM, at the price of spills (compile report,
     # seed model, weight copies, constexpr H: 227 -> 168 registers, 2 -> 3 blocks, 88 B spill, 5% more
     # instructions; the forward needs no cap since H became a constant: 106-124 registers, 4 blocks)
-    backward_register_cap = Variant("torch + tanh + bwd 168 registers", "torch", "tanh", (("max_registers_bwd", 168),))
+    backward_register_cap = variant("torch + tanh + bwd 168 registers", "torch", "tanh", (("max_registers_bwd", 168),))
     # the small head's gradients by their own kernel and reduction, as before the trunk backward summed them
-    head_kernel = Variant("torch + tanh + head kernel", "torch", "tanh", head_grads_in_trunk=False)
+    head_kernel = variant("torch + tanh + head kernel", "torch", "tanh", head_grads_in_trunk=False)
     # the backward's hidden weights loaded transposed into registers, as before the pipelined W [out, in] tile
     # (SASS: at H = 64 8 more barriers per layer; at H = 128 32 more, but 89 fewer local-memory accesses)
-    weight_transposed = Variant("torch + tanh + weight as W.T", "torch", "tanh", load_weight_once=False)
+    weight_transposed = variant("torch + tanh + weight as W.T", "torch", "tanh", load_weight_once=False)
     # the forward on 2 pipeline stages and 96 registers (compile report, seed model, bf16, tanh: shared memory
     # 49 -> 33 KB and registers 106 -> 96 with 28 B of spill, so 5 blocks of 4 warps per SM instead of 4)
-    forward_occupancy = Variant("tanh + 2 stages, 96 registers", sigmoid="tanh",
+    forward_occupancy = variant("tanh + 2 stages, 96 registers", sigmoid="tanh",
                                 tiles=(("num_stages", 2), ("max_registers", 96)))
     # 64 rows on 8 warps: the forward's tiles at H = 128 before the H100 ran 4 warps 1.78x faster there
     def predict(hidden: int) -> list[Variant]:
-        return [Variant("default"), Variant("tanh", sigmoid="tanh"), fp32_weights["tanh"],
+        return [variant("default"), variant("tanh", sigmoid="tanh"), fp32_weights["tanh"],
                 *forward_tiles(hidden, ((64, 4), (64, 8), (256, 8)))]
     # at H = 64 only (at H = 128 both spill 0.8-1.2 KB): 128 rows on 4 warps (compile report, bf16, tanh: 240
     # registers, 2 blocks per SM instead of 64 rows' 4, for 13% fewer loop instructions per row and half the
@@ -184,39 +149,39 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # registers, 88 B spill, 1 block per SM): a quarter of the 32-row blocks' partial load-add-stores in L2, and
     # no dz written nor batched products (0.64 ms of the 1M step on the H100). H = 64 only: 64-row blocks,
     # and 128-row blocks at H = 128, fail to compile in this form under Triton 3.6.
-    wide_partials = Variant("partials + tanh, bwd 128 rows 8 warps", "partials", "tanh",
-                            (("block_m_bwd", 128), ("num_warps_bwd", 8)), programs_per_sm=1)
-    train_bf16 = [Variant("torch"), *partials, *tanh, head_kernel, weight_transposed, fp32_weights["torch + tanh"],
+    wide_partials = variant("partials + tanh, bwd 128 rows 8 warps", "partials", "tanh",
+                            (("block_m_bwd", 128), ("num_warps_bwd", 8)), partial_programs_per_sm=1)
+    train_bf16 = [variant("torch"), *partials, *tanh, head_kernel, weight_transposed, fp32_weights["torch + tanh"],
                   backward_register_cap]
     # the fp32 mode's products on the FMA units instead of the tensor cores (three tf32 products each, the default)
-    ieee = Variant("ieee", fp32_products="ieee")
-    train_fp32 = [Variant("torch"), *partials, ieee]
+    ieee = variant("ieee", fp32_products="ieee")
+    train_fp32 = [variant("torch"), *partials, ieee]
     # "torch"'s weight-gradient products as one cuBLAS product per layer, unsplit over the batch
-    no_batch_split = Variant("torch, no batch split", split_k_min_rows=1 << 62)
+    no_batch_split = variant("torch, no batch split", split_k_min_rows=NEVER)
     # at H = 512 the split's partial sums read 12.6 MB of fp32 per step (6 x 2 x 512 x 512; the graphed 2,048-row
     # step's four sums: 22 us of 302 on the H100); unsplit, the products have half the output tiles (48 of
     # 256 x 128, the tiles cuBLAS chose for the split ones, for 132 SMs)
-    no_batch_split_tanh = Variant("layer-wise + tanh, no batch split", sigmoid="tanh", split_k_min_rows=1 << 62)
+    no_batch_split_tanh = variant("layer-wise + tanh, no batch split", sigmoid="tanh", split_k_min_rows=NEVER)
     # H = 128 is the widest fused model: the layer-wise path (cuBLAS + epilogues) beside it
-    layerwise = [Variant("layer-wise", fused_max_hidden=0), Variant("layer-wise + tanh", sigmoid="tanh",
+    layerwise = [variant("layer-wise", fused_max_hidden=0), variant("layer-wise + tanh", sigmoid="tanh",
                                                                     fused_max_hidden=0)]
     # a large head at few rows: its vocabulary split into ranges across the SMs, or one program per row block
-    vocab_ranges = [Variant("vocabulary ranges"), Variant("no vocabulary ranges", vocab_split_min=1 << 62)]
+    vocab_ranges = [variant("vocabulary ranges"), variant("no vocabulary ranges", vocab_split_min=NEVER)]
     # the head backward kernels recompute the logits in each hidden-column program: at H = 256 twice each, on
     # 128 columns (the H100's bpe train step at 16K: 23.2 ms, ~2.9 TFLOP of head products for 1.7 needed);
     # on all 256 columns once, with twice the accumulator per program (compile report, bf16: 255 and 174
     # registers against 193 and 136, no spill, 64 KB of shared memory against 48; one 8-warp block per SM either way)
-    # or as three cuBLAS products on dlogits materialised a chunk of rows at a time (mlp_backward.HEAD_GEMM_MIN_VOCAB)
-    head_backward = [Variant("torch + tanh", "torch", "tanh"),
-                     Variant("torch + tanh + head backward on 256 columns", "torch", "tanh", (("block_hc", 256),)),
-                     Variant("torch + tanh + head backward by products", "torch", "tanh", head_gemm_min_vocab=0)]
+    # or as three cuBLAS products on dlogits materialised a chunk of rows at a time (head_backward "products")
+    head_backward = [variant("torch + tanh", "torch", "tanh"),
+                     variant("torch + tanh + head backward on 256 columns", "torch", "tanh", (("block_hc", 256),)),
+                     variant("torch + tanh + head backward by products", "torch", "tanh", head_backward="products")]
     # H = 512's per-layer kernels (the graphed 2,048-row step on the H100: 7 SiLU/RMSNorm backwards at 10.5 us and
     # 7 epilogues at 5.4 us, 111 of its 302 us): 16-row blocks on 8 warps, 128 programs at 2,048 rows, one per
     # SM; on 8 rows twice the programs, or on 4 warps twice the blocks per SM
-    layer_kernels = [Variant("layer-wise + tanh", sigmoid="tanh"),
-                     Variant("layer-wise + tanh, layer kernels on 8 rows", sigmoid="tanh",
+    layer_kernels = [variant("layer-wise + tanh", sigmoid="tanh"),
+                     variant("layer-wise + tanh, layer kernels on 8 rows", sigmoid="tanh",
                              tiles=(("block_m_rowwise", 8),)),
-                     Variant("layer-wise + tanh, layer kernels on 4 warps", sigmoid="tanh", tiles=(("num_warps", 4),))]
+                     variant("layer-wise + tanh, layer kernels on 4 warps", sigmoid="tanh", tiles=(("num_warps", 4),))]
     # the eager 8,192- and 65,536-row steps late: the H100 ran them host-bound (1.5-2.4 ms eager against
     # 0.16 ms graphed at 8,192), so they rank candidates least well
     return [Step("predict", "seed", 64, 1 << 24, "bf16", predict_h64),
@@ -224,7 +189,7 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
                                                         no_batch_split]),
             Step("predict", "H128", 128, 1 << 22, "bf16", [*predict(128), *layerwise]),
             Step("train", "H128", 128, 1 << 19, "bf16", [*train_bf16, *backward_tiles(128), *layerwise]),
-            Step("predict", "seed", 64, 1 << 24, "fp32", [Variant("default"), ieee]),
+            Step("predict", "seed", 64, 1 << 24, "fp32", [variant("default"), ieee]),
             Step("train", "seed", 64, 1 << 20, "fp32", train_fp32),
             Step("train", "H128", 128, 1 << 19, "fp32", train_fp32),
             Step("train-graph", "notebook", 512, 2048, "bf16", [*layer_kernels, no_batch_split_tanh]),
@@ -253,24 +218,31 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def loss_grads(loss_fn, idx, targets, params: AUNNParams, cfg: AUNNConfig, precision: str):
+    """The gradients of loss_fn(idx, targets, params, cfg, precision) (a loss with the options bound)."""
     p = [t.detach().requires_grad_() for t in params]
     return torch.autograd.grad(loss_fn(idx, targets, AUNNParams(*p), cfg, precision), p)
 
 
-def train_error(cfg, params, idx, targets, precision: str) -> float:
+def kernels_loss(options: KernelOptions) -> Callable[..., torch.Tensor]:
+    """kernels.loss with these options."""
+    return lambda idx, targets, params, cfg, precision: kernels.loss(idx, targets, params, cfg, precision,
+                                                                     options=options)
+
+
+def train_error(cfg, params, idx, targets, precision: str, options: KernelOptions) -> float:
     """Largest relative gradient error over the parameters against the fp32 reference."""
-    got = loss_grads(kernels.loss, idx, targets, params, cfg, precision)
+    got = loss_grads(kernels_loss(options), idx, targets, params, cfg, precision)
     ref = loss_grads(reference.loss, idx, targets, params, cfg, "fp32")
     return max(_rel_err(g, r) for g, r in zip(got, ref))
 
 
-def predict_error(cfg, params, idx, targets, precision: str) -> float:
+def predict_error(cfg, params, idx, targets, precision: str, options: KernelOptions) -> float:
     """Relative logits error against the fp32 reference; inf when predict disagrees with its own logits."""
     with torch.no_grad():
-        logits = kernels.logits(idx, params, cfg, precision)
+        logits = kernels.logits(idx, params, cfg, precision, options=options)
         top2 = logits.topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * logits.abs().max()
-        agree = (kernels.predict(idx, params, cfg, precision) == logits.argmax(-1))[clear]
+        agree = (kernels.predict(idx, params, cfg, precision, options=options) == logits.argmax(-1))[clear]
         if not bool(agree.all()):
             return float("inf")
         return _rel_err(logits, reference.logits(idx, params, cfg, "fp32"))
@@ -286,7 +258,8 @@ def gradients_differ(got: list[torch.Tensor], want: list[torch.Tensor], precisio
     return max(_rel_err(g, w) for g, w in zip(got, want)) > TOLERANCES[precision]
 
 
-def graphed_loss_grads(cfg, params, idx, targets, precision: str) -> Callable[[], tuple[torch.Tensor, ...]]:
+def graphed_loss_grads(cfg, params, idx, targets, precision: str,
+                       options: KernelOptions) -> Callable[[], tuple[torch.Tensor, ...]]:
     """:func:`loss_grads` of kernels.loss captured in one CUDA graph (after two warm-up calls on a side
     stream, as capture requires); the returned call replays it and returns the graph's gradient tensors.
     Small training steps are host-bound when launched one kernel at a time (H = 512 at 2,048 rows: 4.5 ms
@@ -294,7 +267,7 @@ def graphed_loss_grads(cfg, params, idx, targets, precision: str) -> Callable[[]
     p = [t.detach().requires_grad_() for t in params]
 
     def grads():
-        return torch.autograd.grad(kernels.loss(idx, targets, AUNNParams(*p), cfg, precision), p)
+        return torch.autograd.grad(kernels.loss(idx, targets, AUNNParams(*p), cfg, precision, options=options), p)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -314,12 +287,12 @@ def graphed_loss_grads(cfg, params, idx, targets, precision: str) -> Callable[[]
 
 
 # workload: (its error against the reference at CHECK_ROWS, what makes the timed call from the inputs,
-# whether two calls' outputs differ)
+# whether two calls' outputs differ); the first two take (cfg, params, idx, targets, precision, options)
 WORKLOADS: dict[str, tuple[Callable[..., float], Callable[..., Callable[[], Any]], Callable[..., bool]]] = {
-    "predict": (predict_error, lambda cfg, params, idx, targets, precision:
-                lambda: kernels.predict(idx, params, cfg, precision), predictions_differ),
-    "train": (train_error, lambda cfg, params, idx, targets, precision:
-              lambda: loss_grads(kernels.loss, idx, targets, params, cfg, precision), gradients_differ),
+    "predict": (predict_error, lambda cfg, params, idx, targets, precision, options:
+                lambda: kernels.predict(idx, params, cfg, precision, options=options), predictions_differ),
+    "train": (train_error, lambda cfg, params, idx, targets, precision, options:
+              lambda: loss_grads(kernels_loss(options), idx, targets, params, cfg, precision), gradients_differ),
     "train-graph": (train_error, graphed_loss_grads, gradients_differ),
 }
 
@@ -339,23 +312,23 @@ def run(plan: list[Step], device: torch.device,
                    "ms": None, "m_idx_per_s": None, "error": None}
             rows.append(row)
             try:
-                with variant.applied():
-                    row["max_rel_err"] = error_fn(cfg, params, idx[:check_n], targets[:check_n], s.precision)
-                    row["correct"] = row["max_rel_err"] <= TOLERANCES[s.precision]
-                    call = prepare(cfg, params, idx, targets, s.precision) if row["correct"] else None
-                    if call is not None and s.batch > check_n:  # and at the timed batch, beside the default
-                        output = call()
-                        if baseline is None:  # a copy: a graph's outputs are rewritten by its next replay
-                            baseline = (variant.label, output.clone() if torch.is_tensor(output)
-                                        else [t.clone() for t in output])
-                        elif differ(output, baseline[1], s.precision):
-                            row["correct"] = False
-                            row["error"] = f"differs from {baseline[0]} at batch {s.batch}"
-                        output = None
-                    if row["correct"]:
-                        row["ms"] = median_ms(call, device, QUICK)
-                        row["m_idx_per_s"] = s.batch / row["ms"] / 1e3
-                    call = None
+                options = variant.options
+                row["max_rel_err"] = error_fn(cfg, params, idx[:check_n], targets[:check_n], s.precision, options)
+                row["correct"] = row["max_rel_err"] <= TOLERANCES[s.precision]
+                call = prepare(cfg, params, idx, targets, s.precision, options) if row["correct"] else None
+                if call is not None and s.batch > check_n:  # and at the timed batch, beside the default
+                    output = call()
+                    if baseline is None:  # a copy: a graph's outputs are rewritten by its next replay
+                        baseline = (variant.label, output.clone() if torch.is_tensor(output)
+                                    else [t.clone() for t in output])
+                    elif differ(output, baseline[1], s.precision):
+                        row["correct"] = False
+                        row["error"] = f"differs from {baseline[0]} at batch {s.batch}"
+                    output = None
+                if row["correct"]:
+                    row["ms"] = median_ms(call, device, QUICK)
+                    row["m_idx_per_s"] = s.batch / row["ms"] / 1e3
+                call = None
             except Exception as exc:  # an OOM or a kernel failure loses one cell, not the run
                 row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 if device.type == "cuda":
@@ -396,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=out_dir, help="directory for kernel_variants.md / .json")
     parser.add_argument("--programs-per-sm", type=counts, default=[2],
-                        help="comma-separated PARTIAL_PROGRAMS_PER_SM values for 'partials' (default 2)")
+                        help="comma-separated partial_programs_per_sm values for 'partials' (default 2)")
     parser.add_argument("--workloads", type=names_from(WORKLOADS, "workload"), default=list(WORKLOADS),
                         help="comma-separated workloads to run (default: predict,train,train-graph)")
     parser.add_argument("--shapes", type=comma_separated, default=None,

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Callable, Collection
 
 _SUFFIXES = {"K": 1 << 10, "M": 1 << 20}
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -71,7 +71,7 @@ class Workload:
     cuda_only: bool = False
 
 
-def random_indices(cfg: AUNNConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+def random_model_indices(cfg: AUNNConfig, n: int, generator: torch.Generator) -> torch.Tensor:
     """int64 [n], uniform over [0, max_index) on the generator's device."""
     return torch.randint(0, cfg.max_index, (n,), generator=generator, device=generator.device, dtype=torch.int64)
 
@@ -84,7 +84,7 @@ def random_targets(cfg: AUNNConfig, n: int, generator: torch.Generator) -> torch
 def input_sets(cfg: AUNNConfig, batch: int, generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Up to MAX_INPUT_SETS (indices, targets) pairs of int64 [batch], within INPUT_BYTES_BUDGET."""
     count = max(1, min(MAX_INPUT_SETS, INPUT_BYTES_BUDGET // (16 * batch)))
-    return [(random_indices(cfg, batch, generator), random_targets(cfg, batch, generator)) for _ in range(count)]
+    return [(random_model_indices(cfg, batch, generator), random_targets(cfg, batch, generator)) for _ in range(count)]
 
 
 def _rotating(model: AUNN, batch: int, generator: torch.Generator,
@@ -99,7 +99,7 @@ def _rotating(model: AUNN, batch: int, generator: torch.Generator,
     return Prepared(step, *sets[0])
 
 
-def make_optimizer(model: AUNN, kind: str) -> torch.optim.Optimizer:
+def benchmark_optimizer(model: AUNN, kind: str) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA) for training, plain SGD for conditioning on a prompt."""
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=model.device.type == "cuda")
@@ -128,7 +128,7 @@ def _prepare_loss(model: AUNN, batch: int, generator: torch.Generator) -> Prepar
 
 
 def _prepare_train(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
-    return _rotating(model, batch, generator, _training_call(model, make_optimizer(model, "adamw")))
+    return _rotating(model, batch, generator, _training_call(model, benchmark_optimizer(model, "adamw")))
 
 
 def _prepare_train_graph(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
@@ -138,13 +138,13 @@ def _prepare_train_graph(model: AUNN, batch: int, generator: torch.Generator) ->
 
 
 def _prepare_condition(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
-    return _rotating(model, batch, generator, _training_call(model, make_optimizer(model, "sgd")))
+    return _rotating(model, batch, generator, _training_call(model, benchmark_optimizer(model, "sgd")))
 
 
 def _prepare_condition_graph(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
     """The conditioning step as `aunn condition` runs it on CUDA from inference.GRAPH_MIN_STEPS steps on:
     replayed from one captured graph."""
-    return _rotating(model, batch, generator, GraphedTrainStep(model, make_optimizer(model, "sgd"), batch))
+    return _rotating(model, batch, generator, GraphedTrainStep(model, benchmark_optimizer(model, "sgd"), batch))
 
 
 def seed_run_seconds(batch: int, step_ms: float, short_step_ms: float | None) -> float:
@@ -179,7 +179,7 @@ def _seed_run(model: AUNN, batch: int, generator: torch.Generator,
 
 
 def _prepare_seed_run(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
-    call = _training_call(model, make_optimizer(model, "adamw"))
+    call = _training_call(model, benchmark_optimizer(model, "adamw"))
     return _seed_run(model, batch, generator, call, call)
 
 

@@ -2,7 +2,13 @@
 
 Installed as ``aunn_fast.kernels``. Importing this package does not import Triton;
 :func:`unavailable_reason` says whether the kernels can run on a device, and the
-first call of ``logits`` / ``loss`` / ``predict`` loads them. See NOTES.md.
+first call of ``logits`` / ``loss`` / ``predict`` loads them. Their configuration is a
+:class:`~.config.KernelOptions` value, passed as ``options`` (default: the environment switches,
+read once). Design and measurements: kernels/DESIGN.md; switches: docs/kernels.md.
+
+Layering: this package imports from aunn_fast only its base layer, the modules that import nothing
+else of aunn_fast: ``aunn_fast.config`` (AUNNConfig), ``aunn_fast.params`` (AUNNParams) and
+``aunn_fast.rounding`` (operand rounding, shared with the reference). Never the reference itself.
 """
 from __future__ import annotations
 
@@ -13,9 +19,12 @@ import torch
 from aunn_fast.config import AUNNConfig
 from aunn_fast.params import AUNNParams
 
+from .config import KernelOptions, default_options
+
 SUPPORTED_PRECISIONS = ("fp32", "tf32", "bf16")
 
-__all__ = ["SUPPORTED_PRECISIONS", "check_switches", "logits", "loss", "predict", "unavailable_reason"]
+__all__ = ["SUPPORTED_PRECISIONS", "KernelOptions", "check_switches", "logits", "loss", "predict",
+           "unavailable_reason"]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -46,13 +55,10 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def check_switches() -> None:
-    """A ValueError naming the switch if AUNN_FAST_SIGMOID, AUNN_FAST_WEIGHT_GRAD or AUNN_FAST_FP32_PRODUCTS
-    (or the module attribute it sets) holds an unknown value. The kernels check them at their first call; the
-    trainer and the CLI call this first, so that a bad value stops a run before anything is written."""
-    from . import common, mlp_backward, precision
-    common.sigmoid_method()
-    mlp_backward.weight_grad_method()
-    precision.fp32_products()
+    """A ValueError naming the variable if AUNN_FAST_SIGMOID, AUNN_FAST_WEIGHT_GRAD or AUNN_FAST_FP32_PRODUCTS
+    holds an unknown value (reading them into the default options). The kernels read them at their first
+    call; the trainer and the CLI call this first, so that a bad value stops a run before anything is written."""
+    default_options()
 
 
 def _is_interpreted(kernel: object) -> bool:
@@ -60,21 +66,23 @@ def _is_interpreted(kernel: object) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
-def logits(idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> torch.Tensor:
+def logits(idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str,
+           options: KernelOptions | None = None) -> torch.Tensor:
     """float32 logits [N, V] of int64 indices [N]; differentiable w.r.t. every parameter."""
     from . import ops
-    return ops.logits(idx, params, cfg, precision)
+    return ops.logits(idx, params, cfg, precision, options)
 
 
 def loss(idx: torch.Tensor, targets: torch.Tensor, params: AUNNParams, cfg: AUNNConfig,
-         precision: str, reduction: str = "mean") -> torch.Tensor:
+         precision: str, reduction: str = "mean", options: KernelOptions | None = None) -> torch.Tensor:
     """Cross-entropy, float32: the mean or sum (scalars) or each row's ("none", [N]); logits are
     never written to memory."""
     from . import ops
-    return ops.loss(idx, targets, params, cfg, precision, reduction)
+    return ops.loss(idx, targets, params, cfg, precision, reduction, options)
 
 
-def predict(idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> torch.Tensor:
+def predict(idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str,
+            options: KernelOptions | None = None) -> torch.Tensor:
     """int64 [N] argmax of the logits (first maximum on ties); no gradient."""
     from . import ops
-    return ops.predict(idx, params, cfg, precision)
+    return ops.predict(idx, params, cfg, precision, options)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from aunn_fast.reference import round_to_tf32
+from aunn_fast.rounding import round_to_tf32
 
 
 def reusable_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
@@ -44,25 +44,22 @@ def matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
 # A weight gradient sums over the batch: [H_out, N] @ [N, H_in], N up to millions, H_out x H_in one
 # output tile at H = 64. A batched cuBLAS product runs about one block per output tile, without
 # splitting N, so a handful of SMs would stream the whole batch. batch_reduced_matmul cuts N into
-# S equal chunks (S a power of two dividing N, at most SPLIT_K_MAX, chunks of at least
-# SPLIT_K_MIN_ROWS rows, the S partial results at most SPLIT_K_MAX_PARTIALS fp32 elements: a
-# large output has tiles enough), runs one batched product over all chunks and sums the partials.
-# Chunks of 1,024 rows (4,096 until 2026-11-27): in the graphed 8,192-row step on the H100 the two
-# products took 15.7 us, split in 2 chunks, i.e. 12 and 2 blocks streaming 4,096 rows each; in 8
-# chunks they run 4x the blocks, for the same one reduction each. From 256 x 4,096 rows on
-# (SPLIT_K_MAX) the chunks are what they were.
-SPLIT_K_MIN_ROWS = 1024
+# S equal chunks (S a power of two dividing N, at most SPLIT_K_MAX, chunks of at least min_rows rows
+# (KernelOptions.split_k_min_rows), the S partial results at most SPLIT_K_MAX_PARTIALS fp32 elements:
+# a large output has tiles enough), runs one batched product over all chunks and sums the partials.
+# (min_rows 1,024: DESIGN.md, "Weight gradients".)
 SPLIT_K_MAX = 256
 SPLIT_K_MAX_PARTIALS = 1 << 24
 
 
-def batch_reduced_matmul(dz: torch.Tensor, a: torch.Tensor, precision: str) -> torch.Tensor:
+def batch_reduced_matmul(dz: torch.Tensor, a: torch.Tensor, precision: str, min_rows: int) -> torch.Tensor:
     """fp32 [..., H_out, H_in] = dz[..., N, H_out].T @ a[..., N, H_in] in mode precision (one optional
-    leading batch dim, e.g. layers; both contiguous), the sum over N split into chunks (see above)."""
+    leading batch dim, e.g. layers; both contiguous), the sum over N split into chunks of at least min_rows
+    rows (see above)."""
     n = dz.shape[-2]
     out_elements = math.prod(dz.shape[:-2]) * dz.shape[-1] * a.shape[-1]
     splits = 1
-    while (splits < SPLIT_K_MAX and n % (2 * splits) == 0 and n // (2 * splits) >= SPLIT_K_MIN_ROWS
+    while (splits < SPLIT_K_MAX and n % (2 * splits) == 0 and n // (2 * splits) >= min_rows
            and 2 * splits * out_elements <= SPLIT_K_MAX_PARTIALS):
         splits *= 2
     if splits == 1:

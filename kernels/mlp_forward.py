@@ -6,106 +6,32 @@ Kernels:
   whole trunk runs in registers (index bits -> input layer -> every hidden layer,
   residuals included); the head then loops over the vocabulary in BLOCK_V chunks and
   finishes per MODE: 0 stores logits, 1 keeps a running argmax, 2 keeps an online
-  logsumexp plus the target logit and stores the per-row loss and logsumexp. Without
+  softmax sum plus the target logit and stores the per-row loss and softmax statistics. Without
   FUSED_TRUNK the trunk's last activation is read from memory (layer-wise path). With
   few row blocks and a large vocabulary a second grid axis splits the vocabulary into
-  ranges (``common.vocab_splits``) whose partial results :func:`combine_ranges` merges.
+  ranges (``config.vocab_splits``) whose partial results :func:`combine_ranges` merges.
 * :func:`layer_epilogue_kernel` - the layer-wise path for wide models: per layer a
   PyTorch GEMM (cuBLAS), then this kernel: bias + SiLU + RMSNorm * gain (+ residual).
 * :func:`index_bits_kernel` - the layer-wise path's input: the index bits as a GEMM operand.
-* :func:`bf16_copy_kernel` - weights as bf16 copies, one launch (:func:`bf16_copies`): the fused kernels'
-  for large batches (:func:`fused_weights`), the layer-wise path's GEMM operands.
+
+Launchers: :func:`forward` (the operator's body), :func:`layerwise_trunk`, :func:`launch_forward_kernel`,
+:func:`combine_ranges`. Every launcher takes the :class:`~.config.KernelConfig` its operator chose.
 """
 from __future__ import annotations
-
-from itertools import accumulate
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import choose_tiles, compile_options, fast_sigmoid, launch, next_pow2, vocab_splits
-from .gemm import matmul, reusable_operand
+from aunn_fast.params import AUNNParams
+
+from .common import MODE_ARGMAX, MODE_LOGITS, MODE_LOSS, compile_options, launch, new_buffer
+from .config import KernelConfig, vocab_splits
+from .gemm import matmul
 from .head_blocks import cross_entropy_stats, head_bias, head_logits_tile, load_targets
-from .precision import dot, precision_code, store_activation
+from .precision import dot, store_activation
 from .trunk_blocks import index_bits, silu_rmsnorm
-
-MODE_LOGITS, MODE_ARGMAX, MODE_LOSS = 0, 1, 2
-
-# When True, launchers fill the buffers they allocate with NaN (floats) / -1 (ints)
-# instead of leaving them uninitialized, so tests catch any element a kernel forgot.
-POISON_OUTPUTS = False
-
-
-def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An output buffer: uninitialized, or poisoned when POISON_OUTPUTS is set."""
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-# The head reads the whole output weight once per row block. From this many elements and rows on,
-# in the bf16 mode it reads a bf16 copy: half the bytes, and at vocab 50,257 x H 256 (25 MB) the
-# copy stays in the H100's 50 MB L2. Smaller heads stay in cache as fp32; and with fewer rows (a
-# prompt: a row block or two) the weight is read about once, less than the copy's own read and write.
-HEAD_COPY_MIN_ELEMENTS = 1 << 20
-HEAD_COPY_MIN_ROWS = 256
-
-
-def head_weight(out_weight: torch.Tensor, precision: str, rows: int) -> torch.Tensor:
-    """The output weight [V, H] as the head kernels read it for a batch of rows: fp32, or a bf16 copy (see above)."""
-    large = out_weight.numel() >= HEAD_COPY_MIN_ELEMENTS and rows >= HEAD_COPY_MIN_ROWS
-    return reusable_operand(out_weight, precision) if large else out_weight
-
-
-# The fused kernels load every layer's weight tile in every row block. Read as fp32, each tile was
-# converted to bf16 by every program on every layer (and loaded at twice the bytes); from this many
-# rows on, in the bf16 mode, they read bf16 copies of the trunk's weights and of a small head's,
-# made by one launch per call (:func:`fused_weights`). Compile report (sm_90a, seed model, tanh):
-# forward loop 805 -> 714 instructions per thread (predict), training forward 874 -> 796 with 192 ->
-# 154 registers (2 -> 3 blocks per SM) and 72 -> 56 KiB of shared memory; backward 856 -> 746, its
-# 16 B spill gone; the head's weight-gradient loop 115 -> 69. Fewer rows fill less than a wave of
-# programs, where one conversion per program costs about what the copy's launch does (a guess, to
-# be measured: kernel_variants' "fp32 weights" candidate).
-WEIGHT_COPY_MIN_ROWS = 16384
-
-
-@triton.jit
-def bf16_copy_kernel(a_ptr, b_ptr, c_ptr, out_ptr, a_end, b_end, c_end, BLOCK: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """out bf16 [c_end] = a, b, c (fp32, flattened) one after another: a fills [0, a_end), b [a_end, b_end),
-    c [b_end, c_end); rounded to nearest (:func:`store_activation`)."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    from_a, from_b = i < a_end, (i >= a_end) & (i < b_end)
-    from_c = (i >= b_end) & (i < c_end)
-    x = tl.where(from_a, tl.load(a_ptr + i, mask=from_a, other=0.0),
-                 tl.where(from_b, tl.load(b_ptr + (i - a_end), mask=from_b, other=0.0),
-                          tl.load(c_ptr + (i - b_end), mask=from_c, other=0.0)))
-    store_activation(out_ptr + i, x, i < c_end, PRECISION)
-
-
-def bf16_copies(sources: list[torch.Tensor]) -> list[torch.Tensor]:
-    """bf16 copies of two or three contiguous fp32 tensors, views of one buffer made by one launch."""
-    sizes = [t.numel() for t in sources]
-    ends = list(accumulate(sizes))
-    copy = torch.empty(ends[-1], dtype=torch.bfloat16, device=sources[0].device)
-    block = 1024
-    # with two sources the third segment is the second again, over an empty range
-    launch(bf16_copy_kernel, (triton.cdiv(ends[-1], block),), *(sources + sources[-1:])[:3], copy,
-           *(ends + ends[-1:])[:3], BLOCK=block, PRECISION=precision_code("bf16"), num_warps=4)
-    return [part.view(t.shape) for part, t in zip(copy.split(sizes), sources)]
-
-
-def fused_weights(in_weight: torch.Tensor, hidden_weight: torch.Tensor, out_weight: torch.Tensor,
-                  precision: str, rows: int, head: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(in, hidden, out) weights as the fused kernels read them for a batch of rows: from
-    WEIGHT_COPY_MIN_ROWS rows on in the bf16 mode, bf16 copies of the trunk's (and, with head, of a
-    small output weight; a large one is :func:`head_weight`'s), made by one launch; else as given."""
-    out = head_weight(out_weight, precision, rows)
-    if precision != "bf16" or rows < WEIGHT_COPY_MIN_ROWS:
-        return in_weight, hidden_weight, out
-    copies = bf16_copies([in_weight, hidden_weight] + ([out_weight] if head and out.dtype == torch.float32 else []))
-    return copies[0], copies[1], copies[2] if len(copies) == 3 else out
+from .weights import bf16_copies, fused_weights, head_weight
 
 
 @triton.jit
@@ -122,7 +48,7 @@ def hidden_layer(h, w_ptr, b_ptr, g_ptr, layer, H, eps, hcols, hmask,
 
 @triton.jit
 def aunn_forward_kernel(
-    idx_ptr, target_ptr, out_ptr, lse_ptr, part_ptr, act_ptr,
+    idx_ptr, target_ptr, out_ptr, stats_ptr, part_ptr, act_ptr,
     in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,
     N, H: tl.constexpr, V, n_hidden, n_grouped, eps, act_stride, head_in_offset, v_per_range,
     BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -139,11 +65,11 @@ def aunn_forward_kernel(
     the last layer at head_in_offset): activation after each layer (the input of the next);
     written when STORE_ACTS (fused trunk), read (last layer only) when not FUSED_TRUNK.
     out: MODE 0 logits fp32 [N, V]; MODE 1 argmax int64 [N]; MODE 2 per-row CE fp32 [N]
-    (and the softmax stats lse fp32 [N, 3] for the backward, see :func:`head_blocks.cross_entropy_stats`).
+    (and the softmax statistics stats fp32 [N, 3] for the backward, see :func:`head_blocks.cross_entropy_stats`).
     With RANGE_PARTIALS (several ranges), modes 1 and 2 store their range's partial results instead, for
     :func:`combine_ranges`: part fp32 [ranges, 3, N] holds MODE 1 (best logit, its index, -),
     MODE 2 (max logit, sum of exp(logit - max) over the non-target entries, target logit or 0);
-    out and lse are not written.
+    out and stats are not written.
     A fused trunk is then recomputed by every range's program and stored by range 0's.
     UNROLL_GROUPS: the first n_grouped hidden layers run as unrolled groups of RESIDUAL_EVERY.
     """
@@ -251,9 +177,9 @@ def aunn_forward_kernel(
     elif MODE == 2:
         row_loss, log_sum, target_complement = cross_entropy_stats(run_max, other_sum, target_logit)
         tl.store(out_ptr + rows, row_loss, mask=row_mask)
-        tl.store(lse_ptr + 3 * rows, run_max, mask=row_mask)
-        tl.store(lse_ptr + 3 * rows + 1, log_sum, mask=row_mask)
-        tl.store(lse_ptr + 3 * rows + 2, target_complement, mask=row_mask)
+        tl.store(stats_ptr + 3 * rows, run_max, mask=row_mask)
+        tl.store(stats_ptr + 3 * rows + 1, log_sum, mask=row_mask)
+        tl.store(stats_ptr + 3 * rows + 2, target_complement, mask=row_mask)
 
 
 @triton.jit
@@ -298,19 +224,19 @@ def index_bits_kernel(idx_ptr, x_ptr, N, BITS: tl.constexpr, BLOCK_M: tl.constex
              mask=row_mask[:, None] & (cols < BITS)[None, :])
 
 
-def index_bits_matrix(idx: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+def index_bits_matrix(idx: torch.Tensor, bits: int, dtype: torch.dtype, poison: bool) -> torch.Tensor:
     """The input layer's GEMM operand: [N, bits] of dtype, one launch (no int64 [N, bits] temporary)."""
-    x = new_buffer((idx.shape[0], bits), dtype, idx.device)
+    x = new_buffer((idx.shape[0], bits), dtype, idx.device, poison)
     block_m = 128
-    launch(index_bits_kernel, (triton.cdiv(idx.shape[0], block_m),), idx, x, idx.shape[0], BITS=bits,
-           BLOCK_M=block_m, BLOCK_BITS=max(16, next_pow2(bits)), num_warps=4)
+    launch(index_bits_kernel, (triton.cdiv(idx.shape[0], block_m),),
+           idx_ptr=idx, x_ptr=x,
+           N=idx.shape[0],
+           BITS=bits, BLOCK_M=block_m, BLOCK_BITS=max(16, triton.next_power_of_2(bits)), num_warps=4)
     return x
 
 
-def layerwise_trunk(idx: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor, in_gain: torch.Tensor,
-                    hidden_weight: torch.Tensor, hidden_bias: torch.Tensor, hidden_gain: torch.Tensor,
-                    outs: list[torch.Tensor], zs: torch.Tensor, save: bool, residual_every: int, eps: float,
-                    precision: str, block_m: int, block_h: int, num_warps: int) -> None:
+def layerwise_trunk(idx: torch.Tensor, params: AUNNParams, outs: list[torch.Tensor], zs: torch.Tensor, save: bool,
+                    residual_every: int, eps: float, config: KernelConfig) -> None:
     """The trunk of a wide model, one layer at a time: ``xw = x @ W.T`` by a PyTorch GEMM
     (cuBLAS; :func:`gemm.matmul`), then :func:`layer_epilogue_kernel`.
 
@@ -318,104 +244,125 @@ def layerwise_trunk(idx: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.T
     GEMM and the head read, so bf16 in the bf16 mode. With save, zs [L-1, N, H] fp32 receives
     the pre-activations. The residual stream stays fp32 in a buffer of its own.
     """
-    n, hidden, n_hidden = idx.shape[0], in_weight.shape[0], hidden_weight.shape[0]
-    grid = (triton.cdiv(n, block_m),)
-    prec, fast = precision_code(precision), fast_sigmoid(precision)
-    x = index_bits_matrix(idx, in_weight.shape[1], outs[0].dtype)
+    n, (hidden, bits), n_hidden = idx.shape[0], params.in_weight.shape, params.hidden_weight.shape[0]
+    t, poison = config.tiles, config.options.poison_outputs
+    x = index_bits_matrix(idx, bits, outs[0].dtype, poison)
     # in bf16 the GEMMs' weight operands: both weights' copies by one launch (cast separately, two)
-    in_w, hidden_w = bf16_copies([in_weight, hidden_weight]) if precision == "bf16" else (in_weight, hidden_weight)
+    in_w, hidden_w = params.in_weight, params.hidden_weight
+    if config.precision == "bf16":
+        in_w, hidden_w = bf16_copies([in_w, hidden_w], config.device.interpreted)
     weights = [in_w, *hidden_w]
-    biases, gains = [in_bias, *hidden_bias], [in_gain, *hidden_gain]
+    biases, gains = [params.in_bias, *params.hidden_bias], [params.in_gain, *params.hidden_gain]
     has_residual = n_hidden >= residual_every
-    res = new_buffer((n, hidden) if has_residual else (0,), torch.float32, idx.device)
+    res = new_buffer((n, hidden) if has_residual else (0,), torch.float32, idx.device, poison)
     for layer, (w, b, g, h) in enumerate(zip(weights, biases, gains, outs)):
         residual = has_residual and layer % residual_every == 0  # the input layer (0) starts the stream
-        xw = matmul(x, w.t(), precision)
-        launch(layer_epilogue_kernel, grid, xw, b, g, res, zs[layer] if save else zs, h, n, hidden, eps,
-               BLOCK_M=block_m, BLOCK_H=block_h, ADD_RES=residual and layer > 0, STORE_RES=residual,
-               STORE_Z=save, PRECISION=prec, FAST_SIGMOID=fast, num_warps=num_warps)
+        launch(layer_epilogue_kernel, (triton.cdiv(n, t.block_m_rowwise),),
+               xw_ptr=matmul(x, w.t(), config.precision), b_ptr=b, g_ptr=g, res_ptr=res,
+               z_ptr=zs[layer] if save else zs, h_ptr=h,
+               N=n, H=hidden, eps=eps,
+               BLOCK_M=t.block_m_rowwise, BLOCK_H=t.block_h,
+               ADD_RES=residual and layer > 0, STORE_RES=residual, STORE_Z=save,
+               PRECISION=config.precision_code, FAST_SIGMOID=config.fast_sigmoid, num_warps=t.num_warps)
         x = h
 
 
-def forward(idx: torch.Tensor, targets: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor,
-            in_gain: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias: torch.Tensor,
-            hidden_gain: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
-            residual_every: int, eps: float, precision: str, mode: int, save: bool):
-    """Launch the forward. Returns (out, lse, acts, zs).
+def forward(idx: torch.Tensor, targets: torch.Tensor, params: AUNNParams, residual_every: int, eps: float,
+            mode: int, save: bool, config: KernelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor]:
+    """Launch the forward. Returns (out, stats, acts, zs).
 
     out: logits fp32 [N, V] (mode 0) | argmax int64 [N] (mode 1) | per-row CE fp32 [N] (mode 2).
-    lse: fp32 [N, 3] in mode 2 (row max, log-sum-exp relative to it, 1 - p_target), else empty.
+    stats: the softmax statistics fp32 [N, 3] in mode 2 (row max, log of the sum of exp(logit - max),
+    1 - p_target; :func:`head_blocks.cross_entropy_stats`), else empty.
     acts: [L-1, N, H] activations after each layer when save, else empty; bf16 when precision
     is bf16 (each reader rounds them to bf16 anyway; residual sums stay fp32), else fp32.
     zs: fp32 [L-1, N, H] pre-activations on the layer-wise path when save, else empty.
     """
-    device = idx.device
-    n, (hidden, bits), vocab = idx.shape[0], in_weight.shape, out_weight.shape[0]
-    n_hidden = hidden_weight.shape[0]
-    t = choose_tiles(hidden, bits, vocab, precision)
-    prec, fast = precision_code(precision), fast_sigmoid(precision)
+    device, poison = idx.device, config.options.poison_outputs
+    n, hidden, n_hidden = idx.shape[0], params.in_weight.shape[0], params.hidden_weight.shape[0]
+    vocab = params.out_weight.shape[0]
+    fused = config.tiles.fused
     f32 = torch.float32
-    if mode == MODE_LOGITS:
-        out = new_buffer((n, vocab), f32, device)
-    else:
-        out = new_buffer((n,), torch.int64 if mode == MODE_ARGMAX else f32, device)
-    lse = new_buffer((n, 3) if mode == MODE_LOSS else (0,), f32, device)
-    empty = torch.empty(0, dtype=f32, device=device)
+    out_shape, out_dtype = {MODE_LOGITS: ((n, vocab), f32), MODE_ARGMAX: ((n,), torch.int64),
+                            MODE_LOSS: ((n,), f32)}[mode]
+    out = new_buffer(out_shape, out_dtype, device, poison)
+    stats = new_buffer((n, 3) if mode == MODE_LOSS else (0,), f32, device, poison)
     # (distinct empty tensors: an operator's outputs must not alias one another)
-    act_dtype = torch.bfloat16 if precision == "bf16" else f32
-    acts = new_buffer((n_hidden + 1, n, hidden), act_dtype, device) if save else empty.new_empty(0)
-    zs = new_buffer((n_hidden + 1, n, hidden), f32, device) if (save and not t.fused) else empty.new_empty(0)
+    act_dtype = torch.bfloat16 if config.precision == "bf16" else f32
+    layers_shape = (n_hidden + 1, n, hidden)
+    acts = new_buffer(layers_shape, act_dtype, device, poison) if save else idx.new_empty(0, dtype=f32)
+    zs = new_buffer(layers_shape, f32, device, poison) if save and not fused else idx.new_empty(0, dtype=f32)
     if n == 0:
-        return out, lse, acts, zs
-    if targets.numel() == 0:
-        targets = idx  # placeholder pointer, never read unless mode == MODE_LOSS
+        return out, stats, acts, zs
 
-    row_blocks = triton.cdiv(n, t.block_m)
-    ranges, v_per_range = vocab_splits(row_blocks, vocab, t.block_v, device)
-    range_partials = ranges > 1 and mode != MODE_LOGITS  # logits of several ranges need no combining
-    part = new_buffer((ranges, 3, n) if range_partials else (0,), f32, device)
-    # unrolled residual groups only where the extra copies of a layer fit: not at H = 128 (305 KiB
-    # of shared memory), not in fp32 (its FMA-unit products then spill KBs), not past 4 layers
-    unroll_groups = t.fused and t.block_h <= 64 and precision != "fp32" and residual_every <= min(n_hidden, 4)
-    head_in, head_in_offset = acts, n_hidden * n * hidden
-    if not t.fused:
+    head_in, head_in_offset = acts, n_hidden * n * hidden  # the head's input: the last layer's output
+    if not fused:
         # without save, two buffers in turn hold the layers' outputs; the last one feeds the head
-        scratch = [] if save else [new_buffer((n, hidden), act_dtype, device) for _ in range(min(2, n_hidden + 1))]
+        scratch = [] if save else [new_buffer((n, hidden), act_dtype, device, poison)
+                                   for _ in range(min(2, n_hidden + 1))]
         outs = list(acts) if save else [scratch[layer % 2] for layer in range(n_hidden + 1)]
-        layerwise_trunk(idx, in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, outs, zs, save,
-                        residual_every, eps, precision, t.block_m_rowwise, t.block_h, t.num_warps)
+        layerwise_trunk(idx, params, outs, zs, save, residual_every, eps, config)
         if not save:
             head_in, head_in_offset = outs[-1], 0
+    out, stats = launch_forward_kernel(idx, targets, params, out, stats, head_in, head_in_offset, residual_every,
+                                       eps, mode, save, config)
+    return out, stats, acts, zs
 
+
+def launch_forward_kernel(idx: torch.Tensor, targets: torch.Tensor, params: AUNNParams, out: torch.Tensor,
+                          stats: torch.Tensor, head_in: torch.Tensor, head_in_offset: int, residual_every: int,
+                          eps: float, mode: int, save: bool, config: KernelConfig) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+    """:func:`aunn_forward_kernel` over the batch (the fused trunk, or the head alone on the layer-wise path's
+    last activation head_in at head_in_offset), its vocabulary ranges combined. Returns (out, stats)."""
+    n, (hidden, bits), vocab = idx.shape[0], params.in_weight.shape, params.out_weight.shape[0]
+    n_hidden = params.hidden_weight.shape[0]
+    t = config.tiles
+    row_blocks = triton.cdiv(n, t.block_m)
+    ranges, v_per_range = vocab_splits(row_blocks, vocab, t.block_v, config)
+    range_partials = ranges > 1 and mode != MODE_LOGITS  # logits of several ranges need no combining
+    part = new_buffer((ranges, 3, n) if range_partials else (0,), torch.float32, idx.device,
+                      config.options.poison_outputs)
+    # unrolled residual groups only where the extra copies of a layer fit: not at H = 128 (305 KiB
+    # of shared memory), not in fp32 (its FMA-unit products then spill KBs), not past 4 layers
+    unroll_groups = (t.fused and t.block_h <= 64 and config.precision != "fp32"
+                     and residual_every <= min(n_hidden, 4))
     if t.fused:
-        in_weight, hidden_weight, w_out = fused_weights(in_weight, hidden_weight, out_weight, precision, n)
+        in_w, hidden_w, out_w = fused_weights(params.in_weight, params.hidden_weight, params.out_weight, n, config)
     else:
-        w_out = head_weight(out_weight, precision, n)
+        in_w, hidden_w = params.in_weight, params.hidden_weight
+        out_w = head_weight(params.out_weight, config.precision, n, config.options)
+    if targets.numel() == 0:
+        targets = idx  # placeholder pointer, never read unless mode == MODE_LOSS
     launch(aunn_forward_kernel, (row_blocks, ranges),
-           idx, targets, out, lse, part, head_in,
-           in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, w_out, out_bias,
-           n, hidden, vocab, n_hidden, n_hidden // residual_every * residual_every, eps, n * hidden,
-           head_in_offset, v_per_range,
+           idx_ptr=idx, target_ptr=targets, out_ptr=out, stats_ptr=stats, part_ptr=part, act_ptr=head_in,
+           in_w_ptr=in_w, in_b_ptr=params.in_bias, in_g_ptr=params.in_gain,
+           hid_w_ptr=hidden_w, hid_b_ptr=params.hidden_bias, hid_g_ptr=params.hidden_gain,
+           out_w_ptr=out_w, out_b_ptr=params.out_bias,
+           N=n, H=hidden, V=vocab, n_hidden=n_hidden, n_grouped=n_hidden // residual_every * residual_every,
+           eps=eps, act_stride=n * hidden, head_in_offset=head_in_offset, v_per_range=v_per_range,
            BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
-           BLOCK_K=t.block_k_head, RESIDUAL_EVERY=residual_every, UNROLL_GROUPS=unroll_groups, MODE=mode,
-           FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused, RANGE_PARTIALS=range_partials, PRECISION=prec,
-           FAST_SIGMOID=fast, num_warps=t.num_warps, **compile_options(t.max_registers, t.num_stages))
+           BLOCK_K=t.block_k_head, RESIDUAL_EVERY=residual_every, UNROLL_GROUPS=unroll_groups,
+           MODE=mode, FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused, RANGE_PARTIALS=range_partials,
+           PRECISION=config.precision_code, FAST_SIGMOID=config.fast_sigmoid,
+           num_warps=t.num_warps, **compile_options(t.max_registers, t.num_stages))
     if range_partials:
-        out, lse = combine_ranges(part, mode, lse)
-    return out, lse, acts, zs
+        return combine_ranges(part, mode, stats)
+    return out, stats
 
 
-def combine_ranges(part: torch.Tensor, mode: int, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of the head from its vocabulary ranges' partials (see :func:`aunn_forward_kernel`).
+def combine_ranges(part: torch.Tensor, mode: int, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, stats) of the head from its vocabulary ranges' partials (see :func:`aunn_forward_kernel`).
 
     part fp32 [ranges, 3, N]. MODE_ARGMAX: out int64 [N], the index of the best logit, on ties
-    the first range's (torch.argmax keeps the first maximum, as each range kept its first); lse
-    is passed through. MODE_LOSS: out fp32 [N] the cross-entropy, lse fp32 [N, 3] the softmax
-    stats, computed as :func:`head_blocks.cross_entropy_stats` computes them.
+    the first range's (torch.argmax keeps the first maximum, as each range kept its first); stats
+    is passed through. MODE_LOSS: out fp32 [N] the cross-entropy, stats fp32 [N, 3] the softmax
+    statistics, computed as :func:`head_blocks.cross_entropy_stats` computes them.
     """
     if mode == MODE_ARGMAX:
         best_range = part[:, 0].argmax(0, keepdim=True)
-        return part[:, 1].gather(0, best_range).squeeze(0).long(), lse
+        return part[:, 1].gather(0, best_range).squeeze(0).long(), stats
     range_max, range_other_sum, range_target_logit = part.unbind(1)
     row_max = range_max.amax(0)
     other_sum = (range_other_sum * torch.exp(range_max - row_max)).sum(0)

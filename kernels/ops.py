@@ -4,12 +4,16 @@ Both are ``torch.library.triton_op``s (kernels launched through ``wrap_triton``)
 torch.compile and torch.export see the Triton kernels instead of an opaque call and
 no graph break occurs. Under TRITON_INTERPRET=1 they are plain ``custom_op``s with a
 fake implementation (see :func:`_operator`): still no graph break, kernels opaque.
-``forward`` gets its autograd formula from
-``register_autograd``: its backward calls the ``backward`` operator on the
-activations the forward returned.
+``forward`` gets its autograd formula from ``register_autograd``: its backward calls the
+``backward`` operator on the activations the forward returned.
+
+The kernels' configuration reaches the operators as one string argument, ``options``
+(``KernelOptions.encoded``): a constant of the traced graph, so that torch.compile's caches
+are keyed by it. Each operator chooses its :class:`KernelConfig` from it and its inputs' shapes.
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -20,8 +24,8 @@ from aunn_fast.config import AUNNConfig
 from aunn_fast.params import AUNNParams
 
 from . import mlp_backward, mlp_forward
-from .common import on_device_of
-from .mlp_forward import MODE_ARGMAX, MODE_LOGITS, MODE_LOSS
+from .common import MODE_ARGMAX, MODE_LOGITS, MODE_LOSS, on_device_of
+from .config import KernelConfig, KernelOptions, choose_config, default_options, device_traits
 
 
 def _operator(name: str):
@@ -41,61 +45,76 @@ def _operator(name: str):
     return register
 
 
-@_operator("aunn_fast::forward")
-def forward_op(idx: Tensor, targets: Tensor, in_weight: Tensor, in_bias: Tensor, in_gain: Tensor,
+def _config(idx: Tensor, in_weight: Tensor, out_weight: Tensor, precision: str, options: str) -> KernelConfig:
+    (hidden, bits), vocab = in_weight.shape, out_weight.shape[0]
+    return choose_config(hidden, bits, vocab, precision, device_traits(idx.device), KernelOptions.decode(options))
+
+
+def _forward_impl(idx: Tensor, targets: Tensor, in_weight: Tensor, in_bias: Tensor, in_gain: Tensor,
                hidden_weight: Tensor, hidden_bias: Tensor, hidden_gain: Tensor, out_weight: Tensor,
                out_bias: Tensor, residual_every: int, eps: float, precision: str, mode: int,
-               save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, lse, acts, zs); see :func:`mlp_forward.forward`."""
+               save: bool, options: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, stats, acts, zs); see :func:`mlp_forward.forward`."""
+    params = AUNNParams(in_weight=in_weight, in_bias=in_bias, in_gain=in_gain, hidden_weight=hidden_weight,
+                        hidden_bias=hidden_bias, hidden_gain=hidden_gain, out_weight=out_weight, out_bias=out_bias)
+    config = _config(idx, in_weight, out_weight, precision, options)
     with on_device_of(idx):
-        return mlp_forward.forward(idx, targets, in_weight, in_bias, in_gain, hidden_weight, hidden_bias,
-                                   hidden_gain, out_weight, out_bias, residual_every, eps, precision, mode, save)
+        return mlp_forward.forward(idx, targets, params, residual_every, eps, mode, save, config)
 
 
-@_operator("aunn_fast::backward")
-def backward_op(idx: Tensor, targets: Tensor, grad: Tensor, lse: Tensor, acts: Tensor, zs: Tensor,
+def _backward_impl(idx: Tensor, targets: Tensor, grad: Tensor, stats: Tensor, acts: Tensor, zs: Tensor,
                 in_weight: Tensor, in_bias: Tensor, in_gain: Tensor, hidden_weight: Tensor,
                 hidden_bias: Tensor, hidden_gain: Tensor, out_weight: Tensor, out_bias: Tensor,
-                residual_every: int, eps: float, precision: str, mode: int) -> list[Tensor]:
+                residual_every: int, eps: float, precision: str, mode: int, options: str) -> list[Tensor]:
     """The parameters' gradients, packed; see :func:`mlp_backward.backward`."""
+    params = AUNNParams(in_weight=in_weight, in_bias=in_bias, in_gain=in_gain, hidden_weight=hidden_weight,
+                        hidden_bias=hidden_bias, hidden_gain=hidden_gain, out_weight=out_weight, out_bias=out_bias)
+    config = _config(idx, in_weight, out_weight, precision, options)
     with on_device_of(idx):
-        return mlp_backward.backward(idx, targets, grad, lse, acts, zs, in_weight, in_bias, in_gain,
-                                     hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
-                                     residual_every, eps, precision, mode)
+        return mlp_backward.backward(idx, targets, grad, stats, acts, zs, params, residual_every, eps, mode, config)
+
+
+forward_op = _operator("aunn_fast::forward")(_forward_impl)
+backward_op = _operator("aunn_fast::backward")(_backward_impl)
+_FORWARD_ARGUMENTS = tuple(inspect.signature(_forward_impl).parameters)
+_HYPERPARAMETERS = ("residual_every", "eps", "precision", "mode", "save", "options")
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    idx, targets, *params = inputs[:10]
-    residual_every, eps, precision, mode, save = inputs[10:]
-    out, lse, acts, zs = output
-    ctx.mark_non_differentiable(lse, acts, zs)
+    args = dict(zip(_FORWARD_ARGUMENTS, inputs))
+    ctx.hparams = {name: args[name] for name in _HYPERPARAMETERS}
+    out, stats, acts, zs = output
+    ctx.mark_non_differentiable(stats, acts, zs)
     # their gradients are None, not zero tensors autograd would fill (a 1 GB memset at 1M rows)
     ctx.set_materialize_grads(False)
-    if mode == MODE_ARGMAX:
+    if ctx.hparams["mode"] == MODE_ARGMAX:
         ctx.mark_non_differentiable(out)
-    ctx.save_for_backward(idx, targets, lse, acts, zs, *params)
-    ctx.hparams = (residual_every, eps, precision, mode, save)
+    ctx.save_for_backward(args["idx"], args["targets"], stats, acts, zs, *(args[name] for name in AUNNParams._fields))
 
 
-def _backward(ctx, grad_out, grad_lse, grad_acts, grad_zs):
-    idx, targets, lse, acts, zs, *params = ctx.saved_tensors
-    residual_every, eps, precision, mode, save = ctx.hparams
-    if mode == MODE_ARGMAX:
+def _autograd_backward(ctx, grad_out, grad_stats, grad_acts, grad_zs):
+    idx, targets, stats, acts, zs, *saved = ctx.saved_tensors
+    params = AUNNParams(*saved)
+    hp = ctx.hparams
+    if hp["mode"] == MODE_ARGMAX:
         raise RuntimeError("argmax predictions have no gradient")
-    if not save:
+    if not hp["save"]:
         raise RuntimeError("aunn_fast::forward ran with save=False: no activations were kept for backward")
-    grads = backward_op(idx, targets, grad_out.contiguous(), lse, acts, zs, *params,
-                        residual_every, eps, precision, mode)
-    out_weight = params[6]
-    return (None, None, *mlp_backward.parameter_gradients(grads, *out_weight.shape), None, None, None, None, None)
+    grads = backward_op(idx, targets, grad_out.contiguous(), stats, acts, zs, *params,
+                        residual_every=hp["residual_every"], eps=hp["eps"], precision=hp["precision"],
+                        mode=hp["mode"], options=hp["options"])
+    param_grads = mlp_backward.parameter_gradients(grads, *params.out_weight.shape)
+    gradients = {"idx": None, "targets": None, **param_grads._asdict()}
+    return tuple(gradients.get(name) for name in _FORWARD_ARGUMENTS)  # None for the non-tensor arguments
 
 
-forward_op.register_autograd(_backward, setup_context=_setup_context)
+forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def run_forward(idx: Tensor, targets: Tensor | None, params: AUNNParams, cfg: AUNNConfig,
-                precision: str, mode: int) -> Tensor:
-    """The forward operator's first output; activations are saved only when autograd needs them."""
+                precision: str, mode: int, options: KernelOptions | None = None) -> Tensor:
+    """The forward operator's first output; activations are saved only when autograd needs them.
+    options: the kernels' configuration (default: :func:`config.default_options`)."""
     wrong = {name: p.dtype for name, p in zip(AUNNParams._fields, params) if p.dtype != torch.float32}
     if wrong:
         raise TypeError(f"the triton kernels take float32 parameters (they round operands per `precision`), got "
@@ -105,19 +124,27 @@ def run_forward(idx: Tensor, targets: Tensor | None, params: AUNNParams, cfg: AU
     if targets is None:
         targets = idx.new_empty(0)
     params = [p.contiguous() for p in params]
-    out, _, _, _ = torch.ops.aunn_fast.forward(idx, targets, *params, cfg.residual_every, cfg.norm_eps,
-                                              precision, mode, save)
+    out, _, _, _ = torch.ops.aunn_fast.forward(idx, targets, *params, residual_every=cfg.residual_every,
+                                              eps=cfg.norm_eps, precision=precision, mode=mode, save=save,
+                                              options=_default_encoding() if options is None else options.encoded)
     return out
 
 
-def logits(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> Tensor:
-    return run_forward(idx, None, params, cfg, precision, MODE_LOGITS)
+@torch.compiler.assume_constant_result
+def _default_encoding() -> str:
+    """default_options(), encoded; torch.compile takes the answer as a constant instead of tracing the call."""
+    return default_options().encoded
+
+
+def logits(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str,
+           options: KernelOptions | None = None) -> Tensor:
+    return run_forward(idx, None, params, cfg, precision, MODE_LOGITS, options)
 
 
 def loss(idx: Tensor, targets: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str,
-         reduction: str = "mean") -> Tensor:
+         reduction: str = "mean", options: KernelOptions | None = None) -> Tensor:
     """The rows' cross-entropies reduced; their backward takes any per-row upstream gradient."""
-    row_loss = run_forward(idx, targets, params, cfg, precision, MODE_LOSS)
+    row_loss = run_forward(idx, targets, params, cfg, precision, MODE_LOSS, options)
     if reduction == "none":
         return row_loss
     # mean(): one reduction, and a backward that hands the operator a contiguous gradient; sum() / N
@@ -127,6 +154,7 @@ def loss(idx: Tensor, targets: Tensor, params: AUNNParams, cfg: AUNNConfig, prec
     return row_loss.mean()
 
 
-def predict(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> Tensor:
+def predict(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str,
+            options: KernelOptions | None = None) -> Tensor:
     with torch.no_grad():
-        return run_forward(idx, None, params, cfg, precision, MODE_ARGMAX)
+        return run_forward(idx, None, params, cfg, precision, MODE_ARGMAX, options)

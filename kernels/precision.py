@@ -1,45 +1,16 @@
-"""The precision modes (fp32, tf32, bf16) as the kernels realise them: the PRECISION constexpr a
-launcher passes, and the device functions that honour it: :func:`dot` for every matrix product
-(operands rounded per mode, fp32 accumulation) and :func:`store_activation`."""
-from __future__ import annotations
+"""The precision modes (fp32, tf32, bf16) as the kernels realise them: the device functions that honour a
+kernel's PRECISION constexpr (its codes: ``config.precision_code``): :func:`dot` for every matrix product
+(operands rounded per mode, fp32 accumulation) and :func:`store_activation`.
 
-import os
+Under TRITON_INTERPRET=1 a bf16 tl.dot returns garbage, so the interpreter gets an exact emulation:
+operands rounded to bf16 in registers, then an exact fp32 product, which is what the tensor cores compute
+(products of rounded operands, fp32 accumulation). tf32 runs the GPU's own code there: its operands are
+rounded in registers on every machine, and the interpreter's product of rounded operands is exact.
+"""
+from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from .common import checked_switch
-
-# How `dot` treats its operands. Under TRITON_INTERPRET=1 a bf16 tl.dot returns garbage
-# (anchors.md), so the interpreter gets an exact emulation: operands rounded to bf16 in
-# registers, then an exact fp32 product, which is what the tensor cores compute (products of
-# rounded operands, fp32 accumulation). tf32 runs the GPU's own code there: its operands are
-# rounded in registers on every machine, and the interpreter's product of rounded operands is exact.
-PRECISION_CODES = {"fp32": 0, "tf32": 1, "bf16": 2}
-INTERPRETER_CODES = {"fp32": 0, "tf32": 1, "bf16": 3}
-
-# How the fp32 mode multiplies (read at call time):
-# "tf32x3" - on the tensor cores as three tf32 products (a = a_hi + a_lo with a_hi = a rounded to
-#            tf32: a_lo @ b_hi + a_hi @ b_lo + a_hi @ b_hi), relative error per product ~2^-21
-#            against fp32's 2^-24; on an H100 3.0x (predict) and 1.9x (forward + backward) faster than "ieee"
-#            at the same error against the reference (kernels/NOTES.md). The interpreter emulates it
-#            (code 5, see `dot`);
-# "ieee"   - fp32 fused multiply-adds on the FMA units.
-FP32_PRODUCTS_CHOICES = ("tf32x3", "ieee")
-FP32_PRODUCTS = os.environ.get("AUNN_FAST_FP32_PRODUCTS", "tf32x3")
-
-
-def fp32_products() -> str:
-    """FP32_PRODUCTS, checked."""
-    return checked_switch(FP32_PRODUCTS, FP32_PRODUCTS_CHOICES, "fp32 product method", "precision.FP32_PRODUCTS")
-
-
-def precision_code(precision: str) -> int:
-    """The PRECISION constexpr for `dot` on this machine."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if precision == "fp32" and fp32_products() == "tf32x3":
-        return 5 if interpreted else 4
-    return (INTERPRETER_CODES if interpreted else PRECISION_CODES)[precision]
 
 
 @triton.jit
@@ -48,7 +19,9 @@ def dot(a, b, PRECISION: tl.constexpr):
 
     PRECISION 0: exact fp32 (ieee); 1: tf32 tensor cores; 2: bf16 operands; 3: bf16 emulated
     (operands rounded, exact fp32 product) for the interpreter; 4: fp32 as three tf32 products
-    (Triton's tf32x3); 5: the same emulated for the interpreter. The tensor cores truncate fp32
+    (Triton's tf32x3; a = a_hi + a_lo with a_hi = a rounded to tf32: a_lo @ b_hi + a_hi @ b_lo + a_hi @ b_hi,
+    relative error per product ~2^-21 against fp32's 2^-24); 5: the same emulated for the interpreter.
+    The tensor cores truncate fp32
     operands to tf32 (triton-lang/triton#4574), the reference rounds them to nearest: so they are
     rounded first, after which truncation changes nothing. tf32x3 splits each operand into its
     nearest tf32 value and the rest, which the tensor cores then truncate.
@@ -81,7 +54,7 @@ def round_bf16(x):
 
 @triton.jit
 def round_tf32(x):
-    """fp32 -> fp32 rounded to TensorFloat-32 (10 mantissa bits, nearest), as reference.round_operand."""
+    """fp32 -> fp32 rounded to TensorFloat-32 (10 mantissa bits, nearest), as the reference's operand rounding."""
     bits = x.to(tl.int32, bitcast=True)
     return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
 

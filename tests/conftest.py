@@ -22,15 +22,6 @@ if not torch.cuda.is_available():
     sources = sorted([*root.glob("aunn_fast/*.py"), *root.glob("kernels/*.py")])
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"aunn_inductor_{digest}"))
-    # Within one version too: a switch a test sets (the layer-wise path's FUSED_MAX_HIDDEN) changes the
-    # operators' output shapes under the same traced graph, so a compiled graph cached by one test failed
-    # another's shape checks, depending on the order the workers ran them. Whole graphs are not cached;
-    # the C++ kernels Inductor builds for them still are.
-    import torch._functorch.config
-    import torch._inductor.config
-
-    torch._inductor.config.fx_graph_cache = False
-    torch._functorch.config.enable_autograd_cache = False
     # Imported here, under the variable: triton.language's own jit functions (tl.sum, ...) become interpretable
     # only when triton is first imported with it set, and a test that unsets it (to check the refusal) would
     # otherwise be a worker's first importer and break the kernels of every later test on that worker.

@@ -128,7 +128,7 @@ def test_triton_on_cpu_is_skipped_without_interpreter(monkeypatch: pytest.Monkey
     assert harness.unavailable_reason("triton", torch.device("cpu"))
 
 
-def test_ceilings_match_the_anchors() -> None:
+def test_ceilings_match_the_datasheet_estimates() -> None:
     seed = AUNNConfig(vocab_size=4, hidden=64, layers=8, bits=64)
     assert ceilings.ceilings(seed, "forward").sfu == pytest.approx(4.7e9, rel=0.02)
     assert ceilings.ceilings(seed, "train").sfu == pytest.approx(2.3e9, rel=0.02)
@@ -156,29 +156,25 @@ def test_ceiling_shares_are_plotted_for_h100_rows(tmp_path: Path) -> None:
 
 
 def test_kernel_variants_check_then_time_and_report_failures():
-    """Each candidate is checked, then timed; one that raises is a row with its error, and the
-    kernels' switches are restored afterwards."""
+    """Each candidate is checked, then timed with its own options; one that raises is a row with its error.
+    An unknown method is refused when the candidate is made."""
     reason = kernels.unavailable_reason(torch.device("cpu"))
     if reason:
         pytest.skip(reason)
     from aunn_fast.bench import kernel_variants as kv
-    from aunn_fast.kernels import common, gemm, mlp_backward, mlp_forward, precision
-
-    switches = [(mlp_backward, "WEIGHT_GRAD"), (common, "SIGMOID"), (common, "FUSED_MAX_HIDDEN"),
-                (gemm, "SPLIT_K_MIN_ROWS"), (common, "VOCAB_SPLIT_MIN"), (precision, "FP32_PRODUCTS"),
-                (mlp_forward, "WEIGHT_COPY_MIN_ROWS"), (mlp_backward, "HEAD_GRADS_IN_TRUNK"),
-                (mlp_backward, "LOAD_WEIGHT_ONCE"), (mlp_backward, "HEAD_GEMM_MIN_VOCAB")]
-    before = [getattr(module, name) for module, name in switches]
+    with pytest.raises(ValueError, match="atomics"):
+        kv.variant("bogus", "atomics")
     plan = [kv.Step("predict", "tiny", 16, 37, "fp32",
-                    [kv.Variant("default"), kv.Variant("32 rows, 2 warps", tiles=(("block_m", 32), ("num_warps", 2)))]),
+                    [kv.variant("default"), kv.variant("32 rows, 2 warps", tiles=(("block_m", 32), ("num_warps", 2)))]),
             kv.Step("train", "tiny", 16, 37, "fp32",
-                    [kv.Variant("partials", "partials", programs_per_sm=1),
-                     kv.Variant("layer-wise", fused_max_hidden=0), kv.Variant("split", split_k_min_rows=8),
-                     kv.Variant("head kernel", head_grads_in_trunk=False),
-                     kv.Variant("weight as W.T", load_weight_once=False), kv.Variant("bogus", "atomics")]),
-            kv.Step("train", "tiny-vocab", 16, 5, "fp32", [kv.Variant("ranges", vocab_split_min=0),
-                                                            kv.Variant("products", vocab_split_min=0,
-                                                                       head_gemm_min_vocab=0)], vocab=300)]
+                    [kv.variant("partials", "partials", partial_programs_per_sm=1),
+                     kv.variant("layer-wise", fused_max_hidden=0), kv.variant("split", split_k_min_rows=8),
+                     kv.variant("head kernel", head_grads_in_trunk=False),
+                     kv.variant("weight as W.T", load_weight_once=False),
+                     kv.variant("bogus", tiles=(("block_m", 3),))]),  # not a power of two: Triton refuses it
+            kv.Step("train", "tiny-vocab", 16, 5, "fp32", [kv.variant("ranges", vocab_split_min=0),
+                                                            kv.variant("products", vocab_split_min=0,
+                                                                       head_backward="products")], vocab=300)]
     rows = kv.run(plan, torch.device("cpu"), log=lambda *_: None)
     assert [(r["workload"], r["variant"]) for r in rows] == [
         ("predict", "default"), ("predict", "32 rows, 2 warps"), ("train", "partials"), ("train", "layer-wise"),
@@ -187,8 +183,7 @@ def test_kernel_variants_check_then_time_and_report_failures():
     for r in [*rows[:7], *rows[8:]]:
         assert r["correct"] and r["error"] is None and r["ms"] > 0, r
         assert r["max_rel_err"] < 1e-5, r  # fp32 candidates: the package's fp32 tolerance
-    assert "atomics" in rows[7]["error"] and rows[7]["ms"] is None
-    assert [getattr(module, name) for module, name in switches] == before and common.TILE_OVERRIDES == {}
+    assert rows[7]["error"] and rows[7]["ms"] is None
     table = kv.markdown({"device": "cpu", "torch": "-", "triton": "-", "commit": "-", "date": "-"}, rows)
     assert "| train | tiny | 16 | 37 | fp32 | bogus | — | ERROR |" in table
 
@@ -197,19 +192,18 @@ def test_kernel_variants_compare_candidates_at_the_timed_batch(monkeypatch):
     """Past the rows checked against the reference, a candidate must still agree with the default: here one
     whose gradients double once the batch exceeds the checked rows."""
     from aunn_fast.bench import kernel_variants as kv
-    from aunn_fast.kernels import common
 
     error_fn, prepare, differ = kv.WORKLOADS["train"]
 
-    def doubling_past_the_check(cfg, params, idx, targets, precision):
-        call = prepare(cfg, params, idx, targets, precision)
-        broken = common.TILE_OVERRIDES and idx.numel() > kv.CHECK_ROWS
+    def doubling_past_the_check(cfg, params, idx, targets, precision, options):
+        call = prepare(cfg, params, idx, targets, precision, options)
+        broken = options.tiles and idx.numel() > kv.CHECK_ROWS
         return (lambda: [2 * g for g in call()]) if broken else call
 
     monkeypatch.setitem(kv.WORKLOADS, "train", (error_fn, doubling_past_the_check, differ))
     monkeypatch.setattr(kv, "CHECK_ROWS", 16)
-    plan = [kv.Step("train", "tiny", 16, 40, "fp32", [kv.Variant("default"),
-                                                       kv.Variant("2 warps", tiles=(("num_warps", 2),))])]
+    plan = [kv.Step("train", "tiny", 16, 40, "fp32", [kv.variant("default"),
+                                                       kv.variant("2 warps", tiles=(("num_warps", 2),))])]
     rows = kv.run(plan, torch.device("cpu"), log=lambda *_: None)
     assert rows[0]["correct"] and rows[0]["ms"] > 0
     assert rows[1]["correct"] is False and rows[1]["error"] == "differs from default at batch 40"
@@ -223,12 +217,13 @@ def test_kernel_variants_graph_replays_the_eager_gradients():
     from aunn_fast.bench import kernel_variants as kv
 
     cfg, params, idx, targets = kv.make_inputs(64, 4096, torch.device("cuda"))
-    replay = kv.graphed_loss_grads(cfg, params, idx, targets, "bf16")
+    options = kv.variant("default").options
+    replay = kv.graphed_loss_grads(cfg, params, idx, targets, "bf16", options)
     for _ in range(2):
         for g in replay():
             g.fill_(float("nan"))
         got = [g.clone() for g in replay()]
-        want = kv.loss_grads(kernels.loss, idx, targets, params, cfg, "bf16")
+        want = kv.loss_grads(kv.kernels_loss(options), idx, targets, params, cfg, "bf16")
         assert not kv.gradients_differ(got, want, "fp32")
         idx.copy_(torch.randint(0, 2**62, idx.shape, device=idx.device))  # the graph reads idx where it lies
 
@@ -258,15 +253,15 @@ def test_kernel_variants_plan_skips_the_default_tiles():
         assert "64 rows, 8 warps + tanh" in labels[shape, batch, "bf16"]
 
 
-def test_kernel_variant_sets_and_restores_the_fp32_products():
+def test_kernel_variant_is_a_configuration():
+    """A candidate is a KernelOptions value: its changes, and the defaults (the "torch" weight gradients, the
+    exact sigmoid) elsewhere; nothing in the kernels' modules changes."""
     pytest.importorskip("triton")
     from aunn_fast.bench import kernel_variants as kv
-    from aunn_fast.kernels import precision
 
-    before = precision.FP32_PRODUCTS
-    with kv.Variant("tf32x3", fp32_products="tf32x3").applied():
-        assert precision.FP32_PRODUCTS == "tf32x3"
-    assert precision.FP32_PRODUCTS == before
+    candidate = kv.variant("tf32x3", fp32_products="tf32x3", tiles=(("block_m", 32),))
+    assert candidate.options == kv.KernelOptions(fp32_products="tf32x3", sigmoid="exact", tiles=(("block_m", 32),),
+                                                 weight_grad="torch")
 
 
 def test_kernel_variants_labels_keep_the_named_candidates(tmp_path, capsys, monkeypatch):
@@ -286,7 +281,7 @@ def test_kernel_variants_labels_keep_the_named_candidates(tmp_path, capsys, monk
     wanted = ["torch + tanh", "torch + tanh + fp32 weights", "torch + tanh, bwd 32 rows 8 warps"]  # plan order
     assert kept and all([v.label for v in s.variants] == wanted for s in kept)
     copies = kept[0].variants[1]
-    assert copies.sigmoid == "tanh" and copies.weight_copy_min_rows > kept[0].batch
+    assert copies.options.sigmoid == "tanh" and copies.options.weight_copy_min_rows > kept[0].batch
     with pytest.raises(SystemExit) as exit_info:
         kv.main(["--out", str(tmp_path / "none"), "--labels", "nothing like it"])
     assert exit_info.value.code == 2 and "no step" in capsys.readouterr().err
@@ -334,7 +329,7 @@ def test_each_training_workload_step_is_the_eager_step_it_claims(workload, optim
     original_loss = model.loss
     monkeypatch.setattr(model, "loss", lambda idx, targets: seen.append((idx, targets)) or original_loss(idx, targets))
     step = workloads.WORKLOADS[workload].prepare(model, batch, torch.Generator().manual_seed(7)).step
-    twin_optimizer = workloads.make_optimizer(twin, optimizer)
+    twin_optimizer = workloads.benchmark_optimizer(twin, optimizer)
     for _ in range(3):
         step()
         idx, targets = seen[-1]
@@ -513,23 +508,13 @@ def test_commit_says_when_the_tree_differs_from_it(monkeypatch):
     assert environment.git_commit() is None
 
 
-def test_compile_check_knows_the_fp32_product_methods() -> None:
-    """compile_check keeps its own copy (importing the kernels loads Triton): the same methods, default first."""
-    pytest.importorskip("triton")
-    from aunn_fast.bench import compile_check
-    from aunn_fast.kernels import precision
-
-    assert compile_check.FP32_PRODUCTS == precision.FP32_PRODUCTS_CHOICES
-
-
 def test_compile_check_knows_the_tile_fields() -> None:
-    """--tiles checks names against its own list (importing the kernels loads Triton): the Tiles fields a
-    candidate can set, all of them."""
+    """--tiles takes every Tiles field a candidate can set."""
     pytest.importorskip("triton")
     import dataclasses
 
     from aunn_fast.bench import compile_check
-    from aunn_fast.kernels.common import Tiles
+    from aunn_fast.kernels.config import Tiles
 
     every = [f.name for f in dataclasses.fields(Tiles) if f.name != "fused"]
     assert compile_check._tile_overrides(",".join(f"{name}=1" for name in every)) == dict.fromkeys(every, 1)

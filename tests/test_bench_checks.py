@@ -104,7 +104,7 @@ def test_step_check_compares_every_parameters_gradient(monkeypatch):
     def prepare(model, batch, generator):
         if model.backend == "reference":
             return workloads.WORKLOADS["train"].prepare(model, batch, generator)
-        optimizer = workloads.make_optimizer(model, "adamw")
+        optimizer = workloads.benchmark_optimizer(model, "adamw")
         sets = workloads.input_sets(model.cfg, batch, generator)
         cycle = itertools.cycle(sets)  # the same inputs, in the same order, as the workload's own step
         def step():
@@ -129,7 +129,7 @@ def test_step_check_compares_gradients_at_the_providers_own_weights(monkeypatch)
     def prepare(model, batch, generator):
         if model.backend == "reference":
             return workloads.WORKLOADS["train"].prepare(model, batch, generator)
-        optimizer = workloads.make_optimizer(model, "adamw")
+        optimizer = workloads.benchmark_optimizer(model, "adamw")
         sets = workloads.input_sets(model.cfg, batch, generator)
         cycle = itertools.cycle(sets)
         def step():

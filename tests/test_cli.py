@@ -219,19 +219,23 @@ def test_token_file_run_end_to_end(tmp_path, capsys):
     assert "expected token ids in 0..299" in _error(["condition", str(out), "--prompt", "300"], capsys)
 
 
-@pytest.mark.parametrize("switch, value", [("common.SIGMOID", "fast"), ("mlp_backward.WEIGHT_GRAD", "atomics"),
-                                           ("precision.FP32_PRODUCTS", "bf16x3")])
-def test_a_bad_kernel_switch_stops_the_run_before_anything_is_written(tmp_path, capsys, monkeypatch, switch, value):
-    """AUNN_FAST_SIGMOID / AUNN_FAST_WEIGHT_GRAD / AUNN_FAST_FP32_PRODUCTS (here their module attributes) are
-    checked up front, by the CLI and by the trainer, not at the first kernel call after the run directory exists."""
+@pytest.mark.parametrize("switch, value", [("AUNN_FAST_SIGMOID", "fast"), ("AUNN_FAST_WEIGHT_GRAD", "atomics"),
+                                           ("AUNN_FAST_FP32_PRODUCTS", "bf16x3")])
+def test_a_bad_kernel_switch_stops_the_run_before_anything_is_written(tmp_path, capsys, monkeypatch, request, switch,
+                                                                       value):
+    """AUNN_FAST_SIGMOID / AUNN_FAST_WEIGHT_GRAD / AUNN_FAST_FP32_PRODUCTS are checked up front, by the CLI and
+    by the trainer, not at the first kernel call after the run directory exists."""
     from aunn_fast import kernels
     from aunn_fast.data import ToyData
     from aunn_fast.train import TrainConfig, train
 
     if kernels.unavailable_reason("cpu") is not None:
         pytest.skip(kernels.unavailable_reason("cpu"))
-    module, name = switch.split(".")
-    monkeypatch.setattr(f"aunn_fast.kernels.{module}.{name}", value)
+    from aunn_fast.kernels.config import default_options
+
+    monkeypatch.setenv(switch, value)
+    default_options.cache_clear()  # read once per process: read again now, and once more after this test
+    request.addfinalizer(default_options.cache_clear)
     out = tmp_path / "run"
     message = _error(["train", "--data", "toy:50", "--out", str(out), "--backend", "triton", "--device", "cpu",
                       "--steps", "2", *TINY], capsys)

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import aunn_fast.data as data_module
-from aunn_fast.data import (BytesData, TextData, TokensData, ToyData, data_from_description, decode, encode,
-                            load_data)
+from aunn_fast.data import BytesData, TextData, TokensData, ToyData, data_from_description, decode, encode, load_data
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -52,9 +52,9 @@ def _rank_main(rank, world_size, port, run_dir, steps, resume, fault):
     try:
         data, model = ToyData(chunks=CHUNKS), _model()
         if fault is not None and fault["rank"] == rank:
-            targets = data.targets
+            targets, calls = data.targets, [0]
 
-            def faulty_targets(idx, calls=[0]):
+            def faulty_targets(idx):
                 calls[0] += 1
                 if calls[0] == fault["call"]:
                     if fault["kind"] == "error":

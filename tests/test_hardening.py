@@ -18,12 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from aunn_fast import AUNN, AUNNConfig
+from aunn_fast import AUNN, AUNNConfig, runlock
 from aunn_fast.cli import main
 from aunn_fast.data import ToyData
 from aunn_fast.errors import AUNNError, ResourceError, RunDirectoryBusy
 from aunn_fast.inference import condition, generate, sample
-from aunn_fast import runlock
 from aunn_fast.runlock import LOCK_NAME, hold
 from aunn_fast.train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, load_run
 

@@ -4,8 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from aunn_fast import AUNN, AUNNConfig
-from aunn_fast import backends
+from aunn_fast import AUNN, AUNNConfig, backends
 
 from helpers import check_compiled_model, random_indices, random_model, rel_err
 

@@ -3,8 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from aunn_fast import AUNN, AUNNConfig
-from aunn_fast import reference
+from aunn_fast import AUNN, AUNNConfig, reference
 
 from helpers import random_indices, random_model, rel_err
 

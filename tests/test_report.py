@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+import aunn_fast.evaluate as evaluate_module
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.data import TextData, ToyData
-import aunn_fast.evaluate as evaluate_module
 from aunn_fast.evaluate import HISTOGRAM_TOKENS, evaluate
 from aunn_fast.report import write_report
 

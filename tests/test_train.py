@@ -8,11 +8,21 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import aunn_fast.train as train_module
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.data import ToyData
-import aunn_fast.train as train_module
-from aunn_fast.train import (CHECKPOINT_NAME, LOG_NAME, TrainConfig, accuracy, check_data_fits, load_run,
-                              make_optimizer, optimizer_tensors, restore_optimizer, train)
+from aunn_fast.train import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    TrainConfig,
+    accuracy,
+    check_data_fits,
+    load_run,
+    make_optimizer,
+    optimizer_tensors,
+    restore_optimizer,
+    train,
+)
 
 
 def _model(seed=0):

@@ -26,6 +26,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -33,6 +34,7 @@ import torch
 
 from aunn_fast import AUNN, AUNNConfig, AUNNParams, kernels, reference
 from aunn_fast.params import init_params
+
 from helpers import check_compiled_model, random_indices, random_model, rel_err
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,7 +46,15 @@ if _REASON is None:
     import triton
     import triton.language as tl
 
-    from aunn_fast.kernels import common, mlp_backward, mlp_forward, precision
+    from aunn_fast.kernels import common, head_backward, mlp_backward, mlp_forward, ops, weights
+    from aunn_fast.kernels.config import (
+        VOCAB_SPLIT_PROGRAMS_PER_SM,
+        KernelOptions,
+        choose_config,
+        default_options,
+        device_traits,
+        vocab_splits,
+    )
     from aunn_fast.kernels.precision import round_bf16, round_tf32
 
     @triton.jit
@@ -70,29 +80,46 @@ GRAD_FLOOR_FP32 = 3e-5
 LOSS_ATOL = 2.0**-23
 
 
+class Options:
+    """The kernels' options (KernelOptions) in one test: the defaults with every buffer the launchers allocate
+    poisoned (NaN / -1, so an unwritten element fails), changed by :meth:`set`. The kernels take them as the
+    default of calls that name none (the model's, too): the one seam, ops.default_options, is patched."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.value = replace(default_options(), poison_outputs=True)
+        monkeypatch.setattr(ops, "default_options", lambda: self.value)
+
+    def set(self, **changes) -> None:
+        self.value = replace(self.value, **changes)
+
+    def vocab_splits(self, row_programs: int, vocab: int, block_v: int) -> tuple[int, int]:
+        """config.vocab_splits on DEVICE under these options."""
+        return vocab_splits(row_programs, vocab, block_v,
+                            choose_config(16, 64, vocab, "fp32", device_traits(DEVICE), self.value))
+
+
 @pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    """Every buffer the launchers allocate starts as NaN / -1, so an unwritten element fails."""
-    monkeypatch.setattr(mlp_forward, "POISON_OUTPUTS", True)
+def options(monkeypatch) -> Options:
+    return Options(monkeypatch)
 
 
 @pytest.fixture(params=["torch", "partials"])
-def weight_grad(request, monkeypatch):
-    """Each trunk weight-gradient candidate of the fused backward (mlp_backward.WEIGHT_GRAD)."""
-    monkeypatch.setattr(mlp_backward, "WEIGHT_GRAD", request.param)
+def weight_grad(request, options):
+    """Each trunk weight-gradient candidate of the fused backward (KernelOptions.weight_grad)."""
+    options.set(weight_grad=request.param)
     return request.param
 
 
 @pytest.fixture
-def layerwise(monkeypatch):
+def layerwise(options):
     """Force the layer-wise (wide-model) path on small shapes."""
-    monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+    options.set(fused_max_hidden=0)
 
 
 @pytest.fixture
-def vocab_ranges(monkeypatch):
-    """Split every head's vocabulary into ranges, as few rows at vocab 50,257 do (common.vocab_splits)."""
-    monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
+def vocab_ranges(options):
+    """Split every head's vocabulary into ranges, as few rows at vocab 50,257 do (config.vocab_splits)."""
+    options.set(vocab_split_min=0)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -193,6 +220,11 @@ def row_term_scales(idx, targets, params64: AUNNParams, cfg: AUNNConfig) -> list
     return [t.max().item() if t.numel() else 0.0 for t in totals]
 
 
+def fast_sigmoid(precision: str) -> bool:
+    """Whether the kernels use the tanh.approx sigmoid in this precision (bf16 on a GPU, by default)."""
+    return choose_config(16, 64, 4, precision, device_traits(DEVICE), default_options()).fast_sigmoid
+
+
 def run_loss(loss_fn, idx, targets, params, cfg, precision):
     p = with_grad(params)
     value = loss_fn(idx, targets, p, cfg, precision)
@@ -216,7 +248,7 @@ def check_model(cfg: AUNNConfig, n: int, generator: torch.Generator, precision: 
     assert_2x_rule("logits", got, ref32, oracle, atol_rel=floor)
     # the operands were rounded: nearer this oracle than fp32's (not with tanh.approx's SiLU, whose 2^-11 error
     # moves some bf16 roundings itself: 0.55-0.74 of fp32's distance in a simulation)
-    if precision != "fp32" and oracle.numel() >= 64 and not common.fast_sigmoid(precision):
+    if precision != "fp32" and oracle.numel() >= 64 and not fast_sigmoid(precision):
         unrounded = reference.logits(idx, oracle_params, cfg, "fp32")
         assert rel_err(got, oracle) < 0.5 * rel_err(unrounded, oracle)
 
@@ -285,24 +317,25 @@ def test_fp32_against_reference(hidden, layers, residual_every, bits, vocab, bat
 @pytest.mark.parametrize("method,vocab,batch,head_kernel", [
     ("torch", 5, 70, False), ("torch", 5, 1, False), ("torch", 150, 70, True), ("partials", 5, 70, True)])
 def test_small_heads_take_their_gradients_from_the_trunk_backward(method, vocab, batch, head_kernel, generator,
-                                                                   monkeypatch):
+                                                                   monkeypatch, options):
     """Where the head's gradients are no larger than the trunk's bias and gain partials (vocab 5 at H = 32,
     4 layers: 165 against 256 per program), the fused trunk backward, which recomputes the head's dlogits
     anyway, also sums dlogits.T @ h and dlogits per program: no head_weight_grad_kernel launch. With one
     program (batch 1) its partials are written straight into the packed sums. Not on the "partials"
     method's persistent grid (its programs take several row blocks; the head's are stored, not added)."""
-    monkeypatch.setattr(mlp_backward, "WEIGHT_GRAD", method)
+    options.set(weight_grad=method)
     launched = []
 
     def recording_launch(kernel, *args, **kwargs):
         launched.append(kernel)
         return common.launch(kernel, *args, **kwargs)
 
-    monkeypatch.setattr(mlp_backward, "launch", recording_launch)
+    for module in (mlp_backward, head_backward):
+        monkeypatch.setattr(module, "launch", recording_launch)
     cfg = AUNNConfig(vocab_size=vocab, hidden=32, layers=4, bits=64)
     check_model(cfg, batch, generator)
     assert mlp_backward.aunn_backward_kernel in launched
-    assert (mlp_backward.head_weight_grad_kernel in launched) == head_kernel
+    assert (head_backward.head_weight_grad_kernel in launched) == head_kernel
 
 
 @pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", [
@@ -319,44 +352,43 @@ def test_fp32_layerwise_path(hidden, layers, residual_every, bits, vocab, batch,
 
 @pytest.mark.parametrize("hidden,batch", [(256, 17), (1024, 3)])
 def test_fp32_wide_model(hidden, batch, generator):
-    """hidden over FUSED_MAX_HIDDEN, up to the largest supported: the layer-wise path with streamed GEMMs."""
+    """hidden over KernelOptions.fused_max_hidden, up to the largest supported: the layer-wise path, streamed GEMMs."""
     cfg = AUNNConfig(vocab_size=5, hidden=hidden, layers=3, bits=64, residual_every=1)
     check_model(cfg, batch, generator)
 
 
 @pytest.mark.parametrize("split", [False, True])
-def test_fp32_largest_vocab(split, generator, monkeypatch):
+def test_fp32_largest_vocab(split, generator, options):
     """vocab 65,536, the largest supported: the head's 1,024 vocabulary tiles, logits never stored on the
     loss path; in one program per row block, or (as 3 rows are, by default) split into vocabulary ranges."""
-    monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0 if split else 1 << 30)
+    options.set(vocab_split_min=0 if split else 1 << 30)
     cfg = AUNNConfig(vocab_size=65536, hidden=16, layers=2, bits=64)
-    assert (common.vocab_splits(1, cfg.vocab_size, 64, DEVICE)[0] > 1) == split
+    assert (options.vocab_splits(1, cfg.vocab_size, 64)[0] > 1) == split
     check_model(cfg, 3, generator)
 
 
 @pytest.mark.parametrize("force_layerwise", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_vocabulary_ranges(force_layerwise, precision, generator, vocab_ranges, monkeypatch):
+def test_vocabulary_ranges(force_layerwise, precision, generator, vocab_ranges, options):
     """Few rows, the head split into vocabulary ranges: the ranges' softmax statistics and argmax
     combined in the forward, their dL/dh summed in the backward (head_dh_kernel, also on the fused path)."""
     if force_layerwise:
-        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+        options.set(fused_max_hidden=0)
     cfg = AUNNConfig(vocab_size=300, hidden=32, layers=4, bits=64, residual_every=2)
-    assert common.vocab_splits(3, cfg.vocab_size, 128, DEVICE)[0] > 1
+    assert options.vocab_splits(3, cfg.vocab_size, 128)[0] > 1
     check_model(cfg, 150, generator, precision)  # 2-3 row blocks x 3-5 ranges, the last range short
 
 
 @pytest.mark.parametrize("force_layerwise", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_head_backward_by_products(force_layerwise, precision, generator, monkeypatch):
+def test_head_backward_by_products(force_layerwise, precision, generator, monkeypatch, options):
     """The head's backward as PyTorch products on dlogits materialised a chunk of rows at a time (a candidate:
-    mlp_backward.HEAD_GEMM_MIN_VOCAB), where head_dh_kernel would run: on the layer-wise path, and on the fused
+    KernelOptions.head_backward "products"), where head_dh_kernel would run: on the layer-wise path, and on the fused
     one with its vocabulary split into ranges; 64-row chunks, the last one short."""
-    monkeypatch.setattr(mlp_backward, "HEAD_GEMM_MIN_VOCAB", 0)
-    monkeypatch.setattr(mlp_backward, "HEAD_GEMM_CHUNK_ELEMENTS", 64 * 300)
-    monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
+    options.set(head_backward="products", head_gemm_chunk_elements=64 * 300)
+    options.set(vocab_split_min=0)
     if force_layerwise:
-        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+        options.set(fused_max_hidden=0)
     launched = launched_kernels(monkeypatch)
     cfg = AUNNConfig(vocab_size=300, hidden=32, layers=4, bits=64, residual_every=2)
     check_model(cfg, 150, generator, precision)
@@ -365,17 +397,17 @@ def test_head_backward_by_products(force_layerwise, precision, generator, monkey
 
 
 @pytest.mark.parametrize("ranges", [False, True])
-def test_confident_rows_keep_their_digits(ranges, generator, monkeypatch):
+def test_confident_rows_keep_their_digits(ranges, generator, options):
     """Rows the model has memorised (losses 1e-12 to 1e-6, p_target within that of 1): the kernels keep fp32's
     relative precision in each row's loss and in the gradients of those rows' losses, where PyTorch's
     cross-entropy (the fp32 reference) rounds the softmax sum 1 + (the other entries' share) and returns a loss
     of 0 below about 6e-8 and a target gradient of 0 with it. With ranges, the head is split into vocabulary
     ranges (layer-wise trunk) and the forward's statistics are combined by PyTorch (combine_ranges)."""
     if ranges:
-        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
-        monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
+        options.set(fused_max_hidden=0)
+        options.set(vocab_split_min=0)
     cfg = AUNNConfig(vocab_size=300, hidden=32, layers=4, bits=64, residual_every=2)
-    assert (common.vocab_splits(3, cfg.vocab_size, 128, DEVICE)[0] > 1) == ranges
+    assert (options.vocab_splits(3, cfg.vocab_size, 128)[0] > 1) == ranges
     params = make_params(cfg, generator)
     idx = make_indices(cfg, 150, generator)
     top2 = reference.logits(idx, as_double(params), cfg).topk(2, -1).values
@@ -410,14 +442,14 @@ def test_confident_rows_keep_their_digits(ranges, generator, monkeypatch):
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
 @pytest.mark.parametrize("path", ["fused", "layer-wise", "vocabulary ranges"])
-def test_logits_past_exp_range(path, generator, monkeypatch):
+def test_logits_past_exp_range(path, generator, options):
     """Head biases of 100 (exp(100) overflows float32): loss and gradients stay finite and right on every path.
     A row block's padded rows see logits equal to the bias, so the head's backward has to mask those rows:
     their zero upstream gradient alone would leave inf * 0 = NaN in the bias and hidden gradients."""
     if path == "layer-wise":
-        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+        options.set(fused_max_hidden=0)
     if path == "vocabulary ranges":
-        monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
+        options.set(vocab_split_min=0)
     cfg = AUNNConfig(vocab_size=150, hidden=32, layers=4, bits=64, residual_every=2)
     params = make_params(cfg, generator)
     params = params._replace(out_bias=params.out_bias + 100.0 * (torch.arange(150, device=DEVICE) % 3 == 0))
@@ -436,13 +468,13 @@ def test_logits_past_exp_range(path, generator, monkeypatch):
 
 @pytest.mark.parametrize("row_programs,vocab", [(1, 50257), (3, 50257), (5, 300), (8, 50257), (1000, 65536),
                                                 (1, 4095), (1, 4096)])
-def test_vocab_splits_cover_the_vocabulary(row_programs, vocab):
+def test_vocab_splits_cover_the_vocabulary(row_programs, vocab, options):
     """Whole tiles per range, no empty range, every entry covered; split only large heads on grids
     with fewer programs than wanted (4 'SMs' off a GPU, VOCAB_SPLIT_PROGRAMS_PER_SM each)."""
-    ranges, per_range = common.vocab_splits(row_programs, vocab, 128, torch.device("cpu"))
+    ranges, per_range = options.vocab_splits(row_programs, vocab, 128)
     assert per_range % 128 == 0 and (ranges - 1) * per_range < vocab <= ranges * per_range
-    wanted = common.VOCAB_SPLIT_PROGRAMS_PER_SM * 4
-    if vocab < common.VOCAB_SPLIT_MIN or row_programs >= wanted:
+    wanted = VOCAB_SPLIT_PROGRAMS_PER_SM * 4
+    if vocab < options.value.vocab_split_min or row_programs >= wanted:
         assert ranges == 1
     else:
         assert ranges > 1 and row_programs * ranges >= wanted
@@ -458,15 +490,13 @@ def test_reduced_precision(precision, layers, residual_every, generator, weight_
 
 
 @pytest.mark.parametrize("force_layerwise", [False, True])
-def test_weight_gradients_split_over_the_batch(force_layerwise, generator, monkeypatch):
+def test_weight_gradients_split_over_the_batch(force_layerwise, generator, options):
     """The "torch" weight-gradient products summed over row chunks (gemm.batch_reduced_matmul), as at
     large batches on a GPU; 256 rows in 4 chunks; also the logits() backward's head product."""
-    from aunn_fast.kernels import gemm
-
-    monkeypatch.setattr(gemm, "SPLIT_K_MIN_ROWS", 64)
-    monkeypatch.setattr(mlp_backward, "WEIGHT_GRAD", "torch")
+    options.set(split_k_min_rows=64)
+    options.set(weight_grad="torch")
     if force_layerwise:
-        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+        options.set(fused_max_hidden=0)
     cfg = AUNNConfig(vocab_size=9, hidden=32, layers=4, bits=64, residual_every=2)
     check_model(cfg, 256, generator)
     params = make_params(cfg, generator)
@@ -480,13 +510,12 @@ def test_weight_gradients_split_over_the_batch(force_layerwise, generator, monke
 
 
 @pytest.mark.parametrize("force_layerwise", [False, True])
-def test_bf16_head_weight_copy(force_layerwise, generator, weight_grad, monkeypatch):
+def test_bf16_head_weight_copy(force_layerwise, generator, weight_grad, options):
     """The head kernels reading a bf16 copy of the output weight (large heads in bf16 mode)."""
-    monkeypatch.setattr(mlp_forward, "HEAD_COPY_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(mlp_forward, "HEAD_COPY_MIN_ROWS", 0)
+    options.set(head_copy_min_elements=0, head_copy_min_rows=0)
     if force_layerwise:
-        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
-    assert mlp_forward.head_weight(torch.ones(2, 2), "bf16", 70).dtype == torch.bfloat16
+        options.set(fused_max_hidden=0)
+    assert weights.head_weight(torch.ones(2, 2), "bf16", 70, options.value).dtype == torch.bfloat16
     cfg = AUNNConfig(vocab_size=150, hidden=32, layers=4, bits=64, residual_every=2)
     check_model(cfg, 70, generator, "bf16")
 
@@ -499,20 +528,19 @@ def launched_kernels(monkeypatch) -> list[str]:
         names.append(kernel.fn.__name__)
         common.launch(kernel, grid, *args, **kwargs)
 
-    for module in (mlp_forward, mlp_backward):
+    for module in (mlp_forward, mlp_backward, head_backward, weights):
         monkeypatch.setattr(module, "launch", recording)
     return names
 
 
 @pytest.mark.parametrize("layers,vocab,large_head", [(5, 7, False), (2, 70, False), (4, 150, True)])
-def test_bf16_weight_copies(layers, vocab, large_head, generator, weight_grad, monkeypatch):
+def test_bf16_weight_copies(layers, vocab, large_head, generator, weight_grad, monkeypatch, options):
     """From WEIGHT_COPY_MIN_ROWS rows on, the fused bf16 kernels read bf16 copies of the weights, made by
     one launch per call: the same logits, loss and gradients as rounding the fp32 weights in the kernels
     (bit for bit in the interpreter; a GPU may order a product's sums differently), within the 2x rule.
     Two layers: no hidden layer (an empty segment); a large head: its copy is head_weight's, not this one's."""
     if large_head:
-        monkeypatch.setattr(mlp_forward, "HEAD_COPY_MIN_ELEMENTS", 0)
-        monkeypatch.setattr(mlp_forward, "HEAD_COPY_MIN_ROWS", 0)
+        options.set(head_copy_min_elements=0, head_copy_min_rows=0)
     cfg = AUNNConfig(vocab_size=vocab, hidden=32, layers=layers, bits=64, residual_every=2)
     params, idx = make_params(cfg, generator), make_indices(cfg, 70, generator)
     targets = torch.randint(0, vocab, (70,), generator=generator).to(DEVICE)
@@ -522,7 +550,7 @@ def test_bf16_weight_copies(layers, vocab, large_head, generator, weight_grad, m
         return [kernels.logits(idx, params, cfg, "bf16"), kernels.predict(idx, params, cfg, "bf16"), loss, *grads]
 
     from_fp32 = outputs()
-    monkeypatch.setattr(mlp_forward, "WEIGHT_COPY_MIN_ROWS", 0)
+    options.set(weight_copy_min_rows=0)
     launched = launched_kernels(monkeypatch)
     from_copies = outputs()
     assert launched.count("bf16_copy_kernel") == 4  # logits, predict, loss forward, its backward
@@ -560,15 +588,15 @@ def test_logits_backward_arbitrary_upstream(generator, weight_grad):
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 @pytest.mark.parametrize("path", ["fused", "layer-wise", "vocabulary ranges"])
-def test_row_losses_with_weighted_upstream(path, precision, generator, weight_grad, monkeypatch):
+def test_row_losses_with_weighted_upstream(path, precision, generator, weight_grad, options):
     """reduction="none": each row's loss, and the backward of a weighted sum of them (per-row upstream
     gradients that are not the mean's 1/N), against the reference's; "sum" and "mean" reduce them."""
     if path == "layer-wise":
-        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+        options.set(fused_max_hidden=0)
     if path == "vocabulary ranges":
-        monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
+        options.set(vocab_split_min=0)
     cfg = AUNNConfig(vocab_size=150, hidden=32, layers=5, bits=64, residual_every=2)
-    assert (common.vocab_splits(1, cfg.vocab_size, 128, DEVICE)[0] > 1) == (path == "vocabulary ranges")
+    assert (options.vocab_splits(1, cfg.vocab_size, 128)[0] > 1) == (path == "vocabulary ranges")
     params = make_params(cfg, generator)
     n = 70
     idx = make_indices(cfg, n, generator)
@@ -611,34 +639,35 @@ def test_parameters_must_be_float32(dtype, generator):
         kernels.logits(idx, params, cfg, "bf16")
 
 
-def test_unknown_weight_grad_method(generator, monkeypatch):
-    monkeypatch.setattr(mlp_backward, "WEIGHT_GRAD", "atomics")
-    cfg = AUNNConfig(vocab_size=5, hidden=16, layers=3, bits=64)
-    params = with_grad(make_params(cfg, generator))
-    idx = make_indices(cfg, 5, generator)
-    with pytest.raises(ValueError, match="torch, partials"):
-        kernels.loss(idx, idx % 5, params, cfg, "fp32").backward()
+def test_unknown_weight_grad_method():
+    with pytest.raises(ValueError, match="AUNN_FAST_WEIGHT_GRAD.*torch, partials"):
+        KernelOptions.from_environment({"AUNN_FAST_WEIGHT_GRAD": "atomics"})
+    with pytest.raises(ValueError, match="head backward method 'gemm'.*kernels, products"):
+        KernelOptions(head_backward="gemm")
 
 
 @pytest.mark.parametrize("tiles", [{"block_m": 256}, {"block_m": 64}, {"block_m_bwd": 128}, {"block_m_bwd": 16},
                                    {"max_registers": 128, "max_registers_bwd": 168},
                                    {"num_stages": 2, "max_registers": 96}])
-def test_tile_candidates(tiles, generator, weight_grad, monkeypatch):
-    """The row blocks, register caps and pipeline depths bench/kernel_variants times (common.TILE_OVERRIDES)
+def test_tile_candidates(tiles, generator, weight_grad, options):
+    """The row blocks, register caps and pipeline depths bench/kernel_variants times (KernelOptions.tiles)
     compute the same model (the interpreter takes the caps and stages and ignores them; a GPU compiles to them)."""
-    monkeypatch.setattr(common, "TILE_OVERRIDES", tiles)
+    options.set(tiles=tuple(tiles.items()))
     cfg = AUNNConfig(vocab_size=9, hidden=32, layers=6, bits=64, residual_every=2)
     check_model(cfg, 300, generator)
 
 
-def test_sigmoid_switch(monkeypatch):
+def test_sigmoid_switch():
     """The tanh.approx sigmoid is used for bf16 on a GPU only; an unknown choice is a clear error."""
-    monkeypatch.setattr(common, "SIGMOID", "tanh")
-    assert common.fast_sigmoid("bf16") == torch.cuda.is_available()
-    assert not common.fast_sigmoid("fp32") and not common.fast_sigmoid("tf32")
-    monkeypatch.setattr(common, "SIGMOID", "fast")
-    with pytest.raises(ValueError, match="exact, tanh"):
-        common.fast_sigmoid("bf16")
+    def fast(precision: str, device) -> bool:
+        return choose_config(64, 64, 4, precision, device, KernelOptions(sigmoid="tanh")).fast_sigmoid
+
+    gpu, interpreter = SimpleNamespace(sms=132, interpreted=False), SimpleNamespace(sms=4, interpreted=True)
+    assert fast("bf16", gpu) and not fast("bf16", interpreter)
+    assert not fast("fp32", gpu) and not fast("tf32", gpu)
+    assert not choose_config(64, 64, 4, "bf16", gpu, KernelOptions(sigmoid="exact")).fast_sigmoid
+    with pytest.raises(ValueError, match="AUNN_FAST_SIGMOID.*exact, tanh"):
+        KernelOptions(sigmoid="fast")
 
 
 @pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", [
@@ -646,38 +675,42 @@ def test_sigmoid_switch(monkeypatch):
     (48, 4, 2, 20, 7, 200),     # hidden not a power of two
 ])
 def test_fp32_as_three_tf32_products(hidden, layers, residual_every, bits, vocab, batch, generator, weight_grad,
-                                     monkeypatch):
-    """precision.FP32_PRODUCTS "tf32x3" (the interpreter's emulation of Triton's: operands split into their
+                                     options):
+    """KernelOptions.fp32_products "tf32x3" (the interpreter's emulation of Triton's: operands split into their
     nearest tf32 value and the truncated rest) keeps the fp32 mode within its 2x rule; its logits differ from
     the FMA path's (so the switch was honoured) by far less than the fp32 floor."""
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=residual_every)
     params, idx = make_params(cfg, generator), make_indices(cfg, batch, generator)
-    monkeypatch.setattr(precision, "FP32_PRODUCTS", "ieee")
+    options.set(fp32_products="ieee")
     ieee = kernels.logits(idx, params, cfg, "fp32")
-    monkeypatch.setattr(precision, "FP32_PRODUCTS", "tf32x3")
+    options.set(fp32_products="tf32x3")
     assert 0 < rel_err(kernels.logits(idx, params, cfg, "fp32"), ieee) < 1e-5
     check_model(cfg, batch, generator)
 
 
-def test_fp32_products_switch(monkeypatch):
-    """tf32x3 unless AUNN_FAST_FP32_PRODUCTS says otherwise (conftest picks ieee for the interpreter); checked."""
+def test_fp32_products_switch():
+    """tf32x3 unless AUNN_FAST_FP32_PRODUCTS says otherwise (conftest picks ieee for the interpreter); checked;
+    only the fp32 mode reads it."""
     env = {k: v for k, v in os.environ.items() if k != "AUNN_FAST_FP32_PRODUCTS"}
-    default = subprocess.run([sys.executable, "-c", "from aunn_fast.kernels import precision; "
-                              "print(precision.FP32_PRODUCTS)"], env=env, capture_output=True, text=True)
+    default = subprocess.run([sys.executable, "-c", "from aunn_fast.kernels.config import default_options; "
+                              "print(default_options().fp32_products)"], env=env, capture_output=True, text=True)
     assert default.stdout.strip() == "tf32x3", default.stderr[-2000:]
-    monkeypatch.setattr(precision, "FP32_PRODUCTS", "tf32x4")
-    with pytest.raises(ValueError, match="tf32x3, ieee"):
-        precision.precision_code("fp32")
-    assert precision.precision_code("bf16") in (2, 3)  # only the fp32 mode reads the switch
+    assert KernelOptions.from_environment({"AUNN_FAST_FP32_PRODUCTS": "ieee"}).fp32_products == "ieee"
+    with pytest.raises(ValueError, match="AUNN_FAST_FP32_PRODUCTS.*tf32x3, ieee"):
+        KernelOptions.from_environment({"AUNN_FAST_FP32_PRODUCTS": "tf32x4"})
+    gpu = SimpleNamespace(sms=132, interpreted=False)
+    codes = {(p, f): choose_config(64, 64, 4, p, gpu, KernelOptions(fp32_products=f)).precision_code
+             for p in ("fp32", "bf16") for f in ("tf32x3", "ieee")}
+    assert codes == {("fp32", "tf32x3"): 4, ("fp32", "ieee"): 0, ("bf16", "tf32x3"): 2, ("bf16", "ieee"): 2}
 
 
 # ----------------------------------------------------------------------------- edge cases
 
 
 @pytest.mark.parametrize("force_layerwise", [False, True])
-def test_empty_batch(force_layerwise, generator, monkeypatch, weight_grad):
+def test_empty_batch(force_layerwise, generator, options, weight_grad):
     if force_layerwise:
-        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+        options.set(fused_max_hidden=0)
     cfg = AUNNConfig(vocab_size=5, hidden=16, layers=3, bits=64)
     params = with_grad(make_params(cfg, generator))
     idx = torch.zeros(0, dtype=torch.int64, device=DEVICE)
@@ -691,11 +724,11 @@ def test_empty_batch(force_layerwise, generator, monkeypatch, weight_grad):
 
 
 @pytest.mark.parametrize("split", [False, True])
-def test_argmax_ties_pick_the_first(split, generator, monkeypatch):
+def test_argmax_ties_pick_the_first(split, generator, options):
     """Exact ties, inside a tile and across vocabulary tiles (and ranges, when split), resolve to the
     lowest index like torch.argmax."""
     if split:
-        monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
+        options.set(vocab_split_min=0)
     cfg = AUNNConfig(vocab_size=300, hidden=16, layers=3, bits=64)
     params = make_params(cfg, generator)
     bias = torch.zeros(cfg.vocab_size)
@@ -708,11 +741,11 @@ def test_argmax_ties_pick_the_first(split, generator, monkeypatch):
 
 
 @pytest.mark.parametrize("force_layerwise", [False, True])
-def test_norm_eps(force_layerwise, generator, monkeypatch):
+def test_norm_eps(force_layerwise, generator, options):
     """A large RMSNorm eps, where its place (inside the square root) shows: the default, float32
     machine epsilon, is invisible next to a mean square of ~1."""
     if force_layerwise:
-        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+        options.set(fused_max_hidden=0)
     cfg = AUNNConfig(vocab_size=9, hidden=32, layers=5, bits=64, residual_every=2, eps=0.5)
     check_model(cfg, 37, generator)
 
@@ -732,11 +765,11 @@ def test_operand_rounding_is_bit_exact(generator):
 
 
 @pytest.mark.parametrize("force_layerwise", [False, True])
-def test_strided_parameters(force_layerwise, generator, monkeypatch):
+def test_strided_parameters(force_layerwise, generator, options):
     """Parameters that are strided views (a transposed copy transposed back) give exactly what their
     contiguous copies give: logits, loss and every gradient."""
     if force_layerwise:
-        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+        options.set(fused_max_hidden=0)
     cfg = AUNNConfig(vocab_size=9, hidden=32, layers=4, bits=64, residual_every=2)
     params = make_params(cfg, generator)
     strided = AUNNParams(*[t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() > 1 else t
@@ -773,7 +806,7 @@ def test_no_grad_and_bits_matter(generator):
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 @pytest.mark.parametrize("hidden,layers,vocab", [(64, 8, 4), (128, 6, 300), (512, 4, 64)])
 def test_gpu_precisions(precision, hidden, layers, vocab, generator, weight_grad):
-    if weight_grad == "partials" and hidden > common.FUSED_MAX_HIDDEN:
+    if weight_grad == "partials" and hidden > KernelOptions().fused_max_hidden:
         pytest.skip("the layer-wise path has one weight-gradient method; its 'torch' case runs it")
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
     check_model(cfg, 4099, generator, precision)
@@ -781,9 +814,9 @@ def test_gpu_precisions(precision, hidden, layers, vocab, generator, weight_grad
 
 @gpu_only
 @pytest.mark.parametrize("hidden,layers,vocab", [(64, 8, 4), (128, 6, 300)])
-def test_gpu_bf16_weight_copies(hidden, layers, vocab, generator, weight_grad, monkeypatch):
+def test_gpu_bf16_weight_copies(hidden, layers, vocab, generator, weight_grad, options):
     """The fused bf16 kernels reading bf16 weight copies (batches from WEIGHT_COPY_MIN_ROWS on) on the hardware."""
-    monkeypatch.setattr(mlp_forward, "WEIGHT_COPY_MIN_ROWS", 0)
+    options.set(weight_copy_min_rows=0)
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
     check_model(cfg, 4099, generator, "bf16")
 
@@ -791,10 +824,10 @@ def test_gpu_bf16_weight_copies(hidden, layers, vocab, generator, weight_grad, m
 @gpu_only
 @pytest.mark.parametrize("products", ["tf32x3", "ieee"])
 @pytest.mark.parametrize("hidden,layers,vocab", [(64, 8, 4), (128, 6, 300)])
-def test_gpu_fp32_products(hidden, layers, vocab, products, generator, weight_grad, monkeypatch):
+def test_gpu_fp32_products(hidden, layers, vocab, products, generator, weight_grad, options):
     """The fp32 mode on the tensor cores (Triton's tf32x3, the default) and on the FMA units, each within the
     fp32 2x rule on the hardware."""
-    monkeypatch.setattr(precision, "FP32_PRODUCTS", products)
+    options.set(fp32_products=products)
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
     check_model(cfg, 4099, generator, "fp32")
 
@@ -802,9 +835,9 @@ def test_gpu_fp32_products(hidden, layers, vocab, products, generator, weight_gr
 @gpu_only
 @pytest.mark.parametrize("sigmoid", ["tanh", "exact"])
 @pytest.mark.parametrize("hidden,layers,vocab", [(64, 8, 4), (128, 6, 300)])
-def test_gpu_bf16_sigmoids(hidden, layers, vocab, sigmoid, generator, weight_grad, monkeypatch):
+def test_gpu_bf16_sigmoids(hidden, layers, vocab, sigmoid, generator, weight_grad, options):
     """bf16 keeps its accuracy with either sigmoid: SiLU through tanh.approx.f32 (the default) or exact."""
-    monkeypatch.setattr(common, "SIGMOID", sigmoid)
+    options.set(sigmoid=sigmoid)
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=64, residual_every=2)
     check_model(cfg, 4099, generator, "bf16")
 
@@ -865,7 +898,7 @@ def test_gpu_model_on_a_device_that_is_not_current(generator):
     (False, 65, False, False, 70), (True, 65, False, False, 70), (False, 37, False, False, 70),
     (True, 37, True, False, 70), (False, 65, False, True, 70), (False, 65, False, False, 5),
     (False, 20, False, False, 5)])
-def test_opcheck(force_layerwise, n, split_vocab, weight_copies, vocab, generator, monkeypatch):
+def test_opcheck(force_layerwise, n, split_vocab, weight_copies, vocab, generator, options):
     """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of both operators,
     fused and layer-wise (whose forward also calls PyTorch GEMMs); at 37 rows the head's
     weight gradient has one batch split, returned without a sum (a view of its partials);
@@ -875,28 +908,31 @@ def test_opcheck(force_layerwise, n, split_vocab, weight_copies, vocab, generato
 
     argmax (mode 1) is checked without grad-requiring inputs, as predict() runs it under no_grad.
     """
-    from aunn_fast.kernels import ops  # noqa: F401  (registers torch.ops.aunn_fast.*)
     from torch.library import opcheck
 
+    from aunn_fast.kernels import ops  # noqa: F401  (registers torch.ops.aunn_fast.*)
+
     if force_layerwise:
-        monkeypatch.setattr(common, "FUSED_MAX_HIDDEN", 0)
+        options.set(fused_max_hidden=0)
     if split_vocab:
-        monkeypatch.setattr(common, "VOCAB_SPLIT_MIN", 0)
+        options.set(vocab_split_min=0)
     if weight_copies:
-        monkeypatch.setattr(mlp_forward, "WEIGHT_COPY_MIN_ROWS", 0)
+        options.set(weight_copy_min_rows=0)
 
     cfg = AUNNConfig(vocab_size=vocab, hidden=32, layers=4, bits=64)
     params = with_grad(make_params(cfg, generator))
     idx = make_indices(cfg, n, generator)
     targets = torch.randint(0, vocab, (n,), generator=generator).to(DEVICE)
     hp = (cfg.residual_every, cfg.norm_eps, "bf16" if weight_copies else "fp32")
+    encoded = options.value.encoded
     for mode in (0, 2):
-        opcheck(torch.ops.aunn_fast.forward.default, (idx, targets, *params, *hp, mode, True))
+        opcheck(torch.ops.aunn_fast.forward.default, (idx, targets, *params, *hp, mode, True, encoded))
     detached = [p.detach() for p in params]
-    opcheck(torch.ops.aunn_fast.forward.default, (idx, targets, *detached, *hp, 1, False))
-    _, lse, acts, zs = torch.ops.aunn_fast.forward(idx, targets, *detached, *hp, 2, True)
+    opcheck(torch.ops.aunn_fast.forward.default, (idx, targets, *detached, *hp, 1, False, encoded))
+    _, stats, acts, zs = torch.ops.aunn_fast.forward(idx, targets, *detached, *hp, 2, True, encoded)
     upstream = torch.rand(n, generator=generator).to(DEVICE)
-    opcheck(torch.ops.aunn_fast.backward.default, (idx, targets, upstream, lse, acts, zs, *detached, *hp, 2))
+    opcheck(torch.ops.aunn_fast.backward.default,
+            (idx, targets, upstream, stats, acts, zs, *detached, *hp, 2, encoded))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -912,16 +948,16 @@ def test_torch_compile_fullgraph_layerwise(precision, generator, layerwise):
     check_compiled_matches_eager(precision, generator)
 
 
-def test_torch_compile_fullgraph_weight_copies(generator, weight_grad, monkeypatch):
-    """The same with the large batches' bf16 weight copies (mlp_forward.fused_weights), whose launch and views
+def test_torch_compile_fullgraph_weight_copies(generator, weight_grad, options):
+    """The same with the large batches' bf16 weight copies (weights.fused_weights), whose launch and views
     the compiler traces inside the triton_op on a GPU."""
-    monkeypatch.setattr(mlp_forward, "WEIGHT_COPY_MIN_ROWS", 0)
+    options.set(weight_copy_min_rows=0)
     check_compiled_matches_eager("bf16", generator)
 
 
-def test_torch_compile_fullgraph_vocab_ranges(generator, vocab_ranges):
+def test_torch_compile_fullgraph_vocab_ranges(generator, vocab_ranges, options):
     """The same with the head's vocabulary split into ranges, merged by PyTorch ops the compiler traces on a GPU."""
-    assert common.vocab_splits(3, 300, 128, DEVICE)[0] == 3  # 3 row blocks (or fewer) and 3 vocabulary tiles
+    assert options.vocab_splits(3, 300, 128)[0] == 3  # 3 row blocks (or fewer) and 3 vocabulary tiles
     check_compiled_matches_eager("bf16", generator, vocab=300)
 
 
@@ -937,7 +973,7 @@ def test_compiled_model_runs_in_one_graph(generator):
 
 def check_compiled_matches_eager(precision, generator, vocab=70):
     # Dynamo keeps compiled code per code object (the lambdas below), guarded on the inputs but not on the
-    # kernels' switches (the layer-wise path's FUSED_MAX_HIDDEN): another test's graph would be reused
+    # default options, which it takes as a constant (ops._default_encoding): another test's graph would be reused
     torch._dynamo.reset()
     cfg = AUNNConfig(vocab_size=vocab, hidden=32, layers=5, bits=64)
     params = make_params(cfg, generator)
