@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 PACKAGES = {"aunn_fast": ROOT / "aunn_fast", "aunn_fast.kernels": ROOT / "kernels", "aunn_fast.bench": ROOT / "bench"}
 # the modules of aunn_fast the kernels may import: plain types and operand rounding, importing nothing else
-BASE_LAYER = {"aunn_fast.config", "aunn_fast.params", "aunn_fast.rounding"}
+BASE_LAYER = {"aunn_fast.config", "aunn_fast.errors", "aunn_fast.params", "aunn_fast.rounding"}
 
 
 def _modules() -> dict[str, Path]:
