@@ -19,6 +19,7 @@ setup(
         "matplotlib",
         "triton>=3.1; platform_system == 'Linux'",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-xdist"]},
+    # digits: the `digits` data (scikit-learn ships the 8x8 handwritten digits) and its classifier metrics
+    extras_require={"dev": ["pytest>=7", "pytest-xdist", "scikit-learn"], "digits": ["scikit-learn"]},
     entry_points={"console_scripts": ["aunn=aunn_fast.cli:main"]},
 )

@@ -14,8 +14,11 @@ import torch
 
 from .backends import BACKENDS, resolve_backend
 from .config import PRECISIONS, AUNNConfig
-from .data import FINGERPRINT_KEYS, Dataset, data_from_description, decode, encode, load_data
+from . import digits
+from .data import (FINGERPRINT_KEYS, Dataset, DigitsData, HeldOutTail, data_from_description, decode, encode,
+                   load_data)
 from .evaluate import evaluate
+from .experiments import train_stepped
 from .inference import CONDITION_OPTIMIZERS, condition, generate, generate_by_backprop
 from .model import AUNN
 from .report import write_report
@@ -159,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="run directory (default ./demo_out)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="cpu: sized for a 2-core CPU (default); seed: the seed notebook's own run (GPU); "
-                        "tiny: a smoke test")
+                        "tiny: a smoke test; digits: handwritten digits, generated and inpainted (2-core CPU); "
+                        "shakespeare: memorise a text (--data text:PATH; one GPU)")
+    p.add_argument("--data", default=None, help="the preset's data instead of its own (shakespeare needs it)")
+    p.add_argument("--hold-out", type=NON_NEGATIVE_INT, default=0,
+                   help="tokens at the end of the data kept out of training; metrics.json's held_out scores "
+                        "the model's predictions there against a unigram model (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_runtime_options(p)
 
@@ -291,6 +299,8 @@ def _evaluate_run(model: AUNN, run_dir: Path, trials: int, steps: int, lr: float
     log_rows = read_log(run_dir / LOG_NAME)  # read first: a broken log fails before the evaluation's work
     metrics = evaluate(model, data, seed=seed, condition_trials=trials, condition_steps=steps, condition_lr=lr,
                        condition_optimizer=optimizer)
+    if isinstance(data, DigitsData):  # conditioning there is inpainting
+        metrics["digits"] = digits.run(model, data, run_dir, steps, lr, optimizer)
     write_report(run_dir, model, data, metrics, log_rows)
     return metrics
 
@@ -303,6 +313,19 @@ def _summary(metrics: dict[str, Any]) -> str:
     if "extrapolation" in metrics:
         ext = metrics["extrapolation"]
         lines.append("valid |xxx chunks   " + ", ".join(f"{k}: {v:.3f}" for k, v in ext.items()))
+    if "held_out" in metrics:
+        held = metrics["held_out"]
+        lines.append(f"held-out tail       {held['bits_per_token']:.3f} bits/token over {held['tokens']} tokens "
+                     f"(unigram {held['unigram_bits_per_token']:.3f}); accuracy {held['accuracy']:.2%} "
+                     f"(unigram {held['unigram_accuracy']:.2%})")
+    if "digits" in metrics:
+        dig = metrics["digits"]
+        lines.append(f"generated digits    {dig['confident_share']:.1%} of {dig['generated']} recognised with "
+                     f"p >= {dig['confidence_threshold']}")
+        lines.append(f"inpainted digits    classifier accuracy {dig['inpainted_accuracy']:.1%} (bottom half blank: "
+                     f"{dig['blank_bottom_accuracy']:.1%}, real digits: {dig['truth_accuracy']:.1%}); bottom "
+                     f"pixels right {dig['bottom_pixel_accuracy']:.1%} (all blank: "
+                     f"{dig['blank_bottom_pixel_accuracy']:.1%})")
     if "conditioning" in metrics:
         cond = metrics["conditioning"]
         lines.append(f"conditioning        {cond['success_rate']:.1%} success over {cond['trials']} trials "
@@ -361,12 +384,17 @@ def cmd_condition(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True)
 class Preset:
-    """A demo run: toy data spec, model width and depth, training; conditioning is 1 Adam step at lr 1e-3."""
+    """A demo run: data spec (None: ``--data`` gives it), model width and depth, training, and conditioning
+    (eval's trials on toy data, inpainting on digits). ``lr_factors``: the learning rate's stepped decay
+    (experiments.train_stepped); () keeps it constant."""
 
-    data: str
+    data: str | None
     hidden: int
     layers: int
     train: TrainConfig
+    lr_factors: tuple[float, ...] = ()
+    condition_steps: int = 1
+    condition_lr: float = 1e-3
 
 
 PRESETS = {
@@ -378,6 +406,12 @@ PRESETS = {
                                                   log_every=20, save_every=10**9)),
     "seed": Preset("toy:100000", 512, 8, TrainConfig(batch_size=2048, epochs=500, lr=1e-3, log_every=200,
                                                      save_every=20_000)),
+    "digits": Preset("digits", 128, 6, TrainConfig(batch_size=512, epochs=100, lr=3e-3, weight_decay=0.1,
+                                                   log_every=100, save_every=10**9),
+                     lr_factors=(1, 1 / 3, 1 / 10, 1 / 30), condition_steps=8, condition_lr=1e-3),
+    "shakespeare": Preset(None, 1024, 6, TrainConfig(batch_size=65_536, epochs=1000, lr=1e-3, weight_decay=0.1,
+                                                      log_every=100, save_every=2000),
+                          lr_factors=(1, 1 / 3, 1 / 10, 1 / 30)),
 }
 
 
@@ -386,7 +420,12 @@ DEMO_MARKER = "DEMO"
 
 def cmd_demo(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
-    data = load_data(preset.data)
+    spec = args.data or preset.data
+    if spec is None:
+        _fail(f"--preset {args.preset} needs --data (e.g. text:PATH)")
+    data = load_data(spec)
+    if args.hold_out:
+        data = HeldOutTail(data, args.hold_out)
     cfg = AUNNConfig(vocab_size=data.vocab_size, hidden=preset.hidden, layers=preset.layers)
     model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=preset.train.seed).to(args.device)
     marker = args.out / DEMO_MARKER
@@ -398,9 +437,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"of {preset.train.batch_size} on {args.device} (backend {model.active_backend().name}, "
           f"precision {model.active_precision()})")
     began = time.perf_counter()
-    train(model, data, preset.train, args.out, progress=not args.quiet)
+    train_stepped(model, data, preset.train, args.out, preset.lr_factors, progress=not args.quiet)
     trained = time.perf_counter()
-    metrics = _evaluate_run(model, args.out, 30, steps=1, lr=1e-3, optimizer="adam", seed=0)
+    steps, lr = preset.condition_steps, preset.condition_lr
+    metrics = _evaluate_run(model, args.out, 30, steps=steps, lr=lr, optimizer="adam", seed=0)
     print(f"trained in {trained - began:.1f} s, evaluated in {time.perf_counter() - trained:.1f} s")
     print(_summary(metrics))
     print(f"generated after the data: {decode(generate(model, data.length, 40), model.vocab)!r}")

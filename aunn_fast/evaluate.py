@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import Dataset, ToyData, decode, random_indices
+from .data import Dataset, HeldOutTail, ToyData, decode, random_indices
 from .inference import condition, span
 from .model import AUNN
 
@@ -63,6 +63,27 @@ def predictions(model: AUNN, start: int, length: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.int64)
     idx = span(model, start, length)
     return torch.cat([model.predict(chunk) for chunk in _batches(idx)]).cpu()
+
+
+@torch.no_grad()
+def held_out_fit(model: AUNN, data: HeldOutTail) -> dict[str, Any]:
+    """Bits per token and accuracy of the model's predictions on the held-out tail (indices past the training
+    data), against a unigram model of the training tokens (add-one smoothed, so no token has probability 0)."""
+    tail = data.length + torch.arange(data.held_out, dtype=torch.int64)
+    counts = torch.zeros(model.cfg.vocab_size, dtype=torch.float64)
+    for chunk in _batches(torch.arange(data.length, dtype=torch.int64)):
+        counts += torch.bincount(data.targets(chunk).cpu(), minlength=model.cfg.vocab_size).double()
+    unigram_bits = -torch.log2((counts + 1) / (counts.sum() + counts.numel()))
+    correct, total_loss, total_unigram = 0, 0.0, 0.0
+    for chunk in _batches(tail.to(model.device), model.cfg.vocab_size):
+        targets = data.targets(chunk)
+        logits = model(chunk)
+        correct += int((logits.argmax(-1) == targets).sum())
+        total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
+        total_unigram += float(unigram_bits[targets.cpu()].sum())
+    return {"tokens": data.held_out, "bits_per_token": total_loss / math.log(2) / data.held_out,
+            "unigram_bits_per_token": total_unigram / data.held_out, "accuracy": correct / data.held_out,
+            "unigram_accuracy": float((data.targets(tail) == int(counts.argmax())).double().mean())}
 
 
 def histogram(model: AUNN, data: Dataset, generator: torch.Generator) -> tuple[dict[str, dict[str, float]],
@@ -184,6 +205,8 @@ def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 
     metrics["histogram_predictions"] = histogram_span(model, data)
     if other is not None:
         metrics["histogram_other"] = other
+    if isinstance(data, HeldOutTail):
+        metrics["held_out"] = held_out_fit(model, data)
     if isinstance(data, ToyData):
         metrics["extrapolation"] = extrapolation(model, data)
         windows = extrapolation_windows(data.length, model.cfg.max_index)

@@ -1,0 +1,180 @@
+"""The digits experiment (data layout, held-out split, generated and inpainted arrays, classifier metrics), the
+held-out tail of a text and its unigram baseline, and the stepped learning-rate decay of the demo presets."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aunn_fast import AUNN, AUNNConfig
+from aunn_fast import digits
+from aunn_fast.cli import main
+from aunn_fast.data import (DIGITS_HELD_OUT, DigitsData, HeldOutTail, TextData, ToyData, data_from_description,
+                            load_data)
+from aunn_fast.evaluate import held_out_fit
+from aunn_fast.experiments import train_stepped
+from aunn_fast.train import TrainConfig, load_run
+
+sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is absent: pip install -e '.[digits]'")
+
+
+@pytest.fixture(scope="module")
+def data() -> DigitsData:
+    return DigitsData()
+
+
+def test_digits_are_laid_end_to_end_row_major(data):
+    bunch = sklearn_datasets.load_digits()
+    kept = len(bunch.images) - DIGITS_HELD_OUT
+    assert (data.images, data.held_out, data.length) == (kept, 97, kept * 64)
+    assert data.vocab_size == 17 and data.vocab == list("0123456789abcdefg")
+    image, row, column = 1234, 5, 2
+    index = torch.tensor([image * 64 + row * 8 + column, 0, data.length - 1])
+    expected = [bunch.images[image, row, column], bunch.images[0, 0, 0], bunch.images[kept - 1, 7, 7]]
+    assert data.targets(index).tolist() == [int(v) for v in expected]
+    every = data.targets(torch.arange(data.length)).numpy()
+    assert np.array_equal(every, bunch.images[:kept].reshape(-1).astype(np.int64))
+    assert every.min() == 0 and every.max() == 16
+
+
+def test_the_last_97_digits_are_held_out(data):
+    bunch = sklearn_datasets.load_digits()
+    assert np.array_equal(data.held_out_images, bunch.images[-97:])
+    assert np.array_equal(data.held_out_labels, bunch.target[-97:])
+    assert np.array_equal(data.train_labels, bunch.target[:-97])
+    assert data.image_start(data.images) == data.length  # the first held-out digit's slot follows the data
+
+
+def test_digits_spec_and_description_reopen(data):
+    assert load_data("digits").describe() == data.describe() == {"kind": "digits", "held_out": 97,
+                                                                  "length": data.length}
+    reopened = data_from_description(data.describe(), data.vocab)
+    assert isinstance(reopened, DigitsData) and reopened.length == data.length
+    with pytest.raises(ValueError, match="takes no argument"):
+        load_data("digits:5")
+    with pytest.raises(ValueError, match="changed"):
+        data_from_description({**data.describe(), "length": 64})
+
+
+def test_digits_without_scikit_learn_say_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails, as when it is not installed
+    with pytest.raises(ImportError, match=r"pip install 'aunn_fast\[digits\]'"):
+        DigitsData()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data):
+    """A tiny, briefly trained model's digits experiment: (metrics, output directory)."""
+    model = AUNN(AUNNConfig(vocab_size=17, hidden=16, layers=3), backend="reference", seed=0)
+    out = tmp_path_factory.mktemp("digits")
+    train_stepped(model, data, TrainConfig(batch_size=512, steps=4, lr=1e-2, log_every=2), out, (1, 0.1),
+                  progress=False)
+    return digits.run(model, data, out, steps=1, lr=1e-3), out
+
+
+def test_saved_arrays_have_their_shapes_and_ranges(run, data):
+    metrics, out = run
+    generated, inpainted = np.load(out / "generated.npy"), np.load(out / "inpainted.npy")
+    truth, labels = np.load(out / "inpaint_truth.npy"), np.load(out / "inpaint_labels.npy")
+    assert generated.shape == (64, 8, 8) and inpainted.shape == truth.shape == (97, 8, 8) and labels.shape == (97,)
+    for array in (generated, inpainted, truth, labels):
+        assert array.dtype.kind == "i"
+    for array in (generated, inpainted, truth):
+        assert array.min() >= 0 and array.max() <= 16
+    assert np.array_equal(truth, data.held_out_images) and np.array_equal(labels, data.held_out_labels)
+    assert np.array_equal(inpainted[:, :4], truth[:, :4])  # the taught top half is the real one
+    assert (out / "digits_generated.png").stat().st_size > 0 and (out / "digits_inpainted.png").stat().st_size > 0
+
+
+def test_digit_metrics_are_the_classifiers_verdicts(run, data):
+    from sklearn.linear_model import LogisticRegression
+
+    metrics, out = run
+    generated, inpainted = np.load(out / "generated.npy"), np.load(out / "inpainted.npy")
+    truth, labels = np.load(out / "inpaint_truth.npy"), np.load(out / "inpaint_labels.npy")
+    classifier = LogisticRegression(max_iter=2000, random_state=0).fit(data.train_images.reshape(-1, 64) / 16,
+                                                                        data.train_labels)
+
+    def accuracy(images):
+        return (classifier.predict(images.reshape(-1, 64) / 16) == labels).mean()
+
+    blank = truth.copy()
+    blank[:, 4:] = 0
+    confident = (classifier.predict_proba(generated.reshape(-1, 64) / 16).max(1) >= 0.9).mean()
+    assert metrics["confident_share"] == pytest.approx(confident)
+    real = (classifier.predict_proba(truth.reshape(-1, 64) / 16).max(1) >= 0.9).mean()
+    assert metrics["truth_confident_share"] == pytest.approx(real)
+    assert metrics["inpainted_accuracy"] == pytest.approx(accuracy(inpainted))
+    assert metrics["blank_bottom_accuracy"] == pytest.approx(accuracy(blank))
+    assert metrics["truth_accuracy"] == pytest.approx(accuracy(truth)) and metrics["truth_accuracy"] > 0.9
+    assert metrics["bottom_pixel_accuracy"] == pytest.approx((inpainted[:, 4:] == truth[:, 4:]).mean())
+    assert sum(metrics["generated_classes"]) == 64
+
+
+def test_digit_metrics_of_known_images(data):
+    classifier = digits.train_classifier(data)
+    truth, labels = data.held_out_images.astype(np.int64), data.held_out_labels
+    perfect = digits.digit_metrics(classifier, data.train_images[:64].astype(np.int64), truth, truth, labels)
+    assert perfect["inpainted_accuracy"] == perfect["truth_accuracy"] > perfect["blank_bottom_accuracy"]
+    assert perfect["bottom_pixel_accuracy"] == 1.0 and perfect["confident_share"] > 0.5
+    blank = digits.digit_metrics(classifier, np.zeros((64, 8, 8), np.int64), digits.blank_bottom(truth), truth,
+                                 labels)
+    assert blank["inpainted_accuracy"] == blank["blank_bottom_accuracy"]
+    assert blank["bottom_pixel_accuracy"] == blank["blank_bottom_pixel_accuracy"] < 1
+
+
+def test_stepped_decay_continues_one_run(tmp_path):
+    model = AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=3), backend="reference", seed=0)
+    rows = train_stepped(model, ToyData(100), TrainConfig(batch_size=64, steps=9, lr=1e-2, log_every=1),
+                         tmp_path, (1, 0.5, 0.1), progress=False)
+    assert [int(r["step"]) for r in rows] == list(range(1, 10))  # one log across the phases
+    _, state, extra, metadata = load_run(tmp_path)
+    assert state["step"] == 9
+    assert json.loads(metadata["optimizer_groups"])[0]["lr"] == pytest.approx(1e-3)
+    assert int(extra["optim.0.step"]) == 9  # the optimizer's moments carried over
+
+
+def _text(tmp_path, text):
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    return TextData(path)
+
+
+def test_held_out_tail_is_kept_out_of_training(tmp_path):
+    whole = _text(tmp_path, "abcab" * 20 + "zzzzz")
+    data = HeldOutTail(whole, 5)
+    assert data.length == 100 and data.vocab == whole.vocab
+    assert data.describe() == {"kind": "held_out_tail", "held_out": 5, "length": 100, "data": whole.describe()}
+    reopened = data_from_description(data.describe(), data.vocab)
+    assert isinstance(reopened, HeldOutTail) and reopened.length == 100
+    for held_out in (0, 105):
+        with pytest.raises(ValueError, match="held out"):
+            HeldOutTail(whole, held_out)
+
+
+def test_held_out_bits_against_unigram(tmp_path):
+    data = HeldOutTail(_text(tmp_path, "aaab" * 10 + "abzb"), 4)
+    model = AUNN(AUNNConfig(vocab_size=3, hidden=16, layers=3), backend="reference", seed=0)
+    metrics = held_out_fit(model, data)
+    tail = torch.arange(40, 44)
+    targets = torch.tensor([0, 1, 2, 1])  # a, b, z, b
+    with torch.no_grad():
+        bits = F.cross_entropy(model(tail), targets).item() / np.log(2)
+    counts = np.array([30, 10, 0]) + 1  # training a, b, z; add-one smoothed
+    unigram = -np.log2(counts[[0, 1, 2, 1]] / counts.sum()).mean()
+    assert metrics["bits_per_token"] == pytest.approx(bits, rel=1e-5)
+    assert metrics["unigram_bits_per_token"] == pytest.approx(unigram)
+    assert metrics["unigram_accuracy"] == 0.25  # the most frequent training token, a, is right once
+
+
+def test_demo_refusals_are_one_line(tmp_path, capsys):
+    assert main(["demo", "--preset", "shakespeare", "--out", str(tmp_path / "a")]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    path = tmp_path / "t.txt"
+    path.write_text("abc")
+    assert main(["demo", "--preset", "tiny", "--data", f"text:{path}", "--hold-out", "3",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "held out" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
