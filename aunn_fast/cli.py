@@ -409,7 +409,7 @@ PRESETS = {
     "digits": Preset("digits", 128, 6, TrainConfig(batch_size=512, epochs=100, lr=3e-3, weight_decay=0.1,
                                                    log_every=100, save_every=10**9),
                      lr_factors=(1, 1 / 3, 1 / 10, 1 / 30), condition_steps=8, condition_lr=1e-3),
-    "shakespeare": Preset(None, 1024, 6, TrainConfig(batch_size=65_536, epochs=1000, lr=1e-3, weight_decay=0.1,
+    "shakespeare": Preset(None, 1024, 6, TrainConfig(batch_size=65_536, epochs=300, lr=1e-3, weight_decay=0.1,
                                                       log_every=100, save_every=2000),
                           lr_factors=(1, 1 / 3, 1 / 10, 1 / 30)),
 }

@@ -72,20 +72,21 @@ def digit_metrics(classifier: Any, generated: np.ndarray, inpainted: np.ndarray,
     """metrics.json's ``digits`` entry. ``confident_share``: generated digits given one class with probability
     >= CONFIDENT; ``inpainted_accuracy`` against ``blank_bottom_accuracy`` (same digits, bottom rows 0) and
     ``truth_accuracy`` (the real digits), ``truth_confident_share``: the real held-out digits recognised with
-    confidence (what a perfect generator would score); ``bottom_pixel_accuracy``: predicted bottom pixels equal to the real
-    ones, beside ``blank_bottom_pixel_accuracy`` (the real bottom pixels that are 0)."""
+    confidence (what a perfect generator would score); ``bottom_pixel_accuracy``: predicted bottom pixels equal
+    to the real ones, beside ``blank_bottom_pixel_accuracy`` (the real bottom pixels that are 0)."""
+
     def confident(images: np.ndarray) -> float:
         return float((classifier.predict_proba(_features(images)).max(axis=1) >= CONFIDENT).mean())
-
-    classes = np.bincount(classifier.predict(_features(generated)), minlength=10)
 
     def accuracy(images: np.ndarray) -> float:
         return float((classifier.predict(_features(images)) == labels).mean())
 
+    classes = np.bincount(classifier.predict(_features(generated)), minlength=10)
     bottom, true_bottom = inpainted[:, TAUGHT_ROWS:], truth[:, TAUGHT_ROWS:]
     return {"generated": len(generated), "confident_share": confident(generated),
-            "truth_confident_share": confident(truth), "confidence_threshold": CONFIDENT, "generated_classes": classes.tolist(),
-            "inpainted": len(inpainted), "inpainted_accuracy": accuracy(inpainted),
+            "truth_confident_share": confident(truth), "confidence_threshold": CONFIDENT,
+            "generated_classes": classes.tolist(), "inpainted": len(inpainted),
+            "inpainted_accuracy": accuracy(inpainted),
             "blank_bottom_accuracy": accuracy(blank_bottom(truth)), "truth_accuracy": accuracy(truth),
             "bottom_pixel_accuracy": float((bottom == true_bottom).mean()),
             "blank_bottom_pixel_accuracy": float((true_bottom == 0).mean())}

@@ -1,21 +1,14 @@
-"""The digits experiment (data layout, held-out split, generated and inpainted arrays, classifier metrics), the
-held-out tail of a text and its unigram baseline, and the stepped learning-rate decay of the demo presets."""
-import json
+"""The digits experiment: data layout, held-out split, generated and inpainted arrays, classifier metrics."""
 import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from aunn_fast import AUNN, AUNNConfig
-from aunn_fast import digits
-from aunn_fast.cli import main
-from aunn_fast.data import (DIGITS_HELD_OUT, DigitsData, HeldOutTail, TextData, ToyData, data_from_description,
-                            load_data)
-from aunn_fast.evaluate import held_out_fit
+from aunn_fast import AUNN, AUNNConfig, digits
+from aunn_fast.data import DIGITS_HELD_OUT, DigitsData, data_from_description, load_data
 from aunn_fast.experiments import train_stepped
-from aunn_fast.train import TrainConfig, load_run
+from aunn_fast.train import TrainConfig
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is absent: pip install -e '.[digits]'")
 
@@ -123,58 +116,3 @@ def test_digit_metrics_of_known_images(data):
                                  labels)
     assert blank["inpainted_accuracy"] == blank["blank_bottom_accuracy"]
     assert blank["bottom_pixel_accuracy"] == blank["blank_bottom_pixel_accuracy"] < 1
-
-
-def test_stepped_decay_continues_one_run(tmp_path):
-    model = AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=3), backend="reference", seed=0)
-    rows = train_stepped(model, ToyData(100), TrainConfig(batch_size=64, steps=9, lr=1e-2, log_every=1),
-                         tmp_path, (1, 0.5, 0.1), progress=False)
-    assert [int(r["step"]) for r in rows] == list(range(1, 10))  # one log across the phases
-    _, state, extra, metadata = load_run(tmp_path)
-    assert state["step"] == 9
-    assert json.loads(metadata["optimizer_groups"])[0]["lr"] == pytest.approx(1e-3)
-    assert int(extra["optim.0.step"]) == 9  # the optimizer's moments carried over
-
-
-def _text(tmp_path, text):
-    path = tmp_path / "t.txt"
-    path.write_text(text)
-    return TextData(path)
-
-
-def test_held_out_tail_is_kept_out_of_training(tmp_path):
-    whole = _text(tmp_path, "abcab" * 20 + "zzzzz")
-    data = HeldOutTail(whole, 5)
-    assert data.length == 100 and data.vocab == whole.vocab
-    assert data.describe() == {"kind": "held_out_tail", "held_out": 5, "length": 100, "data": whole.describe()}
-    reopened = data_from_description(data.describe(), data.vocab)
-    assert isinstance(reopened, HeldOutTail) and reopened.length == 100
-    for held_out in (0, 105):
-        with pytest.raises(ValueError, match="held out"):
-            HeldOutTail(whole, held_out)
-
-
-def test_held_out_bits_against_unigram(tmp_path):
-    data = HeldOutTail(_text(tmp_path, "aaab" * 10 + "abzb"), 4)
-    model = AUNN(AUNNConfig(vocab_size=3, hidden=16, layers=3), backend="reference", seed=0)
-    metrics = held_out_fit(model, data)
-    tail = torch.arange(40, 44)
-    targets = torch.tensor([0, 1, 2, 1])  # a, b, z, b
-    with torch.no_grad():
-        bits = F.cross_entropy(model(tail), targets).item() / np.log(2)
-    counts = np.array([30, 10, 0]) + 1  # training a, b, z; add-one smoothed
-    unigram = -np.log2(counts[[0, 1, 2, 1]] / counts.sum()).mean()
-    assert metrics["bits_per_token"] == pytest.approx(bits, rel=1e-5)
-    assert metrics["unigram_bits_per_token"] == pytest.approx(unigram)
-    assert metrics["unigram_accuracy"] == 0.25  # the most frequent training token, a, is right once
-
-
-def test_demo_refusals_are_one_line(tmp_path, capsys):
-    assert main(["demo", "--preset", "shakespeare", "--out", str(tmp_path / "a")]) == 2
-    assert "needs --data" in capsys.readouterr().err
-    path = tmp_path / "t.txt"
-    path.write_text("abc")
-    assert main(["demo", "--preset", "tiny", "--data", f"text:{path}", "--hold-out", "3",
-                 "--out", str(tmp_path / "b")]) == 2
-    assert "held out" in capsys.readouterr().err
-    assert not (tmp_path / "b").exists()
