@@ -466,6 +466,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_backend(args)
         return COMMANDS[args.command](args)
-    except (CommandError, ValueError, TypeError, OSError) as exc:
+    except (CommandError, ValueError, TypeError, OSError, ImportError) as exc:  # ImportError: an optional extra
         print(f"aunn {args.command}: error: {exc}", file=sys.stderr)
         return 2

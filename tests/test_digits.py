@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from aunn_fast import AUNN, AUNNConfig, digits
+from aunn_fast.cli import main
 from aunn_fast.data import DIGITS_HELD_OUT, DigitsData, data_from_description, load_data
 from aunn_fast.experiments import train_stepped
 from aunn_fast.train import TrainConfig
@@ -116,3 +117,11 @@ def test_digit_metrics_of_known_images(data):
                                  labels)
     assert blank["inpainted_accuracy"] == blank["blank_bottom_accuracy"]
     assert blank["bottom_pixel_accuracy"] == blank["blank_bottom_pixel_accuracy"] < 1
+
+
+def test_digits_without_scikit_learn_fail_in_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert main(["train", "--data", "digits", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == ("aunn train: error: the digits data needs scikit-learn: "
+                                               "pip install 'aunn_fast[digits]'")
+    assert not (tmp_path / "run").exists()
