@@ -12,9 +12,9 @@ from typing import Any, Callable, NoReturn
 
 import torch
 
+from . import digits
 from .backends import BACKENDS, resolve_backend
 from .config import PRECISIONS, AUNNConfig
-from . import digits
 from .data import (FINGERPRINT_KEYS, Dataset, DigitsData, HeldOutTail, data_from_description, decode, encode,
                    load_data)
 from .evaluate import evaluate
