@@ -16,13 +16,14 @@ from typing import Any, NoReturn
 
 import torch
 
-from . import __version__, distributed, runlock
+from . import __version__, digits, distributed, runlock
 from .atomic import write_file_set
 from .backends import BACKENDS, resolve_backend, resolve_precision
 from .config import PRECISIONS, AUNNConfig
-from .data import FINGERPRINT_KEYS, Dataset, data_from_description, decode, encode, load_data
+from .data import FINGERPRINT_KEYS, Dataset, DigitsData, HeldOutTail, data_from_description, decode, encode, load_data
 from .errors import AUNNError, CheckpointError
 from .evaluate import evaluate, summary
+from .experiments import train_stepped
 from .inference import CONDITION_OPTIMIZERS, condition, generate, generate_by_backprop
 from .model import AUNN
 from .report import write_report
@@ -171,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="run directory (default ./demo_out)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="cpu: sized for a 2-core CPU (default); seed: the seed notebook's own run (GPU); "
-                        "tiny: a smoke test")
+                        "tiny: a smoke test; digits: handwritten digits, generated and inpainted (2-core CPU); "
+                        "shakespeare: memorise a text (--data text:PATH; one GPU)")
+    p.add_argument("--data", default=None, help="the preset's data instead of its own (shakespeare needs it)")
+    p.add_argument("--hold-out", type=NON_NEGATIVE_INT, default=0,
+                   help="tokens at the end of the data kept out of training; metrics.json's held_out scores "
+                        "the model's predictions there against a unigram model (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_runtime_options(p)
 
@@ -345,8 +351,16 @@ def _evaluate_run(model: AUNN, run_dir: Path, trials: int, steps: int, lr: float
     log_rows = read_log(run_dir / LOG_NAME)  # read first: a broken log fails before the evaluation's work
     metrics = evaluate(model, data, seed=seed, condition_trials=trials, condition_steps=steps, condition_lr=lr,
                        condition_optimizer=optimizer)
+
+    def write(staging: Path) -> list[Path]:
+        written: list[Path] = []
+        if isinstance(data, DigitsData):  # conditioning there is inpainting
+            metrics["digits"] = digits.run(model, data, staging, steps, lr, optimizer)
+            written = sorted(staging.iterdir())
+        return written + write_report(staging, model, data, metrics, log_rows)
+
     # written as a set: a failure (a full disk) leaves the directory's previous report as it was
-    write_file_set(run_dir, lambda staging: write_report(staging, model, data, metrics, log_rows))
+    write_file_set(run_dir, write)
     return metrics
 
 
@@ -407,12 +421,17 @@ def _condition_locked(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True)
 class Preset:
-    """A demo run: toy data spec, model width and depth, training; conditioning is 1 Adam step at lr 1e-3."""
+    """A demo run: data spec (None: ``--data`` gives it), model width and depth, training, and conditioning
+    (eval's trials on toy data, inpainting on digits). ``lr_factors``: the learning rate's stepped decay
+    (experiments.train_stepped); () keeps it constant."""
 
-    data: str
+    data: str | None
     hidden: int
     layers: int
     train: TrainConfig
+    lr_factors: tuple[float, ...] = ()
+    condition_steps: int = 1
+    condition_lr: float = 1e-3
 
 
 PRESETS = {
@@ -424,6 +443,12 @@ PRESETS = {
                                                   log_every=20, save_every=10**9)),
     "seed": Preset("toy:100000", 512, 8, TrainConfig(batch_size=2048, epochs=500, lr=1e-3, log_every=200,
                                                      save_every=20_000)),
+    "digits": Preset("digits", 128, 6, TrainConfig(batch_size=512, epochs=100, lr=3e-3, weight_decay=0.1,
+                                                   log_every=100, save_every=10**9),
+                     lr_factors=(1, 1 / 3, 1 / 10, 1 / 30), condition_steps=8, condition_lr=1e-3),
+    "shakespeare": Preset(None, 1024, 6, TrainConfig(batch_size=65_536, epochs=300, lr=1e-3, weight_decay=0.1,
+                                                      log_every=100, save_every=2000),
+                          lr_factors=(1, 1 / 3, 1 / 10, 1 / 30)),
 }
 
 
@@ -432,7 +457,12 @@ DEMO_MARKER = "DEMO"
 
 def cmd_demo(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
-    data = load_data(preset.data)
+    spec = args.data or preset.data
+    if spec is None:
+        _fail(f"--preset {args.preset} needs --data (e.g. text:PATH)")
+    data = load_data(spec)
+    if args.hold_out:
+        data = HeldOutTail(data, args.hold_out)
     cfg = AUNNConfig(vocab_size=data.vocab_size, hidden=preset.hidden, layers=preset.layers)
     model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=preset.train.seed).to(args.device)
     marker = args.out / DEMO_MARKER
@@ -444,9 +474,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"of {preset.train.batch_size} on {args.device} (backend {model.active_backend().name}, "
           f"precision {model.active_precision()})")
     began = time.perf_counter()
-    train(model, data, preset.train, args.out, progress=not args.quiet)
+    train_stepped(model, data, preset.train, args.out, preset.lr_factors, progress=not args.quiet)
     trained = time.perf_counter()
-    metrics = _evaluate_run(model, args.out, 30, steps=1, lr=1e-3, optimizer="adam", seed=0)
+    steps, lr = preset.condition_steps, preset.condition_lr
+    metrics = _evaluate_run(model, args.out, 30, steps=steps, lr=lr, optimizer="adam", seed=0)
     print(f"trained in {trained - began:.1f} s, evaluated in {time.perf_counter() - trained:.1f} s")
     print(summary(metrics))
     print(f"generated after the data: {decode(generate(model, data.length, 40), model.vocab)!r}")

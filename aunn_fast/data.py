@@ -10,6 +10,9 @@ checkpoint so the run can be reopened. Specs on the command line:
     bytes:PATH            raw bytes, vocabulary 256, memory-mapped (files larger than RAM work)
     tokens:PATH           token ids (e.g. BPE), memory-mapped: a 1-D integer .npy, or a .bin of
                           little-endian uint16 (nanoGPT's train.bin); vocabulary: the largest id + 1
+    digits                scikit-learn's 1,797 8x8 handwritten digits (optional extra `[digits]`), grey
+                          levels 0-16 as tokens, 64 pixels per image in row-major order, images end to end;
+                          the last DIGITS_HELD_OUT images are held out of training (for inpainting)
 
 A file dataset's description carries the file's SHA-256, so a checkpoint reopens the data only
 if the file is unchanged (an edit that keeps the length included).
@@ -23,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import MissingFileError, UserInputError, UserTypeError
+from .errors import MissingDependencyError, MissingFileError, UserInputError, UserTypeError
 
 # A file's token ids read on a GPU are copied there once (in the narrowest dtype, in COPY_CHUNK_BYTES
 # pieces) if they take at most DEVICE_COPY_FRACTION of the free device memory; larger ones are gathered
@@ -326,7 +329,88 @@ class TokensData(TokenArray):
         return {**super().describe(), "vocab_size": self.vocab_size}
 
 
-Dataset = ToyData | TextData | BytesData | TokensData
+DIGITS_HELD_OUT = 97  # the last images of scikit-learn's digits, kept out of training
+DIGIT_SIDE = 8
+DIGIT_PIXELS = DIGIT_SIDE * DIGIT_SIDE
+DIGIT_LEVELS = 17  # grey levels 0..16
+
+
+def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (shipped inside its package: no download): uint8 images [1797, 8, 8] of grey
+    levels 0..16, and int64 labels [1797]. A MissingDependencyError (an ImportError) without
+    scikit-learn."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise MissingDependencyError("the digits data needs scikit-learn: pip install 'aunn_fast[digits]'") from None
+    bunch = load_digits()
+    return bunch.images.astype(np.uint8), bunch.target.astype(np.int64)
+
+
+class DigitsData:
+    """scikit-learn's 8x8 handwritten digits as one token sequence: image i's pixel (r, c) is token
+    ``64 i + 8 r + c``, its grey level 0..16 (vocabulary ``0``..``9``, ``a``..``g``). The last
+    ``held_out`` images are not part of the sequence; they sit where the sequence would continue
+    (image ``images + k`` at indices ``64 (images + k)`` ..), and are kept for inpainting."""
+
+    kind = "digits"
+    vocab = [format(level, "x") if level < 16 else "g" for level in range(DIGIT_LEVELS)]
+
+    def __init__(self, held_out: int = DIGITS_HELD_OUT) -> None:
+        all_images, all_labels = load_sklearn_digits()
+        if not 0 <= held_out < len(all_images):
+            raise UserInputError(f"held_out must be in 0..{len(all_images) - 1}, got {held_out}")
+        self.held_out = held_out
+        self.images = len(all_images) - held_out
+        self.train_images, self.held_out_images = all_images[:self.images], all_images[self.images:]
+        self.train_labels, self.held_out_labels = all_labels[:self.images], all_labels[self.images:]
+        self.array = self.train_images.reshape(-1)
+        self.length = self.array.size
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct tokens: the grey levels."""
+        return DIGIT_LEVELS
+
+    def image_start(self, image: int) -> int:
+        """The index of image ``image``'s first pixel (past the data for a held-out image)."""
+        return image * DIGIT_PIXELS
+
+    def targets(self, idx: torch.Tensor) -> torch.Tensor:
+        """int64 indices [...] in 0..length-1 -> int64 grey levels [...] on idx's device."""
+        picked = self.array[idx.detach().cpu().numpy()]
+        return torch.from_numpy(picked.astype(np.int64)).to(idx.device)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description (kind, held_out, length) that :func:`data_from_description` reopens."""
+        return {"kind": self.kind, "held_out": self.held_out, "length": self.length}
+
+
+class HeldOutTail:
+    """Any dataset but its last ``held_out`` tokens: training sees indices 0 .. length-1, and the tokens at
+    length .. length+held_out-1 (where generation begins) are kept to measure what extrapolation predicts."""
+
+    kind = "held_out_tail"
+
+    def __init__(self, data: ToyData | TextData | BytesData | TokensData | DigitsData, held_out: int) -> None:
+        if not 0 < held_out < data.length:
+            raise UserInputError(f"the tokens held out must be 1 .. {data.length - 1} (the data's length - 1), "
+                             f"got {held_out}")
+        self.data, self.held_out = data, held_out
+        self.length = data.length - held_out
+        self.vocab, self.vocab_size = data.vocab, data.vocab_size
+
+    def targets(self, idx: torch.Tensor) -> torch.Tensor:
+        """int64 indices [...] -> int64 tokens [...] on idx's device; the held-out indices read too."""
+        return self.data.targets(idx)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description (kind, held_out, training length, the whole data's description) that
+        :func:`data_from_description` reopens."""
+        return {"kind": self.kind, "held_out": self.held_out, "length": self.length, "data": self.data.describe()}
+
+
+Dataset = ToyData | TextData | BytesData | TokensData | DigitsData | HeldOutTail
 FILE_DATASETS = {"text": TextData, "bytes": BytesData, "tokens": TokensData}
 
 
@@ -338,13 +422,18 @@ def load_data(spec: str) -> Dataset:
         if len(fields) > 2 or not all(f.isascii() and f.isdigit() for f in fields if f):
             raise UserInputError(f"toy spec is toy[:CHUNKS[:SEED]] with whole numbers, got {spec!r}")
         return ToyData(**{name: int(f) for name, f in zip(("chunks", "seed"), fields) if f})
+    if kind == "digits":
+        if rest:
+            raise UserInputError(f"the digits spec takes no argument, got {spec!r}")
+        return DigitsData()
     if kind in FILE_DATASETS:
         if not rest:
             raise UserInputError(f"{kind} spec needs a path: {kind}:PATH")
         if not Path(rest).is_file():
             raise MissingFileError(f"no such data file: {rest}")
         return FILE_DATASETS[kind](rest)
-    raise UserInputError(f"unknown data spec {spec!r}; use toy[:CHUNKS[:SEED]], text:PATH, bytes:PATH or tokens:PATH")
+    raise UserInputError(f"unknown data spec {spec!r}; use toy[:CHUNKS[:SEED]], text:PATH, bytes:PATH, tokens:PATH "
+                         "or digits")
 
 
 def data_from_description(description: dict[str, Any], vocab: Vocab = None) -> Dataset:
@@ -357,6 +446,14 @@ def data_from_description(description: dict[str, Any], vocab: Vocab = None) -> D
     kind = description["kind"]
     if kind == "toy":
         return ToyData(description["chunks"], description["seed"])
+    if kind == "held_out_tail":
+        return HeldOutTail(data_from_description(description["data"], vocab), description["held_out"])
+    if kind == "digits":
+        data = DigitsData(description["held_out"])
+        if data.length != description["length"]:
+            raise UserInputError(f"scikit-learn's digits have changed since the checkpoint was saved "
+                             f"(were {description['length']} training tokens, now {data.length})")
+        return data
     if kind not in FILE_DATASETS:
         raise UserInputError(f"unknown dataset kind {kind!r} in checkpoint")
     path = Path(description["path"])

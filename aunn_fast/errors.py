@@ -24,6 +24,10 @@ class MissingFileError(UserInputError, FileNotFoundError):
     """A file the caller named does not exist."""
 
 
+class MissingDependencyError(UserInputError, ImportError):
+    """An optional dependency the request needs is not installed; the message says which extra brings it."""
+
+
 class CheckpointError(UserInputError):
     """A checkpoint file cannot be used: unreadable, foreign, or inconsistent. The message names the
     file and the field."""

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import Dataset, ToyData, decode, random_indices
+from .data import Dataset, HeldOutTail, ToyData, decode, random_indices
 from .errors import UserInputError
 from .inference import condition, span
 from .model import AUNN
@@ -65,6 +65,27 @@ def predictions(model: AUNN, start: int, length: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.int64)
     idx = span(model, start, length)
     return torch.cat([model.predict(chunk) for chunk in _batches(idx)]).cpu()
+
+
+@torch.no_grad()
+def held_out_fit(model: AUNN, data: HeldOutTail) -> dict[str, Any]:
+    """Bits per token and accuracy of the model's predictions on the held-out tail (indices past the training
+    data), against a unigram model of the training tokens (add-one smoothed, so no token has probability 0)."""
+    tail = data.length + torch.arange(data.held_out, dtype=torch.int64)
+    counts = torch.zeros(model.cfg.vocab_size, dtype=torch.float64)
+    for chunk in _batches(torch.arange(data.length, dtype=torch.int64)):
+        counts += torch.bincount(data.targets(chunk).cpu(), minlength=model.cfg.vocab_size).double()
+    unigram_bits = -torch.log2((counts + 1) / (counts.sum() + counts.numel()))
+    correct, total_loss, total_unigram = 0, 0.0, 0.0
+    for chunk in _batches(tail.to(model.device), model.cfg.vocab_size):
+        targets = data.targets(chunk)
+        logits = model(chunk)
+        correct += int((logits.argmax(-1) == targets).sum())
+        total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
+        total_unigram += float(unigram_bits[targets.cpu()].sum())
+    return {"tokens": data.held_out, "bits_per_token": total_loss / math.log(2) / data.held_out,
+            "unigram_bits_per_token": total_unigram / data.held_out, "accuracy": correct / data.held_out,
+            "unigram_accuracy": float((data.targets(tail) == int(counts.argmax())).double().mean())}
 
 
 def histogram(model: AUNN, data: Dataset, generator: torch.Generator) -> tuple[dict[str, dict[str, float]],
@@ -184,6 +205,8 @@ def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 
     metrics["histogram_predictions"] = histogram_span(model, data)
     if other is not None:
         metrics["histogram_other"] = other
+    if isinstance(data, HeldOutTail):
+        metrics["held_out"] = held_out_fit(model, data)
     if isinstance(data, ToyData):
         metrics["extrapolation"] = extrapolation(model, data)
         windows = extrapolation_windows(data.length, model.cfg.max_index)
@@ -196,7 +219,8 @@ def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 
 
 def summary(metrics: dict[str, Any]) -> str:
     """The lines ``aunn eval`` and ``aunn demo`` print: fit, the most often predicted tokens (a list that ends
-    in "..." and the count left out when it is cut), extrapolation and conditioning where measured."""
+    in "..." and the count left out when it is cut), extrapolation, the held-out tail, the digits experiment and
+    conditioning where measured."""
     lines = [f"training accuracy   {metrics['train_accuracy']:.4%}",
              f"training loss       {metrics['train_loss']:.5f} nats ({metrics['bits_per_token']:.5f} bits/token)"]
     ranked = sorted(metrics["histogram"].items(), key=lambda item: -item[1]["predicted"])
@@ -209,6 +233,19 @@ def summary(metrics: dict[str, Any]) -> str:
     if "extrapolation" in metrics:
         ext = metrics["extrapolation"]
         lines.append("valid |xxx chunks   " + ", ".join(f"{k}: {v:.3f}" for k, v in ext.items()))
+    if "held_out" in metrics:
+        held = metrics["held_out"]
+        lines.append(f"held-out tail       {held['bits_per_token']:.3f} bits/token over {held['tokens']} tokens "
+                     f"(unigram {held['unigram_bits_per_token']:.3f}); accuracy {held['accuracy']:.2%} "
+                     f"(unigram {held['unigram_accuracy']:.2%})")
+    if "digits" in metrics:
+        dig = metrics["digits"]
+        lines.append(f"generated digits    {dig['confident_share']:.1%} of {dig['generated']} recognised with "
+                     f"p >= {dig['confidence_threshold']}")
+        lines.append(f"inpainted digits    classifier accuracy {dig['inpainted_accuracy']:.1%} (bottom half blank: "
+                     f"{dig['blank_bottom_accuracy']:.1%}, real digits: {dig['truth_accuracy']:.1%}); bottom "
+                     f"pixels right {dig['bottom_pixel_accuracy']:.1%} (all blank: "
+                     f"{dig['blank_bottom_pixel_accuracy']:.1%})")
     if "conditioning" in metrics:
         cond = metrics["conditioning"]
         lines.append(f"conditioning        {cond['success_rate']:.1%} success over {cond['trials']} trials "

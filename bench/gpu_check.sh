@@ -11,7 +11,8 @@
 # Writes OUTDIR/pytest_gpu.log, OUTDIR/pytest_kernels.log, OUTDIR/pytest.log, OUTDIR/bench.log,
 # OUTDIR/bench/, OUTDIR/bench_notebook/ and OUTDIR/bench_bpe/ (each results.json, results.md, *.png),
 # OUTDIR/profiles/ (torch.profiler tables and traces of the goal train steps and the bpe one),
-# OUTDIR/variants/ when VARIANTS_TIMEOUT > 0, OUTDIR/ncu/ when NCU_TIMEOUT > 0, and prints a summary table
+# OUTDIR/variants/ when VARIANTS_TIMEOUT > 0, OUTDIR/ncu/ when NCU_TIMEOUT > 0, OUTDIR/shakespeare/ when
+# SHAKESPEARE_TIMEOUT > 0, and prints a summary table
 # last. Takes at most ~8 minutes: each step has its own timeout (*_TIMEOUT, seconds; 0 skips the step), and
 # the benchmark saves its results after every row, so a timed-out run still leaves data. On a fresh machine
 # most of the benchmark's time goes to compiling (Triton's cache starts empty, torch.compile compiles each
@@ -34,10 +35,19 @@ BPE_TIMEOUT=${BPE_TIMEOUT:-60}
 VARIANTS_TIMEOUT=${VARIANTS_TIMEOUT:-0}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-20}
 NCU_TIMEOUT=${NCU_TIMEOUT:-0}
+# TinyShakespeare memorised by `aunn demo --preset shakespeare` (docs/experiments.md; the goal is >= 99% training
+# accuracy within 10 minutes): only when given time, as a call of its own, e.g.
+#   GPU_TEST_TIMEOUT=0 TEST_TIMEOUT=0 BENCH_TIMEOUT=0 NOTEBOOK_TIMEOUT=0 BPE_TIMEOUT=0 PROFILE_TIMEOUT=0 \
+#   SHAKESPEARE_TIMEOUT=590 bash bench/gpu_check.sh /tmp/gc
+# SHAKESPEARE is the corpus (default shared/data/tinyshakespeare.txt in the repository; skipped when absent).
+# The run lives in a temporary folder (its checkpoint is ~70 MB); OUTDIR/shakespeare/ gets its log.csv (batch
+# accuracy every 100 steps, kept when the timeout cuts the run), metrics.json, report.md and plots.
+SHAKESPEARE_TIMEOUT=${SHAKESPEARE_TIMEOUT:-0}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT/bench"
 OUT=$(cd "$OUT" && pwd)
 
+SHAKESPEARE=${SHAKESPEARE:-$REPO/shared/data/tinyshakespeare.txt}
 SHIM=$(mktemp -d)
 trap 'rm -rf "$SHIM"' EXIT
 mkdir "$SHIM/aunn_fast"
@@ -168,6 +178,19 @@ torch + tanh + head backward on 256 columns;torch + tanh + head backward by prod
 layer-wise + tanh, layer kernels on 4 warps;layer-wise + tanh, no batch split;partials + tanh"
 VARIANTS_RC=$?
 
+SHAKESPEARE_RC=0
+echo "== TinyShakespeare demo (timeout ${SHAKESPEARE_TIMEOUT}s) -> $OUT/shakespeare"
+if [ "$SHAKESPEARE_TIMEOUT" -gt 0 ] && [ -f "$SHAKESPEARE" ]; then
+    mkdir -p "$OUT/shakespeare"
+    stage "$SHAKESPEARE_TIMEOUT" "$OUT/shakespeare.log" "$PYTHON" -m aunn_fast demo --preset shakespeare \
+        --data "text:$SHAKESPEARE" --out "$SHIM/shakespeare" --device cuda --quiet
+    SHAKESPEARE_RC=$?
+    cp "$SHIM"/shakespeare/{log.csv,metrics.json,report.md,*.png} "$OUT/shakespeare/" 2>/dev/null
+    tail -n 12 "$OUT/shakespeare.log"
+elif [ "$SHAKESPEARE_TIMEOUT" -gt 0 ]; then
+    echo "skipped: no corpus at $SHAKESPEARE (set SHAKESPEARE=PATH)" | tee "$OUT/shakespeare.log"
+fi
+
 echo "== summary"
 echo "GPU-only tests exit status $GPU_TEST_RC: $(tail -n 1 "$OUT/pytest_gpu.log")"
 echo "kernel tests exit status $KERNEL_TEST_RC: $(tail -n 1 "$OUT/pytest_kernels.log")"
@@ -176,6 +199,7 @@ grep -hE "^(FAILED|ERROR) " "$OUT/pytest_gpu.log" "$OUT/pytest_kernels.log" "$OU
 echo "benchmark exit status $BENCH_RC, H=512 benchmark $NOTEBOOK_RC, bpe $BPE_RC (0 ok, 1 some provider incorrect/failed, 124 timed out)"
 echo "profiles exit status $PROFILE_SEED_RC (seed), $PROFILE_NOTEBOOK_RC (notebook), $PROFILE_BPE_RC (bpe); tables in $OUT/profiles"
 echo "ncu exit status $NCU_RC; reports in $OUT/ncu; kernel variants exit status $VARIANTS_RC; table in $OUT/variants"
+echo "TinyShakespeare demo exit status $SHAKESPEARE_RC (124 timed out); $OUT/shakespeare"
 for run in bench bench_notebook bench_bpe; do
     if [ -f "$OUT/$run/results.json" ]; then
         "$PYTHON" -m aunn_fast.bench.summary "$OUT/$run/results.json"
@@ -183,6 +207,7 @@ for run in bench bench_notebook bench_bpe; do
         tail -n 20 "$OUT/$run.log"
     fi
 done
-for rc in "$GPU_TEST_RC" "$KERNEL_TEST_RC" "$TEST_RC" "$BENCH_RC" "$NOTEBOOK_RC" "$BPE_RC" "$NCU_RC" "$VARIANTS_RC"; do
+for rc in "$GPU_TEST_RC" "$KERNEL_TEST_RC" "$TEST_RC" "$BENCH_RC" "$NOTEBOOK_RC" "$BPE_RC" "$NCU_RC" "$VARIANTS_RC" \
+        "$SHAKESPEARE_RC"; do
     [ "$rc" = 0 ] || exit 1
 done
