@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from .atomic import atomic_write
 from .config import AUNNConfig
-from .data import ToyData
+from .data import DIGIT_PIXELS, DigitsData, ToyData
 from .errors import CheckpointError, MissingFileError, UserInputError, UserTypeError
 from .params import param_shapes
 from .resources import check_fits
@@ -39,7 +39,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "U16": 2, "U32": 4, "U64": 8, "F8_E5M2": 1, "F8_E4M3": 1}
 OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
 OPTIMIZER_KEYS = ("step", *OPTIMIZER_MOMENTS)
-DATA_KINDS = ("toy", "text", "bytes", "tokens")
+DATA_KINDS = ("toy", "text", "bytes", "tokens", "digits", "held_out_tail")
 MAX_SEED = 2**63 - 1
 
 
@@ -304,23 +304,41 @@ def _vocab(path: Path, metadata: Mapping[str, str], cfg: AUNNConfig) -> list[str
 
 def _data_description(path: Path, metadata: Mapping[str, str], cfg: AUNNConfig, vocab: Any) -> dict[str, Any] | None:
     data = _json_field(path, metadata, "data", required=False)
-    if data is None:
-        return None
+    return None if data is None else _check_description(path, data, cfg, vocab, "data")
+
+
+def _check_description(path: Path, data: Any, cfg: AUNNConfig, vocab: Any, where: str) -> dict[str, Any]:
+    """``data`` (the description at ``where``, e.g. "data" or "data.data" inside a held-out tail's) checked
+    against the schema of its kind, the config and the vocabulary."""
     if not isinstance(data, dict):
-        raise CheckpointError(path, "data", "must be a JSON object describing the data, or null")
+        raise CheckpointError(path, where, "must be a JSON object describing the data, or null")
     kind = data.get("kind")
     if kind not in DATA_KINDS:
-        raise CheckpointError(path, "data.kind", f"must be one of {', '.join(DATA_KINDS)}, got {kind!r}")
+        raise CheckpointError(path, f"{where}.kind", f"must be one of {', '.join(DATA_KINDS)}, got {kind!r}")
 
     def need(name: str, valid: Any, what: str, required: bool = True) -> None:
         if name not in data:
             if required:
-                raise CheckpointError(path, f"data.{name}", f"missing (a {kind} dataset's description holds it)")
+                raise CheckpointError(path, f"{where}.{name}", f"missing (a {kind} dataset's description holds it)")
         elif not valid(data[name]):
-            raise CheckpointError(path, f"data.{name}", f"must be {what}, got {data[name]!r}")
+            raise CheckpointError(path, f"{where}.{name}", f"must be {what}, got {data[name]!r}")
 
     need("length", lambda v: _is_int(v) and 1 <= v <= cfg.max_index + 1, f"an integer in 1..{cfg.max_index + 1} "
          f"(the indices of bits={cfg.bits})")
+    if kind == "held_out_tail":
+        need("held_out", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        need("data", lambda v: True, "the whole data's description")
+        whole = _check_description(path, data["data"], cfg, vocab, f"{where}.data")
+        if whole["length"] != data["length"] + data["held_out"]:
+            raise CheckpointError(path, f"{where}.length", f"must be {where}.data.length - {where}.held_out "
+                                                           f"({whole['length']} - {data['held_out']})")
+        return data
+    if kind == "digits":
+        need("held_out", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+        need("length", lambda v: v % DIGIT_PIXELS == 0, f"a whole number of {DIGIT_PIXELS}-pixel images")
+        if vocab != DigitsData.vocab:
+            raise CheckpointError(path, "vocab", f"digits data's vocabulary is {DigitsData.vocab}, got {vocab!r}")
+        return data
     if kind == "toy":
         need("chunks", lambda v: _is_int(v) and 4 * v == data["length"], "an integer, a quarter of data.length")
         need("seed", lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED}")
