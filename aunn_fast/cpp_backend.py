@@ -8,7 +8,8 @@ parameters P of :class:`AUNNParams`, then ``residual_every``, ``eps``):
     cpp_loss(idx, targets, *P, with_grads)       -> (row losses float32 [N], the 8 gradients of their sum or [])
     cpp_loss_backward(grad [N], unit_grads, idx, targets, *P)  -> the 8 gradients
     cpp_logits_backward(grad [N, V], idx, *P)    -> the 8 gradients
-    cpp_train_step(idx, targets, params!, exp_avg!, exp_avg_sq!, step, lr, beta1, beta2, adam_eps, ...) -> mean loss
+    cpp_train_step(idx, targets, params!, grads!, exp_avg!, exp_avg_sq!, step, lr, beta1, beta2, adam_eps, ...)
+                                                 -> mean loss; grads: the gradients the update used
 
 This module registers their fake implementations and autograd formulas, and offers the backend's
 ``logits`` / ``loss`` / ``predict`` and :class:`OneCallStep` (a whole optimizer step in one C++ call).
@@ -73,7 +74,7 @@ def _fake_logits_backward(grad, idx, *rest):
     return [torch.empty_like(p) for p in rest[:8]]
 
 
-def _fake_train_step(idx, targets, params, exp_avg, exp_avg_sq, *settings):
+def _fake_train_step(idx, targets, params, grads, exp_avg, exp_avg_sq, *settings):
     return idx.new_empty((), dtype=torch.float32)
 
 
@@ -168,8 +169,8 @@ def predict(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) ->
 
 class OneCallStep:
     """``step(idx, targets)``: one step of a fresh Adam (torch.optim.Adam's defaults) or SGD on the mean loss,
-    forward, backward and update in one C++ call, the parameters updated in place. No input checks (the
-    caller validates once)."""
+    forward, backward and update in one C++ call, the parameters updated in place and their ``.grad`` set to
+    the step's gradients (as an eager step leaves them). No input checks (the caller validates once)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: str, lr: float) -> None:
         if optimizer not in ("adam", "sgd"):
@@ -180,12 +181,18 @@ class OneCallStep:
         adam = optimizer == "adam"
         self.exp_avg = [torch.zeros_like(p) for p in self.params] if adam else []
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params] if adam else []
+        self.grads = [torch.zeros_like(p) for p in self.params]
         self.lr = float(lr)
         self.steps = 0
         self.settings = (model.cfg.residual_every, model.cfg.norm_eps)
 
     @torch.no_grad()
     def __call__(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """The mean loss before the step, float32 scalar."""
         self.steps += 1
-        return torch.ops.aunn_fast.cpp_train_step(idx, targets, self.params, self.exp_avg, self.exp_avg_sq,
-                                                  self.steps, self.lr, *ADAM_BETAS, ADAM_EPS, *self.settings)
+        loss = torch.ops.aunn_fast.cpp_train_step(idx, targets, self.params, self.grads, self.exp_avg,
+                                                  self.exp_avg_sq, self.steps, self.lr, *ADAM_BETAS, ADAM_EPS,
+                                                  *self.settings)
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        return loss

@@ -239,7 +239,7 @@ def test_opcheck(generator):
                                                     *settings))
     unit = list(ops.cpp_loss(idx, targets, *frozen, *settings, True)[1])
     torch.library.opcheck(ops.cpp_loss_backward, (torch.full((9,), 0.5), unit, idx, targets, *frozen, *settings))
-    moments = [[torch.zeros_like(p) for p in frozen] for _ in range(2)]
+    moments = [[torch.zeros_like(p) for p in frozen] for _ in range(3)]  # grads, exp_avg, exp_avg_sq
     torch.library.opcheck(ops.cpp_train_step, (idx, targets, [p.clone() for p in frozen], *moments, 1, 1e-3, 0.9,
                                                0.999, 1e-8, *settings))
 
@@ -309,3 +309,25 @@ def test_a_bad_switch_value_is_refused(monkeypatch):
     monkeypatch.setenv("AUNN_FAST_CPP", "yes")
     with pytest.raises(ValueError, match="AUNN_FAST_CPP must be 0 or 1, got 'yes'"):
         BACKENDS["cpp"].check_settings()
+
+
+# ----------------------------------------------------------------------------- the bench suite's CPU ceiling
+
+
+def test_cpu_ceiling_shares():
+    """A row's share is its FLOP/s (forward FLOPs per index, x3 for training) over its precision's rate."""
+    from aunn_fast.bench import cpu_ceiling
+    from aunn_fast.bench.ceilings import forward_flops
+
+    seed = AUNNConfig()
+    measured = {"flops": {"fp32": 1e11}, "source": "test"}
+    rows = [{"workload": "predict", "config": "seed", "precision": "fp32", "items_per_s": 1e6},
+            {"workload": "train", "config": "seed", "precision": "fp32", "items_per_s": 1e6},
+            {"workload": "condition", "config": "seed", "precision": "fp32", "items_per_s": 1e6},
+            {"workload": "train", "config": "seed", "precision": "bf16", "items_per_s": 1e6}]
+    cpu_ceiling.add_shares(rows, {"seed": seed}, measured)
+    assert rows[0]["matmul_share"] == pytest.approx(1e6 * forward_flops(seed) / 1e11)
+    assert rows[1]["matmul_share"] == pytest.approx(3 * rows[0]["matmul_share"])
+    assert rows[2]["matmul_share"] is None and rows[3]["matmul_share"] is None
+    assert "fp32 100.0 GFLOP/s" in cpu_ceiling.summary(measured)
+    assert cpu_ceiling.matmul_flops(torch.float32, size=64, repeats=1) > 0

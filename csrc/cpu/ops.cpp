@@ -163,11 +163,13 @@ std::vector<Tensor> cpp_logits_backward(const Tensor& grad, const Tensor& idx, A
 
 // One optimizer step on the mean loss of (idx, targets), in place: Adam (torch.optim.Adam's update, without
 // weight decay or amsgrad) when exp_avg holds the eight moment buffers, plain SGD when it is empty.
-// `step` is the step's 1-based number (bias correction). Returns the mean loss before the update.
-Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList params, at::TensorList exp_avg,
+// `step` is the step's 1-based number (bias correction). Writes the gradients the update used into `grads`
+// (eight parameter-shaped buffers) and returns the mean loss before the update.
+Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList params, at::TensorList grads_out,
+                      at::TensorList exp_avg,
                       at::TensorList exp_avg_sq, int64_t step, double lr, double beta1, double beta2,
                       double adam_eps, int64_t residual_every, double eps) {
-  TORCH_CHECK(params.size() == 8, "aunn_fast cpp: expected the eight parameters");
+  TORCH_CHECK(params.size() == 8 && grads_out.size() == 8, "aunn_fast cpp: expected eight parameters and grads");
   const bool adam = !exp_avg.empty();
   TORCH_CHECK(!adam || (exp_avg.size() == 8 && exp_avg_sq.size() == 8 && step >= 1),
               "aunn_fast cpp: Adam needs eight exp_avg and exp_avg_sq buffers and step >= 1");
@@ -185,13 +187,19 @@ Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList p
   job.grad = &weight;
   job.grad_stride = 0;
   const std::vector<float> packed_grads = run(packed, job);
-  std::vector<Tensor> grads = gradients_as_tensors(packed, packed_grads, params.vec());
+  float* grad_ptrs[8];
+  for (int i = 0; i < 8; ++i) {
+    check_param(grads_out[i], "grads");
+    TORCH_CHECK(grads_out[i].sizes() == params[i].sizes(), "aunn_fast cpp: grads must be shaped as the params");
+    grad_ptrs[i] = grads_out[i].data_ptr<float>();
+  }
+  unpack_gradients(packed, packed_grads, grad_ptrs);
   const double bias1 = adam ? 1.0 - std::pow(beta1, step) : 1.0;
   const double bias2_sqrt = adam ? std::sqrt(1.0 - std::pow(beta2, step)) : 1.0;
   const float step_size = static_cast<float>(lr / bias1);
   for (int i = 0; i < 8; ++i) {
     float* p = params[i].data_ptr<float>();
-    const float* g = grads[i].data_ptr<float>();
+    const float* g = grad_ptrs[i];
     const int64_t n = params[i].numel();
     if (!adam) {
       for (int64_t j = 0; j < n; ++j) p[j] -= static_cast<float>(lr) * g[j];
@@ -227,9 +235,9 @@ TORCH_LIBRARY_FRAGMENT(aunn_fast, m) {
   m.def("cpp_loss_backward(Tensor grad, Tensor[] unit_grads, Tensor idx, Tensor targets, " AUNN_PARAMS_SCHEMA
         ") -> Tensor[]");
   m.def("cpp_logits_backward(Tensor grad, Tensor idx, " AUNN_PARAMS_SCHEMA ") -> Tensor[]");
-  m.def("cpp_train_step(Tensor idx, Tensor targets, Tensor(a!)[] params, Tensor(b!)[] exp_avg, "
-        "Tensor(c!)[] exp_avg_sq, int step, float lr, float beta1, float beta2, float adam_eps, "
-        "int residual_every, float eps) -> Tensor");
+  m.def("cpp_train_step(Tensor idx, Tensor targets, Tensor(a!)[] params, Tensor(b!)[] grads, "
+        "Tensor(c!)[] exp_avg, Tensor(d!)[] exp_avg_sq, int step, float lr, float beta1, float beta2, "
+        "float adam_eps, int residual_every, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(aunn_fast, CPU, m) {
