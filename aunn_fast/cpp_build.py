@@ -17,6 +17,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,6 +25,8 @@ ENV_SWITCH = "AUNN_FAST_CPP"  # "0" turns the extension off; "1" or unset: build
 ENV_CACHE = "AUNN_FAST_CPP_CACHE"  # where builds are kept (default: $XDG_CACHE_HOME/aunn_fast/cpp)
 EXTENSION_NAME = "aunn_fast_cpp"
 CPU_SOURCES = ("cpu/mlp.cpp", "cpu/ops.cpp")
+CUDA_EXTENSION_NAME = "aunn_fast_cuda"
+CUDA_SOURCES = ("cuda/bindings.cpp", "cuda/scale.cu")  # built only with nvcc and a CUDA build of torch
 # Built for the machine it runs on; never -ffast-math (the results must match the reference's float32 math).
 # -fno-math-errno only lets sqrt compile to the instruction; -fopenmp makes at::parallel_for use torch's
 # OpenMP threads (libgomp is the one torch already loaded).
@@ -31,7 +34,7 @@ CXX_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
 LD_FLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
-_state: dict[str, str | None] = {}  # "reason": None once loaded, else why not; absent until the first attempt
+_state: dict[str, str | None] = {}  # per extension name: None once loaded, else why not; absent until tried
 
 
 def source_dir() -> Path | None:
@@ -97,21 +100,43 @@ def _precondition_failure() -> str | None:
     return None
 
 
-def _build() -> None:
-    """Compile (or reuse) and load the extension; its operators appear under torch.ops.aunn_fast."""
+def _build(name: str, sources: tuple[str, ...]) -> None:
+    """Compile (or reuse) and load an extension; its operators appear under torch.ops.aunn_fast."""
     from torch.utils import cpp_extension
 
     src = source_dir()
     assert src is not None
     key = build_key(src)
-    build_dir = cache_root() / key
+    build_dir = cache_root() / f"{name}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    if not any(build_dir.glob(f"{EXTENSION_NAME}*.so")):
-        print(f"aunn_fast: building the C++ extension for this CPU (once, about a minute) in {build_dir}",
+    if not any(build_dir.glob(f"{name}*.so")):
+        print(f"aunn_fast: building the {name} extension for this machine (once, a minute or two) in {build_dir}",
               file=sys.stderr, flush=True)
-    cpp_extension.load(name=EXTENSION_NAME, sources=[str(src / s) for s in CPU_SOURCES],
-                       extra_cflags=[*CXX_FLAGS, f"-DAUNN_BUILD_KEY={key}"], extra_ldflags=list(LD_FLAGS),
-                       build_directory=str(build_dir), is_python_module=False, verbose=False)
+    cpp_extension.load(name=name, sources=[str(src / s) for s in sources],
+                       extra_cflags=[*CXX_FLAGS, f"-DAUNN_BUILD_KEY={key}"], extra_cuda_cflags=["-O3"],
+                       extra_ldflags=list(LD_FLAGS), build_directory=str(build_dir), is_python_module=False,
+                       verbose=False)
+
+
+def _loaded(name: str, sources: tuple[str, ...], precondition: Callable[[], str | None]) -> str | None:
+    """None once the extension ``name`` is loaded (built on the first call unless ``precondition`` says why
+    not), else why not; decided once per process."""
+    if name in _state:  # read without the lock once decided, which torch.compile traces
+        return _state[name]
+    with _lock:
+        if name not in _state:
+            reason = precondition()
+            if reason is None:
+                try:
+                    _build(name, sources)
+                except Exception as exc:  # a compiler error, a missing header, ...: the package still runs
+                    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                    reason = (f"building the C++ extension failed ({first.strip()[:300]}); "
+                              f"set {ENV_SWITCH}=0 to skip it")
+                    warnings.warn(f"aunn_fast: the {name} extension is unavailable: {reason}", RuntimeWarning,
+                                  stacklevel=3)
+            _state[name] = reason
+        return _state[name]
 
 
 def check_setting() -> None:
@@ -122,23 +147,20 @@ def check_setting() -> None:
 
 
 def unavailable_reason() -> str | None:
-    """None once the extension is loaded (building it on the first call if needed), else why it is not.
+    """None once the CPU extension is loaded (building it on the first call if needed), else why it is not."""
+    return _loaded(EXTENSION_NAME, CPU_SOURCES, _precondition_failure)
 
-    The answer is computed once per process (and read without the lock afterwards, which torch.compile traces).
-    """
-    if "reason" in _state:
-        return _state["reason"]
-    with _lock:
-        if "reason" not in _state:
-            reason = _precondition_failure()
-            if reason is None:
-                try:
-                    _build()
-                except Exception as exc:  # a compiler error, a missing header, ...: the package still runs
-                    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-                    reason = (f"building the C++ extension failed ({first.strip()[:300]}); "
-                              f"set {ENV_SWITCH}=0 to skip it")
-                    warnings.warn(f"aunn_fast: the cpp backend is unavailable: {reason}", RuntimeWarning,
-                                  stacklevel=2)
-            _state["reason"] = reason
-        return _state["reason"]
+
+def cuda_unavailable_reason() -> str | None:
+    """None once the CUDA extension (csrc/cuda) is loaded, else why not: it needs a CUDA build of torch and nvcc
+    (CUDA_HOME or the PATH) besides what the CPU extension needs."""
+    def precondition() -> str | None:
+        from torch.utils import cpp_extension
+
+        if torch.version.cuda is None:
+            return "torch is not a CUDA build"
+        if cpp_extension.CUDA_HOME is None:
+            return "nvcc was not found (set CUDA_HOME)"
+        return _precondition_failure()
+
+    return _loaded(CUDA_EXTENSION_NAME, CUDA_SOURCES, precondition)

@@ -9,6 +9,7 @@ be built (no compiler, AUNN_FAST_CPP=0).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -331,3 +332,35 @@ def test_cpu_ceiling_shares():
     assert rows[2]["matmul_share"] is None and rows[3]["matmul_share"] is None
     assert "fp32 100.0 GFLOP/s" in cpu_ceiling.summary(measured)
     assert cpu_ceiling.matmul_flops(torch.float32, size=64, repeats=1) > 0
+
+
+# ----------------------------------------------------------------------------- the CUDA plumbing
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")
+def test_compile_check_cuda_reports_the_kernels(tmp_path):
+    """compile_check --cuda compiles csrc/cuda for sm_90a without a GPU and reports each kernel's resources."""
+    from aunn_fast.bench import compile_check, cuda_compile_check
+
+    table = tmp_path / "cuda.md"
+    assert compile_check.main(["--cuda", "--out", str(table)]) == 0
+    rows = [dict(zip(cuda_compile_check.COLUMNS, (c.strip() for c in line.split("|")[1:-1])))
+            for line in table.read_text().splitlines()[2:]]
+    (scale,) = [r for r in rows if "scale_kernel" in r["kernel"]]
+    assert int(scale["registers"]) > 0 and scale["verdict"] == "ok"
+    assert cuda_compile_check.parse_ptxas(
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 16384 bytes smem") == [
+        {"kernel": "k", "registers": 255, "spill stores": 4, "spill loads": 4, "stack": 8, "shared": 16384}]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_extension_runs_its_kernel():
+    from aunn_fast import cpp_build
+
+    reason = cpp_build.cuda_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"CUDA extension unavailable: {reason}")
+    x = torch.randn(1000, device="cuda")
+    torch.testing.assert_close(ops.cuda_scale(x, 2.5), 2.5 * x)
