@@ -9,8 +9,11 @@ setup(
     python_requires=">=3.10",
     # kernels/ and bench/ live at the top of the repository but install under aunn_fast,
     # so no generic top-level `kernels` module lands in site-packages.
-    packages=["aunn_fast", "aunn_fast.kernels", "aunn_fast.bench"],
-    package_dir={"aunn_fast": "aunn_fast", "aunn_fast.kernels": "kernels", "aunn_fast.bench": "bench"},
+    packages=["aunn_fast", "aunn_fast.kernels", "aunn_fast.bench", "aunn_fast.csrc"],
+    package_dir={"aunn_fast": "aunn_fast", "aunn_fast.kernels": "kernels", "aunn_fast.bench": "bench",
+                 "aunn_fast.csrc": "csrc"},
+    # the C++ extension's sources, compiled just in time on first use (aunn_fast/cpp_build.py, docs/cpp.md)
+    package_data={"aunn_fast.csrc": ["cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp"]},
     install_requires=[
         "torch>=2.8",  # torch.library.triton_op; torch.mm(out_dtype=) for bf16 GEMMs with fp32 results
         "numpy",
