@@ -17,11 +17,9 @@
 namespace aunn_cpu {
 namespace {
 
-// Rows per block: 48 (eight 6-row tiles) while a block's stored activations stay within ~1 MB.
-int64_t block_rows(int64_t hp, int64_t layers) {
-  const int64_t per_row = 4 * (3 * hp + 1) * layers;
-  return std::clamp<int64_t>((int64_t{1} << 20) / per_row / kTileRows * kTileRows, kTileRows, 48);
-}
+// Rows per block: eight 6-row tiles. The block's activations stay in L2 up to H = 128; wider layers keep
+// 48 rows too, as fewer would read each layer's weights (and write its weight gradient) more often per row.
+constexpr int64_t kBlockRows = 48;
 
 void pad_rows(const float* src, int64_t rows, int64_t cols, float* dst, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ld, src + r * cols, cols * sizeof(float));
@@ -36,7 +34,7 @@ void transpose_into(const float* src, int64_t rows, int64_t cols, int64_t src_ld
 // Per-block buffers of one thread.
 struct Workspace {
   int64_t rows, hp, vp, layers;  // layers: the input layer and the hidden ones
-  std::vector<float> z, sig, h, rstd, logits, dh, dz, dzt, dlt, pending;
+  std::vector<float> z, sig, h, rstd, logits, dh, dz, pending;
   Workspace(const Packed& p, int64_t rows_, bool backward)
       : rows(rows_), hp(p.hp), vp(p.vp), layers(p.shape.hidden_layers + 1),
         z(layers * rows * hp), sig(layers * rows * hp), h(layers * rows * hp), rstd(layers * rows),
@@ -44,8 +42,6 @@ struct Workspace {
     if (backward) {
       dh.resize(rows * hp);
       dz.resize(rows * hp);
-      dzt.resize(hp * rows);
-      dlt.resize(vp * rows);
       pending.resize(rows * hp);
     }
   }
@@ -94,29 +90,29 @@ void forward_block(const Packed& p, const int64_t* idx, int64_t nb, Workspace& w
   const Shape& s = p.shape;
   const int64_t hp = p.hp;
   float* z0 = w.z_of(0);
-  broadcast_rows(p.in_b.data(), nb, hp, z0);
   const uint64_t mask = bit_mask(s.bits);
+  constexpr int64_t chunk = 4 * kVectorFloats;  // four vectors of sums held in registers over the set bits
   for (int64_t r = 0; r < nb; ++r) {
-    float* zr = z0 + r * hp;
-    for (uint64_t u = static_cast<uint64_t>(idx[r]) & mask; u != 0; u &= u - 1) {
-      const float* col = p.in_wt.data() + __builtin_ctzll(u) * hp;
-#pragma omp simd
-      for (int64_t c = 0; c < hp; ++c) zr[c] += col[c];
-    }
+    const uint64_t bits = static_cast<uint64_t>(idx[r]) & mask;
+    int64_t c = 0;
+    for (; c + chunk <= hp; c += chunk)
+      sum_rows_of_bits<4>(p.in_b.data() + c, p.in_wt.data() + c, hp, bits, z0 + r * hp + c);
+    for (; c < hp; c += kVectorFloats)
+      sum_rows_of_bits<1>(p.in_b.data() + c, p.in_wt.data() + c, hp, bits, z0 + r * hp + c);
   }
   activate(p, p.in_g.data(), nullptr, nb, z0, w.sig_of(0), w.h_of(0), w.rstd_of(0));
   const float* res = w.h_of(0);
   for (int64_t l = 0; l < s.hidden_layers; ++l) {
     float* z = w.z_of(l + 1);
     broadcast_rows(p.hb.data() + l * hp, nb, hp, z);
-    matmul_add(w.h_of(l), hp, p.wt.data() + l * hp * hp, hp, z, hp, nb, s.hidden, hp);
+    matmul_add(w.h_of(l), hp, 1, p.wt.data() + l * hp * hp, hp, z, hp, nb, s.hidden, hp);
     const bool residual = adds_residual(s, l);
     activate(p, p.hg.data() + l * hp, residual ? res : nullptr, nb, z, w.sig_of(l + 1), w.h_of(l + 1),
              w.rstd_of(l + 1));
     if (residual) res = w.h_of(l + 1);
   }
   broadcast_rows(p.ob.data(), nb, p.vp, w.logits.data());
-  matmul_add(w.h_of(s.hidden_layers), hp, p.out_wt.data(), p.vp, w.logits.data(), p.vp, nb, s.hidden, p.vp);
+  matmul_add(w.h_of(s.hidden_layers), hp, 1, p.out_wt.data(), p.vp, w.logits.data(), p.vp, nb, s.hidden, p.vp);
 }
 
 // log(sum(exp(row))) over the first v entries.
@@ -191,7 +187,7 @@ void add_column_sums(const float* x, int64_t nb, int64_t width, float* sums) {
   }
 }
 
-// dL/dlogits of the block, row-major into `dl` ([nb][Vp], reusing the logits buffer) and transposed into dlt.
+// dL/dlogits of the block, row-major in place of its logits ([nb][Vp]).
 void head_gradient(const Packed& p, const Job& job, int64_t r0, int64_t nb, Workspace& w) {
   const int64_t v = p.shape.vocab, vp = p.vp;
   for (int64_t r = 0; r < nb; ++r) {
@@ -206,18 +202,17 @@ void head_gradient(const Packed& p, const Job& job, int64_t r0, int64_t nb, Work
     }
     std::fill(row + v, row + vp, 0.0f);
   }
-  transpose_into(w.logits.data(), nb, vp, vp, w.dlt.data(), w.rows);
 }
 
 void backward_block(const Packed& p, const Job& job, int64_t r0, int64_t nb, Workspace& w, const GradLayout& g,
                     float* grads) {
   const Shape& s = p.shape;
-  const int64_t hp = p.hp, rows = w.rows, last = s.hidden_layers;
+  const int64_t hp = p.hp, last = s.hidden_layers;
   head_gradient(p, job, r0, nb, w);
   add_column_sums(w.logits.data(), nb, p.vp, grads + g.ob);
-  matmul_add(w.dlt.data(), rows, w.h_of(last), hp, grads + g.out_w, hp, s.vocab, nb, hp);
+  matmul_add(w.logits.data(), 1, p.vp, w.h_of(last), hp, grads + g.out_w, hp, s.vocab, nb, hp);  // dl^T @ h
   std::fill(w.dh.begin(), w.dh.end(), 0.0f);
-  matmul_add(w.logits.data(), p.vp, p.out_w.data(), hp, w.dh.data(), hp, nb, s.vocab, hp);
+  matmul_add(w.logits.data(), p.vp, 1, p.out_w.data(), hp, w.dh.data(), hp, nb, s.vocab, hp);
 
   std::fill(w.pending.begin(), w.pending.end(), 0.0f);  // dL/d(the running residual), not yet added
   float* dh = w.dh.data();
@@ -232,10 +227,9 @@ void backward_block(const Packed& p, const Job& job, int64_t r0, int64_t nb, Wor
     norm_backward(p, p.hg.data() + l * hp, w.z_of(l + 1), w.sig_of(l + 1), w.rstd_of(l + 1), dh, nb, w.dz.data(),
                   grads + g.hg + l * hp);
     add_column_sums(w.dz.data(), nb, hp, grads + g.hb + l * hp);
-    transpose_into(w.dz.data(), nb, hp, hp, w.dzt.data(), rows);
-    matmul_add(w.dzt.data(), rows, w.h_of(l), hp, grads + g.w + l * hp * hp, hp, s.hidden, nb, hp);
+    matmul_add(w.dz.data(), 1, hp, w.h_of(l), hp, grads + g.w + l * hp * hp, hp, s.hidden, nb, hp);  // dz^T @ h
     std::fill(w.dh.begin(), w.dh.end(), 0.0f);
-    matmul_add(w.dz.data(), hp, p.w.data() + l * hp * hp, hp, dh, hp, nb, s.hidden, hp);
+    matmul_add(w.dz.data(), hp, 1, p.w.data() + l * hp * hp, hp, dh, hp, nb, s.hidden, hp);
   }
   for (int64_t i = 0; i < nb * hp; ++i) dh[i] += pending[i];
   norm_backward(p, p.in_g.data(), w.z_of(0), w.sig_of(0), w.rstd_of(0), dh, nb, w.dz.data(), grads + g.in_g);
@@ -290,7 +284,7 @@ GradLayout::GradLayout(const Packed& p) {
 }
 
 std::vector<float> run(const Packed& packed, const Job& job) {
-  const int64_t rows = block_rows(packed.hp, packed.shape.hidden_layers + 1);
+  const int64_t rows = kBlockRows;
   const int64_t blocks = (job.n + rows - 1) / rows;
   const GradLayout layout(packed);
   std::vector<std::vector<float>> thread_grads(job.backward ? at::get_num_threads() : 0);

@@ -1,4 +1,5 @@
-// Register-blocked product C[R x M] += A[R x K] @ B[K x M] on float32, row-major with leading dimensions.
+// Register-blocked product C[R x M] += A[R x K] @ B[K x M] on float32: B and C row-major with leading
+// dimensions, A at any two strides (element (r, k) at a[r * a_rs + k * a_ks]), so that A may be a transposed view.
 //
 // Written with GCC/Clang vector extensions at the width the build targets (-march=native): 16 floats with
 // AVX-512, 8 with AVX2, 4 otherwise. M must be a multiple of that width (callers pad every dimension).
@@ -6,6 +7,7 @@
 // NV loads of B feed ROWS x NV fused multiply-adds.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace aunn_cpu {
@@ -65,7 +67,8 @@ inline float sum_lanes(VecF v) {
 inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
 template <int ROWS, int NV>
-inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t k_len) {
+inline void tile(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb, float* c, int64_t ldc,
+                 int64_t k_len) {
   VecF acc[ROWS][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r)
@@ -77,7 +80,7 @@ inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, float
     for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + v * kVectorFloats);
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
-      const float av = a[r * lda + k];
+      const float av = a[r * a_rs + k * a_ks];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
     }
@@ -88,31 +91,62 @@ inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, float
     for (int v = 0; v < NV; ++v) store(c + r * ldc + v * kVectorFloats, acc[r][v]);
 }
 
-template <int ROWS>
-inline void row_group(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
-                      int64_t k_len, int64_t m) {
-  constexpr int chunk = kTileVectors * kVectorFloats;
-  int64_t j = 0;
-  for (; j + chunk <= m; j += chunk) tile<ROWS, kTileVectors>(a, lda, b + j, ldb, c + j, ldc, k_len);
-  for (; j < m; j += kVectorFloats) tile<ROWS, 1>(a, lda, b + j, ldb, c + j, ldc, k_len);
-}
-
-// C[rows x m] += A[rows x k_len] @ B[k_len x m]; m a multiple of kVectorFloats.
-inline void matmul_add(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
-                       int64_t rows, int64_t k_len, int64_t m) {
+// C[rows x NV vectors] += A[rows x k_len] @ B[k_len x NV vectors], in tiles of kTileRows rows and a last one.
+template <int NV>
+inline void panel(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb, float* c, int64_t ldc,
+                  int64_t rows, int64_t k_len) {
   int64_t r = 0;
   for (; r + kTileRows <= rows; r += kTileRows)
-    row_group<kTileRows>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, k_len, m);
-  const float* a_tail = a + r * lda;
-  float* c_tail = c + r * ldc;
-  switch (rows - r) {  // the last rows, as one group
-    case 5: row_group<5>(a_tail, lda, b, ldb, c_tail, ldc, k_len, m); break;
-    case 4: row_group<4>(a_tail, lda, b, ldb, c_tail, ldc, k_len, m); break;
-    case 3: row_group<3>(a_tail, lda, b, ldb, c_tail, ldc, k_len, m); break;
-    case 2: row_group<2>(a_tail, lda, b, ldb, c_tail, ldc, k_len, m); break;
-    case 1: row_group<1>(a_tail, lda, b, ldb, c_tail, ldc, k_len, m); break;
+    tile<kTileRows, NV>(a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc, k_len);
+  a += r * a_rs;
+  c += r * ldc;
+  switch (rows - r) {
+    case 5: tile<5, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
+    case 4: tile<4, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
+    case 3: tile<3, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
+    case 2: tile<2, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
+    case 1: tile<1, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
     default: break;
   }
+}
+
+// Rows of B a panel takes at a time: a kBlockK x (kTileVectors vectors) panel of B stays in L1 while every row
+// tile of A passes over it (wide layers: a 512 x 512 weight is 1 MB, out of L1 and L2).
+constexpr int64_t kBlockK = 128;
+
+// C[rows x m] += A[rows x k_len] @ B[k_len x m], A's element (r, k) at a[r * a_rs + k * a_ks]; m a multiple of
+// kVectorFloats.
+inline void matmul_add(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb, float* c,
+                       int64_t ldc, int64_t rows, int64_t k_len, int64_t m) {
+  constexpr int64_t chunk = kTileVectors * kVectorFloats;
+  for (int64_t j = 0; j < m; j += chunk) {
+    for (int64_t k = 0; k < k_len; k += kBlockK) {
+      const int64_t k_block = std::min(kBlockK, k_len - k);
+      const float* ak = a + k * a_ks;
+      const float* bk = b + k * ldb + j;
+      if (j + chunk <= m) {
+        panel<kTileVectors>(ak, a_rs, a_ks, bk, ldb, c + j, ldc, rows, k_block);
+      } else {
+        for (int64_t v = 0; j + v < m; v += kVectorFloats)
+          panel<1>(ak, a_rs, a_ks, bk + v, ldb, c + j + v, ldc, rows, k_block);
+      }
+    }
+  }
+}
+
+// out[0 : NV vectors] = base + the sum of the rows `bit` of `rows` (ld floats apart) for every set bit.
+template <int NV>
+inline void sum_rows_of_bits(const float* base, const float* rows, int64_t ld, uint64_t bits, float* out) {
+  VecF acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = load(base + v * kVectorFloats);
+  for (; bits != 0; bits &= bits - 1) {
+    const float* row = rows + __builtin_ctzll(bits) * ld;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] += load(row + v * kVectorFloats);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) store(out + v * kVectorFloats, acc[v]);
 }
 
 }  // namespace aunn_cpu
