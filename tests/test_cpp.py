@@ -85,7 +85,8 @@ def check_against_reference(cfg: AUNNConfig, n: int, generator: torch.Generator,
     loss32, grads32 = run(params, True)
     loss64, grads64 = run(oracle_params, True)
     assert loss.dtype == torch.float32
-    assert_2x_rule("loss", loss, loss32, loss64, atol=LOSS_ATOL * max(n, 1) * (reduction != "mean"))
+    # LOSS_ATOL per row: one ulp of each row's float32 softmax sum (see test_triton_kernels)
+    assert_2x_rule("loss", loss, loss32, loss64, atol=LOSS_ATOL * (1 if reduction == "mean" else 2 * n))
     scale_of_sum = n if reduction == "sum" else 2 * n if reduction == "none" else 1
     scales = row_term_scales(idx, targets, oracle_params, cfg)
     for name, g, g32, g64, scale in zip(AUNNParams._fields, grads, grads32, grads64, scales):

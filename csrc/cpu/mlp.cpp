@@ -115,13 +115,22 @@ void forward_block(const Packed& p, const int64_t* idx, int64_t nb, Workspace& w
   matmul_add(w.h_of(s.hidden_layers), hp, 1, p.out_wt.data(), p.vp, w.logits.data(), p.vp, nb, s.hidden, p.vp);
 }
 
-// log(sum(exp(row))) over the first v entries.
-float log_sum_exp(const float* row, int64_t v) {
-  float top = row[0];
-  for (int64_t i = 1; i < v; ++i) top = std::max(top, row[i]);
-  float sum = 0.0f;
-  for (int64_t i = 0; i < v; ++i) sum += std::exp(row[i] - top);
-  return top + std::log(sum);
+// log(sum(exp(row))) over the first v entries, kept as max + log1p(the other entries' share) and never summed
+// into one float: row[i] - lse is then (row[i] - max) - log_rest, and a confident row's loss and its target's
+// gradient (p - 1) keep their digits instead of losing them to a rounding of lse (~2.4e-7 at lse ~ 2).
+struct LogSumExp {
+  float max, log_rest;
+  float minus(float x) const { return (x - max) - log_rest; }  // x - lse
+};
+
+LogSumExp log_sum_exp(const float* row, int64_t v) {
+  int64_t top = 0;
+  for (int64_t i = 1; i < v; ++i)
+    if (row[i] > row[top]) top = i;
+  float rest = 0.0f;
+  for (int64_t i = 0; i < v; ++i)
+    if (i != top) rest += std::exp(row[i] - row[top]);
+  return {row[top], std::log1p(rest)};
 }
 
 // torch.argmax's choice: the first maximum, a NaN counting as the largest value.
@@ -143,7 +152,7 @@ void write_outputs(const Packed& p, const Job& job, int64_t r0, int64_t nb, cons
         if (job.out_float) std::memcpy(job.out_float + (r0 + r) * v, row, v * sizeof(float));
         break;
       case Mode::kLoss:
-        if (job.out_float) job.out_float[r0 + r] = log_sum_exp(row, v) - row[job.targets[r0 + r]];
+        if (job.out_float) job.out_float[r0 + r] = -log_sum_exp(row, v).minus(row[job.targets[r0 + r]]);
         break;
       case Mode::kArgmax:
         job.out_index[r0 + r] = arg_max(row, v);
@@ -194,9 +203,11 @@ void head_gradient(const Packed& p, const Job& job, int64_t r0, int64_t nb, Work
     float* row = w.logits.data() + r * vp;
     if (job.mode == Mode::kLoss) {
       const float weight = job.grad[(r0 + r) * job.grad_stride];
-      const float lse = log_sum_exp(row, v);
-      for (int64_t i = 0; i < v; ++i) row[i] = weight * std::exp(row[i] - lse);
-      row[job.targets[r0 + r]] -= weight;
+      const LogSumExp lse = log_sum_exp(row, v);
+      const int64_t target = job.targets[r0 + r];
+      const float target_logit = row[target];
+      for (int64_t i = 0; i < v; ++i) row[i] = weight * std::exp(lse.minus(row[i]));
+      row[target] = weight * std::expm1(lse.minus(target_logit));  // p - 1 without the cancellation
     } else {
       std::memcpy(row, job.grad + (r0 + r) * v, v * sizeof(float));
     }
