@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         kernels, error = compile_file(source, args.arch, nvcc)
         if error is not None:
             failed = True
-            lines.append(f"| {source.name} | — | — | — | — | — | — | FAILED: {error.replace('|', '/')[:200]} |")
+            message = error.replace("|", "/")[:200]
+            lines.append(f"| {source.name} | — | — | — | — | — | — | FAILED: {message} |")
         for k in kernels:
             cells = [source.name, str(k["kernel"]), *(str(k[c]) for c in COLUMNS[2:7]), verdict(k)]
             lines.append("| " + " | ".join(cells) + " |")
