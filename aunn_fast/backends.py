@@ -4,7 +4,8 @@ Every backend takes flat, validated int64 indices [N] (and int64 targets [N]) pl
 the float32 parameters, and returns float32 logits [N, V], the loss (its last argument,
 ``reduction``: "mean" or "sum", a scalar; "none", [N]), or int64 predictions [N].
 ``reference`` always exists; ``compile`` is the reference under ``torch.compile``;
-``triton`` is the fused kernel path (``aunn_fast.kernels``).
+``triton`` is the fused kernel path (``aunn_fast.kernels``); ``cpp`` the fused CPU path of the
+optional C++ extension (``aunn_fast.cpp_backend``, fp32), built on first use where a compiler exists.
 """
 from __future__ import annotations
 
@@ -80,6 +81,27 @@ def _triton_op(op: str) -> Callable[..., torch.Tensor]:
     return run
 
 
+def _cpp_module():  # type: ignore[no-untyped-def]
+    from . import cpp_backend
+
+    return cpp_backend
+
+
+def _cpp_unavailable(device: torch.device) -> str | None:
+    return _cpp_module().unavailable_reason(device)
+
+
+def _cpp_check_settings() -> None:
+    _cpp_module().check_settings()
+
+
+def _cpp_op(op: str) -> Callable[..., torch.Tensor]:
+    def run(*args: object, **kwargs: object) -> torch.Tensor:
+        return getattr(_cpp_module(), op)(*args, **kwargs)
+
+    return run
+
+
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", reference.logits, reference.loss, reference.predict,
                          PRECISIONS, _always_available),
@@ -87,6 +109,8 @@ BACKENDS: dict[str, Backend] = {
                        _compiled(reference.predict), PRECISIONS, _compile_unavailable),
     "triton": Backend("triton", _triton_op("logits"), _triton_op("loss"), _triton_op("predict"),
                       PRECISIONS, _triton_unavailable, _triton_check_settings),
+    "cpp": Backend("cpp", _cpp_op("logits"), _cpp_op("loss"), _cpp_op("predict"), ("fp32",),
+                   _cpp_unavailable, _cpp_check_settings),
 }
 
 
@@ -115,12 +139,15 @@ def check_precision_name(name: str) -> str:
     return _check_name("precision", name, PRECISIONS)
 
 
-def resolve_backend(name: str, device: torch.device | str) -> Backend:
-    """The backend called ``name`` for tensors on ``device``; "auto" picks the fastest usable one."""
+def resolve_backend(name: str, device: torch.device | str, precision: str = "auto") -> Backend:
+    """The backend called ``name`` for tensors on ``device``; "auto" picks the fastest usable one that offers
+    ``precision`` (triton on CUDA, cpp on the CPU for fp32, else reference)."""
     device = torch.device(device)
     if check_backend_name(name) == "auto":
-        if device.type == "cuda" and BACKENDS["triton"].unavailable_reason(device) is None:
-            return BACKENDS["triton"]
+        fast = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+        if fast is not None and (precision == "auto" or precision in BACKENDS[fast].precisions) \
+                and BACKENDS[fast].unavailable_reason(device) is None:
+            return BACKENDS[fast]
         return BACKENDS["reference"]
     reason = BACKENDS[name].unavailable_reason(device)
     if reason is not None:

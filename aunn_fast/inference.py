@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from .cpp_backend import OneCallStep
 from .cuda_graph import GraphedTrainStep
 from .errors import UserInputError, UserTypeError
 from .model import AUNN
@@ -100,7 +101,11 @@ def optimizer_step(model: AUNN, optimizer: str, lr: float, batch: int, total_ste
                    ) -> Callable[[torch.Tensor, torch.Tensor], object]:
     """``step(idx, targets)``: one step of a fresh optimizer on ``batch`` indices and their targets, run
     ``total_steps`` times in all: replayed from one captured CUDA graph where that is GRAPH_MIN_STEPS or more
-    on CUDA (its steps check no input: the caller does), else eager."""
+    on CUDA, one C++ call per step with the cpp backend (their steps check no input: the caller does), else
+    eager."""
+    if model.active_backend().name == "cpp":
+        make_optimizer(model, optimizer, lr)  # the same errors for a bad name or learning rate
+        return OneCallStep(model, optimizer, lr)
     graphed = model.device.type == "cuda" and batch > 0 and total_steps >= GRAPH_MIN_STEPS
     opt = make_optimizer(model, optimizer, lr, capturable=graphed)
     if graphed:

@@ -25,8 +25,8 @@ REDUCTIONS = ("mean", "sum", "none")
 class AUNN(nn.Module):
     """An MLP that predicts the token at an absolute index from the index alone.
 
-    ``backend``: "auto" (triton on CUDA when available, else reference), "reference",
-    "compile" or "triton". ``precision``: "auto" (bf16 on CUDA, fp32 on CPU), "fp32",
+    ``backend``: "auto" (triton on CUDA, cpp on the CPU in fp32, where available; else
+    reference), "reference", "compile", "triton" or "cpp". ``precision``: "auto" (bf16 on CUDA, fp32 on CPU), "fp32",
     "tf32" or "bf16". Both can be changed later as attributes; an unknown name raises
     ValueError at once, an unavailable backend at the first call. ``validate`` (default
     True) checks index and target ranges before every call; turning it off skips a
@@ -58,7 +58,7 @@ class AUNN(nn.Module):
     # -- configuration -------------------------------------------------------------
     @property
     def backend(self) -> str:
-        """The backend asked for: "auto", "reference", "compile" or "triton"; checked on assignment."""
+        """The backend asked for: "auto", "reference", "compile", "triton" or "cpp"; checked on assignment."""
         return self._backend
 
     @backend.setter
@@ -86,7 +86,7 @@ class AUNN(nn.Module):
 
     def active_backend(self) -> Backend:
         """The backend a call runs now ("auto" resolved); RuntimeError if it is unavailable on this device."""
-        return resolve_backend(self.backend, self.device)
+        return resolve_backend(self.backend, self.device, self.precision)
 
     def active_precision(self) -> str:
         """The precision a call runs now: "fp32", "tf32" or "bf16" ("auto" resolved for this device)."""

@@ -19,6 +19,7 @@ FMAs in rows "fp32 ieee").
 ``--tiles`` overrides fields of every ``choose_tiles`` answer (``KernelOptions.tiles``, as
 kernel_variants' candidates do), to see a candidate's registers and spills before timing it.
 Runs without TRITON_INTERPRET (it re-executes itself with the variable removed).
+``--cuda`` compiles the C++ extension's CUDA kernels (csrc/cuda) with nvcc instead (bench/cuda_compile_check.py).
 Exit status 0 when everything compiled, 1 otherwise.
 """
 from __future__ import annotations
@@ -212,6 +213,10 @@ def _tile_overrides(text: str) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else list(argv)
+    if "--cuda" in given:  # the C++ extension's CUDA kernels instead: see cuda_compile_check
+        from .cuda_compile_check import main as cuda_main
+        return cuda_main([a for a in given if a != "--cuda"])
     parser = argparse.ArgumentParser(prog="compile_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", type=names_from(CONFIGS, "configuration(s)"), default="seed,bytes,notebook",
                         help=f"comma-separated, from {', '.join(CONFIGS)} (default seed,bytes,notebook)")

@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import ceilings
+from . import ceilings, cpu_ceiling
 from .checks import TOLERANCES
 from .configs import Case
 from .harness import Row
@@ -43,7 +43,7 @@ def _num(value: float | None, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
-def _cells(row: Row, with_projection: bool, with_ceilings: bool) -> list[str]:
+def _cells(row: Row, with_projection: bool, with_ceilings: bool, with_cpu_ceiling: bool = False) -> list[str]:
     head = [row["config"], f"{row['batch']:,}", row["provider"], row["precision"]]
     err = _num(row["max_rel_err"], ".1e")
     if row["error"]:
@@ -60,6 +60,8 @@ def _cells(row: Row, with_projection: bool, with_ceilings: bool) -> list[str]:
     if with_ceilings:
         cells += [_num(row["sfu_share"] and 100 * row["sfu_share"], ".2f"),
                   _num(row["tensor_core_share"] and 100 * row["tensor_core_share"], ".2f")]
+    if with_cpu_ceiling:
+        cells.append(_num(row.get("matmul_share") and 100 * row["matmul_share"], ".1f"))
     return cells
 
 
@@ -71,7 +73,7 @@ def _skipped_lines(rows: list[Row]) -> list[str]:
     return [f"- skipped **{provider}**: {reason} ({'; '.join(cells)})" for (provider, reason), cells in grouped.items()]
 
 
-def workload_table(workload: str, rows: list[Row], with_ceilings: bool) -> list[str]:
+def workload_table(workload: str, rows: list[Row], with_ceilings: bool, with_cpu_ceiling: bool = False) -> list[str]:
     """Markdown lines: a heading, one table of the rows that ran, then the skipped ones."""
     ran = [r for r in rows if not r["skipped"]]
     projection = WORKLOADS[workload].stretch
@@ -81,16 +83,19 @@ def workload_table(workload: str, rows: list[Row], with_ceilings: bool) -> list[
         header.append(f"projected s ({SEED_RUN_STEPS:,} steps)")
     if with_ceilings:
         header += ["% SFU ceiling", "% tensor-core ceiling"]
+    if with_cpu_ceiling:
+        header.append("% CPU matmul ceiling")
     lines = [f"## {workload}: {WORKLOADS[workload].description}", ""]
     if ran:
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(_cells(r, projection, with_ceilings)) + " |" for r in ran]
+        lines += ["| " + " | ".join(_cells(r, projection, with_ceilings, with_cpu_ceiling)) + " |" for r in ran]
     lines += [""] + _skipped_lines([r for r in rows if r["skipped"]])
     return lines + [""]
 
 
 def write_markdown(path: Path, meta: dict[str, Any], rows: list[Row]) -> None:
     with_ceilings = any(r.get("sfu_share") is not None for r in rows)
+    with_cpu_ceiling = "cpu_ceiling" in meta
     tolerances = ", ".join(f"{p} {t:g}" for p, t in meta["tolerances"].items())
     lines = [
         "# AUNN benchmark",
@@ -106,8 +111,10 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[Row]) -> None:
         f"- ratios: {meta['baselines']}",
         f"- timing: {meta['timing']}; first call s = the untimed first call (torch.compile / JIT time included)",
         f"- ceilings: {ceilings.summary(meta['ceilings'])}",
+        *([f"- CPU ceiling: {cpu_ceiling.summary(meta['cpu_ceiling'])}"] if with_cpu_ceiling else []),
         "",
     ]
     for workload in meta["workloads"]:
-        lines += workload_table(workload, [r for r in rows if r["workload"] == workload], with_ceilings)
+        lines += workload_table(workload, [r for r in rows if r["workload"] == workload], with_ceilings,
+                                with_cpu_ceiling)
     path.write_text("\n".join(lines))

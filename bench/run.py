@@ -17,7 +17,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from aunn_fast.backends import BACKENDS  # noqa: E402
-from aunn_fast.bench import ceilings, environment, harness, plots, report  # noqa: E402
+from aunn_fast.bench import ceilings, cpu_ceiling, environment, harness, plots, report  # noqa: E402
 from aunn_fast.bench.configs import CONFIGS, build_plan  # noqa: E402
 from aunn_fast.bench.options import names_from, out_dir, parse_sizes  # noqa: E402
 from aunn_fast.bench.workloads import WORKLOADS  # noqa: E402
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     env = environment.describe(device)
     configs = {case.config_name: case.cfg for case in cases}
     defined = ceilings.applies_to(device.type, env["device"])
+    cpu_rates = cpu_ceiling.measure() if device.type == "cpu" else None
     used_argv = sys.argv[1:] if argv is None else list(argv)
 
     def save(rows: list[harness.Row], complete: bool) -> None:
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         ceilings.add_shares(rows, configs, defined)
         meta = report.build_meta(env, cases, args.quick, used_argv, time.perf_counter() - start,
                                  ceilings.describe(configs) if defined else ceilings.NO_CEILING, complete)
+        if cpu_rates is not None:
+            cpu_ceiling.add_shares(rows, configs, cpu_rates)
+            meta["cpu_ceiling"] = cpu_rates
         report.write_json(out / "results.json", meta, rows)
         report.write_markdown(out / "results.md", meta, rows)
 

@@ -18,10 +18,12 @@ import torch
 
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.cuda_graph import GraphedTrainStep
+from aunn_fast.inference import optimizer_step
 from aunn_fast.train import TrainConfig
 from aunn_fast.train import make_optimizer as make_train_optimizer
 
 MAX_INPUT_SETS = 4
+CONDITION_LR = 1e-2  # SGD's, for the conditioning workloads
 INPUT_BYTES_BUDGET = 1 << 30  # all rotated index + target sets together
 
 # The seed's run: 100,000 chunks of 4 indices, batch 2048, 500 epochs.
@@ -103,7 +105,7 @@ def benchmark_optimizer(model: AUNN, kind: str) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA) for training, plain SGD for conditioning on a prompt."""
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=model.device.type == "cuda")
-    return torch.optim.SGD(model.parameters(), lr=1e-2)
+    return torch.optim.SGD(model.parameters(), lr=CONDITION_LR)
 
 
 def _training_call(model: AUNN, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -138,7 +140,9 @@ def _prepare_train_graph(model: AUNN, batch: int, generator: torch.Generator) ->
 
 
 def _prepare_condition(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
-    return _rotating(model, batch, generator, _training_call(model, benchmark_optimizer(model, "sgd")))
+    """The conditioning step as `aunn condition` runs it below inference.GRAPH_MIN_STEPS steps: eager, or one
+    C++ call with the cpp backend."""
+    return _rotating(model, batch, generator, optimizer_step(model, "sgd", CONDITION_LR, batch, total_steps=1))
 
 
 def _prepare_condition_graph(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:

@@ -174,7 +174,7 @@ def test_seed_state_dict_round_trip(model, generator):
     sd = model.to_seed_state_dict()
     assert set(sd) >= {"input_layer.0.weight", "input_layer.0.bias", "input_layer.2.weight",
                        "layers.2.0.weight", "layers.2.2.weight", "output_layer.weight", "output_layer.bias"}
-    rebuilt = AUNN.from_seed_state_dict(sd, residual_every=1, backend="reference")
+    rebuilt = AUNN.from_seed_state_dict(sd, residual_every=1, backend=model.backend)
     assert rebuilt.cfg == model.cfg
     idx = random_indices(10, 33, generator)
     assert torch.equal(rebuilt(idx), model(idx))

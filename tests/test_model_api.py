@@ -52,7 +52,8 @@ def test_defaults_are_the_seed_model():
     assert model.cfg == AUNNConfig(vocab_size=4, hidden=64, layers=8, bits=64, eps=None, residual_every=2)
     assert model.hidden_weight.shape == (6, 64, 64)
     assert torch.equal(model.in_gain, torch.ones(64)) and torch.equal(model.hidden_bias, torch.zeros(6, 64))
-    assert model.active_backend().name == "reference" and model.active_precision() == "fp32"  # CPU
+    cpu_default = "cpp" if backends.BACKENDS["cpp"].unavailable_reason(torch.device("cpu")) is None else "reference"
+    assert model.active_backend().name == cpu_default and model.active_precision() == "fp32"  # CPU
 
 
 def test_init_is_kaiming_normal_fan_in():
@@ -280,7 +281,7 @@ def test_auto_backend_on_cuda_is_triton_where_usable(monkeypatch, triton_reason,
     triton = dataclasses.replace(backends.BACKENDS["triton"], unavailable_reason=lambda device: triton_reason)
     monkeypatch.setitem(backends.BACKENDS, "triton", triton)
     assert backends.resolve_backend("auto", "cuda").name == expected
-    assert backends.resolve_backend("auto", "cpu").name == "reference"
+    assert backends.resolve_backend("auto", "cpu", "bf16").name == "reference"  # cpp: see test_cpp.py
 
 
 def test_precision_must_be_one_the_backend_offers():

@@ -1,0 +1,198 @@
+"""The ``cpp`` backend: the fused CPU AUNN of the C++ extension (``csrc/cpu``), float32.
+
+Operators (``torch.ops.aunn_fast``, defined in ``csrc/cpu/ops.cpp``; idx, targets int64 [N], the eight float32
+parameters P of :class:`AUNNParams`, then ``residual_every``, ``eps``):
+
+    cpp_logits(idx, *P)                          -> float32 [N, V]
+    cpp_argmax(idx, *P)                          -> int64 [N]
+    cpp_loss(idx, targets, *P, with_grads)       -> (row losses float32 [N], the 8 gradients of their sum or [])
+    cpp_loss_backward(grad [N], unit_grads, idx, targets, *P)  -> the 8 gradients
+    cpp_logits_backward(grad [N, V], idx, *P)    -> the 8 gradients
+    cpp_train_step(idx, targets, params!, grads!, exp_avg!, exp_avg_sq!, step, lr, beta1, beta2, adam_eps, ...)
+                                                 -> mean loss; grads: the gradients the update used
+
+This module registers their fake implementations and autograd formulas, and offers the backend's
+``logits`` / ``loss`` / ``predict`` and :class:`OneCallStep` (a whole optimizer step in one C++ call).
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor
+
+from . import cpp_build
+from .config import AUNNConfig
+from .params import AUNNParams
+
+SUPPORTED_PRECISIONS = ("fp32",)
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as inference.make_optimizer uses them
+ADAM_EPS = 1e-8
+
+_registered: dict[str, bool] = {}  # "done": the fake and autograd parts are registered
+_register_lock = threading.Lock()
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None when the backend runs on ``device`` (building the extension on first use), else why not."""
+    if torch.device(device).type != "cpu":
+        return "the cpp backend runs on the CPU only"
+    reason = cpp_build.unavailable_reason()
+    if reason is None:
+        _register_python_parts()
+    return reason
+
+
+def check_settings() -> None:
+    """ValueError for a bad AUNN_FAST_CPP value."""
+    cpp_build.check_setting()
+
+
+# ----------------------------------------------------------------------------- fake tensors and autograd
+
+
+def _fake_logits(idx, in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
+                 residual_every, eps):
+    return idx.new_empty((idx.shape[0], out_weight.shape[0]), dtype=torch.float32)
+
+
+def _fake_argmax(idx, *params_and_settings):
+    return idx.new_empty((idx.shape[0],))
+
+
+def _fake_loss(idx, targets, *rest):
+    params, with_grads = rest[:8], rest[-1]
+    grads = [torch.empty_like(p) for p in params] if with_grads else []
+    return idx.new_empty((idx.shape[0],), dtype=torch.float32), grads
+
+
+def _fake_loss_backward(grad, unit_grads, idx, targets, *rest):
+    return [torch.empty_like(p) for p in rest[:8]]
+
+
+def _fake_logits_backward(grad, idx, *rest):
+    return [torch.empty_like(p) for p in rest[:8]]
+
+
+def _fake_train_step(idx, targets, params, grads, exp_avg, exp_avg_sq, *settings):
+    return idx.new_empty((), dtype=torch.float32)
+
+
+def _logits_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:9])
+    ctx.settings = inputs[9:]
+
+
+def _logits_backward(ctx, grad):
+    idx, *params = ctx.saved_tensors
+    grads = torch.ops.aunn_fast.cpp_logits_backward(grad, idx, *params, *ctx.settings)
+    return (None, *grads, None, None)
+
+
+def _loss_setup(ctx, inputs, output) -> None:
+    rows, unit_grads = output
+    ctx.mark_non_differentiable(*unit_grads)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs[:10], *unit_grads)
+    ctx.settings = inputs[10:12]
+
+
+def _loss_backward(ctx, grad_rows, grad_unit_grads):
+    idx, targets, *rest = ctx.saved_tensors
+    params, unit_grads = rest[:8], rest[8:]
+    if grad_rows is None:
+        return (None,) * 13
+    grads = torch.ops.aunn_fast.cpp_loss_backward(grad_rows, unit_grads, idx, targets, *params, *ctx.settings)
+    return (None, None, *grads, None, None, None)
+
+
+def _register_python_parts() -> None:
+    """Fake implementations and autograd formulas, once, after the extension defined the operators."""
+    if "done" in _registered:
+        return
+    with _register_lock:
+        if "done" in _registered:
+            return
+        lib = torch.library
+        lib.register_fake("aunn_fast::cpp_logits", _fake_logits)
+        lib.register_fake("aunn_fast::cpp_argmax", _fake_argmax)
+        lib.register_fake("aunn_fast::cpp_loss", _fake_loss)
+        lib.register_fake("aunn_fast::cpp_loss_backward", _fake_loss_backward)
+        lib.register_fake("aunn_fast::cpp_logits_backward", _fake_logits_backward)
+        lib.register_fake("aunn_fast::cpp_train_step", _fake_train_step)
+        lib.register_autograd("aunn_fast::cpp_logits", _logits_backward, setup_context=_logits_setup)
+        lib.register_autograd("aunn_fast::cpp_loss", _loss_backward, setup_context=_loss_setup)
+        _registered["done"] = True
+
+
+# ----------------------------------------------------------------------------- the backend's ops
+
+
+def _operands(params: AUNNParams, cfg: AUNNConfig, precision: str) -> tuple[list[Tensor], int, float]:
+    if precision not in SUPPORTED_PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not yet supported by the cpp backend (fp32 only); use "
+                         "backend='reference' or 'compile' for an emulated tf32/bf16")
+    wrong = {name: p.dtype for name, p in zip(AUNNParams._fields, params) if p.dtype != torch.float32}
+    if wrong:
+        raise TypeError(f"the cpp backend takes float32 parameters, got "
+                        f"{', '.join(f'{n} {d}' for n, d in wrong.items())}")
+    return [p.contiguous() for p in params], cfg.residual_every, cfg.norm_eps
+
+
+def logits(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> Tensor:
+    """float32 logits [N, V] of int64 indices [N]; differentiable w.r.t. every parameter."""
+    p, every, eps = _operands(params, cfg, precision)
+    return torch.ops.aunn_fast.cpp_logits(idx, *p, every, eps)
+
+
+def loss(idx: Tensor, targets: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str,
+         reduction: str = "mean") -> Tensor:
+    """Cross-entropy, float32, logits never stored: "mean" / "sum" (scalars) or "none" ([N]). Where autograd
+    will need them, the gradients of the rows' sum are computed in the same pass; a backward whose upstream
+    gradient is the same for every row ("mean", "sum") only scales them."""
+    p, every, eps = _operands(params, cfg, precision)
+    with_grads = torch.is_grad_enabled() and any(t.requires_grad for t in p)
+    rows, _ = torch.ops.aunn_fast.cpp_loss(idx, targets, *p, every, eps, with_grads)
+    if reduction == "none":
+        return rows
+    if reduction == "sum" or idx.shape[0] == 0:
+        return rows.sum()
+    return rows.mean()
+
+
+def predict(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> Tensor:
+    """int64 [N] argmax of the logits (first maximum on ties); no gradient."""
+    p, every, eps = _operands(params, cfg, precision)
+    with torch.no_grad():
+        return torch.ops.aunn_fast.cpp_argmax(idx, *p, every, eps)
+
+
+class OneCallStep:
+    """``step(idx, targets)``: one step of a fresh Adam (torch.optim.Adam's defaults) or SGD on the mean loss,
+    forward, backward and update in one C++ call, the parameters updated in place and their ``.grad`` set to
+    the step's gradients (as an eager step leaves them). No input checks (the caller validates once)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: str, lr: float) -> None:
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose from adam, sgd")
+        self.params = [getattr(model, name) for name in AUNNParams._fields]
+        if any(p.dtype != torch.float32 or not p.is_contiguous() for p in self.params):
+            raise TypeError("the cpp backend's step takes contiguous float32 parameters")
+        adam = optimizer == "adam"
+        self.exp_avg = [torch.zeros_like(p) for p in self.params] if adam else []
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params] if adam else []
+        self.grads = [torch.zeros_like(p) for p in self.params]
+        self.lr = float(lr)
+        self.steps = 0
+        self.settings = (model.cfg.residual_every, model.cfg.norm_eps)
+
+    @torch.no_grad()
+    def __call__(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """The mean loss before the step, float32 scalar."""
+        self.steps += 1
+        loss = torch.ops.aunn_fast.cpp_train_step(idx, targets, self.params, self.grads, self.exp_avg,
+                                                  self.exp_avg_sq, self.steps, self.lr, *ADAM_BETAS, ADAM_EPS,
+                                                  *self.settings)
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        return loss

@@ -1,0 +1,377 @@
+"""Tests of the cpp backend (the C++ extension's fused CPU AUNN) against the PyTorch reference.
+
+The accuracy criterion is the Triton kernels' "2x rule" (see tests/test_triton_kernels.py): per output, the
+error against the float64 oracle is at most twice the float32 reference's own plus a floor of ~100 float32
+ulps of the tensor's scale. Outputs are poisoned (every uninitialised tensor the operators allocate is NaN
+or the largest int64), so an unwritten element fails. Skipped, with the reason, where the extension cannot
+be built (no compiler, AUNN_FAST_CPP=0).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_triton_kernels import (
+    ATOL_REL,
+    GRAD_FLOOR_FP32,
+    LOSS_ATOL,
+    as_double,
+    assert_2x_rule,
+    grads_of,
+    row_term_scales,
+    with_grad,
+)
+
+from aunn_fast import AUNN, AUNNConfig, AUNNParams, reference
+from aunn_fast.backends import BACKENDS, resolve_backend
+from aunn_fast.params import init_params
+
+from helpers import check_compiled_model, random_indices, random_model
+
+CPU = torch.device("cpu")
+_REASON = BACKENDS["cpp"].unavailable_reason(CPU)
+needs_extension = pytest.mark.skipif(_REASON is not None, reason=f"cpp backend unavailable: {_REASON}")
+ops = torch.ops.aunn_fast
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    """Uninitialised memory filled with NaN (floats) / the largest value (integers): torch's deterministic mode."""
+    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old[0])
+    torch.utils.deterministic.fill_uninitialized_memory = old[1]
+
+
+def make_params(cfg: AUNNConfig, generator: torch.Generator) -> AUNNParams:
+    """Seed-model init with every tensor perturbed: non-trivial biases and gains."""
+    return AUNNParams(*[t + 0.3 * torch.randn(t.shape, generator=generator) for t in init_params(cfg, generator)])
+
+
+def make_indices(cfg: AUNNConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Valid indices over the model's whole range (at 64 bits, 0 .. 2**63 - 1), its largest included."""
+    return random_indices(n, cfg.bits, generator)
+
+
+def check_against_reference(cfg: AUNNConfig, n: int, generator: torch.Generator, reduction: str = "mean") -> None:
+    """logits, argmax, the loss (``reduction``) and all eight gradients of the cpp backend against the oracle."""
+    from aunn_fast import cpp_backend
+
+    params = make_params(cfg, generator)
+    idx = make_indices(cfg, n, generator)
+    targets = torch.randint(0, cfg.vocab_size, (n,), generator=generator)
+    oracle_params = as_double(params)
+
+    got = cpp_backend.logits(idx, params, cfg, "fp32")
+    oracle = reference.logits(idx, oracle_params, cfg)
+    assert_2x_rule("logits", got, reference.logits(idx, params, cfg), oracle)
+
+    pred = cpp_backend.predict(idx, params, cfg, "fp32")
+    assert pred.dtype == torch.int64 and pred.shape == (n,)
+    if n:  # the chosen token's oracle logit is within a few times the logits' error of the row's best
+        margin = 4 * (got.double() - oracle).abs().max().item() + 0.1 * ATOL_REL * oracle.abs().max().item()
+        assert (oracle.gather(1, pred[:, None])[:, 0] >= oracle.max(-1).values - margin).all()
+
+    def run(p, use_reference):
+        p = with_grad(p)
+        value = (reference.loss(idx, targets, p, cfg, reduction=reduction) if use_reference
+                 else cpp_backend.loss(idx, targets, p, cfg, "fp32", reduction))
+        if reduction == "none":  # a different weight per row: the backward's general path
+            value = (value * torch.linspace(-1.0, 2.0, n, dtype=value.dtype)).sum()
+        value.backward()
+        return value.detach(), grads_of(p)
+
+    loss, grads = run(params, False)
+    if n == 0:  # as the triton backend: the mean (and sum) of no rows is 0, with zero gradients
+        assert loss.item() == 0.0 and all((g == 0).all() for g in grads)
+        return
+    loss32, grads32 = run(params, True)
+    loss64, grads64 = run(oracle_params, True)
+    assert loss.dtype == torch.float32
+    # LOSS_ATOL per row: one ulp of each row's float32 softmax sum (see test_triton_kernels)
+    assert_2x_rule("loss", loss, loss32, loss64, atol=LOSS_ATOL * (1 if reduction == "mean" else 2 * n))
+    scale_of_sum = n if reduction == "sum" else 2 * n if reduction == "none" else 1
+    scales = row_term_scales(idx, targets, oracle_params, cfg)
+    for name, g, g32, g64, scale in zip(AUNNParams._fields, grads, grads32, grads64, scales):
+        assert_2x_rule(f"d {name}", g, g32, g64, atol_rel=GRAD_FLOOR_FP32, scale=scale * scale_of_sum)
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+FIXED_CASES = [
+    # hidden, layers, residual_every, bits, vocab, batch
+    (64, 8, 2, 64, 4, 300),     # the seed model, several 48-row blocks over the threads
+    (16, 2, 1, 64, 5, 37),      # no hidden layer
+    (17, 3, 1, 20, 2, 1),       # hidden not a multiple of the vector width, binary vocab, one row
+    (48, 5, 3, 64, 300, 97),    # residual_every 3, vocab padded, a short last block
+    (32, 12, 2, 1, 3, 50),      # a single bit, the deepest model
+    (16, 4, 5, 7, 7, 0),        # residual_every beyond the hidden layers; an empty batch
+    (16, 3, 1, 64, 3, 4097),    # the largest batch: 86 blocks and a 17-row one over the threads
+]
+
+
+@needs_extension
+@pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", FIXED_CASES)
+def test_against_reference(hidden, layers, residual_every, bits, vocab, batch, generator):
+    cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=residual_every)
+    check_against_reference(cfg, batch, generator)
+
+
+@needs_extension
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions_against_reference(reduction, generator):
+    cfg = AUNNConfig(vocab_size=11, hidden=32, layers=6, bits=64)
+    check_against_reference(cfg, 130, generator, reduction)
+
+
+@needs_extension
+@pytest.mark.parametrize("draw", range(3))
+def test_random_shapes(draw, generator):
+    """Shapes drawn at random: H 16-512, layers 2-12, vocab 2-300, bits 1-64, batch 0-4,097, the batch kept to
+    what the float64 oracle's per-row gradients (row_term_scales) can afford on two cores."""
+    def pick(low, high):
+        return int(torch.randint(low, high + 1, (), generator=generator))
+
+    hidden = int(2 ** (4 + 5 * torch.rand((), generator=generator).item()))  # 16..512, log-uniform
+    layers, vocab, bits, every = pick(2, 12), pick(2, 300), pick(1, 64), pick(1, 4)
+    budget = 1e7 // (hidden * (hidden * max(layers - 2, 1) + bits + vocab))
+    batch = min(pick(0, 4097), int(budget))
+    cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=every)
+    print(cfg, batch)
+    check_against_reference(cfg, batch, generator)
+
+
+@needs_extension
+def test_logits_gradient_against_reference(generator):
+    """The backward of the logits themselves (an arbitrary upstream gradient [N, V])."""
+    cfg = AUNNConfig(vocab_size=9, hidden=24, layers=5, bits=64, residual_every=2)
+    params, n = make_params(cfg, generator), 70
+    idx = make_indices(cfg, n, generator)
+    upstream = torch.randn(n, cfg.vocab_size, generator=generator)
+    from aunn_fast import cpp_backend
+
+    def run(p, fn):
+        p = with_grad(p)
+        (fn(p) * upstream.to(p[0].dtype)).sum().backward()
+        return grads_of(p)
+
+    got = run(params, lambda p: cpp_backend.logits(idx, p, cfg, "fp32"))
+    ref32 = run(params, lambda p: reference.logits(idx, p, cfg))
+    oracle = run(as_double(params), lambda p: reference.logits(idx, p, cfg))
+    for name, g, g32, g64 in zip(AUNNParams._fields, got, ref32, oracle):
+        assert_2x_rule(f"d {name}", g, g32, g64, atol_rel=GRAD_FLOOR_FP32)
+
+
+# ----------------------------------------------------------------------------- the one-call step
+
+
+@needs_extension
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_one_call_step_matches_torch_optim(optimizer, generator):
+    """Two steps of OneCallStep against autograd + torch.optim on the reference, in float32 and float64, by the
+    2x rule on each parameter's total change; its returned loss is the first step's."""
+    from aunn_fast import cpp_backend
+    from aunn_fast.inference import make_optimizer
+
+    cfg = AUNNConfig(vocab_size=5, hidden=32, layers=4, bits=64)
+    start = random_model(cfg, generator, backend="reference").state_dict()
+    idx = make_indices(cfg, 6, generator)
+    targets = torch.randint(0, 5, (6,), generator=generator)
+    lr = 1e-2 if optimizer == "sgd" else 1e-3
+
+    def torch_steps(dtype):
+        model = AUNN(cfg, backend="reference").to(dtype)
+        model.load_state_dict(start)
+        opt = make_optimizer(model, optimizer, lr)
+        for _ in range(2):
+            opt.zero_grad()
+            model.loss(idx, targets).backward()
+            opt.step()
+        return model
+
+    fast = AUNN(cfg, backend="cpp")
+    fast.load_state_dict(start)
+    step = cpp_backend.OneCallStep(fast, optimizer, lr)
+    first = step(idx, targets)
+    step(idx, targets)
+    start_params = AUNNParams(*(start[name] for name in AUNNParams._fields))
+    assert_2x_rule("first loss", first, reference.loss(idx, targets, start_params, cfg),
+                   reference.loss(idx, targets, as_double(start_params), cfg), atol=LOSS_ATOL)
+    ref32, ref64 = torch_steps(torch.float32), torch_steps(torch.float64)
+    # Adam's first steps move each weight by about lr * sign(gradient): a gradient within float32 noise of zero
+    # may go either way in any float32 computation, so Adam's floor is a tenth of the two steps' size
+    floor = 0.1 * 2 * lr if optimizer == "adam" else 0.0
+    for (name, p), q32, q64 in zip(fast.named_parameters(), ref32.parameters(), ref64.parameters()):
+        p0 = start[name]
+        assert_2x_rule(name, p.detach() - p0, q32.detach() - p0, q64.detach() - p0.double(), atol=floor)
+
+
+@needs_extension
+def test_condition_uses_one_call_steps(generator, monkeypatch):
+    """inference.condition on the CPU runs OneCallStep for the cpp backend, and lands where the reference does."""
+    from aunn_fast import cpp_backend, inference
+
+    calls = []
+    original = cpp_backend.OneCallStep.__call__
+    monkeypatch.setattr(cpp_backend.OneCallStep, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    cfg = AUNNConfig(vocab_size=4, hidden=16, layers=4, bits=64)
+    model = random_model(cfg, generator, backend="cpp")
+    ref = random_model(cfg, generator, backend="reference")
+    ref.load_state_dict(model.state_dict())
+    prompt = torch.tensor([1, 3, 0])
+    tuned = inference.condition(model, prompt, at=1000, steps=3)
+    tuned_ref = inference.condition(ref, prompt, at=1000, steps=3)
+    assert len(calls) == 3
+    for (name, a), b in zip(tuned.named_parameters(), tuned_ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------- registration, compile, dispatch
+
+
+@needs_extension
+def test_opcheck(generator):
+    cfg = AUNNConfig(vocab_size=6, hidden=16, layers=4, bits=64)
+    params = [p.requires_grad_() for p in make_params(cfg, generator)]
+    idx = make_indices(cfg, 9, generator)
+    targets = torch.randint(0, 6, (9,), generator=generator)
+    settings = (cfg.residual_every, cfg.norm_eps)
+    torch.library.opcheck(ops.cpp_logits, (idx, *params, *settings))
+    torch.library.opcheck(ops.cpp_loss, (idx, targets, *params, *settings, True))
+    torch.library.opcheck(ops.cpp_loss, (idx, targets, *params, *settings, False))
+    frozen = [p.detach() for p in params]
+    torch.library.opcheck(ops.cpp_argmax, (idx, *frozen, *settings))
+    torch.library.opcheck(ops.cpp_logits_backward, (torch.randn(9, 6, generator=generator), idx, *frozen,
+                                                    *settings))
+    unit = list(ops.cpp_loss(idx, targets, *frozen, *settings, True)[1])
+    torch.library.opcheck(ops.cpp_loss_backward, (torch.full((9,), 0.5), unit, idx, targets, *frozen, *settings))
+    moments = [[torch.zeros_like(p) for p in frozen] for _ in range(3)]  # grads, exp_avg, exp_avg_sq
+    torch.library.opcheck(ops.cpp_train_step, (idx, targets, [p.clone() for p in frozen], *moments, 1, 1e-3, 0.9,
+                                               0.999, 1e-8, *settings))
+
+
+@needs_extension
+def test_compile_fullgraph(generator):
+    cfg = AUNNConfig(vocab_size=5, hidden=16, layers=4, bits=64)
+    model = random_model(cfg, generator, backend="cpp")
+    idx = make_indices(cfg, 12, generator).reshape(3, 4)
+    targets = torch.randint(0, 5, (3, 4), generator=generator)
+    check_compiled_model(model, idx, targets, tolerance=1e-6)
+
+
+@needs_extension
+def test_auto_picks_cpp_on_the_cpu_in_fp32():
+    assert resolve_backend("auto", "cpu").name == "cpp"
+    assert resolve_backend("auto", "cpu", "fp32").name == "cpp"
+    assert resolve_backend("auto", "cpu", "bf16").name == "reference"  # the cpp backend is fp32 only
+    assert AUNN(AUNNConfig(hidden=8, layers=2)).active_backend().name == "cpp"
+
+
+@needs_extension
+def test_bf16_is_a_clear_error():
+    model = AUNN(AUNNConfig(hidden=8, layers=2), backend="cpp", precision="bf16")
+    with pytest.raises(ValueError, match="does not offer precision 'bf16'"):
+        model(torch.tensor([1, 2]))
+
+
+@needs_extension
+def test_bad_input_is_refused_before_the_backend(monkeypatch):
+    """The module's checks run before dispatch, so the cpp backend gives the other backends' errors."""
+    from aunn_fast import cpp_backend
+
+    monkeypatch.setattr(cpp_backend, "logits", lambda *a: pytest.fail("the backend ran"))
+    model = AUNN(AUNNConfig(vocab_size=4, hidden=8, layers=3, bits=8), backend="cpp")
+    with pytest.raises(ValueError, match="past the model's largest index|out of range|largest"):
+        model(torch.tensor([300]))
+    with pytest.raises(TypeError, match="indices must be int64"):
+        model(torch.tensor([1.0]))
+
+
+# ----------------------------------------------------------------------------- without the extension
+
+
+def _availability_in_subprocess(env_changes: dict[str, str], tmp_path) -> str:
+    """What the cpp backend says in a fresh interpreter with env_changes applied (and an empty build cache)."""
+    env = {**os.environ, "AUNN_FAST_CPP_CACHE": str(tmp_path), **env_changes}
+    code = ("import torch; from aunn_fast.backends import BACKENDS, resolve_backend; "
+            "print(BACKENDS['cpp'].unavailable_reason(torch.device('cpu'))); "
+            "print(resolve_backend('auto', 'cpu').name)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_turned_off_by_environment(tmp_path):
+    out = _availability_in_subprocess({"AUNN_FAST_CPP": "0"}, tmp_path)
+    assert out.splitlines() == ["turned off by AUNN_FAST_CPP=0", "reference"]
+
+
+def test_without_a_compiler_the_package_still_runs(tmp_path):
+    out = _availability_in_subprocess({"CXX": "/nonexistent/c++"}, tmp_path)
+    assert out.splitlines()[0].startswith("no C++ compiler found") and out.splitlines()[1] == "reference"
+
+
+def test_a_bad_switch_value_is_refused(monkeypatch):
+    monkeypatch.setenv("AUNN_FAST_CPP", "yes")
+    with pytest.raises(ValueError, match="AUNN_FAST_CPP must be 0 or 1, got 'yes'"):
+        BACKENDS["cpp"].check_settings()
+
+
+# ----------------------------------------------------------------------------- the bench suite's CPU ceiling
+
+
+def test_cpu_ceiling_shares():
+    """A row's share is its FLOP/s (forward FLOPs per index, x3 for training) over its precision's rate."""
+    from aunn_fast.bench import cpu_ceiling
+    from aunn_fast.bench.ceilings import forward_flops
+
+    seed = AUNNConfig()
+    measured = {"flops": {"fp32": 1e11}, "source": "test"}
+    rows = [{"workload": "predict", "config": "seed", "precision": "fp32", "items_per_s": 1e6},
+            {"workload": "train", "config": "seed", "precision": "fp32", "items_per_s": 1e6},
+            {"workload": "condition", "config": "seed", "precision": "fp32", "items_per_s": 1e6},
+            {"workload": "train", "config": "seed", "precision": "bf16", "items_per_s": 1e6}]
+    cpu_ceiling.add_shares(rows, {"seed": seed}, measured)
+    assert rows[0]["matmul_share"] == pytest.approx(1e6 * forward_flops(seed) / 1e11)
+    assert rows[1]["matmul_share"] == pytest.approx(3 * rows[0]["matmul_share"])
+    assert rows[2]["matmul_share"] is None and rows[3]["matmul_share"] is None
+    assert "fp32 100.0 GFLOP/s" in cpu_ceiling.summary(measured)
+    assert cpu_ceiling.matmul_flops(torch.float32, size=64, repeats=1) > 0
+
+
+# ----------------------------------------------------------------------------- the CUDA plumbing
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")
+def test_compile_check_cuda_reports_the_kernels(tmp_path):
+    """compile_check --cuda compiles csrc/cuda for sm_90a without a GPU and reports each kernel's resources."""
+    from aunn_fast.bench import compile_check, cuda_compile_check
+
+    table = tmp_path / "cuda.md"
+    assert compile_check.main(["--cuda", "--out", str(table)]) == 0
+    rows = [dict(zip(cuda_compile_check.COLUMNS, (c.strip() for c in line.split("|")[1:-1])))
+            for line in table.read_text().splitlines()[2:]]
+    (scale,) = [r for r in rows if "scale_kernel" in r["kernel"]]
+    assert int(scale["registers"]) > 0 and scale["verdict"] == "ok"
+    assert cuda_compile_check.parse_ptxas(
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 16384 bytes smem") == [
+        {"kernel": "k", "registers": 255, "spill stores": 4, "spill loads": 4, "stack": 8, "shared": 16384}]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_extension_runs_its_kernel():
+    from aunn_fast import cpp_build
+
+    reason = cpp_build.cuda_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"CUDA extension unavailable: {reason}")
+    x = torch.randn(1000, device="cuda")
+    torch.testing.assert_close(ops.cuda_scale(x, 2.5), 2.5 * x)
