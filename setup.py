@@ -19,6 +19,6 @@ setup(
         "matplotlib",
         "triton>=3.1; platform_system == 'Linux'",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-xdist"]},
+    extras_require={"dev": ["pytest>=7", "pytest-xdist"], "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["aunn=aunn_fast.cli:main"]},
 )
