@@ -434,7 +434,7 @@ class Preset:
 PRESETS = {  # every preset trains with TrainConfig's recipe (lr, warm-up, cosine decay, weight decay); see docs/training.md
     "tiny": Preset("toy:100", 32, 4, TrainConfig(batch_size=128, epochs=150, warmup_steps=20, log_every=10,
                                                  save_every=10**9)),
-    "cpu": Preset("toy:10000", 64, 8, TrainConfig(batch_size=2048, epochs=100, log_every=20, eval_every=500,
+    "cpu": Preset("toy:10000", 64, 8, TrainConfig(batch_size=2048, epochs=150, log_every=20, eval_every=500,
                                                   save_every=10**9)),
     # the seed notebook's run: its model, data, batch and 500 epochs, its lr 1e-3 (H=512), the same schedule
     "seed": Preset("toy:100000", 512, 8, TrainConfig(batch_size=2048, epochs=500, lr=1e-3, warmup_steps=1000,
