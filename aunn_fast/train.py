@@ -343,7 +343,7 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
                     if run_path is not None:
                         _write_log(run_path / LOG_NAME, [row], append=True)
                     stop = any([bool(callback.on_log(row)) for callback in callbacks])  # every callback sees it
-                if step % cfg.save_every == 0 or stop:
+                if step % cfg.save_every == 0 and not stop:  # a stopped run is saved below, as a finished one
                     save()
         except KeyboardInterrupt:
             save()
