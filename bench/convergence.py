@@ -3,7 +3,7 @@
     python -m aunn_fast.bench.convergence [--preset cpu] [--seeds 0-4] [--threads 1,2] [--isa native,avx2]
                                           [--out DIR]
 
-Runs go setting by setting (threads, then ISA, in the order given), every seed of one before the next.
+Runs go diagonal by diagonal (:func:`run_order`), so that a matrix cut off early covers every seed and setting.
 Each run is its own subprocess, so that the ISA switches (``avx2``: ATEN_CPU_CAPABILITY=avx2
 MKL_ENABLE_INSTRUCTIONS=AVX2 DNNL_MAX_CPU_ISA=AVX2, as on an AVX2-only CPU) are set before torch is
 imported; it sets its thread count with ``torch.set_num_threads`` and reports the ISA torch then
@@ -52,6 +52,14 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def run_order(seeds: list[int], settings: list[tuple[int, str]]) -> list[tuple[int, tuple[int, str]]]:
+    """Every (seed, setting) pair, diagonal by diagonal: the first len(seeds) runs give each seed once with the
+    settings in turn, and so does each next diagonal, so that a matrix cut off early has spread over both."""
+    pairs = [(i, k) for i in range(len(seeds)) for k in range(len(settings))]
+    pairs.sort(key=lambda pair: ((pair[1] - pair[0]) % len(settings), pair[0]))
+    return [(seeds[i], settings[k]) for i, k in pairs]
+
+
 def run_one(preset: str, seed: int, threads: int, isa: str, work_dir: Path, timeout_s: float) -> dict[str, Any]:
     """One demo in a subprocess; its figures from metrics.json, its wall time, and whether it meets BAR."""
     out = work_dir / f"{preset}-s{seed}-t{threads}-{isa}"
@@ -59,7 +67,9 @@ def run_one(preset: str, seed: int, threads: int, isa: str, work_dir: Path, time
             "--backend", "reference"]
     env = {key: value for key, value in os.environ.items() if key not in AVX2_ENV}
     env.update(AVX2_ENV if isa == "avx2" else {})
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    # OpenMP threads sleep at barriers instead of spinning: on a loaded machine a thread spinning for a descheduled
+    # partner made a 2-thread step 5x slower (measured); the work each thread does, and so the result, is the same
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
     row: dict[str, Any] = {"seed": seed, "threads": threads, "isa": isa}
     began = time.perf_counter()
     try:
@@ -125,13 +135,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{meta['date']}, load average {meta['load_average']}", flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="aunn-convergence-") as work:
-        for threads in args.threads:  # every seed of one setting before the next: a cut-off run covers all seeds
-            for isa in isas:
-                for seed in args.seeds:
-                    rows.append(run_one(args.preset, seed, threads, isa, Path(work), args.timeout))
-                    print(table(rows[-1:]).splitlines()[-1], flush=True)
-                    meta["load_average_end"] = os.getloadavg()[0]
-                    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        for seed, (threads, isa) in run_order(args.seeds, [(t, isa) for t in args.threads for isa in isas]):
+            rows.append(run_one(args.preset, seed, threads, isa, Path(work), args.timeout))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            meta["load_average_end"] = os.getloadavg()[0]
+            (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    rows.sort(key=lambda row: (row["threads"], row["isa"], row["seed"]))
     text = (f"demo --preset {args.preset} on {meta['device']}, torch {meta['torch']}, commit {meta['commit']}, "
             f"started {meta['date']}, load average {meta['load_average']} at the start and "
             f"{meta['load_average_end']} at the end\n\n{table(rows)}\n\n"
