@@ -10,7 +10,8 @@ imported; it sets its thread count with ``torch.set_num_threads`` and reports th
 uses. Prints one table row per run as it finishes (seed, threads, ISA, time, training accuracy,
 valid chunks near the data and 10M past it, conditioning success rate, whether the run meets the
 bar: 100% training accuracy, near >= 0.9, 10M >= 0.85), then the table again with the machine,
-and writes ``results.md`` and ``results.json`` into --out (default bench/results/<cpu>-<date>-convergence).
+and writes ``results.md``, ``results.json`` and each demo's output (``logs/``) into --out (default
+bench/results/<cpu>-<date>-convergence).
 Exit status 1 when any run fails the bar or crashes.
 """
 from __future__ import annotations
@@ -60,8 +61,10 @@ def run_order(seeds: list[int], settings: list[tuple[int, str]]) -> list[tuple[i
     return [(seeds[i], settings[k]) for i, k in pairs]
 
 
-def run_one(preset: str, seed: int, threads: int, isa: str, work_dir: Path, timeout_s: float) -> dict[str, Any]:
-    """One demo in a subprocess; its figures from metrics.json, its wall time, and whether it meets BAR."""
+def run_one(preset: str, seed: int, threads: int, isa: str, work_dir: Path, log_dir: Path, timeout_s: float
+            ) -> dict[str, Any]:
+    """One demo in a subprocess (its output saved in log_dir); its figures from metrics.json, its wall time, and
+    whether it meets BAR."""
     out = work_dir / f"{preset}-s{seed}-t{threads}-{isa}"
     argv = ["demo", "--preset", preset, "--seed", str(seed), "--out", str(out), "--quiet", "--device", "cpu",
             "--backend", "reference"]
@@ -79,6 +82,7 @@ def run_one(preset: str, seed: int, threads: int, isa: str, work_dir: Path, time
         return {**row, "time_s": round(time.perf_counter() - began, 1), "error": f"timed out after {timeout_s} s",
                 "meets_bar": False}
     row["time_s"] = round(time.perf_counter() - began, 1)
+    (log_dir / f"{out.name}.log").write_text(done.stdout + done.stderr)
     capability = re.search(r"^capability (\S+)", done.stdout, re.M)
     trained = re.search(r"^trained in ([\d.]+) s", done.stdout, re.M)
     row["capability"] = capability.group(1) if capability else None
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--isa takes native and/or avx2, got {args.isa!r}")
     out_dir = args.out or default_out_dir(torch.device("cpu")).with_name(
         default_out_dir(torch.device("cpu")).name + "-convergence")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     meta = describe(torch.device("cpu"))
     meta["cpu_flags_avx512"] = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None
     print(f"# demo --preset {args.preset} on {meta['device']}, torch {meta['torch']}, commit {meta['commit']}, "
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="aunn-convergence-") as work:
         for seed, (threads, isa) in run_order(args.seeds, [(t, isa) for t in args.threads for isa in isas]):
-            rows.append(run_one(args.preset, seed, threads, isa, Path(work), args.timeout))
+            rows.append(run_one(args.preset, seed, threads, isa, Path(work), out_dir / "logs", args.timeout))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             meta["load_average_end"] = os.getloadavg()[0]
             (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
