@@ -55,9 +55,7 @@ class TrainConfig:
     epochs: float = 100.0
     steps: int | None = None
     lr: float = 1e-2
-    # 0.1 (not AdamW's 0.01) shrinks the weights of index bits never set in training, which is what
-    # keeps the chunk structure of toy data valid 10 million indices out
-    weight_decay: float = 0.1
+    weight_decay: float = 0.01
     warmup_steps: int = 100
     schedule: str = "cosine"
     min_lr: float = 0.0
