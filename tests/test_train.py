@@ -477,3 +477,22 @@ def test_the_tiny_preset_memorises_whatever_the_seed(seed):
     train(model, data, cfg, progress=False)
     idx = torch.arange(data.length)
     assert accuracy(model, idx, data.targets(idx)) == 1.0
+
+
+def test_a_checkpoint_saved_before_schedules_resumes_on_the_schedule_at_its_step(tmp_path):
+    """A checkpoint without scheduler state (written before schedules were saved) resumes with the learning rate
+    of its step, as the uninterrupted run had it."""
+    from aunn_fast import checkpoint
+
+    data = ToyData(chunks=40)
+    cfg = TrainConfig(batch_size=32, steps=12, lr=1e-2, warmup_steps=2, log_every=1, save_every=1000)
+    train(_model(), data, cfg, tmp_path / "full", progress=False)
+    train(_model(), data, cfg, tmp_path / "part", progress=False, callbacks=[StopAtStep(5)])
+    tensors, metadata = checkpoint.read(tmp_path / "part" / CHECKPOINT_NAME)
+    model = load_run(tmp_path / "part")[0]
+    model.save(tmp_path / "part" / CHECKPOINT_NAME, extra=checkpoint.extra_tensors(tensors),
+               extra_metadata={k: v for k, v in metadata.items() if k in ("optimizer_groups", "train_state")})
+    assert "scheduler" not in checkpoint.read(tmp_path / "part" / CHECKPOINT_NAME)[1]
+    train(model, data, cfg, tmp_path / "part", resume=True, progress=False)
+    full, part = _log_rows(tmp_path / "full"), _log_rows(tmp_path / "part")
+    assert [(r["loss"], r["lr"]) for r in part] == [(r["loss"], r["lr"]) for r in full]
