@@ -52,7 +52,7 @@ class TrainConfig:
     """
 
     batch_size: int = 2048
-    epochs: float = 100.0
+    epochs: float = 200.0
     steps: int | None = None
     lr: float = 1e-2
     weight_decay: float = 0.01
