@@ -111,6 +111,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help=f"decay from --lr after warm-up to --min-lr at the last step (default {d.schedule})")
     p.add_argument("--min-lr", type=NON_NEGATIVE, default=None,
                    help=f"learning rate at the last step (default {d.min_lr:g})")
+    p.add_argument("--clip-grad-norm", type=NON_NEGATIVE, default=None,
+                   help=f"cut the gradients' total norm to this before every step, 0: never (default "
+                        f"{d.clip_grad_norm:g})")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=None,
                    help=f"AdamW weight decay (default {d.weight_decay:g})")
     p.add_argument("--seed", type=SEED, default=None, help="seed of the initial weights and batch order (default 0)")
@@ -133,8 +136,8 @@ def _add_tensorboard_option(p: argparse.ArgumentParser) -> None:
                         "(needs the tensorboard package)")
 
 
-TRAIN_OPTIONS = ("batch_size", "epochs", "steps", "lr", "warmup_steps", "schedule", "min_lr", "weight_decay", "seed",
-                 "log_every", "save_every", "eval_every", "target_accuracy", "cuda_graph")
+TRAIN_OPTIONS = ("batch_size", "epochs", "steps", "lr", "warmup_steps", "schedule", "min_lr", "clip_grad_norm",
+                 "weight_decay", "seed", "log_every", "save_every", "eval_every", "target_accuracy", "cuda_graph")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -297,6 +300,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
     if "epochs" in overrides:
         saved.pop("steps", None)
+    if overrides.get("clip_grad_norm") == 0:
+        overrides["clip_grad_norm"] = None
     train_cfg = TrainConfig(**{**saved, **overrides})
     logger = _tensorboard(args.tensorboard, int(state.get("step", 0)))
     shown = {k: v for k, v in data.describe().items() if k not in FINGERPRINT_KEYS}
@@ -321,9 +326,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _recipe(cfg: TrainConfig) -> str:
-    """One line of the learning-rate recipe, e.g. "AdamW lr 3e-3 (warm-up 100, cosine to 0), weight decay 0.1"."""
+    """One line of the recipe, e.g. "AdamW lr 0.01 (warm-up 100, cosine to 0), weight decay 0.1, clip 1"."""
+    clip = "no clipping" if cfg.clip_grad_norm is None else f"gradient norm clipped to {cfg.clip_grad_norm:g}"
     return (f"AdamW lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, {cfg.schedule}"
-            f"{'' if cfg.schedule == 'constant' else f' to {cfg.min_lr:g}'}), weight decay {cfg.weight_decay:g}")
+            f"{'' if cfg.schedule == 'constant' else f' to {cfg.min_lr:g}'}), weight decay {cfg.weight_decay:g}, {clip}")
 
 
 def _last_figures(rows: list[dict[str, float]]) -> str:

@@ -45,7 +45,8 @@ class TrainConfig:
     """How to train. Exactly one of ``epochs`` and ``steps`` sets the length (steps wins).
 
     The learning rate warms up over ``warmup_steps`` to ``lr``, then ``schedule`` ("cosine", "linear" or
-    "constant") takes it to ``min_lr`` at the last step (:func:`aunn_fast.schedule.lr_at`). ``eval_every``
+    "constant") takes it to ``min_lr`` at the last step (:func:`aunn_fast.schedule.lr_at`); the gradients'
+    total norm is clipped to ``clip_grad_norm`` before every optimizer step. ``eval_every``
     (0: never) measures the accuracy over the whole training data (above FULL_PASS_LIMIT indices, a fixed
     sample of that many) every so many steps and at the last; ``target_accuracy`` stops the run at the first
     such measurement that reaches it.
@@ -59,6 +60,7 @@ class TrainConfig:
     warmup_steps: int = 100
     schedule: str = "cosine"
     min_lr: float = 0.0
+    clip_grad_norm: float | None = 1.0  # the gradients' total norm is cut to this before every step (None: never)
     seed: int = 0
     log_every: int = 50
     save_every: int = 2000
@@ -81,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if not (math.isfinite(self.lr) and math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"need 0 <= min_lr <= lr (finite), got min_lr {self.min_lr} and lr {self.lr}")
+        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            raise ValueError(f"clip_grad_norm must be a finite number > 0 or None, got {self.clip_grad_norm}")
         if self.target_accuracy is not None:
             if not 0 < self.target_accuracy <= 1:
                 raise ValueError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
@@ -293,7 +297,7 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
     with _ctrl_c_between_steps() as pressed:
         graphed = None
         if cfg.cuda_graph and model.device.type == "cuda" and capturable(optimizer):
-            graphed = GraphedTrainStep(model, optimizer, min(cfg.batch_size, data.length))
+            graphed = GraphedTrainStep(model, optimizer, min(cfg.batch_size, data.length), cfg.clip_grad_norm)
         step = start
         began, seen = time.perf_counter(), 0
 
@@ -320,6 +324,8 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
                     optimizer.zero_grad(set_to_none=graphed is None)
                     loss = model.loss(idx, targets)
                     loss.backward()
+                    if cfg.clip_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
                     optimizer.step()
                 scheduler.step()
                 step += 1

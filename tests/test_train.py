@@ -108,7 +108,7 @@ def test_step_schedule_sets_every_group_and_its_state_is_the_step():
 
 @pytest.mark.parametrize("bad, message", [
     ({"schedule": "step"}, "unknown schedule"), ({"min_lr": 2e-3, "lr": 1e-3}, "min_lr <= lr"),
-    ({"warmup_steps": -1}, "warmup_steps"), ({"eval_every": -1}, "eval_every"),
+    ({"warmup_steps": -1}, "warmup_steps"), ({"eval_every": -1}, "eval_every"), ({"clip_grad_norm": 0.0}, "clip_grad"),
     ({"target_accuracy": 1.0}, "needs eval_every"), ({"target_accuracy": 1.5, "eval_every": 5}, "in \\(0, 1\\]"),
 ])
 def test_train_config_rejects_bad_schedules(bad, message):
@@ -496,3 +496,20 @@ def test_a_checkpoint_saved_before_schedules_resumes_on_the_schedule_at_its_step
     train(model, data, cfg, tmp_path / "part", resume=True, progress=False)
     full, part = _log_rows(tmp_path / "full"), _log_rows(tmp_path / "part")
     assert [(r["loss"], r["lr"]) for r in part] == [(r["loss"], r["lr"]) for r in full]
+
+
+@pytest.mark.parametrize("clip", [0.05, None])
+def test_gradients_are_clipped_before_every_step(clip):
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in optimizer.param_groups[0]["params"]])))
+
+    model = _model()
+    optimizer = make_optimizer(model, TrainConfig())
+    handle = optimizer.register_step_pre_hook(record)
+    train(model, ToyData(chunks=40), TrainConfig(batch_size=32, steps=5, clip_grad_norm=clip), progress=False,
+          optimizer=optimizer)
+    handle.remove()
+    assert len(norms) == 5
+    assert all(n <= 0.05 * (1 + 1e-5) for n in norms) == (clip is not None)
