@@ -99,7 +99,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=None, help=f"hidden width H (default {ARCHITECTURE['hidden']})")
     p.add_argument("--layers", type=int, default=None,
                    help=f"layers incl. input layer and head (default {ARCHITECTURE['layers']})")
-    p.add_argument("--bits", type=int, default=None, help=f"binary digits of the index (default {ARCHITECTURE['bits']})")
+    p.add_argument("--bits", type=int, default=None,
+                   help=f"binary digits of the index (default {ARCHITECTURE['bits']})")
     p.add_argument("--batch-size", type=COUNT, default=None, help=f"indices per step (default {d.batch_size})")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=POSITIVE, default=None, help=f"passes over the data (default {d.epochs:g})")
@@ -328,8 +329,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _recipe(cfg: TrainConfig) -> str:
     """One line of the recipe, e.g. "AdamW lr 0.01 (warm-up 100, cosine to 0), weight decay 0.1, clip 1"."""
     clip = "no clipping" if cfg.clip_grad_norm is None else f"gradient norm clipped to {cfg.clip_grad_norm:g}"
-    return (f"AdamW lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, {cfg.schedule}"
-            f"{'' if cfg.schedule == 'constant' else f' to {cfg.min_lr:g}'}), weight decay {cfg.weight_decay:g}, {clip}")
+    decay = "" if cfg.schedule == "constant" else f" to {cfg.min_lr:g}"
+    return (f"AdamW lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, {cfg.schedule}{decay}), "
+            f"weight decay {cfg.weight_decay:g}, {clip}")
 
 
 def _last_figures(rows: list[dict[str, float]]) -> str:

@@ -281,8 +281,8 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
         restore_optimizer(optimizer, extra, metadata["optimizer_groups"])
         start, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
         # a checkpoint from before schedules were saved: the schedule moved to its step
-        saved_schedule = json.loads(metadata.get("scheduler", "null")) or {**scheduler.state_dict(), "last_epoch": start}
-        scheduler.load_state_dict(saved_schedule)
+        saved_schedule = json.loads(metadata.get("scheduler", "null"))
+        scheduler.load_state_dict(saved_schedule or {**scheduler.state_dict(), "last_epoch": start})
         set_lr(optimizer, scheduler.get_last_lr())
     sampler = BatchSampler(data.length, cfg.batch_size, cfg.seed, model.device)
     scored = full_pass_indices(data.length, cfg.seed, model.device) if cfg.eval_every else None

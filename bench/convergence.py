@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         default_out_dir(torch.device("cpu")).name + "-convergence")
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     meta = describe(torch.device("cpu"))
-    meta["cpu_flags_avx512"] = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None
     print(f"# demo --preset {args.preset} on {meta['device']}, torch {meta['torch']}, commit {meta['commit']}, "
           f"{meta['date']}, load average {meta['load_average']}", flush=True)
     rows: list[dict[str, Any]] = []

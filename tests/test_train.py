@@ -503,7 +503,8 @@ def test_gradients_are_clipped_before_every_step(clip):
     norms = []
 
     def record(optimizer, args, kwargs):
-        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in optimizer.param_groups[0]["params"]])))
+        grads = [p.grad for p in optimizer.param_groups[0]["params"]]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
 
     model = _model()
     optimizer = make_optimizer(model, TrainConfig())
