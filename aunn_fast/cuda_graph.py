@@ -31,12 +31,14 @@ class GraphedTrainStep:
     real step. Returns the static loss tensor (read it with ``.item()`` when needed).
     """
 
-    def __init__(self, model: AUNN, optimizer: torch.optim.Optimizer, batch_size: int) -> None:
+    def __init__(self, model: AUNN, optimizer: torch.optim.Optimizer, batch_size: int,
+                 clip_grad_norm: float | None = None) -> None:
         if model.device.type != "cuda":
             raise ValueError("CUDA graph capture needs a model on a CUDA device")
         if not capturable(optimizer):
             raise ValueError("the optimizer must be created with capturable=True (or be SGD)")
         self.model, self.optimizer, self.batch_size = model, optimizer, batch_size
+        self.clip_grad_norm = clip_grad_norm  # the gradients' total norm cut to this before the step (no host sync)
         self.idx = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
         self.targets = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
         self.graph = torch.cuda.CUDAGraph()
@@ -58,6 +60,8 @@ class GraphedTrainStep:
     def _one_step(self) -> torch.Tensor:
         loss = self.model.loss(self.idx, self.targets)
         loss.backward()
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
         return loss
 

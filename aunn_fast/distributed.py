@@ -154,16 +154,17 @@ class DataParallel:
     and the global batch's mean loss (float32 []), after the optimizer step. ``pressed()``
     says whether this rank was interrupted (Ctrl-C), asked just before the step's all-reduce;
     :meth:`stop_agreed` whether any rank was, as of the last step, so that every rank stops
-    after the same step.
+    after the same step. ``clip_grad_norm``: the reduced gradient's total norm is clipped to it before the step.
     """
 
     def __init__(self, model: AUNN, optimizer: torch.optim.Optimizer, sampler: EpochSampler, data: Dataset,
-                 pressed: Callable[[], bool]) -> None:
+                 pressed: Callable[[], bool], clip_grad_norm: float | None = None) -> None:
         self.rank, self.world_size = rank_and_world_size()
         if (sampler.rank, sampler.world_size) != (self.rank, self.world_size):
             raise ValueError(f"the sampler is for rank {sampler.rank} of {sampler.world_size}, "
                              f"this process is rank {self.rank} of {self.world_size}")
         self.model, self.optimizer, self.sampler, self.data, self.pressed = model, optimizer, sampler, data, pressed
+        self.clip_grad_norm = clip_grad_norm
         self.params = list(model.parameters())
         sizes = [p.numel() for p in self.params]
         total = sum(sizes)
@@ -212,6 +213,8 @@ class DataParallel:
                              f"there, and the run directory keeps its last checkpoint")
         self.interrupted = INTERRUPTED in statuses
         torch._foreach_copy_([p.grad for p in self.params], self.grad_views)
+        if self.clip_grad_norm is not None:  # of the global gradient, the same on every rank
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
         self.optimizer.step()
         return idx, targets, self.loss.clone()
 

@@ -10,7 +10,8 @@
 #   bash bench/gpu_check.sh /tmp/gc; tar czf $OUT/gpu_check.tgz -C /tmp gc
 # Writes OUTDIR/pytest_gpu.log, OUTDIR/pytest_kernels.log, OUTDIR/pytest.log, OUTDIR/bench.log,
 # OUTDIR/bench/, OUTDIR/bench_notebook/ and OUTDIR/bench_bpe/ (each results.json, results.md, *.png),
-# OUTDIR/profiles/ (torch.profiler tables and traces of the goal train steps and the bpe one),
+# OUTDIR/profiles/ (torch.profiler tables and traces of the goal train steps and the bpe one), OUTDIR/seed_demo.log
+# and OUTDIR/seed_demo/ (`aunn demo --preset seed` end to end: time, metrics.json, report.md, plots),
 # OUTDIR/variants/ when VARIANTS_TIMEOUT > 0, OUTDIR/ncu/ when NCU_TIMEOUT > 0, OUTDIR/shakespeare/ when
 # SHAKESPEARE_TIMEOUT > 0, and prints a summary table
 # last. Takes at most ~8 minutes: each step has its own timeout (*_TIMEOUT, seconds; 0 skips the step), and
@@ -34,6 +35,7 @@ NOTEBOOK_TIMEOUT=${NOTEBOOK_TIMEOUT:-45}
 BPE_TIMEOUT=${BPE_TIMEOUT:-60}
 VARIANTS_TIMEOUT=${VARIANTS_TIMEOUT:-0}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-20}
+SEED_DEMO_TIMEOUT=${SEED_DEMO_TIMEOUT:-300}
 NCU_TIMEOUT=${NCU_TIMEOUT:-0}
 # TinyShakespeare memorised by `aunn demo --preset shakespeare` (docs/experiments.md; the goal is >= 99% training
 # accuracy within 10 minutes): only when given time, as a call of its own, e.g.
@@ -126,6 +128,17 @@ stage "$BPE_TIMEOUT" "$OUT/bench_bpe.log" "$PYTHON" -m aunn_fast.bench.run --dev
     --configs bpe --batches 16K --out "$OUT/bench_bpe" --providers "$PROVIDERS" --workloads train
 BPE_RC=$?
 
+# The seed notebook's own run end to end (`aunn demo --preset seed`: 100,000 chunks, H=512, 98,000 steps of
+# 2,048 with the default recipe, then the evaluation): its time and final accuracy, in seed_demo.log and
+# seed_demo/metrics.json. Alone (about 2-4 minutes, an estimate until it has run): every other *_TIMEOUT=0.
+echo "== the seed's run, aunn demo --preset seed (timeout ${SEED_DEMO_TIMEOUT}s) -> $OUT/seed_demo.log"
+rm -rf "$OUT/seed_demo"
+stage "$SEED_DEMO_TIMEOUT" "$OUT/seed_demo.log" "$PYTHON" -m aunn_fast demo --preset seed --out "$OUT/seed_demo" \
+    --quiet --device cuda
+SEED_DEMO_RC=$?
+rm -f "$OUT/seed_demo/model.safetensors"  # ~20 MB (weights and AdamW moments) that the check does not need
+grep -E "^(trained in|training accuracy|valid)" "$OUT/seed_demo.log"
+
 echo "== profiles of the goal train steps (timeout ${PROFILE_TIMEOUT}s each) -> $OUT/profiles"
 stage "$PROFILE_TIMEOUT" "$OUT/profile_seed.log" "$PYTHON" -m aunn_fast.bench.profile_step --config seed \
     --workloads train,train-graph --batches 1048576,8192 --calls 10 --out "$OUT/profiles"
@@ -200,6 +213,8 @@ echo "benchmark exit status $BENCH_RC, H=512 benchmark $NOTEBOOK_RC, bpe $BPE_RC
 echo "profiles exit status $PROFILE_SEED_RC (seed), $PROFILE_NOTEBOOK_RC (notebook), $PROFILE_BPE_RC (bpe); tables in $OUT/profiles"
 echo "ncu exit status $NCU_RC; reports in $OUT/ncu; kernel variants exit status $VARIANTS_RC; table in $OUT/variants"
 echo "TinyShakespeare demo exit status $SHAKESPEARE_RC (124 timed out); $OUT/shakespeare"
+echo "seed demo exit status $SEED_DEMO_RC (124 timed out): $(grep -E "^(trained in|training accuracy)" \
+    "$OUT/seed_demo.log" | tr '\n' ';')"
 for run in bench bench_notebook bench_bpe; do
     if [ -f "$OUT/$run/results.json" ]; then
         "$PYTHON" -m aunn_fast.bench.summary "$OUT/$run/results.json"
@@ -208,6 +223,6 @@ for run in bench bench_notebook bench_bpe; do
     fi
 done
 for rc in "$GPU_TEST_RC" "$KERNEL_TEST_RC" "$TEST_RC" "$BENCH_RC" "$NOTEBOOK_RC" "$BPE_RC" "$NCU_RC" "$VARIANTS_RC" \
-        "$SHAKESPEARE_RC"; do
+        "$SEED_DEMO_RC" "$SHAKESPEARE_RC"; do
     [ "$rc" = 0 ] || exit 1
 done

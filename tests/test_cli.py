@@ -1,10 +1,11 @@
 """Command-line smoke tests on tiny runs: every subcommand end to end, in process."""
+import importlib.util
 import json
 
 import pytest
 
 from aunn_fast.cli import main
-from aunn_fast.train import CHECKPOINT_NAME
+from aunn_fast.train import CHECKPOINT_NAME, read_log
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,8 @@ def run_dir(tmp_path_factory):
 
 def test_train_writes_checkpoint_and_log(run_dir):
     assert (run_dir / CHECKPOINT_NAME).exists()
-    assert (run_dir / "log.csv").read_text().startswith("step,epoch,loss,accuracy,indices_per_s,elapsed_s")
+    assert (run_dir / "log.csv").read_text().startswith(
+        "step,epoch,loss,accuracy,lr,full_accuracy,full_accuracy_indices,indices_per_s,elapsed_s")
 
 
 def test_resume_extends_a_run(run_dir, tmp_path, capsys):
@@ -68,6 +70,36 @@ def test_demo_tiny_preset(tmp_path, capsys):
     assert "training accuracy" in out and "conditioning" in out
     assert (tmp_path / "demo" / "metrics.json").exists()
     assert main(["demo", "--preset", "tiny", "--out", str(tmp_path / "demo"), "--quiet"]) == 0  # reruns in place
+
+
+def test_train_schedule_and_full_pass_options_reach_the_log(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "toy:20", "--out", str(out), "--steps", "6", "--batch-size", "16", "--lr", "0.01",
+                 "--warmup-steps", "2", "--schedule", "linear", "--min-lr", "0.001", "--eval-every", "3",
+                 "--log-every", "1", *TINY]) == 0
+    assert "accuracy over 80 training indices" in capsys.readouterr().out
+    rows = read_log(out / "log.csv")
+    assert [r["lr"] for r in rows] == pytest.approx([0.005, 0.01, 0.01, 0.007, 0.004, 0.001])
+    assert [r["full_accuracy_indices"] for r in rows] == [0, 0, 80, 0, 0, 80]
+
+
+def test_tensorboard_option(tmp_path, capsys, monkeypatch):
+    """--tensorboard DIR writes event files; without the package, one line before anything is written."""
+    import aunn_fast.cli as cli
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert main(["train", "--data", "toy:20", "--out", str(tmp_path / "run"), "--steps", "2", "--tensorboard",
+                     str(tmp_path / "tb"), *TINY]) == 0
+        assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+    def missing(*args, **kwargs):
+        raise ImportError("--tensorboard needs the tensorboard package (pip install tensorboard)")
+
+    monkeypatch.setattr(cli, "TensorBoardLogger", missing)
+    out = tmp_path / "other"
+    assert "pip install tensorboard" in _error(["train", "--data", "toy:20", "--out", str(out), "--tensorboard",
+                                                str(tmp_path / "tb2"), *TINY], capsys)
+    assert not out.exists()
 
 
 def test_demo_never_overwrites_a_real_run(run_dir, capsys):
@@ -122,6 +154,9 @@ def test_train_never_overwrites_a_run(run_dir, capsys, extra):
     (["--epochs", "inf"], "--epochs"), (["--epochs", "nan"], "--epochs"), (["--steps", "-3"], "--steps"),
     (["--device", "foo"], "--device"), (["--precision", "fp16"], "--precision"), (["--hidden", "0"], "hidden"),
     (["--bits", "8"], "do not fit in bits=8"), (["--seed", "-1"], "--seed"), (["--seed", str(2**63)], "--seed"),
+    (["--schedule", "step"], "--schedule"), (["--warmup-steps", "-1"], "--warmup-steps"),
+    (["--min-lr", "1", "--lr", "0.1"], "min_lr <= lr"), (["--target-accuracy", "1.5"], "--target-accuracy"),
+    (["--target-accuracy", "1"], "needs eval_every"), (["--eval-every", "-2"], "--eval-every"),
 ])
 def test_train_rejects_bad_values_before_writing_anything(tmp_path, capsys, bad, expected):
     out = tmp_path / "run"

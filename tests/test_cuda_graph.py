@@ -55,7 +55,8 @@ def test_graph_refuses_what_it_would_silently_ignore():
     """Inputs of another dtype; a backend, precision or learning rate changed after capture; parameters
     or optimizer state replaced (not updated in place) after capture."""
     model = AUNN(AUNNConfig(hidden=32, layers=3), backend="reference", precision="fp32").cuda()
-    optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
+    # a float lr, which the graph captures as it is (the trainer's is a device tensor that the graph reads)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
     graphed = GraphedTrainStep(model, optimizer, 64)
     ids = torch.zeros(64, dtype=torch.int64, device="cuda")
     with pytest.raises(TypeError, match="int64"):
@@ -107,7 +108,7 @@ def test_trainer_mixes_graphed_and_eager_steps():
     must match a run without the graph. torch's warning that a capturable optimizer steps uncaptured
     (the warm-up, the short steps: both meant) is not shown."""
     data = ToyData(60)  # 240 indices: three batches of 64 and one of 48 per epoch
-    results = []
+    results = []  # both with the default warm-up, cosine decay and clipping: the graph must follow them
     for cuda_graph in (False, True):
         model = AUNN(AUNNConfig(hidden=32, layers=4), backend="reference", precision="fp32", seed=2).cuda()
         with warnings.catch_warnings(record=True) as caught:

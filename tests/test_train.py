@@ -10,7 +10,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import aunn_fast.train as train_module
 from aunn_fast import AUNN, AUNNConfig
+from aunn_fast.callbacks import Callback
 from aunn_fast.data import ToyData
+from aunn_fast.schedule import StepSchedule, lr_at
 from aunn_fast.train import (
     CHECKPOINT_NAME,
     LOG_NAME,
@@ -41,22 +43,182 @@ def _losses(run_dir):
 def test_training_memorises_a_small_toy_sequence():
     data = ToyData(chunks=50)
     model = _model()
-    train(model, data, TrainConfig(batch_size=64, epochs=100, lr=3e-3, log_every=1000), progress=False)
+    train(model, data, TrainConfig(batch_size=64, epochs=100, lr=1e-2, log_every=1000), progress=False)
     idx = torch.arange(data.length)
     assert (model.predict(idx) == data.targets(idx)).float().mean() == 1.0
 
 
-def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
+class StopAtStep(Callback):
+    """Stops a run after a given step, as an interruption would (the run is checkpointed there)."""
+
+    def __init__(self, step):
+        self.step, self.rows, self.ended = step, [], None
+
+    def on_log(self, row):
+        self.rows.append(row)
+        return row["step"] >= self.step
+
+    def on_end(self, rows):
+        self.ended = rows
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_resumed_run_continues_the_schedule_exactly(tmp_path, schedule):
+    """A run stopped at step 10 and resumed logs the losses and learning rates of the uninterrupted run, warm-up
+    and decay included, and ends with its weights."""
     data = ToyData(chunks=40)
-    cfg = TrainConfig(batch_size=32, steps=24, lr=3e-3, log_every=2, save_every=10)
+    cfg = TrainConfig(batch_size=32, steps=24, lr=3e-3, warmup_steps=4, schedule=schedule, min_lr=3e-4, log_every=2,
+                      save_every=1000)
     train(_model(), data, cfg, tmp_path / "full", progress=False)
-    train(_model(), data, TrainConfig(**{**cfg.__dict__, "steps": 10}), tmp_path / "part", progress=False)
+    train(_model(), data, cfg, tmp_path / "part", progress=False, callbacks=[StopAtStep(10)])
     model, state, _, _ = load_run(tmp_path / "part")
     assert state["step"] == 10
     train(model, data, cfg, tmp_path / "part", resume=True, progress=False)
-    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+    full, part = _log_rows(tmp_path / "full"), _log_rows(tmp_path / "part")
+    assert [(r["step"], r["loss"], r["lr"]) for r in part] == [(r["step"], r["loss"], r["lr"]) for r in full]
+    after_warmup = {r["lr"] for r in full if r["step"] > 4}
+    assert len(after_warmup) == (1 if schedule == "constant" else len(full) - 2)  # the schedule did move
     full, part = AUNN.load(tmp_path / "full" / CHECKPOINT_NAME), AUNN.load(tmp_path / "part" / CHECKPOINT_NAME)
     assert all(torch.equal(a, b) for a, b in zip(full.params, part.params))
+
+
+def test_schedule_values_at_chosen_steps():
+    """Warm-up to lr over 10 steps, then half a cosine (or a line) over steps 10..110 to min_lr, held after."""
+    values = {schedule: [lr_at(step, 111, 1.0, 10, schedule, 0.1) for step in (0, 4, 9, 10, 35, 60, 110, 500)]
+              for schedule in ("cosine", "linear", "constant")}
+    assert values["cosine"] == pytest.approx([0.1, 0.5, 1.0, 1.0, 0.1 + 0.9 * (2 + 2**0.5) / 4, 0.55, 0.1, 0.1])
+    assert values["linear"] == pytest.approx([0.1, 0.5, 1.0, 1.0, 0.775, 0.55, 0.1, 0.1])
+    assert values["constant"] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert lr_at(0, 1, 2e-3, 0, "cosine", 1e-4) == 1e-4  # a one-step run is all decay
+    assert lr_at(5, 5, 2e-3, 10, "cosine", 0.0) == pytest.approx(1.2e-3)  # still warming up when it ends
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_at(0, 10, 1.0, 0, "step", 0.0)
+
+
+def test_each_logged_row_has_the_learning_rate_of_its_step(tmp_path):
+    data = ToyData(chunks=40)
+    cfg = TrainConfig(batch_size=32, steps=9, lr=1e-2, warmup_steps=3, min_lr=1e-3, log_every=1, save_every=1000)
+    train(_model(), data, cfg, tmp_path, progress=False)
+    assert [r["lr"] for r in _log_rows(tmp_path)] == pytest.approx([cfg.lr_at(s, 9) for s in range(9)])
+
+
+def test_step_schedule_sets_every_group_and_its_state_is_the_step():
+    model = _model()
+    optimizer = torch.optim.SGD([{"params": [model.in_weight]}, {"params": [model.out_weight]}], lr=1.0)
+    schedule = StepSchedule(optimizer, lambda step: 1.0 / (step + 1))
+    for _ in range(3):
+        optimizer.step()
+        schedule.step()
+    assert [g["lr"] for g in optimizer.param_groups] == [0.25, 0.25]
+    again = StepSchedule(optimizer, lambda step: 10.0 * step)  # other settings: the saved step, its curve
+    again.load_state_dict(schedule.state_dict())
+    assert again.last_epoch == 3 and again.get_last_lr() == [30.0, 30.0]
+    assert "rate" not in schedule.state_dict()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"schedule": "step"}, "unknown schedule"), ({"min_lr": 2e-3, "lr": 1e-3}, "min_lr <= lr"),
+    ({"warmup_steps": -1}, "warmup_steps"), ({"eval_every": -1}, "eval_every"), ({"clip_grad_norm": 0.0}, "clip_grad"),
+    ({"target_accuracy": 1.0}, "needs eval_every"), ({"target_accuracy": 1.5, "eval_every": 5}, "in \\(0, 1\\]"),
+])
+def test_train_config_rejects_bad_schedules(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**bad)
+
+
+def test_eval_every_logs_the_accuracy_over_the_whole_data(tmp_path):
+    """Measured every eval_every steps and at the last, over every index; NaN (and 0 indices) elsewhere."""
+    data = ToyData(chunks=40)  # 160 indices
+    cfg = TrainConfig(batch_size=32, steps=7, lr=3e-3, log_every=2, eval_every=3, save_every=1000)
+    model = _model()
+    seen = StopAtStep(10**9)
+    train(model, data, cfg, tmp_path, progress=False, callbacks=[seen])
+    rows = _log_rows(tmp_path)
+    assert [r["step"] for r in rows] == [2, 3, 4, 6, 7]
+    measured = [r for r in rows if r["full_accuracy_indices"]]
+    assert [r["step"] for r in measured] == [3, 6, 7] and all(r["full_accuracy_indices"] == 160 for r in measured)
+    assert all(r["full_accuracy"] != r["full_accuracy"] for r in rows if r not in measured)  # NaN
+    idx = torch.arange(160)
+    assert measured[-1]["full_accuracy"] == pytest.approx(accuracy(model, idx, data.targets(idx)))
+    assert len(seen.rows) == 5 and seen.ended is not None and len(seen.ended) == 5
+
+
+def test_full_pass_accuracy_above_the_limit_scores_a_fixed_sample(monkeypatch):
+    monkeypatch.setattr(train_module, "FULL_PASS_LIMIT", 50)
+    data = ToyData(chunks=40)
+    rows = train(_model(), data, TrainConfig(batch_size=32, steps=4, lr=3e-3, eval_every=2), progress=False)
+    assert [r["full_accuracy_indices"] for r in rows] == [50, 50]
+    a = train_module.full_pass_indices(160, 3, torch.device("cpu"))
+    assert a.shape == (50,) and torch.equal(a, train_module.full_pass_indices(160, 3, torch.device("cpu")))
+
+
+def test_target_accuracy_stops_the_run_once_reached(tmp_path):
+    data = ToyData(chunks=10)
+    cfg = TrainConfig(batch_size=40, steps=2000, lr=1e-2, eval_every=10, target_accuracy=1.0, save_every=10**6)
+    rows = train(_model(), data, cfg, tmp_path, progress=False)
+    assert rows[-1]["full_accuracy"] == 1.0 and rows[-1]["step"] < 2000
+    assert [r for r in rows if r["full_accuracy"] == 1.0] == rows[-1:]
+    assert load_run(tmp_path)[1]["step"] == rows[-1]["step"]  # checkpointed where it stopped
+
+
+def test_a_callers_optimizer_scheduler_and_callbacks_drive_the_run(tmp_path):
+    """train() steps the caller's optimizer and scheduler (the log shows the scheduler's rates), checkpoints
+    both, and restores them on resume: the resumed run equals the uninterrupted one."""
+    data = ToyData(chunks=40)
+    cfg = TrainConfig(batch_size=32, steps=12, log_every=1, save_every=1000)
+
+    def run(run_dir, model, resume=False, callbacks=()):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.9**step)
+        train(model, data, cfg, run_dir, resume=resume, progress=False, optimizer=optimizer, scheduler=scheduler,
+              callbacks=callbacks)
+        return optimizer
+
+    optimizer = run(tmp_path / "full", _model())
+    assert all("momentum_buffer" in optimizer.state[p] for p in optimizer.state)
+    rows = _log_rows(tmp_path / "full")
+    assert [r["lr"] for r in rows] == pytest.approx([0.5 * 0.9**s for s in range(12)])
+    run(tmp_path / "part", _model(), callbacks=[StopAtStep(5)])
+    run(tmp_path / "part", load_run(tmp_path / "part")[0], resume=True)
+    assert [(r["loss"], r["lr"]) for r in _log_rows(tmp_path / "part")] == [(r["loss"], r["lr"]) for r in rows]
+
+
+def test_tensorboard_logger_writes_the_training_and_evaluation_figures(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from aunn_fast.callbacks import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(tmp_path / "tb"))
+    train(_model(), ToyData(chunks=40), TrainConfig(batch_size=32, steps=6, log_every=2, eval_every=3),
+          progress=False, callbacks=[logger])
+    logger.log_metrics({"train_accuracy": 0.5, "extrapolation": {"near": 0.25}, "data": {"kind": "toy"}}, 6)
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/accuracy", "train/lr", "train/indices_per_s", "train/full_accuracy",
+            "eval/train_accuracy", "eval/extrapolation/near"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 3, 4, 6]
+    assert [e.step for e in events.Scalars("train/full_accuracy")] == [3, 6]
+    assert events.Scalars("eval/extrapolation/near")[0].value == 0.25
+
+
+def test_tensorboard_missing_is_a_clear_error(monkeypatch):
+    import builtins
+
+    from aunn_fast.callbacks import TensorBoardLogger
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        TensorBoardLogger("unused")
 
 
 def test_elapsed_time_continues_across_a_resume(tmp_path, monkeypatch):
@@ -285,3 +447,57 @@ def test_a_checkpoint_without_optimizer_state_cannot_be_resumed(tmp_path):
     _model().save(tmp_path / CHECKPOINT_NAME, extra_metadata={"train_state": '{"step": 3}'})
     with pytest.raises(ValueError, match="no training state"):
         load_run(tmp_path)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_tiny_preset_memorises_whatever_the_seed(seed):
+    """`aunn demo --preset tiny --seed S`'s training, without the evaluation: 100% over the whole data."""
+    from dataclasses import replace
+
+    from aunn_fast.cli import PRESETS
+    from aunn_fast.data import load_data
+
+    preset = PRESETS["tiny"]
+    data = load_data(preset.data)
+    model = AUNN(AUNNConfig(vocab_size=data.vocab_size, hidden=preset.hidden, layers=preset.layers), seed=seed)
+    cfg = replace(preset.train, seed=seed, log_every=10**6)
+    train(model, data, cfg, progress=False)
+    idx = torch.arange(data.length)
+    assert accuracy(model, idx, data.targets(idx)) == 1.0
+
+
+def test_a_checkpoint_saved_before_schedules_resumes_on_the_schedule_at_its_step(tmp_path):
+    """A checkpoint without scheduler state (written before schedules were saved) resumes with the learning rate
+    of its step, as the uninterrupted run had it."""
+    from aunn_fast import checkpoint
+
+    data = ToyData(chunks=40)
+    cfg = TrainConfig(batch_size=32, steps=12, lr=1e-2, warmup_steps=2, log_every=1, save_every=1000)
+    train(_model(), data, cfg, tmp_path / "full", progress=False)
+    train(_model(), data, cfg, tmp_path / "part", progress=False, callbacks=[StopAtStep(5)])
+    tensors, metadata = checkpoint.read(tmp_path / "part" / CHECKPOINT_NAME)
+    model = load_run(tmp_path / "part")[0]
+    model.save(tmp_path / "part" / CHECKPOINT_NAME, extra=checkpoint.extra_tensors(tensors),
+               extra_metadata={k: v for k, v in metadata.items() if k in ("optimizer_groups", "train_state")})
+    assert "scheduler" not in checkpoint.read(tmp_path / "part" / CHECKPOINT_NAME)[1]
+    train(model, data, cfg, tmp_path / "part", resume=True, progress=False)
+    full, part = _log_rows(tmp_path / "full"), _log_rows(tmp_path / "part")
+    assert [(r["loss"], r["lr"]) for r in part] == [(r["loss"], r["lr"]) for r in full]
+
+
+@pytest.mark.parametrize("clip", [0.05, None])
+def test_gradients_are_clipped_before_every_step(clip):
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for p in optimizer.param_groups[0]["params"]]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    model = _model()
+    optimizer = make_optimizer(model, TrainConfig())
+    handle = optimizer.register_step_pre_hook(record)
+    train(model, ToyData(chunks=40), TrainConfig(batch_size=32, steps=5, clip_grad_norm=clip), progress=False,
+          optimizer=optimizer)
+    handle.remove()
+    assert len(norms) == 5
+    assert all(n <= 0.05 * (1 + 1e-5) for n in norms) == (clip is not None)
