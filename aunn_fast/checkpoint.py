@@ -37,8 +37,10 @@ OPTIMIZER_PREFIX = "optim."  # an optimizer state tensor: extra.optim.{parameter
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "U16": 2, "U32": 4, "U64": 8, "F8_E5M2": 1, "F8_E4M3": 1}
-OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
-OPTIMIZER_KEYS = ("step", *OPTIMIZER_MOMENTS)
+# Per-parameter optimizer state is saved as optim.{parameter number}.{key}: "step" a scalar, any other key
+# (AdamW's exp_avg and exp_avg_sq, SGD's momentum_buffer, ... of a caller's optimizer) a tensor of the
+# parameter's shape; every parameter with state has the same keys.
+OPTIMIZER_KEY_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
 DATA_KINDS = ("toy", "text", "bytes", "tokens", "digits", "held_out_tail")
 MAX_SEED = 2**63 - 1
 
@@ -221,16 +223,19 @@ def _check_tensor_infos(path: Path, infos: Mapping[str, TensorInfo], cfg: AUNNCo
         if not name.startswith(EXTRA_PREFIX + OPTIMIZER_PREFIX):
             continue
         number, _, key = name[len(EXTRA_PREFIX + OPTIMIZER_PREFIX):].partition(".")
-        if not (number.isascii() and number.isdigit() and int(number) < len(order) and key in OPTIMIZER_KEYS):
-            expected = f"optim.{{0..{len(order) - 1}}}.{{{','.join(OPTIMIZER_KEYS)}}}"
+        if not (number.isascii() and number.isdigit() and int(number) < len(order) and key
+                and set(key) <= OPTIMIZER_KEY_CHARS):
+            expected = f"optim.{{0..{len(order) - 1}}}.KEY (KEY: step, exp_avg, exp_avg_sq, ...)"
             raise CheckpointError(path, f"tensor {name!r}", f"not optimizer state: expected {expected}")
         found.setdefault(int(number), set()).add(key)
         if key == "step":
             _expect(path, name, info, (), ("F32", "F64"))
         else:
             _expect(path, name, info, shapes[order[int(number)]], ("F32",))
-    for number, keys in found.items():  # a parameter that never had a gradient (no hidden layers) has no state
-        missing = set(OPTIMIZER_KEYS) - keys
+    # a parameter that never had a gradient (no hidden layers) has no state; every other has the same keys
+    every_key = set().union(*found.values()) if found else set()
+    for number, keys in found.items():
+        missing = every_key - keys
         if missing:
             raise CheckpointError(path, f"tensor 'extra.optim.{number}.{sorted(missing)[0]}'",
                                   "missing: the optimizer state is incomplete")

@@ -22,8 +22,8 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysha
 
 def test_stepped_decay_continues_one_run(tmp_path):
     model = AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=3), backend="reference", seed=0)
-    rows = train_stepped(model, ToyData(100), TrainConfig(batch_size=64, steps=9, lr=1e-2, log_every=1),
-                         tmp_path, (1, 0.5, 0.1), progress=False)
+    cfg = TrainConfig(batch_size=64, steps=9, lr=1e-2, schedule="constant", warmup_steps=0, log_every=1)
+    rows = train_stepped(model, ToyData(100), cfg, tmp_path, (1, 0.5, 0.1), progress=False)
     assert [int(r["step"]) for r in rows] == list(range(1, 10))  # one log across the phases
     _, state, extra, metadata = load_run(tmp_path)
     assert state["step"] == 9

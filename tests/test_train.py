@@ -475,11 +475,11 @@ def test_a_checkpoint_saved_before_schedules_resumes_on_the_schedule_at_its_step
     cfg = TrainConfig(batch_size=32, steps=12, lr=1e-2, warmup_steps=2, log_every=1, save_every=1000)
     train(_model(), data, cfg, tmp_path / "full", progress=False)
     train(_model(), data, cfg, tmp_path / "part", progress=False, callbacks=[StopAtStep(5)])
-    tensors, metadata = checkpoint.read(tmp_path / "part" / CHECKPOINT_NAME)
+    saved = checkpoint.load(tmp_path / "part" / CHECKPOINT_NAME)
     model = load_run(tmp_path / "part")[0]
-    model.save(tmp_path / "part" / CHECKPOINT_NAME, extra=checkpoint.extra_tensors(tensors),
-               extra_metadata={k: v for k, v in metadata.items() if k in ("optimizer_groups", "train_state")})
-    assert "scheduler" not in checkpoint.read(tmp_path / "part" / CHECKPOINT_NAME)[1]
+    model.save(tmp_path / "part" / CHECKPOINT_NAME, extra=saved.extra,
+               extra_metadata={k: v for k, v in saved.metadata.items() if k in ("optimizer_groups", "train_state")})
+    assert "scheduler" not in checkpoint.load(tmp_path / "part" / CHECKPOINT_NAME).metadata
     train(model, data, cfg, tmp_path / "part", resume=True, progress=False)
     full, part = _log_rows(tmp_path / "full"), _log_rows(tmp_path / "part")
     assert [(r["loss"], r["lr"]) for r in part] == [(r["loss"], r["lr"]) for r in full]
