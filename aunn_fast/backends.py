@@ -141,10 +141,12 @@ def check_precision_name(name: str) -> str:
 
 def resolve_backend(name: str, device: torch.device | str, precision: str = "auto") -> Backend:
     """The backend called ``name`` for tensors on ``device``; "auto" picks the fastest usable one that offers
-    ``precision`` (triton on CUDA, cpp on the CPU for fp32, else reference)."""
+    ``precision`` (triton on CUDA, cpp on the CPU for fp32, else reference), and the reference while a
+    torch.func transform runs: the fused ops have no functorch rules (``grad`` fails on them, ``vmap`` loops)."""
     device = torch.device(device)
     if check_backend_name(name) == "auto":
-        fast = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+        transforming = torch._C._functorch.peek_interpreter_stack() is not None
+        fast = None if transforming else {"cuda": "triton", "cpu": "cpp"}.get(device.type)
         if fast is not None and (precision == "auto" or precision in BACKENDS[fast].precisions) \
                 and BACKENDS[fast].unavailable_reason(device) is None:
             return BACKENDS[fast]

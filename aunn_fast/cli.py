@@ -349,6 +349,7 @@ def _train_locked(args: argparse.Namespace) -> int:
             saved.pop("steps", None)
         train_cfg = TrainConfig(**{**saved, **overrides})
         total = train_cfg.total_steps(data.length)
+        check_model_fits(model.cfg, args.device, min(train_cfg.batch_size, data.length))  # --batch-size may be new
     else:
         _refuse_existing_run(args.out, "continue it with --resume, or pass another --out")
         if not args.data:
