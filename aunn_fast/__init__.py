@@ -1,4 +1,5 @@
 """aunn_fast: Absolute Unit Neural Networks, trained and run fast."""
+
 from .config import AUNNConfig
 from .model import AUNN
 from .params import AUNNParams

@@ -5,6 +5,7 @@ over it once synced. A process killed mid-write leaves its temporary file behind
 same destination removes those whose writer is no longer running. A set of files is written into a
 staging directory ``.staging.PID.RANDOM`` and moved into place once all are written.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ the float32 parameters, and returns float32 logits [N, V], the loss (its last ar
 ``triton`` is the fused kernel path (``aunn_fast.kernels``); ``cpp`` the fused CPU path of the
 optional C++ extension (``aunn_fast.cpp_backend``, fp32), built on first use where a compiler exists.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -65,8 +66,10 @@ def _triton_unavailable(device: torch.device) -> str | None:
     try:
         kernels = _import_kernels()
     except ImportError as exc:
-        return (f"the triton backend needs the `triton` package, which failed to import: {exc} (a CUDA build of "
-                "torch brings it on Linux; elsewhere pip install 'aunn_fast[triton]')")
+        return (
+            f"the triton backend needs the `triton` package, which failed to import: {exc} (a CUDA build of "
+            "torch brings it on Linux; elsewhere pip install 'aunn_fast[triton]')"
+        )
     return kernels.unavailable_reason(device)
 
 
@@ -103,14 +106,29 @@ def _cpp_op(op: str) -> Callable[..., torch.Tensor]:
 
 
 BACKENDS: dict[str, Backend] = {
-    "reference": Backend("reference", reference.logits, reference.loss, reference.predict,
-                         PRECISIONS, _always_available),
-    "compile": Backend("compile", _compiled(reference.logits), _compiled(reference.loss),
-                       _compiled(reference.predict), PRECISIONS, _compile_unavailable),
-    "triton": Backend("triton", _triton_op("logits"), _triton_op("loss"), _triton_op("predict"),
-                      PRECISIONS, _triton_unavailable, _triton_check_settings),
-    "cpp": Backend("cpp", _cpp_op("logits"), _cpp_op("loss"), _cpp_op("predict"), ("fp32",),
-                   _cpp_unavailable, _cpp_check_settings),
+    "reference": Backend(
+        "reference", reference.logits, reference.loss, reference.predict, PRECISIONS, _always_available
+    ),
+    "compile": Backend(
+        "compile",
+        _compiled(reference.logits),
+        _compiled(reference.loss),
+        _compiled(reference.predict),
+        PRECISIONS,
+        _compile_unavailable,
+    ),
+    "triton": Backend(
+        "triton",
+        _triton_op("logits"),
+        _triton_op("loss"),
+        _triton_op("predict"),
+        PRECISIONS,
+        _triton_unavailable,
+        _triton_check_settings,
+    ),
+    "cpp": Backend(
+        "cpp", _cpp_op("logits"), _cpp_op("loss"), _cpp_op("predict"), ("fp32",), _cpp_unavailable, _cpp_check_settings
+    ),
 }
 
 
@@ -147,8 +165,11 @@ def resolve_backend(name: str, device: torch.device | str, precision: str = "aut
     if check_backend_name(name) == "auto":
         transforming = torch._C._functorch.peek_interpreter_stack() is not None
         fast = None if transforming else {"cuda": "triton", "cpu": "cpp"}.get(device.type)
-        if fast is not None and (precision == "auto" or precision in BACKENDS[fast].precisions) \
-                and BACKENDS[fast].unavailable_reason(device) is None:
+        if (
+            fast is not None
+            and (precision == "auto" or precision in BACKENDS[fast].precisions)
+            and BACKENDS[fast].unavailable_reason(device) is None
+        ):
             return BACKENDS[fast]
         return BACKENDS["reference"]
     reason = BACKENDS[name].unavailable_reason(device)

@@ -5,6 +5,7 @@ batch), lr (of the step), full_accuracy (over the training data or its fixed sam
 where it was not measured), full_accuracy_indices (how many indices it scored; 0 when not
 measured), indices_per_s and elapsed_s.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,7 @@ class TensorBoardLogger(Callback):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            raise ImportError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {exc}") \
-                from None
+            raise ImportError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {exc}") from None
         self.writer = SummaryWriter(log_dir, purge_step=purge_step)
 
     def on_log(self, row: dict[str, float]) -> None:

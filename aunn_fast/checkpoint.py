@@ -9,6 +9,7 @@ and the metadata against the schema below and the config; only then are tensors 
 be finite. Every refusal is a :class:`CheckpointError` naming the file and the field. This module
 knows nothing of the model class: :meth:`AUNN.load` builds a model from the :class:`Checkpoint`.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,23 @@ FORMAT = "aunn_fast/1"
 EXTRA_PREFIX = "extra."
 OPTIMIZER_PREFIX = "optim."  # an optimizer state tensor: extra.optim.{parameter number}.{name}
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "U16": 2, "U32": 4, "U64": 8, "F8_E5M2": 1, "F8_E4M3": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+}
 # Per-parameter optimizer state is saved as optim.{parameter number}.{key}: "step" a scalar, any other key
 # (AdamW's exp_avg and exp_avg_sq, SGD's momentum_buffer, ... of a caller's optimizer) a tensor of the
 # parameter's shape; every parameter with state has the same keys.
@@ -83,20 +99,33 @@ class Checkpoint:
 
 # -- writing ----------------------------------------------------------------------------------------
 
-def save(path: str | os.PathLike[str], params: Mapping[str, torch.Tensor], cfg: AUNNConfig,
-         vocab: list[str] | int | None = None, data_description: dict[str, Any] | None = None,
-         extra: Mapping[str, torch.Tensor] | None = None, extra_metadata: Mapping[str, str] | None = None) -> None:
+
+def save(
+    path: str | os.PathLike[str],
+    params: Mapping[str, torch.Tensor],
+    cfg: AUNNConfig,
+    vocab: list[str] | int | None = None,
+    data_description: dict[str, Any] | None = None,
+    extra: Mapping[str, torch.Tensor] | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> None:
     """Write float32 parameters, ``extra`` tensors and the metadata to a safetensors file, atomically."""
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in params.items()}
     for name, t in (extra or {}).items():
         tensors[EXTRA_PREFIX + name] = t.detach().to("cpu").contiguous()
-    metadata = {"format": FORMAT, "config": cfg.to_json(), "vocab": json.dumps(vocab),
-                "data": json.dumps(data_description), **(extra_metadata or {})}
+    metadata = {
+        "format": FORMAT,
+        "config": cfg.to_json(),
+        "vocab": json.dumps(vocab),
+        "data": json.dumps(data_description),
+        **(extra_metadata or {}),
+    }
     # serialized here and written by Python, as safetensors' save_file makes its files mode 0600
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(safetensors.torch.save(tensors, metadata=metadata)))
 
 
 # -- reading ----------------------------------------------------------------------------------------
+
 
 def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Checkpoint:
     """The validated contents of the checkpoint at path, its tensors on map_location.
@@ -113,8 +142,12 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
         raise MissingFileError(f"no checkpoint at {path}")
     infos, metadata = read_header(path)
     if metadata.get("format") != FORMAT:
-        raise CheckpointError(path, "format", f"a safetensors file but not an aunn_fast checkpoint (format tag "
-                                              f"{metadata.get('format')!r}, expected {FORMAT!r})")
+        raise CheckpointError(
+            path,
+            "format",
+            f"a safetensors file but not an aunn_fast checkpoint (format tag "
+            f"{metadata.get('format')!r}, expected {FORMAT!r})",
+        )
     cfg = _config(path, metadata)
     vocab = _vocab(path, metadata, cfg)
     data = _data_description(path, metadata, cfg, vocab)
@@ -123,7 +156,7 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
     check_fits(f"reading {path}", sum(info.end - info.begin for info in infos.values()), "cpu")
     tensors = _read_tensors(path, infos)
     params = {name: tensors[name].to(device) for name in param_shapes(cfg)}
-    extra = {name[len(EXTRA_PREFIX):]: t.to(device) for name, t in tensors.items() if name.startswith(EXTRA_PREFIX)}
+    extra = {name[len(EXTRA_PREFIX) :]: t.to(device) for name, t in tensors.items() if name.startswith(EXTRA_PREFIX)}
     return Checkpoint(path, cfg, params, vocab, data, extra, metadata, train_state, groups)
 
 
@@ -137,12 +170,15 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     with path.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise CheckpointError(path, "", f"not a readable checkpoint (truncated, or not safetensors): "
-                                            f"{size} bytes")
+            raise CheckpointError(path, "", f"not a readable checkpoint (truncated, or not safetensors): {size} bytes")
         length = int.from_bytes(prefix, "little")
         if length > min(size - 8, MAX_HEADER_BYTES):
-            raise CheckpointError(path, "", f"not a readable checkpoint (truncated, or not safetensors): its header "
-                                            f"claims {length} bytes, the file holds {size}")
+            raise CheckpointError(
+                path,
+                "",
+                f"not a readable checkpoint (truncated, or not safetensors): its header "
+                f"claims {length} bytes, the file holds {size}",
+            )
         raw = f.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -161,8 +197,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise CheckpointError(path, "", "not a readable checkpoint: its tensors' byte ranges overlap or leave gaps")
         covered = info.end
     if covered != data_bytes:
-        raise CheckpointError(path, "", f"not a readable checkpoint (truncated?): its tensors hold {covered} bytes, "
-                                        f"the file {data_bytes} after the header")
+        raise CheckpointError(
+            path,
+            "",
+            f"not a readable checkpoint (truncated?): its tensors hold {covered} bytes, "
+            f"the file {data_bytes} after the header",
+        )
     return infos, metadata
 
 
@@ -175,13 +215,21 @@ def _tensor_info(path: Path, name: str, entry: Any, data_bytes: int) -> TensorIn
         raise CheckpointError(path, where, f"unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
         raise CheckpointError(path, where, f"shape must be a list of sizes >= 0, got {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
-        raise CheckpointError(path, where, f"data_offsets {offsets!r} do not lie within the file's "
-                                           f"{data_bytes} bytes of data (truncated?)")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_int(o) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1] <= data_bytes
+    ):
+        raise CheckpointError(
+            path,
+            where,
+            f"data_offsets {offsets!r} do not lie within the file's {data_bytes} bytes of data (truncated?)",
+        )
     if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
-        raise CheckpointError(path, where, f"shape {shape} of {dtype} does not match its {offsets[1] - offsets[0]} "
-                                           "bytes")
+        raise CheckpointError(
+            path, where, f"shape {shape} of {dtype} does not match its {offsets[1] - offsets[0]} bytes"
+        )
     return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
 
 
@@ -195,8 +243,11 @@ def _read_tensors(path: Path, infos: Mapping[str, TensorInfo]) -> dict[str, torc
         raise CheckpointError(path, "", f"not a readable checkpoint (truncated, or not safetensors): {exc}") from None
     for name, tensor in tensors.items():
         if _checked_tensor(name) and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(path, f"tensor {name!r}", "holds non-finite values (NaN or infinity): the run "
-                                                            "that wrote it had diverged")
+            raise CheckpointError(
+                path,
+                f"tensor {name!r}",
+                "holds non-finite values (NaN or infinity): the run that wrote it had diverged",
+            )
         if name.endswith(".exp_avg_sq") and bool((tensor < 0).any()):
             raise CheckpointError(path, f"tensor {name!r}", "a second moment must be >= 0")
     return tensors
@@ -222,9 +273,14 @@ def _check_tensor_infos(path: Path, infos: Mapping[str, TensorInfo], cfg: AUNNCo
     for name, info in infos.items():
         if not name.startswith(EXTRA_PREFIX + OPTIMIZER_PREFIX):
             continue
-        number, _, key = name[len(EXTRA_PREFIX + OPTIMIZER_PREFIX):].partition(".")
-        if not (number.isascii() and number.isdigit() and int(number) < len(order) and key
-                and set(key) <= OPTIMIZER_KEY_CHARS):
+        number, _, key = name[len(EXTRA_PREFIX + OPTIMIZER_PREFIX) :].partition(".")
+        if not (
+            number.isascii()
+            and number.isdigit()
+            and int(number) < len(order)
+            and key
+            and set(key) <= OPTIMIZER_KEY_CHARS
+        ):
             expected = f"optim.{{0..{len(order) - 1}}}.KEY (KEY: step, exp_avg, exp_avg_sq, ...)"
             raise CheckpointError(path, f"tensor {name!r}", f"not optimizer state: expected {expected}")
         found.setdefault(int(number), set()).add(key)
@@ -237,19 +293,24 @@ def _check_tensor_infos(path: Path, infos: Mapping[str, TensorInfo], cfg: AUNNCo
     for number, keys in found.items():
         missing = every_key - keys
         if missing:
-            raise CheckpointError(path, f"tensor 'extra.optim.{number}.{sorted(missing)[0]}'",
-                                  "missing: the optimizer state is incomplete")
+            raise CheckpointError(
+                path,
+                f"tensor 'extra.optim.{number}.{sorted(missing)[0]}'",
+                "missing: the optimizer state is incomplete",
+            )
 
 
 def _expect(path: Path, name: str, info: TensorInfo, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> None:
     if info.dtype not in dtypes:
         raise CheckpointError(path, f"tensor {name!r}", f"dtype {info.dtype}, expected {' or '.join(dtypes)}")
     if info.shape != tuple(shape):
-        raise CheckpointError(path, f"tensor {name!r}", f"shape {info.shape}, expected {tuple(shape)} "
-                                                        "(from the checkpoint's config)")
+        raise CheckpointError(
+            path, f"tensor {name!r}", f"shape {info.shape}, expected {tuple(shape)} (from the checkpoint's config)"
+        )
 
 
 # -- the metadata's schema --------------------------------------------------------------------------
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -302,8 +363,11 @@ def _vocab(path: Path, metadata: Mapping[str, str], cfg: AUNNConfig) -> list[str
     if not (isinstance(vocab, list) and all(isinstance(t, str) and len(t) == 1 for t in vocab)):
         raise CheckpointError(path, "vocab", "must be null, the number of token ids, or a list of single characters")
     if len(vocab) != size or len(set(vocab)) != size:
-        raise CheckpointError(path, "vocab", f"must list {size} distinct characters (config.vocab_size), "
-                                             f"got {len(vocab)} ({len(set(vocab))} distinct)")
+        raise CheckpointError(
+            path,
+            "vocab",
+            f"must list {size} distinct characters (config.vocab_size), got {len(vocab)} ({len(set(vocab))} distinct)",
+        )
     return vocab
 
 
@@ -328,15 +392,21 @@ def _check_description(path: Path, data: Any, cfg: AUNNConfig, vocab: Any, where
         elif not valid(data[name]):
             raise CheckpointError(path, f"{where}.{name}", f"must be {what}, got {data[name]!r}")
 
-    need("length", lambda v: _is_int(v) and 1 <= v <= cfg.max_index + 1, f"an integer in 1..{cfg.max_index + 1} "
-         f"(the indices of bits={cfg.bits})")
+    need(
+        "length",
+        lambda v: _is_int(v) and 1 <= v <= cfg.max_index + 1,
+        f"an integer in 1..{cfg.max_index + 1} (the indices of bits={cfg.bits})",
+    )
     if kind == "held_out_tail":
         need("held_out", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
         need("data", lambda v: True, "the whole data's description")
         whole = _check_description(path, data["data"], cfg, vocab, f"{where}.data")
         if whole["length"] != data["length"] + data["held_out"]:
-            raise CheckpointError(path, f"{where}.length", f"must be {where}.data.length - {where}.held_out "
-                                                           f"({whole['length']} - {data['held_out']})")
+            raise CheckpointError(
+                path,
+                f"{where}.length",
+                f"must be {where}.data.length - {where}.held_out ({whole['length']} - {data['held_out']})",
+            )
         return data
     if kind == "digits":
         need("held_out", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
@@ -351,8 +421,12 @@ def _check_description(path: Path, data: Any, cfg: AUNNConfig, vocab: Any, where
             raise CheckpointError(path, "vocab", f"toy data's vocabulary is {ToyData.vocab}, got {vocab!r}")
         return data
     need("path", lambda v: isinstance(v, str) and v != "" and "\0" not in v, "a file's path")
-    need("sha256", lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
-         "64 hexadecimal digits", required=False)
+    need(
+        "sha256",
+        lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+        "64 hexadecimal digits",
+        required=False,
+    )
     need("size", lambda v: _is_int(v) and v >= 0, "a byte count >= 0", required=False)
     need("mtime_ns", _is_int, "an integer", required=False)
     if kind == "tokens":
@@ -373,8 +447,9 @@ def _train_state(path: Path, metadata: Mapping[str, str]) -> dict[str, Any] | No
     if not (_is_int(state.get("step")) and state["step"] >= 0):
         raise CheckpointError(path, "train_state.step", f"must be an integer >= 0, got {state.get('step')!r}")
     if not (_is_number(state.get("elapsed_s", 0.0)) and state.get("elapsed_s", 0.0) >= 0):
-        raise CheckpointError(path, "train_state.elapsed_s", f"must be a finite number of seconds >= 0, got "
-                                                             f"{state['elapsed_s']!r}")
+        raise CheckpointError(
+            path, "train_state.elapsed_s", f"must be a finite number of seconds >= 0, got {state['elapsed_s']!r}"
+        )
     config = state.get("train_config", {})
     if not (isinstance(config, dict) and all(isinstance(k, str) for k in config)):
         raise CheckpointError(path, "train_state.train_config", "must be a JSON object")
@@ -389,22 +464,29 @@ def _optimizer_groups(path: Path, metadata: Mapping[str, str], cfg: AUNNConfig) 
     if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
         raise CheckpointError(path, "optimizer_groups", "must be a JSON list of objects")
     if len(groups) != 1 or groups[0].get("params") != list(range(count)):
-        raise CheckpointError(path, "optimizer_groups", f"must be one group of the parameters 0..{count - 1}, got "
-                                                        f"{[g.get('params') for g in groups]!r}")
+        raise CheckpointError(
+            path,
+            "optimizer_groups",
+            f"must be one group of the parameters 0..{count - 1}, got {[g.get('params') for g in groups]!r}",
+        )
     return groups
 
 
 # -- the seed notebook's layout: nn.Sequential(Linear, SiLU, RMSNorm) per layer ---------------
 
 SEED_KEYS = {  # AUNNParams name -> seed state-dict key
-    "in_weight": "input_layer.0.weight", "in_bias": "input_layer.0.bias", "in_gain": "input_layer.2.weight",
-    "out_weight": "output_layer.weight", "out_bias": "output_layer.bias",
+    "in_weight": "input_layer.0.weight",
+    "in_bias": "input_layer.0.bias",
+    "in_gain": "input_layer.2.weight",
+    "out_weight": "output_layer.weight",
+    "out_bias": "output_layer.bias",
 }
 SEED_LAYER_KEYS = {"hidden_weight": "0.weight", "hidden_bias": "0.bias", "hidden_gain": "2.weight"}  # layers.{i}.*
 
 
-def _seed_tensor(state_dict: Mapping[str, torch.Tensor], key: str, shape: tuple[int, ...] | None = None
-                 ) -> torch.Tensor:
+def _seed_tensor(
+    state_dict: Mapping[str, torch.Tensor], key: str, shape: tuple[int, ...] | None = None
+) -> torch.Tensor:
     """state_dict[key], checked to be a finite floating-point tensor (of the given shape); an error naming the
     key otherwise."""
     if key not in state_dict:
@@ -421,8 +503,9 @@ def _seed_tensor(state_dict: Mapping[str, torch.Tensor], key: str, shape: tuple[
     return tensor
 
 
-def params_from_seed_state_dict(state_dict: Mapping[str, torch.Tensor], eps: float | None = None,
-                                residual_every: int = 2) -> tuple[AUNNConfig, dict[str, torch.Tensor]]:
+def params_from_seed_state_dict(
+    state_dict: Mapping[str, torch.Tensor], eps: float | None = None, residual_every: int = 2
+) -> tuple[AUNNConfig, dict[str, torch.Tensor]]:
     """The config and parameters (named as :class:`AUNNParams`) of the seed notebook's state dict.
 
     input_layer.0.weight [H, bits] gives H and bits, output_layer.weight [V, H] the vocabulary, the
@@ -434,12 +517,15 @@ def params_from_seed_state_dict(state_dict: Mapping[str, torch.Tensor], eps: flo
     in_weight = _seed_tensor(state_dict, SEED_KEYS["in_weight"])
     out_weight = _seed_tensor(state_dict, SEED_KEYS["out_weight"])
     if in_weight.dim() != 2 or out_weight.dim() != 2:
-        raise UserInputError(f"seed state dict entries {SEED_KEYS['in_weight']!r} and {SEED_KEYS['out_weight']!r} "
-                             f"must be 2-D, got shapes {tuple(in_weight.shape)} and {tuple(out_weight.shape)}")
+        raise UserInputError(
+            f"seed state dict entries {SEED_KEYS['in_weight']!r} and {SEED_KEYS['out_weight']!r} "
+            f"must be 2-D, got shapes {tuple(in_weight.shape)} and {tuple(out_weight.shape)}"
+        )
     (hidden, bits), vocab = in_weight.shape, out_weight.shape[0]
     n_hidden = len({key.split(".")[1] for key in state_dict if key.startswith("layers.")})
-    cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=n_hidden + 2, bits=bits, eps=eps,
-                     residual_every=residual_every)
+    cfg = AUNNConfig(
+        vocab_size=vocab, hidden=hidden, layers=n_hidden + 2, bits=bits, eps=eps, residual_every=residual_every
+    )
     shapes = param_shapes(cfg)
     params = {name: _seed_tensor(state_dict, key, shapes[name]) for name, key in SEED_KEYS.items()}
     for name, suffix in SEED_LAYER_KEYS.items():

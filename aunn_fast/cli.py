@@ -1,4 +1,5 @@
 """The ``aunn`` command line: train, eval, generate, condition, demo, bench."""
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,11 @@ def default_device() -> str:
 
 # -- argument types: bad values fail in argparse, with its one-line error, before anything runs ----
 
+
 def _number(kind: type, low: float, strict: bool = False, high: float = math.inf) -> Callable[[str], Any]:
     """An argparse type: an int (kind=int) or a finite float, at least ``low`` (above it when strict) and at
     most ``high``."""
+
     def parse(text: str) -> Any:
         value = kind(text)  # a ValueError here is argparse's "invalid int value: 'x'"
         if not (math.isfinite(value) and (value > low if strict else value >= low)):
@@ -83,19 +86,29 @@ def _device(text: str) -> str:
 
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", type=_device, default=default_device(),
-                   help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
-                   help="auto, reference, compile or triton (default auto)")
-    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
-                   help="auto, fp32, tf32 or bf16 (default auto)")
+    p.add_argument(
+        "--device", type=_device, default=default_device(), help="cpu, cuda or cuda:N (default: cuda when available)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", *BACKENDS),
+        default="auto",
+        help="auto, reference, compile or triton (default auto)",
+    )
+    p.add_argument(
+        "--precision", choices=("auto", *PRECISIONS), default="auto", help="auto, fp32, tf32 or bf16 (default auto)"
+    )
 
 
 def _add_condition_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=NON_NEGATIVE_INT, default=1, help="gradient steps of conditioning (default 1)")
     p.add_argument("--lr", type=NON_NEGATIVE, default=1e-3, help="learning rate of conditioning (default 1e-3)")
-    p.add_argument("--optimizer", choices=CONDITION_OPTIMIZERS, default="adam",
-                   help="optimizer of conditioning: a fresh adam (default) or sgd")
+    p.add_argument(
+        "--optimizer",
+        choices=CONDITION_OPTIMIZERS,
+        default="adam",
+        help="optimizer of conditioning: a fresh adam (default) or sgd",
+    )
 
 
 ARCHITECTURE = {"hidden": 64, "layers": 8, "bits": 64}  # train's model options and their defaults
@@ -105,48 +118,97 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()  # the defaults shown are the trainer's own
     # The model options default to None so that --resume can tell them given (they must then match the checkpoint).
     p.add_argument("--hidden", type=int, default=None, help=f"hidden width H (default {ARCHITECTURE['hidden']})")
-    p.add_argument("--layers", type=int, default=None,
-                   help=f"layers incl. input layer and head (default {ARCHITECTURE['layers']})")
-    p.add_argument("--bits", type=int, default=None,
-                   help=f"binary digits of the index (default {ARCHITECTURE['bits']})")
+    p.add_argument(
+        "--layers", type=int, default=None, help=f"layers incl. input layer and head (default {ARCHITECTURE['layers']})"
+    )
+    p.add_argument(
+        "--bits", type=int, default=None, help=f"binary digits of the index (default {ARCHITECTURE['bits']})"
+    )
     p.add_argument("--batch-size", type=COUNT, default=None, help=f"indices per step (default {d.batch_size})")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=POSITIVE, default=None, help=f"passes over the data (default {d.epochs:g})")
     length.add_argument("--steps", type=NON_NEGATIVE_INT, default=None, help="optimizer steps (overrides epochs)")
     p.add_argument("--lr", type=NON_NEGATIVE, default=None, help=f"AdamW peak learning rate (default {d.lr:g})")
-    p.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=None,
-                   help=f"steps of linear warm-up to --lr (default {d.warmup_steps})")
-    p.add_argument("--schedule", choices=SCHEDULES, default=None,
-                   help=f"decay from --lr after warm-up to --min-lr at the last step (default {d.schedule})")
-    p.add_argument("--min-lr", type=NON_NEGATIVE, default=None,
-                   help=f"learning rate at the last step (default {d.min_lr:g})")
-    p.add_argument("--clip-grad-norm", type=NON_NEGATIVE, default=None,
-                   help=f"cut the gradients' total norm to this before every step, 0: never (default "
-                        f"{d.clip_grad_norm:g})")
-    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=None,
-                   help=f"AdamW weight decay (default {d.weight_decay:g})")
+    p.add_argument(
+        "--warmup-steps",
+        type=NON_NEGATIVE_INT,
+        default=None,
+        help=f"steps of linear warm-up to --lr (default {d.warmup_steps})",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=None,
+        help=f"decay from --lr after warm-up to --min-lr at the last step (default {d.schedule})",
+    )
+    p.add_argument(
+        "--min-lr", type=NON_NEGATIVE, default=None, help=f"learning rate at the last step (default {d.min_lr:g})"
+    )
+    p.add_argument(
+        "--clip-grad-norm",
+        type=NON_NEGATIVE,
+        default=None,
+        help=f"cut the gradients' total norm to this before every step, 0: never (default {d.clip_grad_norm:g})",
+    )
+    p.add_argument(
+        "--weight-decay", type=NON_NEGATIVE, default=None, help=f"AdamW weight decay (default {d.weight_decay:g})"
+    )
     p.add_argument("--seed", type=SEED, default=None, help="seed of the initial weights and batch order (default 0)")
     p.add_argument("--log-every", type=COUNT, default=None, help=f"steps between log rows (default {d.log_every})")
     p.add_argument("--save-every", type=COUNT, default=None, help=f"steps between checkpoints (default {d.save_every})")
-    p.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=None,
-                   help=f"steps between measurements of the accuracy over the whole training data (above "
-                        f"{FULL_PASS_LIMIT:,} indices a fixed sample of that many), logged as full_accuracy "
-                        f"(default {d.eval_every}: never)")
-    p.add_argument("--target-accuracy", type=FRACTION, default=None,
-                   help="stop once a --eval-every measurement reaches this accuracy (a fraction, e.g. 1.0)")
-    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False, default=None,
-                   help="on CUDA, run every step eagerly instead of replaying a captured graph")
+    p.add_argument(
+        "--eval-every",
+        type=NON_NEGATIVE_INT,
+        default=None,
+        help=f"steps between measurements of the accuracy over the whole training data (above "
+        f"{FULL_PASS_LIMIT:,} indices a fixed sample of that many), logged as full_accuracy "
+        f"(default {d.eval_every}: never)",
+    )
+    p.add_argument(
+        "--target-accuracy",
+        type=FRACTION,
+        default=None,
+        help="stop once a --eval-every measurement reaches this accuracy (a fraction, e.g. 1.0)",
+    )
+    p.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_const",
+        const=False,
+        default=None,
+        help="on CUDA, run every step eagerly instead of replaying a captured graph",
+    )
     _add_tensorboard_option(p)
 
 
 def _add_tensorboard_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
-                   help="also log the training figures (and the demo's evaluation) to TensorBoard in DIR "
-                        "(needs the tensorboard package)")
+    p.add_argument(
+        "--tensorboard",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also log the training figures (and the demo's evaluation) to TensorBoard in DIR "
+        "(needs the tensorboard package)",
+    )
 
 
-TRAIN_OPTIONS = ("batch_size", "epochs", "steps", "lr", "warmup_steps", "schedule", "min_lr", "clip_grad_norm",
-                 "weight_decay", "seed", "log_every", "save_every", "eval_every", "target_accuracy", "cuda_graph")
+TRAIN_OPTIONS = (
+    "batch_size",
+    "epochs",
+    "steps",
+    "lr",
+    "warmup_steps",
+    "schedule",
+    "min_lr",
+    "clip_grad_norm",
+    "weight_decay",
+    "seed",
+    "log_every",
+    "save_every",
+    "eval_every",
+    "target_accuracy",
+    "cuda_graph",
+)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -165,9 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=False, help="toy[:CHUNKS[:SEED]], text:PATH, bytes:PATH or tokens:PATH")
     p.add_argument("--out", required=True, type=Path, help="run directory (checkpoint, log)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--reset-optimizer", action="store_true",
-                   help="with --resume: continue with a fresh AdamW (zero moments) instead of the saved one; "
-                        "the run then differs from an uninterrupted one")
+    p.add_argument(
+        "--reset-optimizer",
+        action="store_true",
+        help="with --resume: continue with a fresh AdamW (zero moments) instead of the saved one; "
+        "the run then differs from an uninterrupted one",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_training_options(p)
     _add_runtime_options(p)
@@ -183,18 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--start", type=_index, default="END", help="END (the first index after the data) or an index")
     p.add_argument("--length", type=NON_NEGATIVE_INT, default=200, help="tokens to print (default 200)")
-    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0,
-                   help="0 = argmax (default), else softmax sampling")
-    p.add_argument("--by-backprop", action="store_true",
-                   help="Gwern's scheme: train on each prediction as data before predicting the next")
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = argmax (default), else softmax sampling")
+    p.add_argument(
+        "--by-backprop",
+        action="store_true",
+        help="Gwern's scheme: train on each prediction as data before predicting the next",
+    )
     p.add_argument("--seed", type=SEED, default=0, help="sampling seed (default 0)")
     _add_condition_options(p)
     _add_runtime_options(p)
 
     p = sub.add_parser("condition", help="teach a copy of the model a prompt by backprop, show what follows")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--prompt", required=True,
-                   help="text placed at --at .. --at+len-1 (a tokens:PATH model: token ids separated by spaces)")
+    p.add_argument(
+        "--prompt",
+        required=True,
+        help="text placed at --at .. --at+len-1 (a tokens:PATH model: token ids separated by spaces)",
+    )
     p.add_argument("--at", type=_index, default="END", help="END (the first index after the data) or an index")
     p.add_argument("--show", type=NON_NEGATIVE_INT, default=40, help="tokens shown after the prompt (default 40)")
     p.add_argument("--save", type=Path, default=None, help="write the conditioned model to this new run directory")
@@ -203,14 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the seed experiment end to end: train on toy data, evaluate, plot")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="run directory (default ./demo_out)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: sized for a 2-core CPU (default); seed: the seed notebook's own run (GPU); "
-                        "tiny: a smoke test; digits: handwritten digits, generated and inpainted (2-core CPU); "
-                        "shakespeare: memorise a text (--data text:PATH; one GPU)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="cpu: sized for a 2-core CPU (default); seed: the seed notebook's own run (GPU); "
+        "tiny: a smoke test; digits: handwritten digits, generated and inpainted (2-core CPU); "
+        "shakespeare: memorise a text (--data text:PATH; one GPU)",
+    )
     p.add_argument("--data", default=None, help="the preset's data instead of its own (shakespeare needs it)")
-    p.add_argument("--hold-out", type=NON_NEGATIVE_INT, default=0,
-                   help="tokens at the end of the data kept out of training; metrics.json's held_out scores "
-                        "the model's predictions there against a unigram model (default 0)")
+    p.add_argument(
+        "--hold-out",
+        type=NON_NEGATIVE_INT,
+        default=0,
+        help="tokens at the end of the data kept out of training; metrics.json's held_out scores "
+        "the model's predictions there against a unigram model (default 0)",
+    )
     p.add_argument("--seed", type=SEED, default=0, help="seed of the initial weights and batch order (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_tensorboard_option(p)
@@ -221,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- checks that need more than one option, or a file: all run before any compute ----------------
+
 
 class CommandError(Exception):
     """Bad input found by a command's own checks: main prints it as one line and exits with status 2."""
@@ -276,8 +355,10 @@ def _refuse_existing_run(path: Path, advice: str) -> None:
     _check_run_path(path)
     found = [name for name in (CHECKPOINT_NAME, LOG_NAME) if (path / name).exists()]
     if found == [LOG_NAME]:
-        _fail(f"{path} holds a training log but no checkpoint (a run that stopped before its first save cannot "
-              f"be resumed); pass another --out, or remove {path / LOG_NAME}")
+        _fail(
+            f"{path} holds a training log but no checkpoint (a run that stopped before its first save cannot "
+            f"be resumed); pass another --out, or remove {path / LOG_NAME}"
+        )
     if found:
         _fail(f"{path} already holds a run ({', '.join(found)}); {advice}")
 
@@ -355,8 +436,10 @@ def _train_locked(args: argparse.Namespace) -> int:
         if not args.data:
             _fail("--data is required (toy, text:PATH, bytes:PATH or tokens:PATH)")
         data = load_data(args.data)
-        shape = {name: default if getattr(args, name) is None else getattr(args, name)
-                 for name, default in ARCHITECTURE.items()}
+        shape = {
+            name: default if getattr(args, name) is None else getattr(args, name)
+            for name, default in ARCHITECTURE.items()
+        }
         cfg = AUNNConfig(vocab_size=data.vocab_size, **shape)
         check_data_fits(data, cfg)
         train_cfg = TrainConfig(**overrides)
@@ -365,12 +448,22 @@ def _train_locked(args: argparse.Namespace) -> int:
         model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=train_cfg.seed).to(args.device)
     logger = _tensorboard(args.tensorboard, int(state.get("step", 0)))
     shown = {k: v for k, v in data.describe().items() if k not in FINGERPRINT_KEYS}
-    print(f"training {model.cfg} on {shown} for {total} steps "
-          f"({args.device}, backend {model.active_backend().name}, precision {model.active_precision()}); "
-          f"{_recipe(train_cfg)}")
+    print(
+        f"training {model.cfg} on {shown} for {total} steps "
+        f"({args.device}, backend {model.active_backend().name}, precision {model.active_precision()}); "
+        f"{_recipe(train_cfg)}"
+    )
     try:
-        rows = train(model, data, train_cfg, args.out, resume=args.resume, progress=not args.quiet,
-                     reset_optimizer=args.reset_optimizer, callbacks=[logger] if logger else [])
+        rows = train(
+            model,
+            data,
+            train_cfg,
+            args.out,
+            resume=args.resume,
+            progress=not args.quiet,
+            reset_optimizer=args.reset_optimizer,
+            callbacks=[logger] if logger else [],
+        )
     except KeyboardInterrupt:
         if (args.out / CHECKPOINT_NAME).exists():
             print(f"interrupted: resume with `aunn train --out {args.out} --resume`", file=sys.stderr)
@@ -389,8 +482,10 @@ def _recipe(cfg: TrainConfig) -> str:
     """One line of the recipe, e.g. "AdamW lr 0.01 (warm-up 100, cosine to 0), weight decay 0.1, clip 1"."""
     clip = "no clipping" if cfg.clip_grad_norm is None else f"gradient norm clipped to {cfg.clip_grad_norm:g}"
     decay = "" if cfg.schedule == "constant" else f" to {cfg.min_lr:g}"
-    return (f"AdamW lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, {cfg.schedule}{decay}), "
-            f"weight decay {cfg.weight_decay:g}, {clip}")
+    return (
+        f"AdamW lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, {cfg.schedule}{decay}), "
+        f"weight decay {cfg.weight_decay:g}, {clip}"
+    )
 
 
 def _last_figures(rows: list[dict[str, float]]) -> str:
@@ -399,8 +494,10 @@ def _last_figures(rows: list[dict[str, float]]) -> str:
     text = f"step {int(last['step'])}, loss {last['loss']:.5f}, batch accuracy {last['accuracy']:.4f}"
     full = [r for r in rows if not math.isnan(r["full_accuracy"])]
     if full:
-        text += (f", accuracy over {int(full[-1]['full_accuracy_indices']):,} training indices "
-                 f"{full[-1]['full_accuracy']:.4%} (step {int(full[-1]['step'])})")
+        text += (
+            f", accuracy over {int(full[-1]['full_accuracy_indices']):,} training indices "
+            f"{full[-1]['full_accuracy']:.4%} (step {int(full[-1]['step'])})"
+        )
     return text
 
 
@@ -414,12 +511,20 @@ def _tensorboard(log_dir: Path | None, first_step: int = 0) -> TensorBoardLogger
         _fail(str(exc))
 
 
-def _evaluate_run(model: AUNN, run_dir: Path, trials: int, steps: int, lr: float, optimizer: str,
-                  seed: int) -> dict[str, Any]:
+def _evaluate_run(
+    model: AUNN, run_dir: Path, trials: int, steps: int, lr: float, optimizer: str, seed: int
+) -> dict[str, Any]:
     data = data_from_description(model.data_description, model.vocab)
     log_rows = read_log(run_dir / LOG_NAME)  # read first: a broken log fails before the evaluation's work
-    metrics = evaluate(model, data, seed=seed, condition_trials=trials, condition_steps=steps, condition_lr=lr,
-                       condition_optimizer=optimizer)
+    metrics = evaluate(
+        model,
+        data,
+        seed=seed,
+        condition_trials=trials,
+        condition_steps=steps,
+        condition_lr=lr,
+        condition_optimizer=optimizer,
+    )
 
     def write(staging: Path) -> list[Path]:
         written: list[Path] = []
@@ -450,8 +555,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_fits(f"printing {args.length:,} tokens", args.length * PRINTED_TOKEN_BYTES, "cpu")
     generator = torch.Generator().manual_seed(args.seed)
     if args.by_backprop:
-        tokens = generate_by_backprop(model, start, args.length, args.temperature, args.steps, args.lr,
-                                      args.optimizer, generator)
+        tokens = generate_by_backprop(
+            model, start, args.length, args.temperature, args.steps, args.lr, args.optimizer, generator
+        )
     else:
         tokens = generate(model, start, args.length, args.temperature, generator)
     print(decode(tokens, model.vocab))
@@ -478,8 +584,10 @@ def _condition_locked(args: argparse.Namespace) -> int:
     after_prompt = at + prompt.numel()
     tuned = condition(model, prompt, at, steps=args.steps, lr=args.lr, optimizer=args.optimizer)
     span = prompt.numel() + args.show
-    print(f"prompt {args.prompt!r} taught at indices {at}..{after_prompt - 1} "
-          f"({args.steps} {args.optimizer} step(s), lr {args.lr})")
+    print(
+        f"prompt {args.prompt!r} taught at indices {at}..{after_prompt - 1} "
+        f"({args.steps} {args.optimizer} step(s), lr {args.lr})"
+    )
     print(f"before: {decode(generate(model, at, span), model.vocab)!r}")
     print(f"after:  {decode(generate(tuned, at, span), model.vocab)!r}")
     if args.save is not None:
@@ -508,24 +616,72 @@ class Preset:
 # keeps the toy data's chunk structure valid 10 million indices out; on 80,000 indices (toy:20000) it kept the
 # model from learning at all in 2,500 steps, hence not the default.
 PRESETS = {
-    "tiny": Preset("toy:100", 32, 4, TrainConfig(batch_size=128, epochs=150, warmup_steps=20, weight_decay=0.1,
-                                                 log_every=10, save_every=10**9)),
-    "cpu": Preset("toy:10000", 64, 8, TrainConfig(batch_size=2048, epochs=150, weight_decay=0.1, log_every=20,
-                                                  eval_every=500, save_every=10**9)),
+    "tiny": Preset(
+        "toy:100",
+        32,
+        4,
+        TrainConfig(batch_size=128, epochs=150, warmup_steps=20, weight_decay=0.1, log_every=10, save_every=10**9),
+    ),
+    "cpu": Preset(
+        "toy:10000",
+        64,
+        8,
+        TrainConfig(batch_size=2048, epochs=150, weight_decay=0.1, log_every=20, eval_every=500, save_every=10**9),
+    ),
     # the seed notebook's run: its model, data, batch and 500 epochs, its lr 1e-3 (H=512), the same schedule
-    "seed": Preset("toy:100000", 512, 8, TrainConfig(batch_size=2048, epochs=500, lr=1e-3, warmup_steps=1000,
-                                                     weight_decay=0.1, log_every=200, eval_every=9800,
-                                                     save_every=19600)),
+    "seed": Preset(
+        "toy:100000",
+        512,
+        8,
+        TrainConfig(
+            batch_size=2048,
+            epochs=500,
+            lr=1e-3,
+            warmup_steps=1000,
+            weight_decay=0.1,
+            log_every=200,
+            eval_every=9800,
+            save_every=19600,
+        ),
+    ),
     # digits and shakespeare: lr constant within each of the stepped phases they were measured with
     # (lr_factors, experiments.train_stepped), not yet re-measured with the schedule (docs/experiments.md)
-    "digits": Preset("digits", 128, 6, TrainConfig(batch_size=512, epochs=100, lr=3e-3, weight_decay=0.1,
-                                                   schedule="constant", warmup_steps=0, clip_grad_norm=None,
-                                                   log_every=100, save_every=10**9),
-                     lr_factors=(1, 1 / 3, 1 / 10, 1 / 30), condition_steps=8, condition_lr=1e-3),
-    "shakespeare": Preset(None, 1024, 6, TrainConfig(batch_size=65_536, epochs=300, lr=1e-3, weight_decay=0.1,
-                                                      schedule="constant", warmup_steps=0, clip_grad_norm=None,
-                                                      log_every=100, save_every=2000),
-                          lr_factors=(1, 1 / 3, 1 / 10, 1 / 30)),
+    "digits": Preset(
+        "digits",
+        128,
+        6,
+        TrainConfig(
+            batch_size=512,
+            epochs=100,
+            lr=3e-3,
+            weight_decay=0.1,
+            schedule="constant",
+            warmup_steps=0,
+            clip_grad_norm=None,
+            log_every=100,
+            save_every=10**9,
+        ),
+        lr_factors=(1, 1 / 3, 1 / 10, 1 / 30),
+        condition_steps=8,
+        condition_lr=1e-3,
+    ),
+    "shakespeare": Preset(
+        None,
+        1024,
+        6,
+        TrainConfig(
+            batch_size=65_536,
+            epochs=300,
+            lr=1e-3,
+            weight_decay=0.1,
+            schedule="constant",
+            warmup_steps=0,
+            clip_grad_norm=None,
+            log_every=100,
+            save_every=2000,
+        ),
+        lr_factors=(1, 1 / 3, 1 / 10, 1 / 30),
+    ),
 }
 
 
@@ -549,16 +705,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     logger = _tensorboard(args.tensorboard)
     args.out.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"written by `aunn demo --preset {args.preset}`; the next demo here overwrites this run\n")
-    print(f"demo ({args.preset}, seed {args.seed}): {data.describe()}, {cfg}, "
-          f"{train_cfg.total_steps(data.length)} steps of {train_cfg.batch_size} on {args.device} "
-          f"(backend {model.active_backend().name}, precision {model.active_precision()}); {_recipe(train_cfg)}")
+    print(
+        f"demo ({args.preset}, seed {args.seed}): {data.describe()}, {cfg}, "
+        f"{train_cfg.total_steps(data.length)} steps of {train_cfg.batch_size} on {args.device} "
+        f"(backend {model.active_backend().name}, precision {model.active_precision()}); {_recipe(train_cfg)}"
+    )
     try:
         began = time.perf_counter()
         if preset.lr_factors:
             rows = train_stepped(model, data, train_cfg, args.out, preset.lr_factors, progress=not args.quiet)
         else:
-            rows = train(model, data, train_cfg, args.out, progress=not args.quiet,
-                         callbacks=[logger] if logger else [])
+            rows = train(
+                model, data, train_cfg, args.out, progress=not args.quiet, callbacks=[logger] if logger else []
+            )
         trained = time.perf_counter()
         steps, lr = preset.condition_steps, preset.condition_lr
         metrics = _evaluate_run(model, args.out, 30, steps=steps, lr=lr, optimizer="adam", seed=0)
@@ -580,13 +739,26 @@ def cmd_bench(bench_args: list[str]) -> int:
     return bench_main(bench_args, prog="aunn bench")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "condition": cmd_condition,
-            "demo": cmd_demo}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "condition": cmd_condition,
+    "demo": cmd_demo,
+}
 
 
 # OSErrors that are the machine's state, not a bug: a full disk, a read-only file system, no permission
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE,
-                      errno.ENAMETOOLONG}
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.ENAMETOOLONG,
+}
 REPORT = "the aunn_fast issue tracker"
 
 
@@ -608,8 +780,11 @@ def main(argv: list[str] | None = None) -> int:
             return _user_error(args.command, exc)
         return _internal_error(args.command)
     except (torch.OutOfMemoryError, MemoryError) as exc:
-        return _user_error(args.command, f"out of memory ({str(exc).splitlines()[0] if str(exc) else 'host'}): "
-                                         "try a smaller --batch-size, model or --length")
+        return _user_error(
+            args.command,
+            f"out of memory ({str(exc).splitlines()[0] if str(exc) else 'host'}): "
+            "try a smaller --batch-size, model or --length",
+        )
     except Exception:
         return _internal_error(args.command)
 
@@ -623,7 +798,10 @@ def _internal_error(command: str) -> int:
     """Print the traceback of the exception being handled and what to do with it."""
     kind, error, _ = sys.exc_info()
     traceback.print_exc()
-    print(f"aunn {command}: internal error: {kind.__name__ if kind else 'error'}: {error}\n"
-          f"This is a bug in aunn_fast {__version__}, not a problem with your input. Please report it to {REPORT} "
-          "with the command line and the traceback above.", file=sys.stderr)
+    print(
+        f"aunn {command}: internal error: {kind.__name__ if kind else 'error'}: {error}\n"
+        f"This is a bug in aunn_fast {__version__}, not a problem with your input. Please report it to {REPORT} "
+        "with the command line and the traceback above.",
+        file=sys.stderr,
+    )
     return 1

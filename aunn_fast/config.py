@@ -1,4 +1,5 @@
 """Model configuration: the shape of an AUNN, validated once at construction."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,10 @@ class AUNNConfig:
             if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool):
                 raise UserTypeError(f"AUNNConfig.eps must be a float or None, got {type(self.eps).__name__}")
             if not (math.isfinite(self.eps) and self.eps >= SMALLEST_NORMAL_FP32):
-                raise UserInputError(f"eps must be finite and at least 2**-126 (the smallest normal float32: the GPU's "
-                                 f"rsqrt flushes smaller values to zero), or None; got {self.eps!r}")
+                raise UserInputError(
+                    f"eps must be finite and at least 2**-126 (the smallest normal float32: the GPU's "
+                    f"rsqrt flushes smaller values to zero), or None; got {self.eps!r}"
+                )
 
     @property
     def hidden_layers(self) -> int:
@@ -80,8 +83,9 @@ class AUNNConfig:
             raise UserInputError(f"length must be >= 0, got {length}")
         last = start + max(length, 1) - 1
         if start < 0 or last > self.max_index:
-            raise UserInputError(f"indices {start}..{last} go past the model's largest index {self.max_index} "
-                             f"(bits={self.bits})")
+            raise UserInputError(
+                f"indices {start}..{last} go past the model's largest index {self.max_index} (bits={self.bits})"
+            )
 
     def to_json(self) -> str:
         """The config as a JSON object with sorted keys (read back by :meth:`from_json`)."""

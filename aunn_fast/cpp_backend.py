@@ -14,6 +14,7 @@ parameters P of :class:`AUNNParams`, then ``residual_every``, ``eps``):
 This module registers their fake implementations and autograd formulas, and offers the backend's
 ``logits`` / ``loss`` / ``predict`` and :class:`OneCallStep` (a whole optimizer step in one C++ call).
 """
+
 from __future__ import annotations
 
 import threading
@@ -51,8 +52,9 @@ def check_settings() -> None:
 # ----------------------------------------------------------------------------- fake tensors and autograd
 
 
-def _fake_logits(idx, in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias,
-                 residual_every, eps):
+def _fake_logits(
+    idx, in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias, residual_every, eps
+):
     return idx.new_empty((idx.shape[0], out_weight.shape[0]), dtype=torch.float32)
 
 
@@ -130,12 +132,15 @@ def _register_python_parts() -> None:
 
 def _operands(params: AUNNParams, cfg: AUNNConfig, precision: str) -> tuple[list[Tensor], int, float]:
     if precision not in SUPPORTED_PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not yet supported by the cpp backend (fp32 only); use "
-                         "backend='reference' or 'compile' for an emulated tf32/bf16")
+        raise ValueError(
+            f"precision {precision!r} is not yet supported by the cpp backend (fp32 only); use "
+            "backend='reference' or 'compile' for an emulated tf32/bf16"
+        )
     wrong = {name: p.dtype for name, p in zip(AUNNParams._fields, params) if p.dtype != torch.float32}
     if wrong:
-        raise TypeError(f"the cpp backend takes float32 parameters, got "
-                        f"{', '.join(f'{n} {d}' for n, d in wrong.items())}")
+        raise TypeError(
+            f"the cpp backend takes float32 parameters, got {', '.join(f'{n} {d}' for n, d in wrong.items())}"
+        )
     return [p.contiguous() for p in params], cfg.residual_every, cfg.norm_eps
 
 
@@ -145,8 +150,9 @@ def logits(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> 
     return torch.ops.aunn_fast.cpp_logits(idx, *p, every, eps)
 
 
-def loss(idx: Tensor, targets: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str,
-         reduction: str = "mean") -> Tensor:
+def loss(
+    idx: Tensor, targets: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str, reduction: str = "mean"
+) -> Tensor:
     """Cross-entropy, float32, logits never stored: "mean" / "sum" (scalars) or "none" ([N]). Where autograd
     will need them, the gradients of the rows' sum are computed in the same pass; a backward whose upstream
     gradient is the same for every row ("mean", "sum") only scales them."""
@@ -190,9 +196,19 @@ class OneCallStep:
     def __call__(self, idx: Tensor, targets: Tensor) -> Tensor:
         """The mean loss before the step, float32 scalar."""
         self.steps += 1
-        loss = torch.ops.aunn_fast.cpp_train_step(idx, targets, self.params, self.grads, self.exp_avg,
-                                                  self.exp_avg_sq, self.steps, self.lr, *ADAM_BETAS, ADAM_EPS,
-                                                  *self.settings)
+        loss = torch.ops.aunn_fast.cpp_train_step(
+            idx,
+            targets,
+            self.params,
+            self.grads,
+            self.exp_avg,
+            self.exp_avg_sq,
+            self.steps,
+            self.lr,
+            *ADAM_BETAS,
+            ADAM_EPS,
+            *self.settings,
+        )
         for p, g in zip(self.params, self.grads):
             p.grad = g
         return loss

@@ -7,6 +7,7 @@ different CPUs never loads a binary built for another one. Later processes load 
 a second. ``AUNN_FAST_CPP=0`` turns the extension off; without a compiler, or when the build fails, the package
 runs as before and :func:`unavailable_reason` says why (a failed build also warns once).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -110,12 +111,21 @@ def _build(name: str, sources: tuple[str, ...]) -> None:
     build_dir = cache_root() / f"{name}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob(f"{name}*.so")):
-        print(f"aunn_fast: building the {name} extension for this machine (once, a minute or two) in {build_dir}",
-              file=sys.stderr, flush=True)
-    cpp_extension.load(name=name, sources=[str(src / s) for s in sources],
-                       extra_cflags=[*CXX_FLAGS, f"-DAUNN_BUILD_KEY={key}"], extra_cuda_cflags=["-O3"],
-                       extra_ldflags=list(LD_FLAGS), build_directory=str(build_dir), is_python_module=False,
-                       verbose=False)
+        print(
+            f"aunn_fast: building the {name} extension for this machine (once, a minute or two) in {build_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+    cpp_extension.load(
+        name=name,
+        sources=[str(src / s) for s in sources],
+        extra_cflags=[*CXX_FLAGS, f"-DAUNN_BUILD_KEY={key}"],
+        extra_cuda_cflags=["-O3"],
+        extra_ldflags=list(LD_FLAGS),
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
 
 
 def _loaded(name: str, sources: tuple[str, ...], precondition: Callable[[], str | None]) -> str | None:
@@ -131,10 +141,10 @@ def _loaded(name: str, sources: tuple[str, ...], precondition: Callable[[], str 
                     _build(name, sources)
                 except Exception as exc:  # a compiler error, a missing header, ...: the package still runs
                     first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-                    reason = (f"building the C++ extension failed ({first.strip()[:300]}); "
-                              f"set {ENV_SWITCH}=0 to skip it")
-                    warnings.warn(f"aunn_fast: the {name} extension is unavailable: {reason}", RuntimeWarning,
-                                  stacklevel=3)
+                    reason = f"building the C++ extension failed ({first.strip()[:300]}); set {ENV_SWITCH}=0 to skip it"
+                    warnings.warn(
+                        f"aunn_fast: the {name} extension is unavailable: {reason}", RuntimeWarning, stacklevel=3
+                    )
             _state[name] = reason
         return _state[name]
 
@@ -154,6 +164,7 @@ def unavailable_reason() -> str | None:
 def cuda_unavailable_reason() -> str | None:
     """None once the CUDA extension (csrc/cuda) is loaded, else why not: it needs a CUDA build of torch and nvcc
     (CUDA_HOME or the PATH) besides what the CPU extension needs."""
+
     def precondition() -> str | None:
         from torch.utils import cpp_extension
 

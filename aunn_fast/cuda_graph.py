@@ -6,6 +6,7 @@ Capture needs static shapes and no host syncs: the batch size is fixed, the mode
 range checks are switched off inside the graph (the caller validates), and the
 optimizer must be capturable.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -31,8 +32,9 @@ class GraphedTrainStep:
     real step. Returns the static loss tensor (read it with ``.item()`` when needed).
     """
 
-    def __init__(self, model: AUNN, optimizer: torch.optim.Optimizer, batch_size: int,
-                 clip_grad_norm: float | None = None) -> None:
+    def __init__(
+        self, model: AUNN, optimizer: torch.optim.Optimizer, batch_size: int, clip_grad_norm: float | None = None
+    ) -> None:
         if model.device.type != "cuda":
             raise ValueError("CUDA graph capture needs a model on a CUDA device")
         if not capturable(optimizer):
@@ -67,8 +69,10 @@ class GraphedTrainStep:
 
     def _capture(self) -> torch.Tensor:
         saved_params = [p.detach().clone() for p in self.model.parameters()]
-        saved_state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-                       for p, s in self.optimizer.state.items()}
+        saved_state = {
+            p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+            for p, s in self.optimizer.state.items()
+        }
         validate, self.model.validate = self.model.validate, False
         try:
             with torch.cuda.device(self.model.device):  # streams and capture on the model's GPU, not the current one
@@ -113,12 +117,16 @@ class GraphedTrainStep:
         if idx.dtype != torch.int64 or targets.dtype != torch.int64:
             raise TypeError(f"a graphed step takes int64 indices and targets, got {idx.dtype} and {targets.dtype}")
         if self._settings() != self.captured_with:  # the replay would silently run the old choices
-            raise RuntimeError(f"captured with (backend, precision, lr) = {self.captured_with}, now "
-                               f"{self._settings()}: capture a new GraphedTrainStep")
+            raise RuntimeError(
+                f"captured with (backend, precision, lr) = {self.captured_with}, now "
+                f"{self._settings()}: capture a new GraphedTrainStep"
+            )
         if self.optimizer.state is not self.captured_state or self._param_addresses() != self.captured_addresses:
-            raise RuntimeError("the parameters or the optimizer state were replaced since capture (say by "
-                               "optimizer.load_state_dict), and a replay would update the old ones: "
-                               "capture a new GraphedTrainStep")
+            raise RuntimeError(
+                "the parameters or the optimizer state were replaced since capture (say by "
+                "optimizer.load_state_dict), and a replay would update the old ones: "
+                "capture a new GraphedTrainStep"
+            )
         self.idx.copy_(idx)
         self.targets.copy_(targets)
         self.graph.replay()

@@ -17,6 +17,7 @@ checkpoint so the run can be reopened. Specs on the command line:
 A file dataset's description carries the file's SHA-256, so a checkpoint reopens the data only
 if the file is unchanged (an edit that keeps the length included).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -76,8 +77,9 @@ class ToyData:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise UserTypeError(f"toy data's {name} must be an int, got {type(value).__name__}")
         if not 1 <= chunks <= self.MAX_CHUNKS:
-            raise UserInputError(f"toy data needs at least one chunk and at most 2**61 (4 indices each, within int64), "
-                                 f"got {chunks}")
+            raise UserInputError(
+                f"toy data needs at least one chunk and at most 2**61 (4 indices each, within int64), got {chunks}"
+            )
         if not 0 <= seed <= self.MAX_SEED:
             raise UserInputError(f"toy data's seed must be in 0..2**63-1, got {seed}")
         self.chunks, self.seed = chunks, seed
@@ -143,8 +145,14 @@ class FileData:
     def describe(self) -> dict[str, Any]:
         """JSON-able description (kind, absolute path, length, sha256, size, mtime_ns) that
         :func:`data_from_description` reopens."""
-        return {"kind": self.kind, "path": str(self.path.resolve()), "length": self.length, "sha256": self.sha256,
-                "size": self.size, "mtime_ns": self.mtime_ns}
+        return {
+            "kind": self.kind,
+            "path": str(self.path.resolve()),
+            "length": self.length,
+            "sha256": self.sha256,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+        }
 
 
 def smallest_token_dtype(vocab_size: int) -> np.dtype:
@@ -159,7 +167,7 @@ def _codepoint_chunks(text: str):
     """The Unicode code points of text as uint32 arrays of at most TEXT_CHUNK_CHARS each, so that the
     temporaries stay small next to the text itself."""
     for start in range(0, len(text), TEXT_CHUNK_CHARS):
-        yield np.frombuffer(text[start:start + TEXT_CHUNK_CHARS].encode("utf-32-le"), dtype="<u4")
+        yield np.frombuffer(text[start : start + TEXT_CHUNK_CHARS].encode("utf-32-le"), dtype="<u4")
 
 
 def characters_of(text: str) -> list[str]:
@@ -168,7 +176,7 @@ def characters_of(text: str) -> list[str]:
     for codepoints in _codepoint_chunks(text):
         chunk_counts = np.bincount(codepoints)
         counts = np.pad(counts, (0, max(0, chunk_counts.size - counts.size)))
-        counts[:chunk_counts.size] += chunk_counts
+        counts[: chunk_counts.size] += chunk_counts
     return [chr(c) for c in np.flatnonzero(counts).tolist()]
 
 
@@ -185,7 +193,7 @@ def encode_characters(text: str, vocab: list[str]) -> np.ndarray:
         if (chunk_ids < 0).any():
             unknown = sorted({chr(c) for c in np.unique(codepoints[chunk_ids < 0]).tolist()})
             raise UserInputError(f"characters not in the vocabulary: {unknown!r}")
-        ids[start:start + codepoints.size] = chunk_ids
+        ids[start : start + codepoints.size] = chunk_ids
         start += codepoints.size
     return ids
 
@@ -222,8 +230,8 @@ class TokenArray(FileData):
                 self._copy = torch.empty(self.length, dtype=_TORCH_DTYPES[dtype], device=device)
                 step = COPY_CHUNK_BYTES // dtype.itemsize
                 for start in range(0, self.length, step):
-                    chunk = self.array[start:start + step].astype(dtype)
-                    self._copy[start:start + chunk.size].copy_(torch.from_numpy(chunk))
+                    chunk = self.array[start : start + step].astype(dtype)
+                    self._copy[start : start + chunk.size].copy_(torch.from_numpy(chunk))
         return self._copy
 
     def targets(self, idx: torch.Tensor) -> torch.Tensor:
@@ -316,7 +324,7 @@ class TokensData(TokenArray):
         """The vocabulary size the ids need; a ValueError for a negative id or one too large to be a token."""
         low, high = 0, 0
         for start in range(0, self.length, SCAN_CHUNK_TOKENS):
-            chunk = self.array[start:start + SCAN_CHUNK_TOKENS]
+            chunk = self.array[start : start + SCAN_CHUNK_TOKENS]
             low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
         if low < 0:
             raise UserInputError(f"{self.path} holds a negative token id ({low})")
@@ -362,8 +370,8 @@ class DigitsData:
             raise UserInputError(f"held_out must be in 0..{len(all_images) - 1}, got {held_out}")
         self.held_out = held_out
         self.images = len(all_images) - held_out
-        self.train_images, self.held_out_images = all_images[:self.images], all_images[self.images:]
-        self.train_labels, self.held_out_labels = all_labels[:self.images], all_labels[self.images:]
+        self.train_images, self.held_out_images = all_images[: self.images], all_images[self.images :]
+        self.train_labels, self.held_out_labels = all_labels[: self.images], all_labels[self.images :]
         self.array = self.train_images.reshape(-1)
         self.length = self.array.size
 
@@ -394,8 +402,9 @@ class HeldOutTail:
 
     def __init__(self, data: ToyData | TextData | BytesData | TokensData | DigitsData, held_out: int) -> None:
         if not 0 < held_out < data.length:
-            raise UserInputError(f"the tokens held out must be 1 .. {data.length - 1} (the data's length - 1), "
-                             f"got {held_out}")
+            raise UserInputError(
+                f"the tokens held out must be 1 .. {data.length - 1} (the data's length - 1), got {held_out}"
+            )
         self.data, self.held_out = data, held_out
         self.length = data.length - held_out
         self.vocab, self.vocab_size = data.vocab, data.vocab_size
@@ -432,8 +441,9 @@ def load_data(spec: str) -> Dataset:
         if not Path(rest).is_file():
             raise MissingFileError(f"no such data file: {rest}")
         return FILE_DATASETS[kind](rest)
-    raise UserInputError(f"unknown data spec {spec!r}; use toy[:CHUNKS[:SEED]], text:PATH, bytes:PATH, tokens:PATH "
-                         "or digits")
+    raise UserInputError(
+        f"unknown data spec {spec!r}; use toy[:CHUNKS[:SEED]], text:PATH, bytes:PATH, tokens:PATH or digits"
+    )
 
 
 def data_from_description(description: dict[str, Any], vocab: Vocab = None) -> Dataset:
@@ -451,8 +461,10 @@ def data_from_description(description: dict[str, Any], vocab: Vocab = None) -> D
     if kind == "digits":
         data = DigitsData(description["held_out"])
         if data.length != description["length"]:
-            raise UserInputError(f"scikit-learn's digits have changed since the checkpoint was saved "
-                             f"(were {description['length']} training tokens, now {data.length})")
+            raise UserInputError(
+                f"scikit-learn's digits have changed since the checkpoint was saved "
+                f"(were {description['length']} training tokens, now {data.length})"
+            )
         return data
     if kind not in FILE_DATASETS:
         raise UserInputError(f"unknown dataset kind {kind!r} in checkpoint")
@@ -464,8 +476,9 @@ def data_from_description(description: dict[str, Any], vocab: Vocab = None) -> D
     untouched = (description.get("size"), description.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
     digest = recorded if recorded is not None and untouched else file_sha256(path)
     if recorded is not None and digest != recorded:
-        raise UserInputError(f"{path} changed since the checkpoint was saved "
-                         f"(sha256 was {recorded[:12]}..., now {digest[:12]}...)")
+        raise UserInputError(
+            f"{path} changed since the checkpoint was saved (sha256 was {recorded[:12]}..., now {digest[:12]}...)"
+        )
     if kind == "text":
         data = TextData(path, vocab)
     elif kind == "tokens":
@@ -473,8 +486,9 @@ def data_from_description(description: dict[str, Any], vocab: Vocab = None) -> D
     else:
         data = BytesData(path)
     if data.length != description["length"]:
-        raise UserInputError(f"{path} changed since the checkpoint was saved "
-                         f"(was {description['length']} tokens, now {data.length})")
+        raise UserInputError(
+            f"{path} changed since the checkpoint was saved (was {description['length']} tokens, now {data.length})"
+        )
     data._sha256 = digest
     return data
 

@@ -7,6 +7,7 @@ against the same digits with the bottom half left blank (the baseline that inpai
 
 Images are int64 NumPy arrays [n, 8, 8] of grey levels 0..16.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -67,8 +68,9 @@ def _features(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1).astype(np.float64) / (DIGIT_LEVELS - 1)
 
 
-def digit_metrics(classifier: Any, generated: np.ndarray, inpainted: np.ndarray, truth: np.ndarray,
-                  labels: np.ndarray) -> dict[str, Any]:
+def digit_metrics(
+    classifier: Any, generated: np.ndarray, inpainted: np.ndarray, truth: np.ndarray, labels: np.ndarray
+) -> dict[str, Any]:
     """metrics.json's ``digits`` entry. ``confident_share``: generated digits given one class with probability
     >= CONFIDENT; ``inpainted_accuracy`` against ``blank_bottom_accuracy`` (same digits, bottom rows 0) and
     ``truth_accuracy`` (the real digits), ``truth_confident_share``: the real held-out digits recognised with
@@ -83,17 +85,22 @@ def digit_metrics(classifier: Any, generated: np.ndarray, inpainted: np.ndarray,
 
     classes = np.bincount(classifier.predict(_features(generated)), minlength=10)
     bottom, true_bottom = inpainted[:, TAUGHT_ROWS:], truth[:, TAUGHT_ROWS:]
-    return {"generated": len(generated), "confident_share": confident(generated),
-            "truth_confident_share": confident(truth), "confidence_threshold": CONFIDENT,
-            "generated_classes": classes.tolist(), "inpainted": len(inpainted),
-            "inpainted_accuracy": accuracy(inpainted),
-            "blank_bottom_accuracy": accuracy(blank_bottom(truth)), "truth_accuracy": accuracy(truth),
-            "bottom_pixel_accuracy": float((bottom == true_bottom).mean()),
-            "blank_bottom_pixel_accuracy": float((true_bottom == 0).mean())}
+    return {
+        "generated": len(generated),
+        "confident_share": confident(generated),
+        "truth_confident_share": confident(truth),
+        "confidence_threshold": CONFIDENT,
+        "generated_classes": classes.tolist(),
+        "inpainted": len(inpainted),
+        "inpainted_accuracy": accuracy(inpainted),
+        "blank_bottom_accuracy": accuracy(blank_bottom(truth)),
+        "truth_accuracy": accuracy(truth),
+        "bottom_pixel_accuracy": float((bottom == true_bottom).mean()),
+        "blank_bottom_pixel_accuracy": float((true_bottom == 0).mean()),
+    }
 
 
-def run(model: AUNN, data: DigitsData, out_dir: Path, steps: int, lr: float, optimizer: str = "adam"
-        ) -> dict[str, Any]:
+def run(model: AUNN, data: DigitsData, out_dir: Path, steps: int, lr: float, optimizer: str = "adam") -> dict[str, Any]:
     """Generate, inpaint and judge; write generated.npy, inpainted.npy, inpaint_truth.npy, inpaint_labels.npy,
     digits_generated.png and digits_inpainted.png into out_dir. Returns the ``digits`` metrics (with the
     conditioning settings)."""
@@ -101,14 +108,21 @@ def run(model: AUNN, data: DigitsData, out_dir: Path, steps: int, lr: float, opt
     inpainted = inpaint(model, data, steps, lr, optimizer)
     truth = data.held_out_images.astype(np.int64)
     labels = data.held_out_labels
-    for name, array in (("generated", generated), ("inpainted", inpainted), ("inpaint_truth", truth),
-                        ("inpaint_labels", labels)):
+    for name, array in (
+        ("generated", generated),
+        ("inpainted", inpainted),
+        ("inpaint_truth", truth),
+        ("inpaint_labels", labels),
+    ):
         np.save(out_dir / f"{name}.npy", array)
     metrics = digit_metrics(train_classifier(data), generated, inpainted, truth, labels)
     metrics.update({"inpaint_steps": steps, "inpaint_lr": lr, "inpaint_optimizer": optimizer})
-    plot_grid(generated, out_dir / "digits_generated.png",
-              f"{len(generated)} digits generated after the data ({metrics['confident_share']:.0%} recognised "
-              f"with p >= {CONFIDENT})")
+    plot_grid(
+        generated,
+        out_dir / "digits_generated.png",
+        f"{len(generated)} digits generated after the data ({metrics['confident_share']:.0%} recognised "
+        f"with p >= {CONFIDENT})",
+    )
     plot_inpainting(truth, inpainted, labels, out_dir / "digits_inpainted.png")
     return metrics
 
@@ -125,8 +139,9 @@ def plot_grid(images: np.ndarray, path: Path, title: str, columns: int = 8) -> N
     _save(fig, path)
 
 
-def plot_inpainting(truth: np.ndarray, inpainted: np.ndarray, labels: np.ndarray, path: Path,
-                    shown: int = 24, columns: int = 6) -> None:
+def plot_inpainting(
+    truth: np.ndarray, inpainted: np.ndarray, labels: np.ndarray, path: Path, shown: int = 24, columns: int = 6
+) -> None:
     """The first ``shown`` held-out digits, each as a pair: the real digit, then the taught top rows with the
     predicted bottom rows (a red line between them)."""
     shown = min(shown, len(truth))
@@ -143,8 +158,9 @@ def plot_inpainting(truth: np.ndarray, inpainted: np.ndarray, labels: np.ndarray
         _show(completed_ax, inpainted[k])
         completed_ax.axhline(TAUGHT_ROWS - 0.5, color="tab:red", linewidth=1)
         completed_ax.set_title("inpainted", fontsize=7)
-    fig.suptitle("Held-out digits (left) and their inpainting: top half taught, bottom half predicted (right)",
-                 fontsize=9)
+    fig.suptitle(
+        "Held-out digits (left) and their inpainting: top half taught, bottom half predicted (right)", fontsize=9
+    )
     _save(fig, path)
 
 

@@ -15,6 +15,7 @@ The gradients are read from each parameter's ``.grad`` after ``backward()``, wha
 the backend computed them with, so no backend can skip the reduction (as a loss
 computed outside torch's DistributedDataParallel wrapper would).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,15 +62,18 @@ def launch_from_env(environ: Mapping[str, str] = os.environ) -> Launch | None:
         return None
     missing = [name for name in LAUNCH_VARIABLES if name not in environ]
     if missing:
-        raise UserInputError(f"{', '.join(present)} set but not {', '.join(missing)}: start data-parallel training "
-                         "with torchrun (or unset them)")
+        raise UserInputError(
+            f"{', '.join(present)} set but not {', '.join(missing)}: start data-parallel training "
+            "with torchrun (or unset them)"
+        )
     try:
         launch = Launch(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ["LOCAL_RANK"]))
     except ValueError:
         raise UserInputError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
     if not (0 <= launch.rank < launch.world_size and 0 <= launch.local_rank <= launch.rank):
-        raise UserInputError(f"inconsistent launch: RANK={launch.rank}, WORLD_SIZE={launch.world_size}, "
-                         f"LOCAL_RANK={launch.local_rank}")
+        raise UserInputError(
+            f"inconsistent launch: RANK={launch.rank}, WORLD_SIZE={launch.world_size}, LOCAL_RANK={launch.local_rank}"
+        )
     return launch
 
 
@@ -80,13 +84,17 @@ def rank_device(launch: Launch, device: str) -> str:
     if kind == "cpu":
         return device
     if device != "cuda" and launch.world_size > 1:
-        raise UserInputError(f"--device {device}: under torchrun each rank takes the GPU of its local rank; "
-                         "pass --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)")
+        raise UserInputError(
+            f"--device {device}: under torchrun each rank takes the GPU of its local rank; "
+            "pass --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)"
+        )
     if device != "cuda":
         return device
     if launch.local_rank >= torch.cuda.device_count():
-        raise UserInputError(f"local rank {launch.local_rank} has no GPU: this machine has "
-                         f"{torch.cuda.device_count()}; start at most that many processes per node")
+        raise UserInputError(
+            f"local rank {launch.local_rank} has no GPU: this machine has "
+            f"{torch.cuda.device_count()}; start at most that many processes per node"
+        )
     return f"cuda:{launch.local_rank}"
 
 
@@ -94,8 +102,9 @@ def init(launch: Launch, device: str) -> None:
     """Join the launch's process group: NCCL for a CUDA device, gloo for the CPU."""
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=launch.rank, world_size=launch.world_size, timeout=TIMEOUT,
-                                device_id=torch.device(device))
+        dist.init_process_group(
+            "nccl", rank=launch.rank, world_size=launch.world_size, timeout=TIMEOUT, device_id=torch.device(device)
+        )
     else:
         dist.init_process_group("gloo", rank=launch.rank, world_size=launch.world_size, timeout=TIMEOUT)
 
@@ -157,12 +166,21 @@ class DataParallel:
     after the same step. ``clip_grad_norm``: the reduced gradient's total norm is clipped to it before the step.
     """
 
-    def __init__(self, model: AUNN, optimizer: torch.optim.Optimizer, sampler: EpochSampler, data: Dataset,
-                 pressed: Callable[[], bool], clip_grad_norm: float | None = None) -> None:
+    def __init__(
+        self,
+        model: AUNN,
+        optimizer: torch.optim.Optimizer,
+        sampler: EpochSampler,
+        data: Dataset,
+        pressed: Callable[[], bool],
+        clip_grad_norm: float | None = None,
+    ) -> None:
         self.rank, self.world_size = rank_and_world_size()
         if (sampler.rank, sampler.world_size) != (self.rank, self.world_size):
-            raise ValueError(f"the sampler is for rank {sampler.rank} of {sampler.world_size}, "
-                             f"this process is rank {self.rank} of {self.world_size}")
+            raise ValueError(
+                f"the sampler is for rank {sampler.rank} of {sampler.world_size}, "
+                f"this process is rank {self.rank} of {self.world_size}"
+            )
         self.model, self.optimizer, self.sampler, self.data, self.pressed = model, optimizer, sampler, data, pressed
         self.clip_grad_norm = clip_grad_norm
         self.params = list(model.parameters())
@@ -171,7 +189,7 @@ class DataParallel:
         # float32 [gradients..., loss, status of rank 0 .. world_size-1], all summed by one all-reduce
         self.buffer = torch.zeros(total + 1 + self.world_size, dtype=torch.float32, device=model.device)
         self.grad_views = [view.view_as(p) for view, p in zip(self.buffer[:total].split(sizes), self.params)]
-        self.loss, self.status = self.buffer[total], self.buffer[total + 1:]
+        self.loss, self.status = self.buffer[total], self.buffer[total + 1 :]
         self.interrupted = False
 
     def stop_agreed(self) -> bool:
@@ -209,8 +227,10 @@ class DataParallel:
         failed = [rank for rank, s in enumerate(statuses) if s == FAILED]
         if failed:
             who = f"rank {failed[0]}" if len(failed) == 1 else f"ranks {', '.join(map(str, failed))}"
-            raise RankFailed(f"{who} failed in step {step + 1} (the error is in its output); every rank stopped "
-                             f"there, and the run directory keeps its last checkpoint")
+            raise RankFailed(
+                f"{who} failed in step {step + 1} (the error is in its output); every rank stopped "
+                f"there, and the run directory keeps its last checkpoint"
+            )
         self.interrupted = INTERRUPTED in statuses
         torch._foreach_copy_([p.grad for p in self.params], self.grad_views)
         if self.clip_grad_norm is not None:  # of the global gradient, the same on every rank

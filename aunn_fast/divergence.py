@@ -5,6 +5,7 @@ checked where the training loop syncs anyway (a log row, a checkpoint) or when i
 step reported is the first bad one, exactly. A non-finite gradient makes the weights non-finite, which
 the next step's loss shows; a checkpoint is written only after its weights and moments are checked.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -17,9 +18,11 @@ BUFFER_STEPS = 1024  # losses kept between checks at most: a check (one sync) at
 
 
 def advice(lr: float) -> str:
-    return (f"likely cause: a learning rate too high for this model (lr {lr:g}); try a smaller one. The last "
-            "checkpoint saved, if any, is kept as it was (no checkpoint is written from non-finite values). If a "
-            "small learning rate diverges too, please report it")
+    return (
+        f"likely cause: a learning rate too high for this model (lr {lr:g}); try a smaller one. The last "
+        "checkpoint saved, if any, is kept as it was (no checkpoint is written from non-finite values). If a "
+        "small learning rate diverges too, please report it"
+    )
 
 
 class LossWatch:
@@ -40,18 +43,22 @@ class LossWatch:
 
     def check(self) -> None:
         """TrainingDiverged naming the first step since the last check whose loss was not finite."""
-        kept = self.losses[:self.count]
+        kept = self.losses[: self.count]
         self.count = 0
         finite = torch.isfinite(kept)
         if kept.numel() and not bool(finite.all()):
             offset = int((~finite).int().argmax())
-            raise TrainingDiverged(f"training diverged: the loss of step {self.first_step + offset} is "
-                                   f"{float(kept[offset])}; {advice(self.lr)}")
+            raise TrainingDiverged(
+                f"training diverged: the loss of step {self.first_step + offset} is "
+                f"{float(kept[offset])}; {advice(self.lr)}"
+            )
 
 
 def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], step: int, lr: float) -> None:
     """TrainingDiverged naming the first of the named tensors holding a NaN or an infinity."""
     for name, tensor in tensors:  # a sync each, at a checkpoint, which copies every tensor to the host anyway
         if not bool(torch.isfinite(tensor).all()):
-            raise TrainingDiverged(f"training diverged: after step {step}, {name} holds non-finite values (a "
-                                   f"non-finite gradient); {advice(lr)}")
+            raise TrainingDiverged(
+                f"training diverged: after step {step}, {name} holds non-finite values (a "
+                f"non-finite gradient); {advice(lr)}"
+            )

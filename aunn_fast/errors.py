@@ -5,6 +5,7 @@ FileNotFoundError), so ``except ValueError`` keeps working; the command line rep
 these (and only these) as one-line user errors with exit status 2. Any other exception
 escaping a command is an internal error: it is printed with its traceback, exit status 1.
 """
+
 from __future__ import annotations
 
 

@@ -3,6 +3,7 @@
 All figures are computed from the model and the dataset; ``metrics.json`` holds them,
 ``report.md`` and the PNG plots show them.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,12 +18,12 @@ from .inference import condition, span
 from .model import AUNN
 
 EVAL_BATCH = 65_536
-EVAL_LOGITS_MAX = 1 << 24    # logits held at once when scoring (64 MB): fewer rows for a large vocabulary
-FIT_SAMPLE_LIMIT = 1 << 22   # larger datasets are scored on a random sample of this many indices
-HISTOGRAM_SPAN = 100_000     # indices after the data whose predictions are histogrammed
-HISTOGRAM_TOKENS = 96        # tokens the histogram names; a larger vocabulary's rarer ones are summed as one entry
+EVAL_LOGITS_MAX = 1 << 24  # logits held at once when scoring (64 MB): fewer rows for a large vocabulary
+FIT_SAMPLE_LIMIT = 1 << 22  # larger datasets are scored on a random sample of this many indices
+HISTOGRAM_SPAN = 100_000  # indices after the data whose predictions are histogrammed
+HISTOGRAM_TOKENS = 96  # tokens the histogram names; a larger vocabulary's rarer ones are summed as one entry
 EXTRAPOLATION_WINDOW = 4_000
-SUMMARY_TOKENS = 8           # tokens the summary's histogram line names, the most often predicted
+SUMMARY_TOKENS = 8  # tokens the summary's histogram line names, the most often predicted
 
 
 def room_after(model: AUNN, data: Dataset) -> int:
@@ -54,8 +55,12 @@ def fit(model: AUNN, data: Dataset, generator: torch.Generator) -> dict[str, Any
         correct += int((logits.argmax(-1) == targets).sum())
         total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
     loss = total_loss / idx.numel()
-    return {"train_accuracy": correct / idx.numel(), "train_loss": loss, "bits_per_token": loss / math.log(2),
-            "scored_indices": idx.numel()}
+    return {
+        "train_accuracy": correct / idx.numel(),
+        "train_loss": loss,
+        "bits_per_token": loss / math.log(2),
+        "scored_indices": idx.numel(),
+    }
 
 
 @torch.no_grad()
@@ -83,13 +88,18 @@ def held_out_fit(model: AUNN, data: HeldOutTail) -> dict[str, Any]:
         correct += int((logits.argmax(-1) == targets).sum())
         total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
         total_unigram += float(unigram_bits[targets.cpu()].sum())
-    return {"tokens": data.held_out, "bits_per_token": total_loss / math.log(2) / data.held_out,
-            "unigram_bits_per_token": total_unigram / data.held_out, "accuracy": correct / data.held_out,
-            "unigram_accuracy": float((data.targets(tail) == int(counts.argmax())).double().mean())}
+    return {
+        "tokens": data.held_out,
+        "bits_per_token": total_loss / math.log(2) / data.held_out,
+        "unigram_bits_per_token": total_unigram / data.held_out,
+        "accuracy": correct / data.held_out,
+        "unigram_accuracy": float((data.targets(tail) == int(counts.argmax())).double().mean()),
+    }
 
 
-def histogram(model: AUNN, data: Dataset, generator: torch.Generator) -> tuple[dict[str, dict[str, float]],
-                                                                            dict[str, float] | None]:
+def histogram(
+    model: AUNN, data: Dataset, generator: torch.Generator
+) -> tuple[dict[str, dict[str, float]], dict[str, float] | None]:
     """Fraction of each token among predictions past the data, beside its fraction in (a sample of) the data.
 
     Returns ({token name: {"training", "predicted"}}, other). The tokens seen in either are named most
@@ -108,8 +118,11 @@ def histogram(model: AUNN, data: Dataset, generator: torch.Generator) -> tuple[d
     other = None
     if seen.numel() > HISTOGRAM_TOKENS:
         seen, rest = seen[:HISTOGRAM_TOKENS], seen[HISTOGRAM_TOKENS:]
-        other = {"tokens": rest.numel(), "training": float(actual[rest].sum()),
-                 "predicted": float(predicted[rest].sum())}
+        other = {
+            "tokens": rest.numel(),
+            "training": float(actual[rest].sum()),
+            "predicted": float(predicted[rest].sum()),
+        }
     names = _token_names(model)
     return {names[i]: {"predicted": float(predicted[i]), "training": float(actual[i])} for i in seen.tolist()}, other
 
@@ -148,15 +161,18 @@ def extrapolation_windows(length: int, max_index: int) -> dict[str, tuple[int, i
 def extrapolation(model: AUNN, data: ToyData) -> dict[str, Any]:
     """Per bin that fits in the model's index range, the fraction of chunks predicted as a valid `|xxx`;
     plus the chance level."""
-    bins = {name: valid_chunk_fraction(predictions(model, start, size))
-            for name, (start, size) in extrapolation_windows(data.length, model.cfg.max_index).items()}
+    bins = {
+        name: valid_chunk_fraction(predictions(model, start, size))
+        for name, (start, size) in extrapolation_windows(data.length, model.cfg.max_index).items()
+    }
     v = model.cfg.vocab_size
     bins["chance_uniform"] = (1 / v) * (v - 1) * (1 / v) ** 3
     return bins
 
 
-def conditioning(model: AUNN, data: ToyData, trials: int, steps: int, lr: float, optimizer: str,
-                 generator: torch.Generator) -> dict[str, Any]:
+def conditioning(
+    model: AUNN, data: ToyData, trials: int, steps: int, lr: float, optimizer: str, generator: torch.Generator
+) -> dict[str, Any]:
     """Teach `|` and a letter at a fresh chunk past the data; success when the chunk's last two predictions follow.
 
     The letter taught is always one the model did not already predict there, so a
@@ -180,15 +196,35 @@ def conditioning(model: AUNN, data: ToyData, trials: int, steps: int, lr: float,
         with torch.no_grad():
             drift.append(float((tuned.predict(sample) == sample_targets).float().mean()))
         if trial < 5:
-            examples.append({"index": chunk_start, "taught": decode([0, letter], data.vocab),
-                             "before": decode(before, data.vocab), "after": decode(after, data.vocab),
-                             "success": success})
-    return {"success_rate": successes / trials, "trials": trials, "steps": steps, "lr": lr,
-            "optimizer": optimizer, "train_accuracy_after": sum(drift) / len(drift), "examples": examples}
+            examples.append(
+                {
+                    "index": chunk_start,
+                    "taught": decode([0, letter], data.vocab),
+                    "before": decode(before, data.vocab),
+                    "after": decode(after, data.vocab),
+                    "success": success,
+                }
+            )
+    return {
+        "success_rate": successes / trials,
+        "trials": trials,
+        "steps": steps,
+        "lr": lr,
+        "optimizer": optimizer,
+        "train_accuracy_after": sum(drift) / len(drift),
+        "examples": examples,
+    }
 
 
-def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 30, condition_steps: int = 1,
-             condition_lr: float = 1e-3, condition_optimizer: str = "adam") -> dict[str, Any]:
+def evaluate(
+    model: AUNN,
+    data: Dataset,
+    seed: int = 0,
+    condition_trials: int = 30,
+    condition_steps: int = 1,
+    condition_lr: float = 1e-3,
+    condition_optimizer: str = "adam",
+) -> dict[str, Any]:
     """Every metric of metrics.json for this model and dataset (extrapolation and conditioning: toy data only).
 
     What needs indices after the data covers those the model has (data that ends near 2**bits leaves
@@ -196,8 +232,9 @@ def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 
     past the largest index are left out of the extrapolation, and conditioning needs one chunk.
     """
     if condition_trials < 1 or condition_steps < 0:
-        raise UserInputError(f"condition_trials must be >= 1 and condition_steps >= 0, got {condition_trials} "
-                         f"and {condition_steps}")
+        raise UserInputError(
+            f"condition_trials must be >= 1 and condition_steps >= 0, got {condition_trials} and {condition_steps}"
+        )
     generator = torch.Generator().manual_seed(seed)
     metrics: dict[str, Any] = {"data": data.describe(), "config": model.cfg.__dict__.copy()}
     metrics.update(fit(model, data, generator))
@@ -212,8 +249,9 @@ def evaluate(model: AUNN, data: Dataset, seed: int = 0, condition_trials: int = 
         windows = extrapolation_windows(data.length, model.cfg.max_index)
         metrics["extrapolation_windows"] = {k: list(v) for k, v in windows.items()}
         if room_after(model, data) >= 4:
-            metrics["conditioning"] = conditioning(model, data, condition_trials, condition_steps, condition_lr,
-                                                   condition_optimizer, generator)
+            metrics["conditioning"] = conditioning(
+                model, data, condition_trials, condition_steps, condition_lr, condition_optimizer, generator
+            )
     return metrics
 
 
@@ -221,8 +259,10 @@ def summary(metrics: dict[str, Any]) -> str:
     """The lines ``aunn eval`` and ``aunn demo`` print: fit, the most often predicted tokens (a list that ends
     in "..." and the count left out when it is cut), extrapolation, the held-out tail, the digits experiment and
     conditioning where measured."""
-    lines = [f"training accuracy   {metrics['train_accuracy']:.4%}",
-             f"training loss       {metrics['train_loss']:.5f} nats ({metrics['bits_per_token']:.5f} bits/token)"]
+    lines = [
+        f"training accuracy   {metrics['train_accuracy']:.4%}",
+        f"training loss       {metrics['train_loss']:.5f} nats ({metrics['bits_per_token']:.5f} bits/token)",
+    ]
     ranked = sorted(metrics["histogram"].items(), key=lambda item: -item[1]["predicted"])
     left_out = len(ranked) - SUMMARY_TOKENS + metrics.get("histogram_other", {}).get("tokens", 0)
     ids = metrics["data"].get("kind") == "tokens"  # token ids are shown as numbers, characters quoted
@@ -235,22 +275,30 @@ def summary(metrics: dict[str, Any]) -> str:
         lines.append("valid |xxx chunks   " + ", ".join(f"{k}: {v:.3f}" for k, v in ext.items()))
     if "held_out" in metrics:
         held = metrics["held_out"]
-        lines.append(f"held-out tail       {held['bits_per_token']:.3f} bits/token over {held['tokens']} tokens "
-                     f"(unigram {held['unigram_bits_per_token']:.3f}); accuracy {held['accuracy']:.2%} "
-                     f"(unigram {held['unigram_accuracy']:.2%})")
+        lines.append(
+            f"held-out tail       {held['bits_per_token']:.3f} bits/token over {held['tokens']} tokens "
+            f"(unigram {held['unigram_bits_per_token']:.3f}); accuracy {held['accuracy']:.2%} "
+            f"(unigram {held['unigram_accuracy']:.2%})"
+        )
     if "digits" in metrics:
         dig = metrics["digits"]
-        lines.append(f"generated digits    {dig['confident_share']:.1%} of {dig['generated']} recognised with "
-                     f"p >= {dig['confidence_threshold']}")
-        lines.append(f"inpainted digits    classifier accuracy {dig['inpainted_accuracy']:.1%} (bottom half blank: "
-                     f"{dig['blank_bottom_accuracy']:.1%}, real digits: {dig['truth_accuracy']:.1%}); bottom "
-                     f"pixels right {dig['bottom_pixel_accuracy']:.1%} (all blank: "
-                     f"{dig['blank_bottom_pixel_accuracy']:.1%})")
+        lines.append(
+            f"generated digits    {dig['confident_share']:.1%} of {dig['generated']} recognised with "
+            f"p >= {dig['confidence_threshold']}"
+        )
+        lines.append(
+            f"inpainted digits    classifier accuracy {dig['inpainted_accuracy']:.1%} (bottom half blank: "
+            f"{dig['blank_bottom_accuracy']:.1%}, real digits: {dig['truth_accuracy']:.1%}); bottom "
+            f"pixels right {dig['bottom_pixel_accuracy']:.1%} (all blank: "
+            f"{dig['blank_bottom_pixel_accuracy']:.1%})"
+        )
     if "conditioning" in metrics:
         cond = metrics["conditioning"]
-        lines.append(f"conditioning        {cond['success_rate']:.1%} success over {cond['trials']} trials "
-                     f"({cond['steps']} {cond['optimizer']} step(s), lr {cond['lr']}); training accuracy after "
-                     f"{cond['train_accuracy_after']:.4%}")
+        lines.append(
+            f"conditioning        {cond['success_rate']:.1%} success over {cond['trials']} trials "
+            f"({cond['steps']} {cond['optimizer']} step(s), lr {cond['lr']}); training accuracy after "
+            f"{cond['train_accuracy_after']:.4%}"
+        )
         for e in cond["examples"][:3]:
             lines.append(f"    at {e['index']}: taught {e['taught']!r}: {e['before']!r} -> {e['after']!r}")
     return "\n".join(lines)

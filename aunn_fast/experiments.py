@@ -5,6 +5,7 @@ batch accuracy within 40 steps). Until the trainer has a schedule of its own, :f
 a run into equal phases, each continuing the last (same optimizer state, batches and log) at a lower
 learning rate.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -15,8 +16,9 @@ from .model import AUNN
 from .train import TrainConfig, train
 
 
-def train_stepped(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: Path, lr_factors: tuple[float, ...],
-                  progress: bool = True) -> list[dict[str, float]]:
+def train_stepped(
+    model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: Path, lr_factors: tuple[float, ...], progress: bool = True
+) -> list[dict[str, float]]:
     """Train for ``cfg.total_steps`` steps in ``len(lr_factors)`` equal phases at ``cfg.lr * factor`` each, every
     phase after the first resuming the run in ``run_dir`` (so the optimizer's moments carry over). Returns the
     logged rows of the whole run. ``lr_factors`` () trains once at ``cfg.lr``."""

@@ -6,6 +6,7 @@ gradient steps (Adam by default, or plain SGD) and then reads its predictions af
 the prompt; the original model is untouched. On CUDA, from GRAPH_MIN_STEPS steps on, the
 steps replay one captured CUDA graph.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,13 +58,13 @@ def generate_batch(model: AUNN) -> int:
 def check_output_fits(model: AUNN, length: int) -> None:
     """ResourceError unless ``length`` generated int64 tokens (and one batch's work) fit on the model's device."""
     batch = generate_batch(model)
-    check_fits(f"generating {length:,} tokens", length * INDEX_BYTES + batch * model.cfg.vocab_size * 8,
-               model.device)
+    check_fits(f"generating {length:,} tokens", length * INDEX_BYTES + batch * model.cfg.vocab_size * 8, model.device)
 
 
 @torch.no_grad()
-def generate(model: AUNN, start: int, length: int, temperature: float = 0.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+def generate(
+    model: AUNN, start: int, length: int, temperature: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Tokens at indices start .. start+length-1: int64 [length], predicted GENERATE_BATCH at a time.
     Checks the span and that the tokens fit in memory before any work."""
     model.cfg.check_span(start, length)
@@ -72,8 +73,9 @@ def generate(model: AUNN, start: int, length: int, temperature: float = 0.0,
     batch = generate_batch(model)
     for offset in range(0, length, batch):
         idx = span(model, start + offset, min(batch, length - offset))
-        out[offset:offset + idx.numel()] = model.predict(idx) if temperature == 0 else sample(model(idx), temperature,
-                                                                                               generator)
+        out[offset : offset + idx.numel()] = (
+            model.predict(idx) if temperature == 0 else sample(model(idx), temperature, generator)
+        )
     return out
 
 
@@ -97,8 +99,9 @@ def make_optimizer(model: AUNN, name: str, lr: float, capturable: bool = False) 
     raise UserInputError(f"unknown conditioning optimizer {name!r}; choose from {', '.join(CONDITION_OPTIMIZERS)}")
 
 
-def optimizer_step(model: AUNN, optimizer: str, lr: float, batch: int, total_steps: int
-                   ) -> Callable[[torch.Tensor, torch.Tensor], object]:
+def optimizer_step(
+    model: AUNN, optimizer: str, lr: float, batch: int, total_steps: int
+) -> Callable[[torch.Tensor, torch.Tensor], object]:
     """``step(idx, targets)``: one step of a fresh optimizer on ``batch`` indices and their targets, run
     ``total_steps`` times in all: replayed from one captured CUDA graph where that is GRAPH_MIN_STEPS or more
     on CUDA, one C++ call per step with the cpp backend (their steps check no input: the caller does), else
@@ -119,8 +122,9 @@ def optimizer_step(model: AUNN, optimizer: str, lr: float, batch: int, total_ste
     return step
 
 
-def condition(model: AUNN, prompt: torch.Tensor, at: int, steps: int = 1, lr: float = 1e-3,
-              optimizer: str = "adam") -> AUNN:
+def condition(
+    model: AUNN, prompt: torch.Tensor, at: int, steps: int = 1, lr: float = 1e-3, optimizer: str = "adam"
+) -> AUNN:
     """A copy of ``model`` after ``steps`` optimizer steps on the prompt (integer token ids [P]) at indices
     at..at+P-1. TypeError for a prompt that is not integer ids (float targets included); ValueError for ids
     outside the vocabulary, a span past the model's indices, steps < 0 or a learning rate not finite >= 0."""
@@ -139,9 +143,16 @@ def condition(model: AUNN, prompt: torch.Tensor, at: int, steps: int = 1, lr: fl
     return tuned
 
 
-def generate_by_backprop(model: AUNN, start: int, length: int, temperature: float = 0.0, steps: int = 1,
-                         lr: float = 1e-3, optimizer: str = "adam",
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+def generate_by_backprop(
+    model: AUNN,
+    start: int,
+    length: int,
+    temperature: float = 0.0,
+    steps: int = 1,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Gwern's sampling scheme: predict index i, train a copy on (i, prediction) as data, move to i+1.
 
     Returns int64 [length]; the model passed in is untouched. One optimizer (fresh here) trains the copy

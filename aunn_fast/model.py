@@ -1,4 +1,5 @@
 """The AUNN module: parameters, input checks, and dispatch to a backend."""
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,14 @@ class AUNN(nn.Module):
     Calls run with autocast off: ``precision`` alone sets the matrix products' operands.
     """
 
-    def __init__(self, cfg: AUNNConfig | None = None, backend: str = "auto", precision: str = "auto",
-                 seed: int | None = None, **config_kwargs: Any) -> None:
+    def __init__(
+        self,
+        cfg: AUNNConfig | None = None,
+        backend: str = "auto",
+        precision: str = "auto",
+        seed: int | None = None,
+        **config_kwargs: Any,
+    ) -> None:
         super().__init__()
         if cfg is None:
             cfg = AUNNConfig(**config_kwargs)
@@ -129,8 +136,14 @@ class AUNN(nn.Module):
             return zero.expand(idx.shape) if reduction == "none" else zero
         backend = self.active_backend()
         with self._own_precision():
-            losses = backend.loss(idx.reshape(-1).contiguous(), targets.reshape(-1).contiguous(),
-                                  self.params, self.cfg, self.active_precision(), reduction)
+            losses = backend.loss(
+                idx.reshape(-1).contiguous(),
+                targets.reshape(-1).contiguous(),
+                self.params,
+                self.cfg,
+                self.active_precision(),
+                reduction,
+            )
         return losses.reshape(idx.shape) if reduction == "none" else losses
 
     @torch.no_grad()
@@ -143,15 +156,23 @@ class AUNN(nn.Module):
         return flat.reshape(idx.shape)
 
     # -- persistence -------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str], extra: dict[str, torch.Tensor] | None = None,
-             extra_metadata: dict[str, str] | None = None) -> None:
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        extra: dict[str, torch.Tensor] | None = None,
+        extra_metadata: dict[str, str] | None = None,
+    ) -> None:
         """Write parameters, config, vocabulary and data description to a safetensors file, atomically."""
-        checkpoint.save(path, self.params._asdict(), self.cfg, self.vocab, self.data_description, extra,
-                        extra_metadata)
+        checkpoint.save(path, self.params._asdict(), self.cfg, self.vocab, self.data_description, extra, extra_metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], backend: str = "auto", precision: str = "auto",
-             map_location: str | torch.device = "cpu") -> AUNN:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        backend: str = "auto",
+        precision: str = "auto",
+        map_location: str | torch.device = "cpu",
+    ) -> AUNN:
         """Read a file written by :meth:`save`, validated whole first (:func:`checkpoint.load`): a
         ``CheckpointError`` (a ValueError) names the file and the field for a truncated, foreign or
         inconsistent file, FileNotFoundError says there is none."""

@@ -9,6 +9,7 @@ Shapes (H = hidden, L = layers, V = vocab_size, B = bits), all float32:
 
 Weights are stored as ``nn.Linear`` stores them: [out_features, in_features].
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,9 @@ def param_shapes(cfg: AUNNConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
-def init_params(cfg: AUNNConfig, generator: torch.Generator | None = None,
-                device: torch.device | str | None = None) -> AUNNParams:
+def init_params(
+    cfg: AUNNConfig, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> AUNNParams:
     """Kaiming-normal (fan-in) weights, zero biases, unit gains, as the seed model."""
     tensors = {}
     for name, shape in param_shapes(cfg).items():

@@ -16,6 +16,7 @@ All arithmetic is on int64 tensors holding values below 2^32 (a half) or below 2
 whole), and every product is of a value below 2^32 by a constant below 2^31, so nothing
 overflows int64. It runs on any device and gives the same permutation on every one.
 """
+
 from __future__ import annotations
 
 import torch

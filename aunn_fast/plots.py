@@ -4,6 +4,7 @@ Tokens are shown as text wherever a plot shows them, so that a plot reads for an
 vocabulary as its characters (space, newline and tab as ·, ↵ and →; characters the font cannot draw as
 Python escapes), raw bytes as ASCII or ``\\xNN`` escapes, token ids as numbers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,17 +26,18 @@ from matplotlib.ticker import LogFormatter  # noqa: E402
 from .data import Vocab  # noqa: E402
 
 DPI = 110
-FONT_SIZE = 10                   # points, the token panels' monospace text
-CHAR_WIDTH = 0.62 * FONT_SIZE    # points per character cell (DejaVu Sans Mono advances 0.602 em)
-LINE_HEIGHT = 1.5 * FONT_SIZE    # points per panel line
-LINE_CHARS = 64                  # character cells of tokens per panel line
-HISTOGRAM_BARS = 30              # tokens the histogram plot names; the rest are summed in one "other" bar
+FONT_SIZE = 10  # points, the token panels' monospace text
+CHAR_WIDTH = 0.62 * FONT_SIZE  # points per character cell (DejaVu Sans Mono advances 0.602 em)
+LINE_HEIGHT = 1.5 * FONT_SIZE  # points per panel line
+LINE_CHARS = 64  # character cells of tokens per panel line
+HISTOGRAM_BARS = 30  # tokens the histogram plot names; the rest are summed in one "other" bar
 WHITESPACE = {" ": "·", "\n": "↵", "\t": "→"}
 WHITESPACE_NAMES = {" ": "space", "\n": "newline", "\t": "tab"}
 DIFFERS = "tab:red"
 
 
 # -- how tokens read ----------------------------------------------------------------------------------
+
 
 @functools.cache
 def _monospace_font() -> FT2Font:
@@ -82,17 +84,18 @@ def tokens_per_line(vocab: Vocab) -> int:
 
 # -- plots -------------------------------------------------------------------------------------------
 
+
 def loss_curve(rows: list[dict[str, float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     steps = [r["step"] for r in rows]
-    loss_line, = ax.plot(steps, [r["loss"] for r in rows], label="loss")
+    (loss_line,) = ax.plot(steps, [r["loss"] for r in rows], label="loss")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(_PlainLogFormatter())
     ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats)")
     twin = ax.twinx()
-    accuracy_line, = twin.plot(steps, [r["accuracy"] for r in rows], color="tab:orange", label="batch accuracy")
+    (accuracy_line,) = twin.plot(steps, [r["accuracy"] for r in rows], color="tab:orange", label="batch accuracy")
     twin.set_ylabel("batch accuracy")
     twin.set_ylim(0, 1.02)
     ax.set_title("Training loss and accuracy")
@@ -107,9 +110,16 @@ class _PlainLogFormatter(LogFormatter):
         return f"{x:g}"
 
 
-def token_panel(rows: dict[str, torch.Tensor], start: int, vocab: Vocab, vocab_size: int, title: str,
-                path: Path, breaks: dict[int, str] | None = None,
-                compare: tuple[str, str] | None = None) -> None:
+def token_panel(
+    rows: dict[str, torch.Tensor],
+    start: int,
+    vocab: Vocab,
+    vocab_size: int,
+    title: str,
+    path: Path,
+    breaks: dict[int, str] | None = None,
+    compare: tuple[str, str] | None = None,
+) -> None:
     """Rows of tokens over indices start.. as text, wrapped into lines that each begin with their absolute index.
 
     rows: name -> int64 [width] token ids, all of one width; -1 leaves a position blank (e.g. no data past
@@ -130,8 +140,11 @@ def token_panel(rows: dict[str, torch.Tensor], start: int, vocab: Vocab, vocab_s
     x0 = index_width + 2 + name_width + 2
     columns = x0 + LINE_CHARS + max(cells)
     shown = {label for row in texts.values() for label in row}
-    legend = [f"{mark} {WHITESPACE_NAMES[ch]}" for ch, mark in WHITESPACE.items()
-              if not isinstance(vocab, int) and mark in shown]
+    legend = [
+        f"{mark} {WHITESPACE_NAMES[ch]}"
+        for ch, mark in WHITESPACE.items()
+        if not isinstance(vocab, int) and mark in shown
+    ]
     if compare is not None:
         legend.append(f"red: {compare[0]} differs from {compare[1]}")
 
@@ -153,8 +166,13 @@ def token_panel(rows: dict[str, torch.Tensor], start: int, vocab: Vocab, vocab_s
             x = x0
             for j in range(first, last):
                 token = texts[name][j]
-                differs = (compare is not None and name == compare[0] and token and texts[compare[1]][j]
-                           and token != texts[compare[1]][j])
+                differs = (
+                    compare is not None
+                    and name == compare[0]
+                    and token
+                    and texts[compare[1]][j]
+                    and token != texts[compare[1]][j]
+                )
                 if token:
                     texts_drawn.append(dict(x=x, y=y, s=token, color=DIFFERS if differs else "black"))
                 x += cells[j]
@@ -191,8 +209,9 @@ def _text(ax: plt.Axes, x: float, y: float, s: str, color: str = "black", weight
     ax.text(x, y, s, family="monospace", fontsize=FONT_SIZE, color=color, weight=weight, va="center", ha="left")
 
 
-def histogram_bars(hist: dict[str, dict[str, float]], vocab: Vocab,
-                   other: dict[str, float] | None = None) -> tuple[list[str], list[dict[str, float]]]:
+def histogram_bars(
+    hist: dict[str, dict[str, float]], vocab: Vocab, other: dict[str, float] | None = None
+) -> tuple[list[str], list[dict[str, float]]]:
     """(labels, bars) of the histogram plot, most frequent first (by the larger of the training and predicted
     fractions): the HISTOGRAM_BARS most frequent tokens named, the rest and ``other`` (tokens the evaluation
     already summed, {"tokens", "training", "predicted"}) in one last bar labelled "other (N tokens)"."""
@@ -209,8 +228,13 @@ def histogram_bars(hist: dict[str, dict[str, float]], vocab: Vocab,
     return labels, bars
 
 
-def histogram(hist: dict[str, dict[str, float]], path: Path, predictions: int, vocab: Vocab = None,
-              other: dict[str, float] | None = None) -> None:
+def histogram(
+    hist: dict[str, dict[str, float]],
+    path: Path,
+    predictions: int,
+    vocab: Vocab = None,
+    other: dict[str, float] | None = None,
+) -> None:
     """Horizontal bars of each token's training and predicted fraction (of ``predictions`` after the data),
     most frequent at the top (:func:`histogram_bars`)."""
     labels, bars = histogram_bars(hist, vocab, other)
@@ -222,8 +246,13 @@ def histogram(hist: dict[str, dict[str, float]], path: Path, predictions: int, v
     ax.margins(y=0.01)
     ax.invert_yaxis()
     ax.set_xlabel("fraction of tokens")
-    ax.set_title("\n".join(textwrap.wrap(f"Token histogram: training data vs {predictions:,} predictions "
-                                         "after the data, most frequent first", 60)))
+    ax.set_title(
+        "\n".join(
+            textwrap.wrap(
+                f"Token histogram: training data vs {predictions:,} predictions after the data, most frequent first", 60
+            )
+        )
+    )
     fig.legend(loc="outside lower center", ncol=2, frameon=False)
     _save(fig, path)
 

@@ -13,6 +13,7 @@ The math, for indices ``idx`` of any shape and hidden layers l = 1..L-2:
 dtype; bias, SiLU, RMSNorm and the loss stay in that dtype. Parameters in float64
 give the high-precision oracle ("upcast") the tests measure errors against.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,16 @@ from .config import AUNNConfig
 from .params import AUNNParams
 from .rounding import round_to_bf16, round_to_tf32
 
-__all__ = ["binary_embedding", "hidden_state", "logits", "loss", "predict", "round_operand", "round_to_bf16",
-           "round_to_tf32"]
+__all__ = [
+    "binary_embedding",
+    "hidden_state",
+    "logits",
+    "loss",
+    "predict",
+    "round_operand",
+    "round_to_bf16",
+    "round_to_tf32",
+]
 
 
 def binary_embedding(idx: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -78,8 +87,14 @@ def logits(idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: st
     return _linear(h, params.out_weight, params.out_bias, precision)
 
 
-def loss(idx: torch.Tensor, targets: torch.Tensor, params: AUNNParams, cfg: AUNNConfig,
-         precision: str = "fp32", reduction: str = "mean") -> torch.Tensor:
+def loss(
+    idx: torch.Tensor,
+    targets: torch.Tensor,
+    params: AUNNParams,
+    cfg: AUNNConfig,
+    precision: str = "fp32",
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Cross-entropy of targets (int64 [N]) at indices (int64 [N]) under the model: the mean or the
     sum (scalars), or each row's ("none", [N])."""
     z = logits(idx, params, cfg, precision)

@@ -4,6 +4,7 @@ with the numbers (what it needs, what is available) instead of an allocator trac
 The estimates are lower bounds (parameters and the tensors a step cannot do without), so a refusal is
 certain to be right; a request that passes can still run out of memory near the limit.
 """
+
 from __future__ import annotations
 
 import os
@@ -96,8 +97,10 @@ def check_fits(what: str, needed: int, device: torch.device | str) -> None:
     """ResourceError naming ``what`` and both figures when ``needed`` bytes exceed what device has available."""
     available = available_bytes(device)
     if available is not None and needed > available:
-        raise ResourceError(f"{what} needs at least {format_bytes(needed)} of memory, but {torch.device(device)} "
-                            f"has {format_bytes(available)} available")
+        raise ResourceError(
+            f"{what} needs at least {format_bytes(needed)} of memory, but {torch.device(device)} "
+            f"has {format_bytes(available)} available"
+        )
 
 
 def check_model_fits(cfg: AUNNConfig, device: torch.device | str, batch_size: int | None = None) -> None:

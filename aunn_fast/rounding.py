@@ -1,6 +1,7 @@
 """Operand rounding to the tensor cores' formats, in PyTorch: what the reference (the oracle) and the fast
 paths' PyTorch GEMMs (aunn_fast.kernels.gemm) both apply. Part of the base layer (with config.py and
 params.py): imports nothing else of aunn_fast."""
+
 from __future__ import annotations
 
 import torch

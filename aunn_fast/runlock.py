@@ -9,6 +9,7 @@ re-entrant (the command line holds it, then :func:`aunn_fast.train.train` asks a
 Where the file system offers no ``flock`` (some network file systems, Windows) the file's pid and host
 are checked instead: a live pid on this host, or any other host, refuses; a dead pid on this host is stale.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,15 +36,21 @@ _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 def _holder(command: str) -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def _describe(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "another process"
-    return (f"{holder.get('command', 'a command')} (pid {holder.get('pid')} on host {holder.get('host')}, "
-            f"since {holder.get('since')})")
+    return (
+        f"{holder.get('command', 'a command')} (pid {holder.get('pid')} on host {holder.get('host')}, "
+        f"since {holder.get('since')})"
+    )
 
 
 def _read(fd: int) -> dict[str, Any] | None:
@@ -86,8 +93,10 @@ def _lock(path: Path, run_dir: Path, command: str) -> tuple[int, dict[str, Any] 
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise RunDirectoryBusy(f"{run_dir} is in use by {_describe(previous)}: one writer at a time "
-                                           f"(wait for it to end, or use another directory)") from None
+                    raise RunDirectoryBusy(
+                        f"{run_dir} is in use by {_describe(previous)}: one writer at a time "
+                        f"(wait for it to end, or use another directory)"
+                    ) from None
                 except OSError as exc:
                     if exc.errno not in _NO_FLOCK:
                         raise
@@ -113,8 +122,10 @@ def _read_stale(previous: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _refuse_live_holder(holder: dict[str, Any] | None, run_dir: Path) -> None:
     if holder and _alive_here(holder):
-        raise RunDirectoryBusy(f"{run_dir} is in use by {_describe(holder)}: one writer at a time (if that "
-                               f"process is gone, remove {run_dir / LOCK_NAME})")
+        raise RunDirectoryBusy(
+            f"{run_dir} is in use by {_describe(holder)}: one writer at a time (if that "
+            f"process is gone, remove {run_dir / LOCK_NAME})"
+        )
 
 
 @contextlib.contextmanager
@@ -136,8 +147,10 @@ def hold(run_dir: str | os.PathLike[str], command: str) -> Iterator[None]:
         _remove_empty(created)
         raise
     if stale:
-        print(f"note: took over the lock of {run_dir} left by {_describe(stale)}, which is no longer running",
-              file=sys.stderr)
+        print(
+            f"note: took over the lock of {run_dir} left by {_describe(stale)}, which is no longer running",
+            file=sys.stderr,
+        )
     _held.add(key)
     try:
         yield

@@ -9,6 +9,7 @@ takes the contiguous r-th of W near-equal parts of that global batch, so the uni
 the ranks' indices at a step is the same for every W. The batch is a pure function of
 (seed, step, length, batch size): the same on every device and for every W.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ class EpochSampler:
     Raises ValueError for a length outside [1, 2^63], a batch size below 1, or a rank outside [0, world_size).
     """
 
-    def __init__(self, length: int, batch_size: int, seed: int, device: torch.device | str,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, length: int, batch_size: int, seed: int, device: torch.device | str, rank: int = 0, world_size: int = 1
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:

@@ -6,6 +6,7 @@ resumed run continues its schedule exactly, and :class:`StepSchedule` is an ordi
 this one the same way (``scheduler.step()`` after every optimizer step, ``state_dict`` in
 the checkpoint).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,9 @@ from torch.optim.lr_scheduler import LRScheduler
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def lr_at(step: int, total: int, lr: float, warmup_steps: int = 0, schedule: str = "cosine",
-          min_lr: float = 0.0) -> float:
+def lr_at(
+    step: int, total: int, lr: float, warmup_steps: int = 0, schedule: str = "cosine", min_lr: float = 0.0
+) -> float:
     """The learning rate of optimizer step ``step`` (0-based) of a ``total``-step run.
 
     Warm-up: steps 0 .. warmup_steps-1 rise linearly to ``lr`` ((step+1)/warmup_steps of it, so no step

@@ -6,6 +6,7 @@ run would have seen; with the optimizer and scheduler state restored from the ch
 resumed CPU run reproduces the same losses. A caller may hand in its own optimizer, scheduler
 and callbacks (:mod:`aunn_fast.callbacks`); the defaults are built and driven the same way.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,18 @@ from .schedule import SCHEDULES, StepSchedule, lr_at
 
 CHECKPOINT_NAME = "model.safetensors"
 LOG_NAME = "log.csv"
-LOG_FIELDS = ["step", "epoch", "loss", "accuracy", "lr", "full_accuracy", "full_accuracy_indices", "indices_per_s",
-              "elapsed_s", "world_size"]
+LOG_FIELDS = [
+    "step",
+    "epoch",
+    "loss",
+    "accuracy",
+    "lr",
+    "full_accuracy",
+    "full_accuracy_indices",
+    "indices_per_s",
+    "elapsed_s",
+    "world_size",
+]
 MAX_STEPS = 2**53  # steps (and epochs, as their ratio) stay exact in a float64
 MAX_SEED = 2**63 - 1
 FULL_PASS_LIMIT = 1 << 18  # --eval-every scores every index up to this length, above it a fixed sample of this size
@@ -122,8 +133,10 @@ class TrainConfig:
             return self.steps
         steps = self.epochs * self.steps_per_epoch(length)
         if not steps <= MAX_STEPS:
-            raise UserInputError(f"epochs={self.epochs:g} over {length:,} indices in batches of {self.batch_size} "
-                                 f"make {steps:.3g} steps, more than a run can take (2**53)")
+            raise UserInputError(
+                f"epochs={self.epochs:g} over {length:,} indices in batches of {self.batch_size} "
+                f"make {steps:.3g} steps, more than a run can take (2**53)"
+            )
         return max(1, math.ceil(steps))
 
     def steps_per_epoch(self, length: int) -> int:
@@ -140,8 +153,9 @@ def make_optimizer(model: AUNN, cfg: TrainConfig) -> torch.optim.AdamW:
     on_cuda = model.device.type == "cuda"
     graphed = on_cuda and cfg.cuda_graph
     lr = torch.tensor(cfg.lr, device=model.device) if graphed else cfg.lr
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=on_cuda,
-                             capturable=graphed)
+    return torch.optim.AdamW(
+        model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=on_cuda, capturable=graphed
+    )
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> StepSchedule:
@@ -166,8 +180,11 @@ def set_lr(optimizer: torch.optim.Optimizer, rates: Sequence[float]) -> None:
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
     """Optimizer state as flat named tensors plus its param groups as JSON, for safetensors."""
     state = optimizer.state_dict()
-    tensors = {f"optim.{pid}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
-               for pid, entry in state["state"].items() for key, value in entry.items()}
+    tensors = {
+        f"optim.{pid}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
+        for pid, entry in state["state"].items()
+        for key, value in entry.items()
+    }
     return tensors, _json(state["param_groups"])
 
 
@@ -190,24 +207,41 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
 
 
-def save_run(run_dir: Path, model: AUNN, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, step: int,
-             cfg: TrainConfig, elapsed_s: float, world_size: int = 1) -> None:
+def save_run(
+    run_dir: Path,
+    model: AUNN,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    step: int,
+    cfg: TrainConfig,
+    elapsed_s: float,
+    world_size: int = 1,
+) -> None:
     """Checkpoint a run: the model, the optimizer and scheduler state, the step reached, the training time so far
     and the number of processes it ran with. TrainingDiverged, and nothing written, if a weight or an optimizer
     moment is not finite."""
     tensors, groups = optimizer_tensors(optimizer)
     check_finite([*model.named_parameters(), *tensors.items()], step, cfg.lr)
-    model.save(run_dir / CHECKPOINT_NAME, extra=tensors, extra_metadata={
-        "optimizer_groups": groups,
-        "scheduler": _json(scheduler.state_dict()),
-        "train_state": json.dumps({"step": step, "elapsed_s": elapsed_s, "train_config": asdict(cfg),
-                                   "world_size": world_size}),
-    })
+    model.save(
+        run_dir / CHECKPOINT_NAME,
+        extra=tensors,
+        extra_metadata={
+            "optimizer_groups": groups,
+            "scheduler": _json(scheduler.state_dict()),
+            "train_state": json.dumps(
+                {"step": step, "elapsed_s": elapsed_s, "train_config": asdict(cfg), "world_size": world_size}
+            ),
+        },
+    )
 
 
-def load_run(run_dir: Path, device: torch.device | str = "cpu", backend: str = "auto", precision: str = "auto",
-             reset_optimizer: bool = False
-             ) -> tuple[AUNN, dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+def load_run(
+    run_dir: Path,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+    precision: str = "auto",
+    reset_optimizer: bool = False,
+) -> tuple[AUNN, dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
     """The model of a run directory, its training state, its extra tensors and its metadata.
 
     Raises CheckpointError (a ValueError) for a checkpoint without training state (one not written by
@@ -216,14 +250,22 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu", backend: str = "
     path = Path(run_dir) / CHECKPOINT_NAME
     ckpt = checkpoint.load(path, device)
     if ckpt.train_state is None or ckpt.optimizer_groups is None:
-        raise CheckpointError(path, "train_state", "absent: the file holds a model but no training state (step, "
-                                                   "optimizer), so its run cannot be resumed; was it saved by "
-                                                   "`aunn condition --save`?")
+        raise CheckpointError(
+            path,
+            "train_state",
+            "absent: the file holds a model but no training state (step, "
+            "optimizer), so its run cannot be resumed; was it saved by "
+            "`aunn condition --save`?",
+        )
     step = ckpt.train_state["step"]
     if step > 0 and not ckpt.has_optimizer_state and not reset_optimizer:
-        raise CheckpointError(path, "extra.optim", f"the optimizer state of step {step} is missing, so the run "
-                                                   "cannot continue exactly; --reset-optimizer (reset_optimizer=True) "
-                                                   "continues with a fresh AdamW")
+        raise CheckpointError(
+            path,
+            "extra.optim",
+            f"the optimizer state of step {step} is missing, so the run "
+            "cannot continue exactly; --reset-optimizer (reset_optimizer=True) "
+            "continues with a fresh AdamW",
+        )
     model = AUNN.from_checkpoint(ckpt, backend, precision)
     return model, ckpt.train_state, ckpt.extra, ckpt.metadata
 
@@ -245,8 +287,10 @@ def accuracy(model: AUNN, idx: torch.Tensor, targets: torch.Tensor) -> float:
     """Fraction of idx (int64 [N]) whose argmax prediction is its target (int64 [N]); NaN for N = 0."""
     if not idx.numel():
         return float("nan")
-    correct = sum(int((model.predict(chunk) == target).sum())
-                  for chunk, target in zip(idx.split(PREDICT_CHUNK), targets.split(PREDICT_CHUNK)))
+    correct = sum(
+        int((model.predict(chunk) == target).sum())
+        for chunk, target in zip(idx.split(PREDICT_CHUNK), targets.split(PREDICT_CHUNK))
+    )
     return correct / idx.numel()
 
 
@@ -262,14 +306,23 @@ def full_pass_indices(length: int, seed: int, device: torch.device) -> torch.Ten
 def check_data_fits(data: Dataset, cfg: AUNNConfig) -> None:
     """ValueError unless the data's indices 0 .. length-1 are all indices of a model with this config."""
     if data.length - 1 > cfg.max_index:
-        raise UserInputError(f"the data's {data.length} indices do not fit in bits={cfg.bits} "
-                             f"(largest valid index {cfg.max_index})")
+        raise UserInputError(
+            f"the data's {data.length} indices do not fit in bits={cfg.bits} (largest valid index {cfg.max_index})"
+        )
 
 
-def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | None = None,
-          resume: bool = False, progress: bool = True, reset_optimizer: bool = False,
-          optimizer: torch.optim.Optimizer | None = None, scheduler: LRScheduler | None = None,
-          callbacks: Sequence[Callback] = ()) -> list[dict[str, float]]:
+def train(
+    model: AUNN,
+    data: Dataset,
+    cfg: TrainConfig,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    reset_optimizer: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: LRScheduler | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> list[dict[str, float]]:
     """Train ``model`` on ``data``; returns the logged rows. Ctrl-C lets the step under way finish, then saves
     a checkpoint and raises KeyboardInterrupt (a second Ctrl-C interrupts at once).
 
@@ -292,17 +345,33 @@ def train(model: AUNN, data: Dataset, cfg: TrainConfig, run_dir: str | Path | No
     may stop the run; ``cfg.target_accuracy`` adds a :class:`~aunn_fast.callbacks.StopAtAccuracy`. Under
     torchrun every rank's callbacks see the same rows: a callback that writes should do so on rank 0 only.
     """
-    options = dict(resume=resume, progress=progress, reset_optimizer=reset_optimizer, optimizer=optimizer,
-                   scheduler=scheduler, callbacks=callbacks)
+    options = dict(
+        resume=resume,
+        progress=progress,
+        reset_optimizer=reset_optimizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        callbacks=callbacks,
+    )
     if run_dir is None or distributed.rank_and_world_size()[0] != 0:  # rank 0 alone writes (and locks) run_dir
         return _train(model, data, cfg, None if run_dir is None else Path(run_dir), **options)
     with runlock.hold(run_dir, "aunn_fast.train.train()"):
         return _train(model, data, cfg, Path(run_dir), **options)
 
 
-def _train(model: AUNN, data: Dataset, cfg: TrainConfig, run_path: Path | None, *, resume: bool, progress: bool,
-           reset_optimizer: bool, optimizer: torch.optim.Optimizer | None, scheduler: LRScheduler | None,
-           callbacks: Sequence[Callback]) -> list[dict[str, float]]:
+def _train(
+    model: AUNN,
+    data: Dataset,
+    cfg: TrainConfig,
+    run_path: Path | None,
+    *,
+    resume: bool,
+    progress: bool,
+    reset_optimizer: bool,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: LRScheduler | None,
+    callbacks: Sequence[Callback],
+) -> list[dict[str, float]]:
     check_data_fits(data, model.cfg)  # checked, like the backend's settings, before anything is written
     model.active_backend().check_settings()
     model.vocab, model.data_description = data.vocab, data.describe()
@@ -317,8 +386,11 @@ def _train(model: AUNN, data: Dataset, cfg: TrainConfig, run_path: Path | None, 
         saved, state, extra, metadata = load_run(run_path, model.device, reset_optimizer=reset_optimizer)
         model.load_params(saved.params._asdict())
         if reset_optimizer:
-            print(f"warning: --reset-optimizer: AdamW restarts with zero moments at step {state['step']}; this run "
-                  "will not reproduce the uninterrupted one", file=sys.stderr)
+            print(
+                f"warning: --reset-optimizer: AdamW restarts with zero moments at step {state['step']}; this run "
+                "will not reproduce the uninterrupted one",
+                file=sys.stderr,
+            )
         else:
             restore_optimizer(optimizer, extra, metadata["optimizer_groups"])
         start, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
@@ -389,12 +461,20 @@ def _train(model: AUNN, data: Dataset, cfg: TrainConfig, run_path: Path | None, 
                 evaluated = scored is not None and (step % cfg.eval_every == 0 or step == total)
                 if step % cfg.log_every == 0 or step == total or evaluated:
                     now = elapsed()
-                    row = {"step": step, "epoch": step / sampler.steps_per_epoch, "loss": loss.item(),
-                           "accuracy": accuracy(model, idx, targets) if parallel is None
-                           else parallel.accuracy(idx, targets), "lr": float(lr),
-                           "full_accuracy": float("nan"), "full_accuracy_indices": 0,
-                           "indices_per_s": seen / max(now - elapsed_before, 1e-9), "elapsed_s": now,
-                           "world_size": sampler.world_size}
+                    row = {
+                        "step": step,
+                        "epoch": step / sampler.steps_per_epoch,
+                        "loss": loss.item(),
+                        "accuracy": accuracy(model, idx, targets)
+                        if parallel is None
+                        else parallel.accuracy(idx, targets),
+                        "lr": float(lr),
+                        "full_accuracy": float("nan"),
+                        "full_accuracy_indices": 0,
+                        "indices_per_s": seen / max(now - elapsed_before, 1e-9),
+                        "elapsed_s": now,
+                        "world_size": sampler.world_size,
+                    }
                     if evaluated:
                         assert scored is not None
                         row["full_accuracy"] = accuracy(model, scored, data.targets(scored))
@@ -458,6 +538,7 @@ def _write_log(path: Path, rows: list[dict[str, float]], append: bool = False) -
     An append that fails (a full disk) is cut back, so the log never ends in half a row."""
     lines = [{k: _cell(row, k) for k in LOG_FIELDS} for row in rows]
     if not (append and path.exists()):
+
         def write(tmp: Path) -> None:
             with tmp.open("w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)

@@ -5,6 +5,7 @@ torch.compile traces, or a torch.func transform (vmap, grad, jacrev, ...) runs, 
 value would break the graph, and a vmapped tensor has no storage to read. Types, shapes and devices are
 still checked then.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,9 @@ def check_indices(idx: torch.Tensor, cfg: AUNNConfig, check_range: bool = True) 
     if not isinstance(idx, torch.Tensor):
         raise UserTypeError(f"indices must be a torch.Tensor, got {type(idx).__name__}")
     if idx.dtype not in INDEX_DTYPES:
-        raise UserTypeError(f"indices must be int64 (or int32), got {idx.dtype}; "
-                        "floating-point indices lose their low bits above 2**24")
+        raise UserTypeError(
+            f"indices must be int64 (or int32), got {idx.dtype}; floating-point indices lose their low bits above 2**24"
+        )
     idx = idx.to(torch.int64)
     if check_range and idx.numel() > 0 and not transforming():
         lo, hi = value_range(idx)

@@ -14,6 +14,7 @@ project's first estimates of the limits at H=64 used them. Two ceilings, in indi
 Ceilings are defined only for CUDA runs on H100-class cards (H100, H200, GH200: same
 SM count and clocks); for anything else, including CPU, none is defined.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -54,8 +55,9 @@ def forward_flops(cfg: AUNNConfig) -> float:
 def ceilings(cfg: AUNNConfig, kind: str) -> Ceilings:
     """H100 ceilings in indices/s for ``kind`` "forward" or "train"."""
     sfu_ops = SFU_OPS_PER_SILU * cfg.hidden * (cfg.layers - 1) * SFU_FACTOR[kind]
-    return Ceilings(sfu=H100_SFU_OPS_PER_S / sfu_ops,
-                    tensor_core=H100_BF16_DENSE_FLOPS / (forward_flops(cfg) * FLOP_FACTOR[kind]))
+    return Ceilings(
+        sfu=H100_SFU_OPS_PER_S / sfu_ops, tensor_core=H100_BF16_DENSE_FLOPS / (forward_flops(cfg) * FLOP_FACTOR[kind])
+    )
 
 
 def describe(configs: dict[str, AUNNConfig]) -> dict[str, Any]:
@@ -64,8 +66,9 @@ def describe(configs: dict[str, AUNNConfig]) -> dict[str, Any]:
         "source": "the H100 SXM datasheet; see aunn_fast/bench/ceilings.py",
         "sfu_ops_per_s": H100_SFU_OPS_PER_S,
         "tensor_core_flops": H100_BF16_DENSE_FLOPS,
-        "idx_per_s": {name: {kind: asdict(ceilings(cfg, kind)) for kind in FLOP_FACTOR}
-                      for name, cfg in configs.items()},
+        "idx_per_s": {
+            name: {kind: asdict(ceilings(cfg, kind)) for kind in FLOP_FACTOR} for name, cfg in configs.items()
+        },
     }
 
 
@@ -73,8 +76,11 @@ def summary(meta_ceilings: dict[str, Any] | str) -> str:
     """One line for results.md."""
     if isinstance(meta_ceilings, str):
         return meta_ceilings
-    parts = [f"{name} {kind}: SFU {c['sfu'] / 1e9:.2f}, tensor cores {c['tensor_core'] / 1e9:.2f} G idx/s"
-             for name, kinds in meta_ceilings["idx_per_s"].items() for kind, c in kinds.items()]
+    parts = [
+        f"{name} {kind}: SFU {c['sfu'] / 1e9:.2f}, tensor cores {c['tensor_core'] / 1e9:.2f} G idx/s"
+        for name, kinds in meta_ceilings["idx_per_s"].items()
+        for kind, c in kinds.items()
+    ]
     return f"H100 ({meta_ceilings['source']}): " + "; ".join(parts)
 
 

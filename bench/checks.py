@@ -4,6 +4,7 @@ Errors are normwise relative: ``max|x - ref| / max|ref|`` over a whole tensor
 (for gradients, the largest such value over the parameter tensors). The
 reference is evaluated in chunks so a big batch costs one chunk of extra memory.
 """
+
 from __future__ import annotations
 
 import copy
@@ -89,13 +90,16 @@ def check_loss(model: AUNN, idx: torch.Tensor, targets: torch.Tensor, tolerance:
     with torch.no_grad():
         rows, mean = model.loss(idx, targets, reduction="none"), float(model.loss(idx, targets))
         want = torch.cat([ref.loss(idx[p], targets[p], reduction="none") for p in _chunks(model, idx.numel())])
-    err = max(_rel(float((rows - want).abs().max()), float(want.abs().max())),
-              _rel(abs(mean - float(want.double().mean())), float(want.double().mean().abs())))
+    err = max(
+        _rel(float((rows - want).abs().max()), float(want.abs().max())),
+        _rel(abs(mean - float(want.double().mean())), float(want.double().mean().abs())),
+    )
     return CheckResult(err <= tolerance, err)
 
 
-def check_steps(prepare: Callable[[AUNN, int, torch.Generator], Any], model: AUNN, batch: int, seed: int,
-                tolerance: float) -> CheckResult:
+def check_steps(
+    prepare: Callable[[AUNN, int, torch.Generator], Any], model: AUNN, batch: int, seed: int, tolerance: float
+) -> CheckResult:
     """The workload's own step, ``prepare(model, batch, generator).step``, run STEPS times on ``model`` and
     on its fp32 reference copy with the same inputs, so that what the provider carries from one step to the
     next (weights it cached, gradients it kept) is checked too. Every step starts both from the provider's

@@ -22,6 +22,7 @@ Runs without TRITON_INTERPRET (it re-executes itself with the variable removed).
 ``--cuda`` compiles the C++ extension's CUDA kernels (csrc/cuda) with nvcc instead (bench/cuda_compile_check.py).
 Exit status 0 when everything compiled, 1 otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,15 +73,20 @@ def _ptxas_report(ptx: str, arch: str) -> dict[str, int]:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
-        out = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
+        out = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull], capture_output=True, text=True, check=True
+        ).stderr
 
     def number(pattern: str) -> int:
         match = re.search(pattern, out)
         return int(match.group(1)) if match else 0
 
-    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
-            "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame")}
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+        "stack": number(r"(\d+) bytes stack frame"),
+    }
 
 
 def _sass(cubin: bytes) -> list[tuple[int, str]]:
@@ -91,8 +97,9 @@ def _sass(cubin: bytes) -> list[tuple[int, str]]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
     return [(int(offset, 16), instr) for offset, instr in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*;)", text)]
 
 
@@ -107,13 +114,20 @@ def _sass_counts(cubin: bytes) -> dict[str, int]:
             loops.append((int(target.group(1), 16), offset))
     innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     text = "\n".join(instr for _, instr in code)
-    return {"instructions": len(code),
-            "loop": max(((b - a) // 16 + 1 for a, b in innermost), default=0),
-            "mufu": len(re.findall(r"\bMUFU\.", text)), "mma": len(re.findall(r"\bH(?:G)?MMA\.", text))}
+    return {
+        "instructions": len(code),
+        "loop": max(((b - a) // 16 + 1 for a, b in innermost), default=0),
+        "mufu": len(re.findall(r"\bMUFU\.", text)),
+        "mma": len(re.findall(r"\bH(?:G)?MMA\.", text)),
+    }
 
 
-def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple[str, ...] = FP32_PRODUCT_METHODS[:1],
-                 tiles: dict[str, int] | None = None) -> list[dict[str, object]]:
+def _compile_all(
+    configs: list[str],
+    precisions: list[str],
+    fp32_products: tuple[str, ...] = FP32_PRODUCT_METHODS[:1],
+    tiles: dict[str, int] | None = None,
+) -> list[dict[str, object]]:
     """Run every launcher on CPU tensors with launches replaced by compile-only warmups; tiles: Tiles fields
     replaced in every choose_tiles answer."""
     import torch
@@ -139,9 +153,16 @@ def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple
         if id(compiled) in seen:
             return
         seen.add(id(compiled))
-        rows.append({**context, "kernel": kernel.fn.__name__, "num_warps": compiled.metadata.num_warps,
-                     "shared": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], "sm_90a"),
-                     **_sass_counts(compiled.asm["cubin"])})
+        rows.append(
+            {
+                **context,
+                "kernel": kernel.fn.__name__,
+                "num_warps": compiled.metadata.num_warps,
+                "shared": compiled.metadata.shared,
+                **_ptxas_report(compiled.asm["ptx"], "sm_90a"),
+                **_sass_counts(compiled.asm["cubin"]),
+            }
+        )
 
     for module in (mlp_forward, mlp_backward, head_backward, weights):
         module.launch = compile_only  # this process only compiles: every launcher's launch is a warmup
@@ -159,9 +180,12 @@ def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple
             rows_label = "" if n == 4096 else ", few rows"
             idx = torch.randint(0, 2**62, (n,))
             targets = torch.randint(0, vocab, (n,))
-            variants = [(p, s, f) for p in precisions
-                        for s in (SIGMOID_METHODS if p == "bf16" else ("exact",))
-                        for f in (fp32_products if p == "fp32" else FP32_PRODUCT_METHODS[:1])]
+            variants = [
+                (p, s, f)
+                for p in precisions
+                for s in (SIGMOID_METHODS if p == "bf16" else ("exact",))
+                for f in (fp32_products if p == "fp32" else FP32_PRODUCT_METHODS[:1])
+            ]
             for precision, sigmoid, products in variants:
                 shown = precision if products == FP32_PRODUCT_METHODS[0] else f"{precision} {products}"
                 context.update(config=name, precision=shown, sigmoid=sigmoid)
@@ -171,37 +195,60 @@ def _compile_all(configs: list[str], precisions: list[str], fp32_products: tuple
                     if weight_grad == WEIGHT_GRAD_METHODS[0]:  # the forward does not depend on it
                         for mode, label in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_LOSS, "loss")):
                             context["path"] = f"forward {label}{rows_label}"
-                            mlp_forward.forward(idx, targets, params, cfg.residual_every, cfg.norm_eps, mode, False,
-                                                config)
+                            mlp_forward.forward(
+                                idx, targets, params, cfg.residual_every, cfg.norm_eps, mode, False, config
+                            )
                     context["path"] = f"forward loss, training{rows_label}"
-                    out, stats, acts, zs = mlp_forward.forward(idx, targets, params, cfg.residual_every, cfg.norm_eps,
-                                                               MODE_LOSS, True, config)
+                    out, stats, acts, zs = mlp_forward.forward(
+                        idx, targets, params, cfg.residual_every, cfg.norm_eps, MODE_LOSS, True, config
+                    )
                     context["path"] = f"backward ({weight_grad}){rows_label}"
-                    mlp_backward.backward(idx, targets, torch.ones(n), stats, acts, zs, params, cfg.residual_every,
-                                          cfg.norm_eps, MODE_LOSS, config)
+                    mlp_backward.backward(
+                        idx,
+                        targets,
+                        torch.ones(n),
+                        stats,
+                        acts,
+                        zs,
+                        params,
+                        cfg.residual_every,
+                        cfg.norm_eps,
+                        MODE_LOSS,
+                        config,
+                    )
     return rows
 
 
 def _table(rows: list[dict[str, object]]) -> str:
-    lines = ["| config | precision | sigmoid | path | kernel | warps | registers | spill st/ld bytes | stack "
-             "| shared KiB | SASS instr | loop instr | MUFU | MMA | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | precision | sigmoid | path | kernel | warps | registers | spill st/ld bytes | stack "
+        "| shared KiB | SASS instr | loop instr | MUFU | MMA | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         head = f"| {r['config']} | {r['precision']} | {r['sigmoid']} | {r['path']} | {r['kernel']} |"
         if "error" in r:
             lines.append(f"{head} | | | | | | | | | | FAILED: {r['error']} |")
             continue
-        verdict = [w for w, bad in (("spills", r["spill_stores"] or r["spill_loads"]),
-                                    ("shared > H100", r["shared"] > HOPPER_SHARED_LIMIT)) if bad]
-        lines.append(f"{head} {r['num_warps']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | "
-                     f"{r['stack']} | {r['shared'] / 1024:.0f} | {r['instructions']} | {r['loop']} | "
-                     f"{r['mufu']} | {r['mma']} | "
-                     f"{', '.join(verdict) or 'ok'} |")
+        verdict = [
+            w
+            for w, bad in (
+                ("spills", r["spill_stores"] or r["spill_loads"]),
+                ("shared > H100", r["shared"] > HOPPER_SHARED_LIMIT),
+            )
+            if bad
+        ]
+        lines.append(
+            f"{head} {r['num_warps']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | "
+            f"{r['stack']} | {r['shared'] / 1024:.0f} | {r['instructions']} | {r['loop']} | "
+            f"{r['mufu']} | {r['mma']} | "
+            f"{', '.join(verdict) or 'ok'} |"
+        )
     return "\n".join(lines)
 
 
 def _tile_overrides(text: str) -> dict[str, int]:
-    """"block_hc=256,num_warps_head=4" -> {"block_hc": 256, "num_warps_head": 4}, fields of kernels.config.Tiles."""
+    """ "block_hc=256,num_warps_head=4" -> {"block_hc": 256, "num_warps_head": 4}, fields of kernels.config.Tiles."""
     names = [f.name for f in fields(Tiles) if f.name != "fused"]
     overrides = {}
     for item in filter(None, text.split(",")):
@@ -216,23 +263,40 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else list(argv)
     if "--cuda" in given:  # the C++ extension's CUDA kernels instead: see cuda_compile_check
         from .cuda_compile_check import main as cuda_main
+
         return cuda_main([a for a in given if a != "--cuda"])
     parser = argparse.ArgumentParser(prog="compile_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", type=names_from(CONFIGS, "configuration(s)"), default="seed,bytes,notebook",
-                        help=f"comma-separated, from {', '.join(CONFIGS)} (default seed,bytes,notebook)")
-    parser.add_argument("--precisions", type=names_from(PRECISIONS, "precision(s)"), default="fp32,bf16",
-                        help="comma-separated, from fp32, tf32, bf16 (default fp32,bf16)")
-    parser.add_argument("--fp32-products", type=names_from(FP32_PRODUCT_METHODS, "fp32 product method(s)"),
-                        default=FP32_PRODUCT_METHODS[0],
-                        help="comma-separated, from tf32x3, ieee: how fp32 kernels multiply (default tf32x3)")
-    parser.add_argument("--tiles", type=_tile_overrides, default={},
-                        help="comma-separated Tiles field=value overrides, e.g. block_hc=256 (default: none)")
+    parser.add_argument(
+        "--configs",
+        type=names_from(CONFIGS, "configuration(s)"),
+        default="seed,bytes,notebook",
+        help=f"comma-separated, from {', '.join(CONFIGS)} (default seed,bytes,notebook)",
+    )
+    parser.add_argument(
+        "--precisions",
+        type=names_from(PRECISIONS, "precision(s)"),
+        default="fp32,bf16",
+        help="comma-separated, from fp32, tf32, bf16 (default fp32,bf16)",
+    )
+    parser.add_argument(
+        "--fp32-products",
+        type=names_from(FP32_PRODUCT_METHODS, "fp32 product method(s)"),
+        default=FP32_PRODUCT_METHODS[0],
+        help="comma-separated, from tf32x3, ieee: how fp32 kernels multiply (default tf32x3)",
+    )
+    parser.add_argument(
+        "--tiles",
+        type=_tile_overrides,
+        default={},
+        help="comma-separated Tiles field=value overrides, e.g. block_hc=256 (default: none)",
+    )
     parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels cannot be compiled
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.run([sys.executable, "-m", "aunn_fast.bench.compile_check", *(argv or sys.argv[1:])],
-                              env=env).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "aunn_fast.bench.compile_check", *(argv or sys.argv[1:])], env=env
+        ).returncode
     rows = _compile_all(args.configs, args.precisions, tuple(args.fp32_products), args.tiles)
     table = _table(rows)
     print(table)

@@ -3,6 +3,7 @@
 A :class:`Case` is one (configuration, workload, batches) cell of the plan; the
 harness runs every provider and precision on it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,12 +26,17 @@ K, M = 1024, 1024 * 1024
 # in device memory are skipped at run time with the reason.
 SWEEPS: dict[str, dict[str, dict[str, tuple[int, ...]]]] = {
     "cuda": {
-        "seed": {"predict": (1, 2 * K, 8 * K, 64 * K, M, 16 * M), "loss": (2 * K, 64 * K, M, 16 * M),
-                 "train": (2 * K, 8 * K, 64 * K, M, 4 * M)},
-        "notebook": {"predict": (2 * K, 64 * K, M, 4 * M), "loss": (2 * K, 64 * K, M),
-                     "train": (2 * K, 64 * K, 256 * K)},
-        "bytes": {"predict": (2 * K, 64 * K, M, 4 * M), "loss": (2 * K, 64 * K, M),
-                  "train": (2 * K, 64 * K, M)},
+        "seed": {
+            "predict": (1, 2 * K, 8 * K, 64 * K, M, 16 * M),
+            "loss": (2 * K, 64 * K, M, 16 * M),
+            "train": (2 * K, 8 * K, 64 * K, M, 4 * M),
+        },
+        "notebook": {
+            "predict": (2 * K, 64 * K, M, 4 * M),
+            "loss": (2 * K, 64 * K, M),
+            "train": (2 * K, 64 * K, 256 * K),
+        },
+        "bytes": {"predict": (2 * K, 64 * K, M, 4 * M), "loss": (2 * K, 64 * K, M), "train": (2 * K, 64 * K, M)},
         "bpe": {"predict": (2 * K, 16 * K, 64 * K), "loss": (2 * K, 16 * K), "train": (2 * K, 16 * K)},
     },
     "cpu": {
@@ -72,8 +78,13 @@ def batches_for(config_name: str, workload: str, device_type: str, quick: bool) 
     return SWEEPS[device_type][config_name][sweep]
 
 
-def build_plan(config_names: list[str] | None, workloads: list[str] | None, device_type: str, quick: bool,
-               batches: tuple[int, ...] | None = None) -> list[Case]:
+def build_plan(
+    config_names: list[str] | None,
+    workloads: list[str] | None,
+    device_type: str,
+    quick: bool,
+    batches: tuple[int, ...] | None = None,
+) -> list[Case]:
     """The cases to run. None selects the defaults (all, or the quick subset of configurations);
     ``batches`` overrides the sweep of every workload without a fixed batch."""
     names = config_names or list(QUICK_CONFIGS if quick else CONFIGS)
@@ -88,6 +99,5 @@ def build_plan(config_names: list[str] | None, workloads: list[str] | None, devi
     for name in names:
         for workload in chosen:
             sizes = batches if batches and not WORKLOADS[workload].fixed_batches else None
-            cases.append(Case(name, CONFIGS[name], workload,
-                              sizes or batches_for(name, workload, device_type, quick)))
+            cases.append(Case(name, CONFIGS[name], workload, sizes or batches_for(name, workload, device_type, quick)))
     return cases

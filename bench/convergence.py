@@ -14,6 +14,7 @@ and writes ``results.md``, ``results.json`` and each demo's output (``logs/``) i
 bench/results/<cpu>-<date>-convergence).
 Exit status 1 when any run fails the bar or crashes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,23 @@ print("capability", torch.backends.cpu.get_cpu_capability(), "threads", torch.ge
 from aunn_fast.cli import main
 sys.exit(main({argv!r}))
 """
-COLUMNS = ("seed", "threads", "isa", "capability", "time_s", "train_s", "train_accuracy", "near", "10M",
-           "conditioning", "meets_bar")
+COLUMNS = (
+    "seed",
+    "threads",
+    "isa",
+    "capability",
+    "time_s",
+    "train_s",
+    "train_accuracy",
+    "near",
+    "10M",
+    "conditioning",
+    "meets_bar",
+)
 
 
 def _int_list(text: str) -> list[int]:
-    """"0-4" or "1,2" -> [0, 1, 2, 3, 4] or [1, 2]."""
+    """ "0-4" or "1,2" -> [0, 1, 2, 3, 4] or [1, 2]."""
     values: list[int] = []
     for part in text.split(","):
         low, _, high = part.partition("-")
@@ -61,13 +73,26 @@ def run_order(seeds: list[int], settings: list[tuple[int, str]]) -> list[tuple[i
     return [(seeds[i], settings[k]) for i, k in pairs]
 
 
-def run_one(preset: str, seed: int, threads: int, isa: str, work_dir: Path, log_dir: Path, timeout_s: float
-            ) -> dict[str, Any]:
+def run_one(
+    preset: str, seed: int, threads: int, isa: str, work_dir: Path, log_dir: Path, timeout_s: float
+) -> dict[str, Any]:
     """One demo in a subprocess (its output saved in log_dir); its figures from metrics.json, its wall time, and
     whether it meets BAR."""
     out = work_dir / f"{preset}-s{seed}-t{threads}-{isa}"
-    argv = ["demo", "--preset", preset, "--seed", str(seed), "--out", str(out), "--quiet", "--device", "cpu",
-            "--backend", "reference"]
+    argv = [
+        "demo",
+        "--preset",
+        preset,
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+        "--quiet",
+        "--device",
+        "cpu",
+        "--backend",
+        "reference",
+    ]
     env = {key: value for key, value in os.environ.items() if key not in AVX2_ENV}
     env.update(AVX2_ENV if isa == "avx2" else {})
     # OpenMP threads sleep at barriers instead of spinning: on a loaded machine a thread spinning for a descheduled
@@ -76,11 +101,20 @@ def run_one(preset: str, seed: int, threads: int, isa: str, work_dir: Path, log_
     row: dict[str, Any] = {"seed": seed, "threads": threads, "isa": isa}
     began = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, "-c", CHILD.format(threads=threads, argv=argv)], env=env,
-                              capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD.format(threads=threads, argv=argv)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired:
-        return {**row, "time_s": round(time.perf_counter() - began, 1), "error": f"timed out after {timeout_s} s",
-                "meets_bar": False}
+        return {
+            **row,
+            "time_s": round(time.perf_counter() - began, 1),
+            "error": f"timed out after {timeout_s} s",
+            "meets_bar": False,
+        }
     row["time_s"] = round(time.perf_counter() - began, 1)
     (log_dir / f"{out.name}.log").write_text(done.stdout + done.stderr)
     capability = re.search(r"^capability (\S+)", done.stdout, re.M)
@@ -91,9 +125,12 @@ def run_one(preset: str, seed: int, threads: int, isa: str, work_dir: Path, log_
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
         return {**row, "error": f"exit {done.returncode}: {tail[0]}", "meets_bar": False}
     metrics = json.loads((out / "metrics.json").read_text())
-    row.update(train_accuracy=metrics["train_accuracy"], near=metrics["extrapolation"]["near"],
-               **{"10M": metrics["extrapolation"]["10M"]},
-               conditioning=metrics.get("conditioning", {}).get("success_rate"))
+    row.update(
+        train_accuracy=metrics["train_accuracy"],
+        near=metrics["extrapolation"]["near"],
+        **{"10M": metrics["extrapolation"]["10M"]},
+        conditioning=metrics.get("conditioning", {}).get("success_rate"),
+    )
     row["meets_bar"] = all(row[key] >= bar for key, bar in BAR.items())
     return row
 
@@ -131,11 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     if set(isas) - {"native", "avx2"}:
         parser.error(f"--isa takes native and/or avx2, got {args.isa!r}")
     out_dir = args.out or default_out_dir(torch.device("cpu")).with_name(
-        default_out_dir(torch.device("cpu")).name + "-convergence")
+        default_out_dir(torch.device("cpu")).name + "-convergence"
+    )
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     meta = describe(torch.device("cpu"))
-    print(f"# demo --preset {args.preset} on {meta['device']}, torch {meta['torch']}, commit {meta['commit']}, "
-          f"{meta['date']}, load average {meta['load_average']}", flush=True)
+    print(
+        f"# demo --preset {args.preset} on {meta['device']}, torch {meta['torch']}, commit {meta['commit']}, "
+        f"{meta['date']}, load average {meta['load_average']}",
+        flush=True,
+    )
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="aunn-convergence-") as work:
         for seed, (threads, isa) in run_order(args.seeds, [(t, isa) for t in args.threads for isa in isas]):
@@ -144,11 +185,13 @@ def main(argv: list[str] | None = None) -> int:
             meta["load_average_end"] = os.getloadavg()[0]
             (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     rows.sort(key=lambda row: (row["threads"], row["isa"], row["seed"]))
-    text = (f"demo --preset {args.preset} on {meta['device']}, torch {meta['torch']}, commit {meta['commit']}, "
-            f"started {meta['date']}, load average {meta['load_average']} at the start and "
-            f"{meta['load_average_end']} at the end\n\n{table(rows)}\n\n"
-            f"{sum(r['meets_bar'] for r in rows)} of {len(rows)} runs meet the bar (100% training accuracy, "
-            f"valid chunks near the data >= 0.9 and 10M past it >= 0.85).\n")
+    text = (
+        f"demo --preset {args.preset} on {meta['device']}, torch {meta['torch']}, commit {meta['commit']}, "
+        f"started {meta['date']}, load average {meta['load_average']} at the start and "
+        f"{meta['load_average_end']} at the end\n\n{table(rows)}\n\n"
+        f"{sum(r['meets_bar'] for r in rows)} of {len(rows)} runs meet the bar (100% training accuracy, "
+        f"valid chunks near the data >= 0.9 and 10M past it >= 0.85).\n"
+    )
     (out_dir / "results.md").write_text(text)
     print("\n" + text)
     print(f"wrote {out_dir}/results.md and results.json")

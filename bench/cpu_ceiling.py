@@ -5,6 +5,7 @@ the rate is measured at the start of the run: the best of a few ``torch.mm`` of 
 (MKL / oneDNN on all of torch's threads; bf16 uses AMX or AVX512-BF16 where the CPU has them). A row's share
 is its rate in FLOP/s (``ceilings.forward_flops`` per index, x3 for a training step) over that ceiling.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,9 +39,11 @@ def matmul_flops(dtype: torch.dtype, size: int = SIZE, repeats: int = REPEATS) -
 
 def measure() -> dict[str, Any]:
     """results.json's meta.cpu_ceiling: FLOP/s per precision and how they were measured."""
-    return {"flops": {name: matmul_flops(dtype) for name, dtype in PRECISION_DTYPES.items()},
-            "source": f"best of {REPEATS} torch.mm of {SIZE} x {SIZE} per dtype on {torch.get_num_threads()} "
-                      "threads, measured at the start of this run"}
+    return {
+        "flops": {name: matmul_flops(dtype) for name, dtype in PRECISION_DTYPES.items()},
+        "source": f"best of {REPEATS} torch.mm of {SIZE} x {SIZE} per dtype on {torch.get_num_threads()} "
+        "threads, measured at the start of this run",
+    }
 
 
 def add_shares(rows: list[dict[str, Any]], configs: dict[str, AUNNConfig], measured: dict[str, Any]) -> None:

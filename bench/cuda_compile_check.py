@@ -6,6 +6,7 @@ Each ``.cu`` file is compiled to a cubin with ``-Xptxas -v``; ptxas's report giv
 thread, spill stores and loads, stack frame and static shared memory, printed as a markdown table (as
 compile_check does for the Triton kernels). Exit status 0 when every file compiled, 1 otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,13 @@ def parse_ptxas(report: str) -> list[dict[str, int | str]]:
     kernels: list[dict[str, int | str]] = []
     for line in report.splitlines():
         if (entry := _ENTRY.search(line)) is not None:
-            kernels.append({"kernel": entry.group(1), "registers": 0, "spill stores": 0, "spill loads": 0,
-                            "stack": 0, "shared": 0})
+            kernels.append(
+                {"kernel": entry.group(1), "registers": 0, "spill stores": 0, "spill loads": 0, "stack": 0, "shared": 0}
+            )
         elif kernels and (frame := _FRAME.search(line)) is not None:
-            kernels[-1].update({"stack": int(frame.group(1)), "spill stores": int(frame.group(2)),
-                                "spill loads": int(frame.group(3))})
+            kernels[-1].update(
+                {"stack": int(frame.group(1)), "spill stores": int(frame.group(2)), "spill loads": int(frame.group(3))}
+            )
         elif kernels and (used := _USED.search(line)) is not None:
             kernels[-1]["registers"] = int(used.group(1))
             if (smem := _SMEM.search(line)) is not None:
@@ -46,8 +49,11 @@ def parse_ptxas(report: str) -> list[dict[str, int | str]]:
 def compile_file(source: Path, arch: str, nvcc: str) -> tuple[list[dict[str, int | str]], str | None]:
     """The kernels' resource usage of one .cu file, and the compiler's error (None when it compiled)."""
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-O3", "-Xptxas", "-v", "-o",
-                               str(Path(tmp) / "out.cubin"), str(source)], capture_output=True, text=True)
+        done = subprocess.run(
+            [nvcc, f"-arch={arch}", "-cubin", "-O3", "-Xptxas", "-v", "-o", str(Path(tmp) / "out.cubin"), str(source)],
+            capture_output=True,
+            text=True,
+        )
     if done.returncode != 0:
         return [], (done.stderr.strip().splitlines() or ["nvcc failed"])[-1]
     return parse_ptxas(done.stdout + done.stderr), None

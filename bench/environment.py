@@ -1,4 +1,5 @@
 """Where a run happened: device name, library versions, commit and date."""
+
 from __future__ import annotations
 
 import datetime

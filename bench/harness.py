@@ -8,6 +8,7 @@ and JIT time), projected_s and short_step_ms (seed-run: the run's seconds, and t
 epoch's last, shorter step), skipped (reason) and error (message). Speed
 fields are null unless the row ran and was correct.
 """
+
 from __future__ import annotations
 
 import copy
@@ -91,10 +92,25 @@ def _fit_reason(case: Case, batch: int, device: torch.device) -> str | None:
 
 
 def _blank_row(provider: str, case: Case, batch: int, precision: str) -> Row:
-    return {"provider": provider, "workload": case.workload, "config": case.config_name, "batch": batch,
-            "precision": precision, "ms": None, "items_per_s": None, "correct": None, "max_rel_err": None,
-            "argmax_agreement": None, "vs_eager": None, "vs_compile": None, "first_call_s": None,
-            "projected_s": None, "short_step_ms": None, "skipped": None, "error": None}
+    return {
+        "provider": provider,
+        "workload": case.workload,
+        "config": case.config_name,
+        "batch": batch,
+        "precision": precision,
+        "ms": None,
+        "items_per_s": None,
+        "correct": None,
+        "max_rel_err": None,
+        "argmax_agreement": None,
+        "vs_eager": None,
+        "vs_compile": None,
+        "first_call_s": None,
+        "projected_s": None,
+        "short_step_ms": None,
+        "skipped": None,
+        "error": None,
+    }
 
 
 def nontrivial_model(cfg: AUNNConfig, seed: int) -> AUNN:
@@ -152,8 +168,14 @@ def run_cell(row: Row, case: Case, base: AUNN, options: Options) -> None:
         row.update(skipped="out of memory", correct=None, ms=None, items_per_s=None)
     except Exception as exc:  # one failing provider must not end the run
         message = str(exc).strip().splitlines()
-        row.update(correct=False, error=f"{type(exc).__name__}: {message[0] if message else ''}"[:500],
-                   ms=None, items_per_s=None, projected_s=None, short_step_ms=None)
+        row.update(
+            correct=False,
+            error=f"{type(exc).__name__}: {message[0] if message else ''}"[:500],
+            ms=None,
+            items_per_s=None,
+            projected_s=None,
+            short_step_ms=None,
+        )
     finally:
         if options.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -191,12 +213,18 @@ def _describe(row: Row) -> str:
         return f"{head}: ERROR {row['error']}"
     if not row["correct"]:
         return f"{head}: INCORRECT (max_rel_err {row['max_rel_err']:.2e})"
-    return (f"{head}: {row['ms']:.4g} ms, {row['items_per_s'] / 1e6:.4g} M/s "
-            f"(first call {row['first_call_s']:.2f} s, err {row['max_rel_err']:.1e})")
+    return (
+        f"{head}: {row['ms']:.4g} ms, {row['items_per_s'] / 1e6:.4g} M/s "
+        f"(first call {row['first_call_s']:.2f} s, err {row['max_rel_err']:.1e})"
+    )
 
 
-def run(cases: list[Case], options: Options, log: Callable[[str], None] = print,
-        progress: Callable[[list[Row]], None] | None = None) -> list[Row]:
+def run(
+    cases: list[Case],
+    options: Options,
+    log: Callable[[str], None] = print,
+    progress: Callable[[list[Row]], None] | None = None,
+) -> list[Row]:
     """Every case x batch x provider x precision; rows in that order, ratios filled in.
     ``progress`` is called with the rows so far after each one (e.g. to save partial results)."""
     _allow_recompiles()

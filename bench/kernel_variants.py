@@ -31,6 +31,7 @@ bench/checks.py) and timed only when correct: do_bench median on CUDA.
 DIR/kernel_variants.md and .json are rewritten after every row, so a run cut short
 still leaves its data. Exit status: 0; 1 when a candidate was incorrect or raised; 2 without CUDA.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,12 +72,16 @@ class Variant:
     options: KernelOptions
 
 
-def variant(label: str, weight_grad: str = "torch", sigmoid: str = "exact", tiles: tuple[tuple[str, int], ...] = (),
-            **changes: Any) -> Variant:
+def variant(
+    label: str,
+    weight_grad: str = "torch",
+    sigmoid: str = "exact",
+    tiles: tuple[tuple[str, int], ...] = (),
+    **changes: Any,
+) -> Variant:
     """A candidate: the default options (the environment's switches read) with the "torch" weight gradients,
     the exact sigmoid, the tile overrides and the other KernelOptions fields given."""
-    return Variant(label, replace(default_options(), weight_grad=weight_grad, sigmoid=sigmoid, tiles=tiles,
-                                  **changes))
+    return Variant(label, replace(default_options(), weight_grad=weight_grad, sigmoid=sigmoid, tiles=tiles, **changes))
 
 
 @dataclass(frozen=True)
@@ -94,9 +99,12 @@ class Step:
 
 def default_plan(programs_per_sm: list[int]) -> list[Step]:
     """The steps in the order they are run: most decisive first, as a time limit may cut the run."""
-    partials = [variant("partials" if len(programs_per_sm) == 1 else f"partials x{k}/SM", "partials",
-                        partial_programs_per_sm=k) for k in programs_per_sm]
+    partials = [
+        variant("partials" if len(programs_per_sm) == 1 else f"partials x{k}/SM", "partials", partial_programs_per_sm=k)
+        for k in programs_per_sm
+    ]
     tanh = [Variant(f"{v.label} + tanh", replace(v.options, sigmoid="tanh")) for v in [variant("torch"), *partials]]
+
     def backward_tiles(hidden: int) -> list[Variant]:
         """Backward row blocks other than the default at this width: more rows per program share each
         layer's fixed work (weight tile, transposes, gain sums) but need more registers (compile
@@ -108,21 +116,36 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
         (the H100 ran it 1.19x faster than 32 x 4: now the default; 128 x 8 runs 1 block of 128 KB per SM).
         At H = 128, 128 x 8 needs 256 KB of shared memory, more than an SM has: left out there."""
         default = choose_tiles(hidden, 64, 4, "bf16", KernelOptions())
-        return [variant(f"torch + tanh, bwd {rows} rows {warps} warps", "torch", "tanh",
-                        (("block_m_bwd", rows), ("num_warps_bwd", warps)))
-                for rows, warps in ((32, 8), (32, 4), (16, 8), (64, 4), (128, 8))
-                if (rows, warps) != (default.block_m_bwd, default.num_warps_bwd) and rows * hidden <= 128 * 64]
+        return [
+            variant(
+                f"torch + tanh, bwd {rows} rows {warps} warps",
+                "torch",
+                "tanh",
+                (("block_m_bwd", rows), ("num_warps_bwd", warps)),
+            )
+            for rows, warps in ((32, 8), (32, 4), (16, 8), (64, 4), (128, 8))
+            if (rows, warps) != (default.block_m_bwd, default.num_warps_bwd) and rows * hidden <= 128 * 64
+        ]
 
     def forward_tiles(hidden: int, pairs: tuple[tuple[int, int], ...]) -> list[Variant]:
         """Forward row blocks and warps other than the default at this width, each with either sigmoid."""
         default = choose_tiles(hidden, 64, 4, "bf16", KernelOptions())
-        return [variant(f"{rows} rows, {warps} warps" + (" + tanh" if sigmoid == "tanh" else ""),
-                        sigmoid=sigmoid, tiles=(("block_m", rows), ("num_warps", warps)))
-                for rows, warps in pairs if (rows, warps) != (default.block_m, default.num_warps)
-                for sigmoid in ("exact", "tanh")]
+        return [
+            variant(
+                f"{rows} rows, {warps} warps" + (" + tanh" if sigmoid == "tanh" else ""),
+                sigmoid=sigmoid,
+                tiles=(("block_m", rows), ("num_warps", warps)),
+            )
+            for rows, warps in pairs
+            if (rows, warps) != (default.block_m, default.num_warps)
+            for sigmoid in ("exact", "tanh")
+        ]
+
     # the large batches' bf16 weight copies against reading the fp32 weights in every program
-    fp32_weights = {label: variant(f"{label} + fp32 weights", sigmoid="tanh", weight_copy_min_rows=NEVER)
-                    for label in ("tanh", "torch + tanh")}
+    fp32_weights = {
+        label: variant(f"{label} + fp32 weights", sigmoid="tanh", weight_copy_min_rows=NEVER)
+        for label in ("tanh", "torch + tanh")
+    }
     # the backward's registers capped (maxnreg) for more blocks per SM, at the price of spills (compile report,
     # seed model, weight copies, constexpr H: 227 -> 168 registers, 2 -> 3 blocks, 88 B spill, 5% more
     # instructions; the forward needs no cap since H became a constant: 106-124 registers, 4 blocks)
@@ -134,12 +157,19 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     weight_transposed = variant("torch + tanh + weight as W.T", "torch", "tanh", load_weight_once=False)
     # the forward on 2 pipeline stages and 96 registers (compile report, seed model, bf16, tanh: shared memory
     # 49 -> 33 KB and registers 106 -> 96 with 28 B of spill, so 5 blocks of 4 warps per SM instead of 4)
-    forward_occupancy = variant("tanh + 2 stages, 96 registers", sigmoid="tanh",
-                                tiles=(("num_stages", 2), ("max_registers", 96)))
+    forward_occupancy = variant(
+        "tanh + 2 stages, 96 registers", sigmoid="tanh", tiles=(("num_stages", 2), ("max_registers", 96))
+    )
+
     # 64 rows on 8 warps: the forward's tiles at H = 128 before the H100 ran 4 warps 1.78x faster there
     def predict(hidden: int) -> list[Variant]:
-        return [variant("default"), variant("tanh", sigmoid="tanh"), fp32_weights["tanh"],
-                *forward_tiles(hidden, ((64, 4), (64, 8), (256, 8)))]
+        return [
+            variant("default"),
+            variant("tanh", sigmoid="tanh"),
+            fp32_weights["tanh"],
+            *forward_tiles(hidden, ((64, 4), (64, 8), (256, 8))),
+        ]
+
     # at H = 64 only (at H = 128 both spill 0.8-1.2 KB): 128 rows on 4 warps (compile report, bf16, tanh: 240
     # registers, 2 blocks per SM instead of 64 rows' 4, for 13% fewer loop instructions per row and half the
     # weight reads from L2 per row), and the 5-block form above
@@ -149,10 +179,22 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # registers, 88 B spill, 1 block per SM): a quarter of the 32-row blocks' partial load-add-stores in L2, and
     # no dz written nor batched products (0.64 ms of the 1M step on the H100). H = 64 only: 64-row blocks,
     # and 128-row blocks at H = 128, fail to compile in this form under Triton 3.6.
-    wide_partials = variant("partials + tanh, bwd 128 rows 8 warps", "partials", "tanh",
-                            (("block_m_bwd", 128), ("num_warps_bwd", 8)), partial_programs_per_sm=1)
-    train_bf16 = [variant("torch"), *partials, *tanh, head_kernel, weight_transposed, fp32_weights["torch + tanh"],
-                  backward_register_cap]
+    wide_partials = variant(
+        "partials + tanh, bwd 128 rows 8 warps",
+        "partials",
+        "tanh",
+        (("block_m_bwd", 128), ("num_warps_bwd", 8)),
+        partial_programs_per_sm=1,
+    )
+    train_bf16 = [
+        variant("torch"),
+        *partials,
+        *tanh,
+        head_kernel,
+        weight_transposed,
+        fp32_weights["torch + tanh"],
+        backward_register_cap,
+    ]
     # the fp32 mode's products on the FMA units instead of the tensor cores (three tf32 products each, the default)
     ieee = variant("ieee", fp32_products="ieee")
     train_fp32 = [variant("torch"), *partials, ieee]
@@ -163,8 +205,10 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # 256 x 128, the tiles cuBLAS chose for the split ones, for 132 SMs)
     no_batch_split_tanh = variant("layer-wise + tanh, no batch split", sigmoid="tanh", split_k_min_rows=NEVER)
     # H = 128 is the widest fused model: the layer-wise path (cuBLAS + epilogues) beside it
-    layerwise = [variant("layer-wise", fused_max_hidden=0), variant("layer-wise + tanh", sigmoid="tanh",
-                                                                    fused_max_hidden=0)]
+    layerwise = [
+        variant("layer-wise", fused_max_hidden=0),
+        variant("layer-wise + tanh", sigmoid="tanh", fused_max_hidden=0),
+    ]
     # a large head at few rows: its vocabulary split into ranges across the SMs, or one program per row block
     vocab_ranges = [variant("vocabulary ranges"), variant("no vocabulary ranges", vocab_split_min=NEVER)]
     # the head backward kernels recompute the logits in each hidden-column program: at H = 256 twice each, on
@@ -172,35 +216,39 @@ def default_plan(programs_per_sm: list[int]) -> list[Step]:
     # on all 256 columns once, with twice the accumulator per program (compile report, bf16: 255 and 174
     # registers against 193 and 136, no spill, 64 KB of shared memory against 48; one 8-warp block per SM either way)
     # or as three cuBLAS products on dlogits materialised a chunk of rows at a time (head_backward "products")
-    head_backward = [variant("torch + tanh", "torch", "tanh"),
-                     variant("torch + tanh + head backward on 256 columns", "torch", "tanh", (("block_hc", 256),)),
-                     variant("torch + tanh + head backward by products", "torch", "tanh", head_backward="products")]
+    head_backward = [
+        variant("torch + tanh", "torch", "tanh"),
+        variant("torch + tanh + head backward on 256 columns", "torch", "tanh", (("block_hc", 256),)),
+        variant("torch + tanh + head backward by products", "torch", "tanh", head_backward="products"),
+    ]
     # H = 512's per-layer kernels (the graphed 2,048-row step on the H100: 7 SiLU/RMSNorm backwards at 10.5 us and
     # 7 epilogues at 5.4 us, 111 of its 302 us): 16-row blocks on 8 warps, 128 programs at 2,048 rows, one per
     # SM; on 8 rows twice the programs, or on 4 warps twice the blocks per SM
-    layer_kernels = [variant("layer-wise + tanh", sigmoid="tanh"),
-                     variant("layer-wise + tanh, layer kernels on 8 rows", sigmoid="tanh",
-                             tiles=(("block_m_rowwise", 8),)),
-                     variant("layer-wise + tanh, layer kernels on 4 warps", sigmoid="tanh", tiles=(("num_warps", 4),))]
+    layer_kernels = [
+        variant("layer-wise + tanh", sigmoid="tanh"),
+        variant("layer-wise + tanh, layer kernels on 8 rows", sigmoid="tanh", tiles=(("block_m_rowwise", 8),)),
+        variant("layer-wise + tanh, layer kernels on 4 warps", sigmoid="tanh", tiles=(("num_warps", 4),)),
+    ]
     # the eager 8,192- and 65,536-row steps late: the H100 ran them host-bound (1.5-2.4 ms eager against
     # 0.16 ms graphed at 8,192), so they rank candidates least well
-    return [Step("predict", "seed", 64, 1 << 24, "bf16", predict_h64),
-            Step("train", "seed", 64, 1 << 20, "bf16", [*train_bf16, wide_partials, *backward_tiles(64),
-                                                        no_batch_split]),
-            Step("predict", "H128", 128, 1 << 22, "bf16", [*predict(128), *layerwise]),
-            Step("train", "H128", 128, 1 << 19, "bf16", [*train_bf16, *backward_tiles(128), *layerwise]),
-            Step("predict", "seed", 64, 1 << 24, "fp32", [variant("default"), ieee]),
-            Step("train", "seed", 64, 1 << 20, "fp32", train_fp32),
-            Step("train", "H128", 128, 1 << 19, "fp32", train_fp32),
-            Step("train-graph", "notebook", 512, 2048, "bf16", [*layer_kernels, no_batch_split_tanh]),
-            Step("train-graph", "seed", 64, 8192, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
-            Step("train-graph", "seed", 64, 65536, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
-            # a 2-index prompt's step, graphed (conditioning: 0.11 ms on the H100, 1.47x torch.compile): "partials"
-            # forms the weight gradients in its one program, in place of two batched products over the stored dz
-            Step("train-graph", "prompt", 64, 2, "bf16", tanh),
-            Step("train", "bpe", 256, 16384, "bf16", head_backward, vocab=50257),
-            Step("train", "bpe", 256, 64, "bf16", vocab_ranges, vocab=50257),
-            Step("predict", "bpe", 256, 2048, "bf16", vocab_ranges, vocab=50257)]
+    return [
+        Step("predict", "seed", 64, 1 << 24, "bf16", predict_h64),
+        Step("train", "seed", 64, 1 << 20, "bf16", [*train_bf16, wide_partials, *backward_tiles(64), no_batch_split]),
+        Step("predict", "H128", 128, 1 << 22, "bf16", [*predict(128), *layerwise]),
+        Step("train", "H128", 128, 1 << 19, "bf16", [*train_bf16, *backward_tiles(128), *layerwise]),
+        Step("predict", "seed", 64, 1 << 24, "fp32", [variant("default"), ieee]),
+        Step("train", "seed", 64, 1 << 20, "fp32", train_fp32),
+        Step("train", "H128", 128, 1 << 19, "fp32", train_fp32),
+        Step("train-graph", "notebook", 512, 2048, "bf16", [*layer_kernels, no_batch_split_tanh]),
+        Step("train-graph", "seed", 64, 8192, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
+        Step("train-graph", "seed", 64, 65536, "bf16", [*train_bf16, wide_partials, *backward_tiles(64)]),
+        # a 2-index prompt's step, graphed (conditioning: 0.11 ms on the H100, 1.47x torch.compile): "partials"
+        # forms the weight gradients in its one program, in place of two batched products over the stored dz
+        Step("train-graph", "prompt", 64, 2, "bf16", tanh),
+        Step("train", "bpe", 256, 16384, "bf16", head_backward, vocab=50257),
+        Step("train", "bpe", 256, 64, "bf16", vocab_ranges, vocab=50257),
+        Step("predict", "bpe", 256, 2048, "bf16", vocab_ranges, vocab=50257),
+    ]
 
 
 def make_inputs(hidden: int, batch: int, device: torch.device, layers: int = 8, vocab: int = 4):
@@ -225,8 +273,9 @@ def loss_grads(loss_fn, idx, targets, params: AUNNParams, cfg: AUNNConfig, preci
 
 def kernels_loss(options: KernelOptions) -> Callable[..., torch.Tensor]:
     """kernels.loss with these options."""
-    return lambda idx, targets, params, cfg, precision: kernels.loss(idx, targets, params, cfg, precision,
-                                                                     options=options)
+    return lambda idx, targets, params, cfg, precision: kernels.loss(
+        idx, targets, params, cfg, precision, options=options
+    )
 
 
 def train_error(cfg, params, idx, targets, precision: str, options: KernelOptions) -> float:
@@ -258,8 +307,9 @@ def gradients_differ(got: list[torch.Tensor], want: list[torch.Tensor], precisio
     return max(_rel_err(g, w) for g, w in zip(got, want)) > TOLERANCES[precision]
 
 
-def graphed_loss_grads(cfg, params, idx, targets, precision: str,
-                       options: KernelOptions) -> Callable[[], tuple[torch.Tensor, ...]]:
+def graphed_loss_grads(
+    cfg, params, idx, targets, precision: str, options: KernelOptions
+) -> Callable[[], tuple[torch.Tensor, ...]]:
     """:func:`loss_grads` of kernels.loss captured in one CUDA graph (after two warm-up calls on a side
     stream, as capture requires); the returned call replays it and returns the graph's gradient tensors.
     Small training steps are host-bound when launched one kernel at a time (H = 512 at 2,048 rows: 4.5 ms
@@ -289,16 +339,30 @@ def graphed_loss_grads(cfg, params, idx, targets, precision: str,
 # workload: (its error against the reference at CHECK_ROWS, what makes the timed call from the inputs,
 # whether two calls' outputs differ); the first two take (cfg, params, idx, targets, precision, options)
 WORKLOADS: dict[str, tuple[Callable[..., float], Callable[..., Callable[[], Any]], Callable[..., bool]]] = {
-    "predict": (predict_error, lambda cfg, params, idx, targets, precision, options:
-                lambda: kernels.predict(idx, params, cfg, precision, options=options), predictions_differ),
-    "train": (train_error, lambda cfg, params, idx, targets, precision, options:
-              lambda: loss_grads(kernels_loss(options), idx, targets, params, cfg, precision), gradients_differ),
+    "predict": (
+        predict_error,
+        lambda cfg, params, idx, targets, precision, options: (
+            lambda: kernels.predict(idx, params, cfg, precision, options=options)
+        ),
+        predictions_differ,
+    ),
+    "train": (
+        train_error,
+        lambda cfg, params, idx, targets, precision, options: (
+            lambda: loss_grads(kernels_loss(options), idx, targets, params, cfg, precision)
+        ),
+        gradients_differ,
+    ),
     "train-graph": (train_error, graphed_loss_grads, gradients_differ),
 }
 
 
-def run(plan: list[Step], device: torch.device,
-        on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None, log=print) -> list[dict[str, Any]]:
+def run(
+    plan: list[Step],
+    device: torch.device,
+    on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
+    log=print,
+) -> list[dict[str, Any]]:
     """Check, then time, every variant of every step; on_row(rows) after each."""
     rows: list[dict[str, Any]] = []
     for s in plan:
@@ -307,9 +371,20 @@ def run(plan: list[Step], device: torch.device,
         check_n = min(s.batch, CHECK_ROWS)
         baseline = None  # (label, full-batch output) of the step's first candidate that passed its check
         for variant in s.variants:
-            row = {"workload": s.workload, "shape": s.shape, "hidden": s.hidden, "vocab": s.vocab, "batch": s.batch,
-                   "precision": s.precision, "variant": variant.label, "max_rel_err": None, "correct": None,
-                   "ms": None, "m_idx_per_s": None, "error": None}
+            row = {
+                "workload": s.workload,
+                "shape": s.shape,
+                "hidden": s.hidden,
+                "vocab": s.vocab,
+                "batch": s.batch,
+                "precision": s.precision,
+                "variant": variant.label,
+                "max_rel_err": None,
+                "correct": None,
+                "ms": None,
+                "m_idx_per_s": None,
+                "error": None,
+            }
             rows.append(row)
             try:
                 options = variant.options
@@ -319,8 +394,10 @@ def run(plan: list[Step], device: torch.device,
                 if call is not None and s.batch > check_n:  # and at the timed batch, beside the default
                     output = call()
                     if baseline is None:  # a copy: a graph's outputs are rewritten by its next replay
-                        baseline = (variant.label, output.clone() if torch.is_tensor(output)
-                                    else [t.clone() for t in output])
+                        baseline = (
+                            variant.label,
+                            output.clone() if torch.is_tensor(output) else [t.clone() for t in output],
+                        )
                     elif differ(output, baseline[1], s.precision):
                         row["correct"] = False
                         row["error"] = f"differs from {baseline[0]} at batch {s.batch}"
@@ -333,8 +410,10 @@ def run(plan: list[Step], device: torch.device,
                 row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            log(f"{s.workload} {s.shape} H={s.hidden} batch={s.batch} {s.precision} {variant.label}: "
-                f"err={row['max_rel_err']} ms={row['ms']} {row['error'] or ''}")
+            log(
+                f"{s.workload} {s.shape} H={s.hidden} batch={s.batch} {s.precision} {variant.label}: "
+                f"err={row['max_rel_err']} ms={row['ms']} {row['error'] or ''}"
+            )
             on_row(rows)
         params = idx = targets = None  # free this step's tensors before the next one
         if device.type == "cuda":
@@ -343,14 +422,18 @@ def run(plan: list[Step], device: torch.device,
 
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    lines = [f"# Fused kernels: candidate configurations ({meta['device']})", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}. "
-             "predict = forward + argmax; train = forward + loss + backward (no optimizer). "
-             f"Median ms; each candidate checked against the fp32 reference at min(batch, {CHECK_ROWS}) rows "
-             "first (predict: logits, train: gradients), and at a larger timed batch against the step's first "
-             f"candidate (gradients within the tolerance, predictions on {FULL_BATCH_AGREEMENT:.0%} of rows).", "",
-             "| workload | shape | H | batch | precision | variant | max rel err | ms | M idx/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Fused kernels: candidate configurations ({meta['device']})",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}. "
+        "predict = forward + argmax; train = forward + loss + backward (no optimizer). "
+        f"Median ms; each candidate checked against the fp32 reference at min(batch, {CHECK_ROWS}) rows "
+        "first (predict: logits, train: gradients), and at a larger timed batch against the step's first "
+        f"candidate (gradients within the tolerance, predictions on {FULL_BATCH_AGREEMENT:.0%} of rows).",
+        "",
+        "| workload | shape | H | batch | precision | variant | max rel err | ms | M idx/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         err = "—" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
         if r["error"]:
@@ -359,31 +442,58 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             ms, speed = "INCORRECT", "—"
         else:
             ms, speed = f"{r['ms']:.3f}", f"{r['m_idx_per_s']:.1f}"
-        lines.append(f"| {r['workload']} | {r['shape']} | {r['hidden']} | {r['batch']} | {r['precision']} "
-                     f"| {r['variant']} | {err} | {ms} | {speed} |")
+        lines.append(
+            f"| {r['workload']} | {r['shape']} | {r['hidden']} | {r['batch']} | {r['precision']} "
+            f"| {r['variant']} | {err} | {ms} | {speed} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aunn_fast.bench.kernel_variants",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m aunn_fast.bench.kernel_variants", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", required=True, type=out_dir, help="directory for kernel_variants.md / .json")
-    parser.add_argument("--programs-per-sm", type=counts, default=[2],
-                        help="comma-separated partial_programs_per_sm values for 'partials' (default 2)")
-    parser.add_argument("--workloads", type=names_from(WORKLOADS, "workload"), default=list(WORKLOADS),
-                        help="comma-separated workloads to run (default: predict,train,train-graph)")
-    parser.add_argument("--shapes", type=comma_separated, default=None,
-                        help="comma-separated shapes to run: seed, notebook, H128, bpe, prompt (default: all)")
-    parser.add_argument("--precisions", type=names_from(TOLERANCES, "precision"), default=list(TOLERANCES),
-                        help="comma-separated precisions to run (default: all in the plan)")
-    parser.add_argument("--labels", type=lambda text: [label.strip() for label in text.split(";") if label.strip()],
-                        default=None, help="semicolon-separated candidate labels (some hold commas) to keep in "
-                                           "each step (default: all); at the timed batch each is compared with "
-                                           "the first one kept")
+    parser.add_argument(
+        "--programs-per-sm",
+        type=counts,
+        default=[2],
+        help="comma-separated partial_programs_per_sm values for 'partials' (default 2)",
+    )
+    parser.add_argument(
+        "--workloads",
+        type=names_from(WORKLOADS, "workload"),
+        default=list(WORKLOADS),
+        help="comma-separated workloads to run (default: predict,train,train-graph)",
+    )
+    parser.add_argument(
+        "--shapes",
+        type=comma_separated,
+        default=None,
+        help="comma-separated shapes to run: seed, notebook, H128, bpe, prompt (default: all)",
+    )
+    parser.add_argument(
+        "--precisions",
+        type=names_from(TOLERANCES, "precision"),
+        default=list(TOLERANCES),
+        help="comma-separated precisions to run (default: all in the plan)",
+    )
+    parser.add_argument(
+        "--labels",
+        type=lambda text: [label.strip() for label in text.split(";") if label.strip()],
+        default=None,
+        help="semicolon-separated candidate labels (some hold commas) to keep in "
+        "each step (default: all); at the timed batch each is compared with "
+        "the first one kept",
+    )
     args = parser.parse_args(argv)
-    plan = [replace(s, variants=[v for v in s.variants if args.labels is None or v.label in args.labels])
-            for s in default_plan(args.programs_per_sm) if s.workload in args.workloads
-            and s.precision in args.precisions and (args.shapes is None or s.shape in args.shapes)]
+    plan = [
+        replace(s, variants=[v for v in s.variants if args.labels is None or v.label in args.labels])
+        for s in default_plan(args.programs_per_sm)
+        if s.workload in args.workloads
+        and s.precision in args.precisions
+        and (args.shapes is None or s.shape in args.shapes)
+    ]
     plan = [s for s in plan if s.variants]
     if not plan:
         parser.error("the filters leave no step to run")

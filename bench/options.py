@@ -1,4 +1,5 @@
 """argparse types shared by the benchmark's command lines (run, profile_step, kernel_variants, compile_check)."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,18 +10,20 @@ _SUFFIXES = {"K": 1 << 10, "M": 1 << 20}
 
 
 def comma_separated(text: str) -> list[str]:
-    """"a, b,,c" -> ["a", "b", "c"]."""
+    """ "a, b,,c" -> ["a", "b", "c"]."""
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def names_from(known: Collection[str], what: str) -> Callable[[str], list[str]]:
     """An argparse type: comma-separated names, each one of ``known`` (looked up when parsing)."""
+
     def parse(text: str) -> list[str]:
         names = comma_separated(text)
         unknown = [name for name in names if name not in known]
         if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or repr(text)}; "
-                                             f"choose from {', '.join(known)}")
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(unknown) or repr(text)}; choose from {', '.join(known)}"
+            )
         return names
 
     return parse
@@ -35,7 +38,7 @@ def out_dir(text: str) -> Path:
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
-    """"1,2048,64K,1M" -> (1, 2048, 65536, 1048576)."""
+    """ "1,2048,64K,1M" -> (1, 2048, 65536, 1048576)."""
     sizes = []
     for part in comma_separated(text):
         scale = _SUFFIXES.get(part[-1].upper(), 1)

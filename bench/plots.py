@@ -1,4 +1,5 @@
 """PNG plots of a run: throughput against batch size, and share of the H100 ceilings."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,8 +49,7 @@ def throughput(rows: list[Row], out_dir: Path, device: str) -> list[Path]:
         configs = list(dict.fromkeys(r["config"] for r in mine))
         fig, axes = _grid(len(configs))
         for ax, config in zip(axes, configs):
-            _draw(ax, [r for r in mine if r["config"] == config], "items_per_s", f"{workload}, {config}",
-                  "indices / s")
+            _draw(ax, [r for r in mine if r["config"] == config], "items_per_s", f"{workload}, {config}", "indices / s")
         fig.suptitle(f"{workload} throughput on {device}")
         fig.tight_layout()
         paths.append(out_dir / f"throughput_{workload}.png")
@@ -69,8 +69,9 @@ def ceiling_shares(rows: list[Row], out_dir: Path, device: str) -> list[Path]:
     for column, (workload, config) in enumerate(keys):
         mine = [r for r in rows if r["workload"] == workload and r["config"] == config]
         _draw(axes[0][column], mine, "sfu_share", f"{workload}, {config}: SFU ceiling", "share of ceiling")
-        _draw(axes[1][column], mine, "tensor_core_share", f"{workload}, {config}: tensor-core ceiling",
-              "share of ceiling")
+        _draw(
+            axes[1][column], mine, "tensor_core_share", f"{workload}, {config}: tensor-core ceiling", "share of ceiling"
+        )
     fig.suptitle(f"share of the H100 ceilings on {device}")
     fig.tight_layout()
     path = out_dir / "ceiling_share.png"

@@ -12,6 +12,7 @@ With ``--no-profiler`` the same warm-up and calls run with no profiler attached 
 but the wall time per call: a target for an outside profiler (``ncu``, which cannot share CUPTI with
 torch.profiler; see bench/gpu_check.sh), with the workload's launches in a known order.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ WARMUP_CALLS = 5
 TABLE_ROWS = 25
 
 
-def warmed_up_step(config: str, workload: str, batch: int, provider: str, precision: str, device: torch.device,
-                   seed: int = 0) -> Callable[[], object]:
+def warmed_up_step(
+    config: str, workload: str, batch: int, provider: str, precision: str, device: torch.device, seed: int = 0
+) -> Callable[[], object]:
     """A workload's step, prepared and called WARMUP_CALLS times."""
     model = AUNN(CONFIGS[config], backend=provider, precision=precision, seed=seed).to(device)
     model.validate = False  # as in the benchmark: no range checks (a device sync each) in the step
@@ -56,8 +58,16 @@ def timed_calls(step: Callable[[], object], calls: int, device: torch.device) ->
     return (time.perf_counter() - start) * 1e3 / calls
 
 
-def profile_workload(config: str, workload: str, batch: int, provider: str, precision: str, calls: int,
-                     device: torch.device, seed: int = 0) -> tuple[str, profile]:
+def profile_workload(
+    config: str,
+    workload: str,
+    batch: int,
+    provider: str,
+    precision: str,
+    calls: int,
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[str, profile]:
     """Profile ``calls`` calls of a workload after warm-up; returns (report text, the profiler)."""
     step = warmed_up_step(config, workload, batch, provider, precision, device, seed)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -65,10 +75,12 @@ def profile_workload(config: str, workload: str, batch: int, provider: str, prec
         wall_ms = timed_calls(step, calls, device)
     env = environment.describe(device)
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    header = (f"{config} {CONFIGS[config]}, workload {workload}, batch {batch:,}, provider {provider}, "
-              f"precision {precision}\n{env['device']}, torch {env['torch']}, triton {env['triton']}, "
-              f"commit {env['commit']}, {env['date']}\n{calls} calls after {WARMUP_CALLS} warm-up calls: "
-              f"{wall_ms:.3f} ms per call wall time (profiler overhead included); sorted by {sort_by}\n\n")
+    header = (
+        f"{config} {CONFIGS[config]}, workload {workload}, batch {batch:,}, provider {provider}, "
+        f"precision {precision}\n{env['device']}, torch {env['torch']}, triton {env['triton']}, "
+        f"commit {env['commit']}, {env['date']}\n{calls} calls after {WARMUP_CALLS} warm-up calls: "
+        f"{wall_ms:.3f} ms per call wall time (profiler overhead included); sorted by {sort_by}\n\n"
+    )
     return header + prof.key_averages().table(sort_by=sort_by, row_limit=TABLE_ROWS), prof
 
 
@@ -80,8 +92,9 @@ def _pairs(workloads: str, batches: str) -> list[tuple[str, int]]:
         raise argparse.ArgumentTypeError("--workloads and --batches pair up: give as many of each")
     unknown = [w for w in names if w not in WORKLOADS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown workload(s) {', '.join(unknown)}; "
-                                         f"choose from {', '.join(WORKLOADS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}"
+        )
     return list(zip(names, sizes))
 
 
@@ -89,15 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=tuple(CONFIGS), default="seed")
     parser.add_argument("--workloads", default="train", help="comma-separated, paired with --batches")
-    parser.add_argument("--batches", default="8192",
-                        help="comma-separated batch sizes (K, M suffixes), one per workload")
+    parser.add_argument(
+        "--batches", default="8192", help="comma-separated batch sizes (K, M suffixes), one per workload"
+    )
     parser.add_argument("--provider", choices=tuple(BACKENDS), default="triton")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--calls", type=int, default=20, help="profiled calls (default 20)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=out_dir, help="directory for the reports (required unless --no-profiler)")
-    parser.add_argument("--no-profiler", action="store_true",
-                        help="run the warm-up and calls unprofiled, for an outside profiler; write nothing")
+    parser.add_argument(
+        "--no-profiler",
+        action="store_true",
+        help="run the warm-up and calls unprofiled, for an outside profiler; write nothing",
+    )
     args = parser.parse_args(argv)
     try:
         pairs = _pairs(args.workloads, args.batches)
@@ -119,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     for workload, batch in pairs:
         if args.no_profiler:
             step = warmed_up_step(args.config, workload, batch, args.provider, args.precision, device)
-            print(f"{workload} at {batch:,}: {timed_calls(step, args.calls, device):.3f} ms per call "
-                  f"({args.calls} calls after {WARMUP_CALLS} warm-up calls, no profiler)", flush=True)
+            print(
+                f"{workload} at {batch:,}: {timed_calls(step, args.calls, device):.3f} ms per call "
+                f"({args.calls} calls after {WARMUP_CALLS} warm-up calls, no profiler)",
+                flush=True,
+            )
             continue
         args.out.mkdir(parents=True, exist_ok=True)
         text, prof = profile_workload(args.config, workload, batch, args.provider, args.precision, args.calls, device)

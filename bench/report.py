@@ -1,4 +1,5 @@
 """results.json and results.md from the rows of a run."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,15 @@ from .harness import Row
 from .workloads import SEED_RUN_STEPS, WORKLOADS
 
 
-def build_meta(environment: dict[str, Any], cases: list[Case], quick: bool, argv: list[str],
-               wall_s: float, ceiling_info: dict[str, Any] | str, complete: bool) -> dict[str, Any]:
+def build_meta(
+    environment: dict[str, Any],
+    cases: list[Case],
+    quick: bool,
+    argv: list[str],
+    wall_s: float,
+    ceiling_info: dict[str, Any] | str,
+    complete: bool,
+) -> dict[str, Any]:
     """results.json's meta: environment plus everything needed to read the rows.
     ``complete`` is False in the partial results saved while the run goes on."""
     return {
@@ -28,9 +36,11 @@ def build_meta(environment: dict[str, Any], cases: list[Case], quick: bool, argv
         "tolerances": TOLERANCES,
         "error_metric": "max|x - ref| / max|ref| against the reference provider in fp32 (gradients: worst parameter)",
         "baselines": "vs_eager: reference provider in fp32; vs_compile: compile provider in fp32; same run",
-        "timing": ("CUDA: triton.testing.do_bench median (device events); CPU: median of time.perf_counter; "
-                   "seed-run: ms/step over a stretch of consecutive full steps, each epoch's short step timed "
-                   f"apart (short_step_ms), projected over {SEED_RUN_STEPS:,} steps"),
+        "timing": (
+            "CUDA: triton.testing.do_bench median (device events); CPU: median of time.perf_counter; "
+            "seed-run: ms/step over a stretch of consecutive full steps, each epoch's short step timed "
+            f"apart (short_step_ms), projected over {SEED_RUN_STEPS:,} steps"
+        ),
         "ceilings": ceiling_info,
     }
 
@@ -51,15 +61,20 @@ def _cells(row: Row, with_projection: bool, with_ceilings: bool, with_cpu_ceilin
     elif not row["correct"]:
         speed = ["INCORRECT", "—", "—", "—"]
     else:
-        speed = [_num(row["ms"], ".4g"), _num(row["items_per_s"] / 1e6, ".4g"),
-                 _num(row["vs_eager"], ".2f") + ("x" if row["vs_eager"] else ""),
-                 _num(row["vs_compile"], ".2f") + ("x" if row["vs_compile"] else "")]
+        speed = [
+            _num(row["ms"], ".4g"),
+            _num(row["items_per_s"] / 1e6, ".4g"),
+            _num(row["vs_eager"], ".2f") + ("x" if row["vs_eager"] else ""),
+            _num(row["vs_compile"], ".2f") + ("x" if row["vs_compile"] else ""),
+        ]
     cells = head + speed + [err, _num(row["first_call_s"], ".2f")]
     if with_projection:
         cells.append(_num(row["projected_s"], ".1f"))
     if with_ceilings:
-        cells += [_num(row["sfu_share"] and 100 * row["sfu_share"], ".2f"),
-                  _num(row["tensor_core_share"] and 100 * row["tensor_core_share"], ".2f")]
+        cells += [
+            _num(row["sfu_share"] and 100 * row["sfu_share"], ".2f"),
+            _num(row["tensor_core_share"] and 100 * row["tensor_core_share"], ".2f"),
+        ]
     if with_cpu_ceiling:
         cells.append(_num(row.get("matmul_share") and 100 * row["matmul_share"], ".1f"))
     return cells
@@ -69,7 +84,8 @@ def _skipped_lines(rows: list[Row]) -> list[str]:
     grouped: dict[tuple[str, str], list[str]] = {}
     for row in rows:
         grouped.setdefault((row["provider"], row["skipped"]), []).append(
-            f"{row['config']} {row['batch']:,} {row['precision']}")
+            f"{row['config']} {row['batch']:,} {row['precision']}"
+        )
     return [f"- skipped **{provider}**: {reason} ({'; '.join(cells)})" for (provider, reason), cells in grouped.items()]
 
 
@@ -77,8 +93,18 @@ def workload_table(workload: str, rows: list[Row], with_ceilings: bool, with_cpu
     """Markdown lines: a heading, one table of the rows that ran, then the skipped ones."""
     ran = [r for r in rows if not r["skipped"]]
     projection = WORKLOADS[workload].stretch
-    header = ["config", "batch", "provider", "precision", "ms", "M idx/s", "vs eager", "vs compile",
-              "max rel err", "first call s"]
+    header = [
+        "config",
+        "batch",
+        "provider",
+        "precision",
+        "ms",
+        "M idx/s",
+        "vs eager",
+        "vs compile",
+        "max rel err",
+        "first call s",
+    ]
     if projection:
         header.append(f"projected s ({SEED_RUN_STEPS:,} steps)")
     if with_ceilings:
@@ -104,8 +130,11 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[Row]) -> None:
         f"- commit {meta['commit']}, {meta['date']}, {'quick' if meta['quick'] else 'full'} run, "
         f"{meta['wall_s']:.0f} s wall, host load average {_num(meta['load_average'], '.1f')} at start"
         + ("" if meta["complete"] else " **(partial: the run had not finished)**"),
-        "- configs: " + "; ".join(f"{name} (H={c['hidden']}, {c['layers']} layers, vocab {c['vocab_size']:,})"
-                                   for name, c in meta["configs"].items()),
+        "- configs: "
+        + "; ".join(
+            f"{name} (H={c['hidden']}, {c['layers']} layers, vocab {c['vocab_size']:,})"
+            for name, c in meta["configs"].items()
+        ),
         f"- correctness: {meta['error_metric']}; tolerance by precision: {tolerances}. "
         "INCORRECT rows are not timed and never enter a ratio.",
         f"- ratios: {meta['baselines']}",
@@ -115,6 +144,7 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[Row]) -> None:
         "",
     ]
     for workload in meta["workloads"]:
-        lines += workload_table(workload, [r for r in rows if r["workload"] == workload], with_ceilings,
-                                with_cpu_ceiling)
+        lines += workload_table(
+            workload, [r for r in rows if r["workload"] == workload], with_ceilings, with_cpu_ceiling
+        )
     path.write_text("\n".join(lines))

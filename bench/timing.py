@@ -1,5 +1,6 @@
 """Timers. CUDA: device events (``triton.testing.do_bench`` medians when triton imports);
 CPU: medians of ``time.perf_counter`` over repeated calls. All results in milliseconds."""
+
 from __future__ import annotations
 
 import statistics

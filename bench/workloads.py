@@ -7,6 +7,7 @@ sets (so caches do not flatter), plus the inputs the correctness check uses.
 Indices are int64 [batch] drawn uniformly from the model's whole index range;
 targets are int64 [batch] in [0, vocab).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -89,8 +90,9 @@ def input_sets(cfg: AUNNConfig, batch: int, generator: torch.Generator) -> list[
     return [(random_model_indices(cfg, batch, generator), random_targets(cfg, batch, generator)) for _ in range(count)]
 
 
-def _rotating(model: AUNN, batch: int, generator: torch.Generator,
-              call: Callable[[torch.Tensor, torch.Tensor], object]) -> Prepared:
+def _rotating(
+    model: AUNN, batch: int, generator: torch.Generator, call: Callable[[torch.Tensor, torch.Tensor], object]
+) -> Prepared:
     sets = input_sets(model.cfg, batch, generator)
     cycle = itertools.cycle(sets)
 
@@ -160,9 +162,13 @@ def seed_run_seconds(batch: int, step_ms: float, short_step_ms: float | None) ->
     return SEED_RUN_EPOCHS * (full_steps * step_ms + (short_step_ms if rest else 0.0)) / 1e3
 
 
-def _seed_run(model: AUNN, batch: int, generator: torch.Generator,
-              call: Callable[[torch.Tensor, torch.Tensor], object],
-              short_call: Callable[[torch.Tensor, torch.Tensor], object]) -> Prepared:
+def _seed_run(
+    model: AUNN,
+    batch: int,
+    generator: torch.Generator,
+    call: Callable[[torch.Tensor, torch.Tensor], object],
+    short_call: Callable[[torch.Tensor, torch.Tensor], object],
+) -> Prepared:
     """Walk a shuffled epoch of the seed's 400,000 indices in full batches, gathering each batch; the
     indices left over (640 at batch 2048) make the epoch's short step."""
     order = torch.randperm(SEED_RUN_INDICES, generator=generator, device=generator.device)
@@ -171,11 +177,11 @@ def _seed_run(model: AUNN, batch: int, generator: torch.Generator,
     starts = itertools.cycle(range(0, full_steps * batch, batch))
 
     def step() -> None:
-        idx = order[next(starts):][:batch]
+        idx = order[next(starts) :][:batch]
         call(idx, data[idx])
 
     def short_step() -> None:
-        idx = order[full_steps * batch:]
+        idx = order[full_steps * batch :]
         short_call(idx, data[idx])
 
     first = order[:batch]
@@ -201,21 +207,58 @@ def _prepare_seed_run_graph(model: AUNN, batch: int, generator: torch.Generator)
     return _seed_run(model, batch, generator, graphed, short_call)
 
 
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    Workload("predict", "forward + argmax", "logits", "forward", _prepare_predict),
-    Workload("loss", "forward + cross-entropy (no grad)", "loss", "forward", _prepare_loss),
-    Workload("train", "forward + loss + backward + AdamW step", "steps", "train", _prepare_train),
-    Workload("train-graph", "the train step replayed from one CUDA graph, as `aunn train` runs it", "steps",
-             "train", _prepare_train_graph, sweep="train", cuda_only=True),
-    Workload("condition", "prompt of 2 / 64 indices: forward + backward + SGD step", "steps", None,
-             _prepare_condition, fixed_batches=(2, 64), latency=True),
-    Workload("condition-graph", "the conditioning step replayed from one CUDA graph, as `aunn condition` runs "
-             "8 steps or more", "steps", None, _prepare_condition_graph, fixed_batches=(2, 64), latency=True,
-             cuda_only=True),
-    Workload("seed-run", f"the seed's run: {SEED_RUN_STEPS:,} train steps of {SEED_RUN_BATCH}, "
-             "extrapolated from a measured stretch", "steps", "train", _prepare_seed_run,
-             fixed_batches=(SEED_RUN_BATCH,), stretch=True),
-    Workload("seed-run-graph", "the seed's run with each step replayed from one CUDA graph, as `aunn train` "
-             "runs it", "steps", "train", _prepare_seed_run_graph, fixed_batches=(SEED_RUN_BATCH,),
-             stretch=True, cuda_only=True),
-)}
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("predict", "forward + argmax", "logits", "forward", _prepare_predict),
+        Workload("loss", "forward + cross-entropy (no grad)", "loss", "forward", _prepare_loss),
+        Workload("train", "forward + loss + backward + AdamW step", "steps", "train", _prepare_train),
+        Workload(
+            "train-graph",
+            "the train step replayed from one CUDA graph, as `aunn train` runs it",
+            "steps",
+            "train",
+            _prepare_train_graph,
+            sweep="train",
+            cuda_only=True,
+        ),
+        Workload(
+            "condition",
+            "prompt of 2 / 64 indices: forward + backward + SGD step",
+            "steps",
+            None,
+            _prepare_condition,
+            fixed_batches=(2, 64),
+            latency=True,
+        ),
+        Workload(
+            "condition-graph",
+            "the conditioning step replayed from one CUDA graph, as `aunn condition` runs 8 steps or more",
+            "steps",
+            None,
+            _prepare_condition_graph,
+            fixed_batches=(2, 64),
+            latency=True,
+            cuda_only=True,
+        ),
+        Workload(
+            "seed-run",
+            f"the seed's run: {SEED_RUN_STEPS:,} train steps of {SEED_RUN_BATCH}, extrapolated from a measured stretch",
+            "steps",
+            "train",
+            _prepare_seed_run,
+            fixed_batches=(SEED_RUN_BATCH,),
+            stretch=True,
+        ),
+        Workload(
+            "seed-run-graph",
+            "the seed's run with each step replayed from one CUDA graph, as `aunn train` runs it",
+            "steps",
+            "train",
+            _prepare_seed_run_graph,
+            fixed_batches=(SEED_RUN_BATCH,),
+            stretch=True,
+            cuda_only=True,
+        ),
+    )
+}

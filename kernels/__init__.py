@@ -10,6 +10,7 @@ Layering: this package imports from aunn_fast only its base layer, the modules t
 else of aunn_fast: ``aunn_fast.config`` (AUNNConfig), ``aunn_fast.params`` (AUNNParams) and
 ``aunn_fast.rounding`` (operand rounding, shared with the reference). Never the reference itself.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,7 @@ from .config import KernelOptions, default_options
 
 SUPPORTED_PRECISIONS = ("fp32", "tf32", "bf16")
 
-__all__ = ["SUPPORTED_PRECISIONS", "KernelOptions", "check_switches", "logits", "loss", "predict",
-           "unavailable_reason"]
+__all__ = ["SUPPORTED_PRECISIONS", "KernelOptions", "check_switches", "logits", "loss", "predict", "unavailable_reason"]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -43,11 +43,14 @@ def unavailable_reason(device: torch.device) -> str | None:
         return None
     if device.type == "cpu":
         if not interpret:
-            return ("Triton has no CPU backend; set TRITON_INTERPRET=1 before triton is first imported "
-                    "to run the kernels in the (slow) interpreter")
+            return (
+                "Triton has no CPU backend; set TRITON_INTERPRET=1 before triton is first imported "
+                "to run the kernels in the (slow) interpreter"
+            )
         # imported (as the first call would) rather than looked up in sys.modules: torch.compile guards
         # on such a lookup, and a first call under it imports the module in the same trace
         from . import mlp_forward
+
         if not _is_interpreted(mlp_forward.aunn_forward_kernel):
             return "the kernels were compiled before TRITON_INTERPRET=1 was set; set it before importing them"
         return None
@@ -63,26 +66,39 @@ def check_switches() -> None:
 
 def _is_interpreted(kernel: object) -> bool:
     from triton.runtime.interpreter import InterpretedFunction
+
     return isinstance(kernel, InterpretedFunction)
 
 
-def logits(idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str,
-           options: KernelOptions | None = None) -> torch.Tensor:
+def logits(
+    idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str, options: KernelOptions | None = None
+) -> torch.Tensor:
     """float32 logits [N, V] of int64 indices [N]; differentiable w.r.t. every parameter."""
     from . import ops
+
     return ops.logits(idx, params, cfg, precision, options)
 
 
-def loss(idx: torch.Tensor, targets: torch.Tensor, params: AUNNParams, cfg: AUNNConfig,
-         precision: str, reduction: str = "mean", options: KernelOptions | None = None) -> torch.Tensor:
+def loss(
+    idx: torch.Tensor,
+    targets: torch.Tensor,
+    params: AUNNParams,
+    cfg: AUNNConfig,
+    precision: str,
+    reduction: str = "mean",
+    options: KernelOptions | None = None,
+) -> torch.Tensor:
     """Cross-entropy, float32: the mean or sum (scalars) or each row's ("none", [N]); logits are
     never written to memory."""
     from . import ops
+
     return ops.loss(idx, targets, params, cfg, precision, reduction, options)
 
 
-def predict(idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str,
-            options: KernelOptions | None = None) -> torch.Tensor:
+def predict(
+    idx: torch.Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str, options: KernelOptions | None = None
+) -> torch.Tensor:
     """int64 [N] argmax of the logits (first maximum on ties); no gradient."""
     from . import ops
+
     return ops.predict(idx, params, cfg, precision, options)

@@ -20,6 +20,7 @@ Conventions used by every kernel in this package:
   (operands rounded per mode, accumulation always float32);
 * row offsets are int64 so that N * H and N * V may exceed 2**31.
 """
+
 from __future__ import annotations
 
 import os

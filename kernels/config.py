@@ -8,6 +8,7 @@ the :class:`KernelConfig` its operator chose. The only process-wide state is :fu
 the environment switches read once. This module does not import Triton (compile_check and the benchmark
 read it without loading Triton). The measurements behind the defaults are in kernels/DESIGN.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,12 +24,17 @@ SIGMOID_METHODS = ("exact", "tanh")
 FP32_PRODUCT_METHODS = ("tf32x3", "ieee")
 HEAD_BACKWARD_METHODS = ("kernels", "products")
 # option field: its environment variable (read once, by default_options)
-ENVIRONMENT = {"weight_grad": "AUNN_FAST_WEIGHT_GRAD", "sigmoid": "AUNN_FAST_SIGMOID",
-               "fp32_products": "AUNN_FAST_FP32_PRODUCTS"}
-_METHODS = {"weight_grad": ("trunk weight-gradient method", WEIGHT_GRAD_METHODS),
-            "sigmoid": ("sigmoid", SIGMOID_METHODS),
-            "fp32_products": ("fp32 product method", FP32_PRODUCT_METHODS),
-            "head_backward": ("head backward method", HEAD_BACKWARD_METHODS)}
+ENVIRONMENT = {
+    "weight_grad": "AUNN_FAST_WEIGHT_GRAD",
+    "sigmoid": "AUNN_FAST_SIGMOID",
+    "fp32_products": "AUNN_FAST_FP32_PRODUCTS",
+}
+_METHODS = {
+    "weight_grad": ("trunk weight-gradient method", WEIGHT_GRAD_METHODS),
+    "sigmoid": ("sigmoid", SIGMOID_METHODS),
+    "fp32_products": ("fp32 product method", FP32_PRODUCT_METHODS),
+    "head_backward": ("head backward method", HEAD_BACKWARD_METHODS),
+}
 
 # Output tiles narrower than this crashed a Triton 3.6 kernel on an H100 (DESIGN.md, "Tiles"),
 # so every dot output (hidden width, vocabulary chunk) is padded to at least 64 columns.
@@ -91,8 +97,9 @@ class KernelOptions:
             value = getattr(self, name)
             if value not in choices:
                 source = f"{ENVIRONMENT[name]} / " if name in ENVIRONMENT else ""
-                raise ValueError(f"unknown {what} {value!r} ({source}KernelOptions.{name}); "
-                                 f"choose one of {', '.join(choices)}")
+                raise ValueError(
+                    f"unknown {what} {value!r} ({source}KernelOptions.{name}); choose one of {', '.join(choices)}"
+                )
         known = {f.name for f in fields(Tiles)}
         unknown = [name for name, _ in self.tiles if name not in known]
         if unknown:
@@ -142,17 +149,17 @@ def device_traits(device: torch.device) -> DeviceTraits:
 class Tiles:
     """Tile sizes for one model shape (all powers of two, dot dims >= 16)."""
 
-    fused: bool       # whole trunk in registers
-    block_h: int      # padded hidden width (>= 64)
-    block_bits: int   # padded bit count (>= 16, <= 64)
-    block_m: int      # rows per program, forward (on the layer-wise path: the head's)
+    fused: bool  # whole trunk in registers
+    block_h: int  # padded hidden width (>= 64)
+    block_bits: int  # padded bit count (>= 16, <= 64)
+    block_m: int  # rows per program, forward (on the layer-wise path: the head's)
     block_m_bwd: int  # rows per program, backward of the fused trunk
     block_m_head: int  # rows per program of the head's backward kernels (weight gradient, dh)
     block_m_rowwise: int  # rows per program of the layer-wise path's per-layer kernels (~8K elements)
-    block_v: int      # vocabulary chunk of the head (>= 64)
-    block_hc: int     # hidden-column chunk of the head backward kernels
+    block_v: int  # vocabulary chunk of the head (>= 64)
+    block_hc: int  # hidden-column chunk of the head backward kernels
     block_k_head: int  # reduction chunk of the head when it streams h from memory
-    num_warps: int      # warps of the forward and of the layer-wise path's per-layer kernels
+    num_warps: int  # warps of the forward and of the layer-wise path's per-layer kernels
     num_warps_bwd: int  # warps of the fused trunk backward (aunn_backward_kernel)
     num_warps_head: int  # warps of the head's backward kernels (weight gradient, dh)
     # registers per thread allowed to the fused forward / backward (Triton's maxnreg; 0: the compiler's
@@ -245,7 +252,7 @@ class KernelConfig:
     device: DeviceTraits
     precision: str
     precision_code: int  # the kernels' PRECISION constexpr
-    fast_sigmoid: bool   # the kernels' FAST_SIGMOID constexpr
+    fast_sigmoid: bool  # the kernels' FAST_SIGMOID constexpr
 
     @property
     def partials(self) -> bool:
@@ -253,8 +260,9 @@ class KernelConfig:
         return self.tiles.fused and self.options.weight_grad == "partials"
 
 
-def choose_config(hidden: int, bits: int, vocab: int, precision: str, device: DeviceTraits,
-                  options: KernelOptions) -> KernelConfig:
+def choose_config(
+    hidden: int, bits: int, vocab: int, precision: str, device: DeviceTraits, options: KernelOptions
+) -> KernelConfig:
     """The configuration of a model shape (hidden width, index bits, vocabulary) in a precision on a device."""
     return KernelConfig(
         options=options,

@@ -6,6 +6,7 @@ weight-gradient GEMMs of the "torch" method and the ``logits()`` backward's head
 through :func:`matmul`. In the fp32 mode they are plain fp32 GEMMs, so, like the reference's
 own, they follow PyTorch's global TF32 switch (``torch.backends.cuda.matmul``) if a user sets it.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,12 +60,17 @@ def batch_reduced_matmul(dz: torch.Tensor, a: torch.Tensor, precision: str, min_
     n = dz.shape[-2]
     out_elements = math.prod(dz.shape[:-2]) * dz.shape[-1] * a.shape[-1]
     splits = 1
-    while (splits < SPLIT_K_MAX and n % (2 * splits) == 0 and n // (2 * splits) >= min_rows
-           and 2 * splits * out_elements <= SPLIT_K_MAX_PARTIALS):
+    while (
+        splits < SPLIT_K_MAX
+        and n % (2 * splits) == 0
+        and n // (2 * splits) >= min_rows
+        and 2 * splits * out_elements <= SPLIT_K_MAX_PARTIALS
+    ):
         splits *= 2
     if splits == 1:
         return matmul(dz.transpose(-1, -2), a, precision)
     batch, rows = math.prod(dz.shape[:-2]) * splits, n // splits
-    partial = matmul(dz.reshape(batch, rows, dz.shape[-1]).transpose(1, 2),
-                     a.reshape(batch, rows, a.shape[-1]), precision)
+    partial = matmul(
+        dz.reshape(batch, rows, dz.shape[-1]).transpose(1, 2), a.reshape(batch, rows, a.shape[-1]), precision
+    )
     return partial.view(*dz.shape[:-2], splits, *partial.shape[1:]).sum(-3)

@@ -16,6 +16,7 @@ Where the head is small, the fused trunk backward sums its gradients itself (mlp
 cover the rest: :func:`loss_head_backward` (loss mode) and :func:`logits_head_backward` (``logits()``'s
 backward: PyTorch products on the given dL/dlogits).
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,9 +34,21 @@ DLOGITS_BLOCK_M, DLOGITS_BLOCK_V = 32, 128
 
 @triton.jit
 def head_weight_grad_kernel(
-    h_ptr, target_ptr, grad_ptr, stats_ptr, out_w_ptr, out_b_ptr, part_ptr,
-    N, H, V, rows_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr,
+    target_ptr,
+    grad_ptr,
+    stats_ptr,
+    out_w_ptr,
+    out_b_ptr,
+    part_ptr,
+    N,
+    H,
+    V,
+    rows_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_HC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Partial head gradients of rows [split * rows_per_split, (split + 1) * rows_per_split).
@@ -56,13 +69,23 @@ def head_weight_grad_kernel(
     for r0 in range(0, rows_per_split, BLOCK_M):
         rows = split.to(tl.int64) * rows_per_split + r0 + tl.arange(0, BLOCK_M)
         row_mask = rows < N
-        logits = head_logits_tile(h_ptr, rows, row_mask, out_w_ptr, out_b_ptr, vcols, vmask, H,
-                                  BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
+        logits = head_logits_tile(
+            h_ptr, rows, row_mask, out_w_ptr, out_b_ptr, vcols, vmask, H, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION
+        )
         row_max, log_sum, target_complement = load_softmax_stats(stats_ptr, rows, row_mask)
-        d = dlogits(logits, row_max, log_sum, target_complement, load_targets(target_ptr, rows, row_mask),
-                    tl.load(grad_ptr + rows, mask=row_mask, other=0.0), vcols, row_mask)
-        h = tl.load(h_ptr + rows[:, None] * H + hcols[None, :], mask=row_mask[:, None] & hmask[None, :],
-                    other=0.0).to(tl.float32)
+        d = dlogits(
+            logits,
+            row_max,
+            log_sum,
+            target_complement,
+            load_targets(target_ptr, rows, row_mask),
+            tl.load(grad_ptr + rows, mask=row_mask, other=0.0),
+            vcols,
+            row_mask,
+        )
+        h = tl.load(h_ptr + rows[:, None] * H + hcols[None, :], mask=row_mask[:, None] & hmask[None, :], other=0.0).to(
+            tl.float32
+        )
         dw += dot(tl.trans(d), h, PRECISION)
         db += tl.sum(d, axis=0)
     part = part_ptr + split.to(tl.int64) * (V * H + V)
@@ -73,9 +96,21 @@ def head_weight_grad_kernel(
 
 @triton.jit
 def head_dh_kernel(
-    h_ptr, target_ptr, grad_ptr, stats_ptr, out_w_ptr, out_b_ptr, dh_ptr,
-    N, H, V, v_per_range,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr,
+    target_ptr,
+    grad_ptr,
+    stats_ptr,
+    out_w_ptr,
+    out_b_ptr,
+    dh_ptr,
+    N,
+    H,
+    V,
+    v_per_range,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_HC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """dL/dh of sum_rows grad * CE over the vocabulary range r = program axis 2, entries
@@ -87,16 +122,48 @@ def head_dh_kernel(
     hmask = hcols < H
     v_range = tl.program_id(2)
     v_begin = v_range * v_per_range
-    dh = head_backward_rows(h_ptr, target_ptr, grad_ptr, stats_ptr, out_w_ptr, out_b_ptr, rows, row_mask,
-                            hcols, hmask, H, V, v_begin, tl.minimum(V, v_begin + v_per_range), dh_ptr,
-                            BLOCK_M, BLOCK_V, BLOCK_K, BLOCK_HC, PRECISION, False)
+    dh = head_backward_rows(
+        h_ptr,
+        target_ptr,
+        grad_ptr,
+        stats_ptr,
+        out_w_ptr,
+        out_b_ptr,
+        rows,
+        row_mask,
+        hcols,
+        hmask,
+        H,
+        V,
+        v_begin,
+        tl.minimum(V, v_begin + v_per_range),
+        dh_ptr,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_K,
+        BLOCK_HC,
+        PRECISION,
+        False,
+    )
     out = dh_ptr + v_range.to(tl.int64) * N * H + rows[:, None] * H + hcols[None, :]
     tl.store(out, dh, mask=row_mask[:, None] & hmask[None, :])
 
 
 @triton.jit
-def dlogits_kernel(logits_ptr, b_ptr, target_ptr, grad_ptr, stats_ptr, d_ptr, db_ptr, N, V,
-                   BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr):
+def dlogits_kernel(
+    logits_ptr,
+    b_ptr,
+    target_ptr,
+    grad_ptr,
+    stats_ptr,
+    d_ptr,
+    db_ptr,
+    N,
+    V,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """d(sum_rows grad * CE)/d logits of a [BLOCK_M, BLOCK_V] tile, from the logits less the bias, fp32 [N, V]
     (a PyTorch product), the forward's softmax stats fp32 [N, 3], targets int64 [N] and grad fp32 [N]: d [N, V]
     (fp32, or bf16 in the bf16 mode: only products read it), and the column sums of the fp32 tile, the bias
@@ -110,16 +177,33 @@ def dlogits_kernel(logits_ptr, b_ptr, target_ptr, grad_ptr, stats_ptr, d_ptr, db
     mask = row_mask[:, None] & vmask[None, :]
     logits = tl.load(logits_ptr + offsets, mask=mask, other=0.0) + head_bias(b_ptr, vcols, vmask)[None, :]
     row_max, log_sum, target_complement = load_softmax_stats(stats_ptr, rows, row_mask)
-    d = dlogits(logits, row_max, log_sum, target_complement, load_targets(target_ptr, rows, row_mask),
-                tl.load(grad_ptr + rows, mask=row_mask, other=0.0), vcols, row_mask)
+    d = dlogits(
+        logits,
+        row_max,
+        log_sum,
+        target_complement,
+        load_targets(target_ptr, rows, row_mask),
+        tl.load(grad_ptr + rows, mask=row_mask, other=0.0),
+        vcols,
+        row_mask,
+    )
     store_activation(d_ptr + offsets, d, mask, PRECISION)
     tl.store(db_ptr + block * V + vcols, tl.sum(d, axis=0), mask=vmask)
 
 
-def loss_head_backward(h_last: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, stats: torch.Tensor,
-                       out_weight: torch.Tensor, out_weight_read: torch.Tensor, out_bias: torch.Tensor,
-                       head_sums: torch.Tensor, want_dh: bool, want_weight_grads: bool,
-                       config: KernelConfig) -> torch.Tensor | None:
+def loss_head_backward(
+    h_last: torch.Tensor,
+    targets: torch.Tensor,
+    grad: torch.Tensor,
+    stats: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_weight_read: torch.Tensor,
+    out_bias: torch.Tensor,
+    head_sums: torch.Tensor,
+    want_dh: bool,
+    want_weight_grads: bool,
+    config: KernelConfig,
+) -> torch.Tensor | None:
     """The head's backward of sum_rows grad * CE (grad fp32 [N], targets int64 [N], the forward's softmax
     statistics stats fp32 [N, 3]) from the last activation h_last [N, H] (fp32, or bf16 in the bf16 mode).
 
@@ -136,9 +220,16 @@ def loss_head_backward(h_last: torch.Tensor, targets: torch.Tensor, grad: torch.
     return None
 
 
-def launch_head_weight_grad(h_last: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, stats: torch.Tensor,
-                            out_weight: torch.Tensor, out_bias: torch.Tensor, head_sums: torch.Tensor,
-                            config: KernelConfig) -> None:
+def launch_head_weight_grad(
+    h_last: torch.Tensor,
+    targets: torch.Tensor,
+    grad: torch.Tensor,
+    stats: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor,
+    head_sums: torch.Tensor,
+    config: KernelConfig,
+) -> None:
     """:func:`head_weight_grad_kernel` over the batch, split into enough row ranges to fill the SMs; the
     splits' partials summed into head_sums fp32 [V * H + V]."""
     (n, hidden), vocab, t = h_last.shape, out_weight.shape[0], config.tiles
@@ -148,38 +239,84 @@ def launch_head_weight_grad(h_last: torch.Tensor, targets: torch.Tensor, grad: t
     rows_per_split = triton.cdiv(head_blocks, splits) * t.block_m_head
     splits = triton.cdiv(n, rows_per_split)
     # one split (a large head has tiles enough): its partials are the gradients
-    head_part = (head_sums[None] if splits == 1
-                 else new_buffer((splits, head_sums.numel()), torch.float32, h_last.device,
-                                 config.options.poison_outputs))
-    launch(head_weight_grad_kernel, (grid_v, grid_h, splits),
-           h_ptr=h_last, target_ptr=targets, grad_ptr=grad, stats_ptr=stats,
-           out_w_ptr=out_weight, out_b_ptr=out_bias, part_ptr=head_part,
-           N=n, H=hidden, V=vocab, rows_per_split=rows_per_split,
-           BLOCK_M=t.block_m_head, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
-           PRECISION=config.precision_code, num_warps=t.num_warps_head)
+    head_part = (
+        head_sums[None]
+        if splits == 1
+        else new_buffer((splits, head_sums.numel()), torch.float32, h_last.device, config.options.poison_outputs)
+    )
+    launch(
+        head_weight_grad_kernel,
+        (grid_v, grid_h, splits),
+        h_ptr=h_last,
+        target_ptr=targets,
+        grad_ptr=grad,
+        stats_ptr=stats,
+        out_w_ptr=out_weight,
+        out_b_ptr=out_bias,
+        part_ptr=head_part,
+        N=n,
+        H=hidden,
+        V=vocab,
+        rows_per_split=rows_per_split,
+        BLOCK_M=t.block_m_head,
+        BLOCK_V=t.block_v,
+        BLOCK_HC=t.block_hc,
+        BLOCK_K=t.block_k_head,
+        PRECISION=config.precision_code,
+        num_warps=t.num_warps_head,
+    )
     if splits > 1:
         torch.sum(head_part, 0, out=head_sums)
 
 
-def launch_head_dh(h_last: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, stats: torch.Tensor,
-                   out_weight: torch.Tensor, out_bias: torch.Tensor, config: KernelConfig) -> torch.Tensor:
+def launch_head_dh(
+    h_last: torch.Tensor,
+    targets: torch.Tensor,
+    grad: torch.Tensor,
+    stats: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor,
+    config: KernelConfig,
+) -> torch.Tensor:
     """dL/dh_last fp32 [N, H] by :func:`head_dh_kernel`, its vocabulary ranges summed."""
     (n, hidden), vocab, t = h_last.shape, out_weight.shape[0], config.tiles
     head_blocks, grid_h = triton.cdiv(n, t.block_m_head), triton.cdiv(hidden, t.block_hc)
     ranges, v_per_range = vocab_splits(head_blocks * grid_h, vocab, t.block_v, config)
     dh = new_buffer((ranges, n, hidden), torch.float32, h_last.device, config.options.poison_outputs)
-    launch(head_dh_kernel, (head_blocks, grid_h, ranges),
-           h_ptr=h_last, target_ptr=targets, grad_ptr=grad, stats_ptr=stats,
-           out_w_ptr=out_weight, out_b_ptr=out_bias, dh_ptr=dh,
-           N=n, H=hidden, V=vocab, v_per_range=v_per_range,
-           BLOCK_M=t.block_m_head, BLOCK_V=t.block_v, BLOCK_HC=t.block_hc, BLOCK_K=t.block_k_head,
-           PRECISION=config.precision_code, num_warps=t.num_warps_head)
+    launch(
+        head_dh_kernel,
+        (head_blocks, grid_h, ranges),
+        h_ptr=h_last,
+        target_ptr=targets,
+        grad_ptr=grad,
+        stats_ptr=stats,
+        out_w_ptr=out_weight,
+        out_b_ptr=out_bias,
+        dh_ptr=dh,
+        N=n,
+        H=hidden,
+        V=vocab,
+        v_per_range=v_per_range,
+        BLOCK_M=t.block_m_head,
+        BLOCK_V=t.block_v,
+        BLOCK_HC=t.block_hc,
+        BLOCK_K=t.block_k_head,
+        PRECISION=config.precision_code,
+        num_warps=t.num_warps_head,
+    )
     return dh[0] if ranges == 1 else dh.sum(0)
 
 
-def head_backward_by_products(h_last: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, stats: torch.Tensor,
-                              out_weight: torch.Tensor, out_bias: torch.Tensor, head_sums: torch.Tensor,
-                              config: KernelConfig) -> torch.Tensor:
+def head_backward_by_products(
+    h_last: torch.Tensor,
+    targets: torch.Tensor,
+    grad: torch.Tensor,
+    stats: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor,
+    head_sums: torch.Tensor,
+    config: KernelConfig,
+) -> torch.Tensor:
     """dL/dh_last fp32 [N, H] of sum_rows grad * CE (targets, the forward's statistics), and the head's own
     gradients written to head_sums fp32 [V * H + V] (out_weight's [V, H] row-major, then out_bias's), a chunk
     of rows at a time (head_gemm_chunk_elements logits): logits = h @ W.T by :func:`matmul`, dlogits by
@@ -187,7 +324,7 @@ def head_backward_by_products(h_last: torch.Tensor, targets: torch.Tensor, grad:
     n, hidden = h_last.shape
     vocab, precision, poison = out_weight.shape[0], config.precision, config.options.poison_outputs
     device = h_last.device
-    d_weight, d_bias = head_sums[:vocab * hidden].view(vocab, hidden), head_sums[vocab * hidden:]
+    d_weight, d_bias = head_sums[: vocab * hidden].view(vocab, hidden), head_sums[vocab * hidden :]
     d_weight.zero_()
     d_bias.zero_()
     weight = reusable_operand(out_weight, precision)
@@ -200,23 +337,37 @@ def head_backward_by_products(h_last: torch.Tensor, targets: torch.Tensor, grad:
         row_blocks = triton.cdiv(end - start, DLOGITS_BLOCK_M)
         d = new_buffer((end - start, vocab), d_dtype, device, poison)
         bias_part = new_buffer((row_blocks, vocab), torch.float32, device, poison)
-        launch(dlogits_kernel, (row_blocks, triton.cdiv(vocab, DLOGITS_BLOCK_V)),
-               logits_ptr=matmul(h, weight.t(), precision), b_ptr=out_bias, target_ptr=targets[start:end],
-               grad_ptr=grad[start:end], stats_ptr=stats[start:end], d_ptr=d, db_ptr=bias_part,
-               N=end - start, V=vocab,
-               BLOCK_M=DLOGITS_BLOCK_M, BLOCK_V=DLOGITS_BLOCK_V, PRECISION=config.precision_code, num_warps=4)
+        launch(
+            dlogits_kernel,
+            (row_blocks, triton.cdiv(vocab, DLOGITS_BLOCK_V)),
+            logits_ptr=matmul(h, weight.t(), precision),
+            b_ptr=out_bias,
+            target_ptr=targets[start:end],
+            grad_ptr=grad[start:end],
+            stats_ptr=stats[start:end],
+            d_ptr=d,
+            db_ptr=bias_part,
+            N=end - start,
+            V=vocab,
+            BLOCK_M=DLOGITS_BLOCK_M,
+            BLOCK_V=DLOGITS_BLOCK_V,
+            PRECISION=config.precision_code,
+            num_warps=4,
+        )
         dh[start:end] = matmul(d, weight, precision)
         d_weight += matmul(d.t(), h, precision)
         d_bias += bias_part.sum(0)
     return dh
 
 
-def logits_head_backward(grad: torch.Tensor, h_last: torch.Tensor, out_weight: torch.Tensor,
-                         head_sums: torch.Tensor, config: KernelConfig) -> torch.Tensor:
+def logits_head_backward(
+    grad: torch.Tensor, h_last: torch.Tensor, out_weight: torch.Tensor, head_sums: torch.Tensor, config: KernelConfig
+) -> torch.Tensor:
     """``logits()``'s head backward from dL/dlogits grad fp32 [N, V]: the head's gradients written to head_sums
     fp32 [V * H + V]; returns dL/dh_last = grad @ W fp32 [N, H]. PyTorch products."""
     vocab, hidden = out_weight.shape
-    head_sums[:vocab * hidden].view(vocab, hidden).copy_(
-        batch_reduced_matmul(grad, h_last, config.precision, config.options.split_k_min_rows))
-    torch.sum(grad, 0, out=head_sums[vocab * hidden:])
+    head_sums[: vocab * hidden].view(vocab, hidden).copy_(
+        batch_reduced_matmul(grad, h_last, config.precision, config.options.split_k_min_rows)
+    )
+    torch.sum(grad, 0, out=head_sums[vocab * hidden :])
     return matmul(grad, out_weight, config.precision)

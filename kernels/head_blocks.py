@@ -1,6 +1,7 @@
 """Device functions of the output head and its cross-entropy: a logits tile, the fused loss's
 softmax statistics, dloss/dlogits, and dL/dh over a range of the vocabulary. On the loss path the
 logits never reach memory: every pass over the head recomputes them tile by tile."""
+
 from __future__ import annotations
 
 import triton
@@ -17,9 +18,20 @@ def head_bias(b_ptr, vcols, vmask):
 
 
 @triton.jit
-def head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
-                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PRECISION: tl.constexpr):
+def head_logits_tile(
+    h_ptr,
+    rows,
+    row_mask,
+    w_ptr,
+    b_ptr,
+    vcols,
+    vmask,
+    H,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Logits [BLOCK_M, BLOCK_V] = h[rows] @ w[vcols].T + b[vcols]; -inf past the vocabulary (:func:`head_bias`).
 
     h fp32/bf16 [N, H] is streamed from memory in BLOCK_K chunks."""
@@ -27,8 +39,9 @@ def head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < H
-        a = tl.load(h_ptr + rows[:, None] * H + k[None, :], mask=row_mask[:, None] & kmask[None, :],
-                    other=0.0).to(tl.float32)
+        a = tl.load(h_ptr + rows[:, None] * H + k[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0).to(
+            tl.float32
+        )
         wt = tl.load(w_ptr + vcols[None, :] * H + k[:, None], mask=kmask[:, None] & vmask[None, :], other=0.0)
         acc += dot(a, wt, PRECISION)
     return acc + head_bias(b_ptr, vcols, vmask)[None, :]
@@ -92,10 +105,29 @@ def dlogits(logits, row_max, log_sum, target_complement, target, grad_row, vcols
 
 
 @triton.jit
-def head_backward_rows(h_ptr, target_ptr, grad_ptr, stats_ptr, w_ptr, b_ptr, rows, row_mask, hcols, hmask,
-                       H, V, v_begin, v_end, head_grads_ptr,
-                       BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_HC: tl.constexpr, PRECISION: tl.constexpr, HEAD_GRADS: tl.constexpr):
+def head_backward_rows(
+    h_ptr,
+    target_ptr,
+    grad_ptr,
+    stats_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    row_mask,
+    hcols,
+    hmask,
+    H,
+    V,
+    v_begin,
+    v_end,
+    head_grads_ptr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_HC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HEAD_GRADS: tl.constexpr,
+):
     """dL/dh[rows, hcols] [BLOCK_M, BLOCK_HC] of the loss sum_rows grad_row * CE(h @ w.T + b, target),
     the vocabulary entries [v_begin, v_end) only (v_begin a multiple of BLOCK_V).
 
@@ -110,19 +142,24 @@ def head_backward_rows(h_ptr, target_ptr, grad_ptr, stats_ptr, w_ptr, b_ptr, row
     target = load_targets(target_ptr, rows, row_mask)
     grad_row = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
     if HEAD_GRADS:
-        h = tl.load(h_ptr + rows[:, None] * H + hcols[None, :], mask=row_mask[:, None] & hmask[None, :],
-                    other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + rows[:, None] * H + hcols[None, :], mask=row_mask[:, None] & hmask[None, :], other=0.0).to(
+            tl.float32
+        )
     dh = tl.zeros((BLOCK_M, BLOCK_HC), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         vcols = v0 + tl.arange(0, BLOCK_V)
         vmask = vcols < V
-        logits = head_logits_tile(h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H,
-                                  BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
+        logits = head_logits_tile(
+            h_ptr, rows, row_mask, w_ptr, b_ptr, vcols, vmask, H, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION
+        )
         d = dlogits(logits, row_max, log_sum, target_complement, target, grad_row, vcols, row_mask)
         w = tl.load(w_ptr + vcols[:, None] * H + hcols[None, :], mask=vmask[:, None] & hmask[None, :], other=0.0)
         dh += dot(d, w, PRECISION)
         if HEAD_GRADS:
-            tl.store(head_grads_ptr + vcols[:, None] * H + hcols[None, :], dot(tl.trans(d), h, PRECISION),
-                     mask=vmask[:, None] & hmask[None, :])
+            tl.store(
+                head_grads_ptr + vcols[:, None] * H + hcols[None, :],
+                dot(tl.trans(d), h, PRECISION),
+                mask=vmask[:, None] & hmask[None, :],
+            )
             tl.store(head_grads_ptr + V * H + vcols, tl.sum(d, axis=0), mask=vmask)
     return dh

@@ -22,6 +22,7 @@ Launchers: :func:`backward` (the operator's body) runs the head (:mod:`.head_bac
 (:func:`fused_trunk_backward` or :func:`layerwise_trunk_backward`), then its weight gradients
 (:func:`trunk_weight_gradients`); each takes the :class:`~.config.KernelConfig` its operator chose.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -54,12 +55,44 @@ def accumulate(ptrs, value, mask, first):
 
 @triton.jit
 def aunn_backward_kernel(
-    idx_ptr, target_ptr, grad_ptr, stats_ptr, act_ptr, dz_ptr, x_ptr, part_ptr, dw_in_ptr, dw_ptr,
-    in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,
-    N, H: tl.constexpr, V, n_hidden, residual_every, eps, act_stride, head_in_offset, partial_stride,
-    BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr, HEAD_FROM_STATS: tl.constexpr, HEAD_GRADS: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
-    WEIGHT_ONCE: tl.constexpr, PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,
+    idx_ptr,
+    target_ptr,
+    grad_ptr,
+    stats_ptr,
+    act_ptr,
+    dz_ptr,
+    x_ptr,
+    part_ptr,
+    dw_in_ptr,
+    dw_ptr,
+    in_w_ptr,
+    in_b_ptr,
+    in_g_ptr,
+    hid_w_ptr,
+    hid_b_ptr,
+    hid_g_ptr,
+    out_w_ptr,
+    out_b_ptr,
+    N,
+    H: tl.constexpr,
+    V,
+    n_hidden,
+    residual_every,
+    eps,
+    act_stride,
+    head_in_offset,
+    partial_stride,
+    BITS: tl.constexpr,
+    BLOCK_BITS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    HEAD_FROM_STATS: tl.constexpr,
+    HEAD_GRADS: tl.constexpr,
+    WEIGHT_GRADS: tl.constexpr,
+    WEIGHT_ONCE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FAST_SIGMOID: tl.constexpr,
 ):
     """Trunk backward, all layers in registers; program p takes row blocks p, p + P, p + 2P, ...
     (P = number of programs).
@@ -105,9 +138,29 @@ def aunn_backward_kernel(
         act_mask = row_mask[:, None] & hmask[None, :]
 
         if HEAD_FROM_STATS:
-            gh = head_backward_rows(act_ptr + head_in_offset, target_ptr, grad_ptr, stats_ptr, out_w_ptr, out_b_ptr,
-                                    rows, row_mask, hcols, hmask, H, V, 0, V, head_grads,
-                                    BLOCK_M, BLOCK_V, BLOCK_H, BLOCK_H, PRECISION, HEAD_GRADS)
+            gh = head_backward_rows(
+                act_ptr + head_in_offset,
+                target_ptr,
+                grad_ptr,
+                stats_ptr,
+                out_w_ptr,
+                out_b_ptr,
+                rows,
+                row_mask,
+                hcols,
+                hmask,
+                H,
+                V,
+                0,
+                V,
+                head_grads,
+                BLOCK_M,
+                BLOCK_V,
+                BLOCK_H,
+                BLOCK_H,
+                PRECISION,
+                HEAD_GRADS,
+            )
         else:
             gh = tl.load(grad_ptr + act_row, mask=act_mask, other=0.0)
 
@@ -129,12 +182,12 @@ def aunn_backward_kernel(
                 w = tl.load(hid_w_ptr + layer * H * H + hcols[:, None] * H + hcols[None, :], mask=hh_mask, other=0.0)
                 w_t = tl.trans(w)
             else:
-                w_t = tl.load(hid_w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None], mask=hh_mask,
-                              other=0.0)
+                w_t = tl.load(hid_w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None], mask=hh_mask, other=0.0)
                 w = tl.trans(w_t)
             z = dot(a, w_t, PRECISION) + tl.load(hid_b_ptr + layer * H + hcols, mask=hmask, other=0.0)[None, :]
-            dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(hid_g_ptr + layer * H + hcols, mask=hmask, other=0.0),
-                                              H, eps, FAST_SIGMOID)
+            dz, dgain = silu_rmsnorm_backward(
+                gh, z, tl.load(hid_g_ptr + layer * H + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID
+            )
             if WEIGHT_GRADS:
                 accumulate(dw_tile + layer * H * H, dot(tl.trans(dz), a, PRECISION), hh_mask, first)
             else:
@@ -150,24 +203,38 @@ def aunn_backward_kernel(
         x = index_bits(idx, k, BITS)
         w_in_t = tl.load(in_w_ptr + hcols[None, :] * BITS + k[:, None], mask=dw_in_mask, other=0.0)
         z = dot(x, w_in_t, PRECISION) + tl.load(in_b_ptr + hcols, mask=hmask, other=0.0)[None, :]
-        dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(in_g_ptr + hcols, mask=hmask, other=0.0), H, eps,
-                                          FAST_SIGMOID)
+        dz, dgain = silu_rmsnorm_backward(gh, z, tl.load(in_g_ptr + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID)
         if WEIGHT_GRADS:
             # [BLOCK_BITS, BLOCK_H] = dW_in.T: the 64-wide hidden side is the dot's output width
             accumulate(dw_in_tile, dot(tl.trans(x), dz, PRECISION), dw_in_mask, first)
         else:
             store_activation(dz_ptr + act_row, dz, act_mask, PRECISION)
-            store_activation(x_ptr + rows[:, None] * BITS + k[None, :], x, row_mask[:, None] & (k[None, :] < BITS),
-                             PRECISION)
+            store_activation(
+                x_ptr + rows[:, None] * BITS + k[None, :], x, row_mask[:, None] & (k[None, :] < BITS), PRECISION
+            )
         accumulate(db_row, tl.sum(dz, axis=0), hmask, first)
         accumulate(dgain_row, dgain, hmask, first)
 
 
 @triton.jit
 def layer_backward_kernel(
-    dy_ptr, g_res_ptr, z_ptr, g_ptr, dz_ptr, dgain_ptr, dbias_ptr, N, H, eps, partial_stride,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, ADD_RES: tl.constexpr, STORE_RES: tl.constexpr,
-    PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,
+    dy_ptr,
+    g_res_ptr,
+    z_ptr,
+    g_ptr,
+    dz_ptr,
+    dgain_ptr,
+    dbias_ptr,
+    N,
+    H,
+    eps,
+    partial_stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    ADD_RES: tl.constexpr,
+    STORE_RES: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FAST_SIGMOID: tl.constexpr,
 ):
     """One layer's backward after the GEMM that gave dL/dh; program p takes the row blocks (BLOCK_M
     whole rows) p, p + P, p + 2P, ... (P = number of programs).
@@ -194,8 +261,9 @@ def layer_backward_kernel(
             dy += tl.load(g_res_ptr + offsets, mask=mask, other=0.0)
         if STORE_RES:
             tl.store(g_res_ptr + offsets, dy, mask=mask)
-        dz, block_dgain = silu_rmsnorm_backward(dy, tl.load(z_ptr + offsets, mask=mask, other=0.0), gain, H, eps,
-                                                FAST_SIGMOID)
+        dz, block_dgain = silu_rmsnorm_backward(
+            dy, tl.load(z_ptr + offsets, mask=mask, other=0.0), gain, H, eps, FAST_SIGMOID
+        )
         store_activation(dz_ptr + offsets, dz, mask, PRECISION)
         dgain += block_dgain
         dbias += tl.sum(dz, axis=0)
@@ -214,9 +282,19 @@ class TrunkOutputs(NamedTuple):
     dw_part: torch.Tensor
 
 
-def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, stats: torch.Tensor,
-             acts: torch.Tensor, zs: torch.Tensor, params: AUNNParams, residual_every: int, eps: float,
-             mode: int, config: KernelConfig) -> list[torch.Tensor]:
+def backward(
+    idx: torch.Tensor,
+    targets: torch.Tensor,
+    grad: torch.Tensor,
+    stats: torch.Tensor,
+    acts: torch.Tensor,
+    zs: torch.Tensor,
+    params: AUNNParams,
+    residual_every: int,
+    eps: float,
+    mode: int,
+    config: KernelConfig,
+) -> list[torch.Tensor]:
     """[d_in_weight, d_hidden_weight, sums], each summed over the batch: sums fp32 [2 (L-1) H + V H + V]
     packs the bias gradients of the input layer and the hidden layers ([L-1, H]), their gain gradients
     (the same), the output weight's ([V, H], row-major) and the output bias's ([V]), as the reductions
@@ -232,48 +310,98 @@ def backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, stats
     vocab, t = params.out_weight.shape[0], config.tiles
     trunk_size, head_size = 2 * (n_hidden + 1) * hidden, vocab * hidden + vocab
     if n == 0:
-        return [torch.zeros_like(params.in_weight), torch.zeros_like(params.hidden_weight),
-                torch.zeros(trunk_size + head_size, dtype=torch.float32, device=idx.device)]
+        return [
+            torch.zeros_like(params.in_weight),
+            torch.zeros_like(params.hidden_weight),
+            torch.zeros(trunk_size + head_size, dtype=torch.float32, device=idx.device),
+        ]
     sums = new_buffer((trunk_size + head_size,), torch.float32, idx.device, config.options.poison_outputs)
     h_last = acts[n_hidden]
     # the weights as the kernels read them: in the bf16 mode bf16 copies (weights.py), except that the fused
     # trunk backward's "partials" form reads the output weight in fp32 (with a bf16 one it fails to compile
     # under Triton 3.6); logits()' backward reads none
     if t.fused:
-        in_w, hidden_w, out_w = fused_weights(params.in_weight, params.hidden_weight, params.out_weight, n, config,
-                                              head=mode == MODE_LOSS and not config.partials)
+        in_w, hidden_w, out_w = fused_weights(
+            params.in_weight,
+            params.hidden_weight,
+            params.out_weight,
+            n,
+            config,
+            head=mode == MODE_LOSS and not config.partials,
+        )
         read = params._replace(in_weight=in_w, hidden_weight=hidden_w, out_weight=out_w)
     else:
         read = params._replace(out_weight=head_weight(params.out_weight, config.precision, n, config.options))
     # dL/dh by the head's own kernels: on the layer-wise path, and when the fused trunk backward's row blocks
     # are too few to cover a large head (each would stream all of it; see vocab_splits)
-    head_dh = mode == MODE_LOSS and (not t.fused or vocab_splits(triton.cdiv(n, t.block_m_bwd), vocab, t.block_v,
-                                                                 config)[0] > 1)
+    head_dh = mode == MODE_LOSS and (
+        not t.fused or vocab_splits(triton.cdiv(n, t.block_m_bwd), vocab, t.block_v, config)[0] > 1
+    )
     # The fused trunk backward recomputes the head's logits and dlogits for its dL/dh: where the head's
     # gradients are no larger than the bias and gain partials it writes per program anyway (small
     # vocabularies), its programs (one row block each: not "partials") store them in their partial rows, and
     # head_weight_grad_kernel's pass over the batch and its reduction are saved.
-    head_in_trunk = (config.options.head_grads_in_trunk and t.fused and mode == MODE_LOSS and not head_dh
-                     and not config.partials and head_size <= trunk_size)
+    head_in_trunk = (
+        config.options.head_grads_in_trunk
+        and t.fused
+        and mode == MODE_LOSS
+        and not head_dh
+        and not config.partials
+        and head_size <= trunk_size
+    )
 
     if mode == MODE_LOGITS:
         dh = logits_head_backward(grad, h_last, params.out_weight, sums[trunk_size:], config)
     else:
-        dh = loss_head_backward(h_last, targets, grad, stats, params.out_weight, read.out_weight, params.out_bias,
-                                sums[trunk_size:], want_dh=head_dh, want_weight_grads=not head_in_trunk,
-                                config=config)
+        dh = loss_head_backward(
+            h_last,
+            targets,
+            grad,
+            stats,
+            params.out_weight,
+            read.out_weight,
+            params.out_bias,
+            sums[trunk_size:],
+            want_dh=head_dh,
+            want_weight_grads=not head_in_trunk,
+            config=config,
+        )
     if t.fused:
-        trunk = fused_trunk_backward(idx, targets, grad, dh, stats, acts, read, params.out_weight, sums,
-                                     head_in_trunk, residual_every, eps, config)
+        trunk = fused_trunk_backward(
+            idx,
+            targets,
+            grad,
+            dh,
+            stats,
+            acts,
+            read,
+            params.out_weight,
+            sums,
+            head_in_trunk,
+            residual_every,
+            eps,
+            config,
+        )
     else:
         trunk = layerwise_trunk_backward(idx, dh, zs, params, sums, residual_every, eps, config)
     return [*trunk_weight_gradients(trunk, acts, config), sums]
 
 
-def fused_trunk_backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, dh: torch.Tensor | None,
-                         stats: torch.Tensor, acts: torch.Tensor, read: AUNNParams, out_weight: torch.Tensor,
-                         sums: torch.Tensor, head_in_trunk: bool, residual_every: int, eps: float,
-                         config: KernelConfig) -> TrunkOutputs:
+def fused_trunk_backward(
+    idx: torch.Tensor,
+    targets: torch.Tensor,
+    grad: torch.Tensor,
+    dh: torch.Tensor | None,
+    stats: torch.Tensor,
+    acts: torch.Tensor,
+    read: AUNNParams,
+    out_weight: torch.Tensor,
+    sums: torch.Tensor,
+    head_in_trunk: bool,
+    residual_every: int,
+    eps: float,
+    config: KernelConfig,
+) -> TrunkOutputs:
     """:func:`aunn_backward_kernel` over the batch: the head's dL/dh from the statistics (dh None) or dh fp32
     [N, H]; the bias and gain gradients (and with head_in_trunk the head's) summed into sums; returns what
     :func:`trunk_weight_gradients` needs. read: the parameters as the kernels read them (weights.py);
@@ -285,44 +413,86 @@ def fused_trunk_backward(idx: torch.Tensor, targets: torch.Tensor, grad: torch.T
         programs = persistent_programs(config, row_blocks, config.options.partial_programs_per_sm)
     else:
         programs = row_blocks
-    part_size = 2 * (n_hidden + 1) * hidden + (read.out_weight.numel() + read.out_bias.numel() if head_in_trunk
-                                                else 0)
+    part_size = 2 * (n_hidden + 1) * hidden + (read.out_weight.numel() + read.out_bias.numel() if head_in_trunk else 0)
     part = partials_buffer(sums, programs, part_size, config)
     if config.partials:
         empty = idx.new_empty(0, dtype=torch.float32)
-        outputs = TrunkOutputs(dz=empty, x=empty.new_empty(0),
-                               dw_in_part=new_buffer((programs, hidden, bits), torch.float32, device, poison),
-                               dw_part=new_buffer((programs, n_hidden, hidden, hidden), torch.float32, device,
-                                                  poison))
+        outputs = TrunkOutputs(
+            dz=empty,
+            x=empty.new_empty(0),
+            dw_in_part=new_buffer((programs, hidden, bits), torch.float32, device, poison),
+            dw_part=new_buffer((programs, n_hidden, hidden, hidden), torch.float32, device, poison),
+        )
     else:
         # dz feeds only PyTorch's GEMMs, which round it to bf16 in bf16 mode: stored as bf16 there (the kernel
         # sums the bias gradients from fp32 dz itself); the index bits, for dW_in = dz[0].T @ x, too
         dz_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         empty = idx.new_empty(0, dtype=torch.float32)
-        outputs = TrunkOutputs(dz=new_buffer((n_hidden + 1, n, hidden), dz_dtype, device, poison),
-                               x=new_buffer((n, bits), dz_dtype, device, poison),
-                               dw_in_part=empty, dw_part=empty.new_empty(0))
+        outputs = TrunkOutputs(
+            dz=new_buffer((n_hidden + 1, n, hidden), dz_dtype, device, poison),
+            x=new_buffer((n, bits), dz_dtype, device, poison),
+            dw_in_part=empty,
+            dw_part=empty.new_empty(0),
+        )
     from_stats = dh is None
-    launch(aunn_backward_kernel, (programs,),
-           idx_ptr=idx, target_ptr=targets, grad_ptr=grad if from_stats else dh, stats_ptr=stats, act_ptr=acts,
-           dz_ptr=outputs.dz, x_ptr=outputs.x, part_ptr=part, dw_in_ptr=outputs.dw_in_part, dw_ptr=outputs.dw_part,
-           in_w_ptr=read.in_weight, in_b_ptr=read.in_bias, in_g_ptr=read.in_gain,
-           hid_w_ptr=read.hidden_weight, hid_b_ptr=read.hidden_bias, hid_g_ptr=read.hidden_gain,
-           out_w_ptr=out_weight if config.partials else read.out_weight, out_b_ptr=read.out_bias,
-           N=n, H=hidden, V=read.out_weight.shape[0], n_hidden=n_hidden, residual_every=residual_every, eps=eps,
-           act_stride=n * hidden, head_in_offset=n_hidden * n * hidden, partial_stride=part.stride(0),
-           BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m_bwd, BLOCK_V=t.block_v,
-           HEAD_FROM_STATS=from_stats, HEAD_GRADS=head_in_trunk, WEIGHT_GRADS=config.partials,
-           WEIGHT_ONCE=config.options.load_weight_once and not config.partials,
-           PRECISION=config.precision_code, FAST_SIGMOID=config.fast_sigmoid,
-           num_warps=t.num_warps_bwd, **compile_options(t.max_registers_bwd))
+    launch(
+        aunn_backward_kernel,
+        (programs,),
+        idx_ptr=idx,
+        target_ptr=targets,
+        grad_ptr=grad if from_stats else dh,
+        stats_ptr=stats,
+        act_ptr=acts,
+        dz_ptr=outputs.dz,
+        x_ptr=outputs.x,
+        part_ptr=part,
+        dw_in_ptr=outputs.dw_in_part,
+        dw_ptr=outputs.dw_part,
+        in_w_ptr=read.in_weight,
+        in_b_ptr=read.in_bias,
+        in_g_ptr=read.in_gain,
+        hid_w_ptr=read.hidden_weight,
+        hid_b_ptr=read.hidden_bias,
+        hid_g_ptr=read.hidden_gain,
+        out_w_ptr=out_weight if config.partials else read.out_weight,
+        out_b_ptr=read.out_bias,
+        N=n,
+        H=hidden,
+        V=read.out_weight.shape[0],
+        n_hidden=n_hidden,
+        residual_every=residual_every,
+        eps=eps,
+        act_stride=n * hidden,
+        head_in_offset=n_hidden * n * hidden,
+        partial_stride=part.stride(0),
+        BITS=bits,
+        BLOCK_BITS=t.block_bits,
+        BLOCK_H=t.block_h,
+        BLOCK_M=t.block_m_bwd,
+        BLOCK_V=t.block_v,
+        HEAD_FROM_STATS=from_stats,
+        HEAD_GRADS=head_in_trunk,
+        WEIGHT_GRADS=config.partials,
+        WEIGHT_ONCE=config.options.load_weight_once and not config.partials,
+        PRECISION=config.precision_code,
+        FAST_SIGMOID=config.fast_sigmoid,
+        num_warps=t.num_warps_bwd,
+        **compile_options(t.max_registers_bwd),
+    )
     sum_partials(part, sums)
     return outputs
 
 
-def layerwise_trunk_backward(idx: torch.Tensor, dh: torch.Tensor, zs: torch.Tensor, params: AUNNParams,
-                             sums: torch.Tensor, residual_every: int, eps: float,
-                             config: KernelConfig) -> TrunkOutputs:
+def layerwise_trunk_backward(
+    idx: torch.Tensor,
+    dh: torch.Tensor,
+    zs: torch.Tensor,
+    params: AUNNParams,
+    sums: torch.Tensor,
+    residual_every: int,
+    eps: float,
+    config: KernelConfig,
+) -> TrunkOutputs:
     """The trunk of a wide model backwards, one layer at a time from dL/dh_last dh fp32 [N, H] and the
     pre-activations zs fp32 [L-1, N, H]: :func:`layer_backward_kernel` (residual bookkeeping, SiLU/RMSNorm
     backward, bias and gain partials summed into sums), then dL/dh = dz @ W by a PyTorch GEMM."""
@@ -340,21 +510,36 @@ def layerwise_trunk_backward(idx: torch.Tensor, dh: torch.Tensor, zs: torch.Tens
     gh, residual_seen = dh, False
     for layer in reversed(range(n_layers)):  # 0 is the input layer, l > 0 hidden layer l - 1
         residual = layer % residual_every == 0
-        launch(layer_backward_kernel, (programs,),
-               dy_ptr=gh, g_res_ptr=g_res, z_ptr=zs[layer],
-               g_ptr=params.in_gain if layer == 0 else params.hidden_gain[layer - 1],
-               dz_ptr=dz[layer], dgain_ptr=dgain_part[:, layer], dbias_ptr=db_part[:, layer],
-               N=n, H=hidden, eps=eps, partial_stride=part.stride(0),
-               BLOCK_M=t.block_m_rowwise, BLOCK_H=t.block_h,
-               ADD_RES=residual and residual_seen, STORE_RES=residual and layer > 0,
-               PRECISION=config.precision_code, FAST_SIGMOID=config.fast_sigmoid, num_warps=t.num_warps)
+        launch(
+            layer_backward_kernel,
+            (programs,),
+            dy_ptr=gh,
+            g_res_ptr=g_res,
+            z_ptr=zs[layer],
+            g_ptr=params.in_gain if layer == 0 else params.hidden_gain[layer - 1],
+            dz_ptr=dz[layer],
+            dgain_ptr=dgain_part[:, layer],
+            dbias_ptr=db_part[:, layer],
+            N=n,
+            H=hidden,
+            eps=eps,
+            partial_stride=part.stride(0),
+            BLOCK_M=t.block_m_rowwise,
+            BLOCK_H=t.block_h,
+            ADD_RES=residual and residual_seen,
+            STORE_RES=residual and layer > 0,
+            PRECISION=config.precision_code,
+            FAST_SIGMOID=config.fast_sigmoid,
+            num_warps=t.num_warps,
+        )
         residual_seen |= residual
         if layer > 0:
             gh = matmul(dz[layer], w_hidden[layer - 1], config.precision)
     sum_partials(part, sums)
     empty = idx.new_empty(0, dtype=torch.float32)
-    return TrunkOutputs(dz=dz, x=index_bits_matrix(idx, bits, dz_dtype, poison), dw_in_part=empty,
-                        dw_part=empty.new_empty(0))
+    return TrunkOutputs(
+        dz=dz, x=index_bits_matrix(idx, bits, dz_dtype, poison), dw_in_part=empty, dw_part=empty.new_empty(0)
+    )
 
 
 def partials_buffer(sums: torch.Tensor, programs: int, size: int, config: KernelConfig) -> torch.Tensor:
@@ -368,26 +553,37 @@ def partials_buffer(sums: torch.Tensor, programs: int, size: int, config: Kernel
 def sum_partials(part: torch.Tensor, sums: torch.Tensor) -> None:
     """sums[:size] = the programs' partials part [programs, size] summed (nothing to do for one program)."""
     if part.shape[0] > 1:
-        torch.sum(part, 0, out=sums[:part.shape[1]])
+        torch.sum(part, 0, out=sums[: part.shape[1]])
 
 
-def trunk_weight_gradients(trunk: TrunkOutputs, acts: torch.Tensor,
-                           config: KernelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def trunk_weight_gradients(
+    trunk: TrunkOutputs, acts: torch.Tensor, config: KernelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_in_weight fp32 [H, bits], d_hidden_weight fp32 [L-2, H, H]): the "partials" summed, or dz.T @ a by
     batch-split PyTorch products (gemm.batch_reduced_matmul) from dz, the index bits and the activations."""
     if config.partials:
         return trunk.dw_in_part.sum(0), trunk.dw_part.sum(0)
     min_rows, n_hidden = config.options.split_k_min_rows, trunk.dz.shape[0] - 1
-    return (batch_reduced_matmul(trunk.dz[0], trunk.x, config.precision, min_rows),
-            batch_reduced_matmul(trunk.dz[1:], acts[:n_hidden], config.precision, min_rows))
+    return (
+        batch_reduced_matmul(trunk.dz[0], trunk.x, config.precision, min_rows),
+        batch_reduced_matmul(trunk.dz[1:], acts[:n_hidden], config.precision, min_rows),
+    )
 
 
 def parameter_gradients(grads: list[torch.Tensor], vocab: int, hidden: int) -> AUNNParams:
     """:func:`backward`'s outputs -> the eight parameters' gradients."""
     d_in_weight, d_hidden_weight, sums = grads
     n_layers = d_hidden_weight.shape[0] + 1
-    bias, gain = sums[:2 * n_layers * hidden].view(2, n_layers, hidden)
-    head = sums[2 * n_layers * hidden:]
-    d_out_weight, d_out_bias = head[:vocab * hidden].view(vocab, hidden), head[vocab * hidden:]
-    return AUNNParams(in_weight=d_in_weight, in_bias=bias[0], in_gain=gain[0], hidden_weight=d_hidden_weight,
-                      hidden_bias=bias[1:], hidden_gain=gain[1:], out_weight=d_out_weight, out_bias=d_out_bias)
+    bias, gain = sums[: 2 * n_layers * hidden].view(2, n_layers, hidden)
+    head = sums[2 * n_layers * hidden :]
+    d_out_weight, d_out_bias = head[: vocab * hidden].view(vocab, hidden), head[vocab * hidden :]
+    return AUNNParams(
+        in_weight=d_in_weight,
+        in_bias=bias[0],
+        in_gain=gain[0],
+        hidden_weight=d_hidden_weight,
+        hidden_bias=bias[1:],
+        hidden_gain=gain[1:],
+        out_weight=d_out_weight,
+        out_bias=d_out_bias,
+    )

@@ -17,6 +17,7 @@ Kernels:
 Launchers: :func:`forward` (the operator's body), :func:`layerwise_trunk`, :func:`launch_forward_kernel`,
 :func:`combine_ranges`. Every launcher takes the :class:`~.config.KernelConfig` its operator chose.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,26 +36,58 @@ from .weights import bf16_copies, fused_weights, head_weight
 
 
 @triton.jit
-def hidden_layer(h, w_ptr, b_ptr, g_ptr, layer, H, eps, hcols, hmask,
-                 PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr):
+def hidden_layer(
+    h, w_ptr, b_ptr, g_ptr, layer, H, eps, hcols, hmask, PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr
+):
     """Hidden layer ``layer`` on a register tile: RMSNorm(SiLU(h @ W[layer].T + b[layer])) * g[layer].
 
     h fp32 [M, BLOCK_H]; w fp32 or bf16 [n_hidden, H, H], b and g fp32 [n_hidden, H]."""
-    w_t = tl.load(w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None],
-                  mask=hmask[:, None] & hmask[None, :], other=0.0)
+    w_t = tl.load(
+        w_ptr + layer * H * H + hcols[None, :] * H + hcols[:, None], mask=hmask[:, None] & hmask[None, :], other=0.0
+    )
     z = dot(h, w_t, PRECISION) + tl.load(b_ptr + layer * H + hcols, mask=hmask, other=0.0)[None, :]
     return silu_rmsnorm(z, tl.load(g_ptr + layer * H + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID)
 
 
 @triton.jit
 def aunn_forward_kernel(
-    idx_ptr, target_ptr, out_ptr, stats_ptr, part_ptr, act_ptr,
-    in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,
-    N, H: tl.constexpr, V, n_hidden, n_grouped, eps, act_stride, head_in_offset, v_per_range,
-    BITS: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL_EVERY: tl.constexpr, UNROLL_GROUPS: tl.constexpr,
-    MODE: tl.constexpr, FUSED_TRUNK: tl.constexpr, STORE_ACTS: tl.constexpr, RANGE_PARTIALS: tl.constexpr,
-    PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,
+    idx_ptr,
+    target_ptr,
+    out_ptr,
+    stats_ptr,
+    part_ptr,
+    act_ptr,
+    in_w_ptr,
+    in_b_ptr,
+    in_g_ptr,
+    hid_w_ptr,
+    hid_b_ptr,
+    hid_g_ptr,
+    out_w_ptr,
+    out_b_ptr,
+    N,
+    H: tl.constexpr,
+    V,
+    n_hidden,
+    n_grouped,
+    eps,
+    act_stride,
+    head_in_offset,
+    v_per_range,
+    BITS: tl.constexpr,
+    BLOCK_BITS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    RESIDUAL_EVERY: tl.constexpr,
+    UNROLL_GROUPS: tl.constexpr,
+    MODE: tl.constexpr,
+    FUSED_TRUNK: tl.constexpr,
+    STORE_ACTS: tl.constexpr,
+    RANGE_PARTIALS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FAST_SIGMOID: tl.constexpr,
 ):
     """Forward of BLOCK_M indices (program axis 0) over the vocabulary range [r * v_per_range,
     (r + 1) * v_per_range) (program axis 1: r; v_per_range a multiple of BLOCK_V; a one-range
@@ -88,8 +121,9 @@ def aunn_forward_kernel(
         idx = tl.load(idx_ptr + rows, mask=row_mask, other=0)
         k = tl.arange(0, BLOCK_BITS)
         x = index_bits(idx, k, BITS)
-        w_in_t = tl.load(in_w_ptr + hcols[None, :] * BITS + k[:, None],
-                         mask=(k[:, None] < BITS) & hmask[None, :], other=0.0)
+        w_in_t = tl.load(
+            in_w_ptr + hcols[None, :] * BITS + k[:, None], mask=(k[:, None] < BITS) & hmask[None, :], other=0.0
+        )
         z = dot(x, w_in_t, PRECISION) + tl.load(in_b_ptr + hcols, mask=hmask, other=0.0)[None, :]
         h = silu_rmsnorm(z, tl.load(in_g_ptr + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID)
         res = h
@@ -104,8 +138,19 @@ def aunn_forward_kernel(
             # of a layer in the code takes its own shared memory, too much at H = 128.)
             for group in range(n_grouped // RESIDUAL_EVERY):
                 for j in tl.static_range(RESIDUAL_EVERY):
-                    h = hidden_layer(h, hid_w_ptr, hid_b_ptr, hid_g_ptr, group * RESIDUAL_EVERY + j, H, eps,
-                                     hcols, hmask, PRECISION, FAST_SIGMOID)
+                    h = hidden_layer(
+                        h,
+                        hid_w_ptr,
+                        hid_b_ptr,
+                        hid_g_ptr,
+                        group * RESIDUAL_EVERY + j,
+                        H,
+                        eps,
+                        hcols,
+                        hmask,
+                        PRECISION,
+                        FAST_SIGMOID,
+                    )
                     if j == RESIDUAL_EVERY - 1:
                         h = h + res
                         res = h
@@ -116,8 +161,7 @@ def aunn_forward_kernel(
         else:
             first_ungrouped = 0
         for layer in range(first_ungrouped, n_hidden):
-            h = hidden_layer(h, hid_w_ptr, hid_b_ptr, hid_g_ptr, layer, H, eps, hcols, hmask, PRECISION,
-                             FAST_SIGMOID)
+            h = hidden_layer(h, hid_w_ptr, hid_b_ptr, hid_g_ptr, layer, H, eps, hcols, hmask, PRECISION, FAST_SIGMOID)
             if not UNROLL_GROUPS and (layer + 1) % RESIDUAL_EVERY == 0:
                 h = h + res
                 res = h
@@ -138,16 +182,27 @@ def aunn_forward_kernel(
         vcols = v0 + tl.arange(0, BLOCK_V)
         vmask = vcols < V
         if FUSED_TRUNK:
-            w_out_t = tl.load(out_w_ptr + vcols[None, :] * H + hcols[:, None],
-                              mask=hmask[:, None] & vmask[None, :], other=0.0)
+            w_out_t = tl.load(
+                out_w_ptr + vcols[None, :] * H + hcols[:, None], mask=hmask[:, None] & vmask[None, :], other=0.0
+            )
             logits = dot(h, w_out_t, PRECISION) + head_bias(out_b_ptr, vcols, vmask)[None, :]
         else:
-            logits = head_logits_tile(act_ptr + head_in_offset, rows, row_mask,
-                                      out_w_ptr, out_b_ptr, vcols, vmask, H,
-                                      BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
+            logits = head_logits_tile(
+                act_ptr + head_in_offset,
+                rows,
+                row_mask,
+                out_w_ptr,
+                out_b_ptr,
+                vcols,
+                vmask,
+                H,
+                BLOCK_M,
+                BLOCK_V,
+                BLOCK_K,
+                PRECISION,
+            )
         if MODE == 0:
-            tl.store(out_ptr + rows[:, None] * V + vcols[None, :], logits,
-                     mask=row_mask[:, None] & vmask[None, :])
+            tl.store(out_ptr + rows[:, None] * V + vcols[None, :], logits, mask=row_mask[:, None] & vmask[None, :])
         else:
             chunk_max = tl.max(logits, axis=1)
             if MODE == 1:
@@ -184,10 +239,22 @@ def aunn_forward_kernel(
 
 @triton.jit
 def layer_epilogue_kernel(
-    xw_ptr, b_ptr, g_ptr, res_ptr, z_ptr, h_ptr,
-    N, H, eps,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, ADD_RES: tl.constexpr, STORE_RES: tl.constexpr,
-    STORE_Z: tl.constexpr, PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,
+    xw_ptr,
+    b_ptr,
+    g_ptr,
+    res_ptr,
+    z_ptr,
+    h_ptr,
+    N,
+    H,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    ADD_RES: tl.constexpr,
+    STORE_RES: tl.constexpr,
+    STORE_Z: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FAST_SIGMOID: tl.constexpr,
 ):
     """Everything of one layer after its GEMM, for BLOCK_M whole rows (RMSNorm needs the row):
 
@@ -220,23 +287,41 @@ def index_bits_kernel(idx_ptr, x_ptr, N, BITS: tl.constexpr, BLOCK_M: tl.constex
     cols = tl.arange(0, BLOCK_BITS)
     row_mask = rows < N
     bits = index_bits(tl.load(idx_ptr + rows, mask=row_mask, other=0), cols, BITS)
-    tl.store(x_ptr + rows[:, None] * BITS + cols[None, :], bits.to(x_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & (cols < BITS)[None, :])
+    tl.store(
+        x_ptr + rows[:, None] * BITS + cols[None, :],
+        bits.to(x_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & (cols < BITS)[None, :],
+    )
 
 
 def index_bits_matrix(idx: torch.Tensor, bits: int, dtype: torch.dtype, poison: bool) -> torch.Tensor:
     """The input layer's GEMM operand: [N, bits] of dtype, one launch (no int64 [N, bits] temporary)."""
     x = new_buffer((idx.shape[0], bits), dtype, idx.device, poison)
     block_m = 128
-    launch(index_bits_kernel, (triton.cdiv(idx.shape[0], block_m),),
-           idx_ptr=idx, x_ptr=x,
-           N=idx.shape[0],
-           BITS=bits, BLOCK_M=block_m, BLOCK_BITS=max(16, triton.next_power_of_2(bits)), num_warps=4)
+    launch(
+        index_bits_kernel,
+        (triton.cdiv(idx.shape[0], block_m),),
+        idx_ptr=idx,
+        x_ptr=x,
+        N=idx.shape[0],
+        BITS=bits,
+        BLOCK_M=block_m,
+        BLOCK_BITS=max(16, triton.next_power_of_2(bits)),
+        num_warps=4,
+    )
     return x
 
 
-def layerwise_trunk(idx: torch.Tensor, params: AUNNParams, outs: list[torch.Tensor], zs: torch.Tensor, save: bool,
-                    residual_every: int, eps: float, config: KernelConfig) -> None:
+def layerwise_trunk(
+    idx: torch.Tensor,
+    params: AUNNParams,
+    outs: list[torch.Tensor],
+    zs: torch.Tensor,
+    save: bool,
+    residual_every: int,
+    eps: float,
+    config: KernelConfig,
+) -> None:
     """The trunk of a wide model, one layer at a time: ``xw = x @ W.T`` by a PyTorch GEMM
     (cuBLAS; :func:`gemm.matmul`), then :func:`layer_epilogue_kernel`.
 
@@ -257,19 +342,40 @@ def layerwise_trunk(idx: torch.Tensor, params: AUNNParams, outs: list[torch.Tens
     res = new_buffer((n, hidden) if has_residual else (0,), torch.float32, idx.device, poison)
     for layer, (w, b, g, h) in enumerate(zip(weights, biases, gains, outs)):
         residual = has_residual and layer % residual_every == 0  # the input layer (0) starts the stream
-        launch(layer_epilogue_kernel, (triton.cdiv(n, t.block_m_rowwise),),
-               xw_ptr=matmul(x, w.t(), config.precision), b_ptr=b, g_ptr=g, res_ptr=res,
-               z_ptr=zs[layer] if save else zs, h_ptr=h,
-               N=n, H=hidden, eps=eps,
-               BLOCK_M=t.block_m_rowwise, BLOCK_H=t.block_h,
-               ADD_RES=residual and layer > 0, STORE_RES=residual, STORE_Z=save,
-               PRECISION=config.precision_code, FAST_SIGMOID=config.fast_sigmoid, num_warps=t.num_warps)
+        launch(
+            layer_epilogue_kernel,
+            (triton.cdiv(n, t.block_m_rowwise),),
+            xw_ptr=matmul(x, w.t(), config.precision),
+            b_ptr=b,
+            g_ptr=g,
+            res_ptr=res,
+            z_ptr=zs[layer] if save else zs,
+            h_ptr=h,
+            N=n,
+            H=hidden,
+            eps=eps,
+            BLOCK_M=t.block_m_rowwise,
+            BLOCK_H=t.block_h,
+            ADD_RES=residual and layer > 0,
+            STORE_RES=residual,
+            STORE_Z=save,
+            PRECISION=config.precision_code,
+            FAST_SIGMOID=config.fast_sigmoid,
+            num_warps=t.num_warps,
+        )
         x = h
 
 
-def forward(idx: torch.Tensor, targets: torch.Tensor, params: AUNNParams, residual_every: int, eps: float,
-            mode: int, save: bool, config: KernelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor]:
+def forward(
+    idx: torch.Tensor,
+    targets: torch.Tensor,
+    params: AUNNParams,
+    residual_every: int,
+    eps: float,
+    mode: int,
+    save: bool,
+    config: KernelConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward. Returns (out, stats, acts, zs).
 
     out: logits fp32 [N, V] (mode 0) | argmax int64 [N] (mode 1) | per-row CE fp32 [N] (mode 2).
@@ -284,8 +390,9 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, params: AUNNParams, residu
     vocab = params.out_weight.shape[0]
     fused = config.tiles.fused
     f32 = torch.float32
-    out_shape, out_dtype = {MODE_LOGITS: ((n, vocab), f32), MODE_ARGMAX: ((n,), torch.int64),
-                            MODE_LOSS: ((n,), f32)}[mode]
+    out_shape, out_dtype = {MODE_LOGITS: ((n, vocab), f32), MODE_ARGMAX: ((n,), torch.int64), MODE_LOSS: ((n,), f32)}[
+        mode
+    ]
     out = new_buffer(out_shape, out_dtype, device, poison)
     stats = new_buffer((n, 3) if mode == MODE_LOSS else (0,), f32, device, poison)
     # (distinct empty tensors: an operator's outputs must not alias one another)
@@ -299,21 +406,33 @@ def forward(idx: torch.Tensor, targets: torch.Tensor, params: AUNNParams, residu
     head_in, head_in_offset = acts, n_hidden * n * hidden  # the head's input: the last layer's output
     if not fused:
         # without save, two buffers in turn hold the layers' outputs; the last one feeds the head
-        scratch = [] if save else [new_buffer((n, hidden), act_dtype, device, poison)
-                                   for _ in range(min(2, n_hidden + 1))]
+        scratch = (
+            [] if save else [new_buffer((n, hidden), act_dtype, device, poison) for _ in range(min(2, n_hidden + 1))]
+        )
         outs = list(acts) if save else [scratch[layer % 2] for layer in range(n_hidden + 1)]
         layerwise_trunk(idx, params, outs, zs, save, residual_every, eps, config)
         if not save:
             head_in, head_in_offset = outs[-1], 0
-    out, stats = launch_forward_kernel(idx, targets, params, out, stats, head_in, head_in_offset, residual_every,
-                                       eps, mode, save, config)
+    out, stats = launch_forward_kernel(
+        idx, targets, params, out, stats, head_in, head_in_offset, residual_every, eps, mode, save, config
+    )
     return out, stats, acts, zs
 
 
-def launch_forward_kernel(idx: torch.Tensor, targets: torch.Tensor, params: AUNNParams, out: torch.Tensor,
-                          stats: torch.Tensor, head_in: torch.Tensor, head_in_offset: int, residual_every: int,
-                          eps: float, mode: int, save: bool, config: KernelConfig) -> tuple[torch.Tensor,
-                                                                                            torch.Tensor]:
+def launch_forward_kernel(
+    idx: torch.Tensor,
+    targets: torch.Tensor,
+    params: AUNNParams,
+    out: torch.Tensor,
+    stats: torch.Tensor,
+    head_in: torch.Tensor,
+    head_in_offset: int,
+    residual_every: int,
+    eps: float,
+    mode: int,
+    save: bool,
+    config: KernelConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`aunn_forward_kernel` over the batch (the fused trunk, or the head alone on the layer-wise path's
     last activation head_in at head_in_offset), its vocabulary ranges combined. Returns (out, stats)."""
     n, (hidden, bits), vocab = idx.shape[0], params.in_weight.shape, params.out_weight.shape[0]
@@ -322,12 +441,12 @@ def launch_forward_kernel(idx: torch.Tensor, targets: torch.Tensor, params: AUNN
     row_blocks = triton.cdiv(n, t.block_m)
     ranges, v_per_range = vocab_splits(row_blocks, vocab, t.block_v, config)
     range_partials = ranges > 1 and mode != MODE_LOGITS  # logits of several ranges need no combining
-    part = new_buffer((ranges, 3, n) if range_partials else (0,), torch.float32, idx.device,
-                      config.options.poison_outputs)
+    part = new_buffer(
+        (ranges, 3, n) if range_partials else (0,), torch.float32, idx.device, config.options.poison_outputs
+    )
     # unrolled residual groups only where the extra copies of a layer fit: not at H = 128 (305 KiB
     # of shared memory), not in fp32 (its FMA-unit products then spill KBs), not past 4 layers
-    unroll_groups = (t.fused and t.block_h <= 64 and config.precision != "fp32"
-                     and residual_every <= min(n_hidden, 4))
+    unroll_groups = t.fused and t.block_h <= 64 and config.precision != "fp32" and residual_every <= min(n_hidden, 4)
     if t.fused:
         in_w, hidden_w, out_w = fused_weights(params.in_weight, params.hidden_weight, params.out_weight, n, config)
     else:
@@ -335,18 +454,49 @@ def launch_forward_kernel(idx: torch.Tensor, targets: torch.Tensor, params: AUNN
         out_w = head_weight(params.out_weight, config.precision, n, config.options)
     if targets.numel() == 0:
         targets = idx  # placeholder pointer, never read unless mode == MODE_LOSS
-    launch(aunn_forward_kernel, (row_blocks, ranges),
-           idx_ptr=idx, target_ptr=targets, out_ptr=out, stats_ptr=stats, part_ptr=part, act_ptr=head_in,
-           in_w_ptr=in_w, in_b_ptr=params.in_bias, in_g_ptr=params.in_gain,
-           hid_w_ptr=hidden_w, hid_b_ptr=params.hidden_bias, hid_g_ptr=params.hidden_gain,
-           out_w_ptr=out_w, out_b_ptr=params.out_bias,
-           N=n, H=hidden, V=vocab, n_hidden=n_hidden, n_grouped=n_hidden // residual_every * residual_every,
-           eps=eps, act_stride=n * hidden, head_in_offset=head_in_offset, v_per_range=v_per_range,
-           BITS=bits, BLOCK_BITS=t.block_bits, BLOCK_H=t.block_h, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
-           BLOCK_K=t.block_k_head, RESIDUAL_EVERY=residual_every, UNROLL_GROUPS=unroll_groups,
-           MODE=mode, FUSED_TRUNK=t.fused, STORE_ACTS=save and t.fused, RANGE_PARTIALS=range_partials,
-           PRECISION=config.precision_code, FAST_SIGMOID=config.fast_sigmoid,
-           num_warps=t.num_warps, **compile_options(t.max_registers, t.num_stages))
+    launch(
+        aunn_forward_kernel,
+        (row_blocks, ranges),
+        idx_ptr=idx,
+        target_ptr=targets,
+        out_ptr=out,
+        stats_ptr=stats,
+        part_ptr=part,
+        act_ptr=head_in,
+        in_w_ptr=in_w,
+        in_b_ptr=params.in_bias,
+        in_g_ptr=params.in_gain,
+        hid_w_ptr=hidden_w,
+        hid_b_ptr=params.hidden_bias,
+        hid_g_ptr=params.hidden_gain,
+        out_w_ptr=out_w,
+        out_b_ptr=params.out_bias,
+        N=n,
+        H=hidden,
+        V=vocab,
+        n_hidden=n_hidden,
+        n_grouped=n_hidden // residual_every * residual_every,
+        eps=eps,
+        act_stride=n * hidden,
+        head_in_offset=head_in_offset,
+        v_per_range=v_per_range,
+        BITS=bits,
+        BLOCK_BITS=t.block_bits,
+        BLOCK_H=t.block_h,
+        BLOCK_M=t.block_m,
+        BLOCK_V=t.block_v,
+        BLOCK_K=t.block_k_head,
+        RESIDUAL_EVERY=residual_every,
+        UNROLL_GROUPS=unroll_groups,
+        MODE=mode,
+        FUSED_TRUNK=t.fused,
+        STORE_ACTS=save and t.fused,
+        RANGE_PARTIALS=range_partials,
+        PRECISION=config.precision_code,
+        FAST_SIGMOID=config.fast_sigmoid,
+        num_warps=t.num_warps,
+        **compile_options(t.max_registers, t.num_stages),
+    )
     if range_partials:
         return combine_ranges(part, mode, stats)
     return out, stats

@@ -11,6 +11,7 @@ The kernels' configuration reaches the operators as one string argument, ``optio
 (``KernelOptions.encoded``): a constant of the traced graph, so that torch.compile's caches
 are keyed by it. Each operator chooses its :class:`KernelConfig` from it and its inputs' shapes.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -36,12 +37,14 @@ def _operator(name: str):
     The custom_op's fake implementation is the same function: its launches are skipped
     on fake tensors (common.launch) and it only allocates outputs of the right shapes.
     """
+
     def register(fn):
         if os.environ.get("TRITON_INTERPRET") == "1":
             op = custom_op(name, fn, mutates_args=())
             op.register_fake(fn)
             return op
         return triton_op(name, fn, mutates_args=())
+
     return register
 
 
@@ -50,25 +53,72 @@ def _config(idx: Tensor, in_weight: Tensor, out_weight: Tensor, precision: str, 
     return choose_config(hidden, bits, vocab, precision, device_traits(idx.device), KernelOptions.decode(options))
 
 
-def _forward_impl(idx: Tensor, targets: Tensor, in_weight: Tensor, in_bias: Tensor, in_gain: Tensor,
-               hidden_weight: Tensor, hidden_bias: Tensor, hidden_gain: Tensor, out_weight: Tensor,
-               out_bias: Tensor, residual_every: int, eps: float, precision: str, mode: int,
-               save: bool, options: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _forward_impl(
+    idx: Tensor,
+    targets: Tensor,
+    in_weight: Tensor,
+    in_bias: Tensor,
+    in_gain: Tensor,
+    hidden_weight: Tensor,
+    hidden_bias: Tensor,
+    hidden_gain: Tensor,
+    out_weight: Tensor,
+    out_bias: Tensor,
+    residual_every: int,
+    eps: float,
+    precision: str,
+    mode: int,
+    save: bool,
+    options: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, stats, acts, zs); see :func:`mlp_forward.forward`."""
-    params = AUNNParams(in_weight=in_weight, in_bias=in_bias, in_gain=in_gain, hidden_weight=hidden_weight,
-                        hidden_bias=hidden_bias, hidden_gain=hidden_gain, out_weight=out_weight, out_bias=out_bias)
+    params = AUNNParams(
+        in_weight=in_weight,
+        in_bias=in_bias,
+        in_gain=in_gain,
+        hidden_weight=hidden_weight,
+        hidden_bias=hidden_bias,
+        hidden_gain=hidden_gain,
+        out_weight=out_weight,
+        out_bias=out_bias,
+    )
     config = _config(idx, in_weight, out_weight, precision, options)
     with on_device_of(idx):
         return mlp_forward.forward(idx, targets, params, residual_every, eps, mode, save, config)
 
 
-def _backward_impl(idx: Tensor, targets: Tensor, grad: Tensor, stats: Tensor, acts: Tensor, zs: Tensor,
-                in_weight: Tensor, in_bias: Tensor, in_gain: Tensor, hidden_weight: Tensor,
-                hidden_bias: Tensor, hidden_gain: Tensor, out_weight: Tensor, out_bias: Tensor,
-                residual_every: int, eps: float, precision: str, mode: int, options: str) -> list[Tensor]:
+def _backward_impl(
+    idx: Tensor,
+    targets: Tensor,
+    grad: Tensor,
+    stats: Tensor,
+    acts: Tensor,
+    zs: Tensor,
+    in_weight: Tensor,
+    in_bias: Tensor,
+    in_gain: Tensor,
+    hidden_weight: Tensor,
+    hidden_bias: Tensor,
+    hidden_gain: Tensor,
+    out_weight: Tensor,
+    out_bias: Tensor,
+    residual_every: int,
+    eps: float,
+    precision: str,
+    mode: int,
+    options: str,
+) -> list[Tensor]:
     """The parameters' gradients, packed; see :func:`mlp_backward.backward`."""
-    params = AUNNParams(in_weight=in_weight, in_bias=in_bias, in_gain=in_gain, hidden_weight=hidden_weight,
-                        hidden_bias=hidden_bias, hidden_gain=hidden_gain, out_weight=out_weight, out_bias=out_bias)
+    params = AUNNParams(
+        in_weight=in_weight,
+        in_bias=in_bias,
+        in_gain=in_gain,
+        hidden_weight=hidden_weight,
+        hidden_bias=hidden_bias,
+        hidden_gain=hidden_gain,
+        out_weight=out_weight,
+        out_bias=out_bias,
+    )
     config = _config(idx, in_weight, out_weight, precision, options)
     with on_device_of(idx):
         return mlp_backward.backward(idx, targets, grad, stats, acts, zs, params, residual_every, eps, mode, config)
@@ -100,9 +150,20 @@ def _autograd_backward(ctx, grad_out, grad_stats, grad_acts, grad_zs):
         raise RuntimeError("argmax predictions have no gradient")
     if not hp["save"]:
         raise RuntimeError("aunn_fast::forward ran with save=False: no activations were kept for backward")
-    grads = backward_op(idx, targets, grad_out.contiguous(), stats, acts, zs, *params,
-                        residual_every=hp["residual_every"], eps=hp["eps"], precision=hp["precision"],
-                        mode=hp["mode"], options=hp["options"])
+    grads = backward_op(
+        idx,
+        targets,
+        grad_out.contiguous(),
+        stats,
+        acts,
+        zs,
+        *params,
+        residual_every=hp["residual_every"],
+        eps=hp["eps"],
+        precision=hp["precision"],
+        mode=hp["mode"],
+        options=hp["options"],
+    )
     param_grads = mlp_backward.parameter_gradients(grads, *params.out_weight.shape)
     gradients = {"idx": None, "targets": None, **param_grads._asdict()}
     return tuple(gradients.get(name) for name in _FORWARD_ARGUMENTS)  # None for the non-tensor arguments
@@ -111,22 +172,39 @@ def _autograd_backward(ctx, grad_out, grad_stats, grad_acts, grad_zs):
 forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def run_forward(idx: Tensor, targets: Tensor | None, params: AUNNParams, cfg: AUNNConfig,
-                precision: str, mode: int, options: KernelOptions | None = None) -> Tensor:
+def run_forward(
+    idx: Tensor,
+    targets: Tensor | None,
+    params: AUNNParams,
+    cfg: AUNNConfig,
+    precision: str,
+    mode: int,
+    options: KernelOptions | None = None,
+) -> Tensor:
     """The forward operator's first output; activations are saved only when autograd needs them.
     options: the kernels' configuration (default: :func:`config.default_options`)."""
     wrong = {name: p.dtype for name, p in zip(AUNNParams._fields, params) if p.dtype != torch.float32}
     if wrong:
-        raise TypeError(f"the triton kernels take float32 parameters (they round operands per `precision`), got "
-                        f"{', '.join(f'{n} {d}' for n, d in wrong.items())}; keep the model in float32 and pass "
-                        "precision='bf16' instead of converting it")
+        raise TypeError(
+            f"the triton kernels take float32 parameters (they round operands per `precision`), got "
+            f"{', '.join(f'{n} {d}' for n, d in wrong.items())}; keep the model in float32 and pass "
+            "precision='bf16' instead of converting it"
+        )
     save = mode != MODE_ARGMAX and torch.is_grad_enabled() and any(p.requires_grad for p in params)
     if targets is None:
         targets = idx.new_empty(0)
     params = [p.contiguous() for p in params]
-    out, _, _, _ = torch.ops.aunn_fast.forward(idx, targets, *params, residual_every=cfg.residual_every,
-                                              eps=cfg.norm_eps, precision=precision, mode=mode, save=save,
-                                              options=_default_encoding() if options is None else options.encoded)
+    out, _, _, _ = torch.ops.aunn_fast.forward(
+        idx,
+        targets,
+        *params,
+        residual_every=cfg.residual_every,
+        eps=cfg.norm_eps,
+        precision=precision,
+        mode=mode,
+        save=save,
+        options=_default_encoding() if options is None else options.encoded,
+    )
     return out
 
 
@@ -136,13 +214,21 @@ def _default_encoding() -> str:
     return default_options().encoded
 
 
-def logits(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str,
-           options: KernelOptions | None = None) -> Tensor:
+def logits(
+    idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str, options: KernelOptions | None = None
+) -> Tensor:
     return run_forward(idx, None, params, cfg, precision, MODE_LOGITS, options)
 
 
-def loss(idx: Tensor, targets: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str,
-         reduction: str = "mean", options: KernelOptions | None = None) -> Tensor:
+def loss(
+    idx: Tensor,
+    targets: Tensor,
+    params: AUNNParams,
+    cfg: AUNNConfig,
+    precision: str,
+    reduction: str = "mean",
+    options: KernelOptions | None = None,
+) -> Tensor:
     """The rows' cross-entropies reduced; their backward takes any per-row upstream gradient."""
     row_loss = run_forward(idx, targets, params, cfg, precision, MODE_LOSS, options)
     if reduction == "none":
@@ -154,7 +240,8 @@ def loss(idx: Tensor, targets: Tensor, params: AUNNParams, cfg: AUNNConfig, prec
     return row_loss.mean()
 
 
-def predict(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str,
-            options: KernelOptions | None = None) -> Tensor:
+def predict(
+    idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str, options: KernelOptions | None = None
+) -> Tensor:
     with torch.no_grad():
         return run_forward(idx, None, params, cfg, precision, MODE_ARGMAX, options)

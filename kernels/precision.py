@@ -7,6 +7,7 @@ operands rounded to bf16 in registers, then an exact fp32 product, which is what
 (products of rounded operands, fp32 accumulation). tf32 runs the GPU's own code there: its operands are
 rounded in registers on every machine, and the interpreter's product of rounded operands is exact.
 """
+
 from __future__ import annotations
 
 import triton

@@ -1,5 +1,6 @@
 """Device functions of the trunk: an index's bits as a GEMM operand, and each layer's
 SiLU + RMSNorm * gain with its backward (fp32 elementwise math, padded columns kept at 0)."""
+
 from __future__ import annotations
 
 import triton
@@ -17,8 +18,7 @@ def index_bits(idx, k, BITS: tl.constexpr):
 @triton.jit
 def tanh_approx(x):
     """fp32 tanh by PTX tanh.approx.f32: one special-function op, absolute error ~5e-4 (NVIDIA GPUs only)."""
-    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                     pack=1)
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """The weights as the kernels read them: fp32 as given, or bf16 copies in the bf16 mode (DESIGN.md, "bf16
 weight copies"): the output weight of a large head (:func:`head_weight`), and for large batches every weight
 of the fused kernels (:func:`fused_weights`), made by one launch (:func:`bf16_copies`)."""
+
 from __future__ import annotations
 
 from itertools import accumulate
@@ -25,16 +26,21 @@ def head_weight(out_weight: torch.Tensor, precision: str, rows: int, options: Ke
 
 
 @triton.jit
-def bf16_copy_kernel(a_ptr, b_ptr, c_ptr, out_ptr, a_end, b_end, c_end, BLOCK: tl.constexpr,
-                     PRECISION: tl.constexpr):
+def bf16_copy_kernel(a_ptr, b_ptr, c_ptr, out_ptr, a_end, b_end, c_end, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
     """out bf16 [c_end] = a, b, c (fp32, flattened) one after another: a fills [0, a_end), b [a_end, b_end),
     c [b_end, c_end); rounded to nearest (:func:`store_activation`)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     from_a, from_b = i < a_end, (i >= a_end) & (i < b_end)
     from_c = (i >= b_end) & (i < c_end)
-    x = tl.where(from_a, tl.load(a_ptr + i, mask=from_a, other=0.0),
-                 tl.where(from_b, tl.load(b_ptr + (i - a_end), mask=from_b, other=0.0),
-                          tl.load(c_ptr + (i - b_end), mask=from_c, other=0.0)))
+    x = tl.where(
+        from_a,
+        tl.load(a_ptr + i, mask=from_a, other=0.0),
+        tl.where(
+            from_b,
+            tl.load(b_ptr + (i - a_end), mask=from_b, other=0.0),
+            tl.load(c_ptr + (i - b_end), mask=from_c, other=0.0),
+        ),
+    )
     store_activation(out_ptr + i, x, i < c_end, PRECISION)
 
 
@@ -47,15 +53,31 @@ def bf16_copies(sources: list[torch.Tensor], interpreted: bool) -> list[torch.Te
     a, b, c = (sources + sources[-1:])[:3]
     a_end, b_end, c_end = (ends + ends[-1:])[:3]
     block = 1024
-    launch(bf16_copy_kernel, (triton.cdiv(c_end, block),),
-           a_ptr=a, b_ptr=b, c_ptr=c, out_ptr=copy,
-           a_end=a_end, b_end=b_end, c_end=c_end,
-           BLOCK=block, PRECISION=precision_code("bf16", "ieee", interpreted), num_warps=4)
+    launch(
+        bf16_copy_kernel,
+        (triton.cdiv(c_end, block),),
+        a_ptr=a,
+        b_ptr=b,
+        c_ptr=c,
+        out_ptr=copy,
+        a_end=a_end,
+        b_end=b_end,
+        c_end=c_end,
+        BLOCK=block,
+        PRECISION=precision_code("bf16", "ieee", interpreted),
+        num_warps=4,
+    )
     return [part.view(t.shape) for part, t in zip(copy.split(sizes), sources)]
 
 
-def fused_weights(in_weight: torch.Tensor, hidden_weight: torch.Tensor, out_weight: torch.Tensor, rows: int,
-                  config: KernelConfig, head: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_weights(
+    in_weight: torch.Tensor,
+    hidden_weight: torch.Tensor,
+    out_weight: torch.Tensor,
+    rows: int,
+    config: KernelConfig,
+    head: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(in, hidden, out) weights as the fused kernels read them for a batch of rows: from
     weight_copy_min_rows rows on in the bf16 mode, bf16 copies of the trunk's (and, with head, of a
     small output weight; a large one is :func:`head_weight`'s), made by one launch; else as given."""

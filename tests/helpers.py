@@ -1,4 +1,5 @@
 """Shared test helpers: models with non-trivial parameters, relative errors, the compiled-model check."""
+
 from __future__ import annotations
 
 import pytest

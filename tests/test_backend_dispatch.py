@@ -1,4 +1,5 @@
 """Every usable backend behind the AUNN module gives the reference's answers, in every precision."""
+
 import pytest
 import torch
 

@@ -1,6 +1,7 @@
 """Tests of the benchmark harness (aunn_fast.bench): schema, correctness gating, skips.
 
 Nothing here asserts on speed."""
+
 from __future__ import annotations
 
 import copy
@@ -22,9 +23,23 @@ from aunn_fast.config import PRECISIONS
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = AUNNConfig(vocab_size=4, hidden=16, layers=3, bits=64)
-ROW_FIELDS = {"provider", "workload", "config", "batch", "precision", "ms", "items_per_s", "correct",
-              "max_rel_err", "vs_eager", "vs_compile", "skipped", "first_call_s", "sfu_share",
-              "tensor_core_share"}
+ROW_FIELDS = {
+    "provider",
+    "workload",
+    "config",
+    "batch",
+    "precision",
+    "ms",
+    "items_per_s",
+    "correct",
+    "max_rel_err",
+    "vs_eager",
+    "vs_compile",
+    "skipped",
+    "first_call_s",
+    "sfu_share",
+    "tensor_core_share",
+}
 META_FIELDS = {"device", "torch", "triton", "python", "commit", "date", "tolerances", "configs"}
 
 
@@ -51,24 +66,50 @@ def _never(device):
 @pytest.fixture
 def fake_backends(monkeypatch: pytest.MonkeyPatch) -> None:
     """'wrong' gives perturbed logits, loss and gradients; 'absent' is never available."""
-    monkeypatch.setitem(BACKENDS, "wrong", Backend("wrong", _wrong_logits, _wrong_loss, _wrong_predict,
-                                                   PRECISIONS, _always))
-    monkeypatch.setitem(BACKENDS, "absent", Backend("absent", _wrong_logits, _wrong_loss, _wrong_predict,
-                                                    PRECISIONS, _never))
+    monkeypatch.setitem(
+        BACKENDS, "wrong", Backend("wrong", _wrong_logits, _wrong_loss, _wrong_predict, PRECISIONS, _always)
+    )
+    monkeypatch.setitem(
+        BACKENDS, "absent", Backend("absent", _wrong_logits, _wrong_loss, _wrong_predict, PRECISIONS, _never)
+    )
 
 
 def test_script_writes_results_markdown_and_plots(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "bench/run.py", "--device", "cpu", "--quick", "--out", str(tmp_path),
-                           "--providers", "reference,triton", "--batches", "64"],
-                          cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)  # a hang, not a speed limit: ~15 s idle, far more on a loaded machine
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/run.py",
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--providers",
+            "reference,triton",
+            "--batches",
+            "64",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # a hang, not a speed limit: ~15 s idle, far more on a loaded machine
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((tmp_path / "results.json").read_text())
     assert META_FIELDS <= set(data["meta"])
     rows = data["rows"]
-    assert {r["workload"] for r in rows} == {"predict", "loss", "train", "train-graph", "condition",
-                                             "condition-graph", "seed-run", "seed-run-graph"}
+    assert {r["workload"] for r in rows} == {
+        "predict",
+        "loss",
+        "train",
+        "train-graph",
+        "condition",
+        "condition-graph",
+        "seed-run",
+        "seed-run-graph",
+    }
     for row in rows:
         assert ROW_FIELDS <= set(row)
         if row["workload"].endswith("-graph") and row["provider"] == "reference":
@@ -104,8 +145,23 @@ def test_incorrect_provider_is_marked_and_never_timed(fake_backends: None) -> No
 
 
 def test_main_reports_incorrect_in_markdown_and_exit_status(fake_backends: None, tmp_path: Path) -> None:
-    status = run.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--configs", "seed",
-                       "--workloads", "predict", "--batches", "32", "--providers", "reference,wrong,absent"])
+    status = run.main(
+        [
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--configs",
+            "seed",
+            "--workloads",
+            "predict",
+            "--batches",
+            "32",
+            "--providers",
+            "reference,wrong,absent",
+        ]
+    )
     assert status == 1
     md = (tmp_path / "results.md").read_text()
     assert "INCORRECT" in md and "needs hardware this machine lacks" in md
@@ -115,8 +171,17 @@ def test_main_reports_incorrect_in_markdown_and_exit_status(fake_backends: None,
 
 def test_ratios_ignore_incorrect_baselines() -> None:
     def row(provider: str, ms: float | None, correct: bool) -> harness.Row:
-        return {"provider": provider, "workload": "predict", "config": "seed", "batch": 8, "precision": "fp32",
-                "ms": ms, "correct": correct, "vs_eager": None, "vs_compile": None}
+        return {
+            "provider": provider,
+            "workload": "predict",
+            "config": "seed",
+            "batch": 8,
+            "precision": "fp32",
+            "ms": ms,
+            "correct": correct,
+            "vs_eager": None,
+            "vs_compile": None,
+        }
 
     rows = [row("reference", 4.0, True), row("compile", None, False), row("fast", 1.0, True)]
     harness.add_ratios(rows)
@@ -146,9 +211,19 @@ def test_ceiling_shares_are_plotted_for_h100_rows(tmp_path: Path) -> None:
     from aunn_fast.bench import plots
 
     seed = AUNNConfig(vocab_size=4, hidden=64, layers=8, bits=64)
-    rows = [{"provider": "reference", "precision": "fp32", "workload": workload, "config": "seed", "batch": batch,
-             "items_per_s": 1e8 * batch.bit_length(), "correct": True}
-            for workload in ("predict", "train", "condition") for batch in (2048, 65536)]
+    rows = [
+        {
+            "provider": "reference",
+            "precision": "fp32",
+            "workload": workload,
+            "config": "seed",
+            "batch": batch,
+            "items_per_s": 1e8 * batch.bit_length(),
+            "correct": True,
+        }
+        for workload in ("predict", "train", "condition")
+        for batch in (2048, 65536)
+    ]
     ceilings.add_shares(rows, {"seed": seed}, defined=True)
     assert rows[0]["sfu_share"] == pytest.approx(rows[0]["items_per_s"] / ceilings.ceilings(seed, "forward").sfu)
     assert all(r["sfu_share"] is None for r in rows if r["workload"] == "condition")
@@ -162,24 +237,59 @@ def test_kernel_variants_check_then_time_and_report_failures():
     if reason:
         pytest.skip(reason)
     from aunn_fast.bench import kernel_variants as kv
+
     with pytest.raises(ValueError, match="atomics"):
         kv.variant("bogus", "atomics")
-    plan = [kv.Step("predict", "tiny", 16, 37, "fp32",
-                    [kv.variant("default"), kv.variant("32 rows, 2 warps", tiles=(("block_m", 32), ("num_warps", 2)))]),
-            kv.Step("train", "tiny", 16, 37, "fp32",
-                    [kv.variant("partials", "partials", partial_programs_per_sm=1),
-                     kv.variant("layer-wise", fused_max_hidden=0), kv.variant("split", split_k_min_rows=8),
-                     kv.variant("head kernel", head_grads_in_trunk=False),
-                     kv.variant("weight as W.T", load_weight_once=False),
-                     kv.variant("bogus", tiles=(("block_m", 3),))]),  # not a power of two: Triton refuses it
-            kv.Step("train", "tiny-vocab", 16, 5, "fp32", [kv.variant("ranges", vocab_split_min=0),
-                                                            kv.variant("products", vocab_split_min=0,
-                                                                       head_backward="products")], vocab=300)]
+    plan = [
+        kv.Step(
+            "predict",
+            "tiny",
+            16,
+            37,
+            "fp32",
+            [kv.variant("default"), kv.variant("32 rows, 2 warps", tiles=(("block_m", 32), ("num_warps", 2)))],
+        ),
+        kv.Step(
+            "train",
+            "tiny",
+            16,
+            37,
+            "fp32",
+            [
+                kv.variant("partials", "partials", partial_programs_per_sm=1),
+                kv.variant("layer-wise", fused_max_hidden=0),
+                kv.variant("split", split_k_min_rows=8),
+                kv.variant("head kernel", head_grads_in_trunk=False),
+                kv.variant("weight as W.T", load_weight_once=False),
+                kv.variant("bogus", tiles=(("block_m", 3),)),
+            ],
+        ),  # not a power of two: Triton refuses it
+        kv.Step(
+            "train",
+            "tiny-vocab",
+            16,
+            5,
+            "fp32",
+            [
+                kv.variant("ranges", vocab_split_min=0),
+                kv.variant("products", vocab_split_min=0, head_backward="products"),
+            ],
+            vocab=300,
+        ),
+    ]
     rows = kv.run(plan, torch.device("cpu"), log=lambda *_: None)
     assert [(r["workload"], r["variant"]) for r in rows] == [
-        ("predict", "default"), ("predict", "32 rows, 2 warps"), ("train", "partials"), ("train", "layer-wise"),
-        ("train", "split"), ("train", "head kernel"), ("train", "weight as W.T"), ("train", "bogus"),
-        ("train", "ranges"), ("train", "products")]
+        ("predict", "default"),
+        ("predict", "32 rows, 2 warps"),
+        ("train", "partials"),
+        ("train", "layer-wise"),
+        ("train", "split"),
+        ("train", "head kernel"),
+        ("train", "weight as W.T"),
+        ("train", "bogus"),
+        ("train", "ranges"),
+        ("train", "products"),
+    ]
     for r in [*rows[:7], *rows[8:]]:
         assert r["correct"] and r["error"] is None and r["ms"] > 0, r
         assert r["max_rel_err"] < 1e-5, r  # fp32 candidates: the package's fp32 tolerance
@@ -202,8 +312,11 @@ def test_kernel_variants_compare_candidates_at_the_timed_batch(monkeypatch):
 
     monkeypatch.setitem(kv.WORKLOADS, "train", (error_fn, doubling_past_the_check, differ))
     monkeypatch.setattr(kv, "CHECK_ROWS", 16)
-    plan = [kv.Step("train", "tiny", 16, 40, "fp32", [kv.variant("default"),
-                                                       kv.variant("2 warps", tiles=(("num_warps", 2),))])]
+    plan = [
+        kv.Step(
+            "train", "tiny", 16, 40, "fp32", [kv.variant("default"), kv.variant("2 warps", tiles=(("num_warps", 2),))]
+        )
+    ]
     rows = kv.run(plan, torch.device("cpu"), log=lambda *_: None)
     assert rows[0]["correct"] and rows[0]["ms"] > 0
     assert rows[1]["correct"] is False and rows[1]["error"] == "differs from default at batch 40"
@@ -260,8 +373,9 @@ def test_kernel_variant_is_a_configuration():
     from aunn_fast.bench import kernel_variants as kv
 
     candidate = kv.variant("tf32x3", fp32_products="tf32x3", tiles=(("block_m", 32),))
-    assert candidate.options == kv.KernelOptions(fp32_products="tf32x3", sigmoid="exact", tiles=(("block_m", 32),),
-                                                 weight_grad="torch")
+    assert candidate.options == kv.KernelOptions(
+        fp32_products="tf32x3", sigmoid="exact", tiles=(("block_m", 32),), weight_grad="torch"
+    )
 
 
 def test_kernel_variants_labels_keep_the_named_candidates(tmp_path, capsys, monkeypatch):
@@ -276,8 +390,23 @@ def test_kernel_variants_labels_keep_the_named_candidates(tmp_path, capsys, monk
     monkeypatch.setattr(kv.kernels, "unavailable_reason", lambda device: None)
     monkeypatch.setattr(kv, "describe", lambda device: {})
     labels = "torch + tanh; torch + tanh, bwd 32 rows 8 warps;torch + tanh + fp32 weights"
-    assert kv.main(["--out", str(tmp_path), "--workloads", "train", "--shapes", "seed",
-                    "--precisions", "bf16", "--labels", labels]) == 0
+    assert (
+        kv.main(
+            [
+                "--out",
+                str(tmp_path),
+                "--workloads",
+                "train",
+                "--shapes",
+                "seed",
+                "--precisions",
+                "bf16",
+                "--labels",
+                labels,
+            ]
+        )
+        == 0
+    )
     wanted = ["torch + tanh", "torch + tanh + fp32 weights", "torch + tanh, bwd 32 rows 8 warps"]  # plan order
     assert kept and all([v.label for v in s.variants] == wanted for s in kept)
     copies = kept[0].variants[1]
@@ -300,8 +429,13 @@ def test_gpu_check_selects_candidates_the_plan_has():
     call = re.search(r"aunn_fast\.bench\.kernel_variants (.*?)\nVARIANTS_RC", script, re.S).group(1)
     args = shlex.split(call.replace("\\\n", ""))  # a backslash-newline joins lines, as in bash
     option = {name: args[args.index(name) + 1] for name in ("--workloads", "--shapes", "--precisions", "--labels")}
-    steps = [s for s in kv.default_plan([2]) if s.workload in option["--workloads"].split(",")
-             and s.shape in option["--shapes"].split(",") and s.precision in option["--precisions"].split(",")]
+    steps = [
+        s
+        for s in kv.default_plan([2])
+        if s.workload in option["--workloads"].split(",")
+        and s.shape in option["--shapes"].split(",")
+        and s.precision in option["--precisions"].split(",")
+    ]
     offered = {v.label for s in steps for v in s.variants}
     wanted = option["--labels"].split(";")
     assert steps and set(wanted) <= offered
@@ -315,8 +449,9 @@ def test_providers_run_in_the_order_given():
         harness.providers_to_run(["cublas"])
 
 
-@pytest.mark.parametrize("workload, optimizer, batch", [("train", "adamw", 64), ("condition", "sgd", 2),
-                                                      ("seed-run", "adamw", 2048)])
+@pytest.mark.parametrize(
+    "workload, optimizer, batch", [("train", "adamw", 64), ("condition", "sgd", 2), ("seed-run", "adamw", 2048)]
+)
 def test_each_training_workload_step_is_the_eager_step_it_claims(workload, optimizer, batch, monkeypatch):
     """Three timed steps of the workload against zero_grad + backward + one optimizer step, replayed on a
     twin from the inputs each step used: the same weights and gradients (a step that skipped zero_grad, the
@@ -350,10 +485,18 @@ def _stale_backend(monkeypatch):
         kept = cache.setdefault("params", [p.detach().clone() for p in params])
         return type(params)(*[p + (k - p).detach() for p, k in zip(params, kept)])
 
-    monkeypatch.setitem(BACKENDS, "stale", Backend(
-        "stale", lambda idx, params, *a: reference.logits(idx, stale(params), *a),
-        lambda idx, targets, params, *a: reference.loss(idx, targets, stale(params), *a),
-        lambda idx, params, *a: reference.predict(idx, stale(params), *a), PRECISIONS, _always))
+    monkeypatch.setitem(
+        BACKENDS,
+        "stale",
+        Backend(
+            "stale",
+            lambda idx, params, *a: reference.logits(idx, stale(params), *a),
+            lambda idx, targets, params, *a: reference.loss(idx, targets, stale(params), *a),
+            lambda idx, params, *a: reference.predict(idx, stale(params), *a),
+            PRECISIONS,
+            _always,
+        ),
+    )
 
 
 def test_the_step_check_sees_state_kept_between_steps(monkeypatch):
@@ -381,9 +524,12 @@ def test_a_reduced_precision_that_left_no_trace_is_incorrect():
 
 def _biasless_logits(idx, params, cfg, precision="fp32"):
     """The reference with every bias taken as 0 and every gain as 1: right only on freshly initialised weights."""
-    plain = type(params)(*[torch.zeros_like(p) if name.endswith("bias") else
-                           torch.ones_like(p) if name.endswith("gain") else p
-                           for name, p in zip(params._fields, params)])
+    plain = type(params)(
+        *[
+            torch.zeros_like(p) if name.endswith("bias") else torch.ones_like(p) if name.endswith("gain") else p
+            for name, p in zip(params._fields, params)
+        ]
+    )
     return reference.logits(idx, plain, cfg, precision)
 
 
@@ -391,33 +537,47 @@ def test_checks_run_on_nontrivial_biases_and_gains(monkeypatch):
     def loss(idx, targets, params, cfg, precision="fp32", reduction="mean"):
         return F.cross_entropy(_biasless_logits(idx, params, cfg, precision), targets, reduction=reduction)
 
-    monkeypatch.setitem(BACKENDS, "biasless", Backend(
-        "biasless", _biasless_logits, loss, lambda *a: _biasless_logits(*a).argmax(-1), PRECISIONS, _always))
+    monkeypatch.setitem(
+        BACKENDS,
+        "biasless",
+        Backend("biasless", _biasless_logits, loss, lambda *a: _biasless_logits(*a).argmax(-1), PRECISIONS, _always),
+    )
     cases = [Case("tiny", TINY, workload, (64,)) for workload in ("predict", "loss", "train")]
-    rows = harness.run(cases, harness.Options(torch.device("cpu"), ["reference", "biasless"], quick=True),
-                       log=lambda line: None)
+    rows = harness.run(
+        cases, harness.Options(torch.device("cpu"), ["reference", "biasless"], quick=True), log=lambda line: None
+    )
     assert [(r["provider"], r["correct"]) for r in rows] == [("reference", True), ("biasless", False)] * 3
 
 
 def test_the_loss_check_compares_every_row(monkeypatch):
     """A loss whose mean is right but whose rows are not (here: rows permuted) is incorrect."""
+
     def loss(idx, targets, params, cfg, precision="fp32", reduction="mean"):
         rows = reference.loss(idx, targets, params, cfg, precision, "none").flip(0)
         return {"none": rows, "sum": rows.sum(), "mean": rows.mean()}[reduction]
 
-    monkeypatch.setitem(BACKENDS, "shuffled", Backend(
-        "shuffled", reference.logits, loss, reference.predict, PRECISIONS, _always))
-    rows = harness.run([Case("tiny", TINY, "loss", (64,))],
-                       harness.Options(torch.device("cpu"), ["reference", "shuffled"], quick=True),
-                       log=lambda line: None)
+    monkeypatch.setitem(
+        BACKENDS, "shuffled", Backend("shuffled", reference.logits, loss, reference.predict, PRECISIONS, _always)
+    )
+    rows = harness.run(
+        [Case("tiny", TINY, "loss", (64,))],
+        harness.Options(torch.device("cpu"), ["reference", "shuffled"], quick=True),
+        log=lambda line: None,
+    )
     assert [r["correct"] for r in rows] == [True, False]
 
 
-@pytest.mark.parametrize("bad, expected", [
-    (["--providers", "reference,cublas"], "unknown provider(s) cublas"), (["--workloads", "fit"], "unknown workload"),
-    (["--configs", "huge"], "unknown configuration"), (["--precisions", "fp16"], "unknown precision(s) fp16"),
-    (["--batches", "0"], "integers >= 1"), (["--batches", "-4"], "integers >= 1"),
-])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        (["--providers", "reference,cublas"], "unknown provider(s) cublas"),
+        (["--workloads", "fit"], "unknown workload"),
+        (["--configs", "huge"], "unknown configuration"),
+        (["--precisions", "fp16"], "unknown precision(s) fp16"),
+        (["--batches", "0"], "integers >= 1"),
+        (["--batches", "-4"], "integers >= 1"),
+    ],
+)
 def test_bad_options_fail_before_anything_is_created(tmp_path: Path, capsys, bad, expected) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "out"), *bad])
@@ -437,10 +597,15 @@ def test_an_output_folder_that_is_a_file_is_a_usage_error(tmp_path: Path, capsys
     assert taken.read_text() == "not a folder"
 
 
-@pytest.mark.parametrize("bad, expected", [(["--configs", "seed,huge"], "unknown configuration(s) huge"),
-                                           (["--precisions", "fp16"], "unknown precision(s) fp16"),
-                                           (["--tiles", "block_hc=256,bloc_v=64"], "'bloc_v=64': expected FIELD"),
-                                           (["--tiles", "block_hc=wide"], "'block_hc=wide': expected FIELD")])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        (["--configs", "seed,huge"], "unknown configuration(s) huge"),
+        (["--precisions", "fp16"], "unknown precision(s) fp16"),
+        (["--tiles", "block_hc=256,bloc_v=64"], "'bloc_v=64': expected FIELD"),
+        (["--tiles", "block_hc=wide"], "'block_hc=wide': expected FIELD"),
+    ],
+)
 def test_compile_check_refuses_unknown_names(capsys, bad, expected) -> None:
     from aunn_fast.bench import compile_check
 
@@ -462,16 +627,36 @@ def test_profile_step_writes_a_table_and_a_trace(tmp_path, capsys):
     """The profiler tool on a CPU: the report names the workload and its operators; the trace is JSON."""
     from aunn_fast.bench import profile_step
 
-    argv = ["--config", "seed", "--workloads", "train,predict", "--batches", "64,33", "--provider", "reference",
-            "--precision", "fp32", "--calls", "2", "--device", "cpu", "--out", str(tmp_path)]
+    argv = [
+        "--config",
+        "seed",
+        "--workloads",
+        "train,predict",
+        "--batches",
+        "64,33",
+        "--provider",
+        "reference",
+        "--precision",
+        "fp32",
+        "--calls",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
     assert profile_step.main(argv) == 0
     text = (tmp_path / "profile_seed_train_64_reference_fp32.txt").read_text()
     assert "workload train, batch 64" in text and "ms per call" in text and "aten::mm" in text
     assert "Optimizer.step#AdamW.step" in text
     assert "traceEvents" in json.loads((tmp_path / "profile_seed_predict_33_reference_fp32.json").read_text())
-    for bad in (["--workloads", "train,predict", "--batches", "64"], ["--workloads", "nope", "--batches", "4"],
-                ["--workloads", "train", "--batches", "0"], ["--workloads", "train", "--batches", "x"],
-                ["--workloads", "train-graph", "--batches", "4", "--device", "cpu"]):
+    for bad in (
+        ["--workloads", "train,predict", "--batches", "64"],
+        ["--workloads", "nope", "--batches", "4"],
+        ["--workloads", "train", "--batches", "0"],
+        ["--workloads", "train", "--batches", "x"],
+        ["--workloads", "train-graph", "--batches", "4", "--device", "cpu"],
+    ):
         with pytest.raises(SystemExit):
             profile_step.main([*bad, "--out", str(tmp_path / "bad")])
         assert not (tmp_path / "bad").exists()
@@ -481,8 +666,21 @@ def test_profile_step_without_the_profiler_writes_nothing(tmp_path, capsys):
     """--no-profiler (a target for ncu) runs the calls and prints their wall time; --out is then optional."""
     from aunn_fast.bench import profile_step
 
-    argv = ["--workloads", "train", "--batches", "64", "--provider", "reference", "--precision", "fp32",
-            "--calls", "2", "--device", "cpu", "--no-profiler"]
+    argv = [
+        "--workloads",
+        "train",
+        "--batches",
+        "64",
+        "--provider",
+        "reference",
+        "--precision",
+        "fp32",
+        "--calls",
+        "2",
+        "--device",
+        "cpu",
+        "--no-profiler",
+    ]
     assert profile_step.main(argv) == 0
     assert "train at 64:" in capsys.readouterr().out
     assert profile_step.main([*argv, "--out", str(tmp_path / "unused")]) == 0

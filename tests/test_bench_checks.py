@@ -1,5 +1,6 @@
 """The benchmark's correctness checks, ratios, input rotation, timing and report catch subtle faults, not
 only grossly wrong providers (each test was seen to fail on a deliberately broken copy of the code)."""
+
 from __future__ import annotations
 
 import itertools
@@ -34,6 +35,7 @@ def _model(cfg, backend):
 
 def _flip_predict(low: float, high: float):
     """The reference's argmax, except the runner-up on rows whose top-2 margin lies in [low, high) * max|logits|."""
+
     def predict(idx, params, cfg, precision="fp32"):
         z = reference.logits(idx, params, cfg, "fp32")
         top = z.topk(2, dim=-1)
@@ -41,6 +43,7 @@ def _flip_predict(low: float, high: float):
         scale = z.abs().max()
         flip = (margin >= low * scale) & (margin < high * scale)
         return torch.where(flip, top.indices[:, 1], top.indices[:, 0])
+
     return predict
 
 
@@ -80,6 +83,7 @@ def test_logits_check_forgives_flips_on_rows_within_tolerance(monkeypatch):
 
 def test_logits_error_is_relative_to_the_reference(monkeypatch):
     """logits doubled: max|2z - z| / max|z| = 1 exactly (not 0.5, relative to the provider)."""
+
     def doubled(idx, params, cfg, precision="fp32"):
         return 2 * reference.logits(idx, params, cfg, precision)
 
@@ -90,8 +94,10 @@ def test_logits_error_is_relative_to_the_reference(monkeypatch):
 
 def test_loss_check_applies_the_fp32_tolerance(monkeypatch):
     """A loss off by a relative 1e-3 fails fp32 (tolerance 1e-4)."""
+
     def loss(idx, targets, params, cfg, precision="fp32", reduction="mean"):
         return reference.loss(idx, targets, params, cfg, precision, reduction) * (1 + 1e-3)
+
     _add(monkeypatch, "offloss", loss=loss)
     model = _model(TINY, "offloss")
     targets = torch.randint(0, 4, (256,), generator=torch.Generator().manual_seed(1))
@@ -101,18 +107,22 @@ def test_loss_check_applies_the_fp32_tolerance(monkeypatch):
 
 def test_step_check_compares_every_parameters_gradient(monkeypatch):
     """The last parameter's gradient 1% off (the update hardly changes under Adam): incorrect."""
+
     def prepare(model, batch, generator):
         if model.backend == "reference":
             return workloads.WORKLOADS["train"].prepare(model, batch, generator)
         optimizer = workloads.benchmark_optimizer(model, "adamw")
         sets = workloads.input_sets(model.cfg, batch, generator)
         cycle = itertools.cycle(sets)  # the same inputs, in the same order, as the workload's own step
+
         def step():
             optimizer.zero_grad(set_to_none=True)
             model.loss(*next(cycle)).backward()
             list(model.parameters())[-1].grad.mul_(1.01)
             optimizer.step()
+
         return workloads.Prepared(step, *sets[0])
+
     # the reference side uses the same inputs: both draw input_sets first from the same seeded generator
     _add(monkeypatch, "gradoff")
     model = _model(TINY, "gradoff")
@@ -126,12 +136,14 @@ def test_step_check_compares_gradients_at_the_providers_own_weights(monkeypatch)
     about lr whatever its gradient's size. The second step's gradients, taken at the provider's weights,
     must still match (on its own trajectory the reference's differed by ~1e-3; on the H100 PyTorch's own
     fp32 step at the bpe configuration failed the check that way), and the updates still point the same way."""
+
     def prepare(model, batch, generator):
         if model.backend == "reference":
             return workloads.WORKLOADS["train"].prepare(model, batch, generator)
         optimizer = workloads.benchmark_optimizer(model, "adamw")
         sets = workloads.input_sets(model.cfg, batch, generator)
         cycle = itertools.cycle(sets)
+
         def step():
             optimizer.zero_grad(set_to_none=True)
             model.loss(*next(cycle)).backward()
@@ -142,7 +154,9 @@ def test_step_check_compares_gradients_at_the_providers_own_weights(monkeypatch)
             optimizer.step()
             for p, g in zip(model.parameters(), exact):
                 p.grad.copy_(g)
+
         return workloads.Prepared(step, *sets[0])
+
     _add(monkeypatch, "nearzero")
     model = _model(TINY, "nearzero")
     result = checks.check_steps(prepare, model, 64, seed=5, tolerance=checks.TOLERANCES["fp32"])
@@ -152,14 +166,18 @@ def test_step_check_compares_gradients_at_the_providers_own_weights(monkeypatch)
 def test_step_check_sees_an_update_that_was_not_applied(monkeypatch):
     """Right gradients, no optimizer step: with one replayed step only the parameter change can tell."""
     monkeypatch.setattr(checks, "STEPS", 1)
+
     def prepare(model, batch, generator):
         prepared = workloads.WORKLOADS["train"].prepare(model, batch, generator)
         if model.backend == "reference":
             return prepared
+
         def step():
             model.zero_grad(set_to_none=True)
             model.loss(prepared.idx, prepared.targets).backward()  # the optimizer step is forgotten
+
         return workloads.Prepared(step, prepared.idx, prepared.targets)
+
     _add(monkeypatch, "nostep")
     model = _model(TINY, "nostep")
     result = checks.check_steps(prepare, model, 64, seed=5, tolerance=checks.TOLERANCES["fp32"])
@@ -168,21 +186,38 @@ def test_step_check_sees_an_update_that_was_not_applied(monkeypatch):
 
 
 def _row(provider, precision, batch, ms):
-    return {"provider": provider, "workload": "predict", "config": "seed", "batch": batch, "precision": precision,
-            "ms": ms, "correct": True, "vs_eager": None, "vs_compile": None}
+    return {
+        "provider": provider,
+        "workload": "predict",
+        "config": "seed",
+        "batch": batch,
+        "precision": precision,
+        "ms": ms,
+        "correct": True,
+        "vs_eager": None,
+        "vs_compile": None,
+    }
 
 
 def test_ratios_use_the_fp32_baseline_at_the_same_batch():
-    rows = [_row("reference", "fp32", 8, 10.0), _row("reference", "bf16", 8, 5.0), _row("fast", "bf16", 8, 2.0),
-            _row("reference", "fp32", 64, 40.0), _row("fast", "bf16", 64, 4.0)]
+    rows = [
+        _row("reference", "fp32", 8, 10.0),
+        _row("reference", "bf16", 8, 5.0),
+        _row("fast", "bf16", 8, 2.0),
+        _row("reference", "fp32", 64, 40.0),
+        _row("fast", "bf16", 64, 4.0),
+    ]
     harness.add_ratios(rows)
     assert rows[2]["vs_eager"] == 5.0 and rows[4]["vs_eager"] == 10.0
 
 
 def test_a_cuda_only_workload_on_cpu_is_skipped_with_the_reason():
     """"""
-    rows = harness.run([Case("tiny", TINY, "train-graph", (64,))],
-                       harness.Options(torch.device("cpu"), ["reference"], quick=True), log=lambda line: None)
+    rows = harness.run(
+        [Case("tiny", TINY, "train-graph", (64,))],
+        harness.Options(torch.device("cpu"), ["reference"], quick=True),
+        log=lambda line: None,
+    )
     assert [r["skipped"] for r in rows] == ["this workload needs a CUDA device"]
     assert rows[0]["error"] is None
 
@@ -209,7 +244,11 @@ def test_cpu_timing_is_a_median_not_a_minimum():
 
 def test_incorrect_rows_read_incorrect_in_the_markdown_table():
     """"""
-    row = dict(harness._blank_row("wrong", Case("tiny", TINY, "predict", (64,)), 64, "fp32"),
-               correct=False, max_rel_err=0.5, first_call_s=0.1)
+    row = dict(
+        harness._blank_row("wrong", Case("tiny", TINY, "predict", (64,)), 64, "fp32"),
+        correct=False,
+        max_rel_err=0.5,
+        first_call_s=0.1,
+    )
     lines = report.workload_table("predict", [row], with_ceilings=False)
     assert any("INCORRECT" in line for line in lines)

@@ -1,4 +1,5 @@
 """Checkpoints: exact round trip, clear errors for truncated or foreign files, the seed layout."""
+
 import os
 import re
 import stat
@@ -88,51 +89,60 @@ def _edited_checkpoint(model, path, tensors=None, metadata=None):
     return path
 
 
-@pytest.mark.parametrize("tensors, metadata, expected", [
-    ({"out_bias": None}, None, "tensor 'out_bias': missing"),
-    ({"hidden_weight": torch.zeros(3, 16, 15)}, None, r"tensor 'hidden_weight': shape \(3, 16, 15\), expected"),
-    ({"in_weight": torch.zeros(33, 16)}, None, r"'in_weight': shape \(33, 16\), expected \(16, 33\)"),  # transposed
-    ({"in_bias": torch.zeros(16, dtype=torch.int32)}, None, "'in_bias': dtype I32, expected F32"),
-    ({"in_gain": torch.ones(16, dtype=torch.bool)}, None, "'in_gain': dtype BOOL"),
-    ({"out_weight": torch.zeros(4, 16, dtype=torch.uint8)}, None, "'out_weight': dtype U8"),
-    ({"out_bias": torch.tensor([0.0, float("nan"), 0.0, 0.0])}, None, "'out_bias': holds non-finite values"),
-    ({"in_bias": torch.full((16,), float("inf"))}, None, "'in_bias': holds non-finite"),
-    ({"stray": torch.zeros(1)}, None, "'stray': not a parameter"),
-    ({"extra.optim.0.exp_avg": torch.zeros(3)}, None, r"'extra.optim.0.exp_avg': shape \(3,\)"),
-    ({"extra.optim.9.exp_avg": torch.zeros(3)}, None, "'extra.optim.9.exp_avg': not optimizer state"),
-    (None, {"config": None}, "config: missing"),
-    (None, {"config": "{not json"}, "config: not valid JSON"),
-    (None, {"config": "[1, 2]"}, "config: must be a JSON object"),
-    (None, {"config": '{"vocab_size": 1, "hidden": 16, "layers": 5, "bits": 33}'}, "config: vocab_size must be >= 2"),
-    (None, {"config": '{"vocab_size": 4, "hidden": 16, "layers": 5}'}, "config.bits: missing"),
-    (None, {"config": '{"vocab_size": 4, "hidden": 16, "layers": 5, "bits": 33, "depth": 3}'}, "config.depth"),
-    (None, {"config": '{"vocab_size": 4, "hidden": 8192, "layers": 5, "bits": 33, "residual_every": 1}'},
-     r"'in_weight': shape \(16, 33\), expected \(8192, 33\)"),
-    (None, {"config": '{"vocab_size": 4, "hidden": "16", "layers": 5, "bits": 33}'}, "config: .*must be an int"),
-    (None, {"vocab": '["w", "x"]'}, "vocab: must list 4 distinct characters"),
-    (None, {"vocab": '["w", "x", "y", "y"]'}, "vocab: must list 4 distinct"),
-    (None, {"vocab": '{"a": 1}'}, "vocab: must be null"),
-    (None, {"vocab": "7"}, "vocab: 7 token ids, but config.vocab_size is 4"),
-    (None, {"data": '{"chunks": 7, "seed": 1, "length": 28}'}, "data.kind: must be one of"),
-    (None, {"data": '{"kind": "toy", "seed": 1, "length": 28}'}, "data.chunks: missing"),
-    (None, {"data": '{"kind": "toy", "chunks": 7, "seed": 1, "length": 28}'}, "vocab: toy data's vocabulary is"),
-    (None, {"data": '{"kind": "bytes", "path": "/a", "length": 28}'}, "vocab: bytes data has 256 tokens"),
-    (None, {"data": '{"kind": "tokens", "path": "/a", "length": 28, "vocab_size": 5}'}, "data.vocab_size: must be"),
-    (None, {"data": '{"kind": "text", "path": "/a", "length": 28, "sha256": "abc"}'}, "data.sha256: must be 64"),
-    (None, {"data": '{"kind": "toy", "chunks": 7, "seed": -1, "length": 28}'}, "data.seed: must be"),
-    (None, {"data": '{"kind": "toy", "chunks": 7, "seed": 1, "length": 29}'}, "data.chunks: must be"),
-    (None, {"data": '{"kind": "text", "length": 28}'}, "data.path: missing"),
-    (None, {"data": '"toy"'}, "data: must be a JSON object"),
-    (None, {"train_state": '{"step": -5}'}, "train_state.step: must be an integer >= 0, got -5"),
-    (None, {"train_state": "{}"}, "train_state.step: must be an integer >= 0, got None"),
-    (None, {"train_state": '{"step": 2.5}'}, "train_state.step"),
-    (None, {"train_state": '{"step": 3, "elapsed_s": -1}'}, "train_state.elapsed_s"),
-    (None, {"train_state": '{"step": 3, "train_config": [1]}'}, "train_state.train_config"),
-    (None, {"optimizer_groups": '[{"params": [0, 1]}]'}, "optimizer_groups: must be one group"),
-    (None, {"optimizer_groups": '{"params": 1}'}, "optimizer_groups: must be a JSON list"),
-])
-def test_an_aunn_checkpoint_with_bad_contents_is_refused_naming_the_field(model, tmp_path, tensors, metadata,
-                                                                         expected):
+@pytest.mark.parametrize(
+    "tensors, metadata, expected",
+    [
+        ({"out_bias": None}, None, "tensor 'out_bias': missing"),
+        ({"hidden_weight": torch.zeros(3, 16, 15)}, None, r"tensor 'hidden_weight': shape \(3, 16, 15\), expected"),
+        ({"in_weight": torch.zeros(33, 16)}, None, r"'in_weight': shape \(33, 16\), expected \(16, 33\)"),  # transposed
+        ({"in_bias": torch.zeros(16, dtype=torch.int32)}, None, "'in_bias': dtype I32, expected F32"),
+        ({"in_gain": torch.ones(16, dtype=torch.bool)}, None, "'in_gain': dtype BOOL"),
+        ({"out_weight": torch.zeros(4, 16, dtype=torch.uint8)}, None, "'out_weight': dtype U8"),
+        ({"out_bias": torch.tensor([0.0, float("nan"), 0.0, 0.0])}, None, "'out_bias': holds non-finite values"),
+        ({"in_bias": torch.full((16,), float("inf"))}, None, "'in_bias': holds non-finite"),
+        ({"stray": torch.zeros(1)}, None, "'stray': not a parameter"),
+        ({"extra.optim.0.exp_avg": torch.zeros(3)}, None, r"'extra.optim.0.exp_avg': shape \(3,\)"),
+        ({"extra.optim.9.exp_avg": torch.zeros(3)}, None, "'extra.optim.9.exp_avg': not optimizer state"),
+        (None, {"config": None}, "config: missing"),
+        (None, {"config": "{not json"}, "config: not valid JSON"),
+        (None, {"config": "[1, 2]"}, "config: must be a JSON object"),
+        (
+            None,
+            {"config": '{"vocab_size": 1, "hidden": 16, "layers": 5, "bits": 33}'},
+            "config: vocab_size must be >= 2",
+        ),
+        (None, {"config": '{"vocab_size": 4, "hidden": 16, "layers": 5}'}, "config.bits: missing"),
+        (None, {"config": '{"vocab_size": 4, "hidden": 16, "layers": 5, "bits": 33, "depth": 3}'}, "config.depth"),
+        (
+            None,
+            {"config": '{"vocab_size": 4, "hidden": 8192, "layers": 5, "bits": 33, "residual_every": 1}'},
+            r"'in_weight': shape \(16, 33\), expected \(8192, 33\)",
+        ),
+        (None, {"config": '{"vocab_size": 4, "hidden": "16", "layers": 5, "bits": 33}'}, "config: .*must be an int"),
+        (None, {"vocab": '["w", "x"]'}, "vocab: must list 4 distinct characters"),
+        (None, {"vocab": '["w", "x", "y", "y"]'}, "vocab: must list 4 distinct"),
+        (None, {"vocab": '{"a": 1}'}, "vocab: must be null"),
+        (None, {"vocab": "7"}, "vocab: 7 token ids, but config.vocab_size is 4"),
+        (None, {"data": '{"chunks": 7, "seed": 1, "length": 28}'}, "data.kind: must be one of"),
+        (None, {"data": '{"kind": "toy", "seed": 1, "length": 28}'}, "data.chunks: missing"),
+        (None, {"data": '{"kind": "toy", "chunks": 7, "seed": 1, "length": 28}'}, "vocab: toy data's vocabulary is"),
+        (None, {"data": '{"kind": "bytes", "path": "/a", "length": 28}'}, "vocab: bytes data has 256 tokens"),
+        (None, {"data": '{"kind": "tokens", "path": "/a", "length": 28, "vocab_size": 5}'}, "data.vocab_size: must be"),
+        (None, {"data": '{"kind": "text", "path": "/a", "length": 28, "sha256": "abc"}'}, "data.sha256: must be 64"),
+        (None, {"data": '{"kind": "toy", "chunks": 7, "seed": -1, "length": 28}'}, "data.seed: must be"),
+        (None, {"data": '{"kind": "toy", "chunks": 7, "seed": 1, "length": 29}'}, "data.chunks: must be"),
+        (None, {"data": '{"kind": "text", "length": 28}'}, "data.path: missing"),
+        (None, {"data": '"toy"'}, "data: must be a JSON object"),
+        (None, {"train_state": '{"step": -5}'}, "train_state.step: must be an integer >= 0, got -5"),
+        (None, {"train_state": "{}"}, "train_state.step: must be an integer >= 0, got None"),
+        (None, {"train_state": '{"step": 2.5}'}, "train_state.step"),
+        (None, {"train_state": '{"step": 3, "elapsed_s": -1}'}, "train_state.elapsed_s"),
+        (None, {"train_state": '{"step": 3, "train_config": [1]}'}, "train_state.train_config"),
+        (None, {"optimizer_groups": '[{"params": [0, 1]}]'}, "optimizer_groups: must be one group"),
+        (None, {"optimizer_groups": '{"params": 1}'}, "optimizer_groups: must be a JSON list"),
+    ],
+)
+def test_an_aunn_checkpoint_with_bad_contents_is_refused_naming_the_field(model, tmp_path, tensors, metadata, expected):
     path = _edited_checkpoint(model, tmp_path / "m.safetensors", tensors, metadata)
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: .*{expected}"):
         AUNN.load(path)
@@ -140,12 +150,20 @@ def test_an_aunn_checkpoint_with_bad_contents_is_refused_naming_the_field(model,
 
 def test_optimizer_state_is_validated_whole(model, tmp_path):
     """Moments of every parameter, finite, second moments >= 0; a partial state is refused."""
-    moments = {f"optim.{i}.{key}": (torch.zeros(()) if key == "step" else torch.zeros(p.shape))
-               for i, p in enumerate(model.params) for key in ("step", "exp_avg", "exp_avg_sq")}
+    moments = {
+        f"optim.{i}.{key}": (torch.zeros(()) if key == "step" else torch.zeros(p.shape))
+        for i, p in enumerate(model.params)
+        for key in ("step", "exp_avg", "exp_avg_sq")
+    }
     model.save(tmp_path / "ok.safetensors", extra=moments)
     assert checkpoint.load(tmp_path / "ok.safetensors").has_optimizer_state
-    for name, value in [("optim.3.exp_avg", None), ("optim.5.step", None), ("optim.0.exp_avg_sq", -torch.ones(16, 33)),
-                        ("optim.7.exp_avg", torch.full((4,), float("nan"))), ("optim.2.step", torch.zeros(1))]:
+    for name, value in [
+        ("optim.3.exp_avg", None),
+        ("optim.5.step", None),
+        ("optim.0.exp_avg_sq", -torch.ones(16, 33)),
+        ("optim.7.exp_avg", torch.full((4,), float("nan"))),
+        ("optim.2.step", torch.zeros(1)),
+    ]:
         edited = {k: v for k, v in moments.items() if k != name}
         if value is not None:
             edited[name] = value
@@ -156,8 +174,11 @@ def test_optimizer_state_is_validated_whole(model, tmp_path):
 
 def test_a_huge_config_in_a_small_file_is_refused_before_allocating(model, tmp_path, monkeypatch):
     """hidden=8192 in a file of a few KB: refused from the header, before the model or a tensor exists."""
-    path = _edited_checkpoint(model, tmp_path / "m.safetensors", metadata={
-        "config": '{"vocab_size": 4, "hidden": 8192, "layers": 5, "bits": 33, "residual_every": 1}'})
+    path = _edited_checkpoint(
+        model,
+        tmp_path / "m.safetensors",
+        metadata={"config": '{"vocab_size": 4, "hidden": 8192, "layers": 5, "bits": 33, "residual_every": 1}'},
+    )
     monkeypatch.setattr(checkpoint, "_read_tensors", lambda *a: pytest.fail("tensors read before validation"))
     monkeypatch.setattr(AUNN, "__init__", lambda *a, **k: pytest.fail("model built before validation"))
     with pytest.raises(CheckpointError, match="8192"):
@@ -172,8 +193,15 @@ def test_missing_file(tmp_path):
 
 def test_seed_state_dict_round_trip(model, generator):
     sd = model.to_seed_state_dict()
-    assert set(sd) >= {"input_layer.0.weight", "input_layer.0.bias", "input_layer.2.weight",
-                       "layers.2.0.weight", "layers.2.2.weight", "output_layer.weight", "output_layer.bias"}
+    assert set(sd) >= {
+        "input_layer.0.weight",
+        "input_layer.0.bias",
+        "input_layer.2.weight",
+        "layers.2.0.weight",
+        "layers.2.2.weight",
+        "output_layer.weight",
+        "output_layer.bias",
+    }
     rebuilt = AUNN.from_seed_state_dict(sd, residual_every=1, backend=model.backend)
     assert rebuilt.cfg == model.cfg
     idx = random_indices(10, 33, generator)
@@ -194,13 +222,16 @@ def test_seed_state_dict_with_wrong_shapes_is_rejected(model):
         AUNN.from_seed_state_dict({"foo": torch.zeros(1)})
 
 
-@pytest.mark.parametrize("key, value, error, expected", [
-    ("layers.1.0.weight", lambda t: t.to(torch.int64), TypeError, "'layers.1.0.weight' must hold floating-point"),
-    ("input_layer.0.weight", lambda t: t.to(torch.int32), TypeError, "'input_layer.0.weight' must hold floating"),
-    ("output_layer.bias", lambda t: t.bool(), TypeError, "'output_layer.bias' must hold floating-point"),
-    ("layers.0.2.weight", lambda t: t.fill_(float("nan")), ValueError, "'layers.0.2.weight' holds non-finite"),
-    ("input_layer.0.bias", lambda t: t.fill_(float("-inf")), ValueError, "'input_layer.0.bias' holds non-finite"),
-])
+@pytest.mark.parametrize(
+    "key, value, error, expected",
+    [
+        ("layers.1.0.weight", lambda t: t.to(torch.int64), TypeError, "'layers.1.0.weight' must hold floating-point"),
+        ("input_layer.0.weight", lambda t: t.to(torch.int32), TypeError, "'input_layer.0.weight' must hold floating"),
+        ("output_layer.bias", lambda t: t.bool(), TypeError, "'output_layer.bias' must hold floating-point"),
+        ("layers.0.2.weight", lambda t: t.fill_(float("nan")), ValueError, "'layers.0.2.weight' holds non-finite"),
+        ("input_layer.0.bias", lambda t: t.fill_(float("-inf")), ValueError, "'input_layer.0.bias' holds non-finite"),
+    ],
+)
 def test_seed_state_dict_with_integer_or_non_finite_weights_is_refused(model, key, value, error, expected):
     sd = model.to_seed_state_dict()
     sd[key] = value(sd[key])
@@ -208,11 +239,14 @@ def test_seed_state_dict_with_integer_or_non_finite_weights_is_refused(model, ke
         AUNN.from_seed_state_dict(sd, residual_every=1)
 
 
-@pytest.mark.parametrize("missing,named", [
-    (["input_layer.0.bias"], "input_layer.0.bias"),
-    (["layers.1.2.weight"], "layers.1.2.weight"),
-    (["layers.0.0.weight", "layers.0.0.bias", "layers.0.2.weight"], "layers.0.0.weight"),
-])
+@pytest.mark.parametrize(
+    "missing,named",
+    [
+        (["input_layer.0.bias"], "input_layer.0.bias"),
+        (["layers.1.2.weight"], "layers.1.2.weight"),
+        (["layers.0.0.weight", "layers.0.0.bias", "layers.0.2.weight"], "layers.0.0.weight"),
+    ],
+)
 def test_seed_state_dict_with_missing_entries_names_them(model, missing, named):
     sd = model.to_seed_state_dict()
     for key in missing:

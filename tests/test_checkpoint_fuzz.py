@@ -1,6 +1,7 @@
 """Fuzzing the checkpoint reader: random truncations, byte flips and metadata mutations of a real training
 checkpoint each load correctly or raise the package's own error (aunn_fast.errors.AUNNError), never another
 exception. A fixed number of cases (CI pays about a second), from a fresh seed printed with every run."""
+
 from __future__ import annotations
 
 import json
@@ -15,22 +16,63 @@ from aunn_fast.errors import AUNNError
 from aunn_fast.train import CHECKPOINT_NAME
 
 CASES = 300
-ODD_VALUES = [None, -5, 0, 1, 2.5, float("nan"), float("inf"), 2**70, -(2**70), True, "", "x", "toy", [], [1, 2],
-              {}, {"kind": "toy"}, "F32", [16, 8], "\u00e9" * 3]
+ODD_VALUES = [
+    None,
+    -5,
+    0,
+    1,
+    2.5,
+    float("nan"),
+    float("inf"),
+    2**70,
+    -(2**70),
+    True,
+    "",
+    "x",
+    "toy",
+    [],
+    [1, 2],
+    {},
+    {"kind": "toy"},
+    "F32",
+    [16, 8],
+    "\u00e9" * 3,
+]
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """The bytes of a real checkpoint of a training run (optimizer state, train state, toy data)."""
     out = tmp_path_factory.mktemp("fuzz") / "run"
-    assert main(["train", "--data", "toy:8", "--out", str(out), "--hidden", "8", "--layers", "4", "--steps", "2",
-                 "--batch-size", "8", "--quiet", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "toy:8",
+                "--out",
+                str(out),
+                "--hidden",
+                "8",
+                "--layers",
+                "4",
+                "--steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return (out / CHECKPOINT_NAME).read_bytes()
 
 
 def _split(data: bytes) -> tuple[dict, bytes]:
     length = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + length]), data[8 + length:]
+    return json.loads(data[8 : 8 + length]), data[8 + length :]
 
 
 def _join(header: dict, body: bytes) -> bytes:
@@ -50,7 +92,7 @@ def _mutate_value(value, rng: random.Random):
         return {**value, key: _mutate_value(value[key], rng)}
     if isinstance(value, list) and value and rng.random() < 0.8:
         i = rng.randrange(len(value))
-        return value[:i] + [_mutate_value(value[i], rng)] + value[i + 1:]
+        return value[:i] + [_mutate_value(value[i], rng)] + value[i + 1 :]
     return rng.choice(ODD_VALUES)
 
 

@@ -1,4 +1,5 @@
 """Command-line smoke tests on tiny runs: every subcommand end to end, in process."""
+
 import importlib.util
 import json
 
@@ -11,15 +12,41 @@ from aunn_fast.train import CHECKPOINT_NAME, read_log
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert main(["train", "--data", "toy:60", "--out", str(out), "--hidden", "32", "--layers", "4",
-                 "--batch-size", "64", "--epochs", "40", "--lr", "3e-3", "--quiet", "--log-every", "5"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "toy:60",
+                "--out",
+                str(out),
+                "--hidden",
+                "32",
+                "--layers",
+                "4",
+                "--batch-size",
+                "64",
+                "--epochs",
+                "40",
+                "--lr",
+                "3e-3",
+                "--quiet",
+                "--log-every",
+                "5",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_train_writes_checkpoint_and_log(run_dir):
     assert (run_dir / CHECKPOINT_NAME).exists()
-    assert (run_dir / "log.csv").read_text().startswith(
-        "step,epoch,loss,accuracy,lr,full_accuracy,full_accuracy_indices,indices_per_s,elapsed_s")
+    assert (
+        (run_dir / "log.csv")
+        .read_text()
+        .startswith("step,epoch,loss,accuracy,lr,full_accuracy,full_accuracy_indices,indices_per_s,elapsed_s")
+    )
 
 
 def test_resume_extends_a_run(run_dir, tmp_path, capsys):
@@ -34,8 +61,9 @@ def test_resume_extends_a_run(run_dir, tmp_path, capsys):
 def test_eval_writes_metrics_report_and_plots(run_dir):
     assert main(["eval", str(run_dir), "--trials", "3"]) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert {"train_accuracy", "train_loss", "bits_per_token", "histogram", "extrapolation",
-            "conditioning"} <= set(metrics)
+    assert {"train_accuracy", "train_loss", "bits_per_token", "histogram", "extrapolation", "conditioning"} <= set(
+        metrics
+    )
     assert set(metrics["extrapolation"]) >= {"near", "1k", "100k", "10M", "pow2_boundary", "chance_uniform"}
     assert metrics["conditioning"]["trials"] == 3
     assert "training accuracy" in (run_dir / "report.md").read_text()
@@ -74,9 +102,35 @@ def test_demo_tiny_preset(tmp_path, capsys):
 
 def test_train_schedule_and_full_pass_options_reach_the_log(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--data", "toy:20", "--out", str(out), "--steps", "6", "--batch-size", "16", "--lr", "0.01",
-                 "--warmup-steps", "2", "--schedule", "linear", "--min-lr", "0.001", "--eval-every", "3",
-                 "--log-every", "1", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "toy:20",
+                "--out",
+                str(out),
+                "--steps",
+                "6",
+                "--batch-size",
+                "16",
+                "--lr",
+                "0.01",
+                "--warmup-steps",
+                "2",
+                "--schedule",
+                "linear",
+                "--min-lr",
+                "0.001",
+                "--eval-every",
+                "3",
+                "--log-every",
+                "1",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert "accuracy over 80 training indices" in capsys.readouterr().out
     rows = read_log(out / "log.csv")
     assert [r["lr"] for r in rows] == pytest.approx([0.005, 0.01, 0.01, 0.007, 0.004, 0.001])
@@ -88,8 +142,23 @@ def test_tensorboard_option(tmp_path, capsys, monkeypatch):
     import aunn_fast.cli as cli
 
     if importlib.util.find_spec("tensorboard") is not None:
-        assert main(["train", "--data", "toy:20", "--out", str(tmp_path / "run"), "--steps", "2", "--tensorboard",
-                     str(tmp_path / "tb"), *TINY]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    "toy:20",
+                    "--out",
+                    str(tmp_path / "run"),
+                    "--steps",
+                    "2",
+                    "--tensorboard",
+                    str(tmp_path / "tb"),
+                    *TINY,
+                ]
+            )
+            == 0
+        )
         assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
     def missing(*args, **kwargs):
@@ -97,8 +166,9 @@ def test_tensorboard_option(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(cli, "TensorBoardLogger", missing)
     out = tmp_path / "other"
-    assert "pip install tensorboard" in _error(["train", "--data", "toy:20", "--out", str(out), "--tensorboard",
-                                                str(tmp_path / "tb2"), *TINY], capsys)
+    assert "pip install tensorboard" in _error(
+        ["train", "--data", "toy:20", "--out", str(out), "--tensorboard", str(tmp_path / "tb2"), *TINY], capsys
+    )
     assert not out.exists()
 
 
@@ -119,6 +189,7 @@ def test_bench_subcommand_hands_every_argument_to_the_benchmark(capsys):
 
 
 # -- bad input: a one-line error before anything runs, and nothing lost -----------------------------
+
 
 def _error(argv, capsys):
     """Run the CLI on bad input; it must stop with exit status 2 and one line on stderr, `aunn COMMAND: error:
@@ -148,16 +219,30 @@ def test_train_never_overwrites_a_run(run_dir, capsys, extra):
     assert _files(run_dir) == before
 
 
-@pytest.mark.parametrize("bad, expected", [
-    (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-5"], "--batch-size"),
-    (["--log-every", "0"], "--log-every"), (["--save-every", "0"], "--save-every"),
-    (["--epochs", "inf"], "--epochs"), (["--epochs", "nan"], "--epochs"), (["--steps", "-3"], "--steps"),
-    (["--device", "foo"], "--device"), (["--precision", "fp16"], "--precision"), (["--hidden", "0"], "hidden"),
-    (["--bits", "8"], "do not fit in bits=8"), (["--seed", "-1"], "--seed"), (["--seed", str(2**63)], "--seed"),
-    (["--schedule", "step"], "--schedule"), (["--warmup-steps", "-1"], "--warmup-steps"),
-    (["--min-lr", "1", "--lr", "0.1"], "min_lr <= lr"), (["--target-accuracy", "1.5"], "--target-accuracy"),
-    (["--target-accuracy", "1"], "needs eval_every"), (["--eval-every", "-2"], "--eval-every"),
-])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "-5"], "--batch-size"),
+        (["--log-every", "0"], "--log-every"),
+        (["--save-every", "0"], "--save-every"),
+        (["--epochs", "inf"], "--epochs"),
+        (["--epochs", "nan"], "--epochs"),
+        (["--steps", "-3"], "--steps"),
+        (["--device", "foo"], "--device"),
+        (["--precision", "fp16"], "--precision"),
+        (["--hidden", "0"], "hidden"),
+        (["--bits", "8"], "do not fit in bits=8"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**63)], "--seed"),
+        (["--schedule", "step"], "--schedule"),
+        (["--warmup-steps", "-1"], "--warmup-steps"),
+        (["--min-lr", "1", "--lr", "0.1"], "min_lr <= lr"),
+        (["--target-accuracy", "1.5"], "--target-accuracy"),
+        (["--target-accuracy", "1"], "needs eval_every"),
+        (["--eval-every", "-2"], "--eval-every"),
+    ],
+)
 def test_train_rejects_bad_values_before_writing_anything(tmp_path, capsys, bad, expected):
     out = tmp_path / "run"
     assert expected in _error(["train", "--data", "toy:100", "--out", str(out), *TINY, *bad], capsys)
@@ -167,26 +252,34 @@ def test_train_rejects_bad_values_before_writing_anything(tmp_path, capsys, bad,
 @pytest.mark.parametrize("command", ["train", "eval", "generate", "condition", "demo"])
 def test_unavailable_device_or_backend_is_a_one_line_error(run_dir, tmp_path, capsys, monkeypatch, command):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton then has no CPU backend
-    argv = {"train": ["train", "--data", "toy:100", "--out", str(tmp_path / "run"), *TINY],
-            "eval": ["eval", str(run_dir)], "generate": ["generate", str(run_dir)],
-            "condition": ["condition", str(run_dir), "--prompt", "|a"],
-            "demo": ["demo", "--preset", "tiny", "--out", str(tmp_path / "run")]}[command]
+    argv = {
+        "train": ["train", "--data", "toy:100", "--out", str(tmp_path / "run"), *TINY],
+        "eval": ["eval", str(run_dir)],
+        "generate": ["generate", str(run_dir)],
+        "condition": ["condition", str(run_dir), "--prompt", "|a"],
+        "demo": ["demo", "--preset", "tiny", "--out", str(tmp_path / "run")],
+    }[command]
     before = _files(run_dir)
-    assert "backend 'triton' is unavailable on cpu" in _error([*argv, "--device", "cpu", "--backend", "triton"],
-                                                               capsys)
+    assert "backend 'triton' is unavailable on cpu" in _error([*argv, "--device", "cpu", "--backend", "triton"], capsys)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert "no CUDA device" in _error([*argv, "--device", "cuda"], capsys)
     assert not (tmp_path / "run").exists() and _files(run_dir) == before
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["generate", "--length", "-5"], "--length"), (["generate", "--temperature", "nan"], "--temperature"),
-    (["generate", "--temperature", "-1"], "--temperature"), (["generate", "--start", "-1"], "--start"),
-    (["generate", "--start", str(2**63 - 2), "--length", "3"], "largest index"),
-    (["condition", "--prompt", "|a", "--show", "-10"], "--show"),
-    (["condition", "--prompt", "|a", "--at", str(2**63 - 2)], "largest index"),
-    (["eval", "--trials", "0"], "--trials"), (["eval", "--trials", "-3"], "--trials"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["generate", "--length", "-5"], "--length"),
+        (["generate", "--temperature", "nan"], "--temperature"),
+        (["generate", "--temperature", "-1"], "--temperature"),
+        (["generate", "--start", "-1"], "--start"),
+        (["generate", "--start", str(2**63 - 2), "--length", "3"], "largest index"),
+        (["condition", "--prompt", "|a", "--show", "-10"], "--show"),
+        (["condition", "--prompt", "|a", "--at", str(2**63 - 2)], "largest index"),
+        (["eval", "--trials", "0"], "--trials"),
+        (["eval", "--trials", "-3"], "--trials"),
+    ],
+)
 def test_run_commands_reject_bad_values(run_dir, capsys, argv, expected):
     assert expected in _error([argv[0], str(run_dir), *argv[1:]], capsys)
 
@@ -203,16 +296,20 @@ def test_resume_keeps_the_checkpoints_model(run_dir, tmp_path, capsys):
     shutil.copytree(run_dir, copy)
     before = _files(copy)
     assert "--hidden 64 differs from the checkpoint's 32" in _error(
-        ["train", "--out", str(copy), "--resume", "--hidden", "64", "--quiet"], capsys)
+        ["train", "--out", str(copy), "--resume", "--hidden", "64", "--quiet"], capsys
+    )
     assert _files(copy) == before
-    assert main(["train", "--out", str(copy), "--resume", "--hidden", "32", "--layers", "4", "--steps", "160",
-                 "--quiet"]) == 0  # equal to the checkpoint's: fine
+    assert (
+        main(["train", "--out", str(copy), "--resume", "--hidden", "32", "--layers", "4", "--steps", "160", "--quiet"])
+        == 0
+    )  # equal to the checkpoint's: fine
 
 
 def test_condition_never_saves_over_a_run(run_dir, tmp_path, capsys):
     before = _files(run_dir)
-    assert "already holds a run" in _error(["condition", str(run_dir), "--prompt", "|a", "--save", str(run_dir)],
-                                           capsys)
+    assert "already holds a run" in _error(
+        ["condition", str(run_dir), "--prompt", "|a", "--save", str(run_dir)], capsys
+    )
     assert _files(run_dir) == before
     saved = tmp_path / "conditioned"
     assert main(["condition", str(run_dir), "--prompt", "|a", "--show", "2", "--save", str(saved)]) == 0
@@ -238,8 +335,9 @@ def test_token_file_run_end_to_end(tmp_path, capsys):
 
     ids, out = tmp_path / "corpus.npy", tmp_path / "run"
     np.save(ids, (np.arange(600) * 7 % 300).astype(np.uint16))  # 300 ids: the histogram names the top 96
-    assert main(["train", "--data", f"tokens:{ids}", "--out", str(out), "--steps", "3", "--batch-size", "32",
-                 *TINY]) == 0
+    assert (
+        main(["train", "--data", f"tokens:{ids}", "--out", str(out), "--steps", "3", "--batch-size", "32", *TINY]) == 0
+    )
     assert main(["train", "--out", str(out), "--resume", "--steps", "4", "--quiet"]) == 0
     assert main(["eval", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -254,10 +352,13 @@ def test_token_file_run_end_to_end(tmp_path, capsys):
     assert "expected token ids in 0..299" in _error(["condition", str(out), "--prompt", "300"], capsys)
 
 
-@pytest.mark.parametrize("switch, value", [("AUNN_FAST_SIGMOID", "fast"), ("AUNN_FAST_WEIGHT_GRAD", "atomics"),
-                                           ("AUNN_FAST_FP32_PRODUCTS", "bf16x3")])
-def test_a_bad_kernel_switch_stops_the_run_before_anything_is_written(tmp_path, capsys, monkeypatch, request, switch,
-                                                                       value):
+@pytest.mark.parametrize(
+    "switch, value",
+    [("AUNN_FAST_SIGMOID", "fast"), ("AUNN_FAST_WEIGHT_GRAD", "atomics"), ("AUNN_FAST_FP32_PRODUCTS", "bf16x3")],
+)
+def test_a_bad_kernel_switch_stops_the_run_before_anything_is_written(
+    tmp_path, capsys, monkeypatch, request, switch, value
+):
     """AUNN_FAST_SIGMOID / AUNN_FAST_WEIGHT_GRAD / AUNN_FAST_FP32_PRODUCTS are checked up front, by the CLI and
     by the trainer, not at the first kernel call after the run directory exists."""
     from aunn_fast import kernels
@@ -272,10 +373,26 @@ def test_a_bad_kernel_switch_stops_the_run_before_anything_is_written(tmp_path, 
     default_options.cache_clear()  # read once per process: read again now, and once more after this test
     request.addfinalizer(default_options.cache_clear)
     out = tmp_path / "run"
-    message = _error(["train", "--data", "toy:50", "--out", str(out), "--backend", "triton", "--device", "cpu",
-                      "--steps", "2", *TINY], capsys)
+    message = _error(
+        [
+            "train",
+            "--data",
+            "toy:50",
+            "--out",
+            str(out),
+            "--backend",
+            "triton",
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            *TINY,
+        ],
+        capsys,
+    )
     assert repr(value) in message and "AUNN_FAST_" in message
     from aunn_fast import AUNN, AUNNConfig
+
     model = AUNN(AUNNConfig(hidden=16, layers=3), backend="triton", precision="fp32")
     with pytest.raises(ValueError, match="AUNN_FAST_"):
         train(model, ToyData(50), TrainConfig(steps=2, batch_size=16), out)
@@ -286,9 +403,11 @@ def test_run_directories_under_a_file_are_refused_before_any_work(tmp_path, run_
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file")
     inside = str(blocker / "sub")
-    for argv in (["train", "--data", "toy:50", "--out", inside, "--steps", "1", *TINY],
-                 ["demo", "--preset", "tiny", "--out", inside, "--quiet"],
-                 ["condition", str(run_dir), "--prompt", "|a", "--save", inside]):
+    for argv in (
+        ["train", "--data", "toy:50", "--out", inside, "--steps", "1", *TINY],
+        ["demo", "--preset", "tiny", "--out", inside, "--quiet"],
+        ["condition", str(run_dir), "--prompt", "|a", "--save", inside],
+    ):
         message = _error(argv, capsys)
         assert "is a file, not a directory" in message
     assert blocker.read_text() == "a file"

@@ -1,5 +1,6 @@
 """Every kernel, both weight-gradient candidates and both sigmoids included, compiles for a Hopper GPU
 (sm_90a) within its shared memory, with no GPU needed (H = 16, 64 and 128; vocab 50,257)."""
+
 import subprocess
 import sys
 
@@ -7,17 +8,48 @@ import pytest
 
 pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
 
-COLUMNS = ("config", "precision", "sigmoid", "path", "kernel", "warps", "registers", "spills", "stack", "shared",
-           "instructions", "loop", "mufu", "mma", "verdict")
+COLUMNS = (
+    "config",
+    "precision",
+    "sigmoid",
+    "path",
+    "kernel",
+    "warps",
+    "registers",
+    "spills",
+    "stack",
+    "shared",
+    "instructions",
+    "loop",
+    "mufu",
+    "mma",
+    "verdict",
+)
 
 
 def test_default_paths_compile_for_hopper(tmp_path):
     table = tmp_path / "report.md"
-    run = subprocess.run([sys.executable, "-m", "aunn_fast.bench.compile_check", "--configs", "seed,narrow,bytes,vocab",
-                          "--precisions", "fp32,bf16", "--out", str(table)], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aunn_fast.bench.compile_check",
+            "--configs",
+            "seed,narrow,bytes,vocab",
+            "--precisions",
+            "fp32,bf16",
+            "--out",
+            str(table),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert table.exists(), run.stderr[-2000:]
-    rows = [dict(zip(COLUMNS, (cell.strip() for cell in line.split("|")[1:-1])))
-            for line in table.read_text().splitlines()[2:] if line.startswith("|")]
+    rows = [
+        dict(zip(COLUMNS, (cell.strip() for cell in line.split("|")[1:-1])))
+        for line in table.read_text().splitlines()[2:]
+        if line.startswith("|")
+    ]
     # a kernel that asks for more shared memory than an H100 SM has would not launch
     failed = [r for r in rows if "FAILED" in r["verdict"] or "shared > H100" in r["verdict"]]
     assert not failed, "\n".join(map(str, failed))
@@ -27,8 +59,11 @@ def test_default_paths_compile_for_hopper(tmp_path):
     assert {"aunn_forward_kernel", "head_dh_kernel"} <= {r["kernel"] for r in rows if r["path"].endswith("few rows")}
 
     def forward(sigmoid: str) -> dict[str, str]:
-        (row,) = [r for r in rows if (r["config"], r["precision"], r["sigmoid"], r["path"])
-                  == ("seed", "bf16", sigmoid, "forward argmax")]
+        (row,) = [
+            r
+            for r in rows
+            if (r["config"], r["precision"], r["sigmoid"], r["path"]) == ("seed", "bf16", sigmoid, "forward argmax")
+        ]
         assert int(row["mma"]) > 0  # the layers' products run on tensor cores
         assert 0 < int(row["loop"]) < int(row["instructions"])
         return row

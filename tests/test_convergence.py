@@ -1,4 +1,5 @@
 """bench/convergence.py's plumbing (the matrix itself is a benchmark, run by hand)."""
+
 from aunn_fast.bench.convergence import _int_list, run_order, table
 
 
@@ -12,9 +13,22 @@ def test_run_order_covers_every_pair_and_spreads_the_first_runs():
 
 def test_seed_lists_and_the_table():
     assert _int_list("0-4") == [0, 1, 2, 3, 4] and _int_list("1,3-4") == [1, 3, 4]
-    rows = [{"seed": 0, "threads": 1, "isa": "avx2", "capability": "AVX2", "time_s": 61.25, "train_s": 50.0,
-             "train_accuracy": 1.0, "near": 0.96, "10M": 0.9, "conditioning": 0.5, "meets_bar": True},
-            {"seed": 1, "threads": 2, "isa": "native", "time_s": 3.0, "error": "exit 2: boom", "meets_bar": False}]
+    rows = [
+        {
+            "seed": 0,
+            "threads": 1,
+            "isa": "avx2",
+            "capability": "AVX2",
+            "time_s": 61.25,
+            "train_s": 50.0,
+            "train_accuracy": 1.0,
+            "near": 0.96,
+            "10M": 0.9,
+            "conditioning": 0.5,
+            "meets_bar": True,
+        },
+        {"seed": 1, "threads": 2, "isa": "native", "time_s": 3.0, "error": "exit 2: boom", "meets_bar": False},
+    ]
     lines = table(rows).splitlines()
     assert lines[2] == "| 0 | 1 | avx2 | AVX2 | 61.2 | 50.0 | 1.0000 | 0.9600 | 0.9000 | 0.5000 | yes |"
     assert lines[3].startswith("| 1 | 2 | native | - | 3.0 |") and lines[3].endswith("| NO |")

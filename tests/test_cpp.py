@@ -6,6 +6,7 @@ ulps of the tensor's scale. Outputs are poisoned (every uninitialised tensor the
 or the largest int64), so an unwritten element fails. Skipped, with the reason, where the extension cannot
 be built (no compiler, AUNN_FAST_CPP=0).
 """
+
 from __future__ import annotations
 
 import os
@@ -80,8 +81,11 @@ def check_against_reference(cfg: AUNNConfig, n: int, generator: torch.Generator,
 
     def run(p, use_reference):
         p = with_grad(p)
-        value = (reference.loss(idx, targets, p, cfg, reduction=reduction) if use_reference
-                 else cpp_backend.loss(idx, targets, p, cfg, "fp32", reduction))
+        value = (
+            reference.loss(idx, targets, p, cfg, reduction=reduction)
+            if use_reference
+            else cpp_backend.loss(idx, targets, p, cfg, "fp32", reduction)
+        )
         if reduction == "none":  # a different weight per row: the backward's general path
             value = (value * torch.linspace(-1.0, 2.0, n, dtype=value.dtype)).sum()
         value.backward()
@@ -106,13 +110,13 @@ def check_against_reference(cfg: AUNNConfig, n: int, generator: torch.Generator,
 
 FIXED_CASES = [
     # hidden, layers, residual_every, bits, vocab, batch
-    (64, 8, 2, 64, 4, 300),     # the seed model, several 48-row blocks over the threads
-    (16, 2, 1, 64, 5, 37),      # no hidden layer
-    (17, 3, 1, 20, 2, 1),       # hidden not a multiple of the vector width, binary vocab, one row
-    (48, 5, 3, 64, 300, 97),    # residual_every 3, vocab padded, a short last block
-    (32, 12, 2, 1, 3, 50),      # a single bit, the deepest model
-    (16, 4, 5, 7, 7, 0),        # residual_every beyond the hidden layers; an empty batch
-    (16, 3, 1, 64, 3, 4097),    # the largest batch: 86 blocks and a 17-row one over the threads
+    (64, 8, 2, 64, 4, 300),  # the seed model, several 48-row blocks over the threads
+    (16, 2, 1, 64, 5, 37),  # no hidden layer
+    (17, 3, 1, 20, 2, 1),  # hidden not a multiple of the vector width, binary vocab, one row
+    (48, 5, 3, 64, 300, 97),  # residual_every 3, vocab padded, a short last block
+    (32, 12, 2, 1, 3, 50),  # a single bit, the deepest model
+    (16, 4, 5, 7, 7, 0),  # residual_every beyond the hidden layers; an empty batch
+    (16, 3, 1, 64, 3, 4097),  # the largest batch: 86 blocks and a 17-row one over the threads
 ]
 
 
@@ -135,6 +139,7 @@ def test_reductions_against_reference(reduction, generator):
 def test_random_shapes(draw, generator):
     """Shapes drawn at random: H 16-512, layers 2-12, vocab 2-300, bits 1-64, batch 0-4,097, the batch kept to
     what the float64 oracle's per-row gradients (row_term_scales) can afford on two cores."""
+
     def pick(low, high):
         return int(torch.randint(low, high + 1, (), generator=generator))
 
@@ -201,8 +206,13 @@ def test_one_call_step_matches_torch_optim(optimizer, generator):
     first = step(idx, targets)
     step(idx, targets)
     start_params = AUNNParams(*(start[name] for name in AUNNParams._fields))
-    assert_2x_rule("first loss", first, reference.loss(idx, targets, start_params, cfg),
-                   reference.loss(idx, targets, as_double(start_params), cfg), atol=LOSS_ATOL)
+    assert_2x_rule(
+        "first loss",
+        first,
+        reference.loss(idx, targets, start_params, cfg),
+        reference.loss(idx, targets, as_double(start_params), cfg),
+        atol=LOSS_ATOL,
+    )
     ref32, ref64 = torch_steps(torch.float32), torch_steps(torch.float64)
     # Adam's first steps move each weight by about lr * sign(gradient): a gradient within float32 noise of zero
     # may go either way in any float32 computation, so Adam's floor is a tenth of the two steps' size
@@ -247,13 +257,13 @@ def test_opcheck(generator):
     torch.library.opcheck(ops.cpp_loss, (idx, targets, *params, *settings, False))
     frozen = [p.detach() for p in params]
     torch.library.opcheck(ops.cpp_argmax, (idx, *frozen, *settings))
-    torch.library.opcheck(ops.cpp_logits_backward, (torch.randn(9, 6, generator=generator), idx, *frozen,
-                                                    *settings))
+    torch.library.opcheck(ops.cpp_logits_backward, (torch.randn(9, 6, generator=generator), idx, *frozen, *settings))
     unit = list(ops.cpp_loss(idx, targets, *frozen, *settings, True)[1])
     torch.library.opcheck(ops.cpp_loss_backward, (torch.full((9,), 0.5), unit, idx, targets, *frozen, *settings))
     moments = [[torch.zeros_like(p) for p in frozen] for _ in range(3)]  # grads, exp_avg, exp_avg_sq
-    torch.library.opcheck(ops.cpp_train_step, (idx, targets, [p.clone() for p in frozen], *moments, 1, 1e-3, 0.9,
-                                               0.999, 1e-8, *settings))
+    torch.library.opcheck(
+        ops.cpp_train_step, (idx, targets, [p.clone() for p in frozen], *moments, 1, 1e-3, 0.9, 0.999, 1e-8, *settings)
+    )
 
 
 @needs_extension
@@ -299,9 +309,11 @@ def test_bad_input_is_refused_before_the_backend(monkeypatch):
 def _availability_in_subprocess(env_changes: dict[str, str], tmp_path) -> str:
     """What the cpp backend says in a fresh interpreter with env_changes applied (and an empty build cache)."""
     env = {**os.environ, "AUNN_FAST_CPP_CACHE": str(tmp_path), **env_changes}
-    code = ("import torch; from aunn_fast.backends import BACKENDS, resolve_backend; "
-            "print(BACKENDS['cpp'].unavailable_reason(torch.device('cpu'))); "
-            "print(resolve_backend('auto', 'cpu').name)")
+    code = (
+        "import torch; from aunn_fast.backends import BACKENDS, resolve_backend; "
+        "print(BACKENDS['cpp'].unavailable_reason(torch.device('cpu'))); "
+        "print(resolve_backend('auto', 'cpu').name)"
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -333,10 +345,12 @@ def test_cpu_ceiling_shares():
 
     seed = AUNNConfig()
     measured = {"flops": {"fp32": 1e11}, "source": "test"}
-    rows = [{"workload": "predict", "config": "seed", "precision": "fp32", "items_per_s": 1e6},
-            {"workload": "train", "config": "seed", "precision": "fp32", "items_per_s": 1e6},
-            {"workload": "condition", "config": "seed", "precision": "fp32", "items_per_s": 1e6},
-            {"workload": "train", "config": "seed", "precision": "bf16", "items_per_s": 1e6}]
+    rows = [
+        {"workload": "predict", "config": "seed", "precision": "fp32", "items_per_s": 1e6},
+        {"workload": "train", "config": "seed", "precision": "fp32", "items_per_s": 1e6},
+        {"workload": "condition", "config": "seed", "precision": "fp32", "items_per_s": 1e6},
+        {"workload": "train", "config": "seed", "precision": "bf16", "items_per_s": 1e6},
+    ]
     cpu_ceiling.add_shares(rows, {"seed": seed}, measured)
     assert rows[0]["matmul_share"] == pytest.approx(1e6 * forward_flops(seed) / 1e11)
     assert rows[1]["matmul_share"] == pytest.approx(3 * rows[0]["matmul_share"])
@@ -355,15 +369,17 @@ def test_compile_check_cuda_reports_the_kernels(tmp_path):
 
     table = tmp_path / "cuda.md"
     assert compile_check.main(["--cuda", "--out", str(table)]) == 0
-    rows = [dict(zip(cuda_compile_check.COLUMNS, (c.strip() for c in line.split("|")[1:-1])))
-            for line in table.read_text().splitlines()[2:]]
+    rows = [
+        dict(zip(cuda_compile_check.COLUMNS, (c.strip() for c in line.split("|")[1:-1])))
+        for line in table.read_text().splitlines()[2:]
+    ]
     (scale,) = [r for r in rows if "scale_kernel" in r["kernel"]]
     assert int(scale["registers"]) > 0 and scale["verdict"] == "ok"
     assert cuda_compile_check.parse_ptxas(
         "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
         "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
-        "ptxas info    : Used 255 registers, used 1 barriers, 16384 bytes smem") == [
-        {"kernel": "k", "registers": 255, "spill stores": 4, "spill loads": 4, "stack": 8, "shared": 16384}]
+        "ptxas info    : Used 255 registers, used 1 barriers, 16384 bytes smem"
+    ) == [{"kernel": "k", "registers": 255, "spill stores": 4, "spill loads": 4, "stack": 8, "shared": 16384}]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,4 +1,5 @@
 """A captured training step must do exactly what the eager step does (CUDA only)."""
+
 import warnings
 
 import pytest
@@ -15,16 +16,20 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend,hidden,precision", [
-    ("reference", 64, "fp32"),
-    ("triton", 64, "fp32"),
-    ("triton", 256, "bf16"),  # the layer-wise path: cuBLAS GEMMs and epilogue kernels in the graph
-])
+@pytest.mark.parametrize(
+    "backend,hidden,precision",
+    [
+        ("reference", 64, "fp32"),
+        ("triton", 64, "fp32"),
+        ("triton", 256, "bf16"),  # the layer-wise path: cuBLAS GEMMs and epilogue kernels in the graph
+    ],
+)
 def test_graphed_steps_match_eager_steps(backend, hidden, precision):
     data = ToyData(500)
     cfg = TrainConfig(batch_size=256, lr=3e-3)
-    models = [AUNN(AUNNConfig(hidden=hidden, layers=6), backend=backend, precision=precision, seed=1).cuda()
-              for _ in range(2)]
+    models = [
+        AUNN(AUNNConfig(hidden=hidden, layers=6), backend=backend, precision=precision, seed=1).cuda() for _ in range(2)
+    ]
     tol = 1e-5 if precision == "fp32" else 1e-3
     eager_opt, graph_opt = (make_optimizer(m, cfg) for m in models)
     graphed = GraphedTrainStep(models[1], graph_opt, cfg.batch_size)
@@ -62,9 +67,10 @@ def test_graph_refuses_what_it_would_silently_ignore():
     with pytest.raises(TypeError, match="int64"):
         graphed(ids.float(), ids)
     graphed(ids, ids)
-    for change, undo in ((lambda: setattr(model, "precision", "bf16"), lambda: setattr(model, "precision", "fp32")),
-                         (lambda: optimizer.param_groups[0].update(lr=1e-2),
-                          lambda: optimizer.param_groups[0].update(lr=1e-3))):
+    for change, undo in (
+        (lambda: setattr(model, "precision", "bf16"), lambda: setattr(model, "precision", "fp32")),
+        (lambda: optimizer.param_groups[0].update(lr=1e-2), lambda: optimizer.param_groups[0].update(lr=1e-3)),
+    ):
         change()
         with pytest.raises(RuntimeError, match="capture a new GraphedTrainStep"):
             graphed(ids, ids)
@@ -86,8 +92,9 @@ def test_graph_keeps_its_gradient_buffers():
     change what a replay computes: the graph holds the tensors it was captured with."""
     data = ToyData(500)
     cfg = TrainConfig(batch_size=256, lr=3e-3)
-    models = [AUNN(AUNNConfig(hidden=64, layers=6), backend="reference", precision="fp32", seed=1).cuda()
-              for _ in range(2)]
+    models = [
+        AUNN(AUNNConfig(hidden=64, layers=6), backend="reference", precision="fp32", seed=1).cuda() for _ in range(2)
+    ]
     eager_opt, graph_opt = (make_optimizer(m, cfg) for m in models)
     graphed = GraphedTrainStep(models[1], graph_opt, cfg.batch_size)
     graph_opt.zero_grad(set_to_none=True)
@@ -147,10 +154,12 @@ def test_graphed_conditioning_matches_eager_conditioning(optimizer, monkeypatch)
 
 # The checks that run before any capture, on the CPU too.
 
+
 def test_graphs_take_capturable_optimizers_and_sgd():
     params = [torch.nn.Parameter(torch.zeros(2))]
     assert capturable(torch.optim.SGD(params, lr=0.1)) and capturable(torch.optim.Adam(params, capturable=True))
     assert not capturable(torch.optim.Adam(params)) and not capturable(torch.optim.AdamW(params))
+
 
 def test_graphed_step_needs_a_cuda_model():
     model = AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=3), seed=0)

@@ -1,4 +1,5 @@
 """Datasets: determinism of the toy sequence, text and byte vocabularies, spec parsing."""
+
 import hashlib
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ def test_toy_sequence_has_the_seed_structure():
     data = ToyData(chunks=500, seed=3)
     text = decode(data.targets(torch.arange(data.length)), data.vocab)
     assert len(text) == 2000
-    chunks = [text[i:i + 4] for i in range(0, len(text), 4)]
+    chunks = [text[i : i + 4] for i in range(0, len(text), 4)]
     assert set(chunks) == {"|aaa", "|bbb", "|ccc"}
 
 
@@ -38,8 +39,9 @@ def test_toy_is_a_pure_function_of_seed_and_chunk(generator):
     a, b = ToyData(100, seed=7), ToyData(10**9, seed=7)
     idx = torch.randint(0, 400, (300,), generator=generator)
     assert torch.equal(a.targets(idx), b.targets(idx))
-    far = torch.cat([torch.randint(0, 2**62, (300,), generator=generator) * 2,
-                     2**63 - 1 - torch.arange(64), torch.arange(64)])
+    far = torch.cat(
+        [torch.randint(0, 2**62, (300,), generator=generator) * 2, 2**63 - 1 - torch.arange(64), torch.arange(64)]
+    )
     assert b.targets(far).tolist() == [_toy_token(i, 7) for i in far.tolist()]
     assert not torch.equal(ToyData(100, seed=8).targets(torch.arange(400)), a.targets(torch.arange(400)))
 
@@ -72,8 +74,10 @@ def test_bytes_data_is_memory_mapped(tmp_path):
     assert encode("é", None) == list("é".encode()) and decode(encode("é", None), None) == "é"
 
 
-@pytest.mark.parametrize("dtype,suffix", [(np.uint16, ".bin"), (np.uint16, ".npy"), (np.int64, ".npy"),
-                                          (np.int32, ".npy"), (np.uint8, ".npy")])
+@pytest.mark.parametrize(
+    "dtype,suffix",
+    [(np.uint16, ".bin"), (np.uint16, ".npy"), (np.int64, ".npy"), (np.int32, ".npy"), (np.uint8, ".npy")],
+)
 @pytest.mark.parametrize("scan_chunk", [1 << 26, 7])
 def test_token_file_ids_and_vocabulary(tmp_path, generator, monkeypatch, dtype, suffix, scan_chunk):
     monkeypatch.setattr(data_module, "SCAN_CHUNK_TOKENS", scan_chunk)
@@ -115,10 +119,12 @@ def test_token_files_refused_with_the_reason(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ValueError, match=reason):
             load_data(f"tokens:{tmp_path / name}")
-    arrays = {"negative.npy": (np.array([3, -1, 2]), "negative token id"),
-              "float.npy": (np.array([1.0, 2.0]), "1-D integer array"),
-              "matrix.npy": (np.zeros((2, 3), dtype=np.int32), "1-D integer array"),
-              "huge.npy": (np.array([0, 2**40]), "too large")}
+    arrays = {
+        "negative.npy": (np.array([3, -1, 2]), "negative token id"),
+        "float.npy": (np.array([1.0, 2.0]), "1-D integer array"),
+        "matrix.npy": (np.zeros((2, 3), dtype=np.int32), "1-D integer array"),
+        "huge.npy": (np.array([0, 2**40]), "too large"),
+    }
     for name, (array, reason) in arrays.items():
         np.save(tmp_path / name, array)
         with pytest.raises(ValueError, match=reason):
@@ -166,9 +172,11 @@ def test_file_data_reopens_only_unchanged_files(tmp_path, monkeypatch):
     text.write_text("abcabc", encoding="utf-8")
     raw.write_bytes(b"\x00\x01\x02\x03")
     ids.write_bytes(b"\x00\x01\x02\x03")
-    for data, same_length_edit, longer in ((TextData(text), "abcacb", "abcabca"),
-                                           (BytesData(raw), b"\x00\x01\x03\x02", b"\x00\x01\x02\x03\x04"),
-                                           (TokensData(ids), b"\x02\x03\x00\x01", b"\x00\x01\x02\x03\x04\x00")):
+    for data, same_length_edit, longer in (
+        (TextData(text), "abcacb", "abcabca"),
+        (BytesData(raw), b"\x00\x01\x03\x02", b"\x00\x01\x02\x03\x04"),
+        (TokensData(ids), b"\x02\x03\x00\x01", b"\x00\x01\x02\x03\x04\x00"),
+    ):
         description = data.describe()
         assert description["sha256"] == hashlib.sha256(data.path.read_bytes()).hexdigest()
         assert data_from_description(description, data.vocab).describe() == description
@@ -230,11 +238,19 @@ def test_file_data_on_the_gpu(tmp_path, generator):
         assert copied._copy is not None and copied._copy.is_cuda
 
 
-@pytest.mark.parametrize("spec,error", [
-    ("toy:abc", ValueError), ("toy:1:2:3", ValueError), ("text:", ValueError),
-    ("text:/no/such/file", FileNotFoundError), ("csv:x", ValueError), ("toy:0", ValueError),
-    ("tokens:", ValueError), ("tokens:/no/such/file.npy", FileNotFoundError),
-])
+@pytest.mark.parametrize(
+    "spec,error",
+    [
+        ("toy:abc", ValueError),
+        ("toy:1:2:3", ValueError),
+        ("text:", ValueError),
+        ("text:/no/such/file", FileNotFoundError),
+        ("csv:x", ValueError),
+        ("toy:0", ValueError),
+        ("tokens:", ValueError),
+        ("tokens:/no/such/file.npy", FileNotFoundError),
+    ],
+)
 def test_bad_specs(spec, error):
     with pytest.raises(error):
         load_data(spec)

@@ -1,4 +1,5 @@
 """The digits experiment: data layout, held-out split, generated and inpainted arrays, classifier metrics."""
+
 import sys
 
 import numpy as np
@@ -42,8 +43,9 @@ def test_the_last_97_digits_are_held_out(data):
 
 
 def test_digits_spec_and_description_reopen(data):
-    assert load_data("digits").describe() == data.describe() == {"kind": "digits", "held_out": 97,
-                                                                  "length": data.length}
+    assert (
+        load_data("digits").describe() == data.describe() == {"kind": "digits", "held_out": 97, "length": data.length}
+    )
     reopened = data_from_description(data.describe(), data.vocab)
     assert isinstance(reopened, DigitsData) and reopened.length == data.length
     with pytest.raises(ValueError, match="takes no argument"):
@@ -63,8 +65,9 @@ def run(tmp_path_factory, data):
     """A tiny, briefly trained model's digits experiment: (metrics, output directory)."""
     model = AUNN(AUNNConfig(vocab_size=17, hidden=16, layers=3), backend="reference", seed=0)
     out = tmp_path_factory.mktemp("digits")
-    train_stepped(model, data, TrainConfig(batch_size=512, steps=4, lr=1e-2, log_every=2), out, (1, 0.1),
-                  progress=False)
+    train_stepped(
+        model, data, TrainConfig(batch_size=512, steps=4, lr=1e-2, log_every=2), out, (1, 0.1), progress=False
+    )
     return digits.run(model, data, out, steps=1, lr=1e-3), out
 
 
@@ -88,8 +91,9 @@ def test_digit_metrics_are_the_classifiers_verdicts(run, data):
     metrics, out = run
     generated, inpainted = np.load(out / "generated.npy"), np.load(out / "inpainted.npy")
     truth, labels = np.load(out / "inpaint_truth.npy"), np.load(out / "inpaint_labels.npy")
-    classifier = LogisticRegression(max_iter=2000, random_state=0).fit(data.train_images.reshape(-1, 64) / 16,
-                                                                        data.train_labels)
+    classifier = LogisticRegression(max_iter=2000, random_state=0).fit(
+        data.train_images.reshape(-1, 64) / 16, data.train_labels
+    )
 
     def accuracy(images):
         return (classifier.predict(images.reshape(-1, 64) / 16) == labels).mean()
@@ -113,8 +117,7 @@ def test_digit_metrics_of_known_images(data):
     perfect = digits.digit_metrics(classifier, data.train_images[:64].astype(np.int64), truth, truth, labels)
     assert perfect["inpainted_accuracy"] == perfect["truth_accuracy"] > perfect["blank_bottom_accuracy"]
     assert perfect["bottom_pixel_accuracy"] == 1.0 and perfect["confident_share"] > 0.5
-    blank = digits.digit_metrics(classifier, np.zeros((64, 8, 8), np.int64), digits.blank_bottom(truth), truth,
-                                 labels)
+    blank = digits.digit_metrics(classifier, np.zeros((64, 8, 8), np.int64), digits.blank_bottom(truth), truth, labels)
     assert blank["inpainted_accuracy"] == blank["blank_bottom_accuracy"]
     assert blank["bottom_pixel_accuracy"] == blank["blank_bottom_pixel_accuracy"] < 1
 
@@ -122,6 +125,7 @@ def test_digit_metrics_of_known_images(data):
 def test_digits_without_scikit_learn_fail_in_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     assert main(["train", "--data", "digits", "--out", str(tmp_path / "run"), "--quiet"]) == 2
-    assert capsys.readouterr().err.strip() == ("aunn train: error: the digits data needs scikit-learn: "
-                                               "pip install 'aunn_fast[digits]'")
+    assert capsys.readouterr().err.strip() == (
+        "aunn train: error: the digits data needs scikit-learn: pip install 'aunn_fast[digits]'"
+    )
     assert not (tmp_path / "run").exists()

@@ -1,5 +1,6 @@
 """Data-parallel training on the CPU with gloo, 2 processes: the same run as 1 process, resumable across world
 sizes, and stopped on every rank when one fails or is interrupted."""
+
 import json
 import os
 import signal
@@ -20,8 +21,10 @@ from aunn_fast.train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, load_run, re
 
 from helpers import random_indices, random_model, rel_err
 
-pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with gloo",
+)
 
 # 40 chunks = 160 indices; batches of 33 split 16 + 17 between 2 ranks, and an epoch ends with a batch of 28
 CHUNKS, BATCH = 40, 33
@@ -44,8 +47,9 @@ def _free_port():
 
 def _rank_main(rank, world_size, port, run_dir, steps, resume, fault):
     """One spawned rank: joins the gloo group, trains, and writes what happened to run_dir/../rank{rank}.json."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     result = {"rows": [], "error": None}
     distributed.init(distributed.launch_from_env(), "cpu")
@@ -61,6 +65,7 @@ def _rank_main(rank, world_size, port, run_dir, steps, resume, fault):
                         raise RuntimeError("simulated failure on one rank")
                     os.kill(os.getpid(), signal.SIGINT)
                 return targets(idx)
+
             data.targets = faulty_targets
         result["rows"] = train(model, data, _config(steps, save_every=2), run_dir, resume=resume, progress=False)
     except BaseException as exc:  # noqa: B036 (KeyboardInterrupt included: recorded for the test to check)
@@ -72,8 +77,12 @@ def _rank_main(rank, world_size, port, run_dir, steps, resume, fault):
 
 def _spawn(run_dir, steps, resume=False, fault=None, world_size=2):
     """Train in world_size spawned processes; returns each rank's {"rows", "error"}."""
-    mp.start_processes(_rank_main, args=(world_size, _free_port(), str(run_dir), steps, resume, fault),
-                       nprocs=world_size, start_method="spawn")
+    mp.start_processes(
+        _rank_main,
+        args=(world_size, _free_port(), str(run_dir), steps, resume, fault),
+        nprocs=world_size,
+        start_method="spawn",
+    )
     return [json.loads((run_dir.parent / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
@@ -97,12 +106,46 @@ def test_torchrun_runs_one_run_that_resumes_on_one_process(tmp_path, one_process
     """`torchrun --nproc-per-node 2 -m aunn_fast train`: rank 0 alone writes the log and checkpoint (with world
     size 2), whose losses are the 1-process run's; the run then resumes as 1 process, and goes on like it."""
     out = tmp_path / "run"
-    argv = ["train", "--data", f"toy:{CHUNKS}", "--out", str(out), "--hidden", "16", "--layers", "4",
-            "--batch-size", str(BATCH), "--lr", "3e-3", "--log-every", "1", "--device", "cpu", "--quiet"]
+    argv = [
+        "train",
+        "--data",
+        f"toy:{CHUNKS}",
+        "--out",
+        str(out),
+        "--hidden",
+        "16",
+        "--layers",
+        "4",
+        "--batch-size",
+        str(BATCH),
+        "--lr",
+        "3e-3",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                               "2", "-m", "aunn_fast", *argv, "--steps", "4"], env=env, capture_output=True,
-                              text=True, timeout=300)
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "aunn_fast",
+            *argv,
+            "--steps",
+            "4",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert launched.returncode == 0, launched.stderr
     assert launched.stdout.count("done: step 4") == 1  # printed by rank 0 only
     written = sorted(p.name for p in out.iterdir() if not (p.name.startswith(".") or p.name.endswith(".lock")))
@@ -178,14 +221,16 @@ def test_every_backend_packs_its_gradients_for_the_all_reduce(backend):
 
 def test_launch_variables_are_checked():
     assert distributed.launch_from_env({}) is None
-    launch = distributed.launch_from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
-                                          "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    launch = distributed.launch_from_env(
+        {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    )
     assert launch == distributed.Launch(rank=1, world_size=2, local_rank=1)
     with pytest.raises(ValueError, match="not MASTER_ADDR"):
         distributed.launch_from_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
     with pytest.raises(ValueError, match="inconsistent"):
-        distributed.launch_from_env({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
-                                     "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+        distributed.launch_from_env(
+            {"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+        )
     assert distributed.rank_device(launch, "cpu") == "cpu"
     with pytest.raises(ValueError, match="pass --device cuda"):
         distributed.rank_device(launch, "cuda:1")
@@ -209,8 +254,13 @@ def test_a_log_written_before_the_world_size_column_resumes(tmp_path):
 
 
 def test_only_train_runs_under_torchrun(tmp_path, capsys, monkeypatch):
-    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(_free_port())}.items():
+    for name, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }.items():
         monkeypatch.setenv(name, value)
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
     assert "only `aunn train` runs under torchrun" in capsys.readouterr().err

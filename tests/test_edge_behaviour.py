@@ -1,4 +1,5 @@
 """Sampling temperature, documented defaults, the pow2 extrapolation window and --resume with other data."""
+
 from __future__ import annotations
 
 import re
@@ -35,9 +36,32 @@ def test_pow2_window_straddles_the_power_of_two():
 
 def test_resume_refuses_other_data(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--data", "toy:10", "--out", str(out), "--steps", "1", "--hidden", "8", "--layers", "2",
-                 "--batch-size", "8", "--quiet", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "toy:10",
+                "--out",
+                str(out),
+                "--steps",
+                "1",
+                "--hidden",
+                "8",
+                "--layers",
+                "2",
+                "--batch-size",
+                "8",
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["train", "--out", str(out), "--resume", "--data", "toy:20", "--steps", "2", "--quiet",
-                 "--device", "cpu"]) == 2
+    assert (
+        main(["train", "--out", str(out), "--resume", "--data", "toy:20", "--steps", "2", "--quiet", "--device", "cpu"])
+        == 2
+    )
     assert "--data differs" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The fit metrics of ``aunn eval``: the same figures however the scoring is chunked."""
+
 import copy
 import math
 
@@ -28,7 +29,6 @@ def test_fit_scores_every_index_in_chunks(generator, monkeypatch, logits_max):
     assert metrics["bits_per_token"] == pytest.approx(loss / math.log(2), rel=1e-6)
 
 
-
 @pytest.mark.parametrize("named", [evaluate.HISTOGRAM_TOKENS, 2])
 def test_histogram_names_the_most_frequent_tokens_and_sums_the_rest(generator, monkeypatch, named):
     """All four toy tokens occur in the data, named most frequent first: named 2 keeps the two most frequent and
@@ -54,8 +54,9 @@ def test_histogram_names_the_most_frequent_tokens_and_sums_the_rest(generator, m
     else:
         top, rest = by_frequency[:named], by_frequency[named:]
         assert list(hist) == [ToyData.vocab[i] for i in top]  # most frequent first
-        assert other == pytest.approx({"tokens": len(rest), "training": float(training[rest].sum()),
-                                       "predicted": float(predicted[rest].sum())})
+        assert other == pytest.approx(
+            {"tokens": len(rest), "training": float(training[rest].sum()), "predicted": float(predicted[rest].sum())}
+        )
     for i, name in enumerate(ToyData.vocab):
         if name in hist:
             assert hist[name] == pytest.approx({"training": float(training[i]), "predicted": float(predicted[i])})
@@ -63,8 +64,9 @@ def test_histogram_names_the_most_frequent_tokens_and_sums_the_rest(generator, m
 
 @pytest.mark.filterwarnings("error")  # e.g. matplotlib's, for an index axis that floats cannot resolve
 @pytest.mark.parametrize("bits, chunks", [(12, 1000), (64, 2**61)])
-def test_data_that_fills_the_index_range_is_evaluated_as_far_as_indices_go(generator, monkeypatch, tmp_path, bits,
-                                                                           chunks):
+def test_data_that_fills_the_index_range_is_evaluated_as_far_as_indices_go(
+    generator, monkeypatch, tmp_path, bits, chunks
+):
     """Toy data ending 96 indices before 2**12, and data filling all 2**63 int64 indices: every metric that
     needs indices after the data covers those there are, and the report and plots are written."""
     from aunn_fast.report import write_report
@@ -89,7 +91,8 @@ def test_data_that_fills_the_index_range_is_evaluated_as_far_as_indices_go(gener
         assert "conditioning" not in metrics
     written = {path.name for path in write_report(tmp_path, model, data, metrics, [])}
     assert written == {"metrics.json", "report.md", "end_of_data.png", "histogram.png", "extrapolation.png"} | (
-        {"conditioning.png"} if room else set())
+        {"conditioning.png"} if room else set()
+    )
     assert f"({room:,} predictions after the data)" in (tmp_path / "report.md").read_text()
 
 
@@ -117,6 +120,7 @@ def test_valid_chunks_and_the_chance_level(generator):
 def _stub_condition(monkeypatch, data, taught):
     """Replace evaluate.condition: record the taught letter; the 'tuned' copy predicts the training data
     perfectly (so its accuracy, the drift figure, is exactly 1)."""
+
     def condition(model, prompt, at, **kwargs):
         taught.append(int(prompt[1]))
         tuned = copy.deepcopy(model)
@@ -132,8 +136,9 @@ def test_conditioning_teaches_a_new_letter_at_aligned_chunks_and_measures_the_tu
     model.predict = lambda idx: torch.where(idx % 4 == 0, 0, 2)  # `|bbb` everywhere: `b` is never taught
     taught = []
     _stub_condition(monkeypatch, data, taught)
-    result = evaluate.conditioning(model, data, trials=30, steps=1, lr=1e-3, optimizer="adam",
-                                   generator=torch.Generator().manual_seed(0))
+    result = evaluate.conditioning(
+        model, data, trials=30, steps=1, lr=1e-3, optimizer="adam", generator=torch.Generator().manual_seed(0)
+    )
     assert len(taught) == 30 and set(taught) <= {1, 3}
     assert all(e["index"] % 4 == 0 and e["index"] >= data.length for e in result["examples"])
     assert result["train_accuracy_after"] == 1.0

@@ -1,5 +1,6 @@
 """The demo presets' experiments beyond the toy sequence: the stepped learning-rate decay, a held-out tail scored
 against a unigram model, the demo's options, and the shakespeare recipe memorising a text on the CPU."""
+
 import json
 import math
 from dataclasses import replace
@@ -69,8 +70,10 @@ def test_demo_refusals_are_one_line(tmp_path, capsys):
     assert "needs --data" in capsys.readouterr().err
     path = tmp_path / "t.txt"
     path.write_text("abc")
-    assert main(["demo", "--preset", "tiny", "--data", f"text:{path}", "--hold-out", "3",
-                 "--out", str(tmp_path / "b")]) == 2
+    assert (
+        main(["demo", "--preset", "tiny", "--data", f"text:{path}", "--hold-out", "3", "--out", str(tmp_path / "b")])
+        == 2
+    )
     assert "held out" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
@@ -86,10 +89,16 @@ def test_shakespeare_recipe_memorises_20000_characters(tmp_path):
     path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
     data = TextData(path)
     hidden = 128
-    cfg = replace(preset.train, batch_size=1024, lr=preset.train.lr * math.sqrt(preset.hidden / hidden),
-                  log_every=10**9, save_every=10**9)
-    model = AUNN(AUNNConfig(vocab_size=data.vocab_size, hidden=hidden, layers=preset.layers), backend="reference",
-                 seed=0)
+    cfg = replace(
+        preset.train,
+        batch_size=1024,
+        lr=preset.train.lr * math.sqrt(preset.hidden / hidden),
+        log_every=10**9,
+        save_every=10**9,
+    )
+    model = AUNN(
+        AUNNConfig(vocab_size=data.vocab_size, hidden=hidden, layers=preset.layers), backend="reference", seed=0
+    )
     train_stepped(model, data, cfg, tmp_path / "run", preset.lr_factors, progress=False)
     assert fit(model, data, torch.Generator())["train_accuracy"] >= 0.99
 
@@ -98,8 +107,25 @@ def test_demo_holds_out_a_tail_that_eval_scores_again(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("the cat sat on the mat. " * 20)
     out = tmp_path / "demo"
-    assert main(["demo", "--preset", "tiny", "--data", f"text:{path}", "--hold-out", "48", "--out", str(out),
-                 "--quiet", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--preset",
+                "tiny",
+                "--data",
+                f"text:{path}",
+                "--hold-out",
+                "48",
+                "--out",
+                str(out),
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     held = json.loads((out / "metrics.json").read_text())["held_out"]
     assert held["tokens"] == 48 and held["bits_per_token"] > 0 and 0 <= held["accuracy"] <= 1
     assert main(["eval", str(out), "--device", "cpu"]) == 0  # the checkpoint reopens the held-out split

@@ -1,6 +1,7 @@
 """torch.func transforms (vmap, grad and their composition) run the model with its checks on (validate=True):
 the range checks, which read values back to the host, are skipped while a transform runs, as under
 torch.compile's tracing. Results are compared with the reference run without a transform."""
+
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
@@ -24,10 +25,15 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 # cpp is left out: its ops have no batching rule (vmap of its loss fails); "auto" runs the reference under vmap
-@pytest.mark.parametrize("device,backend", [(device, name) for device in DEVICES
-                                            for name, reason in {**backends.available_backends(device),
-                                                                 "auto": None}.items()
-                                            if reason is None and name not in ("compile", "cpp")])
+@pytest.mark.parametrize(
+    "device,backend",
+    [
+        (device, name)
+        for device in DEVICES
+        for name, reason in {**backends.available_backends(device), "auto": None}.items()
+        if reason is None and name not in ("compile", "cpp")
+    ],
+)
 def test_vmap_forward_and_loss_match_the_reference(generator, device, backend):
     model = _model(generator, backend).to(device)
     oracle = random_model(CFG, torch.Generator(), backend="reference", precision="fp32").to(device)
@@ -61,7 +67,7 @@ def test_grad_and_per_sample_grads_match_backward(generator, backend):
     per_sample = vmap(grad(loss_of), in_dims=(None, 0, 0))(params, idx.unsqueeze(1), targets.unsqueeze(1))
     for row in (0, len(idx) - 1):
         model.zero_grad()
-        model.loss(idx[row:row + 1], targets[row:row + 1]).backward()
+        model.loss(idx[row : row + 1], targets[row : row + 1]).backward()
         for name, p in model.named_parameters():
             assert rel_err(per_sample[name][row], p.grad) < FP32_TOLERANCE, (name, row)
 

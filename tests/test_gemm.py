@@ -1,4 +1,5 @@
 """kernels/gemm.py: PyTorch products in the precision modes, and the batch-split weight-gradient product."""
+
 import pytest
 import torch
 
@@ -43,6 +44,7 @@ def test_batch_reduced_matmul_splits_the_batch(rows, splits, generator, monkeypa
 def test_batch_reduced_matmul_bounds_its_partials(monkeypatch):
     """A large output (the logits backward's [V, H] at vocab 50,257) has tiles enough: no split
     that would hold more than SPLIT_K_MAX_PARTIALS fp32 partial elements."""
+
     def shaped(*shape):  # a zero-stride view: the shapes matter, not the values
         return torch.zeros(()).expand(*shape)
 

@@ -1,6 +1,7 @@
 """Issue 21's examples, one test each: bad values refused with the numbers before any work, training that
 stops at the first non-finite loss, one writer per run directory, crafted checkpoints refused naming the
 field, nothing half written, and the user's errors told apart from the package's bugs."""
+
 from __future__ import annotations
 
 import errno
@@ -51,8 +52,25 @@ def _files(path):
 def run_dir(tmp_path_factory):
     """A finished run of 4 steps with a checkpoint at step 2 and at the end."""
     out = tmp_path_factory.mktemp("hardening") / "run"
-    assert main(["train", "--data", "toy:16", "--out", str(out), "--steps", "4", "--save-every", "2",
-                 "--log-every", "1", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "toy:16",
+                "--out",
+                str(out),
+                "--steps",
+                "4",
+                "--save-every",
+                "2",
+                "--log-every",
+                "1",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -81,13 +99,20 @@ def _edit_checkpoint(path, tensors=None, metadata=None):
 
 # -- 1. every value checked before any work -------------------------------------------------------------
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--data", "toy:200:99999999999999999999999"], r"seed must be in 0\.\.2\*\*63-1"),
-    (["--data", "toy:99999999999999999999999"], r"at most 2\*\*61"),
-    (["--data", "toy:200", "--epochs", "1e308"], "more than a run can take"),
-    (["--data", "toy:200", "--hidden", "10000000", "--layers", "8"], r"needs at least [\d.,]+ PB of memory, but cpu"),
-    (["--data", "toy:200", "--layers", "100000000", "--hidden", "64"], r"needs at least [\d.,]+ TB of memory"),
-])
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--data", "toy:200:99999999999999999999999"], r"seed must be in 0\.\.2\*\*63-1"),
+        (["--data", "toy:99999999999999999999999"], r"at most 2\*\*61"),
+        (["--data", "toy:200", "--epochs", "1e308"], "more than a run can take"),
+        (
+            ["--data", "toy:200", "--hidden", "10000000", "--layers", "8"],
+            r"needs at least [\d.,]+ PB of memory, but cpu",
+        ),
+        (["--data", "toy:200", "--layers", "100000000", "--hidden", "64"], r"needs at least [\d.,]+ TB of memory"),
+    ],
+)
 def test_train_refuses_values_too_large_with_the_numbers_before_any_work(tmp_path, capsys, argv, expected):
     out = tmp_path / "run"
     message = _error(["train", *argv, "--out", str(out), "--quiet", "--device", "cpu"], capsys)
@@ -130,12 +155,21 @@ def test_api_sizes_are_checked_before_allocating():
         ToyData(200, 2**70)
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    ({"seed": 1.5}, TypeError), ({"seed": -1}, ValueError), ({"seed": 2**63}, ValueError),
-    ({"batch_size": 2.0}, TypeError), ({"steps": True}, TypeError), ({"lr": float("nan")}, ValueError),
-    ({"lr": "1e-3"}, TypeError), ({"weight_decay": float("inf")}, ValueError), ({"epochs": float("nan")}, ValueError),
-    ({"steps": 2**60}, ValueError),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"seed": 1.5}, TypeError),
+        ({"seed": -1}, ValueError),
+        ({"seed": 2**63}, ValueError),
+        ({"batch_size": 2.0}, TypeError),
+        ({"steps": True}, TypeError),
+        ({"lr": float("nan")}, ValueError),
+        ({"lr": "1e-3"}, TypeError),
+        ({"weight_decay": float("inf")}, ValueError),
+        ({"epochs": float("nan")}, ValueError),
+        ({"steps": 2**60}, ValueError),
+    ],
+)
 def test_train_config_refuses_wrong_types_and_values(kwargs, error):
     with pytest.raises(error):
         TrainConfig(**kwargs)
@@ -151,6 +185,7 @@ def test_condition_refuses_float_targets():
 
 # -- 2. training stops at the first non-finite loss ---------------------------------------------------------
 
+
 def test_a_diverging_run_stops_naming_the_step_and_the_cause(tmp_path, capsys):
     out = tmp_path / "run"
     message = _error(["train", "--data", "toy:16", "--out", str(out), "--steps", "20", "--lr", "1e30", *TINY], capsys)
@@ -161,8 +196,10 @@ def test_a_diverging_run_stops_naming_the_step_and_the_cause(tmp_path, capsys):
 def test_divergence_keeps_the_last_good_checkpoint_and_log(run_dir, tmp_path, capsys):
     """Saving every step: the checkpoint left is the last one whose weights and moments were all finite."""
     copy = _copy(run_dir, tmp_path)
-    message = _error(["train", "--out", str(copy), "--resume", "--steps", "40", "--lr", "1e30", "--save-every", "1",
-                      "--quiet"], capsys)
+    message = _error(
+        ["train", "--out", str(copy), "--resume", "--steps", "40", "--lr", "1e30", "--save-every", "1", "--quiet"],
+        capsys,
+    )
     diverged = int(re.search(r"(?:step|after step) (\d+)", message).group(1))
     _, state, _, _ = load_run(copy)  # validated whole: finite weights and optimizer moments
     assert 4 <= state["step"] < diverged
@@ -190,8 +227,9 @@ HOLDER = textwrap.dedent("""
 
 def _holder(path):
     """Another process, holding path's lock until its stdin closes (or it is killed)."""
-    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline().strip() == "held"
     return process
 
@@ -201,9 +239,11 @@ def test_a_second_writer_is_refused_and_a_killed_ones_lock_is_taken_over(run_dir
     holder = _holder(busy)
     try:
         before = _files(busy)
-        for argv in (["train", "--data", "toy:16", "--out", str(busy), "--steps", "2", *TINY],
-                     ["train", "--out", str(busy), "--resume", "--steps", "6", "--quiet"],
-                     ["condition", str(run_dir), "--prompt", "|a", "--save", str(busy)]):
+        for argv in (
+            ["train", "--data", "toy:16", "--out", str(busy), "--steps", "2", *TINY],
+            ["train", "--out", str(busy), "--resume", "--steps", "6", "--quiet"],
+            ["condition", str(run_dir), "--prompt", "|a", "--save", str(busy)],
+        ):
             message = _error(argv, capsys)
             assert f"{busy} is in use by holder (pid {holder.pid} on host" in message, message
         assert _files(busy) == before
@@ -229,19 +269,27 @@ def test_the_lock_is_reentrant_in_one_process_and_released(tmp_path):
 
 # -- 4. crafted checkpoints, through the command line ---------------------------------------------------------
 
-@pytest.mark.parametrize("tensors, metadata, expected", [
-    (None, {"config": json.dumps({"vocab_size": 4, "hidden": 8192, "layers": 4, "bits": 64})},
-     r"tensor 'in_weight': shape \(8, 64\), expected \(8192, 64\)"),
-    ({"in_weight": lambda t: t.to(torch.int32)}, None, "'in_weight': dtype I32, expected F32"),
-    ({"out_bias": lambda t: t.to(torch.uint8)}, None, "'out_bias': dtype U8"),
-    ({"in_gain": lambda t: t.bool()}, None, "'in_gain': dtype BOOL"),
-    ({"hidden_weight": lambda t: torch.full_like(t, float("nan"))}, None, "'hidden_weight': holds non-finite"),
-    (None, {"data": json.dumps({"chunks": 16, "seed": 0, "length": 64})}, "data.kind: must be one of"),
-    (None, {"vocab": json.dumps(["|", "a"])}, "vocab: must list 4 distinct characters"),
-    (None, {"vocab": json.dumps(7)}, "vocab: 7 token ids"),
-])
-def test_crafted_checkpoints_are_refused_naming_the_file_and_field(run_dir, tmp_path, capsys, tensors, metadata,
-                                                                    expected):
+
+@pytest.mark.parametrize(
+    "tensors, metadata, expected",
+    [
+        (
+            None,
+            {"config": json.dumps({"vocab_size": 4, "hidden": 8192, "layers": 4, "bits": 64})},
+            r"tensor 'in_weight': shape \(8, 64\), expected \(8192, 64\)",
+        ),
+        ({"in_weight": lambda t: t.to(torch.int32)}, None, "'in_weight': dtype I32, expected F32"),
+        ({"out_bias": lambda t: t.to(torch.uint8)}, None, "'out_bias': dtype U8"),
+        ({"in_gain": lambda t: t.bool()}, None, "'in_gain': dtype BOOL"),
+        ({"hidden_weight": lambda t: torch.full_like(t, float("nan"))}, None, "'hidden_weight': holds non-finite"),
+        (None, {"data": json.dumps({"chunks": 16, "seed": 0, "length": 64})}, "data.kind: must be one of"),
+        (None, {"vocab": json.dumps(["|", "a"])}, "vocab: must list 4 distinct characters"),
+        (None, {"vocab": json.dumps(7)}, "vocab: 7 token ids"),
+    ],
+)
+def test_crafted_checkpoints_are_refused_naming_the_file_and_field(
+    run_dir, tmp_path, capsys, tensors, metadata, expected
+):
     copy = _copy(run_dir, tmp_path)
     _edit_checkpoint(copy / CHECKPOINT_NAME, tensors, metadata)
     before = _files(copy)
@@ -251,18 +299,32 @@ def test_crafted_checkpoints_are_refused_naming_the_file_and_field(run_dir, tmp_
     assert _files(copy) == before  # eval wrote nothing
 
 
-@pytest.mark.parametrize("tensors, metadata, expected", [
-    ({"extra.optim.*": None}, None, "optimizer state of step 4 is missing"),
-    (None, {"train_state": json.dumps({"step": -5, "elapsed_s": 1.0, "train_config": {}})},
-     "train_state.step: must be an integer >= 0, got -5"),
-    (None, {"train_state": "{}"}, "train_state.step"),
-    ({"extra.optim.1.exp_avg": torch.zeros(3)}, None, r"'extra.optim.1.exp_avg': shape \(3,\)"),
-    (None, {"train_state": json.dumps({"step": 4, "train_config": {"batch_size": 0}})},
-     "train_state.train_config: batch_size must be >= 1"),
-    (None, {"train_state": json.dumps({"step": 4, "train_config": {"warp": 9}})}, "train_state.train_config: .*warp"),
-])
-def test_resume_refuses_a_checkpoint_that_cannot_continue_exactly(run_dir, tmp_path, capsys, tensors, metadata,
-                                                                   expected):
+@pytest.mark.parametrize(
+    "tensors, metadata, expected",
+    [
+        ({"extra.optim.*": None}, None, "optimizer state of step 4 is missing"),
+        (
+            None,
+            {"train_state": json.dumps({"step": -5, "elapsed_s": 1.0, "train_config": {}})},
+            "train_state.step: must be an integer >= 0, got -5",
+        ),
+        (None, {"train_state": "{}"}, "train_state.step"),
+        ({"extra.optim.1.exp_avg": torch.zeros(3)}, None, r"'extra.optim.1.exp_avg': shape \(3,\)"),
+        (
+            None,
+            {"train_state": json.dumps({"step": 4, "train_config": {"batch_size": 0}})},
+            "train_state.train_config: batch_size must be >= 1",
+        ),
+        (
+            None,
+            {"train_state": json.dumps({"step": 4, "train_config": {"warp": 9}})},
+            "train_state.train_config: .*warp",
+        ),
+    ],
+)
+def test_resume_refuses_a_checkpoint_that_cannot_continue_exactly(
+    run_dir, tmp_path, capsys, tensors, metadata, expected
+):
     copy = _copy(run_dir, tmp_path)
     _edit_checkpoint(copy / CHECKPOINT_NAME, tensors, metadata)
     before = _files(copy)
@@ -277,10 +339,12 @@ def test_reset_optimizer_resumes_without_the_optimizer_state_loudly(run_dir, tmp
     assert main(["train", "--out", str(copy), "--resume", "--steps", "6", "--quiet", "--reset-optimizer"]) == 0
     assert "--reset-optimizer: AdamW restarts with zero moments at step 4" in capsys.readouterr().err
     assert "--reset-optimizer applies to --resume only" in _error(
-        ["train", "--data", "toy:16", "--out", str(tmp_path / "new"), "--reset-optimizer", *TINY], capsys)
+        ["train", "--data", "toy:16", "--out", str(tmp_path / "new"), "--reset-optimizer", *TINY], capsys
+    )
 
 
 # -- 5. nothing half written ------------------------------------------------------------------------------------
+
 
 def _dead_pid() -> int:
     """The pid of a process that has ended."""
@@ -292,8 +356,10 @@ def _dead_pid() -> int:
 def test_temporary_files_of_a_killed_save_are_removed_by_the_next(tmp_path):
     model = AUNN(AUNNConfig(vocab_size=4, hidden=8, layers=2), seed=0)
     path = tmp_path / CHECKPOINT_NAME
-    left = [tmp_path / f".{CHECKPOINT_NAME}.{_dead_pid()}.0123456789abcdef.tmp",  # a killed writer's
-            tmp_path / f".{CHECKPOINT_NAME}.fedcba9876543210.tmp"]  # of a version that named no pid
+    left = [
+        tmp_path / f".{CHECKPOINT_NAME}.{_dead_pid()}.0123456789abcdef.tmp",  # a killed writer's
+        tmp_path / f".{CHECKPOINT_NAME}.fedcba9876543210.tmp",
+    ]  # of a version that named no pid
     alive = tmp_path / f".{CHECKPOINT_NAME}.{os.getppid()}.00112233445566ff.tmp"  # a live writer's: kept
     for file in (*left, alive):
         file.write_bytes(b"half a checkpoint")
@@ -336,6 +402,7 @@ def test_a_failed_condition_save_leaves_no_directory(run_dir, tmp_path, capsys, 
 
 
 # -- 6. the user's errors and the package's bugs --------------------------------------------------------------
+
 
 def test_a_bug_inside_the_package_is_an_internal_error_with_its_traceback(run_dir, capsys, monkeypatch):
     def broken(*args, **kwargs):

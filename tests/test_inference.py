@@ -1,5 +1,6 @@
 """Prompting: generation, conditioning by backprop and Gwern's generate-by-backprop, against hand-written
 versions of what each promises (a copy trained on exactly the prompt's indices; the original untouched)."""
+
 import copy
 
 import pytest
@@ -62,11 +63,14 @@ def test_generate_by_backprop_trains_a_copy_on_each_prediction(generator):
     assert out.tolist() == expected and out[0] == generate(model, start, 1)[0]
 
 
-@pytest.mark.parametrize("bits, fn, start, expected", [
-    (64, generate, 2**63 - 2, "largest index"),
-    (64, generate_by_backprop, 2**63 - 2, "largest index"),
-    (40, generate_by_backprop, 2**40 - 2, "largest index"),
-])
+@pytest.mark.parametrize(
+    "bits, fn, start, expected",
+    [
+        (64, generate, 2**63 - 2, "largest index"),
+        (64, generate_by_backprop, 2**63 - 2, "largest index"),
+        (40, generate_by_backprop, 2**40 - 2, "largest index"),
+    ],
+)
 def test_spans_past_the_range_fail_before_any_work(generator, bits, fn, start, expected):
     """Three indices from start would pass the last one: an error naming the range (generate_by_backprop
     had trained on two positions and then failed on an int64 overflow)."""

@@ -1,6 +1,7 @@
 """The package's import structure (CONTRIBUTING.md, "Layout"): no import cycles among the modules of aunn_fast
 (kernels/ and bench/ install as aunn_fast.kernels and aunn_fast.bench); the kernels depend on nothing of
 aunn_fast but its base layer, which depends on nothing else of it; importing the kernels changes nothing."""
+
 import ast
 import subprocess
 import sys
@@ -29,8 +30,9 @@ def _import_time_nodes(statements: list[ast.stmt]) -> list[ast.stmt]:
         if isinstance(node, ast.If) and not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
             nodes += _import_time_nodes(node.body + node.orelse)
         elif isinstance(node, ast.Try):
-            nodes += _import_time_nodes(node.body + node.orelse + node.finalbody
-                                        + [s for h in node.handlers for s in h.body])
+            nodes += _import_time_nodes(
+                node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body]
+            )
     return nodes
 
 
@@ -88,10 +90,16 @@ def test_kernels_depend_only_on_the_base_layer():
 def test_importing_the_kernels_changes_nothing():
     """No import side effects: Triton's interpreter is patched by the first interpreted launch, not by an import;
     importing the configuration loads no Triton."""
-    code = ("import sys; import aunn_fast.kernels.config; assert 'triton' not in sys.modules, 'config loads triton'\n"
-            "from triton.runtime import interpreter; before = interpreter._patch_lang_tensor\n"
-            "import aunn_fast.kernels.common, aunn_fast.kernels.mlp_forward, aunn_fast.kernels.ops\n"
-            "assert interpreter._patch_lang_tensor is before, 'an import patched the interpreter'")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"})
+    code = (
+        "import sys; import aunn_fast.kernels.config; assert 'triton' not in sys.modules, 'config loads triton'\n"
+        "from triton.runtime import interpreter; before = interpreter._patch_lang_tensor\n"
+        "import aunn_fast.kernels.common, aunn_fast.kernels.mlp_forward, aunn_fast.kernels.ops\n"
+        "assert interpreter._patch_lang_tensor is before, 'an import patched the interpreter'"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert run.returncode == 0, run.stderr[-2000:]

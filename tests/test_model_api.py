@@ -1,4 +1,5 @@
 """The public AUNN API: shapes, dtypes, dispatch, empty batches and every bad-input error."""
+
 import dataclasses
 
 import pytest
@@ -67,13 +68,16 @@ def test_seed_makes_init_reproducible():
     assert not torch.equal(AUNN(seed=3).hidden_weight, AUNN(seed=4).hidden_weight)
 
 
-@pytest.mark.parametrize("bad,error,match", [
-    (torch.tensor([1.0, 2.0]), TypeError, "int64"),
-    (torch.tensor([1, 2], dtype=torch.int16), TypeError, "int64"),
-    ([1, 2], TypeError, "torch.Tensor"),
-    (torch.tensor([3, -1]), ValueError, "non-negative"),
-    (torch.tensor([2**20]), ValueError, "bits=20"),
-])
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        (torch.tensor([1.0, 2.0]), TypeError, "int64"),
+        (torch.tensor([1, 2], dtype=torch.int16), TypeError, "int64"),
+        ([1, 2], TypeError, "torch.Tensor"),
+        (torch.tensor([3, -1]), ValueError, "non-negative"),
+        (torch.tensor([2**20]), ValueError, "bits=20"),
+    ],
+)
 def test_bad_indices_fail_before_compute(any_backend_model, monkeypatch, bad, error, match):
     model = any_backend_model
     _forbid_compute(monkeypatch)
@@ -82,13 +86,16 @@ def test_bad_indices_fail_before_compute(any_backend_model, monkeypatch, bad, er
             call(bad)
 
 
-@pytest.mark.parametrize("targets,error,match", [
-    (torch.tensor([0, 5]), ValueError, "outside the vocabulary"),
-    (torch.tensor([-1, 0]), ValueError, "outside the vocabulary"),
-    (torch.tensor([0.0, 1.0]), TypeError, "integer"),
-    (torch.tensor([0, 1, 2]), ValueError, "shape"),
-    (torch.tensor([[0], [1]]), ValueError, "shape"),  # as many targets as indices, in another shape
-])
+@pytest.mark.parametrize(
+    "targets,error,match",
+    [
+        (torch.tensor([0, 5]), ValueError, "outside the vocabulary"),
+        (torch.tensor([-1, 0]), ValueError, "outside the vocabulary"),
+        (torch.tensor([0.0, 1.0]), TypeError, "integer"),
+        (torch.tensor([0, 1, 2]), ValueError, "shape"),
+        (torch.tensor([[0], [1]]), ValueError, "shape"),  # as many targets as indices, in another shape
+    ],
+)
 def test_bad_targets_fail_before_compute(any_backend_model, monkeypatch, targets, error, match):
     model = any_backend_model
     _forbid_compute(monkeypatch)
@@ -134,8 +141,11 @@ def test_cfg_of_the_wrong_type_is_a_type_error():
 
 
 def test_unavailable_backend_error_names_what_is_missing(monkeypatch):
-    monkeypatch.setitem(backends.BACKENDS, "triton", backends.Backend(
-        "triton", None, None, None, ("fp32",), lambda device: "the `triton` package is not installed"))
+    monkeypatch.setitem(
+        backends.BACKENDS,
+        "triton",
+        backends.Backend("triton", None, None, None, ("fp32",), lambda device: "the `triton` package is not installed"),
+    )
     model = AUNN(AUNNConfig(hidden=16, layers=3), backend="triton")
     with pytest.raises(RuntimeError, match="`triton` package is not installed"):
         model(torch.tensor([1]))
@@ -161,14 +171,25 @@ def _forbid_compute(monkeypatch):
         raise AssertionError("compute ran on bad input")
 
     for name, backend in list(backends.BACKENDS.items()):
-        monkeypatch.setitem(backends.BACKENDS, name, backends.Backend(
-            name, boom, boom, boom, backend.precisions, backend.unavailable_reason))
+        monkeypatch.setitem(
+            backends.BACKENDS,
+            name,
+            backends.Backend(name, boom, boom, boom, backend.precisions, backend.unavailable_reason),
+        )
 
 
-@pytest.mark.parametrize("eps,error", [
-    (float("inf"), ValueError), (float("nan"), ValueError), (0.0, ValueError), (-1e-6, ValueError),
-    (2.0**-127, ValueError), (True, TypeError), ("1e-6", TypeError),
-])
+@pytest.mark.parametrize(
+    "eps,error",
+    [
+        (float("inf"), ValueError),
+        (float("nan"), ValueError),
+        (0.0, ValueError),
+        (-1e-6, ValueError),
+        (2.0**-127, ValueError),
+        (True, TypeError),
+        ("1e-6", TypeError),
+    ],
+)
 def test_bad_eps_is_rejected(eps, error):
     with pytest.raises(error, match="eps"):
         AUNNConfig(eps=eps)
@@ -215,6 +236,7 @@ def test_no_backend_call_sees_autocast(model, generator, monkeypatch):
         def run(*args, **kwargs):
             calls.append((name, torch.is_autocast_enabled("cpu")))
             return fn(*args, **kwargs)
+
         return run
 
     backend = model.active_backend()
@@ -226,11 +248,13 @@ def test_no_backend_call_sees_autocast(model, generator, monkeypatch):
     assert calls == [("logits", False), ("loss", False), ("predict", False)]
 
 
-@pytest.mark.parametrize("backend", [name for name, reason in backends.available_backends("cpu").items()
-                                     if reason is None])
+@pytest.mark.parametrize(
+    "backend", [name for name, reason in backends.available_backends("cpu").items() if reason is None]
+)
 def test_loss_reductions(backend, generator):
-    model = random_model(AUNNConfig(vocab_size=5, hidden=16, layers=4, bits=20), generator, backend=backend,
-                         precision="fp32")
+    model = random_model(
+        AUNNConfig(vocab_size=5, hidden=16, layers=4, bits=20), generator, backend=backend, precision="fp32"
+    )
     idx = random_indices(12, 20, generator).reshape(3, 4)
     targets = torch.randint(0, 5, (3, 4), generator=generator)
     rows = model.loss(idx, targets, reduction="none")
@@ -292,9 +316,14 @@ def test_precision_must_be_one_the_backend_offers():
     assert backends.resolve_precision("auto", "cuda", backends.BACKENDS["reference"]) == "bf16"
 
 
-@pytest.mark.parametrize("field, value, error", [
-    ("residual_every", 0, ValueError), ("hidden", True, TypeError), ("bits", False, TypeError),
-])
+@pytest.mark.parametrize(
+    "field, value, error",
+    [
+        ("residual_every", 0, ValueError),
+        ("hidden", True, TypeError),
+        ("bits", False, TypeError),
+    ],
+)
 def test_config_bounds_and_types(field, value, error):
     with pytest.raises(error, match=field):
         AUNNConfig(**{field: value})

@@ -1,4 +1,5 @@
 """Packaging: one version for the package and the command line, metadata in pyproject.toml, Triton an extra."""
+
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,5 @@
 """The epoch permutation is a bijection of [0, n) for every n up to 2^63, and the sampler walks it exactly."""
+
 import pytest
 import torch
 
@@ -28,14 +29,15 @@ def test_no_collisions_among_millions_of_draws_for_huge_lengths(n):
     bug would show), a run at 0 and random positions."""
     generator = torch.Generator().manual_seed(0)
     top = n - 2**20 + torch.arange(2**20)
-    positions = torch.cat([top, torch.arange(2**19), torch.randint(0, n if n < 2**63 else 2**63 - 1, (2**19,),
-                                                                    generator=generator)]).unique()
+    positions = torch.cat(
+        [top, torch.arange(2**19), torch.randint(0, n if n < 2**63 else 2**63 - 1, (2**19,), generator=generator)]
+    ).unique()
     perm = IndexPermutation(n, seed=3, epoch=1)
     indices = perm(positions)
     assert indices.min() >= 0 and (indices.max() <= n - 1 if n < 2**63 else True)
     assert indices.unique().numel() == positions.numel()
     assert torch.equal(perm.position(indices), positions)
-    first = indices[2**20:2**20 + 4096].double() / n  # a run of positions lands spread over the whole range
+    first = indices[2**20 : 2**20 + 4096].double() / n  # a run of positions lands spread over the whole range
     assert 0.45 < first.mean() < 0.55 and first.min() < 0.01 and first.max() > 0.99
 
 
@@ -44,7 +46,7 @@ def test_every_epoch_and_seed_has_its_own_order():
     orders = [IndexPermutation(n, seed, epoch)(positions) for seed in (0, 1) for epoch in (0, 1, 2)]
     for i, a in enumerate(orders):
         assert (a == positions).float().mean() < 0.02  # about 1/n of the positions are fixed points
-        for b in orders[i + 1:]:
+        for b in orders[i + 1 :]:
             assert (a == b).float().mean() < 0.02
     assert torch.equal(IndexPermutation(n, 1, 2)(positions), orders[-1])  # and each one is reproducible
 

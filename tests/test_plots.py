@@ -1,5 +1,6 @@
 """Plots read for any vocabulary: tokens as text (characters, bytes as escapes, ids), absolute index labels,
 histograms most frequent first with one "other" bar, summaries that say when they are cut."""
+
 import warnings
 
 import numpy as np
@@ -20,7 +21,14 @@ def test_token_labels_for_each_kind_of_vocabulary():
     assert plots.token_labels(CHARS, len(CHARS)) == ["↵", "·", "a", "b", "é", "\\x1b", "\\u4e2d"]
     byte_labels = plots.token_labels(None, 256)
     assert [byte_labels[b] for b in (0x41, 0x0A, 0x20, 0x00, 0x7F, 0x80, 0xFF)] == [
-        "A", "↵", "·", "\\x00", "\\x7f", "\\x80", "\\xff"]
+        "A",
+        "↵",
+        "·",
+        "\\x00",
+        "\\x7f",
+        "\\x80",
+        "\\xff",
+    ]
     assert plots.token_labels(50_257, 50_257)[50_256] == "50256"
     assert plots.tokens_per_line(50_257) == plots.LINE_CHARS // 6  # five digits and a space
     assert plots.tokens_per_line(CHARS) == plots.tokens_per_line(None) == plots.LINE_CHARS
@@ -46,23 +54,32 @@ def test_wrap_keeps_lines_within_their_width_and_starts_one_at_each_break():
 def _drawn(monkeypatch, **panel):
     """The token panel's text calls (x, y, s, color), without drawing."""
     calls = []
-    monkeypatch.setattr(plots, "_text", lambda ax, x, y, s, color="black", weight="normal":
-                        calls.append((x, y, s, color)))
+    monkeypatch.setattr(
+        plots, "_text", lambda ax, x, y, s, color="black", weight="normal": calls.append((x, y, s, color))
+    )
     plots.token_panel(**panel)
     return calls
 
 
-@pytest.mark.parametrize("vocab,vocab_size", [(CHARS, len(CHARS)), (None, 256), (50_257, 50_257)],
-                         ids=["text", "bytes", "ids"])
+@pytest.mark.parametrize(
+    "vocab,vocab_size", [(CHARS, len(CHARS)), (None, 256), (50_257, 50_257)], ids=["text", "bytes", "ids"]
+)
 def test_token_panel_shows_tokens_as_text_at_absolute_indices(monkeypatch, tmp_path, vocab, vocab_size):
     start, width, end = 2**62 + 5, 150, 2**62 + 105  # past 2**53, where a float axis cannot tell indices apart
     data = torch.arange(width) % vocab_size
-    data[end - start:] = -1
+    data[end - start :] = -1
     predicted = torch.arange(width) % vocab_size
     predicted[3] = (predicted[3] + 1) % vocab_size
-    panel = dict(rows={"data": data, "predicted": predicted}, start=start, vocab=vocab, vocab_size=vocab_size,
-                 title="A title long enough to be wrapped rather than clipped: " + "words " * 30,
-                 path=tmp_path / "panel.png", breaks={end: "end of the data"}, compare=("predicted", "data"))
+    panel = dict(
+        rows={"data": data, "predicted": predicted},
+        start=start,
+        vocab=vocab,
+        vocab_size=vocab_size,
+        title="A title long enough to be wrapped rather than clipped: " + "words " * 30,
+        path=tmp_path / "panel.png",
+        breaks={end: "end of the data"},
+        compare=("predicted", "data"),
+    )
     calls = _drawn(monkeypatch, **panel)
     labels = plots.token_labels(vocab, vocab_size)
     texts = [s for _, _, s, _ in calls]
@@ -72,8 +89,9 @@ def test_token_panel_shows_tokens_as_text_at_absolute_indices(monkeypatch, tmp_p
     red = [s for _, _, s, color in calls if color == plots.DIFFERS]
     assert red == [labels[int(predicted[3])]]
     tokens = [s for x, _, s, color in calls if color in ("black", plots.DIFFERS) and x > 0]
-    assert sorted(tokens) == sorted([labels[t] for t in data[:end - start].tolist()]
-                                    + [labels[t] for t in predicted.tolist()])
+    assert sorted(tokens) == sorted(
+        [labels[t] for t in data[: end - start].tolist()] + [labels[t] for t in predicted.tolist()]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plots.token_panel(**panel)
@@ -105,8 +123,13 @@ def test_histogram_plot_fits_its_title_and_legend(tmp_path):
 
 
 def _metrics(named, other=None, kind="text"):
-    metrics = {"data": {"kind": kind}, "train_accuracy": 0.5, "train_loss": 1.0, "bits_per_token": 1.44,
-               "histogram": {name: {"training": 0.1, "predicted": p} for name, p in named.items()}}
+    metrics = {
+        "data": {"kind": kind},
+        "train_accuracy": 0.5,
+        "train_loss": 1.0,
+        "bits_per_token": 1.44,
+        "histogram": {name: {"training": 0.1, "predicted": p} for name, p in named.items()},
+    }
     if other is not None:
         metrics["histogram_other"] = other
     return metrics
@@ -139,5 +162,10 @@ def test_eval_plots_of_each_data_kind_are_written_without_warnings(tmp_path, mon
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         written = write_report(tmp_path / "run", model, data, evaluate(model, data), log_rows=[])
-    assert {p.name for p in written} == {"metrics.json", "report.md", "end_of_data.png", "past_10M.png",
-                                         "histogram.png"}
+    assert {p.name for p in written} == {
+        "metrics.json",
+        "report.md",
+        "end_of_data.png",
+        "past_10M.png",
+        "histogram.png",
+    }

@@ -1,4 +1,5 @@
 """The Python examples of the README and of docs/python.md run as written."""
+
 import re
 from pathlib import Path
 
@@ -9,8 +10,11 @@ PAGES = [ROOT / "README.md", ROOT / "docs" / "python.md"]
 
 
 def python_blocks() -> list:
-    return [pytest.param(page.name, block, id=f"{page.name}-{i}") for page in PAGES
-            for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))]
+    return [
+        pytest.param(page.name, block, id=f"{page.name}-{i}")
+        for page in PAGES
+        for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
+    ]
 
 
 @pytest.mark.parametrize("page,block", python_blocks())

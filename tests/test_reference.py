@@ -1,4 +1,5 @@
 """The reference path against an independent, straightforward implementation of the seed model."""
+
 import pytest
 import torch
 from torch import nn
@@ -16,8 +17,9 @@ class SeedAUNN(nn.Module):
         self.bits, self.residual_every = bits, residual_every
         eps = torch.finfo(torch.float32).eps  # what RMSNorm(eps=None) uses on the seed's float32 tensors
         self.input_layer = nn.Sequential(nn.Linear(bits, hidden), nn.SiLU(), nn.RMSNorm(hidden, eps=eps))
-        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.RMSNorm(hidden, eps=eps))
-                                    for _ in range(layers - 2))
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.RMSNorm(hidden, eps=eps)) for _ in range(layers - 2)
+        )
         self.output_layer = nn.Linear(hidden, vocab)
 
     def forward(self, idx: list[int]) -> torch.Tensor:
@@ -33,9 +35,16 @@ class SeedAUNN(nn.Module):
         return self.output_layer(x)
 
 
-@pytest.mark.parametrize("bits,hidden,layers,vocab,residual_every", [
-    (64, 64, 8, 4, 2), (64, 32, 2, 5, 2), (17, 16, 5, 3, 1), (40, 48, 7, 7, 3), (1, 16, 3, 2, 2),
-])
+@pytest.mark.parametrize(
+    "bits,hidden,layers,vocab,residual_every",
+    [
+        (64, 64, 8, 4, 2),
+        (64, 32, 2, 5, 2),
+        (17, 16, 5, 3, 1),
+        (40, 48, 7, 7, 3),
+        (1, 16, 3, 2, 2),
+    ],
+)
 def test_reference_matches_seed_model(generator, bits, hidden, layers, vocab, residual_every):
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=residual_every)
     model = random_model(cfg, generator, backend="reference", precision="fp32")
@@ -99,7 +108,7 @@ def test_bf16_reference_rounds_operands_like_torch_bf16_matmul(generator):
     a = torch.randn(64, 64, generator=generator)
     w = torch.randn(32, 64, generator=generator)
     ours = reference._linear(a, w, None, "bf16")
-    torch_bf16 = (a.bfloat16().float() @ w.bfloat16().float().T)
+    torch_bf16 = a.bfloat16().float() @ w.bfloat16().float().T
     assert torch.equal(ours, torch_bf16)
 
 

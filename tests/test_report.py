@@ -1,4 +1,5 @@
 """report.md: every table row has its header's number of cells, whatever the cells contain."""
+
 import re
 import types
 import warnings
@@ -100,7 +101,11 @@ def test_past_10m_plot_needs_exactly_its_strip(tmp_path, monkeypatch):
     model.vocab = ToyData.vocab
     assert evaluate_module.room_after(model, data) == room
     metrics = {"histogram": {"|": {"training": 0.25, "predicted": 1.0}}, "histogram_predictions": 100}
-    written = write_report(tmp_path, model, types.SimpleNamespace(length=data.length, targets=data.targets),
-                           {**metrics, "data": {}, "train_accuracy": 0.5, "train_loss": 1.0, "bits_per_token": 1.4,
-                            "scored_indices": 1}, log_rows=[])
+    written = write_report(
+        tmp_path,
+        model,
+        types.SimpleNamespace(length=data.length, targets=data.targets),
+        {**metrics, "data": {}, "train_accuracy": 0.5, "train_loss": 1.0, "bits_per_token": 1.4, "scored_indices": 1},
+        log_rows=[],
+    )
     assert "past_10M.png" in {p.name for p in written}

@@ -1,4 +1,5 @@
 """Training: it learns, checkpoints atomically, saves on Ctrl-C, and resumes exactly."""
+
 import csv
 import os
 import signal
@@ -67,8 +68,9 @@ def test_resumed_run_continues_the_schedule_exactly(tmp_path, schedule):
     """A run stopped at step 10 and resumed logs the losses and learning rates of the uninterrupted run, warm-up
     and decay included, and ends with its weights."""
     data = ToyData(chunks=40)
-    cfg = TrainConfig(batch_size=32, steps=24, lr=3e-3, warmup_steps=4, schedule=schedule, min_lr=3e-4, log_every=2,
-                      save_every=1000)
+    cfg = TrainConfig(
+        batch_size=32, steps=24, lr=3e-3, warmup_steps=4, schedule=schedule, min_lr=3e-4, log_every=2, save_every=1000
+    )
     train(_model(), data, cfg, tmp_path / "full", progress=False)
     train(_model(), data, cfg, tmp_path / "part", progress=False, callbacks=[StopAtStep(10)])
     model, state, _, _ = load_run(tmp_path / "part")
@@ -84,8 +86,10 @@ def test_resumed_run_continues_the_schedule_exactly(tmp_path, schedule):
 
 def test_schedule_values_at_chosen_steps():
     """Warm-up to lr over 10 steps, then half a cosine (or a line) over steps 10..110 to min_lr, held after."""
-    values = {schedule: [lr_at(step, 111, 1.0, 10, schedule, 0.1) for step in (0, 4, 9, 10, 35, 60, 110, 500)]
-              for schedule in ("cosine", "linear", "constant")}
+    values = {
+        schedule: [lr_at(step, 111, 1.0, 10, schedule, 0.1) for step in (0, 4, 9, 10, 35, 60, 110, 500)]
+        for schedule in ("cosine", "linear", "constant")
+    }
     assert values["cosine"] == pytest.approx([0.1, 0.5, 1.0, 1.0, 0.1 + 0.9 * (2 + 2**0.5) / 4, 0.55, 0.1, 0.1])
     assert values["linear"] == pytest.approx([0.1, 0.5, 1.0, 1.0, 0.775, 0.55, 0.1, 0.1])
     assert values["constant"] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
@@ -116,11 +120,18 @@ def test_step_schedule_sets_every_group_and_its_state_is_the_step():
     assert "rate" not in schedule.state_dict()
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"schedule": "step"}, "unknown schedule"), ({"min_lr": 2e-3, "lr": 1e-3}, "min_lr <= lr"),
-    ({"warmup_steps": -1}, "warmup_steps"), ({"eval_every": -1}, "eval_every"), ({"clip_grad_norm": 0.0}, "clip_grad"),
-    ({"target_accuracy": 1.0}, "needs eval_every"), ({"target_accuracy": 1.5, "eval_every": 5}, "in \\(0, 1\\]"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"schedule": "step"}, "unknown schedule"),
+        ({"min_lr": 2e-3, "lr": 1e-3}, "min_lr <= lr"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"eval_every": -1}, "eval_every"),
+        ({"clip_grad_norm": 0.0}, "clip_grad"),
+        ({"target_accuracy": 1.0}, "needs eval_every"),
+        ({"target_accuracy": 1.5, "eval_every": 5}, "in \\(0, 1\\]"),
+    ],
+)
 def test_train_config_rejects_bad_schedules(bad, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**bad)
@@ -170,8 +181,17 @@ def test_a_callers_optimizer_scheduler_and_callbacks_drive_the_run(tmp_path):
     def run(run_dir, model, resume=False, callbacks=()):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.9**step)
-        train(model, data, cfg, run_dir, resume=resume, progress=False, optimizer=optimizer, scheduler=scheduler,
-              callbacks=callbacks)
+        train(
+            model,
+            data,
+            cfg,
+            run_dir,
+            resume=resume,
+            progress=False,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            callbacks=callbacks,
+        )
         return optimizer
 
     optimizer = run(tmp_path / "full", _model())
@@ -190,15 +210,27 @@ def test_tensorboard_logger_writes_the_training_and_evaluation_figures(tmp_path)
     from aunn_fast.callbacks import TensorBoardLogger
 
     logger = TensorBoardLogger(str(tmp_path / "tb"))
-    train(_model(), ToyData(chunks=40), TrainConfig(batch_size=32, steps=6, log_every=2, eval_every=3),
-          progress=False, callbacks=[logger])
+    train(
+        _model(),
+        ToyData(chunks=40),
+        TrainConfig(batch_size=32, steps=6, log_every=2, eval_every=3),
+        progress=False,
+        callbacks=[logger],
+    )
     logger.log_metrics({"train_accuracy": 0.5, "extrapolation": {"near": 0.25}, "data": {"kind": "toy"}}, 6)
     logger.close()
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/accuracy", "train/lr", "train/indices_per_s", "train/full_accuracy",
-            "eval/train_accuracy", "eval/extrapolation/near"} <= tags
+    assert {
+        "train/loss",
+        "train/accuracy",
+        "train/lr",
+        "train/indices_per_s",
+        "train/full_accuracy",
+        "eval/train_accuracy",
+        "eval/extrapolation/near",
+    } <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [2, 3, 4, 6]
     assert [e.step for e in events.Scalars("train/full_accuracy")] == [3, 6]
     assert events.Scalars("eval/extrapolation/near")[0].value == 0.25
@@ -248,8 +280,13 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
             return super().targets(idx)
 
     with pytest.raises(KeyboardInterrupt):
-        train(_model(), Interrupting(chunks=40), TrainConfig(batch_size=32, steps=50, save_every=1000),
-              tmp_path, progress=False)
+        train(
+            _model(),
+            Interrupting(chunks=40),
+            TrainConfig(batch_size=32, steps=50, save_every=1000),
+            tmp_path,
+            progress=False,
+        )
     _, state, extra, _ = load_run(tmp_path)
     assert state["step"] == 5 and any(k.startswith("optim.") for k in extra)
     assert not list(tmp_path.glob(".*.tmp"))
@@ -477,8 +514,11 @@ def test_a_checkpoint_saved_before_schedules_resumes_on_the_schedule_at_its_step
     train(_model(), data, cfg, tmp_path / "part", progress=False, callbacks=[StopAtStep(5)])
     saved = checkpoint.load(tmp_path / "part" / CHECKPOINT_NAME)
     model = load_run(tmp_path / "part")[0]
-    model.save(tmp_path / "part" / CHECKPOINT_NAME, extra=saved.extra,
-               extra_metadata={k: v for k, v in saved.metadata.items() if k in ("optimizer_groups", "train_state")})
+    model.save(
+        tmp_path / "part" / CHECKPOINT_NAME,
+        extra=saved.extra,
+        extra_metadata={k: v for k, v in saved.metadata.items() if k in ("optimizer_groups", "train_state")},
+    )
     assert "scheduler" not in checkpoint.load(tmp_path / "part" / CHECKPOINT_NAME).metadata
     train(model, data, cfg, tmp_path / "part", resume=True, progress=False)
     full, part = _log_rows(tmp_path / "full"), _log_rows(tmp_path / "part")
@@ -496,8 +536,13 @@ def test_gradients_are_clipped_before_every_step(clip):
     model = _model()
     optimizer = make_optimizer(model, TrainConfig())
     handle = optimizer.register_step_pre_hook(record)
-    train(model, ToyData(chunks=40), TrainConfig(batch_size=32, steps=5, clip_grad_norm=clip), progress=False,
-          optimizer=optimizer)
+    train(
+        model,
+        ToyData(chunks=40),
+        TrainConfig(batch_size=32, steps=5, clip_grad_norm=clip),
+        progress=False,
+        optimizer=optimizer,
+    )
     handle.remove()
     assert len(norms) == 5
     assert all(n <= 0.05 * (1 + 1e-5) for n in norms) == (clip is not None)

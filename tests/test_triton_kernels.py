@@ -20,6 +20,7 @@ vocabulary) float32 in any summation order is only that close, relative to the t
 factor of 4: the kernels round both operands of every backward product (as autocast
 does), the reference's autograd only each product's result; measured ratios reach ~3.3.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,6 +66,7 @@ if _REASON is None:
         tl.store(bf16_ptr + i, round_bf16(x), mask=i < N)
         tl.store(tf32_ptr + i, round_tf32(x), mask=i < N)
 
+
 ATOL_REL = 1e-5
 # Floors of the 2x rule by precision (relative to max|oracle|). In tf32/bf16 an operand that
 # lands near a rounding boundary rounds one way in the float64 oracle and may round the other
@@ -94,8 +96,9 @@ class Options:
 
     def vocab_splits(self, row_programs: int, vocab: int, block_v: int) -> tuple[int, int]:
         """config.vocab_splits on DEVICE under these options."""
-        return vocab_splits(row_programs, vocab, block_v,
-                            choose_config(16, 64, vocab, "fp32", device_traits(DEVICE), self.value))
+        return vocab_splits(
+            row_programs, vocab, block_v, choose_config(16, 64, vocab, "fp32", device_traits(DEVICE), self.value)
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -176,15 +179,24 @@ def differentiable_rounding(round_grad: bool):
     """
     original = reference.round_operand
     reference.round_operand = lambda x, precision: (
-        x if precision == "fp32" else _Round.apply(x, precision, round_grad, original))
+        x if precision == "fp32" else _Round.apply(x, precision, round_grad, original)
+    )
     try:
         yield
     finally:
         reference.round_operand = original
 
 
-def assert_2x_rule(name: str, got: torch.Tensor, ref32: torch.Tensor, oracle: torch.Tensor,
-                   atol_rel: float = ATOL_REL, factor: float = 2.0, scale: float = 0.0, atol: float = 0.0) -> None:
+def assert_2x_rule(
+    name: str,
+    got: torch.Tensor,
+    ref32: torch.Tensor,
+    oracle: torch.Tensor,
+    atol_rel: float = ATOL_REL,
+    factor: float = 2.0,
+    scale: float = 0.0,
+    atol: float = 0.0,
+) -> None:
     """The 2x rule; the floor is atol_rel x max(max|oracle|, scale) + atol."""
     assert got.shape == oracle.shape, f"{name}: shape {tuple(got.shape)} != {tuple(oracle.shape)}"
     assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten output?)"
@@ -295,16 +307,16 @@ def test_unavailable_reason_cpu(monkeypatch):
 
 FP32_CASES = [
     # hidden, layers, residual_every, bits, vocab, batch
-    (16, 2, 1, 64, 5, 37),      # no hidden layer, tiny vocab padded to a 64-wide tile
-    (32, 3, 1, 64, 5, 1),       # one hidden layer with a residual, batch 1
-    (32, 8, 2, 64, 150, 130),   # the seed layout, vocab over two tiles, batch over two blocks
-    (64, 5, 3, 40, 70, 37),     # residual_every 3, bits < 64
-    (16, 4, 2, 7, 2, 130),      # few bits, binary vocab
-    (64, 8, 3, 64, 300, 257),   # three vocabulary tiles, three row blocks
-    (16, 3, 2, 1, 3, 130),      # a single bit
-    (48, 4, 2, 20, 7, 200),     # hidden not a power of two, four row blocks
-    (32, 7, 3, 64, 9, 65),      # one group of 3 hidden layers ending in a residual, then 2 without
-    (16, 4, 5, 64, 5, 37),      # residual_every beyond the hidden layers: no residual add at all
+    (16, 2, 1, 64, 5, 37),  # no hidden layer, tiny vocab padded to a 64-wide tile
+    (32, 3, 1, 64, 5, 1),  # one hidden layer with a residual, batch 1
+    (32, 8, 2, 64, 150, 130),  # the seed layout, vocab over two tiles, batch over two blocks
+    (64, 5, 3, 40, 70, 37),  # residual_every 3, bits < 64
+    (16, 4, 2, 7, 2, 130),  # few bits, binary vocab
+    (64, 8, 3, 64, 300, 257),  # three vocabulary tiles, three row blocks
+    (16, 3, 2, 1, 3, 130),  # a single bit
+    (48, 4, 2, 20, 7, 200),  # hidden not a power of two, four row blocks
+    (32, 7, 3, 64, 9, 65),  # one group of 3 hidden layers ending in a residual, then 2 without
+    (16, 4, 5, 64, 5, 37),  # residual_every beyond the hidden layers: no residual add at all
 ]
 
 
@@ -314,10 +326,13 @@ def test_fp32_against_reference(hidden, layers, residual_every, bits, vocab, bat
     check_model(cfg, batch, generator)
 
 
-@pytest.mark.parametrize("method,vocab,batch,head_kernel", [
-    ("torch", 5, 70, False), ("torch", 5, 1, False), ("torch", 150, 70, True), ("partials", 5, 70, True)])
-def test_small_heads_take_their_gradients_from_the_trunk_backward(method, vocab, batch, head_kernel, generator,
-                                                                   monkeypatch, options):
+@pytest.mark.parametrize(
+    "method,vocab,batch,head_kernel",
+    [("torch", 5, 70, False), ("torch", 5, 1, False), ("torch", 150, 70, True), ("partials", 5, 70, True)],
+)
+def test_small_heads_take_their_gradients_from_the_trunk_backward(
+    method, vocab, batch, head_kernel, generator, monkeypatch, options
+):
     """Where the head's gradients are no larger than the trunk's bias and gain partials (vocab 5 at H = 32,
     4 layers: 165 against 256 per program), the fused trunk backward, which recomputes the head's dlogits
     anyway, also sums dlogits.T @ h and dlogits per program: no head_weight_grad_kernel launch. With one
@@ -338,13 +353,16 @@ def test_small_heads_take_their_gradients_from_the_trunk_backward(method, vocab,
     assert (head_backward.head_weight_grad_kernel in launched) == head_kernel
 
 
-@pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", [
-    (32, 4, 2, 64, 5, 37),
-    (48, 3, 1, 13, 70, 19),     # hidden not a power of two
-    (32, 8, 3, 64, 150, 300),   # 3 row blocks of 128 on 2 persistent programs (backward)
-    (16, 4, 5, 64, 5, 37),      # residual_every beyond the hidden layers
-    (64, 7, 2, 64, 9, 520),     # the default residual_every, 2 adds; 5 row blocks on 2 programs
-])
+@pytest.mark.parametrize(
+    "hidden,layers,residual_every,bits,vocab,batch",
+    [
+        (32, 4, 2, 64, 5, 37),
+        (48, 3, 1, 13, 70, 19),  # hidden not a power of two
+        (32, 8, 3, 64, 150, 300),  # 3 row blocks of 128 on 2 persistent programs (backward)
+        (16, 4, 5, 64, 5, 37),  # residual_every beyond the hidden layers
+        (64, 7, 2, 64, 9, 520),  # the default residual_every, 2 adds; 5 row blocks on 2 programs
+    ],
+)
 def test_fp32_layerwise_path(hidden, layers, residual_every, bits, vocab, batch, generator, layerwise):
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=residual_every)
     check_model(cfg, batch, generator)
@@ -466,8 +484,9 @@ def test_logits_past_exp_range(path, generator, options):
         assert_2x_rule(f"d {name}", g, g32, g64, atol_rel=GRAD_FLOOR_FP32, scale=scale)
 
 
-@pytest.mark.parametrize("row_programs,vocab", [(1, 50257), (3, 50257), (5, 300), (8, 50257), (1000, 65536),
-                                                (1, 4095), (1, 4096)])
+@pytest.mark.parametrize(
+    "row_programs,vocab", [(1, 50257), (3, 50257), (5, 300), (8, 50257), (1000, 65536), (1, 4095), (1, 4096)]
+)
 def test_vocab_splits_cover_the_vocabulary(row_programs, vocab, options):
     """Whole tiles per range, no empty range, every entry covered; split only large heads on grids
     with fewer programs than wanted (4 'SMs' off a GPU, VOCAB_SPLIT_PROGRAMS_PER_SM each)."""
@@ -581,8 +600,12 @@ def test_logits_backward_arbitrary_upstream(generator, weight_grad):
         (fn(idx, p, cfg, "fp32") * upstream.to(p.in_weight.dtype)).sum().backward()
         return grads_of(p)
 
-    for name, g, g32, g64 in zip(AUNNParams._fields, grads(kernels.logits, params),
-                                 grads(reference.logits, params), grads(reference.logits, as_double(params))):
+    for name, g, g32, g64 in zip(
+        AUNNParams._fields,
+        grads(kernels.logits, params),
+        grads(reference.logits, params),
+        grads(reference.logits, as_double(params)),
+    ):
         assert_2x_rule(f"d {name}", g, g32, g64)
 
 
@@ -620,8 +643,9 @@ def test_row_losses_with_weighted_upstream(path, precision, generator, weight_gr
     factor = 2.0 if precision == "fp32" else 4.0  # see check_model
     scales = row_term_scales(idx, targets, as_double(params), cfg)
     for name, g, g32, g64, scale in zip(AUNNParams._fields, grads, grads32, grads64, scales):
-        assert_2x_rule(f"d {name}", g, g32, g64, atol_rel=max(floor, GRAD_FLOOR_FP32), factor=factor,
-                       scale=scale * n * 1.5)  # row_term_scales is of the mean: x n, and |weights| <= 1.5
+        assert_2x_rule(
+            f"d {name}", g, g32, g64, atol_rel=max(floor, GRAD_FLOOR_FP32), factor=factor, scale=scale * n * 1.5
+        )  # row_term_scales is of the mean: x n, and |weights| <= 1.5
     total = kernels.loss(idx, targets, params, cfg, precision, reduction="sum")
     mean = kernels.loss(idx, targets, params, cfg, precision)
     torch.testing.assert_close(total, rows.sum(), rtol=1e-6, atol=0)
@@ -646,9 +670,17 @@ def test_unknown_weight_grad_method():
         KernelOptions(head_backward="gemm")
 
 
-@pytest.mark.parametrize("tiles", [{"block_m": 256}, {"block_m": 64}, {"block_m_bwd": 128}, {"block_m_bwd": 16},
-                                   {"max_registers": 128, "max_registers_bwd": 168},
-                                   {"num_stages": 2, "max_registers": 96}])
+@pytest.mark.parametrize(
+    "tiles",
+    [
+        {"block_m": 256},
+        {"block_m": 64},
+        {"block_m_bwd": 128},
+        {"block_m_bwd": 16},
+        {"max_registers": 128, "max_registers_bwd": 168},
+        {"num_stages": 2, "max_registers": 96},
+    ],
+)
 def test_tile_candidates(tiles, generator, weight_grad, options):
     """The row blocks, register caps and pipeline depths bench/kernel_variants times (KernelOptions.tiles)
     compute the same model (the interpreter takes the caps and stages and ignores them; a GPU compiles to them)."""
@@ -659,6 +691,7 @@ def test_tile_candidates(tiles, generator, weight_grad, options):
 
 def test_sigmoid_switch():
     """The tanh.approx sigmoid is used for bf16 on a GPU only; an unknown choice is a clear error."""
+
     def fast(precision: str, device) -> bool:
         return choose_config(64, 64, 4, precision, device, KernelOptions(sigmoid="tanh")).fast_sigmoid
 
@@ -670,12 +703,16 @@ def test_sigmoid_switch():
         KernelOptions(sigmoid="fast")
 
 
-@pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", [
-    (32, 8, 2, 64, 150, 130),   # the seed layout, vocab over two tiles, batch over two blocks
-    (48, 4, 2, 20, 7, 200),     # hidden not a power of two
-])
-def test_fp32_as_three_tf32_products(hidden, layers, residual_every, bits, vocab, batch, generator, weight_grad,
-                                     options):
+@pytest.mark.parametrize(
+    "hidden,layers,residual_every,bits,vocab,batch",
+    [
+        (32, 8, 2, 64, 150, 130),  # the seed layout, vocab over two tiles, batch over two blocks
+        (48, 4, 2, 20, 7, 200),  # hidden not a power of two
+    ],
+)
+def test_fp32_as_three_tf32_products(
+    hidden, layers, residual_every, bits, vocab, batch, generator, weight_grad, options
+):
     """KernelOptions.fp32_products "tf32x3" (the interpreter's emulation of Triton's: operands split into their
     nearest tf32 value and the truncated rest) keeps the fp32 mode within its 2x rule; its logits differ from
     the FMA path's (so the switch was honoured) by far less than the fp32 floor."""
@@ -692,15 +729,26 @@ def test_fp32_products_switch():
     """tf32x3 unless AUNN_FAST_FP32_PRODUCTS says otherwise (conftest picks ieee for the interpreter); checked;
     only the fp32 mode reads it."""
     env = {k: v for k, v in os.environ.items() if k != "AUNN_FAST_FP32_PRODUCTS"}
-    default = subprocess.run([sys.executable, "-c", "from aunn_fast.kernels.config import default_options; "
-                              "print(default_options().fp32_products)"], env=env, capture_output=True, text=True)
+    default = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from aunn_fast.kernels.config import default_options; print(default_options().fp32_products)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert default.stdout.strip() == "tf32x3", default.stderr[-2000:]
     assert KernelOptions.from_environment({"AUNN_FAST_FP32_PRODUCTS": "ieee"}).fp32_products == "ieee"
     with pytest.raises(ValueError, match="AUNN_FAST_FP32_PRODUCTS.*tf32x3, ieee"):
         KernelOptions.from_environment({"AUNN_FAST_FP32_PRODUCTS": "tf32x4"})
     gpu = SimpleNamespace(sms=132, interpreted=False)
-    codes = {(p, f): choose_config(64, 64, 4, p, gpu, KernelOptions(fp32_products=f)).precision_code
-             for p in ("fp32", "bf16") for f in ("tf32x3", "ieee")}
+    codes = {
+        (p, f): choose_config(64, 64, 4, p, gpu, KernelOptions(fp32_products=f)).precision_code
+        for p in ("fp32", "bf16")
+        for f in ("tf32x3", "ieee")
+    }
     assert codes == {("fp32", "tf32x3"): 4, ("fp32", "ieee"): 0, ("bf16", "tf32x3"): 2, ("bf16", "ieee"): 2}
 
 
@@ -732,7 +780,7 @@ def test_argmax_ties_pick_the_first(split, generator, options):
     cfg = AUNNConfig(vocab_size=300, hidden=16, layers=3, bits=64)
     params = make_params(cfg, generator)
     bias = torch.zeros(cfg.vocab_size)
-    bias[[70, 75, 140, 299]] = 1.0      # 70 and 75 share a tile; 140 and 299 lie in later tiles
+    bias[[70, 75, 140, 299]] = 1.0  # 70 and 75 share a tile; 140 and 299 lie in later tiles
     params = params._replace(out_weight=torch.zeros_like(params.out_weight), out_bias=bias.to(DEVICE))
     idx = make_indices(cfg, 19, generator)
     pred = kernels.predict(idx, params, cfg, "fp32")
@@ -772,8 +820,7 @@ def test_strided_parameters(force_layerwise, generator, options):
         options.set(fused_max_hidden=0)
     cfg = AUNNConfig(vocab_size=9, hidden=32, layers=4, bits=64, residual_every=2)
     params = make_params(cfg, generator)
-    strided = AUNNParams(*[t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() > 1 else t
-                           for t in params])
+    strided = AUNNParams(*[t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() > 1 else t for t in params])
     assert not strided.hidden_weight.is_contiguous() and torch.equal(strided.hidden_weight, params.hidden_weight)
     idx = make_indices(cfg, 37, generator)
     targets = torch.randint(0, cfg.vocab_size, (37,), generator=generator).to(DEVICE)
@@ -894,10 +941,18 @@ def test_gpu_model_on_a_device_that_is_not_current(generator):
         assert rel_err(p.grad, q.grad) < 1e-4, name
 
 
-@pytest.mark.parametrize("force_layerwise,n,split_vocab,weight_copies,vocab", [
-    (False, 65, False, False, 70), (True, 65, False, False, 70), (False, 37, False, False, 70),
-    (True, 37, True, False, 70), (False, 65, False, True, 70), (False, 65, False, False, 5),
-    (False, 20, False, False, 5)])
+@pytest.mark.parametrize(
+    "force_layerwise,n,split_vocab,weight_copies,vocab",
+    [
+        (False, 65, False, False, 70),
+        (True, 65, False, False, 70),
+        (False, 37, False, False, 70),
+        (True, 37, True, False, 70),
+        (False, 65, False, True, 70),
+        (False, 65, False, False, 5),
+        (False, 20, False, False, 5),
+    ],
+)
 def test_opcheck(force_layerwise, n, split_vocab, weight_copies, vocab, generator, options):
     """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of both operators,
     fused and layer-wise (whose forward also calls PyTorch GEMMs); at 37 rows the head's
@@ -931,8 +986,7 @@ def test_opcheck(force_layerwise, n, split_vocab, weight_copies, vocab, generato
     opcheck(torch.ops.aunn_fast.forward.default, (idx, targets, *detached, *hp, 1, False, encoded))
     _, stats, acts, zs = torch.ops.aunn_fast.forward(idx, targets, *detached, *hp, 2, True, encoded)
     upstream = torch.rand(n, generator=generator).to(DEVICE)
-    opcheck(torch.ops.aunn_fast.backward.default,
-            (idx, targets, upstream, stats, acts, zs, *detached, *hp, 2, encoded))
+    opcheck(torch.ops.aunn_fast.backward.default, (idx, targets, upstream, stats, acts, zs, *detached, *hp, 2, encoded))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -980,6 +1034,7 @@ def check_compiled_matches_eager(precision, generator, vocab=70):
     n = 300 if torch.cuda.is_available() else 37
     idx = make_indices(cfg, n, generator)
     targets = torch.randint(0, vocab, (n,), generator=generator).to(DEVICE)
+
     # On a GPU the compiler traces into the operators: same kernels, but PyTorch's own steps
     # (the sums of weight-gradient partials, the layer-wise path's GEMMs) may be reordered or run
     # by other GEMM kernels. In fp32 that moves a few roundings relative to the tensor's scale (on
