@@ -1,11 +1,12 @@
 """Build and load the optional C++ extension (``csrc/``) that provides the ``cpp`` backend's operators.
 
 The extension is compiled just in time on first use with ``torch.utils.cpp_extension.load`` (ninja and a C++
-compiler), for the CPU it runs on (``-O3 -march=native``), into a cache directory keyed by the Python, torch
-and source versions and the CPU's model and instruction-set flags, so a home directory shared by machines with
-different CPUs never loads a binary built for another one. Later processes load the cached build in well under
-a second. ``AUNN_FAST_CPP=0`` turns the extension off; without a compiler, or when the build fails, the package
-runs as before and :func:`unavailable_reason` says why (a failed build also warns once).
+compiler), for the CPU it runs on (``-O3 -march=native``; ``AUNN_FAST_CPP_MARCH`` names another target), into
+a cache directory keyed by the Python, torch and source versions, the flags and the CPU's model and
+instruction-set flags, so a home directory shared by machines with different CPUs never loads a binary built for
+another one. Later processes load the cached build in well under a second. ``AUNN_FAST_CPP=0`` turns the
+extension off; without a compiler, or when the build fails, the package runs as before and
+:func:`unavailable_reason` says why (a failed build also warns once).
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ import torch
 
 ENV_SWITCH = "AUNN_FAST_CPP"  # "0" turns the extension off; "1" or unset: build and use it where possible
 ENV_CACHE = "AUNN_FAST_CPP_CACHE"  # where builds are kept (default: $XDG_CACHE_HOME/aunn_fast/cpp)
+ENV_MARCH = "AUNN_FAST_CPP_MARCH"  # the -march= target (default native); e.g. haswell emulates an AVX2-only CPU
 EXTENSION_NAME = "aunn_fast_cpp"
 CPU_SOURCES = ("cpu/mlp.cpp", "cpu/ops.cpp")
 CUDA_EXTENSION_NAME = "aunn_fast_cuda"
 CUDA_SOURCES = ("cuda/bindings.cpp", "cuda/scale.cu")  # built only with nvcc and a CUDA build of torch
-# Built for the machine it runs on; never -ffast-math (the results must match the reference's float32 math).
-# -fno-math-errno only lets sqrt compile to the instruction; -fopenmp makes at::parallel_for use torch's
-# OpenMP threads (libgomp is the one torch already loaded).
-CXX_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
+# Built for the machine it runs on (or $AUNN_FAST_CPP_MARCH); never -ffast-math (the results must match the
+# reference's float32 math). -fno-math-errno only lets sqrt compile to the instruction; -fopenmp makes
+# at::parallel_for use torch's OpenMP threads (libgomp is the one torch already loaded).
+CXX_FLAGS = ("-O3", "-fno-math-errno", "-fopenmp")
 LD_FLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
@@ -63,10 +65,23 @@ def _cpu_description() -> str:
     return f"{platform.machine()}|{model}|{flags}"
 
 
+def march() -> str:
+    """The -march= target: $AUNN_FAST_CPP_MARCH (letters, digits, '-', '_', '.') or "native"."""
+    value = os.environ.get(ENV_MARCH, "native")
+    if not (value and all(c.isalnum() or c in "-_." for c in value)):
+        raise ValueError(f"{ENV_MARCH} must name a -march= target such as native or haswell, got {value!r}")
+    return value
+
+
+def cxx_flags() -> tuple[str, ...]:
+    """The compiler flags of a build: CXX_FLAGS and the -march= target."""
+    return (*CXX_FLAGS, f"-march={march()}")
+
+
 def build_key(src: Path) -> str:
     """A digest of everything the binary depends on: CPU, Python, torch, flags and every source file."""
     digest = hashlib.sha256()
-    for part in (_cpu_description(), sys.version, torch.__version__, " ".join(CXX_FLAGS)):
+    for part in (_cpu_description(), sys.version, torch.__version__, " ".join(cxx_flags())):
         digest.update(part.encode() + b"\0")
     for path in sorted(src.rglob("*")):
         if path.is_file() and path.suffix in (".cpp", ".h", ".cu", ".cuh"):
@@ -89,6 +104,10 @@ def _precondition_failure() -> str | None:
         return f"turned off by {ENV_SWITCH}=0"
     if setting != "1":
         return f"{ENV_SWITCH} must be 0 or 1, got {setting!r}"
+    try:
+        march()
+    except ValueError as exc:
+        return str(exc)
     if source_dir() is None:
         return "the C++ sources (csrc/) are not installed with this package"
     from torch.utils import cpp_extension
@@ -119,7 +138,7 @@ def _build(name: str, sources: tuple[str, ...]) -> None:
     cpp_extension.load(
         name=name,
         sources=[str(src / s) for s in sources],
-        extra_cflags=[*CXX_FLAGS, f"-DAUNN_BUILD_KEY={key}"],
+        extra_cflags=[*cxx_flags(), f"-DAUNN_BUILD_KEY={key}"],
         extra_cuda_cflags=["-O3"],
         extra_ldflags=list(LD_FLAGS),
         build_directory=str(build_dir),
@@ -150,10 +169,11 @@ def _loaded(name: str, sources: tuple[str, ...], precondition: Callable[[], str 
 
 
 def check_setting() -> None:
-    """ValueError unless AUNN_FAST_CPP is unset, 0 or 1."""
+    """ValueError unless AUNN_FAST_CPP is unset, 0 or 1, and AUNN_FAST_CPP_MARCH a plain -march= target."""
     setting = os.environ.get(ENV_SWITCH, "1")
     if setting not in ("0", "1"):
         raise ValueError(f"{ENV_SWITCH} must be 0 or 1, got {setting!r}")
+    march()
 
 
 def unavailable_reason() -> str | None:
