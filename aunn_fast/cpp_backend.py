@@ -27,7 +27,7 @@ from .config import AUNNConfig
 from .params import AUNNParams
 
 SUPPORTED_PRECISIONS = ("fp32",)
-ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as inference.make_optimizer uses them
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as inference.conditioning_optimizer uses them
 ADAM_EPS = 1e-8
 
 _registered: dict[str, bool] = {}  # "done": the fake and autograd parts are registered

@@ -105,7 +105,7 @@ class ToyData:
         return {"kind": "toy", "chunks": self.chunks, "seed": self.seed, "length": self.length}
 
 
-def random_indices(length: int, n: int, generator: torch.Generator) -> torch.Tensor:
+def uniform_indices(length: int, n: int, generator: torch.Generator) -> torch.Tensor:
     """int64 [n] drawn uniformly from 0 .. length-1, on the generator's device; length up to 2**63 (then
     every int64 >= 0, where randint's exclusive bound would overflow)."""
     if length == 1 << 63:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import Dataset, HeldOutTail, ToyData, decode, random_indices
+from .data import Dataset, HeldOutTail, ToyData, decode, uniform_indices
 from .errors import UserInputError
 from .inference import condition, span
 from .model import AUNN
@@ -47,7 +47,7 @@ def fit(model: AUNN, data: Dataset, generator: torch.Generator) -> dict[str, Any
     if data.length <= FIT_SAMPLE_LIMIT:
         idx = torch.arange(data.length, dtype=torch.int64)
     else:
-        idx = random_indices(data.length, FIT_SAMPLE_LIMIT, generator)
+        idx = uniform_indices(data.length, FIT_SAMPLE_LIMIT, generator)
     correct, total_loss = 0, 0.0
     for chunk in _batches(idx.to(model.device), model.cfg.vocab_size):
         targets = data.targets(chunk)
@@ -110,7 +110,7 @@ def histogram(
     vocab_size = model.cfg.vocab_size
     count = histogram_span(model, data)
     predicted = torch.bincount(predictions(model, data.length, count), minlength=vocab_size).double()
-    sample = random_indices(data.length, min(data.length, HISTOGRAM_SPAN), generator)
+    sample = uniform_indices(data.length, min(data.length, HISTOGRAM_SPAN), generator)
     actual = torch.bincount(data.targets(sample).cpu(), minlength=vocab_size).double()
     predicted, actual = predicted / max(count, 1), actual / actual.sum()
     seen = torch.nonzero((predicted > 0) | (actual > 0)).flatten()
@@ -179,7 +179,7 @@ def conditioning(
     success is a real flip (e.g. `|aaa` to `|ccc`). Collateral drift is the training
     accuracy of the conditioned copies on a fixed sample of training indices.
     """
-    sample = random_indices(data.length, min(data.length, 8192), generator).to(model.device)
+    sample = uniform_indices(data.length, min(data.length, 8192), generator).to(model.device)
     sample_targets = data.targets(sample)
     chunks_after = room_after(model, data) // 4  # trials spread over them; they may share one when few
     successes, drift, examples = 0, [], []

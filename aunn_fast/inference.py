@@ -88,7 +88,7 @@ CONDITION_OPTIMIZERS = ("adam", "sgd")
 GRAPH_MIN_STEPS = 8
 
 
-def make_optimizer(model: AUNN, name: str, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
+def conditioning_optimizer(model: AUNN, name: str, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
     """The optimizer of a conditioning run: a fresh Adam (its first step moves every weight by ~lr; on CUDA
     fused, one launch per step instead of a dozen) or SGD; capturable: an Adam whose step a CUDA graph can
     hold (SGD's always can)."""
@@ -107,10 +107,10 @@ def optimizer_step(
     on CUDA, one C++ call per step with the cpp backend (their steps check no input: the caller does), else
     eager."""
     if model.active_backend().name == "cpp":
-        make_optimizer(model, optimizer, lr)  # the same errors for a bad name or learning rate
+        conditioning_optimizer(model, optimizer, lr)  # the same errors for a bad name or learning rate
         return OneCallStep(model, optimizer, lr)
     graphed = model.device.type == "cuda" and batch > 0 and total_steps >= GRAPH_MIN_STEPS
-    opt = make_optimizer(model, optimizer, lr, capturable=graphed)
+    opt = conditioning_optimizer(model, optimizer, lr, capturable=graphed)
     if graphed:
         return GraphedTrainStep(model, opt, batch)
 

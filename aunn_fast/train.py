@@ -33,7 +33,7 @@ from .atomic import atomic_write
 from .callbacks import Callback, StopAtAccuracy
 from .config import AUNNConfig
 from .cuda_graph import GraphedTrainStep, capturable
-from .data import Dataset, random_indices
+from .data import Dataset, uniform_indices
 from .divergence import LossWatch, check_finite
 from .errors import CheckpointError, UserInputError, UserTypeError
 from .model import AUNN
@@ -147,7 +147,7 @@ class TrainConfig:
         return lr_at(step, total, self.lr, self.warmup_steps, self.schedule, self.min_lr)
 
 
-def make_optimizer(model: AUNN, cfg: TrainConfig) -> torch.optim.AdamW:
+def training_optimizer(model: AUNN, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; on CUDA fused, and capturable (so it can live in a CUDA graph) when cfg.cuda_graph, its learning
     rate then a device tensor, which the graph reads at every replay (so that a schedule can change it)."""
     on_cuda = model.device.type == "cuda"
@@ -300,7 +300,7 @@ def full_pass_indices(length: int, seed: int, device: torch.device) -> torch.Ten
     if length <= FULL_PASS_LIMIT:
         return torch.arange(length, dtype=torch.int64, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    return random_indices(length, FULL_PASS_LIMIT, generator)
+    return uniform_indices(length, FULL_PASS_LIMIT, generator)
 
 
 def check_data_fits(data: Dataset, cfg: AUNNConfig) -> None:
@@ -337,7 +337,7 @@ def train(
     (and holds its lock) and shows progress. The rows (global loss and accuracy) are the same on every rank, but
     only rank 0's begin with those of the log resumed.
 
-    ``optimizer`` (default :func:`make_optimizer`, AdamW) must hold the model's parameters; ``scheduler``
+    ``optimizer`` (default :func:`training_optimizer`, AdamW) must hold the model's parameters; ``scheduler``
     (default :func:`make_scheduler`, cfg's warm-up and decay; any ``LRScheduler`` whose ``step()`` takes no
     argument) is stepped after every optimizer step, and the log's lr is its first group's. Both are
     checkpointed (``state_dict``) and restored on ``resume``; a caller's optimizer on CUDA runs eagerly unless
@@ -376,7 +376,7 @@ def _train(
     model.active_backend().check_settings()
     model.vocab, model.data_description = data.vocab, data.describe()
     total = cfg.total_steps(data.length)
-    optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
+    optimizer = optimizer if optimizer is not None else training_optimizer(model, cfg)
     scheduler = scheduler if scheduler is not None else make_scheduler(optimizer, cfg, total)
     callbacks = [*callbacks, *([StopAtAccuracy(cfg.target_accuracy)] if cfg.target_accuracy is not None else [])]
     start, elapsed_before = 0, 0.0

@@ -33,7 +33,7 @@ from aunn_fast import AUNN, distributed
 from aunn_fast.bench.configs import CONFIGS
 from aunn_fast.data import ToyData
 from aunn_fast.sampler import EpochSampler
-from aunn_fast.train import TrainConfig, make_optimizer
+from aunn_fast.train import TrainConfig, training_optimizer
 
 
 def _cpu_model() -> str:
@@ -61,7 +61,7 @@ def _time_steps(
     torch.set_num_threads(threads)
     model = AUNN(CONFIGS[config], backend=backend, seed=0)
     data = ToyData(chunks=-(-batch * (warmup + steps) // 4))  # one epoch holds every step
-    optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
+    optimizer = training_optimizer(model, TrainConfig(lr=1e-3))
     sampler = EpochSampler(data.length, batch, 0, "cpu", rank, world_size)
     if parallel:
         dp = distributed.DataParallel(model, optimizer, sampler, data, lambda: False)

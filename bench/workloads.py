@@ -20,8 +20,7 @@ import torch
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.cuda_graph import GraphedTrainStep
 from aunn_fast.inference import optimizer_step
-from aunn_fast.train import TrainConfig
-from aunn_fast.train import make_optimizer as make_train_optimizer
+from aunn_fast.train import TrainConfig, training_optimizer
 
 MAX_INPUT_SETS = 4
 CONDITION_LR = 1e-2  # SGD's, for the conditioning workloads
@@ -137,7 +136,7 @@ def _prepare_train(model: AUNN, batch: int, generator: torch.Generator) -> Prepa
 
 def _prepare_train_graph(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
     """The training step as `aunn train` runs it on CUDA: one captured graph, replayed."""
-    optimizer = make_train_optimizer(model, TrainConfig(lr=1e-3))  # the trainer's own: fused, capturable
+    optimizer = training_optimizer(model, TrainConfig(lr=1e-3))  # the trainer's own: fused, capturable
     return _rotating(model, batch, generator, GraphedTrainStep(model, optimizer, batch))
 
 
@@ -196,7 +195,7 @@ def _prepare_seed_run(model: AUNN, batch: int, generator: torch.Generator) -> Pr
 def _prepare_seed_run_graph(model: AUNN, batch: int, generator: torch.Generator) -> Prepared:
     """The seed's run as `aunn train` runs it on CUDA: each full batch through one captured step, the
     short one eagerly (zeroing the gradients the graph holds instead of freeing them)."""
-    optimizer = make_train_optimizer(model, TrainConfig(lr=1e-3))  # the trainer's own: fused, capturable
+    optimizer = training_optimizer(model, TrainConfig(lr=1e-3))  # the trainer's own: fused, capturable
     graphed = GraphedTrainStep(model, optimizer, batch)
 
     def short_call(idx: torch.Tensor, targets: torch.Tensor) -> None:

@@ -182,7 +182,7 @@ def test_one_call_step_matches_torch_optim(optimizer, generator):
     """Two steps of OneCallStep against autograd + torch.optim on the reference, in float32 and float64, by the
     2x rule on each parameter's total change; its returned loss is the first step's."""
     from aunn_fast import cpp_backend
-    from aunn_fast.inference import make_optimizer
+    from aunn_fast.inference import conditioning_optimizer
 
     cfg = AUNNConfig(vocab_size=5, hidden=32, layers=4, bits=64)
     start = random_model(cfg, generator, backend="reference").state_dict()
@@ -193,7 +193,7 @@ def test_one_call_step_matches_torch_optim(optimizer, generator):
     def torch_steps(dtype):
         model = AUNN(cfg, backend="reference").to(dtype)
         model.load_state_dict(start)
-        opt = make_optimizer(model, optimizer, lr)
+        opt = conditioning_optimizer(model, optimizer, lr)
         for _ in range(2):
             opt.zero_grad()
             model.loss(idx, targets).backward()

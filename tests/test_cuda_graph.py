@@ -8,7 +8,7 @@ import torch
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.cuda_graph import GraphedTrainStep, capturable
 from aunn_fast.data import ToyData
-from aunn_fast.train import TrainConfig, make_optimizer, train
+from aunn_fast.train import TrainConfig, train, training_optimizer
 
 from helpers import rel_err
 
@@ -31,7 +31,7 @@ def test_graphed_steps_match_eager_steps(backend, hidden, precision):
         AUNN(AUNNConfig(hidden=hidden, layers=6), backend=backend, precision=precision, seed=1).cuda() for _ in range(2)
     ]
     tol = 1e-5 if precision == "fp32" else 1e-3
-    eager_opt, graph_opt = (make_optimizer(m, cfg) for m in models)
+    eager_opt, graph_opt = (training_optimizer(m, cfg) for m in models)
     graphed = GraphedTrainStep(models[1], graph_opt, cfg.batch_size)
     gen = torch.Generator(device="cuda").manual_seed(0)
     for _ in range(5):
@@ -50,7 +50,7 @@ def test_graphed_steps_match_eager_steps(backend, hidden, precision):
 @needs_cuda
 def test_graph_rejects_wrong_batch_size():
     model = AUNN(AUNNConfig(hidden=32, layers=3)).cuda()
-    graphed = GraphedTrainStep(model, make_optimizer(model, TrainConfig()), 64)
+    graphed = GraphedTrainStep(model, training_optimizer(model, TrainConfig()), 64)
     with pytest.raises(ValueError, match="exactly 64"):
         graphed(torch.zeros(63, dtype=torch.int64, device="cuda"), torch.zeros(63, dtype=torch.int64, device="cuda"))
 
@@ -95,7 +95,7 @@ def test_graph_keeps_its_gradient_buffers():
     models = [
         AUNN(AUNNConfig(hidden=64, layers=6), backend="reference", precision="fp32", seed=1).cuda() for _ in range(2)
     ]
-    eager_opt, graph_opt = (make_optimizer(m, cfg) for m in models)
+    eager_opt, graph_opt = (training_optimizer(m, cfg) for m in models)
     graphed = GraphedTrainStep(models[1], graph_opt, cfg.batch_size)
     graph_opt.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
@@ -135,7 +135,7 @@ def test_graphed_conditioning_matches_eager_conditioning(optimizer, monkeypatch)
     from aunn_fast import inference
 
     model = AUNN(AUNNConfig(hidden=32, layers=4, vocab_size=5), backend="triton", precision="fp32", seed=3).cuda()
-    assert inference.make_optimizer(model, "adam", 1e-3).defaults["fused"]
+    assert inference.conditioning_optimizer(model, "adam", 1e-3).defaults["fused"]
     prompt = torch.tensor([1, 4, 0, 2, 3, 3, 1], device="cuda")
     results, graph_min_steps = [], inference.GRAPH_MIN_STEPS
     for min_steps in (graph_min_steps, 1 << 30):  # graphed, then eager

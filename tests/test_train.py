@@ -21,10 +21,10 @@ from aunn_fast.train import (
     accuracy,
     check_data_fits,
     load_run,
-    make_optimizer,
     optimizer_tensors,
     restore_optimizer,
     train,
+    training_optimizer,
 )
 
 
@@ -432,7 +432,7 @@ def test_train_config_lengths():
 def test_optimizer_uses_the_configured_weight_decay():
     model = _model()
     for wd in (0.0, 0.1):
-        group = make_optimizer(model, TrainConfig(lr=2e-3, weight_decay=wd)).param_groups[0]
+        group = training_optimizer(model, TrainConfig(lr=2e-3, weight_decay=wd)).param_groups[0]
         assert (group["lr"], group["weight_decay"]) == (2e-3, wd)
 
 
@@ -534,7 +534,7 @@ def test_gradients_are_clipped_before_every_step(clip):
         norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
 
     model = _model()
-    optimizer = make_optimizer(model, TrainConfig())
+    optimizer = training_optimizer(model, TrainConfig())
     handle = optimizer.register_step_pre_hook(record)
     train(
         model,
