@@ -11,6 +11,8 @@ extension off; without a compiler, or when the build fails, the package runs as 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
@@ -18,7 +20,7 @@ import shutil
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -120,6 +122,21 @@ def _precondition_failure() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path) -> Iterator[None]:
+    """Hold an flock on ``build_dir`` while building: the kernel releases it when its holder dies, unlike the
+    ``lock`` file torch's own build baton leaves behind a killed process (which makes every later build wait
+    forever). Under the flock no live aunn_fast process is building there, so a ``lock`` file is such a
+    leftover and is removed."""
+    with open(build_dir / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build(name: str, sources: tuple[str, ...]) -> None:
     """Compile (or reuse) and load an extension; its operators appear under torch.ops.aunn_fast."""
     from torch.utils import cpp_extension
@@ -135,16 +152,17 @@ def _build(name: str, sources: tuple[str, ...]) -> None:
             file=sys.stderr,
             flush=True,
         )
-    cpp_extension.load(
-        name=name,
-        sources=[str(src / s) for s in sources],
-        extra_cflags=[*cxx_flags(), f"-DAUNN_BUILD_KEY={key}"],
-        extra_cuda_cflags=["-O3"],
-        extra_ldflags=list(LD_FLAGS),
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+    with _exclusive_build(build_dir):
+        cpp_extension.load(
+            name=name,
+            sources=[str(src / s) for s in sources],
+            extra_cflags=[*cxx_flags(), f"-DAUNN_BUILD_KEY={key}"],
+            extra_cuda_cflags=["-O3"],
+            extra_ldflags=list(LD_FLAGS),
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
 
 
 def _loaded(name: str, sources: tuple[str, ...], precondition: Callable[[], str | None]) -> str | None:

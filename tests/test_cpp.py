@@ -329,6 +329,19 @@ def test_without_a_compiler_the_package_still_runs(tmp_path):
     assert out.splitlines()[0].startswith("no C++ compiler found") and out.splitlines()[1] == "reference"
 
 
+@needs_extension
+def test_a_killed_builds_lock_file_does_not_block_later_builds(tmp_path):
+    """torch's build baton leaves a ``lock`` file behind a killed build, on which every later build would wait
+    forever; the flock aunn_fast holds while building shows it is a leftover and removes it."""
+    from aunn_fast import cpp_build
+
+    name = f"{cpp_build.EXTENSION_NAME}-{cpp_build.build_key(cpp_build.source_dir())}"
+    shutil.copytree(cpp_build.cache_root() / name, tmp_path / name)  # the built extension: no recompilation
+    (tmp_path / name / "lock").write_text("")
+    out = _availability_in_subprocess({}, tmp_path)
+    assert out.splitlines() == ["None", "cpp"] and not (tmp_path / name / "lock").exists()
+
+
 def test_a_bad_switch_value_is_refused(monkeypatch):
     monkeypatch.setenv("AUNN_FAST_CPP", "yes")
     with pytest.raises(ValueError, match="AUNN_FAST_CPP must be 0 or 1, got 'yes'"):
