@@ -8,11 +8,12 @@ parameters P of :class:`AUNNParams`, then ``residual_every``, ``eps``):
     cpp_loss(idx, targets, *P, with_grads)       -> (row losses float32 [N], the 8 gradients of their sum or [])
     cpp_loss_backward(grad [N], unit_grads, idx, targets, *P)  -> the 8 gradients
     cpp_logits_backward(grad [N, V], idx, *P)    -> the 8 gradients
-    cpp_train_step(idx, targets, params!, grads!, exp_avg!, exp_avg_sq!, step, lr, beta1, beta2, adam_eps, ...)
-                                                 -> mean loss; grads: the gradients the update used
+    cpp_train_step(idx, targets, params!, grads!, exp_avg!, exp_avg_sq!, step, lr, beta1, beta2, adam_eps,
+                   weight_decay, max_norm, ...)  -> mean loss; grads: the (clipped) gradients the update used
 
 This module registers their fake implementations and autograd formulas, and offers the backend's
-``logits`` / ``loss`` / ``predict`` and :class:`OneCallStep` (a whole optimizer step in one C++ call).
+``logits`` / ``loss`` / ``predict``, :class:`OneCallStep` (a conditioning step in one C++ call) and
+:class:`FusedAdamWStep` (the trainer's clipped AdamW step in one C++ call).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import threading
 
 import torch
+import torch.optim.optimizer as torch_optimizer
 from torch import Tensor
 
 from . import cpp_build
@@ -207,8 +209,99 @@ class OneCallStep:
             self.lr,
             *ADAM_BETAS,
             ADAM_EPS,
+            0.0,  # weight decay
+            0.0,  # no gradient clipping
             *self.settings,
         )
         for p, g in zip(self.params, self.grads):
             p.grad = g
         return loss
+
+
+class FusedAdamWStep:
+    """``step(idx, targets) -> loss``: the trainer's step in one C++ call: forward, mean loss, backward, the
+    gradients' total norm clipped to ``max_norm`` (as ``torch.nn.utils.clip_grad_norm_``; None: no clipping) and
+    ``optimizer``'s update (torch.optim.AdamW's), the parameters updated in place.
+
+    The learning rate, betas, eps and weight decay are read from the optimizer's param group at every call, and
+    its state (``step``, ``exp_avg``, ``exp_avg_sq``, as torch's AdamW keeps them) is used and updated in place,
+    so a schedule, a checkpoint and a resume see the usual optimizer. Each ``.grad`` is left holding the clipped
+    gradients the update used. Build it with :func:`fused_adamw_step`, which says when it applies; indices and
+    targets are not checked here (the trainer validates its data once).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.AdamW, max_norm: float | None) -> None:
+        self.params = [getattr(model, name) for name in AUNNParams._fields]
+        self.optimizer, self.group = optimizer, optimizer.param_groups[0]
+        self.state = [optimizer.state[p] for p in self.params]
+        self.grads = [torch.zeros_like(p) for p in self.params]
+        self.max_norm = 0.0 if max_norm is None else float(max_norm)
+        self.settings = (model.cfg.residual_every, model.cfg.norm_eps)
+
+    def _moments(self) -> tuple[list[Tensor], list[Tensor]]:
+        """exp_avg and exp_avg_sq of every parameter, created (zeros) and the step counted as torch's AdamW does."""
+        for state, p in zip(self.state, self.params):
+            if not state:
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1
+        return [s["exp_avg"] for s in self.state], [s["exp_avg_sq"] for s in self.state]
+
+    @torch.no_grad()
+    def __call__(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """The mean loss before the step, float32 scalar."""
+        exp_avg, exp_avg_sq = self._moments()
+        beta1, beta2 = self.group["betas"]
+        loss = torch.ops.aunn_fast.cpp_train_step(
+            idx,
+            targets,
+            self.params,
+            self.grads,
+            exp_avg,
+            exp_avg_sq,
+            int(self.state[0]["step"].item()),
+            float(self.group["lr"]),
+            beta1,
+            beta2,
+            self.group["eps"],
+            self.group["weight_decay"],
+            self.max_norm,
+            *self.settings,
+        )
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        self.optimizer._opt_called = True  # what optimizer.step() sets: a schedule's check that the step ran
+        return loss
+
+
+def fused_adamw_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None
+) -> FusedAdamWStep | None:
+    """A :class:`FusedAdamWStep` for ``model`` and ``optimizer`` when the step can run in one C++ call (the
+    model runs on the cpp backend in fp32, and ``optimizer`` is a plain torch.optim.AdamW over exactly the
+    model's parameters: one group, no amsgrad, maximize, capturable, differentiable, foreach or fused, a float
+    lr, steps counted alike for every parameter, no step hooks); else None, and the caller runs the ordinary
+    eager step."""
+    if type(optimizer) is not torch.optim.AdamW or len(optimizer.param_groups) != 1:
+        return None
+    group = optimizer.param_groups[0]
+    plain = not any(group.get(flag) for flag in ("amsgrad", "maximize", "capturable", "differentiable", "foreach"))
+    if not plain or group.get("fused") or torch.is_tensor(group["lr"]):
+        return None
+    hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks)
+    if (
+        any(hooks)
+        or any(torch_optimizer._global_optimizer_pre_hooks.values())
+        or any(torch_optimizer._global_optimizer_post_hooks.values())
+    ):  # a step hook expects optimizer.step() itself
+        return None
+    if model.active_backend().name != "cpp" or model.active_precision() != "fp32":
+        return None
+    params = [getattr(model, name) for name in AUNNParams._fields]
+    if [id(p) for p in group["params"]] != [id(p) for p in params]:
+        return None
+    if any(p.dtype != torch.float32 or not p.is_contiguous() for p in params):
+        return None
+    steps = {float(optimizer.state[p]["step"]) for p in params if optimizer.state[p]}
+    if len(steps) > 1 or (steps and len(optimizer.state) != len(params)):
+        return None
+    return FusedAdamWStep(model, optimizer, max_norm)

@@ -32,6 +32,7 @@ from . import checkpoint, distributed, runlock
 from .atomic import atomic_write
 from .callbacks import Callback, StopAtAccuracy
 from .config import AUNNConfig
+from .cpp_backend import fused_adamw_step
 from .cuda_graph import GraphedTrainStep, capturable
 from .data import Dataset, uniform_indices
 from .divergence import LossWatch, check_finite
@@ -418,6 +419,7 @@ def _train(
         graphed = None
         if cfg.cuda_graph and model.device.type == "cuda" and capturable(optimizer) and parallel is None:
             graphed = GraphedTrainStep(model, optimizer, min(cfg.batch_size, data.length), cfg.clip_grad_norm)
+        fused = fused_adamw_step(model, optimizer, cfg.clip_grad_norm) if parallel is None else None
         step = start
         began, seen = time.perf_counter(), 0
 
@@ -443,6 +445,8 @@ def _train(
                     targets = data.targets(idx)
                     if graphed is not None and idx.numel() == graphed.batch_size:
                         loss = graphed(idx, targets)
+                    elif fused is not None:
+                        loss = fused(idx, targets)
                     else:
                         # a captured graph keeps using the gradient tensors it was captured with: zero, not free
                         optimizer.zero_grad(set_to_none=graphed is None)

@@ -223,6 +223,112 @@ def test_one_call_step_matches_torch_optim(optimizer, generator):
 
 
 @needs_extension
+@pytest.mark.parametrize("max_norm", [None, 0.05])  # 0.05 clips these gradients (norms ~0.3-1), None never
+def test_fused_adamw_step_matches_clipped_torch_adamw(max_norm, generator):
+    """Three steps of FusedAdamWStep (weight decay, a learning rate changed between steps as a schedule does)
+    against autograd + clip_grad_norm_ + torch.optim.AdamW on the reference, in float32 and float64, by the 2x
+    rule on each parameter's total change and on the moments; the optimizer's state is torch's own."""
+    from aunn_fast import cpp_backend
+
+    cfg = AUNNConfig(vocab_size=5, hidden=32, layers=5, bits=64)
+    start = random_model(cfg, generator, backend="reference").state_dict()
+    batches = [(make_indices(cfg, 40, generator), torch.randint(0, 5, (40,), generator=generator)) for _ in range(3)]
+    rates = (3e-3, 2e-3, 1e-3)
+
+    def torch_steps(dtype):
+        model = AUNN(cfg, backend="reference").to(dtype)
+        model.load_state_dict(start)
+        opt = torch.optim.AdamW(model.parameters(), lr=rates[0], weight_decay=5.0)
+        for lr, (idx, targets) in zip(rates, batches):
+            opt.param_groups[0]["lr"] = lr
+            opt.zero_grad()
+            model.loss(idx, targets).backward()
+            if max_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            opt.step()
+        return model, opt
+
+    fast = AUNN(cfg, backend="cpp")
+    fast.load_state_dict(start)
+    opt = torch.optim.AdamW(fast.parameters(), lr=rates[0], weight_decay=5.0)
+    step = cpp_backend.fused_adamw_step(fast, opt, max_norm)
+    assert isinstance(step, cpp_backend.FusedAdamWStep)
+    losses = []
+    for lr, (idx, targets) in zip(rates, batches):
+        opt.param_groups[0]["lr"] = lr
+        losses.append(step(idx, targets))
+    (ref32, opt32), (ref64, opt64) = torch_steps(torch.float32), torch_steps(torch.float64)
+    start_params = AUNNParams(*(start[name] for name in AUNNParams._fields))
+    idx, targets = batches[0]
+    assert_2x_rule(
+        "first loss",
+        losses[0],
+        reference.loss(idx, targets, start_params, cfg),
+        reference.loss(idx, targets, as_double(start_params), cfg),
+        atol=LOSS_ATOL,
+    )
+    floor = 0.1 * sum(rates)  # Adam moves a weight by ~lr per step, either way for a gradient within noise of 0
+    for (name, p), q32, q64 in zip(fast.named_parameters(), ref32.parameters(), ref64.parameters()):
+        p0 = start[name]
+        assert_2x_rule(name, p.detach() - p0, q32.detach() - p0, q64.detach() - p0.double(), atol=floor)
+        state, state32, state64 = opt.state[p], opt32.state[q32], opt64.state[q64]
+        assert float(state["step"]) == float(state32["step"]) == 3.0
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert_2x_rule(f"{name} {moment}", state[moment], state32[moment], state64[moment], atol_rel=1e-4)
+        assert_2x_rule(f"{name} grad", p.grad, q32.grad, q64.grad, atol_rel=GRAD_FLOOR_FP32)
+
+
+@needs_extension
+def test_fused_adamw_step_applies_only_where_it_computes_the_same(generator):
+    """fused_adamw_step gives None (the trainer then runs the eager step) for anything but a plain AdamW over
+    exactly the model's parameters on the cpp backend in fp32."""
+    from aunn_fast.cpp_backend import fused_adamw_step
+
+    cfg = AUNNConfig(vocab_size=4, hidden=16, layers=3)
+    model = AUNN(cfg, backend="cpp")
+    params = list(model.parameters())
+    assert fused_adamw_step(model, torch.optim.AdamW(params), 1.0) is not None
+    assert fused_adamw_step(model, torch.optim.AdamW(params), None) is not None
+    assert fused_adamw_step(model, torch.optim.SGD(params, lr=1e-2), 1.0) is None
+    assert fused_adamw_step(model, torch.optim.Adam(params), 1.0) is None  # L2 weight decay, not decoupled
+    assert fused_adamw_step(model, torch.optim.AdamW(params, amsgrad=True), 1.0) is None
+    assert fused_adamw_step(model, torch.optim.AdamW(params, maximize=True), 1.0) is None
+    assert fused_adamw_step(model, torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}]), 1.0) is None
+    assert fused_adamw_step(model, torch.optim.AdamW(params[1:]), 1.0) is None
+    assert fused_adamw_step(AUNN(cfg, backend="reference"), torch.optim.AdamW(params), 1.0) is None
+    hooked = torch.optim.AdamW(params)
+    hooked.register_step_post_hook(lambda *a: None)
+    assert fused_adamw_step(model, hooked, 1.0) is None
+
+
+@needs_extension
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. torch's "lr_scheduler.step() before optimizer.step()"
+def test_training_on_cpp_runs_the_fused_step_and_matches_the_eager_one(generator, monkeypatch, tmp_path):
+    """aunn_fast.train on the cpp backend steps through FusedAdamWStep; with it turned off (the eager autograd +
+    clip + AdamW step) the same run logs the same losses and ends with the same weights, up to float32 rounding."""
+    from aunn_fast import cpp_backend, train
+    from aunn_fast.data import ToyData
+
+    data = ToyData(chunks=64, seed=0)
+    cfg = AUNNConfig(vocab_size=data.vocab_size, hidden=16, layers=4)
+    settings = train.TrainConfig(batch_size=32, steps=12, lr=1e-2, warmup_steps=2, log_every=1, save_every=1000)
+    calls = []
+    original = cpp_backend.FusedAdamWStep.__call__
+    monkeypatch.setattr(cpp_backend.FusedAdamWStep, "__call__", lambda s, *a: calls.append(1) or original(s, *a))
+    runs = {}
+    for kind in ("fused", "eager"):
+        if kind == "eager":
+            monkeypatch.setattr(train, "fused_adamw_step", lambda *a: None)
+        model = AUNN(cfg, backend="cpp", seed=0)
+        rows = train.train(model, data, settings, run_dir=tmp_path / kind, progress=False)
+        runs[kind] = (model, torch.tensor([row["loss"] for row in rows]))
+        assert len(calls) == 12
+    torch.testing.assert_close(runs["fused"][1], runs["eager"][1], rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(runs["fused"][0].named_parameters(), runs["eager"][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@needs_extension
 def test_condition_uses_one_call_steps(generator, monkeypatch):
     """inference.condition on the CPU runs OneCallStep for the cpp backend, and lands where the reference does."""
     from aunn_fast import cpp_backend, inference
@@ -262,7 +368,8 @@ def test_opcheck(generator):
     torch.library.opcheck(ops.cpp_loss_backward, (torch.full((9,), 0.5), unit, idx, targets, *frozen, *settings))
     moments = [[torch.zeros_like(p) for p in frozen] for _ in range(3)]  # grads, exp_avg, exp_avg_sq
     torch.library.opcheck(
-        ops.cpp_train_step, (idx, targets, [p.clone() for p in frozen], *moments, 1, 1e-3, 0.9, 0.999, 1e-8, *settings)
+        ops.cpp_train_step,
+        (idx, targets, [p.clone() for p in frozen], *moments, 1, 1e-3, 0.9, 0.999, 1e-8, 0.1, 1.0, *settings),
     )
 
 

@@ -161,18 +161,39 @@ std::vector<Tensor> cpp_logits_backward(const Tensor& grad, const Tensor& idx, A
   return gradients_as_tensors(packed, run(packed, job), AUNN_PARAM_LIST);
 }
 
-// One optimizer step on the mean loss of (idx, targets), in place: Adam (torch.optim.Adam's update, without
-// weight decay or amsgrad) when exp_avg holds the eight moment buffers, plain SGD when it is empty.
-// `step` is the step's 1-based number (bias correction). Writes the gradients the update used into `grads`
-// (eight parameter-shaped buffers) and returns the mean loss before the update.
+// torch.nn.utils.clip_grad_norm_'s clipping, in place: the eight gradients' total 2-norm (each tensor's norm,
+// then the norm of those) and, where it exceeds max_norm, every gradient times max_norm / (norm + 1e-6).
+void clip_total_norm(float* const grads[8], at::TensorList params, double max_norm) {
+  double total = 0.0;
+  for (int i = 0; i < 8; ++i) {
+    const int64_t n = params[i].numel();
+    double sum = 0.0;
+    for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(grads[i][j]) * grads[i][j];
+    total += sum;
+  }
+  const float coef = static_cast<float>(max_norm / (std::sqrt(total) + 1e-6));
+  if (!(coef < 1.0f)) return;  // at or below the limit; a NaN norm also leaves the gradients (and the loss) as they are
+  for (int i = 0; i < 8; ++i) {
+    const int64_t n = params[i].numel();
+    for (int64_t j = 0; j < n; ++j) grads[i][j] *= coef;
+  }
+}
+
+// One optimizer step on the mean loss of (idx, targets), in place: AdamW (torch.optim.AdamW's update: decoupled
+// weight decay, no amsgrad; weight_decay 0 is torch.optim.Adam's) when exp_avg holds the eight moment buffers,
+// plain SGD when it is empty. max_norm > 0 first clips the gradients' total norm to max_norm as
+// torch.nn.utils.clip_grad_norm_ does (<= 0: no clipping). `step` is the step's 1-based number (bias
+// correction). Writes the gradients the update used (clipped) into `grads` (eight parameter-shaped buffers)
+// and returns the mean loss before the update.
 Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList params, at::TensorList grads_out,
-                      at::TensorList exp_avg,
-                      at::TensorList exp_avg_sq, int64_t step, double lr, double beta1, double beta2,
-                      double adam_eps, int64_t residual_every, double eps) {
+                      at::TensorList exp_avg, at::TensorList exp_avg_sq, int64_t step, double lr, double beta1,
+                      double beta2, double adam_eps, double weight_decay, double max_norm, int64_t residual_every,
+                      double eps) {
   TORCH_CHECK(params.size() == 8 && grads_out.size() == 8, "aunn_fast cpp: expected eight parameters and grads");
   const bool adam = !exp_avg.empty();
   TORCH_CHECK(!adam || (exp_avg.size() == 8 && exp_avg_sq.size() == 8 && step >= 1),
               "aunn_fast cpp: Adam needs eight exp_avg and exp_avg_sq buffers and step >= 1");
+  TORCH_CHECK(adam || weight_decay == 0.0, "aunn_fast cpp: weight decay is only implemented for AdamW");
   const Model m = model_of(params[0], params[1], params[2], params[3], params[4], params[5], params[6],
                            params[7], residual_every, eps);
   const Packed packed(m.params, m.shape, true);
@@ -194,6 +215,7 @@ Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList p
     grad_ptrs[i] = grads_out[i].data_ptr<float>();
   }
   unpack_gradients(packed, packed_grads, grad_ptrs);
+  if (max_norm > 0.0) clip_total_norm(grad_ptrs, params, max_norm);
   const double bias1 = adam ? 1.0 - std::pow(beta1, step) : 1.0;
   const double bias2_sqrt = adam ? std::sqrt(1.0 - std::pow(beta2, step)) : 1.0;
   const float step_size = static_cast<float>(lr / bias1);
@@ -211,7 +233,9 @@ Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList p
     float* m1 = exp_avg[i].data_ptr<float>();
     float* m2 = exp_avg_sq[i].data_ptr<float>();
     const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
+    const float decay = static_cast<float>(1.0 - lr * weight_decay);
     for (int64_t j = 0; j < n; ++j) {
+      p[j] *= decay;
       m1[j] += (g[j] - m1[j]) * (1.0f - b1);
       m2[j] = m2[j] * b2 + (1.0f - b2) * g[j] * g[j];
       const float denom = std::sqrt(m2[j]) / static_cast<float>(bias2_sqrt) + static_cast<float>(adam_eps);
@@ -237,7 +261,7 @@ TORCH_LIBRARY_FRAGMENT(aunn_fast, m) {
   m.def("cpp_logits_backward(Tensor grad, Tensor idx, " AUNN_PARAMS_SCHEMA ") -> Tensor[]");
   m.def("cpp_train_step(Tensor idx, Tensor targets, Tensor(a!)[] params, Tensor(b!)[] grads, "
         "Tensor(c!)[] exp_avg, Tensor(d!)[] exp_avg_sq, int step, float lr, float beta1, float beta2, "
-        "float adam_eps, int residual_every, float eps) -> Tensor");
+        "float adam_eps, float weight_decay, float max_norm, int residual_every, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(aunn_fast, CPU, m) {
