@@ -84,6 +84,7 @@ class ToyData:
             raise UserInputError(f"toy data's seed must be in 0..2**63-1, got {seed}")
         self.chunks, self.seed = chunks, seed
         self.length = 4 * chunks
+        self._tables: dict[torch.device, torch.Tensor] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -95,10 +96,22 @@ class ToyData:
         key = mix64(chunk.to(torch.int64) + mix64(torch.full_like(chunk, self.seed, dtype=torch.int64)))
         return 1 + _shift_right(key, 1) % 3
 
-    def targets(self, idx: torch.Tensor) -> torch.Tensor:
-        """int64 indices [...] (any, even past the data) -> int64 tokens [...] on idx's device."""
-        idx = idx.to(torch.int64)
+    TABLE_MAX_LENGTH = 1 << 22  # data up to this length keeps its tokens in a table per device (32 MiB at most)
+
+    def _tokens(self, idx: torch.Tensor) -> torch.Tensor:
         return torch.where(idx % 4 == 0, torch.zeros_like(idx), self.letters(idx // 4))
+
+    def targets(self, idx: torch.Tensor) -> torch.Tensor:
+        """int64 indices [...] (any, even past the data) -> int64 tokens [...] on idx's device.
+
+        Batches inside small data (a training step's) are read from a table of the data's tokens, computed once:
+        the hash costs ~20 tensor operations per call."""
+        idx = idx.to(torch.int64)
+        if self.length > self.TABLE_MAX_LENGTH or idx.numel() == 0 or idx.min() < 0 or idx.max() >= self.length:
+            return self._tokens(idx)
+        if idx.device not in self._tables:
+            self._tables[idx.device] = self._tokens(torch.arange(self.length, device=idx.device))
+        return self._tables[idx.device][idx]
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description (kind, chunks, seed, length) that :func:`data_from_description` reopens."""

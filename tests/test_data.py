@@ -46,6 +46,17 @@ def test_toy_is_a_pure_function_of_seed_and_chunk(generator):
     assert not torch.equal(ToyData(100, seed=8).targets(torch.arange(400)), a.targets(torch.arange(400)))
 
 
+def test_toy_targets_from_the_table_equal_the_hash():
+    """Small toy data answers in-range batches from a token table; it holds exactly what the hash gives, and
+    indices outside the data (or data above the table's limit) still get the hash."""
+    small, large = ToyData(100, seed=7), ToyData(ToyData.TABLE_MAX_LENGTH, seed=7)  # 4x the limit: no table
+    inside = torch.randint(0, 400, (64,))
+    across = torch.tensor([0, 399, 400, 10**12])
+    assert torch.equal(small.targets(inside), large.targets(inside)) and small._tables and not large._tables
+    assert torch.equal(small.targets(across), large.targets(across))
+    assert torch.equal(small.targets(inside.reshape(8, 8)), large.targets(inside).reshape(8, 8))
+
+
 def test_toy_letters_are_roughly_even():
     counts = torch.bincount(ToyData(30_000).letters(torch.arange(30_000)), minlength=4)[1:].double()
     assert (counts / counts.sum() - 1 / 3).abs().max() < 0.02
