@@ -93,7 +93,8 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
         "--backend",
         choices=("auto", *BACKENDS),
         default="auto",
-        help="auto, reference, compile or triton (default auto)",
+        help=f"{', '.join(('auto', *BACKENDS))} (default auto: triton on CUDA; on the CPU cpp where its extension "
+        "builds, else reference)",
     )
     p.add_argument(
         "--precision", choices=("auto", *PRECISIONS), default="auto", help="auto, fp32, tf32 or bf16 (default auto)"
