@@ -4,12 +4,15 @@ At batch 8,192 an eager step is a few hundred kernel launches (2.3 ms on an H100
 replayed, bench/results/h100-2026-11-27-lease2/); replaying a captured graph removes that launch floor.
 Capture needs static shapes and no host syncs: the batch size is fixed, the model's
 range checks are switched off inside the graph (the caller validates), and the
-optimizer must be capturable.
+optimizer must be capturable. A data-parallel step (:mod:`aunn_fast.distributed`) hands in its own
+loss and a ``reduce`` that all-reduces the gradients between the backward pass and the optimizer step,
+so that its NCCL all-reduce is captured in the same graph.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -30,10 +33,21 @@ class GraphedTrainStep:
     Warm-up steps run before capture, as CUDA graphs require; the parameters and the
     optimizer state are restored afterwards, so the first replayed step is the first
     real step. Returns the static loss tensor (read it with ``.item()`` when needed).
+
+    ``loss_fn(idx, targets)`` (default ``model.loss``, the batch's mean) is the loss differentiated;
+    ``reduce(loss) -> loss``, when given, runs after the backward pass and before clipping, and may
+    rewrite the gradients in place (a data-parallel all-reduce); what it returns is the step's loss.
+    Both run during warm-up and capture only: a replay runs their captured kernels.
     """
 
     def __init__(
-        self, model: AUNN, optimizer: torch.optim.Optimizer, batch_size: int, clip_grad_norm: float | None = None
+        self,
+        model: AUNN,
+        optimizer: torch.optim.Optimizer,
+        batch_size: int,
+        clip_grad_norm: float | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if model.device.type != "cuda":
             raise ValueError("CUDA graph capture needs a model on a CUDA device")
@@ -41,6 +55,8 @@ class GraphedTrainStep:
             raise ValueError("the optimizer must be created with capturable=True (or be SGD)")
         self.model, self.optimizer, self.batch_size = model, optimizer, batch_size
         self.clip_grad_norm = clip_grad_norm  # the gradients' total norm cut to this before the step (no host sync)
+        self.loss_fn = loss_fn if loss_fn is not None else model.loss
+        self.reduce = reduce
         self.idx = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
         self.targets = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
         self.graph = torch.cuda.CUDAGraph()
@@ -60,8 +76,10 @@ class GraphedTrainStep:
         return [p.data_ptr() for p in self.model.parameters()]
 
     def _one_step(self) -> torch.Tensor:
-        loss = self.model.loss(self.idx, self.targets)
+        loss = self.loss_fn(self.idx, self.targets)
         loss.backward()
+        if self.reduce is not None:
+            loss = self.reduce(loss)
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
@@ -112,6 +130,13 @@ class GraphedTrainStep:
                     value.zero_()
 
     def __call__(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.load(idx, targets)
+        return self.replay()
+
+    def load(self, idx: torch.Tensor, targets: torch.Tensor) -> None:
+        """Copy a step's inputs into the graph's, replaying nothing. ValueError/TypeError for inputs of another
+        shape or dtype, RuntimeError if what the graph was captured with has changed since: checked here, so
+        that a data-parallel rank learns it before its replay, which its peers' all-reduces wait for."""
         if idx.shape != (self.batch_size,) or targets.shape != (self.batch_size,):
             raise ValueError(f"a graphed step takes exactly {self.batch_size} indices and targets")
         if idx.dtype != torch.int64 or targets.dtype != torch.int64:
@@ -129,5 +154,14 @@ class GraphedTrainStep:
             )
         self.idx.copy_(idx)
         self.targets.copy_(targets)
+
+    def replay(self) -> torch.Tensor:
+        """One step on the inputs last loaded (checked by :meth:`load`); returns the static loss tensor."""
         self.graph.replay()
         return self.loss
+
+    def release(self) -> None:
+        """Free the captured graph; replaying afterwards is an error. A graph holding an NCCL collective
+        keeps its communicator busy: release it before the process group is destroyed, or that hangs
+        (pytorch/pytorch#115388)."""
+        self.graph.reset()

@@ -336,7 +336,8 @@ def train(
     In an initialized torch.distributed process group (torchrun), every rank calls this: each trains on its
     share of every global batch of ``cfg.batch_size`` (aunn_fast.distributed); rank 0 alone writes ``run_dir``
     (and holds its lock) and shows progress. The rows (global loss and accuracy) are the same on every rank, but
-    only rank 0's begin with those of the log resumed.
+    only rank 0's begin with those of the log resumed. On CUDA (NCCL) with ``cfg.cuda_graph``, each full-size
+    step replays one captured graph that holds the gradients' all-reduce too.
 
     ``optimizer`` (default :func:`training_optimizer`, AdamW) must hold the model's parameters; ``scheduler``
     (default :func:`make_scheduler`, cfg's warm-up and decay; any ``LRScheduler`` whose ``step()`` takes no
@@ -414,7 +415,9 @@ def _train(
     with _ctrl_c_between_steps() as pressed:
         parallel = None
         if distributed.is_initialized():  # every rank stops after the same step, when any was interrupted
-            parallel = distributed.DataParallel(model, optimizer, sampler, data, pressed, cfg.clip_grad_norm)
+            parallel = distributed.DataParallel(
+                model, optimizer, sampler, data, pressed, cfg.clip_grad_norm, cuda_graph=cfg.cuda_graph
+            )
             pressed = parallel.stop_agreed
         graphed = None
         if cfg.cuda_graph and model.device.type == "cuda" and capturable(optimizer) and parallel is None:
@@ -498,6 +501,8 @@ def _train(
             raise
         finally:
             bar.close()
+            if parallel is not None:  # a graph holding an NCCL all-reduce would hang the group's shutdown
+                parallel.release()
         watch.check()
         save()
     for callback in callbacks:

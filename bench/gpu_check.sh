@@ -10,7 +10,8 @@
 #   bash bench/gpu_check.sh /tmp/gc; tar czf $OUT/gpu_check.tgz -C /tmp gc
 # Writes OUTDIR/pytest_gpu.log, OUTDIR/pytest_kernels.log, OUTDIR/pytest.log, OUTDIR/bench.log,
 # OUTDIR/bench/, OUTDIR/bench_notebook/ and OUTDIR/bench_bpe/ (each results.json, results.md, *.png),
-# OUTDIR/profiles/ (torch.profiler tables and traces of the goal train steps and the bpe one), OUTDIR/seed_demo.log
+# OUTDIR/profiles/ (torch.profiler tables and traces of the goal train steps and the bpe one), OUTDIR/pytest_distributed.log
+# and OUTDIR/distributed_scaling.md (the data-parallel step's tests and its overhead at 1M), OUTDIR/seed_demo.log
 # and OUTDIR/seed_demo/ (`aunn demo --preset seed` end to end: time, metrics.json, report.md, plots),
 # OUTDIR/variants/ when VARIANTS_TIMEOUT > 0, OUTDIR/ncu/ when NCU_TIMEOUT > 0, OUTDIR/shakespeare/ when
 # SHAKESPEARE_TIMEOUT > 0, and prints a summary table
@@ -37,6 +38,10 @@ VARIANTS_TIMEOUT=${VARIANTS_TIMEOUT:-0}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-20}
 SEED_DEMO_TIMEOUT=${SEED_DEMO_TIMEOUT:-300}
 NCU_TIMEOUT=${NCU_TIMEOUT:-0}
+# Data-parallel (docs/distributed.md): the tests of the graphed step with its NCCL all-reduce, and its overhead
+# against the plain trainer at batch 1M (1 process, NCCL world size 1), graphed and eager.
+DISTRIBUTED_TEST_TIMEOUT=${DISTRIBUTED_TEST_TIMEOUT:-30}
+DISTRIBUTED_BENCH_TIMEOUT=${DISTRIBUTED_BENCH_TIMEOUT:-25}
 # TinyShakespeare memorised by `aunn demo --preset shakespeare` (docs/experiments.md; the goal is >= 99% training
 # accuracy within 10 minutes): only when given time, as a call of its own, e.g.
 #   GPU_TEST_TIMEOUT=0 TEST_TIMEOUT=0 BENCH_TIMEOUT=0 NOTEBOOK_TIMEOUT=0 BPE_TIMEOUT=0 PROFILE_TIMEOUT=0 \
@@ -128,6 +133,23 @@ stage "$BPE_TIMEOUT" "$OUT/bench_bpe.log" "$PYTHON" -m aunn_fast.bench.run --dev
     --configs bpe --batches 16K --out "$OUT/bench_bpe" --providers "$PROVIDERS" --workloads train
 BPE_RC=$?
 
+# ---- data-parallel stage (issue 25, docs/distributed.md) ----------------------------------------------------
+# First the GPU tests of the graphed data-parallel step (an NCCL group of 1 made in the test process; 2 spawned
+# ranks where there are 2 GPUs), one process (no xdist: each test makes its own group); then the overhead of
+# the distributed path at batch 1M, 1 process in an NCCL group against the plain trainer, graphed and eager:
+# a markdown table, the goal being at most +5% (docs/distributed.md, "Measured").
+echo "== data-parallel tests (timeout ${DISTRIBUTED_TEST_TIMEOUT}s) -> $OUT/pytest_distributed.log"
+stage "$DISTRIBUTED_TEST_TIMEOUT" "$OUT/pytest_distributed.log" "$PYTHON" -m pytest -v --maxfail=5 --tb=short \
+    -p no:cacheprovider -p no:xdist tests/test_distributed_graph.py
+DISTRIBUTED_TEST_RC=$?
+tail -n 1 "$OUT/pytest_distributed.log"
+echo "== data-parallel overhead at 1M on one GPU (timeout ${DISTRIBUTED_BENCH_TIMEOUT}s) -> $OUT/distributed_scaling.md"
+stage "$DISTRIBUTED_BENCH_TIMEOUT" "$OUT/distributed_scaling.md" "$PYTHON" -m aunn_fast.bench.distributed_scaling \
+    --device cuda --batch 1048576 --warmup 3 --steps 20
+DISTRIBUTED_BENCH_RC=$?
+cat "$OUT/distributed_scaling.md"
+# ---- end of the data-parallel stage ----------------------------------------------------------------------------
+
 # The seed notebook's own run end to end (`aunn demo --preset seed`: 100,000 chunks, H=512, 98,000 steps of
 # 2,048 with the default recipe, then the evaluation): its time and final accuracy, in seed_demo.log and
 # seed_demo/metrics.json. Alone (about 2-4 minutes, an estimate until it has run): every other *_TIMEOUT=0.
@@ -213,6 +235,8 @@ echo "benchmark exit status $BENCH_RC, H=512 benchmark $NOTEBOOK_RC, bpe $BPE_RC
 echo "profiles exit status $PROFILE_SEED_RC (seed), $PROFILE_NOTEBOOK_RC (notebook), $PROFILE_BPE_RC (bpe); tables in $OUT/profiles"
 echo "ncu exit status $NCU_RC; reports in $OUT/ncu; kernel variants exit status $VARIANTS_RC; table in $OUT/variants"
 echo "TinyShakespeare demo exit status $SHAKESPEARE_RC (124 timed out); $OUT/shakespeare"
+echo "data-parallel tests exit status $DISTRIBUTED_TEST_RC: $(tail -n 1 "$OUT/pytest_distributed.log"); overhead \
+benchmark $DISTRIBUTED_BENCH_RC (table in $OUT/distributed_scaling.md)"
 echo "seed demo exit status $SEED_DEMO_RC (124 timed out): $(grep -E "^(trained in|training accuracy)" \
     "$OUT/seed_demo.log" | tr '\n' ';')"
 for run in bench bench_notebook bench_bpe; do
@@ -223,6 +247,6 @@ for run in bench bench_notebook bench_bpe; do
     fi
 done
 for rc in "$GPU_TEST_RC" "$KERNEL_TEST_RC" "$TEST_RC" "$BENCH_RC" "$NOTEBOOK_RC" "$BPE_RC" "$NCU_RC" "$VARIANTS_RC" \
-        "$SEED_DEMO_RC" "$SHAKESPEARE_RC"; do
+        "$SEED_DEMO_RC" "$SHAKESPEARE_RC" "$DISTRIBUTED_TEST_RC" "$DISTRIBUTED_BENCH_RC"; do
     [ "$rc" = 0 ] || exit 1
 done
