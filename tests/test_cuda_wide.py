@@ -187,6 +187,23 @@ def test_opcheck(generator):
     torch.library.opcheck(ops.cuda_wide_loss_backward, (torch.full((9,), 0.5).cuda(), idx, targets, *frozen, *settings))
 
 
+def test_settings_are_refused_before_any_work():
+    """Runs anywhere: the Python side refuses other precisions, float64 parameters and unknown reductions itself,
+    and says why it is unavailable off a GPU."""
+    from aunn_fast import cuda_wide
+
+    cfg = AUNNConfig(vocab_size=4, hidden=256, layers=3)
+    params = init_params(cfg)
+    idx = torch.arange(5)
+    assert "CUDA devices only" in cuda_wide.unavailable_reason(torch.device("cpu"))
+    with pytest.raises(ValueError, match="bf16 only"):
+        cuda_wide.logits(idx, params, cfg, "fp32")
+    with pytest.raises(TypeError, match="float32 parameters, got in_weight torch.float64"):
+        cuda_wide.predict(idx, params._replace(in_weight=params.in_weight.double()), cfg)
+    with pytest.raises(ValueError, match="unknown reduction 'max'"):
+        cuda_wide.loss(idx, idx % 4, params, cfg, reduction="max")
+
+
 @needs_gpu
 def test_bad_input_is_a_clear_error(generator):
     from aunn_fast import cuda_wide
@@ -194,8 +211,6 @@ def test_bad_input_is_a_clear_error(generator):
     cfg = AUNNConfig(vocab_size=4, hidden=256, layers=3)
     params = make_params(cfg, generator)
     idx = random_indices(5, cfg.bits, generator).cuda()
-    with pytest.raises(ValueError, match="bf16 only"):
-        cuda_wide.logits(idx, params, cfg, "fp32")
     with pytest.raises(RuntimeError, match="idx must be a contiguous int64 CUDA vector"):
         cuda_wide.logits(idx.cpu(), params, cfg)
     with pytest.raises(RuntimeError, match="targets has 4 rows"):
