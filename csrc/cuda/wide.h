@@ -48,7 +48,7 @@ struct BackwardBuffers {
   float* dy;              // [D, N, H] dL/d(layer output)
   float* rowdot;          // [D, N, T] per output tile: sum over its columns of dy * gain * s
   __nv_bfloat16* dz;      // [N, H] dL/dz of the layer in progress (the weight gradient's operand)
-  float* gain_partials;   // [ceil(N / kTileM), H] per row tile: sum over its rows of dy * s * rstd
+  float* gain_partials;   // [ceil(N / kTileM), D, H] per row tile and layer: sum over its rows of dy * s * rstd
   float* workspace;       // weight_grad_workspace(...) floats: split weight-gradient partials
 };
 
@@ -75,12 +75,13 @@ inline Split weight_grad_split(int64_t rows, int64_t m, int64_t n, int64_t sms) 
   return {ceil_div(rows, chunk), chunk};
 }
 
-// Floats of BackwardBuffers::workspace: the largest of the three weight gradients' partials [splits, M N + M].
+// Floats of BackwardBuffers::workspace: the largest of the weight gradients' partials, [splits, M N + M] for the
+// input layer's and the head's, and all hidden layers' at once ([splits, D-1, H, H] then [splits, D-1, H]).
 inline int64_t weight_grad_workspace(const Model& m, int64_t rows, int64_t sms) {
-  const int64_t shapes[3][2] = {{m.hidden, m.bits}, {m.hidden, m.hidden}, {m.vocab, m.hidden}};
+  const int64_t shapes[3][3] = {{m.hidden, m.bits, 1}, {m.hidden, m.hidden, m.layers - 1}, {m.vocab, m.hidden, 1}};
   int64_t most = 0;
   for (const auto& s : shapes) {
-    const int64_t size = weight_grad_split(rows, s[0], s[1], sms).splits * (s[0] * s[1] + s[0]);
+    const int64_t size = weight_grad_split(rows, s[0], s[1], sms).splits * s[2] * (s[0] * s[1] + s[0]);
     most = size > most ? size : most;
   }
   return most;

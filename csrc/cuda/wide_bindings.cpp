@@ -118,7 +118,7 @@ std::vector<Tensor> run_backward(const Model& m, const Tensor& idx, const Forwar
   const Tensor dy = buffer({d, n, h}, idx, at::kFloat, poison);
   const Tensor rowdot = buffer({d, n, tiles}, idx, at::kFloat, poison);
   const Tensor dz = buffer({n, h}, idx, at::kBFloat16, poison);
-  const Tensor gain_partials = buffer({ceil_div(n, kTileM), h}, idx, at::kFloat, poison);
+  const Tensor gain_partials = buffer({ceil_div(n, kTileM), d, h}, idx, at::kFloat, poison);
   const Tensor workspace = buffer({weight_grad_workspace(m, n, sms)}, idx, at::kFloat, poison);
   const BackwardBuffers b{dy.data_ptr<float>(), rowdot.data_ptr<float>(),
                           reinterpret_cast<__nv_bfloat16*>(dz.data_ptr<at::BFloat16>()),

@@ -223,7 +223,7 @@ struct BiasStore {
 
 // dL/dy of a layer (the product dz_next @ W_next, or dlogits @ W_out, plus the residual's gradient): stores dy,
 // each row's sum over the tile of dy * gain * s (for that layer's RMSNorm backward) and, per column, the tile's
-// sum over its rows of dy * s * rstd (the gain's gradient, one row of partials per row tile).
+// sum over its rows of dy * s * rstd (the gain's gradient: row tile x's partials at gain_partials + x * gain_stride).
 struct GradStore {
   const float* residual;  // [N, H] dL/dy of the layer this one feeds through the residual, or nullptr
   float* dy;              // [N, H]
@@ -231,8 +231,8 @@ struct GradStore {
   const float* s;         // [N, H]
   const float* rstd;      // [N]
   float* rowdot;          // [N, T]
-  float* gain_partials;   // [row tiles, H]
-  int64_t tiles, hidden;
+  float* gain_partials;   // [row tiles, gain_stride]
+  int64_t gain_stride, tiles, hidden;
 
   __device__ void operator()(const float* acc, float* scratch, int64_t i0, int64_t n0, int64_t m, int64_t n) const {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -269,7 +269,7 @@ struct GradStore {
         float sum = 0.0f;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) sum += scratch[w * kTileN + threadIdx.x];
-        gain_partials[static_cast<int64_t>(blockIdx.x) * hidden + c] = sum;
+        gain_partials[static_cast<int64_t>(blockIdx.x) * gain_stride + c] = sum;
       }
     }
   }
