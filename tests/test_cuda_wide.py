@@ -184,7 +184,9 @@ def test_opcheck(generator):
     torch.library.opcheck(ops.cuda_wide_argmax, (idx, *frozen, *settings, True))
     upstream = torch.randn(9, 6, generator=generator).cuda()
     torch.library.opcheck(ops.cuda_wide_logits_backward, (upstream, idx, *frozen, *settings, True))
-    torch.library.opcheck(ops.cuda_wide_loss_backward, (torch.full((9,), 0.5).cuda(), idx, targets, *frozen, *settings))
+    torch.library.opcheck(
+        ops.cuda_wide_loss_backward, (torch.full((9,), 0.5).cuda(), idx, targets, *frozen, *settings, True)
+    )
 
 
 def test_settings_are_refused_before_any_work():

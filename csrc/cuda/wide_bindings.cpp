@@ -3,7 +3,9 @@
 //
 // bf16 products with fp32 accumulation; parameters, activations and results float32. Every operator takes the
 // eight parameters of AUNNParams, residual_every, eps, and `poison` (fill every buffer it allocates with NaN
-// first, so a test sees any element a kernel failed to write).
+// first, so a test sees any element a kernel failed to write). poison has no default on purpose: the dispatcher
+// drops arguments equal to their default before autograd sees them, so the backward registered from Python would
+// have to return one gradient fewer whenever it was left out.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -255,13 +257,13 @@ std::vector<Tensor> cuda_wide_logits_backward(const Tensor& grad, const Tensor& 
   "Tensor hidden_gain, Tensor out_weight, Tensor out_bias, int residual_every, float eps"
 
 TORCH_LIBRARY_FRAGMENT(aunn_fast, m) {
-  m.def("cuda_wide_logits(Tensor idx, " AUNN_PARAMS_SCHEMA ", bool poison=False) -> Tensor");
-  m.def("cuda_wide_argmax(Tensor idx, " AUNN_PARAMS_SCHEMA ", bool poison=False) -> Tensor");
+  m.def("cuda_wide_logits(Tensor idx, " AUNN_PARAMS_SCHEMA ", bool poison) -> Tensor");
+  m.def("cuda_wide_argmax(Tensor idx, " AUNN_PARAMS_SCHEMA ", bool poison) -> Tensor");
   m.def("cuda_wide_loss(Tensor idx, Tensor targets, " AUNN_PARAMS_SCHEMA
-        ", str reduction, bool with_grads, bool poison=False) -> (Tensor, Tensor[])");
+        ", str reduction, bool with_grads, bool poison) -> (Tensor, Tensor[])");
   m.def("cuda_wide_loss_backward(Tensor grad, Tensor idx, Tensor targets, " AUNN_PARAMS_SCHEMA
-        ", bool poison=False) -> Tensor[]");
-  m.def("cuda_wide_logits_backward(Tensor grad, Tensor idx, " AUNN_PARAMS_SCHEMA ", bool poison=False) -> Tensor[]");
+        ", bool poison) -> Tensor[]");
+  m.def("cuda_wide_logits_backward(Tensor grad, Tensor idx, " AUNN_PARAMS_SCHEMA ", bool poison) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(aunn_fast, CUDA, m) {
