@@ -130,6 +130,29 @@ def test_reductions_against_reference(reduction, generator):
 
 
 @needs_gpu
+def test_forward_only_calls_run_in_slices(generator):
+    """logits, predict and a loss without gradients run in slices of 16,384 rows (wide_bindings.cpp): across a
+    slice boundary every row is still the reference's."""
+    from aunn_fast import cuda_wide
+
+    cfg = AUNNConfig(vocab_size=5, hidden=256, layers=3)
+    params = make_params(cfg, generator)
+    n = 16384 + 77
+    idx = random_indices(n, cfg.bits, generator).cuda()
+    targets = torch.randint(0, cfg.vocab_size, (n,), generator=generator).cuda()
+    oracle_params = as_double(params)
+    got = cuda_wide.logits(idx, params, cfg, poison=True)
+    oracle = reference.logits(idx, oracle_params, cfg, "bf16")
+    assert_2x_rule("logits", got, reference.logits(idx, params, cfg, "bf16"), oracle, atol_rel=FLOOR)
+    assert torch.equal(cuda_wide.predict(idx, params, cfg, poison=True), got.argmax(-1))
+    with torch.no_grad():
+        rows = cuda_wide.loss(idx, targets, params, cfg, reduction="none", poison=True)
+    oracle_rows = reference.loss(idx, targets, oracle_params, cfg, "bf16", "none")
+    ref_rows = reference.loss(idx, targets, params, cfg, "bf16", "none")
+    assert_2x_rule("row losses", rows, ref_rows, oracle_rows, atol_rel=FLOOR, atol=LOSS_ATOL)
+
+
+@needs_gpu
 def test_logits_gradient_against_reference(generator):
     """logits() backward from an arbitrary dL/dlogits (cuda_wide_logits_backward)."""
     from aunn_fast import cuda_wide
