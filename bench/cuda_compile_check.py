@@ -80,6 +80,17 @@ def compile_file(source: Path, arch: str, nvcc: str) -> tuple[list[dict[str, int
     return parse_ptxas(report), error
 
 
+def readable_name(kernel: str) -> str:
+    """A mangled kernel name demangled by c++filt where it is installed, without its namespaces and arguments:
+    ``fused_step_kernel<64, (aunn_cuda::StepMode)3>`` reads as ``fused_step_kernel<64, 3>``."""
+    tool = shutil.which("c++filt")
+    if tool is None:
+        return kernel
+    name = subprocess.run([tool, kernel], capture_output=True, text=True).stdout.strip() or kernel
+    name = name.removeprefix("void ").replace("(anonymous namespace)::", "").replace("(aunn_cuda::StepMode)", "")
+    return re.sub(r"^(\w+::)+", "", name.split("(")[0])
+
+
 def verdict(kernel: dict[str, int | str]) -> str:
     problems = []
     if kernel["spill stores"] or kernel["spill loads"]:
@@ -108,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             message = error.replace("|", "/")[:200]
             lines.append(f"| {source.name} | — | — | — | — | — | — | FAILED: {message} |")
         for k in kernels:
-            cells = [source.name, str(k["kernel"]), *(str(k[c]) for c in COLUMNS[2:7]), verdict(k)]
+            cells = [source.name, readable_name(str(k["kernel"])), *(str(k[c]) for c in COLUMNS[2:7]), verdict(k)]
             lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(f"CUDA kernels of {src / 'cuda'} for {args.arch}:\n{table}")
