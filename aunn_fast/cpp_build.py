@@ -29,7 +29,8 @@ ENV_MARCH = "AUNN_FAST_CPP_MARCH"  # the -march= target (default native); e.g. h
 EXTENSION_NAME = "aunn_fast_cpp"
 CPU_SOURCES = ("cpu/mlp.cpp", "cpu/ops.cpp")
 CUDA_EXTENSION_NAME = "aunn_fast_cuda"
-CUDA_SOURCES = ("cuda/bindings.cpp", "cuda/scale.cu")  # built only with nvcc and a CUDA build of torch
+# Built only with nvcc and a CUDA build of torch. fused_step*: the `cuda` backend (aunn_fast/cuda_backend.py).
+CUDA_SOURCES = ("cuda/bindings.cpp", "cuda/scale.cu", "cuda/fused_step.cu", "cuda/fused_step_bindings.cpp")
 # Built for the machine it runs on (or $AUNN_FAST_CPP_MARCH); never -ffast-math (the results must match the
 # reference's float32 math). -fno-math-errno only lets sqrt compile to the instruction; -fopenmp makes
 # at::parallel_for use torch's OpenMP threads (libgomp is the one torch already loaded).
