@@ -193,6 +193,10 @@ def cuda_unavailable_reason() -> str | None:
             return "torch is not a CUDA build"
         if cpp_extension.CUDA_HOME is None:
             return "nvcc was not found (set CUDA_HOME)"
+        home = cpp_extension.CUDA_HOME
+        if not os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            # e.g. /usr/local/bin/nvcc as a wrapper script, from which torch guesses /usr/local
+            return f"CUDA_HOME {home} has no include/cuda_runtime.h (set CUDA_HOME, e.g. /usr/local/cuda)"
         return _precondition_failure()
 
     return _loaded(CUDA_EXTENSION_NAME, CUDA_SOURCES, precondition)

@@ -131,7 +131,12 @@ if [ "$CUDA_STEP_TIMEOUT" -gt 0 ]; then
         fi
         stage "$cap" "$@"
     }
-    echo "== fused CUDA step (timeout ${CUDA_STEP_TIMEOUT}s) -> $CUDA_OUT"
+    # torch guesses CUDA_HOME from nvcc's folder; where nvcc is a wrapper (/usr/local/bin/nvcc) that guess lacks
+    # the headers, so point it at the toolkit when it is there
+    if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
+        export CUDA_HOME=/usr/local/cuda
+    fi
+    echo "== fused CUDA step (timeout ${CUDA_STEP_TIMEOUT}s, CUDA_HOME ${CUDA_HOME:-unset}) -> $CUDA_OUT"
     start=$SECONDS
     cuda_part 150 "$CUDA_OUT/build.log" "$PYTHON" -c "import torch; from aunn_fast import cpp_build, cuda_backend; \
 print('cuda extension:', cpp_build.cuda_unavailable_reason() or 'built'); \
