@@ -247,6 +247,19 @@ def test_unsupported_shapes_are_clear_errors():
             model(torch.tensor([1, 2], device=GPU))
 
 
+@needs_gpu
+def test_bad_input_is_refused_before_the_backend(monkeypatch):
+    """The module's checks run before dispatch, so the cuda backend gives the other backends' errors."""
+    from aunn_fast import cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "logits", lambda *a: pytest.fail("the backend ran"))
+    model = AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=3, bits=8), backend="cuda", precision=PRECISION).to(GPU)
+    with pytest.raises(ValueError, match="past the model's largest index|out of range|largest"):
+        model(torch.tensor([300], device=GPU))
+    with pytest.raises(TypeError, match="indices must be int64"):
+        model(torch.tensor([1.0], device=GPU))
+
+
 # ----------------------------------------------------------------------------- without a GPU
 
 
