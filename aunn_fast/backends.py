@@ -5,7 +5,9 @@ the float32 parameters, and returns float32 logits [N, V], the loss (its last ar
 ``reduction``: "mean" or "sum", a scalar; "none", [N]), or int64 predictions [N].
 ``reference`` always exists; ``compile`` is the reference under ``torch.compile``;
 ``triton`` is the fused kernel path (``aunn_fast.kernels``); ``cpp`` the fused CPU path of the
-optional C++ extension (``aunn_fast.cpp_backend``, fp32), built on first use where a compiler exists.
+optional C++ extension (``aunn_fast.cpp_backend``, fp32), built on first use where a compiler exists; ``cuda`` the
+fused CUDA step of the same extension (``aunn_fast.cuda_backend``, bf16, H in 16-128, vocab <= 256; built where
+nvcc and a CUDA build of torch exist; not yet run on a GPU, so ``auto`` never picks it).
 """
 
 from __future__ import annotations
@@ -105,6 +107,27 @@ def _cpp_op(op: str) -> Callable[..., torch.Tensor]:
     return run
 
 
+def _cuda_module():  # type: ignore[no-untyped-def]
+    from . import cuda_backend
+
+    return cuda_backend
+
+
+def _cuda_unavailable(device: torch.device) -> str | None:
+    return _cuda_module().unavailable_reason(device)
+
+
+def _cuda_check_settings() -> None:
+    _cuda_module().check_settings()
+
+
+def _cuda_op(op: str) -> Callable[..., torch.Tensor]:
+    def run(*args: object, **kwargs: object) -> torch.Tensor:
+        return getattr(_cuda_module(), op)(*args, **kwargs)
+
+    return run
+
+
 BACKENDS: dict[str, Backend] = {
     "reference": Backend(
         "reference", reference.logits, reference.loss, reference.predict, PRECISIONS, _always_available
@@ -128,6 +151,15 @@ BACKENDS: dict[str, Backend] = {
     ),
     "cpp": Backend(
         "cpp", _cpp_op("logits"), _cpp_op("loss"), _cpp_op("predict"), ("fp32",), _cpp_unavailable, _cpp_check_settings
+    ),
+    "cuda": Backend(
+        "cuda",
+        _cuda_op("logits"),
+        _cuda_op("loss"),
+        _cuda_op("predict"),
+        ("bf16",),
+        _cuda_unavailable,
+        _cuda_check_settings,
     ),
 }
 

@@ -31,9 +31,13 @@ ENV_MARCH = "AUNN_FAST_CPP_MARCH"  # the -march= target (default native); e.g. h
 EXTENSION_NAME = "aunn_fast_cpp"
 CPU_SOURCES = ("cpu/mlp.cpp", "cpu/ops.cpp")
 CUDA_EXTENSION_NAME = "aunn_fast_cuda"
-CUDA_SOURCES = (  # built only with nvcc and a CUDA build of torch
+# Built only with nvcc and a CUDA build of torch. fused_step*: the `cuda` backend (aunn_fast/cuda_backend.py);
+# wide_*: the H >= 256 products (aunn_fast/cuda_wide.py).
+CUDA_SOURCES = (
     "cuda/bindings.cpp",
     "cuda/scale.cu",
+    "cuda/fused_step.cu",
+    "cuda/fused_step_bindings.cpp",
     "cuda/wide_bindings.cpp",
     "cuda/wide_forward.cu",
     "cuda/wide_backward.cu",
@@ -216,6 +220,10 @@ def cuda_unavailable_reason() -> str | None:
             return "torch is not a CUDA build"
         if cpp_extension.CUDA_HOME is None:
             return "nvcc was not found (set CUDA_HOME)"
+        home = cpp_extension.CUDA_HOME
+        if not os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            # e.g. /usr/local/bin/nvcc as a wrapper script, from which torch guesses /usr/local
+            return f"CUDA_HOME {home} has no include/cuda_runtime.h (set CUDA_HOME, e.g. /usr/local/cuda)"
         return _precondition_failure()
 
     return _loaded(CUDA_EXTENSION_NAME, CUDA_SOURCES, precondition)

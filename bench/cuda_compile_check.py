@@ -4,22 +4,28 @@
 
 Each ``.cu`` file is compiled to a cubin with ``-Xptxas -v``; ptxas's report gives, per kernel, registers per
 thread, spill stores and loads, stack frame and static shared memory, printed as a markdown table (as
-compile_check does for the Triton kernels). Exit status 0 when every file compiled, 1 otherwise.
+compile_check does for the Triton kernels). Exit status 0 when every file compiled, 1 otherwise. A report is
+kept under the C++ extension's build cache (``AUNN_FAST_CPP_CACHE``), keyed by nvcc's version, the target, the
+file and every header beside it, so an unchanged file is not compiled twice (the fused step takes ~1-2 minutes
+on 2 cores; CI checks it in two stages).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-from aunn_fast.cpp_build import source_dir
+from aunn_fast.cpp_build import cache_root, source_dir
 
 COLUMNS = ("file", "kernel", "registers", "spill stores", "spill loads", "stack", "shared", "verdict")
 H100_SHARED_PER_BLOCK = 227 * 1024  # the most shared memory one block may use on an H100
+NVCC_FLAGS = ("-O3", "-Xptxas", "-v")
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -46,17 +52,43 @@ def parse_ptxas(report: str) -> list[dict[str, int | str]]:
     return kernels
 
 
+def _compile_key(source: Path, arch: str, nvcc: str) -> str:
+    """A digest of what the report depends on: nvcc's version, the command, the file and its folder's headers."""
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256("\0".join((version, arch, " ".join(NVCC_FLAGS), source.name)).encode())
+    for path in [source, *sorted(p for p in source.parent.iterdir() if p.suffix in (".h", ".cuh"))]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:24]
+
+
 def compile_file(source: Path, arch: str, nvcc: str) -> tuple[list[dict[str, int | str]], str | None]:
     """The kernels' resource usage of one .cu file, and the compiler's error (None when it compiled)."""
+    cached = cache_root() / "ptxas" / f"{source.stem}-{_compile_key(source, arch, nvcc)}.json"
+    if cached.is_file():
+        report, error = json.loads(cached.read_text())
+        return parse_ptxas(report), error
     with tempfile.TemporaryDirectory() as tmp:
         done = subprocess.run(
-            [nvcc, f"-arch={arch}", "-cubin", "-O3", "-Xptxas", "-v", "-o", str(Path(tmp) / "out.cubin"), str(source)],
+            [nvcc, f"-arch={arch}", "-cubin", *NVCC_FLAGS, "-o", str(Path(tmp) / "out.cubin"), str(source)],
             capture_output=True,
             text=True,
         )
-    if done.returncode != 0:
-        return [], (done.stderr.strip().splitlines() or ["nvcc failed"])[-1]
-    return parse_ptxas(done.stdout + done.stderr), None
+    report = done.stdout + done.stderr
+    error = None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["nvcc failed"])[-1]
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps([report, error]))
+    return parse_ptxas(report), error
+
+
+def readable_name(kernel: str) -> str:
+    """A mangled kernel name demangled by c++filt where it is installed, without its namespaces and arguments:
+    ``fused_step_kernel<64, (aunn_cuda::StepMode)3>`` reads as ``fused_step_kernel<64, 3>``."""
+    tool = shutil.which("c++filt")
+    if tool is None:
+        return kernel
+    name = subprocess.run([tool, kernel], capture_output=True, text=True).stdout.strip() or kernel
+    name = name.removeprefix("void ").replace("(anonymous namespace)::", "").replace("(aunn_cuda::StepMode)", "")
+    return re.sub(r"^(\w+::)+", "", name.split("(")[0])
 
 
 def verdict(kernel: dict[str, int | str]) -> str:
@@ -87,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             message = error.replace("|", "/")[:200]
             lines.append(f"| {source.name} | — | — | — | — | — | — | FAILED: {message} |")
         for k in kernels:
-            cells = [source.name, str(k["kernel"]), *(str(k[c]) for c in COLUMNS[2:7]), verdict(k)]
+            cells = [source.name, readable_name(str(k["kernel"])), *(str(k[c]) for c in COLUMNS[2:7]), verdict(k)]
             lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(f"CUDA kernels of {src / 'cuda'} for {args.arch}:\n{table}")

@@ -50,6 +50,14 @@ DISTRIBUTED_BENCH_TIMEOUT=${DISTRIBUTED_BENCH_TIMEOUT:-25}
 # The run lives in a temporary folder (its checkpoint is ~70 MB); OUTDIR/shakespeare/ gets its log.csv (batch
 # accuracy every 100 steps, kept when the timeout cuts the run), metrics.json, report.md and plots.
 SHAKESPEARE_TIMEOUT=${SHAKESPEARE_TIMEOUT:-0}
+# The fused CUDA step (backend `cuda`, csrc/cuda/fused_step.cu, never yet run on a GPU): its own stage, see
+# "fused CUDA step" below. CUDA_STEP_TIMEOUT=0 skips it; CUDA_STEP_ONLY=1 runs it alone (every other stage skipped).
+CUDA_STEP_TIMEOUT=${CUDA_STEP_TIMEOUT:-240}
+CUDA_STEP_ONLY=${CUDA_STEP_ONLY:-0}
+if [ "$CUDA_STEP_ONLY" = 1 ]; then
+    GPU_TEST_TIMEOUT=0 KERNEL_TEST_TIMEOUT=0 TEST_TIMEOUT=0 BENCH_TIMEOUT=0 NOTEBOOK_TIMEOUT=0 BPE_TIMEOUT=0
+    VARIANTS_TIMEOUT=0 PROFILE_TIMEOUT=0 SEED_DEMO_TIMEOUT=0 NCU_TIMEOUT=0 SHAKESPEARE_TIMEOUT=0
+fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT/bench"
 OUT=$(cd "$OUT" && pwd)
@@ -105,6 +113,67 @@ stage "$GPU_TEST_TIMEOUT" "$OUT/pytest_gpu.log" "${PYTEST[@]}" tests/test_cuda_g
     tests/test_bench.py -k "$GPU_TESTS"
 GPU_TEST_RC=$?
 tail -n 1 "$OUT/pytest_gpu.log"
+# ---- fused CUDA step (backend `cuda`; csrc/cuda/DESIGN.md "What a GPU must check"), self-contained: OUT/cuda_step/.
+# 1. build the CUDA extension (nvcc, once per machine: the cache is ~/.cache/aunn_fast/cpp) and record its time;
+# 2. tests/test_cuda_fused.py and test_cuda_wide.py (the H >= 256 products, csrc/cuda/WIDE.md): loss, logits,
+#    predictions and every gradient against the float64 oracle (2x rule, bf16), opcheck, torch.compile; 3. compute-sanitizer memcheck and racecheck on small shapes of every operator
+#    (bench/cuda_fused_smoke.py); 4. the quick seed benchmark with the cuda provider beside triton, eager and
+#    compile (train, graphed train, predict), and the 1M-index train step (the goal: >= 1,000 M idx/s).
+# The whole stage is bounded by CUDA_STEP_TIMEOUT seconds, split below; each part is skipped once it is spent.
+CUDA_STEP_RC=0
+CUDA_OUT=$OUT/cuda_step
+if [ "$CUDA_STEP_TIMEOUT" -gt 0 ]; then
+    mkdir -p "$CUDA_OUT"
+    cuda_deadline=$((SECONDS + CUDA_STEP_TIMEOUT))
+    # cuda_part CAP LOG COMMAND...: stage() under CAP seconds or what is left of the stage's time (124 when none is)
+    cuda_part() {
+        local cap=$1 left=$((cuda_deadline - SECONDS))
+        shift
+        [ "$left" -lt "$cap" ] && cap=$left
+        if [ "$cap" -le 0 ]; then
+            echo "not run: CUDA_STEP_TIMEOUT spent" > "$1"
+            return 124
+        fi
+        stage "$cap" "$@"
+    }
+    # torch guesses CUDA_HOME from nvcc's folder; where nvcc is a wrapper (/usr/local/bin/nvcc) that guess lacks
+    # the headers, so point it at the toolkit when it is there
+    if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
+        export CUDA_HOME=/usr/local/cuda
+    fi
+    echo "== fused CUDA step (timeout ${CUDA_STEP_TIMEOUT}s, CUDA_HOME ${CUDA_HOME:-unset}) -> $CUDA_OUT"
+    start=$SECONDS
+    cuda_part 150 "$CUDA_OUT/build.log" "$PYTHON" -c "import torch; from aunn_fast import cpp_build, cuda_backend; \
+print('cuda extension:', cpp_build.cuda_unavailable_reason() or 'built'); \
+print('cuda backend:', cuda_backend.unavailable_reason(torch.device('cuda')) or 'available')"
+    CUDA_BUILD_RC=$?
+    echo "build exit status $CUDA_BUILD_RC in $((SECONDS - start)) s:" \
+        "$(tr '\n' ' ' < "$CUDA_OUT/build.log" | tail -c 300)"
+    cuda_part 90 "$CUDA_OUT/pytest.log" "${PYTEST[@]}" tests/test_cuda_fused.py tests/test_cuda_wide.py
+    CUDA_TEST_RC=$?
+    echo "tests exit status $CUDA_TEST_RC: $(tail -n 1 "$CUDA_OUT/pytest.log")"
+    SANITIZE_RC=0
+    for tool in memcheck racecheck; do
+        extra=()
+        [ "$tool" = memcheck ] && extra=(--large)
+        cuda_part 40 "$CUDA_OUT/$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+            "$PYTHON" -m aunn_fast.bench.cuda_fused_smoke "${extra[@]}"
+        rc=$?
+        [ "$SANITIZE_RC" = 0 ] && SANITIZE_RC=$rc
+        echo "compute-sanitizer $tool exit status $rc:" \
+            "$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|not run" "$CUDA_OUT/$tool.log" | tr '\n' ' ')"
+    done
+    cuda_part 60 "$CUDA_OUT/bench.log" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick \
+        --out "$CUDA_OUT/bench" --providers cuda,triton,reference,compile --workloads train,train-graph,predict
+    CUDA_BENCH_RC=$?
+    cuda_part 45 "$CUDA_OUT/bench_1M.log" "$PYTHON" -m aunn_fast.bench.run --device cuda --quick \
+        --out "$CUDA_OUT/bench_1M" --providers cuda,triton --precisions bf16 --workloads train --batches 1M
+    CUDA_BENCH_1M_RC=$?
+    echo "benchmark exit status $CUDA_BENCH_RC, 1M train $CUDA_BENCH_1M_RC (124: timed out)"
+    for rc in "$CUDA_BUILD_RC" "$CUDA_TEST_RC" "$SANITIZE_RC" "$CUDA_BENCH_RC" "$CUDA_BENCH_1M_RC"; do
+        [ "$CUDA_STEP_RC" = 0 ] && CUDA_STEP_RC=$rc
+    done
+fi
 echo "== other kernel tests (timeout ${KERNEL_TEST_TIMEOUT}s) -> $OUT/pytest_kernels.log"
 stage "$KERNEL_TEST_TIMEOUT" "$OUT/pytest_kernels.log" "${PYTEST[@]}" tests/test_triton_kernels.py -k "not ($GPU_TESTS)"
 KERNEL_TEST_RC=$?
@@ -237,9 +306,10 @@ echo "ncu exit status $NCU_RC; reports in $OUT/ncu; kernel variants exit status 
 echo "TinyShakespeare demo exit status $SHAKESPEARE_RC (124 timed out); $OUT/shakespeare"
 echo "data-parallel tests exit status $DISTRIBUTED_TEST_RC: $(tail -n 1 "$OUT/pytest_distributed.log"); overhead \
 benchmark $DISTRIBUTED_BENCH_RC (table in $OUT/distributed_scaling.md)"
+echo "fused CUDA step exit status $CUDA_STEP_RC (first failing part; logs in $OUT/cuda_step)"
 echo "seed demo exit status $SEED_DEMO_RC (124 timed out): $(grep -E "^(trained in|training accuracy)" \
     "$OUT/seed_demo.log" | tr '\n' ';')"
-for run in bench bench_notebook bench_bpe; do
+for run in bench bench_notebook bench_bpe cuda_step/bench cuda_step/bench_1M; do
     if [ -f "$OUT/$run/results.json" ]; then
         "$PYTHON" -m aunn_fast.bench.summary "$OUT/$run/results.json"
     elif [ -s "$OUT/$run.log" ]; then
@@ -247,6 +317,6 @@ for run in bench bench_notebook bench_bpe; do
     fi
 done
 for rc in "$GPU_TEST_RC" "$KERNEL_TEST_RC" "$TEST_RC" "$BENCH_RC" "$NOTEBOOK_RC" "$BPE_RC" "$NCU_RC" "$VARIANTS_RC" \
-        "$SEED_DEMO_RC" "$SHAKESPEARE_RC" "$DISTRIBUTED_TEST_RC" "$DISTRIBUTED_BENCH_RC"; do
+        "$SEED_DEMO_RC" "$SHAKESPEARE_RC" "$DISTRIBUTED_TEST_RC" "$DISTRIBUTED_BENCH_RC" "$CUDA_STEP_RC"; do
     [ "$rc" = 0 ] || exit 1
 done
