@@ -5,9 +5,10 @@ the float32 parameters, and returns float32 logits [N, V], the loss (its last ar
 ``reduction``: "mean" or "sum", a scalar; "none", [N]), or int64 predictions [N].
 ``reference`` always exists; ``compile`` is the reference under ``torch.compile``;
 ``triton`` is the fused kernel path (``aunn_fast.kernels``); ``cpp`` the fused CPU path of the
-optional C++ extension (``aunn_fast.cpp_backend``, fp32), built on first use where a compiler exists; ``cuda`` the
-fused CUDA step of the same extension (``aunn_fast.cuda_backend``, bf16, H in 16-128, vocab <= 256; built where
-nvcc and a CUDA build of torch exist; not yet run on a GPU, so ``auto`` never picks it).
+optional C++ extension (``aunn_fast.cpp_backend``, fp32, and bf16 on CPUs with AVX512-BF16), built on first
+use where a compiler exists; ``cuda`` the fused CUDA step of the same extension (``aunn_fast.cuda_backend``, bf16,
+H in 16-128, vocab <= 256; built where nvcc and a CUDA build of torch exist; not yet run on a GPU, so ``auto``
+never picks it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Backend:
     precisions: tuple[str, ...]
     unavailable_reason: Callable[[torch.device], str | None]
     check_settings: Callable[[], None] = lambda: None  # raises ValueError for a bad setting (e.g. an env switch)
+    # why one of ``precisions`` cannot run on this machine (e.g. the CPU lacks its instructions), or None
+    precision_unavailable: Callable[[str], str | None] = lambda precision: None
 
 
 def _always_available(device: torch.device) -> str | None:
@@ -100,6 +103,10 @@ def _cpp_check_settings() -> None:
     _cpp_module().check_settings()
 
 
+def _cpp_precision_unavailable(precision: str) -> str | None:
+    return _cpp_module().precision_unavailable_reason(precision)
+
+
 def _cpp_op(op: str) -> Callable[..., torch.Tensor]:
     def run(*args: object, **kwargs: object) -> torch.Tensor:
         return getattr(_cpp_module(), op)(*args, **kwargs)
@@ -150,7 +157,14 @@ BACKENDS: dict[str, Backend] = {
         _triton_check_settings,
     ),
     "cpp": Backend(
-        "cpp", _cpp_op("logits"), _cpp_op("loss"), _cpp_op("predict"), ("fp32",), _cpp_unavailable, _cpp_check_settings
+        "cpp",
+        _cpp_op("logits"),
+        _cpp_op("loss"),
+        _cpp_op("predict"),
+        ("fp32", "bf16"),
+        _cpp_unavailable,
+        _cpp_check_settings,
+        _cpp_precision_unavailable,
     ),
     "cuda": Backend(
         "cuda",
@@ -191,8 +205,9 @@ def check_precision_name(name: str) -> str:
 
 def resolve_backend(name: str, device: torch.device | str, precision: str = "auto") -> Backend:
     """The backend called ``name`` for tensors on ``device``; "auto" picks the fastest usable one that offers
-    ``precision`` (triton on CUDA, cpp on the CPU for fp32, else reference), and the reference while a
-    torch.func transform runs: the fused ops have no functorch rules (``grad`` fails on them, ``vmap`` loops)."""
+    ``precision`` (triton on CUDA, cpp on the CPU for fp32 and, where the CPU has the instructions, bf16, else
+    reference), and the reference while a torch.func transform runs: the fused ops have no functorch rules
+    (``grad`` fails on them, ``vmap`` loops)."""
     device = torch.device(device)
     if check_backend_name(name) == "auto":
         transforming = torch._C._functorch.peek_interpreter_stack() is not None
@@ -201,6 +216,7 @@ def resolve_backend(name: str, device: torch.device | str, precision: str = "aut
             fast is not None
             and (precision == "auto" or precision in BACKENDS[fast].precisions)
             and BACKENDS[fast].unavailable_reason(device) is None
+            and (precision == "auto" or BACKENDS[fast].precision_unavailable(precision) is None)
         ):
             return BACKENDS[fast]
         return BACKENDS["reference"]
@@ -217,4 +233,7 @@ def resolve_precision(name: str, device: torch.device | str, backend: Backend) -
         return "bf16" if device.type == "cuda" and "bf16" in backend.precisions else "fp32"
     if name not in backend.precisions:
         raise ValueError(f"backend {backend.name!r} does not offer precision {name!r}")
+    reason = backend.precision_unavailable(name)
+    if reason is not None:
+        raise ValueError(f"backend {backend.name!r} cannot run precision {name!r} here: {reason}")
     return name

@@ -1,7 +1,9 @@
-"""The ``cpp`` backend: the fused CPU AUNN of the C++ extension (``csrc/cpu``), float32.
+"""The ``cpp`` backend: the fused CPU AUNN of the C++ extension (``csrc/cpu``): fp32, and bf16 (operands of every
+product rounded to bfloat16, float32 sums, on AVX512-BF16's vdpbf16ps) where the build's CPU has those
+instructions.
 
 Operators (``torch.ops.aunn_fast``, defined in ``csrc/cpu/ops.cpp``; idx, targets int64 [N], the eight float32
-parameters P of :class:`AUNNParams`, then ``residual_every``, ``eps``):
+parameters P of :class:`AUNNParams`, then ``residual_every``, ``eps``, ``bf16``):
 
     cpp_logits(idx, *P)                          -> float32 [N, V]
     cpp_argmax(idx, *P)                          -> int64 [N]
@@ -10,6 +12,7 @@ parameters P of :class:`AUNNParams`, then ``residual_every``, ``eps``):
     cpp_logits_backward(grad [N, V], idx, *P)    -> the 8 gradients
     cpp_train_step(idx, targets, params!, grads!, exp_avg!, exp_avg_sq!, step, lr, beta1, beta2, adam_eps,
                    weight_decay, max_norm, ...)  -> mean loss; grads: the (clipped) gradients the update used
+    cpp_has_bf16()                               -> whether this build runs bf16
 
 This module registers their fake implementations and autograd formulas, and offers the backend's
 ``logits`` / ``loss`` / ``predict``, :class:`OneCallStep` (a conditioning step in one C++ call) and
@@ -28,11 +31,11 @@ from . import cpp_build
 from .config import AUNNConfig
 from .params import AUNNParams
 
-SUPPORTED_PRECISIONS = ("fp32",)
+SUPPORTED_PRECISIONS = ("fp32", "bf16")
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as inference.conditioning_optimizer uses them
 ADAM_EPS = 1e-8
 
-_registered: dict[str, bool] = {}  # "done": the fake and autograd parts are registered
+_registered: dict[str, bool] = {}  # "done": the fake and autograd parts are registered; "bf16": cpp_has_bf16()
 _register_lock = threading.Lock()
 
 
@@ -46,6 +49,18 @@ def unavailable_reason(device: torch.device) -> str | None:
     return reason
 
 
+def precision_unavailable_reason(precision: str) -> str | None:
+    """None when ``precision`` runs here (the extension loaded, and for bf16 a build with AVX512-BF16), else why
+    not."""
+    reason = unavailable_reason(torch.device("cpu"))
+    if reason is not None or precision != "bf16" or _registered["bf16"]:
+        return reason
+    return (
+        f"its bf16 needs a CPU with AVX512-BF16 instructions (the extension was built for -march={cpp_build.march()}"
+        " without them); use precision='fp32', or backend='reference' for an emulated bf16"
+    )
+
+
 def check_settings() -> None:
     """ValueError for a bad AUNN_FAST_CPP value."""
     cpp_build.check_setting()
@@ -54,9 +69,8 @@ def check_settings() -> None:
 # ----------------------------------------------------------------------------- fake tensors and autograd
 
 
-def _fake_logits(
-    idx, in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias, residual_every, eps
-):
+def _fake_logits(idx, *params_and_settings):
+    out_weight = params_and_settings[6]
     return idx.new_empty((idx.shape[0], out_weight.shape[0]), dtype=torch.float32)
 
 
@@ -90,7 +104,7 @@ def _logits_setup(ctx, inputs, output) -> None:
 def _logits_backward(ctx, grad):
     idx, *params = ctx.saved_tensors
     grads = torch.ops.aunn_fast.cpp_logits_backward(grad, idx, *params, *ctx.settings)
-    return (None, *grads, None, None)
+    return (None, *grads, None, None, None)
 
 
 def _loss_setup(ctx, inputs, output) -> None:
@@ -98,16 +112,16 @@ def _loss_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(*unit_grads)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(*inputs[:10], *unit_grads)
-    ctx.settings = inputs[10:12]
+    ctx.settings = inputs[10:13]
 
 
 def _loss_backward(ctx, grad_rows, grad_unit_grads):
     idx, targets, *rest = ctx.saved_tensors
     params, unit_grads = rest[:8], rest[8:]
     if grad_rows is None:
-        return (None,) * 13
+        return (None,) * 14
     grads = torch.ops.aunn_fast.cpp_loss_backward(grad_rows, unit_grads, idx, targets, *params, *ctx.settings)
-    return (None, None, *grads, None, None, None)
+    return (None, None, *grads, None, None, None, None)
 
 
 def _register_python_parts() -> None:
@@ -126,30 +140,40 @@ def _register_python_parts() -> None:
         lib.register_fake("aunn_fast::cpp_train_step", _fake_train_step)
         lib.register_autograd("aunn_fast::cpp_logits", _logits_backward, setup_context=_logits_setup)
         lib.register_autograd("aunn_fast::cpp_loss", _loss_backward, setup_context=_loss_setup)
+        _registered["bf16"] = bool(torch.ops.aunn_fast.cpp_has_bf16())
         _registered["done"] = True
 
 
 # ----------------------------------------------------------------------------- the backend's ops
 
 
-def _operands(params: AUNNParams, cfg: AUNNConfig, precision: str) -> tuple[list[Tensor], int, float]:
+def _settings(cfg: AUNNConfig, precision: str) -> tuple[int, float, bool]:
+    """The operators' trailing arguments (residual_every, eps, bf16); ValueError for a precision not run here."""
     if precision not in SUPPORTED_PRECISIONS:
         raise ValueError(
-            f"precision {precision!r} is not yet supported by the cpp backend (fp32 only); use "
-            "backend='reference' or 'compile' for an emulated tf32/bf16"
+            f"precision {precision!r} is not supported by the cpp backend (fp32, bf16); use "
+            "backend='reference' or 'compile' for an emulated tf32"
         )
+    reason = precision_unavailable_reason(precision)
+    if reason is not None:
+        raise ValueError(f"the cpp backend cannot run precision {precision!r} here: {reason}")
+    return cfg.residual_every, cfg.norm_eps, precision == "bf16"
+
+
+def _operands(params: AUNNParams, cfg: AUNNConfig, precision: str) -> tuple[list[Tensor], tuple[int, float, bool]]:
+    settings = _settings(cfg, precision)
     wrong = {name: p.dtype for name, p in zip(AUNNParams._fields, params) if p.dtype != torch.float32}
     if wrong:
         raise TypeError(
             f"the cpp backend takes float32 parameters, got {', '.join(f'{n} {d}' for n, d in wrong.items())}"
         )
-    return [p.contiguous() for p in params], cfg.residual_every, cfg.norm_eps
+    return [p.contiguous() for p in params], settings
 
 
 def logits(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> Tensor:
     """float32 logits [N, V] of int64 indices [N]; differentiable w.r.t. every parameter."""
-    p, every, eps = _operands(params, cfg, precision)
-    return torch.ops.aunn_fast.cpp_logits(idx, *p, every, eps)
+    p, settings = _operands(params, cfg, precision)
+    return torch.ops.aunn_fast.cpp_logits(idx, *p, *settings)
 
 
 def loss(
@@ -158,9 +182,9 @@ def loss(
     """Cross-entropy, float32, logits never stored: "mean" / "sum" (scalars) or "none" ([N]). Where autograd
     will need them, the gradients of the rows' sum are computed in the same pass; a backward whose upstream
     gradient is the same for every row ("mean", "sum") only scales them."""
-    p, every, eps = _operands(params, cfg, precision)
+    p, settings = _operands(params, cfg, precision)
     with_grads = torch.is_grad_enabled() and any(t.requires_grad for t in p)
-    rows, _ = torch.ops.aunn_fast.cpp_loss(idx, targets, *p, every, eps, with_grads)
+    rows, _ = torch.ops.aunn_fast.cpp_loss(idx, targets, *p, *settings, with_grads)
     if reduction == "none":
         return rows
     if reduction == "sum" or idx.shape[0] == 0:
@@ -170,15 +194,16 @@ def loss(
 
 def predict(idx: Tensor, params: AUNNParams, cfg: AUNNConfig, precision: str) -> Tensor:
     """int64 [N] argmax of the logits (first maximum on ties); no gradient."""
-    p, every, eps = _operands(params, cfg, precision)
+    p, settings = _operands(params, cfg, precision)
     with torch.no_grad():
-        return torch.ops.aunn_fast.cpp_argmax(idx, *p, every, eps)
+        return torch.ops.aunn_fast.cpp_argmax(idx, *p, *settings)
 
 
 class OneCallStep:
     """``step(idx, targets)``: one step of a fresh Adam (torch.optim.Adam's defaults) or SGD on the mean loss,
-    forward, backward and update in one C++ call, the parameters updated in place and their ``.grad`` set to
-    the step's gradients (as an eager step leaves them). No input checks (the caller validates once)."""
+    forward, backward and update in one C++ call in the model's precision, the parameters updated in place and
+    their ``.grad`` set to the step's gradients (as an eager step leaves them). No input checks (the caller
+    validates once)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: str, lr: float) -> None:
         if optimizer not in ("adam", "sgd"):
@@ -192,7 +217,7 @@ class OneCallStep:
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.lr = float(lr)
         self.steps = 0
-        self.settings = (model.cfg.residual_every, model.cfg.norm_eps)
+        self.settings = _settings(model.cfg, model.active_precision())
 
     @torch.no_grad()
     def __call__(self, idx: Tensor, targets: Tensor) -> Tensor:
@@ -214,7 +239,8 @@ class OneCallStep:
             *self.settings,
         )
         for p, g in zip(self.params, self.grads):
-            p.grad = g
+            if p.grad is not g:  # set once: later steps write into the same buffers
+                p.grad = g
         return loss
 
 
@@ -236,7 +262,7 @@ class FusedAdamWStep:
         self.state = [optimizer.state[p] for p in self.params]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.max_norm = 0.0 if max_norm is None else float(max_norm)
-        self.settings = (model.cfg.residual_every, model.cfg.norm_eps)
+        self.settings = _settings(model.cfg, "fp32")
 
     def _moments(self) -> tuple[list[Tensor], list[Tensor]]:
         """exp_avg and exp_avg_sq of every parameter, created (zeros) and the step counted as torch's AdamW does."""

@@ -20,8 +20,10 @@ from test_triton_kernels import (
     ATOL_REL,
     GRAD_FLOOR_FP32,
     LOSS_ATOL,
+    PRECISION_FLOOR,
     as_double,
     assert_2x_rule,
+    differentiable_rounding,
     grads_of,
     row_term_scales,
     with_grad,
@@ -31,11 +33,14 @@ from aunn_fast import AUNN, AUNNConfig, AUNNParams, reference
 from aunn_fast.backends import BACKENDS, resolve_backend
 from aunn_fast.params import init_params
 
-from helpers import check_compiled_model, random_indices, random_model
+from helpers import check_compiled_model, random_indices, random_model, rel_err
 
 CPU = torch.device("cpu")
 _REASON = BACKENDS["cpp"].unavailable_reason(CPU)
 needs_extension = pytest.mark.skipif(_REASON is not None, reason=f"cpp backend unavailable: {_REASON}")
+_BF16_REASON = _REASON or BACKENDS["cpp"].precision_unavailable("bf16")
+needs_bf16 = pytest.mark.skipif(_BF16_REASON is not None, reason=f"cpp bf16 unavailable: {_BF16_REASON}")
+PRECISIONS = ["fp32", pytest.param("bf16", marks=needs_bf16)]
 ops = torch.ops.aunn_fast
 
 
@@ -60,32 +65,41 @@ def make_indices(cfg: AUNNConfig, n: int, generator: torch.Generator) -> torch.T
     return random_indices(n, cfg.bits, generator)
 
 
-def check_against_reference(cfg: AUNNConfig, n: int, generator: torch.Generator, reduction: str = "mean") -> None:
-    """logits, argmax, the loss (``reduction``) and all eight gradients of the cpp backend against the oracle."""
+def check_against_reference(
+    cfg: AUNNConfig, n: int, generator: torch.Generator, reduction: str = "mean", precision: str = "fp32"
+) -> None:
+    """logits, argmax, the loss (``reduction``) and all eight gradients of the cpp backend against the oracle, in
+    ``precision``. bf16 as tests/test_triton_kernels.py checks it: the oracle rounds the same operands, its
+    float32 reference also rounds the gradients through them (as a reduced-precision backward does), and
+    gradients get a factor of 4 (both operands of every backward product are rounded)."""
     from aunn_fast import cpp_backend
 
     params = make_params(cfg, generator)
     idx = make_indices(cfg, n, generator)
     targets = torch.randint(0, cfg.vocab_size, (n,), generator=generator)
     oracle_params = as_double(params)
+    floor = PRECISION_FLOOR[precision]
 
-    got = cpp_backend.logits(idx, params, cfg, "fp32")
-    oracle = reference.logits(idx, oracle_params, cfg)
-    assert_2x_rule("logits", got, reference.logits(idx, params, cfg), oracle)
+    got = cpp_backend.logits(idx, params, cfg, precision)
+    oracle = reference.logits(idx, oracle_params, cfg, precision)
+    assert_2x_rule("logits", got, reference.logits(idx, params, cfg, precision), oracle, atol_rel=floor)
+    if precision != "fp32" and oracle.numel() >= 64:  # the operands were rounded: nearer this oracle than fp32's
+        assert rel_err(got, oracle) < 0.5 * rel_err(reference.logits(idx, oracle_params, cfg), oracle)
 
-    pred = cpp_backend.predict(idx, params, cfg, "fp32")
+    pred = cpp_backend.predict(idx, params, cfg, precision)
     assert pred.dtype == torch.int64 and pred.shape == (n,)
     if n:  # the chosen token's oracle logit is within a few times the logits' error of the row's best
-        margin = 4 * (got.double() - oracle).abs().max().item() + 0.1 * ATOL_REL * oracle.abs().max().item()
+        margin = 4 * (got.double() - oracle).abs().max().item() + 0.1 * floor * oracle.abs().max().item()
         assert (oracle.gather(1, pred[:, None])[:, 0] >= oracle.max(-1).values - margin).all()
 
     def run(p, use_reference):
         p = with_grad(p)
-        value = (
-            reference.loss(idx, targets, p, cfg, reduction=reduction)
-            if use_reference
-            else cpp_backend.loss(idx, targets, p, cfg, "fp32", reduction)
-        )
+        with differentiable_rounding(round_grad=p[0].dtype == torch.float32):
+            value = (
+                reference.loss(idx, targets, p, cfg, precision, reduction)
+                if use_reference
+                else cpp_backend.loss(idx, targets, p, cfg, precision, reduction)
+            )
         if reduction == "none":  # a different weight per row: the backward's general path
             value = (value * torch.linspace(-1.0, 2.0, n, dtype=value.dtype)).sum()
         value.backward()
@@ -98,12 +112,16 @@ def check_against_reference(cfg: AUNNConfig, n: int, generator: torch.Generator,
     loss32, grads32 = run(params, True)
     loss64, grads64 = run(oracle_params, True)
     assert loss.dtype == torch.float32
-    # LOSS_ATOL per row: one ulp of each row's float32 softmax sum (see test_triton_kernels)
-    assert_2x_rule("loss", loss, loss32, loss64, atol=LOSS_ATOL * (1 if reduction == "mean" else 2 * n))
     scale_of_sum = n if reduction == "sum" else 2 * n if reduction == "none" else 1
+    # LOSS_ATOL per row: one ulp of each row's float32 softmax sum (see test_triton_kernels)
+    loss_atol = LOSS_ATOL * (1 if reduction == "mean" else 2 * n)
+    assert_2x_rule("loss", loss, loss32, loss64, atol_rel=floor, atol=loss_atol)
+    factor = 2.0 if precision == "fp32" else 4.0
     scales = row_term_scales(idx, targets, oracle_params, cfg)
     for name, g, g32, g64, scale in zip(AUNNParams._fields, grads, grads32, grads64, scales):
-        assert_2x_rule(f"d {name}", g, g32, g64, atol_rel=GRAD_FLOOR_FP32, scale=scale * scale_of_sum)
+        assert_2x_rule(
+            f"d {name}", g, g32, g64, atol_rel=max(floor, GRAD_FLOOR_FP32), factor=factor, scale=scale * scale_of_sum
+        )
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -118,6 +136,12 @@ FIXED_CASES = [
     (16, 4, 5, 7, 7, 0),  # residual_every beyond the hidden layers; an empty batch
     (16, 3, 1, 64, 3, 4097),  # the largest batch: 86 blocks and a 17-row one over the threads
 ]
+BF16_CASES = [  # odd rows in a block (its bf16 row pairs end in a zero row), odd hidden and vocab (pairs along k)
+    (64, 8, 2, 64, 4, 300),
+    (17, 3, 1, 20, 3, 1),
+    (48, 5, 3, 64, 301, 97),
+    (33, 12, 2, 1, 3, 50),
+]
 
 
 @needs_extension
@@ -127,16 +151,25 @@ def test_against_reference(hidden, layers, residual_every, bits, vocab, batch, g
     check_against_reference(cfg, batch, generator)
 
 
+@needs_bf16
+@pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", BF16_CASES)
+def test_bf16_against_reference(hidden, layers, residual_every, bits, vocab, batch, generator):
+    cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=residual_every)
+    check_against_reference(cfg, batch, generator, precision="bf16")
+
+
 @needs_extension
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_reductions_against_reference(reduction, generator):
+def test_reductions_against_reference(reduction, precision, generator):
     cfg = AUNNConfig(vocab_size=11, hidden=32, layers=6, bits=64)
-    check_against_reference(cfg, 130, generator, reduction)
+    check_against_reference(cfg, 130, generator, reduction, precision)
 
 
 @needs_extension
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("draw", range(3))
-def test_random_shapes(draw, generator):
+def test_random_shapes(draw, precision, generator):
     """Shapes drawn at random: H 16-512, layers 2-12, vocab 2-300, bits 1-64, batch 0-4,097, the batch kept to
     what the float64 oracle's per-row gradients (row_term_scales) can afford on two cores."""
 
@@ -149,11 +182,12 @@ def test_random_shapes(draw, generator):
     batch = min(pick(0, 4097), int(budget))
     cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers, bits=bits, residual_every=every)
     print(cfg, batch)
-    check_against_reference(cfg, batch, generator)
+    check_against_reference(cfg, batch, generator, precision=precision)
 
 
 @needs_extension
-def test_logits_gradient_against_reference(generator):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_logits_gradient_against_reference(precision, generator):
     """The backward of the logits themselves (an arbitrary upstream gradient [N, V])."""
     cfg = AUNNConfig(vocab_size=9, hidden=24, layers=5, bits=64, residual_every=2)
     params, n = make_params(cfg, generator), 70
@@ -163,24 +197,29 @@ def test_logits_gradient_against_reference(generator):
 
     def run(p, fn):
         p = with_grad(p)
-        (fn(p) * upstream.to(p[0].dtype)).sum().backward()
+        with differentiable_rounding(round_grad=p[0].dtype == torch.float32):
+            (fn(p) * upstream.to(p[0].dtype)).sum().backward()
         return grads_of(p)
 
-    got = run(params, lambda p: cpp_backend.logits(idx, p, cfg, "fp32"))
-    ref32 = run(params, lambda p: reference.logits(idx, p, cfg))
-    oracle = run(as_double(params), lambda p: reference.logits(idx, p, cfg))
+    got = run(params, lambda p: cpp_backend.logits(idx, p, cfg, precision))
+    ref32 = run(params, lambda p: reference.logits(idx, p, cfg, precision))
+    oracle = run(as_double(params), lambda p: reference.logits(idx, p, cfg, precision))
+    floor, factor = max(PRECISION_FLOOR[precision], GRAD_FLOOR_FP32), 2.0 if precision == "fp32" else 4.0
     for name, g, g32, g64 in zip(AUNNParams._fields, got, ref32, oracle):
-        assert_2x_rule(f"d {name}", g, g32, g64, atol_rel=GRAD_FLOOR_FP32)
+        assert_2x_rule(f"d {name}", g, g32, g64, atol_rel=floor, factor=factor)
 
 
 # ----------------------------------------------------------------------------- the one-call step
 
 
 @needs_extension
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_one_call_step_matches_torch_optim(optimizer, generator):
+@pytest.mark.parametrize(
+    "optimizer,precision", [("adam", "fp32"), ("sgd", "fp32"), pytest.param("sgd", "bf16", marks=needs_bf16)]
+)
+def test_one_call_step_matches_torch_optim(optimizer, precision, generator):
     """Two steps of OneCallStep against autograd + torch.optim on the reference, in float32 and float64, by the
-    2x rule on each parameter's total change; its returned loss is the first step's."""
+    2x rule on each parameter's total change (bf16: its factor and floor); its returned loss is the first
+    step's."""
     from aunn_fast import cpp_backend
     from aunn_fast.inference import conditioning_optimizer
 
@@ -191,16 +230,17 @@ def test_one_call_step_matches_torch_optim(optimizer, generator):
     lr = 1e-2 if optimizer == "sgd" else 1e-3
 
     def torch_steps(dtype):
-        model = AUNN(cfg, backend="reference").to(dtype)
+        model = AUNN(cfg, backend="reference", precision=precision).to(dtype)
         model.load_state_dict(start)
         opt = conditioning_optimizer(model, optimizer, lr)
-        for _ in range(2):
-            opt.zero_grad()
-            model.loss(idx, targets).backward()
-            opt.step()
+        with differentiable_rounding(round_grad=dtype == torch.float32):
+            for _ in range(2):
+                opt.zero_grad()
+                model.loss(idx, targets).backward()
+                opt.step()
         return model
 
-    fast = AUNN(cfg, backend="cpp")
+    fast = AUNN(cfg, backend="cpp", precision=precision)
     fast.load_state_dict(start)
     step = cpp_backend.OneCallStep(fast, optimizer, lr)
     first = step(idx, targets)
@@ -209,17 +249,20 @@ def test_one_call_step_matches_torch_optim(optimizer, generator):
     assert_2x_rule(
         "first loss",
         first,
-        reference.loss(idx, targets, start_params, cfg),
-        reference.loss(idx, targets, as_double(start_params), cfg),
+        reference.loss(idx, targets, start_params, cfg, precision),
+        reference.loss(idx, targets, as_double(start_params), cfg, precision),
+        atol_rel=PRECISION_FLOOR[precision],
         atol=LOSS_ATOL,
     )
     ref32, ref64 = torch_steps(torch.float32), torch_steps(torch.float64)
     # Adam's first steps move each weight by about lr * sign(gradient): a gradient within float32 noise of zero
     # may go either way in any float32 computation, so Adam's floor is a tenth of the two steps' size
     floor = 0.1 * 2 * lr if optimizer == "adam" else 0.0
+    atol_rel, factor = (ATOL_REL, 2.0) if precision == "fp32" else (PRECISION_FLOOR[precision], 4.0)
     for (name, p), q32, q64 in zip(fast.named_parameters(), ref32.parameters(), ref64.parameters()):
         p0 = start[name]
-        assert_2x_rule(name, p.detach() - p0, q32.detach() - p0, q64.detach() - p0.double(), atol=floor)
+        change, change64 = p.detach() - p0, q64.detach() - p0.double()
+        assert_2x_rule(name, change, q32.detach() - p0, change64, atol_rel=atol_rel, factor=factor, atol=floor)
 
 
 @needs_extension
@@ -352,12 +395,13 @@ def test_condition_uses_one_call_steps(generator, monkeypatch):
 
 
 @needs_extension
-def test_opcheck(generator):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_opcheck(precision, generator):
     cfg = AUNNConfig(vocab_size=6, hidden=16, layers=4, bits=64)
     params = [p.requires_grad_() for p in make_params(cfg, generator)]
     idx = make_indices(cfg, 9, generator)
     targets = torch.randint(0, 6, (9,), generator=generator)
-    settings = (cfg.residual_every, cfg.norm_eps)
+    settings = (cfg.residual_every, cfg.norm_eps, precision == "bf16")
     torch.library.opcheck(ops.cpp_logits, (idx, *params, *settings))
     torch.library.opcheck(ops.cpp_loss, (idx, targets, *params, *settings, True))
     torch.library.opcheck(ops.cpp_loss, (idx, targets, *params, *settings, False))
@@ -383,18 +427,34 @@ def test_compile_fullgraph(generator):
 
 
 @needs_extension
-def test_auto_picks_cpp_on_the_cpu_in_fp32():
+def test_auto_picks_cpp_on_the_cpu_where_it_runs_the_precision(monkeypatch):
+    from aunn_fast import cpp_backend
+
     assert resolve_backend("auto", "cpu").name == "cpp"
     assert resolve_backend("auto", "cpu", "fp32").name == "cpp"
-    assert resolve_backend("auto", "cpu", "bf16").name == "reference"  # the cpp backend is fp32 only
+    assert resolve_backend("auto", "cpu", "tf32").name == "reference"  # not offered by cpp
     assert AUNN(AUNNConfig(hidden=8, layers=2)).active_backend().name == "cpp"
+    assert resolve_backend("auto", "cpu", "bf16").name == ("cpp" if _BF16_REASON is None else "reference")
+    monkeypatch.setitem(cpp_backend._registered, "bf16", False)  # as on a CPU without AVX512-BF16
+    assert resolve_backend("auto", "cpu", "bf16").name == "reference"
 
 
 @needs_extension
-def test_bf16_is_a_clear_error():
+def test_bf16_without_the_instructions_is_a_clear_error(monkeypatch):
+    """On a CPU (or -march build) without AVX512-BF16, bf16 is refused before any work, naming why; in C++ too."""
+    from aunn_fast import cpp_backend
+
+    monkeypatch.setitem(cpp_backend._registered, "bf16", False)
     model = AUNN(AUNNConfig(hidden=8, layers=2), backend="cpp", precision="bf16")
-    with pytest.raises(ValueError, match="does not offer precision 'bf16'"):
+    with pytest.raises(ValueError, match="cannot run precision 'bf16' here: its bf16 needs a CPU with AVX512-BF16"):
         model(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="does not offer precision 'tf32'"):
+        AUNN(AUNNConfig(hidden=8, layers=2), backend="cpp", precision="tf32")(torch.tensor([1, 2]))
+    if not ops.cpp_has_bf16():
+        cfg = AUNNConfig(hidden=8, layers=2)
+        params = init_params(cfg, torch.Generator().manual_seed(0))
+        with pytest.raises(RuntimeError, match="bf16 needs AVX512-BF16 instructions"):
+            ops.cpp_logits(torch.tensor([1]), *params, cfg.residual_every, cfg.norm_eps, True)
 
 
 @needs_extension

@@ -305,7 +305,7 @@ def test_auto_backend_on_cuda_is_triton_where_usable(monkeypatch, triton_reason,
     triton = dataclasses.replace(backends.BACKENDS["triton"], unavailable_reason=lambda device: triton_reason)
     monkeypatch.setitem(backends.BACKENDS, "triton", triton)
     assert backends.resolve_backend("auto", "cuda").name == expected
-    assert backends.resolve_backend("auto", "cpu", "bf16").name == "reference"  # cpp: see test_cpp.py
+    assert backends.resolve_backend("auto", "cpu", "bf16").name in ("cpp", "reference")  # see test_cpp.py
 
 
 def test_precision_must_be_one_the_backend_offers():

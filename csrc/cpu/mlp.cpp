@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
+#include "bf16.h"
 #include "tile.h"
 
 namespace aunn_cpu {
@@ -20,21 +22,61 @@ namespace {
 // Rows per block: eight 6-row tiles. The block's activations stay in L2 up to H = 128; wider layers keep
 // 48 rows too, as fewer would read each layer's weights (and write its weight gradient) more often per row.
 constexpr int64_t kBlockRows = 48;
+// Fewer rows than 2 x kBlockRows are split evenly over the threads, in blocks of at least this many rows (an even
+// number: bf16 pairs rows): a 64-row prompt runs as two 32-row blocks, one per core, not 48 on one and 16 on the
+// other; smaller ones stay in one block, where a second thread's start and reduction would cost more.
+constexpr int64_t kMinSplitRows = 16;
+
+int64_t block_rows(int64_t n) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t even_share = round_up((n + threads - 1) / threads, 2);
+  return std::min(kBlockRows, std::max(kMinSplitRows, even_share));
+}
 
 void pad_rows(const float* src, int64_t rows, int64_t cols, float* dst, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ld, src + r * cols, cols * sizeof(float));
 }
 
-// dst[c * ld + r] = src[r * src_ld + c] for the rows x cols top-left of src.
+#if defined(__AVX__)
+// The 8 x 8 floats at s (rows s_ld apart) transposed into d (rows d_ld apart), in registers.
+void transpose_8x8(const float* s, int64_t s_ld, float* d, int64_t d_ld) {
+  __m256 row[8], pair[8], quad[8];
+  for (int i = 0; i < 8; ++i) row[i] = _mm256_loadu_ps(s + i * s_ld);
+  for (int i = 0; i < 8; i += 2) {
+    pair[i] = _mm256_unpacklo_ps(row[i], row[i + 1]);
+    pair[i + 1] = _mm256_unpackhi_ps(row[i], row[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    quad[i] = _mm256_shuffle_ps(pair[i], pair[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    quad[i + 1] = _mm256_shuffle_ps(pair[i], pair[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    quad[i + 2] = _mm256_shuffle_ps(pair[i + 1], pair[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    quad[i + 3] = _mm256_shuffle_ps(pair[i + 1], pair[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(d + i * d_ld, _mm256_permute2f128_ps(quad[i], quad[i + 4], 0x20));
+    _mm256_storeu_ps(d + (i + 4) * d_ld, _mm256_permute2f128_ps(quad[i], quad[i + 4], 0x31));
+  }
+}
+#endif
+
+// dst[c * ld + r] = src[r * src_ld + c] for the rows x cols top-left of src (8 x 8 blocks in registers where the
+// build has AVX: packing runs once per call, a prompt's step is mostly packing).
 void transpose_into(const float* src, int64_t rows, int64_t cols, int64_t src_ld, float* dst, int64_t ld) {
+  int64_t r0 = 0, c0 = 0;
+#if defined(__AVX__)
+  for (; r0 + 8 <= rows; r0 += 8)
+    for (int64_t c = 0; c + 8 <= cols; c += 8) transpose_8x8(src + r0 * src_ld + c, src_ld, dst + c * ld + r0, ld);
+  c0 = cols / 8 * 8;
+#endif
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = src[r * src_ld + c];
+    for (int64_t c = r < r0 ? c0 : 0; c < cols; ++c) dst[c * ld + r] = src[r * src_ld + c];
 }
 
 // Per-block buffers of one thread.
 struct Workspace {
   int64_t rows, hp, vp, layers;  // layers: the input layer and the hidden ones
   std::vector<float> z, sig, h, rstd, logits, dh, dz, pending;
+  std::vector<Bf16Pair> rows16, pairs_a, pairs_b;  // bf16: one product's operands (bf16.h's layouts)
   Workspace(const Packed& p, int64_t rows_, bool backward)
       : rows(rows_), hp(p.hp), vp(p.vp), layers(p.shape.hidden_layers + 1),
         z(layers * rows * hp), sig(layers * rows * hp), h(layers * rows * hp), rstd(layers * rows),
@@ -44,12 +86,26 @@ struct Workspace {
       dz.resize(rows * hp);
       pending.resize(rows * hp);
     }
+    if (p.shape.bf16) {
+      const int64_t width = std::max(hp, vp);
+      rows16.resize(rows * width / 2);
+      if (backward) {
+        pairs_a.resize((rows + 1) / 2 * width);
+        pairs_b.resize((rows + 1) / 2 * width);
+      }
+    }
   }
   float* z_of(int64_t layer) { return z.data() + layer * rows * hp; }
   float* sig_of(int64_t layer) { return sig.data() + layer * rows * hp; }
   float* h_of(int64_t layer) { return h.data() + layer * rows * hp; }
   float* rstd_of(int64_t layer) { return rstd.data() + layer * rows; }
 };
+
+// base + i, or null where the precision has no such operand (base null).
+template <class T>
+const T* offset_or_null(const T* base, int64_t i) {
+  return base == nullptr ? nullptr : base + i;
+}
 
 bool adds_residual(const Shape& s, int64_t hidden_layer) { return (hidden_layer + 1) % s.residual_every == 0; }
 
@@ -64,18 +120,19 @@ void activate(const Packed& p, const float* gain, const float* res, int64_t nb, 
     const float* zr = z + r * hp;
     float* sr = sig + r * hp;
     VecF sum_sq = splat(0.0f);
+    float* hr = h + r * hp;
     for (int64_t c = 0; c < hp; c += kVectorFloats) {
       const VecF zv = load(zr + c);
-      const VecF s = splat(1.0f) / (splat(1.0f) + exp(-zv));
+      const VecF s = sigmoid(zv);
       store(sr + c, s);
       const VecF a = zv * s;
+      store(hr + c, a);  // SiLU(z), normalised below
       sum_sq += a * a;
     }
     const float inv_rms = 1.0f / std::sqrt(sum_lanes(sum_sq) * inv_h + p.shape.eps);
     rstd[r] = inv_rms;
-    float* hr = h + r * hp;
     for (int64_t c = 0; c < hp; c += kVectorFloats) {
-      VecF y = load(zr + c) * load(sr + c) * inv_rms * load(gain + c);
+      VecF y = load(hr + c) * inv_rms * load(gain + c);
       if (res != nullptr) y += load(res + r * hp + c);
       store(hr + c, y);
     }
@@ -84,6 +141,34 @@ void activate(const Packed& p, const float* gain, const float* res, int64_t nb, 
 
 void broadcast_rows(const float* row, int64_t nb, int64_t width, float* dst) {
   for (int64_t r = 0; r < nb; ++r) std::memcpy(dst + r * width, row, width * sizeof(float));
+}
+
+// C[nb x m] += X @ B: X the block's float32 rows [nb][x_ld], B a packed weight's first k_len rows (b32 in
+// float32, b16 in bf16 pairs, m columns); C's rows m floats apart.
+void rows_times(const Packed& p, const float* x, int64_t x_ld, int64_t nb, const float* b32, const Bf16Pair* b16,
+                int64_t k_len, float* c, int64_t m, Workspace& w) {
+#if AUNN_HAS_BF16
+  if (p.shape.bf16) {
+    to_bf16_rows(x, nb, x_ld, w.rows16.data());
+    matmul_add<Bf16Product>(w.rows16.data(), x_ld / 2, 1, b16, m, c, m, nb, (k_len + 1) / 2, m);
+    return;
+  }
+#endif
+  matmul_add(x, x_ld, 1, b32, m, c, m, nb, k_len, m);
+}
+
+// C[y_cols x x_ld] += Y^T @ X over the block's nb rows (a weight gradient): Y [nb][y_ld], X [nb][x_ld].
+void transposed_times(const Packed& p, const float* y, int64_t y_ld, int64_t y_cols, const float* x, int64_t x_ld,
+                      int64_t nb, float* c, Workspace& w) {
+#if AUNN_HAS_BF16
+  if (p.shape.bf16) {
+    pair_rows(y, nb, y_ld, w.pairs_a.data());
+    pair_rows(x, nb, x_ld, w.pairs_b.data());
+    matmul_add<Bf16Product>(w.pairs_a.data(), 1, y_ld, w.pairs_b.data(), x_ld, c, x_ld, y_cols, (nb + 1) / 2, x_ld);
+    return;
+  }
+#endif
+  matmul_add(y, 1, y_ld, x, x_ld, c, x_ld, y_cols, nb, x_ld);
 }
 
 void forward_block(const Packed& p, const int64_t* idx, int64_t nb, Workspace& w) {
@@ -105,14 +190,16 @@ void forward_block(const Packed& p, const int64_t* idx, int64_t nb, Workspace& w
   for (int64_t l = 0; l < s.hidden_layers; ++l) {
     float* z = w.z_of(l + 1);
     broadcast_rows(p.hb.data() + l * hp, nb, hp, z);
-    matmul_add(w.h_of(l), hp, 1, p.wt.data() + l * hp * hp, hp, z, hp, nb, s.hidden, hp);
+    rows_times(p, w.h_of(l), hp, nb, offset_or_null(p.wt.data(), l * hp * hp),
+               offset_or_null(p.wt16.data(), l * hp / 2 * hp), s.hidden, z, hp, w);
     const bool residual = adds_residual(s, l);
     activate(p, p.hg.data() + l * hp, residual ? res : nullptr, nb, z, w.sig_of(l + 1), w.h_of(l + 1),
              w.rstd_of(l + 1));
     if (residual) res = w.h_of(l + 1);
   }
   broadcast_rows(p.ob.data(), nb, p.vp, w.logits.data());
-  matmul_add(w.h_of(s.hidden_layers), hp, 1, p.out_wt.data(), p.vp, w.logits.data(), p.vp, nb, s.hidden, p.vp);
+  rows_times(p, w.h_of(s.hidden_layers), hp, nb, p.out_wt.data(), p.out_wt16.data(), s.hidden, w.logits.data(), p.vp,
+             w);
 }
 
 // log(sum(exp(row))) over the first v entries, kept as max + log1p(the other entries' share) and never summed
@@ -123,14 +210,20 @@ struct LogSumExp {
   float minus(float x) const { return (x - max) - log_rest; }  // x - lse
 };
 
+// The row's first v entries of a row padded to whole vectors (tile.h's exp, a vector at a time: at vocab 4, one
+// call where std::exp took four).
 LogSumExp log_sum_exp(const float* row, int64_t v) {
   int64_t top = 0;
   for (int64_t i = 1; i < v; ++i)
     if (row[i] > row[top]) top = i;
-  float rest = 0.0f;
-  for (int64_t i = 0; i < v; ++i)
-    if (i != top) rest += std::exp(row[i] - row[top]);
-  return {row[top], std::log1p(rest)};
+  VecI lane;
+  for (int i = 0; i < kVectorFloats; ++i) lane[i] = i;
+  VecF rest = splat(0.0f);
+  for (int64_t c = 0; c < v; c += kVectorFloats, lane += kVectorFloats) {
+    const VecF e = exp(load(row + c) - row[top]);
+    rest += (lane < static_cast<int32_t>(v) && lane != static_cast<int32_t>(top)) ? e : splat(0.0f);
+  }
+  return {row[top], std::log1p(sum_lanes(rest))};
 }
 
 // torch.argmax's choice: the first maximum, a NaN counting as the largest value.
@@ -188,11 +281,17 @@ void norm_backward(const Packed& p, const float* gain, const float* z, const flo
   }
 }
 
+// dst[0:width] += src[0:width]; width a multiple of the vector width.
+void add_into(const float* src, int64_t width, float* dst) {
+  for (int64_t c = 0; c < width; c += kVectorFloats) store(dst + c, load(dst + c) + load(src + c));
+}
+
+// sums[0:width] += the column sums of x [nb][width], a vector of columns at a time in a register.
 void add_column_sums(const float* x, int64_t nb, int64_t width, float* sums) {
-  for (int64_t r = 0; r < nb; ++r) {
-    const float* xr = x + r * width;
-#pragma omp simd
-    for (int64_t c = 0; c < width; ++c) sums[c] += xr[c];
+  for (int64_t c = 0; c < width; c += kVectorFloats) {
+    VecF total = load(sums + c);
+    for (int64_t r = 0; r < nb; ++r) total += load(x + r * width + c);
+    store(sums + c, total);
   }
 }
 
@@ -206,7 +305,8 @@ void head_gradient(const Packed& p, const Job& job, int64_t r0, int64_t nb, Work
       const LogSumExp lse = log_sum_exp(row, v);
       const int64_t target = job.targets[r0 + r];
       const float target_logit = row[target];
-      for (int64_t i = 0; i < v; ++i) row[i] = weight * std::exp(lse.minus(row[i]));
+      for (int64_t c = 0; c < v; c += kVectorFloats)  // the padding's lanes are cleared below
+        store(row + c, weight * exp((load(row + c) - lse.max) - lse.log_rest));
       row[target] = weight * std::expm1(lse.minus(target_logit));  // p - 1 without the cancellation
     } else {
       std::memcpy(row, job.grad + (r0 + r) * v, v * sizeof(float));
@@ -221,37 +321,37 @@ void backward_block(const Packed& p, const Job& job, int64_t r0, int64_t nb, Wor
   const int64_t hp = p.hp, last = s.hidden_layers;
   head_gradient(p, job, r0, nb, w);
   add_column_sums(w.logits.data(), nb, p.vp, grads + g.ob);
-  matmul_add(w.logits.data(), 1, p.vp, w.h_of(last), hp, grads + g.out_w, hp, s.vocab, nb, hp);  // dl^T @ h
+  transposed_times(p, w.logits.data(), p.vp, s.vocab, w.h_of(last), hp, nb, grads + g.out_w, w);  // dl^T @ h
   std::fill(w.dh.begin(), w.dh.end(), 0.0f);
-  matmul_add(w.logits.data(), p.vp, 1, p.out_w.data(), hp, w.dh.data(), hp, nb, s.vocab, hp);
+  rows_times(p, w.logits.data(), p.vp, nb, p.out_w, p.out_w16.data(), s.vocab, w.dh.data(), hp, w);
 
   std::fill(w.pending.begin(), w.pending.end(), 0.0f);  // dL/d(the running residual), not yet added
   float* dh = w.dh.data();
   float* pending = w.pending.data();
   for (int64_t l = last - 1; l >= 0; --l) {
     if (adds_residual(s, l)) {  // h = y + res, and h is the next residual layer's res
-      for (int64_t i = 0; i < nb * hp; ++i) {
-        dh[i] += pending[i];
-        pending[i] = dh[i];
+      for (int64_t i = 0; i < nb * hp; i += kVectorFloats) {
+        const VecF sum = load(dh + i) + load(pending + i);
+        store(dh + i, sum);
+        store(pending + i, sum);
       }
     }
     norm_backward(p, p.hg.data() + l * hp, w.z_of(l + 1), w.sig_of(l + 1), w.rstd_of(l + 1), dh, nb, w.dz.data(),
                   grads + g.hg + l * hp);
     add_column_sums(w.dz.data(), nb, hp, grads + g.hb + l * hp);
-    matmul_add(w.dz.data(), 1, hp, w.h_of(l), hp, grads + g.w + l * hp * hp, hp, s.hidden, nb, hp);  // dz^T @ h
+    transposed_times(p, w.dz.data(), hp, s.hidden, w.h_of(l), hp, nb, grads + g.w + l * hp * hp, w);  // dz^T @ h
     std::fill(w.dh.begin(), w.dh.end(), 0.0f);
-    matmul_add(w.dz.data(), hp, 1, p.w.data() + l * hp * hp, hp, dh, hp, nb, s.hidden, hp);
+    rows_times(p, w.dz.data(), hp, nb, offset_or_null(p.w, l * hp * hp), offset_or_null(p.w16.data(), l * hp / 2 * hp),
+               s.hidden, dh, hp, w);
   }
-  for (int64_t i = 0; i < nb * hp; ++i) dh[i] += pending[i];
+  add_into(pending, nb * hp, dh);
   norm_backward(p, p.in_g.data(), w.z_of(0), w.sig_of(0), w.rstd_of(0), dh, nb, w.dz.data(), grads + g.in_g);
   add_column_sums(w.dz.data(), nb, hp, grads + g.in_b);
   const uint64_t mask = bit_mask(s.bits);
   for (int64_t r = 0; r < nb; ++r) {
     const float* dzr = w.dz.data() + r * hp;
     for (uint64_t u = static_cast<uint64_t>(job.idx[r0 + r]) & mask; u != 0; u &= u - 1) {
-      float* col = grads + g.in_wt + __builtin_ctzll(u) * hp;
-#pragma omp simd
-      for (int64_t c = 0; c < hp; ++c) col[c] += dzr[c];
+      add_into(dzr, hp, grads + g.in_wt + __builtin_ctzll(u) * hp);
     }
   }
 }
@@ -260,25 +360,48 @@ void backward_block(const Packed& p, const Job& job, int64_t r0, int64_t nb, Wor
 
 Packed::Packed(const Params& p, const Shape& s, bool for_backward)
     : shape(s), hp(round_up(s.hidden, kVectorFloats)), vp(round_up(s.vocab, kVectorFloats)),
-      in_wt(s.bits * hp), in_b(hp), in_g(hp), wt(s.hidden_layers * hp * hp),
-      hb(s.hidden_layers * hp), hg(s.hidden_layers * hp), out_wt(hp * vp), ob(vp) {
+      in_wt(s.bits * hp), in_b(hp), in_g(hp), hb(s.hidden_layers * hp), hg(s.hidden_layers * hp), ob(vp),
+      w(nullptr), out_w(nullptr) {
   const int64_t h = s.hidden, n = s.hidden_layers;
   transpose_into(p.in_weight, h, s.bits, s.bits, in_wt.data(), hp);
   std::memcpy(in_b.data(), p.in_bias, h * sizeof(float));
   std::memcpy(in_g.data(), p.in_gain, h * sizeof(float));
   for (int64_t l = 0; l < n; ++l) {
-    transpose_into(p.hidden_weight + l * h * h, h, h, h, wt.data() + l * hp * hp, hp);
     std::memcpy(hb.data() + l * hp, p.hidden_bias + l * h, h * sizeof(float));
     std::memcpy(hg.data() + l * hp, p.hidden_gain + l * h, h * sizeof(float));
   }
-  transpose_into(p.out_weight, s.vocab, h, h, out_wt.data(), vp);
   std::memcpy(ob.data(), p.out_bias, s.vocab * sizeof(float));
-  if (for_backward) {
-    w.resize(n * hp * hp);
-    for (int64_t l = 0; l < n; ++l) pad_rows(p.hidden_weight + l * h * h, h, h, w.data() + l * hp * hp, hp);
-    out_w.resize(vp * hp);
-    pad_rows(p.out_weight, s.vocab, h, out_w.data(), hp);
+  if (s.bf16) {
+    for (float& x : in_wt) x = bf16_round(x);
+    wt16.resize(n * hp / 2 * hp);
+    for (int64_t l = 0; l < n; ++l)
+      pack_pairs(p.hidden_weight + l * h * h, 1, h, h, h, wt16.data() + l * hp / 2 * hp, hp);  // (W^T) pairs
+    out_wt16.resize(hp / 2 * vp);
+    pack_pairs(p.out_weight, 1, h, h, s.vocab, out_wt16.data(), vp);
+    if (!for_backward) return;
+    w16.resize(n * hp / 2 * hp);
+    for (int64_t l = 0; l < n; ++l)
+      pack_pairs(p.hidden_weight + l * h * h, h, 1, h, h, w16.data() + l * hp / 2 * hp, hp);  // W pairs
+    out_w16.resize(vp / 2 * hp);
+    pack_pairs(p.out_weight, h, 1, s.vocab, h, out_w16.data(), hp);
+    return;
   }
+  wt.resize(n * hp * hp);
+  for (int64_t l = 0; l < n; ++l) transpose_into(p.hidden_weight + l * h * h, h, h, h, wt.data() + l * hp * hp, hp);
+  out_wt.resize(hp * vp);
+  transpose_into(p.out_weight, s.vocab, h, h, out_wt.data(), vp);
+  if (!for_backward) return;
+  if (h == hp) {
+    w = p.hidden_weight;
+    out_w = p.out_weight;
+    return;
+  }
+  w_copy.resize(n * hp * hp);
+  for (int64_t l = 0; l < n; ++l) pad_rows(p.hidden_weight + l * h * h, h, h, w_copy.data() + l * hp * hp, hp);
+  out_w_copy.resize(s.vocab * hp);
+  pad_rows(p.out_weight, s.vocab, h, out_w_copy.data(), hp);
+  w = w_copy.data();
+  out_w = out_w_copy.data();
 }
 
 GradLayout::GradLayout(const Packed& p) {
@@ -295,7 +418,7 @@ GradLayout::GradLayout(const Packed& p) {
 }
 
 std::vector<float> run(const Packed& packed, const Job& job) {
-  const int64_t rows = kBlockRows;
+  const int64_t rows = block_rows(job.n);
   const int64_t blocks = (job.n + rows - 1) / rows;
   const GradLayout layout(packed);
   std::vector<std::vector<float>> thread_grads(job.backward ? at::get_num_threads() : 0);
@@ -316,11 +439,16 @@ std::vector<float> run(const Packed& packed, const Job& job) {
     }
   });
   if (!job.backward) return {};
-  std::vector<float> total(layout.size, 0.0f);
-  for (const auto& part : thread_grads) {
+  std::vector<float> total;
+  for (auto& part : thread_grads) {
     if (part.empty()) continue;
+    if (total.empty()) {
+      total = std::move(part);  // one block (a prompt): no reduction
+      continue;
+    }
     for (int64_t i = 0; i < layout.size; ++i) total[i] += part[i];
   }
+  if (total.empty()) total.assign(layout.size, 0.0f);  // no rows
   return total;
 }
 

@@ -1,6 +1,7 @@
 // The fused CPU AUNN: forward, loss, argmax and backward over blocks of rows kept in cache through all layers.
 //
-// Float32 throughout. Every dimension is padded to a multiple of the vector width (padding holds zeros in
+// Float32 activations, gradients and sums; the products' operands in float32 or, in bf16 (Shape::bf16), rounded
+// to bfloat16 (bf16.h). Every dimension is padded to a multiple of the vector width (padding holds zeros in
 // weights, biases and gains, so padded activations are exactly zero); weights are packed once per call.
 #pragma once
 
@@ -26,20 +27,31 @@ struct Params {
 struct Shape {
   int64_t hidden, vocab, bits, hidden_layers, residual_every;
   float eps;
+  bool bf16;  // the products' operands rounded to bfloat16, float32 sums (needs AUNN_HAS_BF16, tile.h)
 };
 
-// The weights padded and laid out for the products: forward operands transposed ([in][out]), backward
-// operands as stored ([out][in]).
+typedef uint32_t Bf16Pair;  // two bfloat16 values along a product's k (tile.h)
+
+// The weights padded and laid out for the products. float32: forward operands transposed ([in][out]),
+// backward operands as stored ([out][in]). bf16: the same products' operands rounded, in pairs along k.
 struct Packed {
   Shape shape;
   int64_t hp, vp;                 // hidden and vocab padded to the vector width
-  std::vector<float> in_wt;       // [B][Hp]
+  std::vector<float> in_wt;       // [B][Hp] (rounded in bf16: the input layer sums weight rows exactly)
   std::vector<float> in_b, in_g;  // [Hp]
-  std::vector<float> wt, w;       // [L-2][Hp][Hp]: transposed, and as stored (w only for a backward)
   std::vector<float> hb, hg;      // [L-2][Hp]
-  std::vector<float> out_wt;      // [Hp][Vp]
-  std::vector<float> out_w;       // [Vp][Hp] (only for a backward)
   std::vector<float> ob;          // [Vp]
+  // float32
+  std::vector<float> wt;          // [L-2][Hp][Hp], transposed
+  std::vector<float> out_wt;      // [Hp][Vp]
+  // The backward's operands as stored, rows Hp floats apart: the parameters themselves where H == Hp, else
+  // padded copies (null without a backward).
+  const float* w;                 // [L-2] layers Hp * Hp floats apart, H rows of Hp
+  const float* out_w;             // [V][Hp]
+  std::vector<float> w_copy, out_w_copy;
+  // bf16 (pack_pairs, bf16.h): forward operands [L-2][Hp/2][Hp] and [Hp/2][Vp], backward ones (only for a
+  // backward) [L-2][Hp/2][Hp] and [Vp/2][Hp]
+  std::vector<Bf16Pair> wt16, out_wt16, w16, out_w16;
   Packed(const Params& p, const Shape& s, bool for_backward);
 };
 

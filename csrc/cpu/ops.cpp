@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "mlp.h"
+#include "tile.h"
 
 namespace aunn_cpu {
 namespace {
@@ -31,20 +32,23 @@ void check_rows(const Tensor& t, const char* name, int64_t n) {
 }
 
 Model model_of(const Tensor& in_w, const Tensor& in_b, const Tensor& in_g, const Tensor& hw, const Tensor& hb,
-               const Tensor& hg, const Tensor& out_w, const Tensor& out_b, int64_t residual_every, double eps) {
+               const Tensor& hg, const Tensor& out_w, const Tensor& out_b, int64_t residual_every, double eps,
+               bool bf16) {
   const char* names[] = {"in_weight", "in_bias", "in_gain", "hidden_weight", "hidden_bias", "hidden_gain",
                          "out_weight", "out_bias"};
   const Tensor* tensors[] = {&in_w, &in_b, &in_g, &hw, &hb, &hg, &out_w, &out_b};
   for (int i = 0; i < 8; ++i) check_param(*tensors[i], names[i]);
   TORCH_CHECK(in_w.dim() == 2 && hw.dim() == 3 && out_w.dim() == 2, "aunn_fast cpp: weight ranks must be 2, 3, 2");
   const int64_t h = in_w.size(0), bits = in_w.size(1), n = hw.size(0), v = out_w.size(0);
+  TORCH_CHECK(!bf16 || AUNN_HAS_BF16,
+              "aunn_fast cpp: bf16 needs AVX512-BF16 instructions, which this build's target (-march) lacks");
   TORCH_CHECK(bits >= 1 && bits <= 64 && h >= 1 && v >= 1 && residual_every >= 1, "aunn_fast cpp: bad shape");
   TORCH_CHECK(in_b.numel() == h && in_g.numel() == h && hw.size(1) == h && hw.size(2) == h &&
                   hb.numel() == n * h && hg.numel() == n * h && out_w.size(1) == h && out_b.numel() == v,
               "aunn_fast cpp: parameter shapes disagree");
   Params p{in_w.data_ptr<float>(), in_b.data_ptr<float>(), in_g.data_ptr<float>(), hw.data_ptr<float>(),
            hb.data_ptr<float>(),   hg.data_ptr<float>(),   out_w.data_ptr<float>(), out_b.data_ptr<float>()};
-  return {p, Shape{h, v, bits, n, residual_every, static_cast<float>(eps)}};
+  return {p, Shape{h, v, bits, n, residual_every, static_cast<float>(eps), bf16}};
 }
 
 void check_targets(const Tensor& targets, int64_t vocab) {
@@ -78,9 +82,9 @@ std::vector<Tensor> gradients_as_tensors(const Packed& packed, const std::vector
 #define AUNN_PARAMS_DECL                                                                                   \
   const Tensor &in_weight, const Tensor &in_bias, const Tensor &in_gain, const Tensor &hidden_weight,     \
       const Tensor &hidden_bias, const Tensor &hidden_gain, const Tensor &out_weight, const Tensor &out_bias, \
-      int64_t residual_every, double eps
+      int64_t residual_every, double eps, bool bf16
 #define AUNN_PARAMS_ARGS \
-  in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias, residual_every, eps
+  in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias, residual_every, eps, bf16
 #define AUNN_PARAM_LIST \
   std::vector<Tensor> { in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias }
 
@@ -188,14 +192,14 @@ void clip_total_norm(float* const grads[8], at::TensorList params, double max_no
 Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList params, at::TensorList grads_out,
                       at::TensorList exp_avg, at::TensorList exp_avg_sq, int64_t step, double lr, double beta1,
                       double beta2, double adam_eps, double weight_decay, double max_norm, int64_t residual_every,
-                      double eps) {
+                      double eps, bool bf16) {
   TORCH_CHECK(params.size() == 8 && grads_out.size() == 8, "aunn_fast cpp: expected eight parameters and grads");
   const bool adam = !exp_avg.empty();
   TORCH_CHECK(!adam || (exp_avg.size() == 8 && exp_avg_sq.size() == 8 && step >= 1),
               "aunn_fast cpp: Adam needs eight exp_avg and exp_avg_sq buffers and step >= 1");
   TORCH_CHECK(adam || weight_decay == 0.0, "aunn_fast cpp: weight decay is only implemented for AdamW");
   const Model m = model_of(params[0], params[1], params[2], params[3], params[4], params[5], params[6],
-                           params[7], residual_every, eps);
+                           params[7], residual_every, eps, bf16);
   const Packed packed(m.params, m.shape, true);
   Job job = make_job(idx, Mode::kLoss);
   check_rows(targets, "targets", job.n);
@@ -242,14 +246,19 @@ Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList p
       p[j] -= step_size * m1[j] / denom;
     }
   }
-  return rows.mean();
+  double total = 0.0;  // the mean without another operator's dispatch (a prompt's step is mostly overhead)
+  for (int64_t i = 0; i < job.n; ++i) total += job.out_float[i];
+  return at::scalar_tensor(job.n > 0 ? total / static_cast<double>(job.n) : NAN, idx.options().dtype(at::kFloat));
 }
+
+// Whether this build runs the bf16 precision (its -march target has AVX512-BF16).
+bool cpp_has_bf16() { return AUNN_HAS_BF16 != 0; }
 
 }  // namespace
 
 #define AUNN_PARAMS_SCHEMA                                                                                \
   "Tensor in_weight, Tensor in_bias, Tensor in_gain, Tensor hidden_weight, Tensor hidden_bias, "         \
-  "Tensor hidden_gain, Tensor out_weight, Tensor out_bias, int residual_every, float eps"
+  "Tensor hidden_gain, Tensor out_weight, Tensor out_bias, int residual_every, float eps, bool bf16"
 
 // FRAGMENT: the namespace is shared with the Triton operators, which Python's torch.library defines.
 TORCH_LIBRARY_FRAGMENT(aunn_fast, m) {
@@ -261,7 +270,8 @@ TORCH_LIBRARY_FRAGMENT(aunn_fast, m) {
   m.def("cpp_logits_backward(Tensor grad, Tensor idx, " AUNN_PARAMS_SCHEMA ") -> Tensor[]");
   m.def("cpp_train_step(Tensor idx, Tensor targets, Tensor(a!)[] params, Tensor(b!)[] grads, "
         "Tensor(c!)[] exp_avg, Tensor(d!)[] exp_avg_sq, int step, float lr, float beta1, float beta2, "
-        "float adam_eps, float weight_decay, float max_norm, int residual_every, float eps) -> Tensor");
+        "float adam_eps, float weight_decay, float max_norm, int residual_every, float eps, bool bf16) -> Tensor");
+  m.def("cpp_has_bf16() -> bool", &cpp_has_bf16);  // no tensor to dispatch on: one kernel for every key
 }
 
 TORCH_LIBRARY_IMPL(aunn_fast, CPU, m) {

@@ -1,5 +1,6 @@
-// Register-blocked product C[R x M] += A[R x K] @ B[K x M] on float32: B and C row-major with leading
-// dimensions, A at any two strides (element (r, k) at a[r * a_rs + k * a_ks]), so that A may be a transposed view.
+// Register-blocked product C[R x M] += A[R x K] @ B[K x M] into float32 C, on float32 operands or (AVX512-BF16)
+// bfloat16 pairs: B and C row-major with leading dimensions, A at any two strides (element (r, k) at
+// a[r * a_rs + k * a_ks]), so that A may be a transposed view.
 //
 // Written with GCC/Clang vector extensions at the width the build targets (-march=native): 16 floats with
 // AVX-512, 8 with AVX2, 4 otherwise. M must be a multiple of that width (callers pad every dimension).
@@ -9,6 +10,10 @@
 
 #include <algorithm>
 #include <cstdint>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace aunn_cpu {
 
@@ -43,8 +48,12 @@ inline VecF splat(float x) { return VecF{} + x; }
 inline VecF exp(VecF x) {
   x = x < splat(-87.0f) ? splat(-87.0f) : x;
   x = x > splat(88.0f) ? splat(88.0f) : x;
+#if defined(__AVX512F__)
+  const VecF n = (VecF)_mm512_roundscale_ps((__m512)(x * splat(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+#else
   const VecF magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   const VecF n = (x * splat(1.44269504088896341f) + magic) - magic;
+#endif
   const VecF r = (x - n * splat(0.693145751953125f)) - n * splat(1.42860682030941723e-06f);
   VecF p = splat(1.0f / 5040.0f);
   p = p * r + splat(1.0f / 720.0f);
@@ -54,35 +63,89 @@ inline VecF exp(VecF x) {
   p = p * r + splat(0.5f);
   p = p * r + splat(1.0f);
   p = p * r + splat(1.0f);
+#if defined(__AVX512F__)
+  return (VecF)_mm512_scalef_ps((__m512)p, (__m512)n);  // p * 2^n in one instruction
+#else
   const VecI scale_bits = (__builtin_convertvector(n, VecI) + 127) << 23;
   return p * reinterpret_cast<const VecF&>(scale_bits);
+#endif
 }
 
+// 1 / d per lane for d >= 1. AVX-512: the 14-bit estimate and one Newton step (within ~1 ulp), a few cycles
+// where a division of 16 floats holds the divider for ~16; elsewhere the division (cheap at 8 lanes).
+inline VecF reciprocal(VecF d) {
+#if defined(__AVX512F__)
+  const VecF r = (VecF)_mm512_rcp14_ps((__m512)d);
+  return r + r * (splat(1.0f) - d * r);
+#else
+  return splat(1.0f) / d;
+#endif
+}
+
+// sigmoid(z) = 1 / (1 + exp(-z)) per lane.
+inline VecF sigmoid(VecF z) { return reciprocal(splat(1.0f) + exp(-z)); }
+
+// The sum of the lanes, as a tree of shuffles and adds (a row's reduction runs once per row and layer).
 inline float sum_lanes(VecF v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#elif defined(__AVX__)
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+#else
   float total = 0.0f;
   for (int i = 0; i < kVectorFloats; ++i) total += v[i];
   return total;
+#endif
 }
 
 inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
-template <int ROWS, int NV>
-inline void tile(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb, float* c, int64_t ldc,
-                 int64_t k_len) {
+// What a product's inner step does, per operand type. Fp32Product: float32 operands, one k per step, an FMA
+// of a broadcast A element with a vector of B. Bf16Product (CPUs with AVX512-BF16): bfloat16 operands in pairs
+// along k (Bf16Pair), two k per step, vdpbf16ps adding both products into float32 sums.
+typedef uint32_t Bf16Pair;  // two bfloat16 values, the pair's first k in the low half
+
+struct Fp32Product {
+  using Elem = float;
+  using BVec = VecF;
+  static BVec load_b(const float* p) { return load(p); }
+  static VecF step(VecF acc, float a, BVec b) { return acc + a * b; }
+};
+
+#if defined(__AVX512BF16__)
+#define AUNN_HAS_BF16 1
+struct Bf16Product {
+  using Elem = Bf16Pair;
+  using BVec = __m512bh;
+  static BVec load_b(const Bf16Pair* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static VecF step(VecF acc, Bf16Pair a, BVec b) {
+    return (VecF)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a)), b);
+  }
+};
+#else
+#define AUNN_HAS_BF16 0
+#endif
+
+// C[ROWS x NV vectors] += A @ B over k_len steps (k, or pairs of k), with the accumulators in registers.
+template <class P, int ROWS, int NV>
+inline void tile(const typename P::Elem* a, int64_t a_rs, int64_t a_ks, const typename P::Elem* b, int64_t ldb,
+                 float* c, int64_t ldc, int64_t k_len) {
   VecF acc[ROWS][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = load(c + r * ldc + v * kVectorFloats);
   for (int64_t k = 0; k < k_len; ++k) {
-    VecF bv[NV];
+    typename P::BVec bv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + v * kVectorFloats);
+    for (int v = 0; v < NV; ++v) bv[v] = P::load_b(b + k * ldb + v * kVectorFloats);
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
-      const float av = a[r * a_rs + k * a_ks];
+      const typename P::Elem av = a[r * a_rs + k * a_ks];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+      for (int v = 0; v < NV; ++v) acc[r][v] = P::step(acc[r][v], av, bv[v]);
     }
   }
 #pragma GCC unroll 8
@@ -92,43 +155,44 @@ inline void tile(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int
 }
 
 // C[rows x NV vectors] += A[rows x k_len] @ B[k_len x NV vectors], in tiles of kTileRows rows and a last one.
-template <int NV>
-inline void panel(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb, float* c, int64_t ldc,
-                  int64_t rows, int64_t k_len) {
+template <class P, int NV>
+inline void panel(const typename P::Elem* a, int64_t a_rs, int64_t a_ks, const typename P::Elem* b, int64_t ldb,
+                  float* c, int64_t ldc, int64_t rows, int64_t k_len) {
   int64_t r = 0;
   for (; r + kTileRows <= rows; r += kTileRows)
-    tile<kTileRows, NV>(a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc, k_len);
+    tile<P, kTileRows, NV>(a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc, k_len);
   a += r * a_rs;
   c += r * ldc;
   switch (rows - r) {
-    case 5: tile<5, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
-    case 4: tile<4, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
-    case 3: tile<3, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
-    case 2: tile<2, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
-    case 1: tile<1, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
+    case 5: tile<P, 5, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
+    case 4: tile<P, 4, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
+    case 3: tile<P, 3, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
+    case 2: tile<P, 2, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
+    case 1: tile<P, 1, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
     default: break;
   }
 }
 
-// Rows of B a panel takes at a time: a kBlockK x (kTileVectors vectors) panel of B stays in L1 while every row
+// Steps of k a panel takes at a time: a kBlockK x (kTileVectors vectors) panel of B stays in L1 while every row
 // tile of A passes over it (wide layers: a 512 x 512 weight is 1 MB, out of L1 and L2).
 constexpr int64_t kBlockK = 128;
 
-// C[rows x m] += A[rows x k_len] @ B[k_len x m], A's element (r, k) at a[r * a_rs + k * a_ks]; m a multiple of
-// kVectorFloats.
-inline void matmul_add(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb, float* c,
-                       int64_t ldc, int64_t rows, int64_t k_len, int64_t m) {
+// C[rows x m] += A[rows x k_len] @ B[k_len x m] (float32 C; k_len steps of P: k, or pairs of k), A's element
+// (r, k) at a[r * a_rs + k * a_ks], B's (k, j) at b[k * ldb + j]; m a multiple of kVectorFloats.
+template <class P = Fp32Product>
+inline void matmul_add(const typename P::Elem* a, int64_t a_rs, int64_t a_ks, const typename P::Elem* b,
+                       int64_t ldb, float* c, int64_t ldc, int64_t rows, int64_t k_len, int64_t m) {
   constexpr int64_t chunk = kTileVectors * kVectorFloats;
   for (int64_t j = 0; j < m; j += chunk) {
     for (int64_t k = 0; k < k_len; k += kBlockK) {
       const int64_t k_block = std::min(kBlockK, k_len - k);
-      const float* ak = a + k * a_ks;
-      const float* bk = b + k * ldb + j;
+      const typename P::Elem* ak = a + k * a_ks;
+      const typename P::Elem* bk = b + k * ldb + j;
       if (j + chunk <= m) {
-        panel<kTileVectors>(ak, a_rs, a_ks, bk, ldb, c + j, ldc, rows, k_block);
+        panel<P, kTileVectors>(ak, a_rs, a_ks, bk, ldb, c + j, ldc, rows, k_block);
       } else {
         for (int64_t v = 0; j + v < m; v += kVectorFloats)
-          panel<1>(ak, a_rs, a_ks, bk + v, ldb, c + j + v, ldc, rows, k_block);
+          panel<P, 1>(ak, a_rs, a_ks, bk + v, ldb, c + j + v, ldc, rows, k_block);
       }
     }
   }
