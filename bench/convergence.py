@@ -1,13 +1,16 @@
 """Does the demo converge everywhere? Runs ``aunn demo`` over a matrix of seeds, thread counts and CPU ISAs.
 
     python -m aunn_fast.bench.convergence [--preset cpu] [--seeds 0-4] [--threads 1,2] [--isa native,avx2]
-                                          [--out DIR]
+                                          [--backend auto] [--out DIR]
 
 Runs go diagonal by diagonal (:func:`run_order`), so that a matrix cut off early covers every seed and setting.
 Each run is its own subprocess, so that the ISA switches (``avx2``: ATEN_CPU_CAPABILITY=avx2
 MKL_ENABLE_INSTRUCTIONS=AVX2 DNNL_MAX_CPU_ISA=AVX2, as on an AVX2-only CPU) are set before torch is
 imported; it sets its thread count with ``torch.set_num_threads`` and reports the ISA torch then
-uses. Prints one table row per run as it finishes (seed, threads, ISA, time, training accuracy,
+uses. Every demo runs ``--backend`` (default auto, the demo's own default: cpp on the CPU where it builds);
+the table's backend column is the one the demo reports it ran. The cpp extension is built for each ISA
+before the first run, so that no run's time includes a build. Prints one table row per run as it finishes
+(seed, threads, ISA, backend, time, training accuracy,
 valid chunks near the data and 10M past it, conditioning success rate, whether the run meets the
 bar: 100% training accuracy, near >= 0.9, 10M >= 0.85), then the table again with the machine,
 and writes ``results.md``, ``results.json`` and each demo's output (``logs/``) into --out (default
@@ -40,6 +43,10 @@ AVX2_ENV = {
     "AUNN_FAST_CPP_MARCH": "haswell",
 }
 BAR = {"train_accuracy": 1.0, "near": 0.9, "10M": 0.85}
+BUILD = """
+from aunn_fast import cpp_build
+print(cpp_build.unavailable_reason() or "built")
+"""
 CHILD = """
 import sys, torch
 torch.set_num_threads({threads})
@@ -52,6 +59,7 @@ COLUMNS = (
     "threads",
     "isa",
     "capability",
+    "backend",
     "time_s",
     "train_s",
     "train_accuracy",
@@ -79,8 +87,24 @@ def run_order(seeds: list[int], settings: list[tuple[int, str]]) -> list[tuple[i
     return [(seeds[i], settings[k]) for i, k in pairs]
 
 
+def isa_env(isa: str, threads: int = 1) -> dict[str, str]:
+    """This process's environment with the ISA's switches (none for native) and ``threads`` OpenMP/MKL threads."""
+    env = {key: value for key, value in os.environ.items() if key not in AVX2_ENV}
+    env.update(AVX2_ENV if isa == "avx2" else {})
+    # OpenMP threads sleep at barriers instead of spinning: on a loaded machine a thread spinning for a descheduled
+    # partner made a 2-thread step 5x slower (measured); the work each thread does, and so the result, is the same
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
+    return env
+
+
+def build_cpp(isa: str) -> str:
+    """Build (or find built) the cpp extension for the ISA, in a subprocess; "built" or why it is unavailable."""
+    done = subprocess.run([sys.executable, "-c", BUILD], env=isa_env(isa), capture_output=True, text=True)
+    return (done.stdout.strip().splitlines() or [f"exit {done.returncode}: {done.stderr.strip()[-300:]}"])[-1]
+
+
 def run_one(
-    preset: str, seed: int, threads: int, isa: str, work_dir: Path, log_dir: Path, timeout_s: float
+    preset: str, seed: int, threads: int, isa: str, backend: str, work_dir: Path, log_dir: Path, timeout_s: float
 ) -> dict[str, Any]:
     """One demo in a subprocess (its output saved in log_dir); its figures from metrics.json, its wall time, and
     whether it meets BAR."""
@@ -97,13 +121,9 @@ def run_one(
         "--device",
         "cpu",
         "--backend",
-        "reference",
+        backend,
     ]
-    env = {key: value for key, value in os.environ.items() if key not in AVX2_ENV}
-    env.update(AVX2_ENV if isa == "avx2" else {})
-    # OpenMP threads sleep at barriers instead of spinning: on a loaded machine a thread spinning for a descheduled
-    # partner made a 2-thread step 5x slower (measured); the work each thread does, and so the result, is the same
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
+    env = isa_env(isa, threads)
     row: dict[str, Any] = {"seed": seed, "threads": threads, "isa": isa}
     began = time.perf_counter()
     try:
@@ -125,7 +145,9 @@ def run_one(
     (log_dir / f"{out.name}.log").write_text(done.stdout + done.stderr)
     capability = re.search(r"^capability (\S+)", done.stdout, re.M)
     trained = re.search(r"^trained in ([\d.]+) s", done.stdout, re.M)
+    ran = re.search(r"\(backend (\w+), precision", done.stdout)
     row["capability"] = capability.group(1) if capability else None
+    row["backend"] = ran.group(1) if ran else None
     row["train_s"] = float(trained.group(1)) if trained else None
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
@@ -167,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=_int_list, default=_int_list("0-4"), help="e.g. 0-4 (default) or 0,3")
     parser.add_argument("--threads", type=_int_list, default=[2, 1], help="thread counts (default 2,1)")
     parser.add_argument("--isa", default="native,avx2", help="native (torch's own choice) and/or avx2 (forced)")
+    parser.add_argument("--backend", default="auto", help="the demos' --backend (default auto: the demo's own default)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it counts as failed")
     parser.add_argument("--out", type=Path, default=None, help="where results.md and results.json go")
     args = parser.parse_args(argv)
@@ -178,22 +201,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     meta = describe(torch.device("cpu"))
+    if args.backend in ("auto", "cpp"):
+        for isa in isas:
+            print(f"# cpp extension for {isa}: {build_cpp(isa)}", flush=True)
     print(
-        f"# demo --preset {args.preset} on {meta['device']}, torch {meta['torch']}, commit {meta['commit']}, "
-        f"{meta['date']}, load average {meta['load_average']}",
+        f"# demo --preset {args.preset} --backend {args.backend} on {meta['device']}, torch {meta['torch']}, "
+        f"commit {meta['commit']}, {meta['date']}, load average {meta['load_average']}",
         flush=True,
     )
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="aunn-convergence-") as work:
         for seed, (threads, isa) in run_order(args.seeds, [(t, isa) for t in args.threads for isa in isas]):
-            rows.append(run_one(args.preset, seed, threads, isa, Path(work), out_dir / "logs", args.timeout))
+            rows.append(
+                run_one(args.preset, seed, threads, isa, args.backend, Path(work), out_dir / "logs", args.timeout)
+            )
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             meta["load_average_end"] = os.getloadavg()[0]
             (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     rows.sort(key=lambda row: (row["threads"], row["isa"], row["seed"]))
     text = (
-        f"demo --preset {args.preset} on {meta['device']}, torch {meta['torch']}, commit {meta['commit']}, "
-        f"started {meta['date']}, load average {meta['load_average']} at the start and "
+        f"demo --preset {args.preset} --backend {args.backend} on {meta['device']}, torch {meta['torch']}, "
+        f"commit {meta['commit']}, started {meta['date']}, load average {meta['load_average']} at the start and "
         f"{meta['load_average_end']} at the end\n\n{table(rows)}\n\n"
         f"{sum(r['meets_bar'] for r in rows)} of {len(rows)} runs meet the bar (100% training accuracy, "
         f"valid chunks near the data >= 0.9 and 10M past it >= 0.85).\n"

@@ -19,6 +19,7 @@ def test_seed_lists_and_the_table():
             "threads": 1,
             "isa": "avx2",
             "capability": "AVX2",
+            "backend": "cpp",
             "time_s": 61.25,
             "train_s": 50.0,
             "train_accuracy": 1.0,
@@ -30,6 +31,6 @@ def test_seed_lists_and_the_table():
         {"seed": 1, "threads": 2, "isa": "native", "time_s": 3.0, "error": "exit 2: boom", "meets_bar": False},
     ]
     lines = table(rows).splitlines()
-    assert lines[2] == "| 0 | 1 | avx2 | AVX2 | 61.2 | 50.0 | 1.0000 | 0.9600 | 0.9000 | 0.5000 | yes |"
-    assert lines[3].startswith("| 1 | 2 | native | - | 3.0 |") and lines[3].endswith("| NO |")
+    assert lines[2] == "| 0 | 1 | avx2 | AVX2 | cpp | 61.2 | 50.0 | 1.0000 | 0.9600 | 0.9000 | 0.5000 | yes |"
+    assert lines[3].startswith("| 1 | 2 | native | - | - | 3.0 |") and lines[3].endswith("| NO |")
     assert "error: exit 2: boom" in lines[4]

@@ -107,8 +107,8 @@ def test_fit_scores_every_index_up_to_the_sample_limit(monkeypatch, generator):
 
 
 def test_extrapolation_window_ending_at_the_largest_index_is_kept():
-    assert evaluate.extrapolation_windows(96, 195)["near"] == (96, 100)  # indices 96 .. 195
-    assert "near" not in evaluate.extrapolation_windows(96, 194)
+    assert evaluate.extrapolation_windows(96, 1095)["near"] == (96, 1000)  # indices 96 .. 1095
+    assert "near" not in evaluate.extrapolation_windows(96, 1094)
 
 
 def test_valid_chunks_and_the_chance_level(generator):
