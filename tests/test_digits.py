@@ -9,8 +9,7 @@ import torch
 from aunn_fast import AUNN, AUNNConfig, digits
 from aunn_fast.cli import main
 from aunn_fast.data import DIGITS_HELD_OUT, DigitsData, data_from_description, load_data
-from aunn_fast.experiments import train_stepped
-from aunn_fast.train import TrainConfig
+from aunn_fast.train import TrainConfig, train
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is absent: pip install -e '.[digits]'")
 
@@ -65,9 +64,7 @@ def run(tmp_path_factory, data):
     """A tiny, briefly trained model's digits experiment: (metrics, output directory)."""
     model = AUNN(AUNNConfig(vocab_size=17, hidden=16, layers=3), backend="reference", seed=0)
     out = tmp_path_factory.mktemp("digits")
-    train_stepped(
-        model, data, TrainConfig(batch_size=512, steps=4, lr=1e-2, log_every=2), out, (1, 0.1), progress=False
-    )
+    train(model, data, TrainConfig(batch_size=512, steps=4, lr=1e-2, warmup_steps=1, log_every=2), out, progress=False)
     return digits.run(model, data, out, steps=1, lr=1e-3), out
 
 

@@ -1,5 +1,5 @@
-"""The demo presets' experiments beyond the toy sequence: the stepped learning-rate decay, a held-out tail scored
-against a unigram model, the demo's options, and the shakespeare recipe memorising a text on the CPU."""
+"""The demo presets' experiments beyond the toy sequence: a held-out tail scored against a unigram model, the
+demo's options, and the shakespeare recipe memorising a text on the CPU."""
 
 import json
 import math
@@ -13,23 +13,11 @@ import torch.nn.functional as F
 
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.cli import PRESETS, main
-from aunn_fast.data import HeldOutTail, TextData, ToyData, data_from_description
+from aunn_fast.data import HeldOutTail, TextData, data_from_description
 from aunn_fast.evaluate import fit, held_out_fit
-from aunn_fast.experiments import train_stepped
-from aunn_fast.train import TrainConfig, load_run
+from aunn_fast.train import train
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-
-
-def test_stepped_decay_continues_one_run(tmp_path):
-    model = AUNN(AUNNConfig(vocab_size=4, hidden=16, layers=3), backend="reference", seed=0)
-    cfg = TrainConfig(batch_size=64, steps=9, lr=1e-2, schedule="constant", warmup_steps=0, log_every=1)
-    rows = train_stepped(model, ToyData(100), cfg, tmp_path, (1, 0.5, 0.1), progress=False)
-    assert [int(r["step"]) for r in rows] == list(range(1, 10))  # one log across the phases
-    _, state, extra, metadata = load_run(tmp_path)
-    assert state["step"] == 9
-    assert json.loads(metadata["optimizer_groups"])[0]["lr"] == pytest.approx(1e-3)
-    assert int(extra["optim.0.step"]) == 9  # the optimizer's moments carried over
 
 
 def _text(tmp_path, text):
@@ -80,10 +68,11 @@ def test_demo_refusals_are_one_line(tmp_path, capsys):
 
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="shared/data/tinyshakespeare.txt is absent")
 def test_shakespeare_recipe_memorises_20000_characters(tmp_path):
-    """The shakespeare preset's recipe (epochs, learning-rate phases, weight decay, depth) on its first 20,000
+    """The shakespeare preset's recipe (epochs, learning-rate schedule, weight decay, depth) on its first 20,000
     characters, scaled to them: H=128 (82k parameters, 4.1 per character as H=1024's 4.3M are 3.9 for the
     whole text), batch 1,024 (20 steps per epoch, as 65,536 gives 18), the learning rate times sqrt(1024 / 128).
-    About 6M indices: the most expensive test here (docs/experiments.md)."""
+    About 6M indices on the CPU's fastest backend (cpp where built): the most expensive test here
+    (docs/experiments.md)."""
     preset = PRESETS["shakespeare"]
     path = tmp_path / "first20k.txt"
     path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
@@ -96,10 +85,8 @@ def test_shakespeare_recipe_memorises_20000_characters(tmp_path):
         log_every=10**9,
         save_every=10**9,
     )
-    model = AUNN(
-        AUNNConfig(vocab_size=data.vocab_size, hidden=hidden, layers=preset.layers), backend="reference", seed=0
-    )
-    train_stepped(model, data, cfg, tmp_path / "run", preset.lr_factors, progress=False)
+    model = AUNN(AUNNConfig(vocab_size=data.vocab_size, hidden=hidden, layers=preset.layers), backend="auto", seed=0)
+    train(model, data, cfg, progress=False)
     assert fit(model, data, torch.Generator())["train_accuracy"] >= 0.99
 
 
