@@ -93,9 +93,11 @@ def cxx_flags() -> tuple[str, ...]:
 
 
 def build_key(src: Path) -> str:
-    """A digest of everything the binary depends on: CPU, Python, torch, flags and every source file."""
+    """A digest of everything the binary depends on: CPU, Python, torch, flags and every source file, and where
+    the sources are (ninja's build file names them by absolute path: two checkouts sharing one folder would
+    recompile it at every alternate load)."""
     digest = hashlib.sha256()
-    for part in (_cpu_description(), sys.version, torch.__version__, " ".join(cxx_flags())):
+    for part in (_cpu_description(), sys.version, torch.__version__, " ".join(cxx_flags()), str(src.resolve())):
         digest.update(part.encode() + b"\0")
     for path in sorted(src.rglob("*")):
         if path.is_file() and path.suffix in (".cpp", ".h", ".cu", ".cuh"):

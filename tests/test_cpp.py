@@ -496,6 +496,21 @@ def test_without_a_compiler_the_package_still_runs(tmp_path):
     assert out.splitlines()[0].startswith("no C++ compiler found") and out.splitlines()[1] == "reference"
 
 
+def test_build_key_follows_the_sources_and_their_place(tmp_path):
+    """A changed source file gives a new build folder, and so does another checkout of the same sources (its
+    ninja file would name other paths, and two checkouts sharing a folder rebuilt each other's objects)."""
+    from aunn_fast import cpp_build
+
+    first, second = tmp_path / "a" / "csrc", tmp_path / "b" / "csrc"
+    for copy in (first, second):
+        shutil.copytree(cpp_build.source_dir(), copy)
+    assert cpp_build.build_key(first) == cpp_build.build_key(first)
+    assert cpp_build.build_key(first) != cpp_build.build_key(second)
+    before = cpp_build.build_key(first)
+    (first / "cpu" / "ops.cpp").write_text((first / "cpu" / "ops.cpp").read_text() + "\n")
+    assert cpp_build.build_key(first) != before
+
+
 @needs_extension
 def test_a_killed_builds_lock_file_does_not_block_later_builds(tmp_path):
     """torch's build baton leaves a ``lock`` file behind a killed build, on which every later build would wait
