@@ -19,7 +19,8 @@ from .ceilings import FLOP_FACTOR, forward_flops
 from .workloads import WORKLOADS
 
 SIZE = 1024
-REPEATS = 5
+REPEATS = 10
+WARMUP_S = 0.5  # of products before timing: the first idle-machine run measured 2/3 of later ones without it
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -28,7 +29,9 @@ def matmul_flops(dtype: torch.dtype, size: int = SIZE, repeats: int = REPEATS) -
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(dtype)
     b = torch.randn(size, size, generator=generator).to(dtype)
-    torch.mm(a, b)  # warm-up: oneDNN's first call chooses and builds its kernel
+    warm_until = time.perf_counter() + WARMUP_S  # oneDNN's first call builds its kernel; a resting core clocks up
+    while time.perf_counter() < warm_until:
+        torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -41,8 +44,8 @@ def measure() -> dict[str, Any]:
     """results.json's meta.cpu_ceiling: FLOP/s per precision and how they were measured."""
     return {
         "flops": {name: matmul_flops(dtype) for name, dtype in PRECISION_DTYPES.items()},
-        "source": f"best of {REPEATS} torch.mm of {SIZE} x {SIZE} per dtype on {torch.get_num_threads()} "
-        "threads, measured at the start of this run",
+        "source": f"best of {REPEATS} torch.mm of {SIZE} x {SIZE} per dtype after {WARMUP_S} s of them, on "
+        f"{torch.get_num_threads()} threads, measured at the start of this run",
     }
 
 
