@@ -15,56 +15,55 @@
 # and OUTDIR/seed_demo/ (`aunn demo --preset seed` end to end: time, metrics.json, report.md, plots),
 # OUTDIR/variants/ when VARIANTS_TIMEOUT > 0, OUTDIR/ncu/ when NCU_TIMEOUT > 0, OUTDIR/shakespeare/ when
 # SHAKESPEARE_TIMEOUT > 0, and prints a summary table
-# last. Takes at most ~8 minutes: each step has its own timeout (*_TIMEOUT, seconds; 0 skips the step), and
-# the benchmark saves its results after every row, so a timed-out run still leaves data. On a fresh machine
-# most of the benchmark's time goes to compiling (Triton's cache starts empty, torch.compile compiles each
-# shape): the second lease's 80 s reached only the first two workloads, a warm rerun needed 87 s for all of
-# them; the third lease's 130 s reached all but torch.compile's loss row. A device machine given back after
-# 30 s idle cannot wait for a reading of the results: a second call must follow at once, e.g. only what the
-# first left out,
-#   GPU_TEST_TIMEOUT=0 TEST_TIMEOUT=0 BENCH_TIMEOUT=0 NOTEBOOK_TIMEOUT=0 BPE_TIMEOUT=0 PROFILE_TIMEOUT=0 \
-#   VARIANTS_TIMEOUT=150 bash bench/gpu_check.sh /tmp/gc2
+# last. Each PART (below) takes at most ~5 minutes: each step has its own timeout (*_TIMEOUT, seconds; 0 skips the
+# step), and the benchmark saves its results after every row, so a timed-out run still leaves data. On a fresh
+# machine most of the benchmark's time goes to compiling (Triton's cache starts empty, torch.compile compiles each
+# shape). A device machine given back after 30 s idle cannot wait for a reading of the results: the next part's
+# call must follow at once.
 set -uo pipefail
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
-GPU_TEST_TIMEOUT=${GPU_TEST_TIMEOUT:-130}
-KERNEL_TEST_TIMEOUT=${KERNEL_TEST_TIMEOUT:-0}
-TEST_TIMEOUT=${TEST_TIMEOUT:-50}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-130}
-NOTEBOOK_TIMEOUT=${NOTEBOOK_TIMEOUT:-45}
-BPE_TIMEOUT=${BPE_TIMEOUT:-60}
-VARIANTS_TIMEOUT=${VARIANTS_TIMEOUT:-0}
-PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-20}
-SEED_DEMO_TIMEOUT=${SEED_DEMO_TIMEOUT:-300}
-NCU_TIMEOUT=${NCU_TIMEOUT:-0}
+# PART picks the default stages, each a call of at most ~5 minutes (a lent machine's call; budget two or three):
+#   PART=1 (default): what was never run on a GPU: the fused CUDA step's stage (build, its tests and the wide
+#          products', compute-sanitizer, its benchmark rows), the data-parallel graphed step's tests and overhead,
+#          then the GPU-only tests of the Triton kernels (restructured since their last GPU run).
+#   PART=2: the benchmark (seed, H=512, bpe), the profiles, the CLI/data tests, the seed demo end to end.
+#   PART=3: TinyShakespeare memorised with its last 10,000 characters held out (docs/experiments.md).
+# Any *_TIMEOUT given in the environment overrides its part's default (0 skips that stage).
+PART=${PART:-1}
+case "$PART" in
+1) part_defaults=(GPU_TEST=70 CUDA_STEP=170 DISTRIBUTED_TEST=30 DISTRIBUTED_BENCH=25) ;;
+2) part_defaults=(TEST=50 BENCH=110 NOTEBOOK=40 BPE=40 PROFILE=15 SEED_DEMO=0) ;;
+3) part_defaults=(SHAKESPEARE=210) ;;
+*) echo "PART must be 1, 2 or 3, got $PART" >&2; exit 2 ;;
+esac
+for stage_name in GPU_TEST KERNEL_TEST TEST BENCH NOTEBOOK BPE VARIANTS PROFILE SEED_DEMO NCU DISTRIBUTED_TEST \
+    DISTRIBUTED_BENCH SHAKESPEARE CUDA_STEP; do
+    default=0
+    for pair in "${part_defaults[@]}"; do
+        [ "${pair%%=*}" = "$stage_name" ] && default=${pair#*=}
+    done
+    var=${stage_name}_TIMEOUT
+    printf -v "$var" '%s' "${!var:-$default}"
+done
+# The seed demo (`aunn demo --preset seed`, 500 epochs; the goal is 20 s end to end) needs a call of its own:
+#   PART=2 SEED_DEMO_TIMEOUT=240 TEST_TIMEOUT=0 BENCH_TIMEOUT=0 NOTEBOOK_TIMEOUT=0 BPE_TIMEOUT=0 PROFILE_TIMEOUT=0
 # Data-parallel (docs/distributed.md): the tests of the graphed step with its NCCL all-reduce, and its overhead
 # against the plain trainer at batch 1M (1 process, NCCL world size 1), graphed and eager.
-DISTRIBUTED_TEST_TIMEOUT=${DISTRIBUTED_TEST_TIMEOUT:-30}
-DISTRIBUTED_BENCH_TIMEOUT=${DISTRIBUTED_BENCH_TIMEOUT:-25}
-# TinyShakespeare memorised by `aunn demo --preset shakespeare` (docs/experiments.md; the goal is >= 99% training
-# accuracy within 10 minutes): only when given time, as a call of its own that stays under 5 minutes, e.g.
-#   GPU_TEST_TIMEOUT=0 TEST_TIMEOUT=0 BENCH_TIMEOUT=0 NOTEBOOK_TIMEOUT=0 BPE_TIMEOUT=0 PROFILE_TIMEOUT=0 \
-#   SEED_DEMO_TIMEOUT=0 SHAKESPEARE_TIMEOUT=210 bash bench/gpu_check.sh /tmp/gc
-# At the timeout the demo gets a Ctrl-C (SIGINT): the trainer checkpoints the step it reached, and `aunn eval`
-# (at most SHAKESPEARE_EVAL_TIMEOUT, default 60 s) scores that model, so a cut run still reports its figures.
-# SHAKESPEARE is the corpus (default shared/data/tinyshakespeare.txt in the repository; skipped when absent).
-# The run trains on all but the last SHAKESPEARE_HOLD_OUT characters (default 10000; 0 trains on all of them) and
-# scores those against a unigram model (bits per character: the summary's "held-out tail"), so one run measures
-# both the memorisation and the extrapolation. It lives in a temporary folder (its checkpoint is ~70 MB);
-# OUTDIR/shakespeare/ gets its log.csv (batch accuracy every 100 steps, kept when the timeout cuts the run),
-# metrics.json (training accuracy, held_out), report.md and plots.
-SHAKESPEARE_TIMEOUT=${SHAKESPEARE_TIMEOUT:-0}
+# TinyShakespeare (PART=3; the goal is >= 99% training accuracy within 10 minutes): SHAKESPEARE is the corpus
+# (default shared/data/tinyshakespeare.txt in the repository; skipped when absent). The run lives in a temporary
+# folder (its checkpoint is ~70 MB); OUTDIR/shakespeare/ gets its log.csv (batch accuracy every 100 steps, kept
+# when the timeout cuts the run), metrics.json, report.md and plots.
 SHAKESPEARE_HOLD_OUT=${SHAKESPEARE_HOLD_OUT:-10000}
 SHAKESPEARE_EVAL_TIMEOUT=${SHAKESPEARE_EVAL_TIMEOUT:-60}
 # The fused CUDA step (backend `cuda`, csrc/cuda/fused_step.cu, never yet run on a GPU): its own stage, see
-# "fused CUDA step" below. CUDA_STEP_TIMEOUT=0 skips it; CUDA_STEP_ONLY=1 runs it alone (every other stage skipped).
-CUDA_STEP_TIMEOUT=${CUDA_STEP_TIMEOUT:-240}
-CUDA_STEP_ONLY=${CUDA_STEP_ONLY:-0}
-if [ "$CUDA_STEP_ONLY" = 1 ]; then
+# "fused CUDA step" below; CUDA_STEP_ONLY=1 runs it alone.
+if [ "${CUDA_STEP_ONLY:-0}" = 1 ]; then
     GPU_TEST_TIMEOUT=0 KERNEL_TEST_TIMEOUT=0 TEST_TIMEOUT=0 BENCH_TIMEOUT=0 NOTEBOOK_TIMEOUT=0 BPE_TIMEOUT=0
     VARIANTS_TIMEOUT=0 PROFILE_TIMEOUT=0 SEED_DEMO_TIMEOUT=0 NCU_TIMEOUT=0 SHAKESPEARE_TIMEOUT=0
     DISTRIBUTED_TEST_TIMEOUT=0 DISTRIBUTED_BENCH_TIMEOUT=0
+    [ "$CUDA_STEP_TIMEOUT" -gt 0 ] || CUDA_STEP_TIMEOUT=240
 fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT/bench"
