@@ -317,7 +317,7 @@ echo "benchmark exit status $BENCH_RC, H=512 benchmark $NOTEBOOK_RC, bpe $BPE_RC
 echo "profiles exit status $PROFILE_SEED_RC (seed), $PROFILE_NOTEBOOK_RC (notebook), $PROFILE_BPE_RC (bpe); tables in $OUT/profiles"
 echo "ncu exit status $NCU_RC; reports in $OUT/ncu; kernel variants exit status $VARIANTS_RC; table in $OUT/variants"
 echo "TinyShakespeare demo exit status $SHAKESPEARE_RC (124 timed out): $(grep -E \
-    "^(trained in|training accuracy|held-out tail)" "$OUT/shakespeare.log" | tr '\n' ';') $OUT/shakespeare"
+    "^(trained in|training accuracy|held-out tail)" "$OUT/shakespeare.log" 2>/dev/null | tr '\n' ';') $OUT/shakespeare"
 echo "data-parallel tests exit status $DISTRIBUTED_TEST_RC: $(tail -n 1 "$OUT/pytest_distributed.log"); overhead \
 benchmark $DISTRIBUTED_BENCH_RC (table in $OUT/distributed_scaling.md)"
 echo "fused CUDA step exit status $CUDA_STEP_RC (first failing part; logs in $OUT/cuda_step)"
