@@ -69,7 +69,7 @@ def aunn_backward_kernel(
     dz_ptr, x_ptr, part_ptr, dw_in_ptr, dw_ptr,  # outputs, by WEIGHT_GRADS
     in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,  # parameters
     N, V, n_hidden, residual_every, eps,  # rows, vocabulary, hidden layers, residual period; RMSNorm's epsilon
-    partial_stride,  # of part
+    layer_stride, last_layer, partial_stride,  # of act's and dz's layers (N * H); their last layer's offset; of part
     H: tl.constexpr, BITS: tl.constexpr,  # the model
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_V: tl.constexpr,  # tiles
     HEAD_FROM_STATS: tl.constexpr, HEAD_GRADS: tl.constexpr,  # what the program does
@@ -107,8 +107,6 @@ def aunn_backward_kernel(
     dw_tile = dw_ptr + pid64 * n_hidden * H * H + hcols[:, None] * H + hcols[None, :]
     dw_in_tile = dw_in_ptr + pid64 * H * BITS + hcols[None, :] * BITS + k[:, None]
     dw_in_mask = (k[:, None] < BITS) & hmask[None, :]
-    layer_stride = tl.cast(N, tl.int64) * H  # of act and dz [n_hidden + 1, N, H] (tl.cast: N == 1 is a constexpr)
-    h_last_ptr = act_ptr + n_hidden * layer_stride
 
     for block in range(pid, tl.cdiv(N, BLOCK_M), programs):
         first = block == pid
@@ -123,7 +121,7 @@ def aunn_backward_kernel(
 
         if HEAD_FROM_STATS:
             gh = head_backward_rows(
-                h_ptr=h_last_ptr,
+                h_ptr=act_ptr + last_layer,
                 target_ptr=target_ptr,
                 grad_ptr=grad_ptr,
                 stats_ptr=stats_ptr,
@@ -152,8 +150,8 @@ def aunn_backward_kernel(
         # Rows past N have gh = 0, hence dz = 0: they add nothing to the weight gradients.
         g_res = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
         # act[layer] and dz[layer + 1], stepped down one layer at a time
-        act_in_ptr = h_last_ptr
-        dz_out_ptr = dz_ptr + n_hidden * layer_stride
+        act_in_ptr = act_ptr + last_layer
+        dz_out_ptr = dz_ptr + last_layer
         for i in range(n_hidden):
             layer = n_hidden - 1 - i  # 0-based hidden layer; act[layer] is its input, act[layer + 1] its output
             if (layer + 1) % residual_every == 0:
@@ -407,6 +405,8 @@ def fused_trunk_backward(
         n_hidden=n_hidden,
         residual_every=residual_every,
         eps=eps,
+        layer_stride=n * hidden,
+        last_layer=n_hidden * n * hidden,
         partial_stride=part.stride(0),
         H=hidden,
         BITS=bits,

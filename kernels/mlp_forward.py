@@ -65,7 +65,7 @@ def aunn_forward_kernel(
     act_ptr,  # activations
     in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,  # parameters
     N, V, n_hidden, eps,  # rows, vocabulary, hidden layers; RMSNorm's epsilon
-    v_per_range,  # vocabulary entries per program of axis 1
+    layer_stride, v_per_range,  # of act's layers (N * H); vocabulary entries per program of axis 1
     H: tl.constexpr, BITS: tl.constexpr, RESIDUAL_EVERY: tl.constexpr,  # the model
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_V: tl.constexpr,  # tiles
     BLOCK_K: tl.constexpr,
@@ -111,7 +111,6 @@ def aunn_forward_kernel(
         z = dot(x, w_in_t, PRECISION) + tl.load(in_b_ptr + hcols, mask=hmask, other=0.0)[None, :]
         h = silu_rmsnorm(z, tl.load(in_g_ptr + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID)
         res = h
-        layer_stride = tl.cast(N, tl.int64) * H  # of act [n_hidden + 1, N, H] (tl.cast: N == 1 is a constexpr)
         out_act_ptr = act_ptr  # advanced one layer at a time
         if STORE_ACTS:
             store_activation(out_act_ptr + act_row, h, act_store_mask, PRECISION)
@@ -442,6 +441,7 @@ def launch_forward_kernel(
         V=vocab,
         n_hidden=n_hidden,
         eps=eps,
+        layer_stride=n * hidden,
         v_per_range=v_per_range,
         H=hidden,
         BITS=bits,
