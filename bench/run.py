@@ -1,4 +1,4 @@
-"""Command line of the benchmark: ``python bench/run.py`` or ``aunn bench`` (via :func:`main`).
+"""Command line of the benchmark: ``python -m aunn_fast.bench.run`` or ``aunn bench`` (via :func:`main`).
 
 Writes results.json, results.md and PNG plots into --out (default
 bench/results/<card>-<date>/). Exit status 0, or 1 when any provider was incorrect or failed.
@@ -6,23 +6,22 @@ bench/results/<card>-<date>/). Exit status 0, or 1 when any provider was incorre
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: bench/ on sys.path would shadow module names
+    raise SystemExit("run the benchmark as a module: python -m aunn_fast.bench.run [options] (or: aunn bench)")
+
+import argparse
 import sys
-from pathlib import Path
+import time
 
-if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # run as a script: keep bench/'s module names from shadowing top-level packages
+import torch
 
-import argparse  # noqa: E402
-import time  # noqa: E402
+from aunn_fast.backends import BACKENDS
+from aunn_fast.config import PRECISIONS
 
-import torch  # noqa: E402
-
-from aunn_fast.backends import BACKENDS  # noqa: E402
-from aunn_fast.bench import ceilings, cpu_ceiling, environment, harness, plots, report  # noqa: E402
-from aunn_fast.bench.configs import CONFIGS, build_plan  # noqa: E402
-from aunn_fast.bench.options import names_from, out_dir, parse_sizes  # noqa: E402
-from aunn_fast.bench.workloads import WORKLOADS  # noqa: E402
-from aunn_fast.config import PRECISIONS  # noqa: E402
+from . import ceilings, cpu_ceiling, environment, harness, plots, report
+from .configs import CONFIGS, build_plan
+from .options import names_from, out_dir, parse_sizes
+from .workloads import WORKLOADS
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:

@@ -28,6 +28,8 @@ from contextlib import nullcontext
 
 import torch
 
+from aunn_fast.params import AUNNParams
+
 from .config import KernelConfig
 
 # What the forward operator computes (its `mode` argument, the kernels' MODE constexpr)
@@ -90,6 +92,26 @@ def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
     if poison:
         return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def parameter_pointers(params: AUNNParams) -> dict[str, torch.Tensor]:
+    """The fused kernels' parameter arguments, ``in_w_ptr`` ... ``out_b_ptr``: params as the kernels read them
+    (fp32, or bf16 weight copies: weights.py)."""
+    return {
+        "in_w_ptr": params.in_weight,
+        "in_b_ptr": params.in_bias,
+        "in_g_ptr": params.in_gain,
+        "hid_w_ptr": params.hidden_weight,
+        "hid_b_ptr": params.hidden_bias,
+        "hid_g_ptr": params.hidden_gain,
+        "out_w_ptr": params.out_weight,
+        "out_b_ptr": params.out_bias,
+    }
+
+
+def numerics(config: KernelConfig) -> dict[str, int | bool]:
+    """The trunk kernels' PRECISION and FAST_SIGMOID constexprs: how they multiply, which sigmoid they take."""
+    return {"PRECISION": config.precision_code, "FAST_SIGMOID": config.fast_sigmoid}
 
 
 def compile_options(max_registers: int, num_stages: int = 0) -> dict[str, int]:

@@ -19,6 +19,8 @@ backward: PyTorch products on the given dL/dlogits).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -34,23 +36,13 @@ DLOGITS_BLOCK_M, DLOGITS_BLOCK_V = 32, 128
 
 @triton.jit
 def head_weight_grad_kernel(
-    h_ptr,
-    target_ptr,
-    grad_ptr,
-    stats_ptr,
-    out_w_ptr,
-    out_b_ptr,
-    part_ptr,
-    N,
-    H,
-    V,
+    h_ptr, target_ptr, grad_ptr, stats_ptr, out_w_ptr, out_b_ptr,  # the loss head (LossHead)
+    part_ptr,  # output
+    N, H, V,  # rows, hidden width, vocabulary
     rows_per_split,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_K: tl.constexpr,  # tiles
     PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """Partial head gradients of rows [split * rows_per_split, (split + 1) * rows_per_split).
 
     h fp32 or bf16 [N, H] (last activation); grad fp32 [N]; softmax statistics stats fp32 [N, 3]; target int64 [N].
@@ -96,23 +88,13 @@ def head_weight_grad_kernel(
 
 @triton.jit
 def head_dh_kernel(
-    h_ptr,
-    target_ptr,
-    grad_ptr,
-    stats_ptr,
-    out_w_ptr,
-    out_b_ptr,
-    dh_ptr,
-    N,
-    H,
-    V,
+    h_ptr, target_ptr, grad_ptr, stats_ptr, out_w_ptr, out_b_ptr,  # the loss head (LossHead)
+    dh_ptr,  # output
+    N, H, V,  # rows, hidden width, vocabulary
     v_per_range,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_HC: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_K: tl.constexpr,  # tiles
     PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """dL/dh of sum_rows grad * CE over the vocabulary range r = program axis 2, entries
     [r * v_per_range, (r + 1) * v_per_range): fp32 [ranges, N, H], to be summed over the ranges;
     a tile of BLOCK_M rows and BLOCK_HC columns per program."""
@@ -123,27 +105,27 @@ def head_dh_kernel(
     v_range = tl.program_id(2)
     v_begin = v_range * v_per_range
     dh = head_backward_rows(
-        h_ptr,
-        target_ptr,
-        grad_ptr,
-        stats_ptr,
-        out_w_ptr,
-        out_b_ptr,
-        rows,
-        row_mask,
-        hcols,
-        hmask,
-        H,
-        V,
-        v_begin,
-        tl.minimum(V, v_begin + v_per_range),
-        dh_ptr,
-        BLOCK_M,
-        BLOCK_V,
-        BLOCK_K,
-        BLOCK_HC,
-        PRECISION,
-        False,
+        h_ptr=h_ptr,
+        target_ptr=target_ptr,
+        grad_ptr=grad_ptr,
+        stats_ptr=stats_ptr,
+        w_ptr=out_w_ptr,
+        b_ptr=out_b_ptr,
+        rows=rows,
+        row_mask=row_mask,
+        hcols=hcols,
+        hmask=hmask,
+        H=H,
+        V=V,
+        v_begin=v_begin,
+        v_end=tl.minimum(V, v_begin + v_per_range),
+        head_grads_ptr=dh_ptr,  # not written (HEAD_GRADS False)
+        BLOCK_M=BLOCK_M,
+        BLOCK_V=BLOCK_V,
+        BLOCK_K=BLOCK_K,
+        BLOCK_HC=BLOCK_HC,
+        PRECISION=PRECISION,
+        HEAD_GRADS=False,
     )
     out = dh_ptr + v_range.to(tl.int64) * N * H + rows[:, None] * H + hcols[None, :]
     tl.store(out, dh, mask=row_mask[:, None] & hmask[None, :])
@@ -151,19 +133,12 @@ def head_dh_kernel(
 
 @triton.jit
 def dlogits_kernel(
-    logits_ptr,
-    b_ptr,
-    target_ptr,
-    grad_ptr,
-    stats_ptr,
-    d_ptr,
-    db_ptr,
-    N,
-    V,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    logits_ptr, b_ptr, target_ptr, grad_ptr, stats_ptr,  # the logits less the bias; the loss head's inputs
+    d_ptr, db_ptr,  # outputs
+    N, V,  # rows, vocabulary
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,  # tiles
     PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """d(sum_rows grad * CE)/d logits of a [BLOCK_M, BLOCK_V] tile, from the logits less the bias, fp32 [N, V]
     (a PyTorch product), the forward's softmax stats fp32 [N, 3], targets int64 [N] and grad fp32 [N]: d [N, V]
     (fp32, or bf16 in the bf16 mode: only products read it), and the column sums of the fp32 tile, the bias
@@ -191,48 +166,63 @@ def dlogits_kernel(
     tl.store(db_ptr + block * V + vcols, tl.sum(d, axis=0), mask=vmask)
 
 
-def loss_head_backward(
-    h_last: torch.Tensor,
-    targets: torch.Tensor,
-    grad: torch.Tensor,
-    stats: torch.Tensor,
-    out_weight: torch.Tensor,
-    out_weight_read: torch.Tensor,
-    out_bias: torch.Tensor,
-    head_sums: torch.Tensor,
-    want_dh: bool,
-    want_weight_grads: bool,
-    config: KernelConfig,
-) -> torch.Tensor | None:
-    """The head's backward of sum_rows grad * CE (grad fp32 [N], targets int64 [N], the forward's softmax
-    statistics stats fp32 [N, 3]) from the last activation h_last [N, H] (fp32, or bf16 in the bf16 mode).
+class LossHead(NamedTuple):
+    """What the backward of the loss head sum_rows grad * CE(h_last @ out_weight.T + out_bias, targets) reads:
+    the last activation h_last [N, H] (fp32, or bf16 in the bf16 mode), targets int64 [N], the per-row upstream
+    gradient grad fp32 [N], the forward's softmax statistics stats fp32 [N, 3]
+    (:func:`head_blocks.cross_entropy_stats`), and out_weight [V, H] and out_bias fp32 [V] as the kernels read
+    them (fp32, or a bf16 weight copy: weights.py)."""
 
-    With want_weight_grads, the head's gradients are written to head_sums fp32 [V * H + V] (out_weight's
-    [V, H] row-major, then out_bias's); returns dL/dh_last fp32 [N, H] with want_dh, else None (the fused
-    trunk backward then recomputes it). out_weight_read is out_weight as the kernels read it (weights.py).
-    """
+    h_last: torch.Tensor
+    targets: torch.Tensor
+    grad: torch.Tensor
+    stats: torch.Tensor
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor
+
+
+def head_kernel_arguments(head: LossHead, config: KernelConfig) -> dict[str, object]:
+    """The arguments that :func:`head_weight_grad_kernel` and :func:`head_dh_kernel` share: the head's tensors,
+    sizes and tiles, the precision and the warps."""
+    (n, hidden), vocab, t = head.h_last.shape, head.out_weight.shape[0], config.tiles
+    return {
+        "h_ptr": head.h_last,
+        "target_ptr": head.targets,
+        "grad_ptr": head.grad,
+        "stats_ptr": head.stats,
+        "out_w_ptr": head.out_weight,
+        "out_b_ptr": head.out_bias,
+        "N": n,
+        "H": hidden,
+        "V": vocab,
+        "BLOCK_M": t.block_m_head,
+        "BLOCK_V": t.block_v,
+        "BLOCK_HC": t.block_hc,
+        "BLOCK_K": t.block_k_head,
+        "PRECISION": config.precision_code,
+        "num_warps": t.num_warps_head,
+    }
+
+
+def loss_head_backward(
+    head: LossHead, head_sums: torch.Tensor, want_dh: bool, want_weight_grads: bool, config: KernelConfig
+) -> torch.Tensor | None:
+    """The loss head's backward. With want_weight_grads, the head's gradients are written to head_sums fp32
+    [V * H + V] (out_weight's [V, H] row-major, then out_bias's); returns dL/dh_last fp32 [N, H] with want_dh,
+    else None (the fused trunk backward then recomputes it)."""
     if want_dh and config.options.head_backward == "products":
-        return head_backward_by_products(h_last, targets, grad, stats, out_weight, out_bias, head_sums, config)
+        return head_backward_by_products(head, head_sums, config)
     if want_weight_grads:
-        launch_head_weight_grad(h_last, targets, grad, stats, out_weight_read, out_bias, head_sums, config)
+        launch_head_weight_grad(head, head_sums, config)
     if want_dh:
-        return launch_head_dh(h_last, targets, grad, stats, out_weight_read, out_bias, config)
+        return launch_head_dh(head, config)
     return None
 
 
-def launch_head_weight_grad(
-    h_last: torch.Tensor,
-    targets: torch.Tensor,
-    grad: torch.Tensor,
-    stats: torch.Tensor,
-    out_weight: torch.Tensor,
-    out_bias: torch.Tensor,
-    head_sums: torch.Tensor,
-    config: KernelConfig,
-) -> None:
+def launch_head_weight_grad(head: LossHead, head_sums: torch.Tensor, config: KernelConfig) -> None:
     """:func:`head_weight_grad_kernel` over the batch, split into enough row ranges to fill the SMs; the
     splits' partials summed into head_sums fp32 [V * H + V]."""
-    (n, hidden), vocab, t = h_last.shape, out_weight.shape[0], config.tiles
+    (n, hidden), vocab, t = head.h_last.shape, head.out_weight.shape[0], config.tiles
     grid_v, grid_h = triton.cdiv(vocab, t.block_v), triton.cdiv(hidden, t.block_hc)
     head_blocks = triton.cdiv(n, t.block_m_head)
     splits = max(1, min(head_blocks, triton.cdiv(4 * config.device.sms, grid_v * grid_h)))
@@ -242,98 +232,52 @@ def launch_head_weight_grad(
     head_part = (
         head_sums[None]
         if splits == 1
-        else new_buffer((splits, head_sums.numel()), torch.float32, h_last.device, config.options.poison_outputs)
+        else new_buffer((splits, head_sums.numel()), torch.float32, head_sums.device, config.options.poison_outputs)
     )
     launch(
         head_weight_grad_kernel,
         (grid_v, grid_h, splits),
-        h_ptr=h_last,
-        target_ptr=targets,
-        grad_ptr=grad,
-        stats_ptr=stats,
-        out_w_ptr=out_weight,
-        out_b_ptr=out_bias,
         part_ptr=head_part,
-        N=n,
-        H=hidden,
-        V=vocab,
         rows_per_split=rows_per_split,
-        BLOCK_M=t.block_m_head,
-        BLOCK_V=t.block_v,
-        BLOCK_HC=t.block_hc,
-        BLOCK_K=t.block_k_head,
-        PRECISION=config.precision_code,
-        num_warps=t.num_warps_head,
+        **head_kernel_arguments(head, config),
     )
     if splits > 1:
         torch.sum(head_part, 0, out=head_sums)
 
 
-def launch_head_dh(
-    h_last: torch.Tensor,
-    targets: torch.Tensor,
-    grad: torch.Tensor,
-    stats: torch.Tensor,
-    out_weight: torch.Tensor,
-    out_bias: torch.Tensor,
-    config: KernelConfig,
-) -> torch.Tensor:
+def launch_head_dh(head: LossHead, config: KernelConfig) -> torch.Tensor:
     """dL/dh_last fp32 [N, H] by :func:`head_dh_kernel`, its vocabulary ranges summed."""
-    (n, hidden), vocab, t = h_last.shape, out_weight.shape[0], config.tiles
+    (n, hidden), vocab, t = head.h_last.shape, head.out_weight.shape[0], config.tiles
     head_blocks, grid_h = triton.cdiv(n, t.block_m_head), triton.cdiv(hidden, t.block_hc)
     ranges, v_per_range = vocab_splits(head_blocks * grid_h, vocab, t.block_v, config)
-    dh = new_buffer((ranges, n, hidden), torch.float32, h_last.device, config.options.poison_outputs)
+    dh = new_buffer((ranges, n, hidden), torch.float32, head.h_last.device, config.options.poison_outputs)
     launch(
         head_dh_kernel,
         (head_blocks, grid_h, ranges),
-        h_ptr=h_last,
-        target_ptr=targets,
-        grad_ptr=grad,
-        stats_ptr=stats,
-        out_w_ptr=out_weight,
-        out_b_ptr=out_bias,
         dh_ptr=dh,
-        N=n,
-        H=hidden,
-        V=vocab,
         v_per_range=v_per_range,
-        BLOCK_M=t.block_m_head,
-        BLOCK_V=t.block_v,
-        BLOCK_HC=t.block_hc,
-        BLOCK_K=t.block_k_head,
-        PRECISION=config.precision_code,
-        num_warps=t.num_warps_head,
+        **head_kernel_arguments(head, config),
     )
     return dh[0] if ranges == 1 else dh.sum(0)
 
 
-def head_backward_by_products(
-    h_last: torch.Tensor,
-    targets: torch.Tensor,
-    grad: torch.Tensor,
-    stats: torch.Tensor,
-    out_weight: torch.Tensor,
-    out_bias: torch.Tensor,
-    head_sums: torch.Tensor,
-    config: KernelConfig,
-) -> torch.Tensor:
-    """dL/dh_last fp32 [N, H] of sum_rows grad * CE (targets, the forward's statistics), and the head's own
-    gradients written to head_sums fp32 [V * H + V] (out_weight's [V, H] row-major, then out_bias's), a chunk
-    of rows at a time (head_gemm_chunk_elements logits): logits = h @ W.T by :func:`matmul`, dlogits by
-    :func:`dlogits_kernel`, then dL/dh = dlogits @ W and dL/dW += dlogits.T @ h by :func:`matmul`."""
-    n, hidden = h_last.shape
-    vocab, precision, poison = out_weight.shape[0], config.precision, config.options.poison_outputs
-    device = h_last.device
+def head_backward_by_products(head: LossHead, head_sums: torch.Tensor, config: KernelConfig) -> torch.Tensor:
+    """dL/dh_last fp32 [N, H] of the loss head, and the head's own gradients written to head_sums fp32
+    [V * H + V] (out_weight's [V, H] row-major, then out_bias's), a chunk of rows at a time
+    (head_gemm_chunk_elements logits): logits = h @ W.T by :func:`matmul`, dlogits by :func:`dlogits_kernel`,
+    then dL/dh = dlogits @ W and dL/dW += dlogits.T @ h by :func:`matmul`."""
+    (n, hidden), vocab = head.h_last.shape, head.out_weight.shape[0]
+    precision, poison, device = config.precision, config.options.poison_outputs, head.h_last.device
     d_weight, d_bias = head_sums[: vocab * hidden].view(vocab, hidden), head_sums[vocab * hidden :]
     d_weight.zero_()
     d_bias.zero_()
-    weight = reusable_operand(out_weight, precision)
+    weight = reusable_operand(head.out_weight, precision)
     d_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     chunk = max(1, config.options.head_gemm_chunk_elements // (vocab * DLOGITS_BLOCK_M)) * DLOGITS_BLOCK_M
     dh = new_buffer((n, hidden), torch.float32, device, poison)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
-        h = h_last[start:end]
+        h = head.h_last[start:end]
         row_blocks = triton.cdiv(end - start, DLOGITS_BLOCK_M)
         d = new_buffer((end - start, vocab), d_dtype, device, poison)
         bias_part = new_buffer((row_blocks, vocab), torch.float32, device, poison)
@@ -341,10 +285,10 @@ def head_backward_by_products(
             dlogits_kernel,
             (row_blocks, triton.cdiv(vocab, DLOGITS_BLOCK_V)),
             logits_ptr=matmul(h, weight.t(), precision),
-            b_ptr=out_bias,
-            target_ptr=targets[start:end],
-            grad_ptr=grad[start:end],
-            stats_ptr=stats[start:end],
+            b_ptr=head.out_bias,
+            target_ptr=head.targets[start:end],
+            grad_ptr=head.grad[start:end],
+            stats_ptr=head.stats[start:end],
             d_ptr=d,
             db_ptr=bias_part,
             N=end - start,

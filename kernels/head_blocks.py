@@ -19,19 +19,11 @@ def head_bias(b_ptr, vcols, vmask):
 
 @triton.jit
 def head_logits_tile(
-    h_ptr,
-    rows,
-    row_mask,
-    w_ptr,
-    b_ptr,
-    vcols,
-    vmask,
+    h_ptr, rows, row_mask,  # the head's input and its rows
+    w_ptr, b_ptr, vcols, vmask,  # the output weight and bias, and their vocabulary columns
     H,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     """Logits [BLOCK_M, BLOCK_V] = h[rows] @ w[vcols].T + b[vcols]; -inf past the vocabulary (:func:`head_bias`).
 
     h fp32/bf16 [N, H] is streamed from memory in BLOCK_K chunks."""
@@ -106,28 +98,13 @@ def dlogits(logits, row_max, log_sum, target_complement, target, grad_row, vcols
 
 @triton.jit
 def head_backward_rows(
-    h_ptr,
-    target_ptr,
-    grad_ptr,
-    stats_ptr,
-    w_ptr,
-    b_ptr,
-    rows,
-    row_mask,
-    hcols,
-    hmask,
-    H,
-    V,
-    v_begin,
-    v_end,
-    head_grads_ptr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_HC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    HEAD_GRADS: tl.constexpr,
-):
+    h_ptr, target_ptr, grad_ptr, stats_ptr, w_ptr, b_ptr,  # the loss head (head_backward.LossHead)
+    rows, row_mask, hcols, hmask,  # the tile of dL/dh
+    H, V, v_begin, v_end,  # hidden width, vocabulary; the vocabulary range
+    head_grads_ptr,  # output with HEAD_GRADS
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HC: tl.constexpr,  # tiles
+    PRECISION: tl.constexpr, HEAD_GRADS: tl.constexpr,
+):  # fmt: skip
     """dL/dh[rows, hcols] [BLOCK_M, BLOCK_HC] of the loss sum_rows grad_row * CE(h @ w.T + b, target),
     the vocabulary entries [v_begin, v_end) only (v_begin a multiple of BLOCK_V).
 

@@ -33,10 +33,19 @@ import triton.language as tl
 
 from aunn_fast.params import AUNNParams
 
-from .common import MODE_LOGITS, MODE_LOSS, compile_options, launch, new_buffer, persistent_programs
+from .common import (
+    MODE_LOGITS,
+    MODE_LOSS,
+    compile_options,
+    launch,
+    new_buffer,
+    numerics,
+    parameter_pointers,
+    persistent_programs,
+)
 from .config import KernelConfig, vocab_splits
 from .gemm import batch_reduced_matmul, matmul, reusable_operand
-from .head_backward import logits_head_backward, loss_head_backward
+from .head_backward import LossHead, logits_head_backward, loss_head_backward
 from .head_blocks import head_backward_rows
 from .mlp_forward import index_bits_matrix
 from .precision import dot, store_activation
@@ -55,45 +64,18 @@ def accumulate(ptrs, value, mask, first):
 
 @triton.jit
 def aunn_backward_kernel(
-    idx_ptr,
-    target_ptr,
-    grad_ptr,
-    stats_ptr,
-    act_ptr,
-    dz_ptr,
-    x_ptr,
-    part_ptr,
-    dw_in_ptr,
-    dw_ptr,
-    in_w_ptr,
-    in_b_ptr,
-    in_g_ptr,
-    hid_w_ptr,
-    hid_b_ptr,
-    hid_g_ptr,
-    out_w_ptr,
-    out_b_ptr,
-    N,
-    H: tl.constexpr,
-    V,
-    n_hidden,
-    residual_every,
-    eps,
-    act_stride,
-    head_in_offset,
-    partial_stride,
-    BITS: tl.constexpr,
-    BLOCK_BITS: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    HEAD_FROM_STATS: tl.constexpr,
-    HEAD_GRADS: tl.constexpr,
-    WEIGHT_GRADS: tl.constexpr,
-    WEIGHT_ONCE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    FAST_SIGMOID: tl.constexpr,
-):
+    idx_ptr, target_ptr, grad_ptr, stats_ptr,  # the batch, its upstream gradient; the forward's statistics
+    act_ptr,  # the forward's activations
+    dz_ptr, x_ptr, part_ptr, dw_in_ptr, dw_ptr,  # outputs, by WEIGHT_GRADS
+    in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,  # parameters
+    N, V, n_hidden, residual_every, eps,  # rows, vocabulary, hidden layers, residual period; RMSNorm's epsilon
+    layer_stride, last_layer, partial_stride,  # of act's and dz's layers (N * H); their last layer's offset; of part
+    H: tl.constexpr, BITS: tl.constexpr,  # the model
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_V: tl.constexpr,  # tiles
+    HEAD_FROM_STATS: tl.constexpr, HEAD_GRADS: tl.constexpr,  # what the program does
+    WEIGHT_GRADS: tl.constexpr, WEIGHT_ONCE: tl.constexpr,
+    PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,  # how it multiplies; its sigmoid
+):  # fmt: skip
     """Trunk backward, all layers in registers; program p takes row blocks p, p + P, p + 2P, ...
     (P = number of programs).
 
@@ -139,27 +121,27 @@ def aunn_backward_kernel(
 
         if HEAD_FROM_STATS:
             gh = head_backward_rows(
-                act_ptr + head_in_offset,
-                target_ptr,
-                grad_ptr,
-                stats_ptr,
-                out_w_ptr,
-                out_b_ptr,
-                rows,
-                row_mask,
-                hcols,
-                hmask,
-                H,
-                V,
-                0,
-                V,
-                head_grads,
-                BLOCK_M,
-                BLOCK_V,
-                BLOCK_H,
-                BLOCK_H,
-                PRECISION,
-                HEAD_GRADS,
+                h_ptr=act_ptr + last_layer,
+                target_ptr=target_ptr,
+                grad_ptr=grad_ptr,
+                stats_ptr=stats_ptr,
+                w_ptr=out_w_ptr,
+                b_ptr=out_b_ptr,
+                rows=rows,
+                row_mask=row_mask,
+                hcols=hcols,
+                hmask=hmask,
+                H=H,
+                V=V,
+                v_begin=0,
+                v_end=V,
+                head_grads_ptr=head_grads,
+                BLOCK_M=BLOCK_M,
+                BLOCK_V=BLOCK_V,
+                BLOCK_K=BLOCK_H,
+                BLOCK_HC=BLOCK_H,
+                PRECISION=PRECISION,
+                HEAD_GRADS=HEAD_GRADS,
             )
         else:
             gh = tl.load(grad_ptr + act_row, mask=act_mask, other=0.0)
@@ -168,15 +150,15 @@ def aunn_backward_kernel(
         # Rows past N have gh = 0, hence dz = 0: they add nothing to the weight gradients.
         g_res = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
         # act[layer] and dz[layer + 1], stepped down one layer at a time
-        act_in_ptr = act_ptr + head_in_offset
-        dz_out_ptr = dz_ptr + head_in_offset
+        act_in_ptr = act_ptr + last_layer
+        dz_out_ptr = dz_ptr + last_layer
         for i in range(n_hidden):
             layer = n_hidden - 1 - i  # 0-based hidden layer; act[layer] is its input, act[layer + 1] its output
             if (layer + 1) % residual_every == 0:
                 # h = y + res and res = h: both incoming gradients reach y and the earlier res
                 gh = gh + g_res
                 g_res = gh
-            act_in_ptr -= act_stride
+            act_in_ptr -= layer_stride
             a = tl.load(act_in_ptr + act_row, mask=act_mask, other=0.0).to(tl.float32)
             if WEIGHT_ONCE:
                 w = tl.load(hid_w_ptr + layer * H * H + hcols[:, None] * H + hcols[None, :], mask=hh_mask, other=0.0)
@@ -192,7 +174,7 @@ def aunn_backward_kernel(
                 accumulate(dw_tile + layer * H * H, dot(tl.trans(dz), a, PRECISION), hh_mask, first)
             else:
                 store_activation(dz_out_ptr + act_row, dz, act_mask, PRECISION)
-                dz_out_ptr -= act_stride
+                dz_out_ptr -= layer_stride
             accumulate(db_row + (layer + 1) * H, tl.sum(dz, axis=0), hmask, first)
             accumulate(dgain_row + (layer + 1) * H, dgain, hmask, first)
             gh = dot(dz, w, PRECISION)
@@ -218,24 +200,14 @@ def aunn_backward_kernel(
 
 @triton.jit
 def layer_backward_kernel(
-    dy_ptr,
-    g_res_ptr,
-    z_ptr,
-    g_ptr,
-    dz_ptr,
-    dgain_ptr,
-    dbias_ptr,
-    N,
-    H,
-    eps,
-    partial_stride,
-    BLOCK_M: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    ADD_RES: tl.constexpr,
-    STORE_RES: tl.constexpr,
-    PRECISION: tl.constexpr,
-    FAST_SIGMOID: tl.constexpr,
-):
+    dy_ptr, g_res_ptr, z_ptr, g_ptr,  # dL/dh from above, the residual stream's gradient; the layer's z and gain
+    dz_ptr, dgain_ptr, dbias_ptr,  # outputs
+    N, H, eps,  # rows, hidden width; RMSNorm's epsilon
+    partial_stride,  # of dgain and dbias
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,  # tiles
+    ADD_RES: tl.constexpr, STORE_RES: tl.constexpr,  # what the program does
+    PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,  # how it stores dz; its sigmoid
+):  # fmt: skip
     """One layer's backward after the GEMM that gave dL/dh; program p takes the row blocks (BLOCK_M
     whole rows) p, p + P, p + 2P, ... (P = number of programs).
 
@@ -353,34 +325,15 @@ def backward(
     if mode == MODE_LOGITS:
         dh = logits_head_backward(grad, h_last, params.out_weight, sums[trunk_size:], config)
     else:
+        head = LossHead(h_last, targets, grad, stats, read.out_weight, read.out_bias)
         dh = loss_head_backward(
-            h_last,
-            targets,
-            grad,
-            stats,
-            params.out_weight,
-            read.out_weight,
-            params.out_bias,
-            sums[trunk_size:],
-            want_dh=head_dh,
-            want_weight_grads=not head_in_trunk,
-            config=config,
+            head, sums[trunk_size:], want_dh=head_dh, want_weight_grads=not head_in_trunk, config=config
         )
     if t.fused:
+        # the "partials" form reads the fp32 output weight (above)
+        trunk_read = read._replace(out_weight=params.out_weight) if config.partials else read
         trunk = fused_trunk_backward(
-            idx,
-            targets,
-            grad,
-            dh,
-            stats,
-            acts,
-            read,
-            params.out_weight,
-            sums,
-            head_in_trunk,
-            residual_every,
-            eps,
-            config,
+            idx, targets, grad, dh, stats, acts, trunk_read, sums, head_in_trunk, residual_every, eps, config
         )
     else:
         trunk = layerwise_trunk_backward(idx, dh, zs, params, sums, residual_every, eps, config)
@@ -395,7 +348,6 @@ def fused_trunk_backward(
     stats: torch.Tensor,
     acts: torch.Tensor,
     read: AUNNParams,
-    out_weight: torch.Tensor,
     sums: torch.Tensor,
     head_in_trunk: bool,
     residual_every: int,
@@ -404,8 +356,7 @@ def fused_trunk_backward(
 ) -> TrunkOutputs:
     """:func:`aunn_backward_kernel` over the batch: the head's dL/dh from the statistics (dh None) or dh fp32
     [N, H]; the bias and gain gradients (and with head_in_trunk the head's) summed into sums; returns what
-    :func:`trunk_weight_gradients` needs. read: the parameters as the kernels read them (weights.py);
-    out_weight: the fp32 output weight, which the "partials" form reads."""
+    :func:`trunk_weight_gradients` needs. read: the parameters as the kernel reads them (weights.py)."""
     n, (hidden, bits), n_hidden = idx.shape[0], read.in_weight.shape, read.hidden_weight.shape[0]
     device, poison, t = idx.device, config.options.poison_outputs, config.tiles
     row_blocks = triton.cdiv(n, t.block_m_bwd)
@@ -448,34 +399,26 @@ def fused_trunk_backward(
         part_ptr=part,
         dw_in_ptr=outputs.dw_in_part,
         dw_ptr=outputs.dw_part,
-        in_w_ptr=read.in_weight,
-        in_b_ptr=read.in_bias,
-        in_g_ptr=read.in_gain,
-        hid_w_ptr=read.hidden_weight,
-        hid_b_ptr=read.hidden_bias,
-        hid_g_ptr=read.hidden_gain,
-        out_w_ptr=out_weight if config.partials else read.out_weight,
-        out_b_ptr=read.out_bias,
+        **parameter_pointers(read),
         N=n,
-        H=hidden,
         V=read.out_weight.shape[0],
         n_hidden=n_hidden,
         residual_every=residual_every,
         eps=eps,
-        act_stride=n * hidden,
-        head_in_offset=n_hidden * n * hidden,
+        layer_stride=n * hidden,
+        last_layer=n_hidden * n * hidden,
         partial_stride=part.stride(0),
+        H=hidden,
         BITS=bits,
-        BLOCK_BITS=t.block_bits,
-        BLOCK_H=t.block_h,
         BLOCK_M=t.block_m_bwd,
+        BLOCK_H=t.block_h,
+        BLOCK_BITS=t.block_bits,
         BLOCK_V=t.block_v,
         HEAD_FROM_STATS=from_stats,
         HEAD_GRADS=head_in_trunk,
         WEIGHT_GRADS=config.partials,
         WEIGHT_ONCE=config.options.load_weight_once and not config.partials,
-        PRECISION=config.precision_code,
-        FAST_SIGMOID=config.fast_sigmoid,
+        **numerics(config),
         num_warps=t.num_warps_bwd,
         **compile_options(t.max_registers_bwd),
     )
@@ -528,8 +471,7 @@ def layerwise_trunk_backward(
             BLOCK_H=t.block_h,
             ADD_RES=residual and residual_seen,
             STORE_RES=residual and layer > 0,
-            PRECISION=config.precision_code,
-            FAST_SIGMOID=config.fast_sigmoid,
+            **numerics(config),
             num_warps=t.num_warps,
         )
         residual_seen |= residual

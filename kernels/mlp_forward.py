@@ -26,7 +26,16 @@ import triton.language as tl
 
 from aunn_fast.params import AUNNParams
 
-from .common import MODE_ARGMAX, MODE_LOGITS, MODE_LOSS, compile_options, launch, new_buffer
+from .common import (
+    MODE_ARGMAX,
+    MODE_LOGITS,
+    MODE_LOSS,
+    compile_options,
+    launch,
+    new_buffer,
+    numerics,
+    parameter_pointers,
+)
 from .config import KernelConfig, vocab_splits
 from .gemm import matmul
 from .head_blocks import cross_entropy_stats, head_bias, head_logits_tile, load_targets
@@ -51,52 +60,27 @@ def hidden_layer(
 
 @triton.jit
 def aunn_forward_kernel(
-    idx_ptr,
-    target_ptr,
-    out_ptr,
-    stats_ptr,
-    part_ptr,
-    act_ptr,
-    in_w_ptr,
-    in_b_ptr,
-    in_g_ptr,
-    hid_w_ptr,
-    hid_b_ptr,
-    hid_g_ptr,
-    out_w_ptr,
-    out_b_ptr,
-    N,
-    H: tl.constexpr,
-    V,
-    n_hidden,
-    n_grouped,
-    eps,
-    act_stride,
-    head_in_offset,
-    v_per_range,
-    BITS: tl.constexpr,
-    BLOCK_BITS: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    idx_ptr, target_ptr,  # the batch
+    out_ptr, stats_ptr, part_ptr,  # outputs, by MODE
+    act_ptr,  # activations
+    in_w_ptr, in_b_ptr, in_g_ptr, hid_w_ptr, hid_b_ptr, hid_g_ptr, out_w_ptr, out_b_ptr,  # parameters
+    N, V, n_hidden, eps,  # rows, vocabulary, hidden layers; RMSNorm's epsilon
+    layer_stride, v_per_range,  # of act's layers (N * H); vocabulary entries per program of axis 1
+    H: tl.constexpr, BITS: tl.constexpr, RESIDUAL_EVERY: tl.constexpr,  # the model
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_BITS: tl.constexpr, BLOCK_V: tl.constexpr,  # tiles
     BLOCK_K: tl.constexpr,
-    RESIDUAL_EVERY: tl.constexpr,
-    UNROLL_GROUPS: tl.constexpr,
-    MODE: tl.constexpr,
-    FUSED_TRUNK: tl.constexpr,
-    STORE_ACTS: tl.constexpr,
-    RANGE_PARTIALS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    FAST_SIGMOID: tl.constexpr,
-):
+    MODE: tl.constexpr, FUSED_TRUNK: tl.constexpr, STORE_ACTS: tl.constexpr,  # what the program does
+    RANGE_PARTIALS: tl.constexpr, UNROLL_GROUPS: tl.constexpr,
+    PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,  # how it multiplies; its sigmoid
+):  # fmt: skip
     """Forward of BLOCK_M indices (program axis 0) over the vocabulary range [r * v_per_range,
     (r + 1) * v_per_range) (program axis 1: r; v_per_range a multiple of BLOCK_V; a one-range
     grid covers all V).
 
-    idx int64 [N]; target int64 [N] (MODE 2); weights as in AUNNParams, fp32 or bf16 copies (:func:`fused_weights`).
-    act fp32 or bf16 [n_hidden + 1, N, H] (layer stride act_stride = N * H;
-    the last layer at head_in_offset): activation after each layer (the input of the next);
-    written when STORE_ACTS (fused trunk), read (last layer only) when not FUSED_TRUNK.
+    The batch: idx int64 [N]; target int64 [N] (MODE 2). The parameters as in AUNNParams, fp32 or bf16 copies
+    (:func:`weights.fused_weights`).
+    Activations: with FUSED_TRUNK act fp32 or bf16 [n_hidden + 1, N, H], each layer's output (the input of the
+    next), written when STORE_ACTS; without it act [N, H] is the last layer's, the head's input.
     out: MODE 0 logits fp32 [N, V]; MODE 1 argmax int64 [N]; MODE 2 per-row CE fp32 [N]
     (and the softmax statistics stats fp32 [N, 3] for the backward, see :func:`head_blocks.cross_entropy_stats`).
     With RANGE_PARTIALS (several ranges), modes 1 and 2 store their range's partial results instead, for
@@ -104,7 +88,7 @@ def aunn_forward_kernel(
     MODE 2 (max logit, sum of exp(logit - max) over the non-target entries, target logit or 0);
     out and stats are not written.
     A fused trunk is then recomputed by every range's program and stored by range 0's.
-    UNROLL_GROUPS: the first n_grouped hidden layers run as unrolled groups of RESIDUAL_EVERY.
+    UNROLL_GROUPS: the hidden layers up to the last residual add run as unrolled groups of RESIDUAL_EVERY.
     """
     pid = tl.program_id(0)
     v_range = tl.program_id(1)
@@ -127,7 +111,7 @@ def aunn_forward_kernel(
         z = dot(x, w_in_t, PRECISION) + tl.load(in_b_ptr + hcols, mask=hmask, other=0.0)[None, :]
         h = silu_rmsnorm(z, tl.load(in_g_ptr + hcols, mask=hmask, other=0.0), H, eps, FAST_SIGMOID)
         res = h
-        out_act_ptr = act_ptr  # advanced one layer at a time: pointer + int never overflows int32
+        out_act_ptr = act_ptr  # advanced one layer at a time
         if STORE_ACTS:
             store_activation(out_act_ptr + act_row, h, act_store_mask, PRECISION)
         # hidden layers; after every RESIDUAL_EVERY-th, h += res and res = h
@@ -136,28 +120,29 @@ def aunn_forward_kernel(
             # after the last group: the add sits at a fixed place in the code. (A per-layer
             # test for it compiles to two selects per element on every layer; but every copy
             # of a layer in the code takes its own shared memory, too much at H = 128.)
-            for group in range(n_grouped // RESIDUAL_EVERY):
+            n_groups = n_hidden // RESIDUAL_EVERY
+            for group in range(n_groups):
                 for j in tl.static_range(RESIDUAL_EVERY):
                     h = hidden_layer(
-                        h,
-                        hid_w_ptr,
-                        hid_b_ptr,
-                        hid_g_ptr,
-                        group * RESIDUAL_EVERY + j,
-                        H,
-                        eps,
-                        hcols,
-                        hmask,
-                        PRECISION,
-                        FAST_SIGMOID,
+                        h=h,
+                        w_ptr=hid_w_ptr,
+                        b_ptr=hid_b_ptr,
+                        g_ptr=hid_g_ptr,
+                        layer=group * RESIDUAL_EVERY + j,
+                        H=H,
+                        eps=eps,
+                        hcols=hcols,
+                        hmask=hmask,
+                        PRECISION=PRECISION,
+                        FAST_SIGMOID=FAST_SIGMOID,
                     )
                     if j == RESIDUAL_EVERY - 1:
                         h = h + res
                         res = h
                     if STORE_ACTS:
-                        out_act_ptr += act_stride
+                        out_act_ptr += layer_stride
                         store_activation(out_act_ptr + act_row, h, act_store_mask, PRECISION)
-            first_ungrouped = n_grouped
+            first_ungrouped = n_groups * RESIDUAL_EVERY
         else:
             first_ungrouped = 0
         for layer in range(first_ungrouped, n_hidden):
@@ -166,7 +151,7 @@ def aunn_forward_kernel(
                 h = h + res
                 res = h
             if STORE_ACTS:
-                out_act_ptr += act_stride
+                out_act_ptr += layer_stride
                 store_activation(out_act_ptr + act_row, h, act_store_mask, PRECISION)
 
     # head, BLOCK_V vocabulary entries at a time
@@ -188,18 +173,18 @@ def aunn_forward_kernel(
             logits = dot(h, w_out_t, PRECISION) + head_bias(out_b_ptr, vcols, vmask)[None, :]
         else:
             logits = head_logits_tile(
-                act_ptr + head_in_offset,
-                rows,
-                row_mask,
-                out_w_ptr,
-                out_b_ptr,
-                vcols,
-                vmask,
-                H,
-                BLOCK_M,
-                BLOCK_V,
-                BLOCK_K,
-                PRECISION,
+                h_ptr=act_ptr,
+                rows=rows,
+                row_mask=row_mask,
+                w_ptr=out_w_ptr,
+                b_ptr=out_b_ptr,
+                vcols=vcols,
+                vmask=vmask,
+                H=H,
+                BLOCK_M=BLOCK_M,
+                BLOCK_V=BLOCK_V,
+                BLOCK_K=BLOCK_K,
+                PRECISION=PRECISION,
             )
         if MODE == 0:
             tl.store(out_ptr + rows[:, None] * V + vcols[None, :], logits, mask=row_mask[:, None] & vmask[None, :])
@@ -239,23 +224,13 @@ def aunn_forward_kernel(
 
 @triton.jit
 def layer_epilogue_kernel(
-    xw_ptr,
-    b_ptr,
-    g_ptr,
-    res_ptr,
-    z_ptr,
-    h_ptr,
-    N,
-    H,
-    eps,
-    BLOCK_M: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    ADD_RES: tl.constexpr,
-    STORE_RES: tl.constexpr,
-    STORE_Z: tl.constexpr,
-    PRECISION: tl.constexpr,
-    FAST_SIGMOID: tl.constexpr,
-):
+    xw_ptr, b_ptr, g_ptr,  # the layer's GEMM output, bias and gain
+    res_ptr, z_ptr, h_ptr,  # the residual stream (read and written); outputs
+    N, H, eps,  # rows, hidden width; RMSNorm's epsilon
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,  # tiles
+    ADD_RES: tl.constexpr, STORE_RES: tl.constexpr, STORE_Z: tl.constexpr,  # what the program does
+    PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr,  # how it stores h; its sigmoid
+):  # fmt: skip
     """Everything of one layer after its GEMM, for BLOCK_M whole rows (RMSNorm needs the row):
 
         z = xw + b;  h = RMSNorm(SiLU(z)) * g;  with ADD_RES h += res;  with STORE_RES res = h
@@ -359,8 +334,7 @@ def layerwise_trunk(
             ADD_RES=residual and layer > 0,
             STORE_RES=residual,
             STORE_Z=save,
-            PRECISION=config.precision_code,
-            FAST_SIGMOID=config.fast_sigmoid,
+            **numerics(config),
             num_warps=t.num_warps,
         )
         x = h
@@ -403,7 +377,7 @@ def forward(
     if n == 0:
         return out, stats, acts, zs
 
-    head_in, head_in_offset = acts, n_hidden * n * hidden  # the head's input: the last layer's output
+    head_in = acts  # fused: where the trunk stores every layer's output (when save)
     if not fused:
         # without save, two buffers in turn hold the layers' outputs; the last one feeds the head
         scratch = (
@@ -411,10 +385,9 @@ def forward(
         )
         outs = list(acts) if save else [scratch[layer % 2] for layer in range(n_hidden + 1)]
         layerwise_trunk(idx, params, outs, zs, save, residual_every, eps, config)
-        if not save:
-            head_in, head_in_offset = outs[-1], 0
+        head_in = outs[-1]  # the last layer's output
     out, stats = launch_forward_kernel(
-        idx, targets, params, out, stats, head_in, head_in_offset, residual_every, eps, mode, save, config
+        idx, targets, params, out, stats, head_in, residual_every, eps, mode, save, config
     )
     return out, stats, acts, zs
 
@@ -425,16 +398,16 @@ def launch_forward_kernel(
     params: AUNNParams,
     out: torch.Tensor,
     stats: torch.Tensor,
-    head_in: torch.Tensor,
-    head_in_offset: int,
+    acts: torch.Tensor,
     residual_every: int,
     eps: float,
     mode: int,
     save: bool,
     config: KernelConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`aunn_forward_kernel` over the batch (the fused trunk, or the head alone on the layer-wise path's
-    last activation head_in at head_in_offset), its vocabulary ranges combined. Returns (out, stats)."""
+    """:func:`aunn_forward_kernel` over the batch, its vocabulary ranges combined: the fused trunk (storing every
+    layer's output in acts [L-1, N, H] when save) and the head, or the head alone on the layer-wise path's last
+    activation acts [N, H]. Returns (out, stats)."""
     n, (hidden, bits), vocab = idx.shape[0], params.in_weight.shape, params.out_weight.shape[0]
     n_hidden = params.hidden_weight.shape[0]
     t = config.tiles
@@ -449,9 +422,9 @@ def launch_forward_kernel(
     unroll_groups = t.fused and t.block_h <= 64 and config.precision != "fp32" and residual_every <= min(n_hidden, 4)
     if t.fused:
         in_w, hidden_w, out_w = fused_weights(params.in_weight, params.hidden_weight, params.out_weight, n, config)
+        read = params._replace(in_weight=in_w, hidden_weight=hidden_w, out_weight=out_w)
     else:
-        in_w, hidden_w = params.in_weight, params.hidden_weight
-        out_w = head_weight(params.out_weight, config.precision, n, config.options)
+        read = params._replace(out_weight=head_weight(params.out_weight, config.precision, n, config.options))
     if targets.numel() == 0:
         targets = idx  # placeholder pointer, never read unless mode == MODE_LOSS
     launch(
@@ -462,38 +435,28 @@ def launch_forward_kernel(
         out_ptr=out,
         stats_ptr=stats,
         part_ptr=part,
-        act_ptr=head_in,
-        in_w_ptr=in_w,
-        in_b_ptr=params.in_bias,
-        in_g_ptr=params.in_gain,
-        hid_w_ptr=hidden_w,
-        hid_b_ptr=params.hidden_bias,
-        hid_g_ptr=params.hidden_gain,
-        out_w_ptr=out_w,
-        out_b_ptr=params.out_bias,
+        act_ptr=acts,
+        **parameter_pointers(read),
         N=n,
-        H=hidden,
         V=vocab,
         n_hidden=n_hidden,
-        n_grouped=n_hidden // residual_every * residual_every,
         eps=eps,
-        act_stride=n * hidden,
-        head_in_offset=head_in_offset,
+        layer_stride=n * hidden,
         v_per_range=v_per_range,
+        H=hidden,
         BITS=bits,
-        BLOCK_BITS=t.block_bits,
-        BLOCK_H=t.block_h,
+        RESIDUAL_EVERY=residual_every,
         BLOCK_M=t.block_m,
+        BLOCK_H=t.block_h,
+        BLOCK_BITS=t.block_bits,
         BLOCK_V=t.block_v,
         BLOCK_K=t.block_k_head,
-        RESIDUAL_EVERY=residual_every,
-        UNROLL_GROUPS=unroll_groups,
         MODE=mode,
         FUSED_TRUNK=t.fused,
         STORE_ACTS=save and t.fused,
         RANGE_PARTIALS=range_partials,
-        PRECISION=config.precision_code,
-        FAST_SIGMOID=config.fast_sigmoid,
+        UNROLL_GROUPS=unroll_groups,
+        **numerics(config),
         num_warps=t.num_warps,
         **compile_options(t.max_registers, t.num_stages),
     )

@@ -128,10 +128,11 @@ forward_op = _operator("aunn_fast::forward")(_forward_impl)
 backward_op = _operator("aunn_fast::backward")(_backward_impl)
 _FORWARD_ARGUMENTS = tuple(inspect.signature(_forward_impl).parameters)
 _HYPERPARAMETERS = ("residual_every", "eps", "precision", "mode", "save", "options")
+_SAVED = ("idx", "targets", "stats", "acts", "zs", *AUNNParams._fields)  # what the backward reads, by name
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    args = dict(zip(_FORWARD_ARGUMENTS, inputs))
+    args = dict(zip(_FORWARD_ARGUMENTS, inputs))  # autograd passes the operator's inputs in signature order
     ctx.hparams = {name: args[name] for name in _HYPERPARAMETERS}
     out, stats, acts, zs = output
     ctx.mark_non_differentiable(stats, acts, zs)
@@ -139,32 +140,28 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
     if ctx.hparams["mode"] == MODE_ARGMAX:
         ctx.mark_non_differentiable(out)
-    ctx.save_for_backward(args["idx"], args["targets"], stats, acts, zs, *(args[name] for name in AUNNParams._fields))
+    saved = {**args, "stats": stats, "acts": acts, "zs": zs}
+    ctx.save_for_backward(*(saved[name] for name in _SAVED))
 
 
 def _autograd_backward(ctx, grad_out, grad_stats, grad_acts, grad_zs):
-    idx, targets, stats, acts, zs, *saved = ctx.saved_tensors
-    params = AUNNParams(*saved)
+    saved = dict(zip(_SAVED, ctx.saved_tensors))
     hp = ctx.hparams
     if hp["mode"] == MODE_ARGMAX:
         raise RuntimeError("argmax predictions have no gradient")
     if not hp["save"]:
         raise RuntimeError("aunn_fast::forward ran with save=False: no activations were kept for backward")
     grads = backward_op(
-        idx,
-        targets,
-        grad_out.contiguous(),
-        stats,
-        acts,
-        zs,
-        *params,
+        grad=grad_out.contiguous(),
+        **saved,
         residual_every=hp["residual_every"],
         eps=hp["eps"],
         precision=hp["precision"],
         mode=hp["mode"],
         options=hp["options"],
     )
-    param_grads = mlp_backward.parameter_gradients(grads, *params.out_weight.shape)
+    vocab, hidden = saved["out_weight"].shape
+    param_grads = mlp_backward.parameter_gradients(grads, vocab=vocab, hidden=hidden)
     gradients = {"idx": None, "targets": None, **param_grads._asdict()}
     return tuple(gradients.get(name) for name in _FORWARD_ARGUMENTS)  # None for the non-tensor arguments
 
@@ -193,11 +190,10 @@ def run_forward(
     save = mode != MODE_ARGMAX and torch.is_grad_enabled() and any(p.requires_grad for p in params)
     if targets is None:
         targets = idx.new_empty(0)
-    params = [p.contiguous() for p in params]
     out, _, _, _ = torch.ops.aunn_fast.forward(
-        idx,
-        targets,
-        *params,
+        idx=idx,
+        targets=targets,
+        **{name: getattr(params, name).contiguous() for name in AUNNParams._fields},
         residual_every=cfg.residual_every,
         eps=cfg.norm_eps,
         precision=precision,

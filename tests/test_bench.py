@@ -79,7 +79,8 @@ def test_script_writes_results_markdown_and_plots(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable,
-            "bench/run.py",
+            "-m",
+            "aunn_fast.bench.run",
             "--device",
             "cpu",
             "--quick",
