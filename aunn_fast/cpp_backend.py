@@ -14,7 +14,8 @@ parameters P of :class:`AUNNParams`, then ``residual_every``, ``eps``, ``bf16``)
                    weight_decay, max_norm, ...)  -> mean loss; grads: the (clipped) gradients the update used
     cpp_has_bf16()                               -> whether this build runs bf16
 
-This module registers their fake implementations and autograd formulas, and offers the backend's
+This module registers their fake implementations and autograd formulas (:mod:`aunn_fast.fused_ops`, shared
+with the other fused backend), and offers the backend's
 ``logits`` / ``loss`` / ``predict``, :class:`OneCallStep` (a conditioning step in one C++ call) and
 :class:`FusedAdamWStep` (the trainer's clipped AdamW step in one C++ call).
 """
@@ -27,7 +28,7 @@ import torch
 import torch.optim.optimizer as torch_optimizer
 from torch import Tensor
 
-from . import cpp_build
+from . import cpp_build, fused_ops
 from .config import AUNNConfig
 from .params import AUNNParams
 
@@ -69,59 +70,8 @@ def check_settings() -> None:
 # ----------------------------------------------------------------------------- fake tensors and autograd
 
 
-def _fake_logits(idx, *params_and_settings):
-    out_weight = params_and_settings[6]
-    return idx.new_empty((idx.shape[0], out_weight.shape[0]), dtype=torch.float32)
-
-
-def _fake_argmax(idx, *params_and_settings):
-    return idx.new_empty((idx.shape[0],))
-
-
-def _fake_loss(idx, targets, *rest):
-    params, with_grads = rest[:8], rest[-1]
-    grads = [torch.empty_like(p) for p in params] if with_grads else []
-    return idx.new_empty((idx.shape[0],), dtype=torch.float32), grads
-
-
-def _fake_loss_backward(grad, unit_grads, idx, targets, *rest):
-    return [torch.empty_like(p) for p in rest[:8]]
-
-
-def _fake_logits_backward(grad, idx, *rest):
-    return [torch.empty_like(p) for p in rest[:8]]
-
-
 def _fake_train_step(idx, targets, params, grads, exp_avg, exp_avg_sq, *settings):
     return idx.new_empty((), dtype=torch.float32)
-
-
-def _logits_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:9])
-    ctx.settings = inputs[9:]
-
-
-def _logits_backward(ctx, grad):
-    idx, *params = ctx.saved_tensors
-    grads = torch.ops.aunn_fast.cpp_logits_backward(grad, idx, *params, *ctx.settings)
-    return (None, *grads, None, None, None)
-
-
-def _loss_setup(ctx, inputs, output) -> None:
-    rows, unit_grads = output
-    ctx.mark_non_differentiable(*unit_grads)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*inputs[:10], *unit_grads)
-    ctx.settings = inputs[10:13]
-
-
-def _loss_backward(ctx, grad_rows, grad_unit_grads):
-    idx, targets, *rest = ctx.saved_tensors
-    params, unit_grads = rest[:8], rest[8:]
-    if grad_rows is None:
-        return (None,) * 14
-    grads = torch.ops.aunn_fast.cpp_loss_backward(grad_rows, unit_grads, idx, targets, *params, *ctx.settings)
-    return (None, None, *grads, None, None, None, None)
 
 
 def _register_python_parts() -> None:
@@ -131,15 +81,8 @@ def _register_python_parts() -> None:
     with _register_lock:
         if "done" in _registered:
             return
-        lib = torch.library
-        lib.register_fake("aunn_fast::cpp_logits", _fake_logits)
-        lib.register_fake("aunn_fast::cpp_argmax", _fake_argmax)
-        lib.register_fake("aunn_fast::cpp_loss", _fake_loss)
-        lib.register_fake("aunn_fast::cpp_loss_backward", _fake_loss_backward)
-        lib.register_fake("aunn_fast::cpp_logits_backward", _fake_logits_backward)
-        lib.register_fake("aunn_fast::cpp_train_step", _fake_train_step)
-        lib.register_autograd("aunn_fast::cpp_logits", _logits_backward, setup_context=_logits_setup)
-        lib.register_autograd("aunn_fast::cpp_loss", _loss_backward, setup_context=_loss_setup)
+        fused_ops.register("cpp", settings=3)  # residual_every, eps, bf16
+        torch.library.register_fake("aunn_fast::cpp_train_step", _fake_train_step)
         _registered["bf16"] = bool(torch.ops.aunn_fast.cpp_has_bf16())
         _registered["done"] = True
 

@@ -13,7 +13,8 @@ the GPU, the eight float32 parameters P of :class:`AUNNParams`, then ``residual_
     cuda_loss_backward(grad [N], unit_grads, idx, targets, *P)  -> the 8 gradients
     cuda_logits_backward(grad [N, V], idx, *P)    -> the 8 gradients
 
-This module registers their fake implementations and autograd formulas, and offers the backend's ``logits`` /
+This module registers their fake implementations and autograd formulas (:mod:`aunn_fast.fused_ops`, shared
+with the other fused backend), and offers the backend's ``logits`` /
 ``loss`` / ``predict``.
 """
 
@@ -24,7 +25,7 @@ import threading
 import torch
 from torch import Tensor
 
-from . import cpp_build
+from . import cpp_build, fused_ops
 from .config import AUNNConfig
 from .params import AUNNParams
 
@@ -53,61 +54,6 @@ def check_settings() -> None:
     cpp_build.check_setting()
 
 
-# ----------------------------------------------------------------------------- fake tensors and autograd
-
-
-def _fake_logits(
-    idx, in_weight, in_bias, in_gain, hidden_weight, hidden_bias, hidden_gain, out_weight, out_bias, residual_every, eps
-):
-    return idx.new_empty((idx.shape[0], out_weight.shape[0]), dtype=torch.float32)
-
-
-def _fake_argmax(idx, *params_and_settings):
-    return idx.new_empty((idx.shape[0],))
-
-
-def _fake_loss(idx, targets, *rest):
-    params, with_grads = rest[:8], rest[-1]
-    grads = [torch.empty_like(p) for p in params] if with_grads else []
-    return idx.new_empty((idx.shape[0],), dtype=torch.float32), grads
-
-
-def _fake_loss_backward(grad, unit_grads, idx, targets, *rest):
-    return [torch.empty_like(p) for p in rest[:8]]
-
-
-def _fake_logits_backward(grad, idx, *rest):
-    return [torch.empty_like(p) for p in rest[:8]]
-
-
-def _logits_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:9])
-    ctx.settings = inputs[9:]
-
-
-def _logits_backward(ctx, grad):
-    idx, *params = ctx.saved_tensors
-    grads = torch.ops.aunn_fast.cuda_logits_backward(grad, idx, *params, *ctx.settings)
-    return (None, *grads, None, None)
-
-
-def _loss_setup(ctx, inputs, output) -> None:
-    rows, unit_grads = output
-    ctx.mark_non_differentiable(*unit_grads)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*inputs[:10], *unit_grads)
-    ctx.settings = inputs[10:12]
-
-
-def _loss_backward(ctx, grad_rows, grad_unit_grads):
-    idx, targets, *rest = ctx.saved_tensors
-    params, unit_grads = rest[:8], rest[8:]
-    if grad_rows is None:
-        return (None,) * 13
-    grads = torch.ops.aunn_fast.cuda_loss_backward(grad_rows, unit_grads, idx, targets, *params, *ctx.settings)
-    return (None, None, *grads, None, None, None)
-
-
 def _register_python_parts() -> None:
     """Fake implementations and autograd formulas, once, after the extension defined the operators."""
     if "done" in _registered:
@@ -115,14 +61,7 @@ def _register_python_parts() -> None:
     with _register_lock:
         if "done" in _registered:
             return
-        lib = torch.library
-        lib.register_fake("aunn_fast::cuda_logits", _fake_logits)
-        lib.register_fake("aunn_fast::cuda_argmax", _fake_argmax)
-        lib.register_fake("aunn_fast::cuda_loss", _fake_loss)
-        lib.register_fake("aunn_fast::cuda_loss_backward", _fake_loss_backward)
-        lib.register_fake("aunn_fast::cuda_logits_backward", _fake_logits_backward)
-        lib.register_autograd("aunn_fast::cuda_logits", _logits_backward, setup_context=_logits_setup)
-        lib.register_autograd("aunn_fast::cuda_loss", _loss_backward, setup_context=_loss_setup)
+        fused_ops.register("cuda", settings=2)  # residual_every, eps
         _registered["done"] = True
 
 
