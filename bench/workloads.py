@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from aunn_fast import AUNN, AUNNConfig
+from aunn_fast.cpp_backend import fused_adamw_step
 from aunn_fast.cuda_graph import GraphedTrainStep
 from aunn_fast.inference import optimizer_step
 from aunn_fast.train import TrainConfig, training_optimizer
@@ -110,6 +111,12 @@ def benchmark_optimizer(model: AUNN, kind: str) -> torch.optim.Optimizer:
 
 
 def _training_call(model: AUNN, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One training step as `aunn train` takes it: on the cpp backend one C++ call (forward, loss, backward and
+    the AdamW update: `fused_adamw_step`), elsewhere eager autograd and the optimizer's own step."""
+    fused = fused_adamw_step(model, optimizer, max_norm=None)
+    if fused is not None:
+        return lambda idx, targets: fused(idx, targets)
+
     def call(idx: torch.Tensor, targets: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         model.loss(idx, targets).backward()

@@ -717,3 +717,20 @@ def test_compile_check_knows_the_tile_fields() -> None:
 
     every = [f.name for f in dataclasses.fields(Tiles) if f.name != "fused"]
     assert compile_check._tile_overrides(",".join(f"{name}=1" for name in every)) == dict.fromkeys(every, 1)
+
+
+@pytest.mark.skipif(BACKENDS["cpp"].unavailable_reason("cpu") is not None, reason="the cpp extension is not built here")
+def test_cpp_train_workload_takes_the_trainers_one_call_step(monkeypatch):
+    """On the cpp backend the train workload times what `aunn train` runs, one C++ call per step
+    (FusedAdamWStep, tested against torch's AdamW in test_cpp.py), not the eager loss, backward and step."""
+    from aunn_fast.bench import workloads
+
+    model = harness.nontrivial_model(TINY, seed=3)
+    model.backend = "cpp"
+    before = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setattr(model, "loss", lambda *args: pytest.fail("the eager loss ran"))
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda *args: pytest.fail("the eager optimizer step ran"))
+    step = workloads.WORKLOADS["train"].prepare(model, 64, torch.Generator().manual_seed(7)).step
+    for _ in range(3):
+        step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
