@@ -75,8 +75,8 @@ struct Job {
 };
 
 // Runs the job over blocks of rows on torch's intra-op threads; returns the gradients summed over threads
-// (GradLayout), or an empty vector without a backward.
-std::vector<float> run(const Packed& packed, const Job& job);
+// (GradLayout), or an empty vector without a backward: a buffer of the calling thread, valid until its next run.
+const std::vector<float>& run(const Packed& packed, const Job& job);
 
 // Writes the packed gradients into the eight unpadded parameter-shaped buffers (order of Params).
 void unpack_gradients(const Packed& packed, const std::vector<float>& grads, float* const out[8]);

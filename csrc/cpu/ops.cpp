@@ -124,7 +124,7 @@ std::tuple<Tensor, std::vector<Tensor>> cpp_loss(const Tensor& idx, const Tensor
   job.backward = with_grads;
   job.grad = &one;
   job.grad_stride = 0;
-  std::vector<float> grads = run(packed, job);
+  const std::vector<float>& grads = run(packed, job);
   if (!with_grads) return {rows, {}};
   return {rows, gradients_as_tensors(packed, grads, AUNN_PARAM_LIST)};
 }
@@ -211,7 +211,7 @@ Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList p
   job.backward = true;
   job.grad = &weight;
   job.grad_stride = 0;
-  const std::vector<float> packed_grads = run(packed, job);
+  const std::vector<float>& packed_grads = run(packed, job);
   float* grad_ptrs[8];
   for (int i = 0; i < 8; ++i) {
     check_param(grads_out[i], "grads");
