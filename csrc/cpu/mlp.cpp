@@ -273,12 +273,27 @@ void write_outputs(const Packed& p, const Job& job, int64_t r0, int64_t nb, cons
   }
 }
 
-// One row's part of RMSNorm's backward: inv_rms^3 * sum(dy * gain * SiLU(z)) / H.
-float norm_coefficient(const float* gain, const float* z, const float* sig, const float* dy, int64_t hp,
-                       float inv_rms, float inv_h) {
-  VecF dot = splat(0.0f);
-  for (int64_t c = 0; c < hp; c += kVectorFloats) dot += load(dy + c) * load(z + c) * load(sig + c) * load(gain + c);
-  return inv_rms * inv_rms * inv_rms * sum_lanes(dot) * inv_h;
+// Each row's part of RMSNorm's backward, inv_rms^3 * sum(dy * gain * SiLU(z)) / H, for ROWS rows from r at once
+// (independent sums: one row's is a chain of dependent adds and a reduction).
+template <int ROWS>
+void norm_coefficients(const float* gain, const float* z, const float* sig, const float* dy, const float* rstd,
+                       int64_t r, int64_t hp, float inv_h, float* coef) {
+  VecF dot[ROWS];
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i) dot[i] = splat(0.0f);
+  for (int64_t c = 0; c < hp; c += kVectorFloats) {
+    const VecF g = load(gain + c);
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i) {
+      const int64_t at = (r + i) * hp + c;
+      dot[i] += load(dy + at) * load(z + at) * load(sig + at) * g;
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i) {
+    const float inv_rms = rstd[r + i];
+    coef[r + i] = inv_rms * inv_rms * inv_rms * sum_lanes(dot[i]) * inv_h;
+  }
 }
 
 // norm_backward over NV vectors of columns from c: dz, and the gain's and the bias's gradients of those columns
@@ -322,8 +337,9 @@ void norm_backward(const Packed& p, const float* gain, const float* z, const flo
   const int64_t hp = p.hp;
   const float inv_h = 1.0f / static_cast<float>(p.shape.hidden);
   float* coef = w.coef.data();
-  for (int64_t r = 0; r < nb; ++r)
-    coef[r] = norm_coefficient(gain, z + r * hp, sig + r * hp, dy + r * hp, hp, rstd[r], inv_h);
+  int64_t r = 0;
+  for (; r + 4 <= nb; r += 4) norm_coefficients<4>(gain, z, sig, dy, rstd, r, hp, inv_h, coef);
+  for (; r < nb; ++r) norm_coefficients<1>(gain, z, sig, dy, rstd, r, hp, inv_h, coef);
   constexpr int64_t chunk = 4 * kVectorFloats;
   int64_t c = 0;
   for (; c + chunk <= hp; c += chunk)
@@ -434,11 +450,36 @@ void backward_block(const Packed& p, const Job& job, int64_t r0, int64_t nb, Wor
 
 }  // namespace
 
-Packed::Packed(const Params& p, const Shape& s, bool for_backward)
-    : shape(s), hp(round_up(s.hidden, kVectorFloats)), vp(round_up(s.vocab, kVectorFloats)),
-      in_wt(s.bits * hp), in_b(hp), in_g(hp), hb(s.hidden_layers * hp), hg(s.hidden_layers * hp), ob(vp),
-      w(nullptr), out_w(nullptr) {
+namespace {
+
+// v holding n elements for a fresh pack: zeroed where the pack has padding (which it never writes), else only
+// resized (a pack reused at the same shape then neither allocates nor clears).
+template <class T>
+void fit(std::vector<T>& v, int64_t n, bool padded) {
+  if (padded) {
+    v.assign(n, T{});
+  } else {
+    v.resize(n);
+  }
+}
+
+}  // namespace
+
+Packed::Packed(const Params& p, const Shape& s, bool for_backward) { pack(p, s, for_backward); }
+
+void Packed::pack(const Params& p, const Shape& s, bool for_backward) {
+  shape = s;
+  hp = round_up(s.hidden, kVectorFloats);
+  vp = round_up(s.vocab, kVectorFloats);
+  w = out_w = nullptr;
   const int64_t h = s.hidden, n = s.hidden_layers;
+  const bool padded = h != hp;  // vp > vocab (nearly always): the vocab-sized buffers are always cleared
+  fit(in_wt, s.bits * hp, padded);
+  fit(in_b, hp, padded);
+  fit(in_g, hp, padded);
+  fit(hb, n * hp, padded);
+  fit(hg, n * hp, padded);
+  fit(ob, vp, true);
   transpose_into(p.in_weight, h, s.bits, s.bits, in_wt.data(), hp);
   std::memcpy(in_b.data(), p.in_bias, h * sizeof(float));
   std::memcpy(in_g.data(), p.in_gain, h * sizeof(float));
@@ -449,32 +490,32 @@ Packed::Packed(const Params& p, const Shape& s, bool for_backward)
   std::memcpy(ob.data(), p.out_bias, s.vocab * sizeof(float));
   if (s.bf16) {
     for (float& x : in_wt) x = bf16_round(x);
-    wt16.resize(n * hp / 2 * hp);
+    fit(wt16, n * hp / 2 * hp, padded);
     for (int64_t l = 0; l < n; ++l)
       pack_pairs(p.hidden_weight + l * h * h, 1, h, h, h, wt16.data() + l * hp / 2 * hp, hp);  // (W^T) pairs
-    out_wt16.resize(hp / 2 * vp);
+    fit(out_wt16, hp / 2 * vp, true);
     pack_pairs(p.out_weight, 1, h, h, s.vocab, out_wt16.data(), vp);
     if (!for_backward) return;
-    w16.resize(n * hp / 2 * hp);
+    fit(w16, n * hp / 2 * hp, padded);
     for (int64_t l = 0; l < n; ++l)
       pack_pairs(p.hidden_weight + l * h * h, h, 1, h, h, w16.data() + l * hp / 2 * hp, hp);  // W pairs
-    out_w16.resize(vp / 2 * hp);
+    fit(out_w16, vp / 2 * hp, true);
     pack_pairs(p.out_weight, h, 1, s.vocab, h, out_w16.data(), hp);
     return;
   }
-  wt.resize(n * hp * hp);
+  fit(wt, n * hp * hp, padded);
   for (int64_t l = 0; l < n; ++l) transpose_into(p.hidden_weight + l * h * h, h, h, h, wt.data() + l * hp * hp, hp);
-  out_wt.resize(hp * vp);
+  fit(out_wt, hp * vp, true);
   transpose_into(p.out_weight, s.vocab, h, h, out_wt.data(), vp);
   if (!for_backward) return;
-  if (h == hp) {
+  if (!padded) {
     w = p.hidden_weight;
     out_w = p.out_weight;
     return;
   }
-  w_copy.resize(n * hp * hp);
+  fit(w_copy, n * hp * hp, true);
   for (int64_t l = 0; l < n; ++l) pad_rows(p.hidden_weight + l * h * h, h, h, w_copy.data() + l * hp * hp, hp);
-  out_w_copy.resize(s.vocab * hp);
+  fit(out_w_copy, s.vocab * hp, true);
   pad_rows(p.out_weight, s.vocab, h, out_w_copy.data(), hp);
   w = w_copy.data();
   out_w = out_w_copy.data();

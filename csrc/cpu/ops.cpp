@@ -316,7 +316,8 @@ Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList p
     m1 = buffers_like(exp_avg, params, "exp_avg");
     m2 = buffers_like(exp_avg_sq, params, "exp_avg_sq");
   }
-  const Packed packed(m.params, m.shape, true);
+  thread_local Packed packed;  // its buffers kept across steps; the weights packed anew (they change every step)
+  packed.pack(m.params, m.shape, true);
   Job job = make_job(idx, Mode::kLoss);
   check_rows(targets, "targets", job.n);
   check_targets(targets, m.shape.vocab);
