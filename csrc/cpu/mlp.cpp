@@ -37,9 +37,40 @@ void pad_rows(const float* src, int64_t rows, int64_t cols, float* dst, int64_t 
   for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ld, src + r * cols, cols * sizeof(float));
 }
 
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+constexpr int64_t kTransposeBlock = 16;
+// The 16 x 16 floats at s (rows s_ld apart) transposed into d (rows d_ld apart), in registers: 4 x 4 blocks within
+// each 128-bit lane, then the lanes.
+inline void transpose_block(const float* s, int64_t s_ld, float* d, int64_t d_ld) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(s + i * s_ld);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + m], lane j: column 4j + m of rows i .. i + 3
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int m = 0; m < 4; ++m) {
+    t[m] = _mm512_shuffle_f32x4(r[m], r[m + 4], 0x88);  // lanes 0, 2 of each
+    t[m + 4] = _mm512_shuffle_f32x4(r[m], r[m + 4], 0xdd);  // lanes 1, 3
+    t[m + 8] = _mm512_shuffle_f32x4(r[m + 8], r[m + 12], 0x88);
+    t[m + 12] = _mm512_shuffle_f32x4(r[m + 8], r[m + 12], 0xdd);
+  }
+  for (int m = 0; m < 4; ++m) {
+    _mm512_storeu_ps(d + m * d_ld, _mm512_shuffle_f32x4(t[m], t[m + 8], 0x88));
+    _mm512_storeu_ps(d + (m + 8) * d_ld, _mm512_shuffle_f32x4(t[m], t[m + 8], 0xdd));
+    _mm512_storeu_ps(d + (m + 4) * d_ld, _mm512_shuffle_f32x4(t[m + 4], t[m + 12], 0x88));
+    _mm512_storeu_ps(d + (m + 12) * d_ld, _mm512_shuffle_f32x4(t[m + 4], t[m + 12], 0xdd));
+  }
+}
+#elif defined(__AVX__)
+constexpr int64_t kTransposeBlock = 8;
 // The 8 x 8 floats at s (rows s_ld apart) transposed into d (rows d_ld apart), in registers.
-void transpose_8x8(const float* s, int64_t s_ld, float* d, int64_t d_ld) {
+inline void transpose_block(const float* s, int64_t s_ld, float* d, int64_t d_ld) {
   __m256 row[8], pair[8], quad[8];
   for (int i = 0; i < 8; ++i) row[i] = _mm256_loadu_ps(s + i * s_ld);
   for (int i = 0; i < 8; i += 2) {
@@ -59,14 +90,15 @@ void transpose_8x8(const float* s, int64_t s_ld, float* d, int64_t d_ld) {
 }
 #endif
 
-// dst[c * ld + r] = src[r * src_ld + c] for the rows x cols top-left of src (8 x 8 blocks in registers where the
-// build has AVX: packing runs once per call, a prompt's step is mostly packing).
+// dst[c * ld + r] = src[r * src_ld + c] for the rows x cols top-left of src (square blocks in registers where the
+// build has AVX: a prompt's step packs the weights every call).
 void transpose_into(const float* src, int64_t rows, int64_t cols, int64_t src_ld, float* dst, int64_t ld) {
   int64_t r0 = 0, c0 = 0;
 #if defined(__AVX__)
-  for (; r0 + 8 <= rows; r0 += 8)
-    for (int64_t c = 0; c + 8 <= cols; c += 8) transpose_8x8(src + r0 * src_ld + c, src_ld, dst + c * ld + r0, ld);
-  c0 = cols / 8 * 8;
+  constexpr int64_t kB = kTransposeBlock;
+  for (; r0 + kB <= rows; r0 += kB)
+    for (int64_t c = 0; c + kB <= cols; c += kB) transpose_block(src + r0 * src_ld + c, src_ld, dst + c * ld + r0, ld);
+  c0 = cols / kB * kB;
 #endif
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = r < r0 ? c0 : 0; c < cols; ++c) dst[c * ld + r] = src[r * src_ld + c];
