@@ -165,28 +165,17 @@ class OneCallStep:
         self.moments = ([flat[1]], [flat[2]]) if optimizer == "adam" else ([], [])
         sizes = [p.numel() for p in self.params]
         self.grads = [g.view_as(p) for g, p in zip(flat[0].split(sizes), self.params)]
-        self.lr = float(lr)
         self.steps = 0
-        self.settings = _settings(model.cfg, model.active_precision())
+        # the operator's overload itself (no overload resolution per call) and its arguments after `step`: no
+        # weight decay, no gradient clipping
+        self.op = torch.ops.aunn_fast.cpp_train_step.default
+        self.update = (float(lr), *ADAM_BETAS, ADAM_EPS, 0.0, 0.0, *_settings(model.cfg, model.active_precision()))
 
     @torch.no_grad()
     def __call__(self, idx: Tensor, targets: Tensor) -> Tensor:
         """The mean loss before the step, float32 scalar."""
         self.steps += 1
-        loss = torch.ops.aunn_fast.cpp_train_step(
-            idx,
-            targets,
-            self.params,
-            self.flat_grads,
-            *self.moments,
-            self.steps,
-            self.lr,
-            *ADAM_BETAS,
-            ADAM_EPS,
-            0.0,  # weight decay
-            0.0,  # no gradient clipping
-            *self.settings,
-        )
+        loss = self.op(idx, targets, self.params, self.flat_grads, *self.moments, self.steps, *self.update)
         for p, g in zip(self.params, self.grads):
             if p.grad is not g:  # set once: later steps write into the same buffers
                 p.grad = g
