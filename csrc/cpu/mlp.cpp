@@ -2,7 +2,7 @@
 // cache: the input layer as the sum of the weight rows of the index's set bits, the hidden products and the
 // head through tile.h's register-blocked product, the loss without writing logits out, and, for a backward,
 // every layer's gradients from the block's stored activations. Weight gradients are summed per thread and
-// reduced once at the end.
+// reduced once at the end; each thread keeps its block buffers and gradient sums across calls.
 #include "mlp.h"
 
 #include <ATen/Parallel.h>
