@@ -11,7 +11,8 @@ parameters P of :class:`AUNNParams`, then ``residual_every``, ``eps``, ``bf16``)
     cpp_loss_backward(grad [N], unit_grads, idx, targets, *P)  -> the 8 gradients
     cpp_logits_backward(grad [N, V], idx, *P)    -> the 8 gradients
     cpp_train_step(idx, targets, params!, grads!, exp_avg!, exp_avg_sq!, step, lr, beta1, beta2, adam_eps,
-                   weight_decay, max_norm, ...)  -> mean loss; grads: the (clipped) gradients the update used
+                   weight_decay, max_norm, ...)  -> mean loss; grads: the (clipped) gradients the update used;
+                   grads and the moments each eight parameter-shaped tensors or one holding them back to back
     cpp_has_bf16()                               -> whether this build runs bf16
 
 This module registers their fake implementations and autograd formulas (:mod:`aunn_fast.fused_ops`, shared
@@ -146,7 +147,11 @@ class OneCallStep:
     """``step(idx, targets)``: one step of a fresh Adam (torch.optim.Adam's defaults) or SGD on the mean loss,
     forward, backward and update in one C++ call in the model's precision, the parameters updated in place and
     their ``.grad`` set to the step's gradients (as an eager step leaves them). No input checks (the caller
-    validates once)."""
+    validates once).
+
+    The gradients and Adam's moments each live in one flat buffer (``.grad`` holds views of it), so a call passes
+    the operator three buffers instead of 24 tensors: at a prompt's few indices, converting each argument is a
+    sizeable share of the step."""
 
     def __init__(self, model: torch.nn.Module, optimizer: str, lr: float) -> None:
         if optimizer not in ("adam", "sgd"):
@@ -154,33 +159,23 @@ class OneCallStep:
         self.params = [getattr(model, name) for name in AUNNParams._fields]
         if any(p.dtype != torch.float32 or not p.is_contiguous() for p in self.params):
             raise TypeError("the cpp backend's step takes contiguous float32 parameters")
-        adam = optimizer == "adam"
-        self.exp_avg = [torch.zeros_like(p) for p in self.params] if adam else []
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params] if adam else []
-        self.grads = [torch.zeros_like(p) for p in self.params]
-        self.lr = float(lr)
+        total = sum(p.numel() for p in self.params)
+        flat = torch.zeros(3 if optimizer == "adam" else 1, total)
+        self.flat_grads = [flat[0]]
+        self.moments = ([flat[1]], [flat[2]]) if optimizer == "adam" else ([], [])
+        sizes = [p.numel() for p in self.params]
+        self.grads = [g.view_as(p) for g, p in zip(flat[0].split(sizes), self.params)]
         self.steps = 0
-        self.settings = _settings(model.cfg, model.active_precision())
+        # the operator's overload itself (no overload resolution per call) and its arguments after `step`: no
+        # weight decay, no gradient clipping
+        self.op = torch.ops.aunn_fast.cpp_train_step.default
+        self.update = (float(lr), *ADAM_BETAS, ADAM_EPS, 0.0, 0.0, *_settings(model.cfg, model.active_precision()))
 
     @torch.no_grad()
     def __call__(self, idx: Tensor, targets: Tensor) -> Tensor:
         """The mean loss before the step, float32 scalar."""
         self.steps += 1
-        loss = torch.ops.aunn_fast.cpp_train_step(
-            idx,
-            targets,
-            self.params,
-            self.grads,
-            self.exp_avg,
-            self.exp_avg_sq,
-            self.steps,
-            self.lr,
-            *ADAM_BETAS,
-            ADAM_EPS,
-            0.0,  # weight decay
-            0.0,  # no gradient clipping
-            *self.settings,
-        )
+        loss = self.op(idx, targets, self.params, self.flat_grads, *self.moments, self.steps, *self.update)
         for p, g in zip(self.params, self.grads):
             if p.grad is not g:  # set once: later steps write into the same buffers
                 p.grad = g

@@ -391,6 +391,85 @@ def test_condition_uses_one_call_steps(generator, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@needs_extension
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_one_call_step_reads_parameters_changed_between_steps(optimizer, generator):
+    """The operator keeps its buffers (workspaces, the packed weights' storage) across steps: a step after the
+    parameters were changed outside it (in place, through .data, which no version counter sees, and by a
+    load_state_dict) computes with the new values, and so does a step of another model of another width (a
+    padded one after a wider unpadded one: its padding must be zeros again) in between."""
+    from aunn_fast import cpp_backend
+
+    cfg = AUNNConfig(vocab_size=5, hidden=32, layers=4, bits=64)
+    model = random_model(cfg, generator, backend="cpp")
+    step = cpp_backend.OneCallStep(model, optimizer, 1e-3)
+    narrow_cfg = AUNNConfig(vocab_size=3, hidden=20, layers=3, bits=64)  # H=20: padded at every vector width
+    narrow = random_model(narrow_cfg, generator, backend="cpp")
+    narrow_step = cpp_backend.OneCallStep(narrow, optimizer, 1e-3)
+    idx = make_indices(cfg, 6, generator)
+    targets = torch.randint(0, 3, (6,), generator=generator)
+
+    def expect_loss_at_current_values(run, m):
+        params = AUNNParams(*(p.detach().clone() for p in (getattr(m, name) for name in AUNNParams._fields)))
+        loss = run(idx, targets)
+        assert_2x_rule(
+            "loss",
+            loss,
+            reference.loss(idx, targets, params, m.cfg),
+            reference.loss(idx, targets, as_double(params), m.cfg),
+            atol=LOSS_ATOL,
+        )
+
+    expect_loss_at_current_values(step, model)
+    model.hidden_weight.data.mul_(-1.5)  # .data: no version bump
+    model.out_bias.data.add_(0.5)
+    expect_loss_at_current_values(step, model)
+    expect_loss_at_current_values(narrow_step, narrow)
+    model.load_state_dict(random_model(cfg, generator).state_dict())
+    expect_loss_at_current_values(step, model)
+    expect_loss_at_current_values(narrow_step, narrow)
+
+
+@needs_extension
+def test_train_step_takes_flat_or_per_parameter_buffers(generator):
+    """cpp_train_step's grads and moments as one buffer each (OneCallStep's) give exactly what eight
+    parameter-shaped tensors each give; a flat buffer of the wrong size is refused."""
+    cfg = AUNNConfig(vocab_size=4, hidden=16, layers=4, bits=64)
+    start = make_params(cfg, generator)
+    idx = make_indices(cfg, 10, generator)
+    targets = torch.randint(0, 4, (10,), generator=generator)
+    settings = (2, 1e-3, 0.9, 0.999, 1e-8, 0.01, 0.5, cfg.residual_every, cfg.norm_eps, False)  # step 2, clipping
+
+    def run(flat):
+        params = [p.clone() for p in start]
+        state = [torch.randn(3, p.numel(), generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+        buffers = [[s[k].abs().view_as(p).clone() for s, p in zip(state, params)] for k in range(3)]  # exp_avg_sq >= 0
+        if flat:
+            buffers = [[torch.cat([b.reshape(-1) for b in group])] for group in buffers]
+        loss = ops.cpp_train_step(idx, targets, params, *buffers, *settings)
+        return loss, params, [torch.cat([b.reshape(-1) for b in group]) for group in buffers]
+
+    (loss8, params8, buffers8), (loss1, params1, buffers1) = run(False), run(True)
+    assert torch.equal(loss8, loss1)
+    for a, b in zip(params8 + buffers8, params1 + buffers1):
+        assert torch.equal(a, b)
+    params = [p.clone() for p in start]
+    with pytest.raises(RuntimeError, match="must hold"):
+        ops.cpp_train_step(idx, targets, params, [torch.zeros(5)], [], [], *settings[:5], 0.0, *settings[6:])
+
+
+@needs_extension
+def test_train_step_leaves_subnormals_on(generator):
+    """The update flushes subnormals (DAZ/FTZ) only while it runs: float arithmetic after a step still produces
+    them."""
+    from aunn_fast import cpp_backend
+
+    model = random_model(AUNNConfig(vocab_size=4, hidden=16, layers=3), generator, backend="cpp")
+    cpp_backend.OneCallStep(model, "adam", 1e-3)(make_indices(model.cfg, 3, generator), torch.tensor([0, 1, 2]))
+    tiny = torch.tensor([1e-30], dtype=torch.float32) * torch.tensor([1e-10], dtype=torch.float32)
+    assert 0 < tiny.item() < 1.2e-38
+
+
 # ----------------------------------------------------------------------------- registration, compile, dispatch
 
 

@@ -2,7 +2,7 @@
 // cache: the input layer as the sum of the weight rows of the index's set bits, the hidden products and the
 // head through tile.h's register-blocked product, the loss without writing logits out, and, for a backward,
 // every layer's gradients from the block's stored activations. Weight gradients are summed per thread and
-// reduced once at the end.
+// reduced once at the end; each thread keeps its block buffers and gradient sums across calls.
 #include "mlp.h"
 
 #include <ATen/Parallel.h>
@@ -37,9 +37,40 @@ void pad_rows(const float* src, int64_t rows, int64_t cols, float* dst, int64_t 
   for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ld, src + r * cols, cols * sizeof(float));
 }
 
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+constexpr int64_t kTransposeBlock = 16;
+// The 16 x 16 floats at s (rows s_ld apart) transposed into d (rows d_ld apart), in registers: 4 x 4 blocks within
+// each 128-bit lane, then the lanes.
+inline void transpose_block(const float* s, int64_t s_ld, float* d, int64_t d_ld) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(s + i * s_ld);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + m], lane j: column 4j + m of rows i .. i + 3
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int m = 0; m < 4; ++m) {
+    t[m] = _mm512_shuffle_f32x4(r[m], r[m + 4], 0x88);  // lanes 0, 2 of each
+    t[m + 4] = _mm512_shuffle_f32x4(r[m], r[m + 4], 0xdd);  // lanes 1, 3
+    t[m + 8] = _mm512_shuffle_f32x4(r[m + 8], r[m + 12], 0x88);
+    t[m + 12] = _mm512_shuffle_f32x4(r[m + 8], r[m + 12], 0xdd);
+  }
+  for (int m = 0; m < 4; ++m) {
+    _mm512_storeu_ps(d + m * d_ld, _mm512_shuffle_f32x4(t[m], t[m + 8], 0x88));
+    _mm512_storeu_ps(d + (m + 8) * d_ld, _mm512_shuffle_f32x4(t[m], t[m + 8], 0xdd));
+    _mm512_storeu_ps(d + (m + 4) * d_ld, _mm512_shuffle_f32x4(t[m + 4], t[m + 12], 0x88));
+    _mm512_storeu_ps(d + (m + 12) * d_ld, _mm512_shuffle_f32x4(t[m + 4], t[m + 12], 0xdd));
+  }
+}
+#elif defined(__AVX__)
+constexpr int64_t kTransposeBlock = 8;
 // The 8 x 8 floats at s (rows s_ld apart) transposed into d (rows d_ld apart), in registers.
-void transpose_8x8(const float* s, int64_t s_ld, float* d, int64_t d_ld) {
+inline void transpose_block(const float* s, int64_t s_ld, float* d, int64_t d_ld) {
   __m256 row[8], pair[8], quad[8];
   for (int i = 0; i < 8; ++i) row[i] = _mm256_loadu_ps(s + i * s_ld);
   for (int i = 0; i < 8; i += 2) {
@@ -59,39 +90,47 @@ void transpose_8x8(const float* s, int64_t s_ld, float* d, int64_t d_ld) {
 }
 #endif
 
-// dst[c * ld + r] = src[r * src_ld + c] for the rows x cols top-left of src (8 x 8 blocks in registers where the
-// build has AVX: packing runs once per call, a prompt's step is mostly packing).
+// dst[c * ld + r] = src[r * src_ld + c] for the rows x cols top-left of src (square blocks in registers where the
+// build has AVX: a prompt's step packs the weights every call).
 void transpose_into(const float* src, int64_t rows, int64_t cols, int64_t src_ld, float* dst, int64_t ld) {
   int64_t r0 = 0, c0 = 0;
 #if defined(__AVX__)
-  for (; r0 + 8 <= rows; r0 += 8)
-    for (int64_t c = 0; c + 8 <= cols; c += 8) transpose_8x8(src + r0 * src_ld + c, src_ld, dst + c * ld + r0, ld);
-  c0 = cols / 8 * 8;
+  constexpr int64_t kB = kTransposeBlock;
+  for (; r0 + kB <= rows; r0 += kB)
+    for (int64_t c = 0; c + kB <= cols; c += kB) transpose_block(src + r0 * src_ld + c, src_ld, dst + c * ld + r0, ld);
+  c0 = cols / kB * kB;
 #endif
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = r < r0 ? c0 : 0; c < cols; ++c) dst[c * ld + r] = src[r * src_ld + c];
 }
 
-// Per-block buffers of one thread.
+// Per-block buffers of one thread, kept across calls (thread_workspace): a call only grows them, so a prompt's
+// step allocates and zeroes nothing. Every buffer is written before it is read.
 struct Workspace {
-  int64_t rows, hp, vp, layers;  // layers: the input layer and the hidden ones
+  int64_t rows = 0, hp = 0, vp = 0, layers = 0;  // layers: the input layer and the hidden ones
   std::vector<float> z, sig, h, rstd, logits, dh, dz, pending;
+  std::vector<float> coef;        // backward: each row's norm term (norm_backward)
+  std::vector<float> index_bits;  // backward: the block's index bits as 0/1 floats, [rows][64]
   std::vector<Bf16Pair> rows16, pairs_a, pairs_b;  // bf16: one product's operands (bf16.h's layouts)
-  Workspace(const Packed& p, int64_t rows_, bool backward)
-      : rows(rows_), hp(p.hp), vp(p.vp), layers(p.shape.hidden_layers + 1),
-        z(layers * rows * hp), sig(layers * rows * hp), h(layers * rows * hp), rstd(layers * rows),
-        logits(rows * vp) {
+  void prepare(const Packed& p, int64_t rows_, bool backward) {
+    rows = rows_;
+    hp = p.hp;
+    vp = p.vp;
+    layers = p.shape.hidden_layers + 1;
+    for (auto* v : {&z, &sig, &h}) grow(*v, layers * rows * hp);
+    grow(rstd, layers * rows);
+    grow(logits, rows * vp);
     if (backward) {
-      dh.resize(rows * hp);
-      dz.resize(rows * hp);
-      pending.resize(rows * hp);
+      for (auto* v : {&dh, &dz, &pending}) grow(*v, rows * hp);
+      grow(coef, rows);
+      grow(index_bits, rows * 64);
     }
     if (p.shape.bf16) {
       const int64_t width = std::max(hp, vp);
-      rows16.resize(rows * width / 2);
+      grow(rows16, rows * width / 2);
       if (backward) {
-        pairs_a.resize((rows + 1) / 2 * width);
-        pairs_b.resize((rows + 1) / 2 * width);
+        grow(pairs_a, (rows + 1) / 2 * width);
+        grow(pairs_b, (rows + 1) / 2 * width);
       }
     }
   }
@@ -99,7 +138,19 @@ struct Workspace {
   float* sig_of(int64_t layer) { return sig.data() + layer * rows * hp; }
   float* h_of(int64_t layer) { return h.data() + layer * rows * hp; }
   float* rstd_of(int64_t layer) { return rstd.data() + layer * rows; }
+
+ private:
+  template <class T>
+  static void grow(std::vector<T>& v, int64_t size) {
+    if (static_cast<int64_t>(v.size()) < size) v.resize(size);
+  }
 };
+
+// This thread's workspace (torch's intra-op threads live as long as the process).
+Workspace& thread_workspace() {
+  thread_local Workspace w;
+  return w;
+}
 
 // base + i, or null where the precision has no such operand (base null).
 template <class T>
@@ -254,36 +305,78 @@ void write_outputs(const Packed& p, const Job& job, int64_t r0, int64_t nb, cons
   }
 }
 
-// dL/dz of one layer from dL/dh (dy, the gradient of RMSNorm(SiLU(z)) * gain); adds the gain's gradient.
-void norm_backward(const Packed& p, const float* gain, const float* z, const float* sig, const float* rstd,
-                   const float* dy, int64_t nb, float* dz, float* dgain) {
-  const int64_t hp = p.hp;
-  const float inv_h = 1.0f / static_cast<float>(p.shape.hidden);
-  for (int64_t r = 0; r < nb; ++r) {
-    const float* zr = z + r * hp;
-    const float* sr = sig + r * hp;
-    const float* dyr = dy + r * hp;
-    float* dzr = dz + r * hp;
-    const float inv_rms = rstd[r];
-    VecF dot = splat(0.0f);
-    for (int64_t c = 0; c < hp; c += kVectorFloats) {
-      const VecF a = load(zr + c) * load(sr + c);
-      const VecF dy_a = load(dyr + c) * a;
-      dot += dy_a * load(gain + c);
-      store(dgain + c, load(dgain + c) + dy_a * inv_rms);
+// Each row's part of RMSNorm's backward, inv_rms^3 * sum(dy * gain * SiLU(z)) / H, for ROWS rows from r at once
+// (independent sums: one row's is a chain of dependent adds and a reduction).
+template <int ROWS>
+void norm_coefficients(const float* gain, const float* z, const float* sig, const float* dy, const float* rstd,
+                       int64_t r, int64_t hp, float inv_h, float* coef) {
+  VecF dot[ROWS];
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i) dot[i] = splat(0.0f);
+  for (int64_t c = 0; c < hp; c += kVectorFloats) {
+    const VecF g = load(gain + c);
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i) {
+      const int64_t at = (r + i) * hp + c;
+      dot[i] += load(dy + at) * load(z + at) * load(sig + at) * g;
     }
-    const float coef = inv_rms * inv_rms * inv_rms * sum_lanes(dot) * inv_h;
-    for (int64_t c = 0; c < hp; c += kVectorFloats) {
-      const VecF zv = load(zr + c), s = load(sr + c);
-      const VecF da = inv_rms * load(dyr + c) * load(gain + c) - coef * (zv * s);
-      store(dzr + c, da * s * (splat(1.0f) + zv * (splat(1.0f) - s)));
-    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i) {
+    const float inv_rms = rstd[r + i];
+    coef[r + i] = inv_rms * inv_rms * inv_rms * sum_lanes(dot[i]) * inv_h;
   }
 }
 
-// dst[0:width] += src[0:width]; width a multiple of the vector width.
-void add_into(const float* src, int64_t width, float* dst) {
-  for (int64_t c = 0; c < width; c += kVectorFloats) store(dst + c, load(dst + c) + load(src + c));
+// norm_backward over NV vectors of columns from c: dz, and the gain's and the bias's gradients of those columns
+// summed over the rows in registers.
+template <int NV>
+void norm_backward_columns(const float* gain, const float* z, const float* sig, const float* rstd, const float* coef,
+                           const float* dy, int64_t nb, int64_t hp, int64_t c, float* dz, float* dgain,
+                           float* dbias) {
+  VecF g[NV], dg[NV], db[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    g[v] = load(gain + c + v * kVectorFloats);
+    dg[v] = db[v] = splat(0.0f);
+  }
+  for (int64_t r = 0; r < nb; ++r) {
+    const int64_t at = r * hp + c;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const int64_t i = at + v * kVectorFloats;
+      const VecF zv = load(z + i), s = load(sig + i), dyv = load(dy + i);
+      const VecF a = zv * s;  // SiLU(z)
+      dg[v] += dyv * a * rstd[r];
+      const VecF da = rstd[r] * dyv * g[v] - coef[r] * a;
+      const VecF dzv = da * s * (splat(1.0f) + zv * (splat(1.0f) - s));
+      store(dz + i, dzv);
+      db[v] += dzv;
+    }
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const int64_t i = c + v * kVectorFloats;
+    store(dgain + i, load(dgain + i) + dg[v]);
+    store(dbias + i, load(dbias + i) + db[v]);
+  }
+}
+
+// dL/dz of one layer from dL/dh (dy, the gradient of RMSNorm(SiLU(z)) * gain); adds the gain's and the bias's
+// gradients (the bias's is dz's column sums).
+void norm_backward(const Packed& p, const float* gain, const float* z, const float* sig, const float* rstd,
+                   const float* dy, int64_t nb, float* dz, float* dgain, float* dbias, Workspace& w) {
+  const int64_t hp = p.hp;
+  const float inv_h = 1.0f / static_cast<float>(p.shape.hidden);
+  float* coef = w.coef.data();
+  int64_t r = 0;
+  for (; r + 4 <= nb; r += 4) norm_coefficients<4>(gain, z, sig, dy, rstd, r, hp, inv_h, coef);
+  for (; r < nb; ++r) norm_coefficients<1>(gain, z, sig, dy, rstd, r, hp, inv_h, coef);
+  constexpr int64_t chunk = 4 * kVectorFloats;
+  int64_t c = 0;
+  for (; c + chunk <= hp; c += chunk)
+    norm_backward_columns<4>(gain, z, sig, rstd, coef, dy, nb, hp, c, dz, dgain, dbias);
+  for (; c < hp; c += kVectorFloats) norm_backward_columns<1>(gain, z, sig, rstd, coef, dy, nb, hp, c, dz, dgain, dbias);
 }
 
 // sums[0:width] += the column sums of x [nb][width], a vector of columns at a time in a register.
@@ -295,7 +388,8 @@ void add_column_sums(const float* x, int64_t nb, int64_t width, float* sums) {
   }
 }
 
-// dL/dlogits of the block, row-major in place of its logits ([nb][Vp]).
+// dL/dlogits of the block, row-major in place of its logits ([nb][Vp]); for the loss, also the row losses
+// (job.out_float, where set), from the same log-sum-exp.
 void head_gradient(const Packed& p, const Job& job, int64_t r0, int64_t nb, Workspace& w) {
   const int64_t v = p.shape.vocab, vp = p.vp;
   for (int64_t r = 0; r < nb; ++r) {
@@ -305,6 +399,7 @@ void head_gradient(const Packed& p, const Job& job, int64_t r0, int64_t nb, Work
       const LogSumExp lse = log_sum_exp(row, v);
       const int64_t target = job.targets[r0 + r];
       const float target_logit = row[target];
+      if (job.out_float) job.out_float[r0 + r] = -lse.minus(target_logit);
       for (int64_t c = 0; c < v; c += kVectorFloats)  // the padding's lanes are cleared below
         store(row + c, weight * exp((load(row + c) - lse.max) - lse.log_rest));
       row[target] = weight * std::expm1(lse.minus(target_logit));  // p - 1 without the cancellation
@@ -315,6 +410,47 @@ void head_gradient(const Packed& p, const Job& job, int64_t r0, int64_t nb, Work
   }
 }
 
+// The highest set bit of any of the block's (masked) indices, plus one: the input layer's rows that the block
+// touches are 0 .. that - 1.
+int64_t bits_in_use(const int64_t* idx, int64_t nb, uint64_t mask) {
+  uint64_t any = 0;
+  for (int64_t r = 0; r < nb; ++r) any |= static_cast<uint64_t>(idx[r]);
+  any &= mask;
+  return any == 0 ? 0 : 64 - __builtin_clzll(any);
+}
+
+// out[r][b] = bit b of idx[r] as 0.0f / 1.0f for b < round_up(used, vector width), rows 64 floats apart.
+void index_bits_as_floats(const int64_t* idx, int64_t nb, int64_t used, float* out) {
+  VecI lane;
+  for (int i = 0; i < kVectorFloats; ++i) lane[i] = i;
+  for (int64_t r = 0; r < nb; ++r) {
+    const uint64_t u = static_cast<uint64_t>(idx[r]);
+    for (int64_t b = 0; b < used; b += kVectorFloats) {  // a vector's bits lie within one 32-bit half
+      const VecI word = VecI{} + static_cast<int32_t>(static_cast<uint32_t>(u >> (b & 32)));
+      const VecI bit = (word >> (lane + static_cast<int32_t>(b & 31))) & 1;
+      store(out + r * 64 + b, __builtin_convertvector(bit, VecF));
+    }
+  }
+}
+
+// The input layer's weight gradient (in_weight^T, [B][Hp]) += bits^T @ dz: its rows are the index bits (0/1),
+// a product over the block's rows instead of one scattered row add per set bit. Float32 in both precisions
+// (the bf16 input layer sums weight rows, no product to round).
+void add_input_weight_gradient(const Packed& p, const int64_t* idx, int64_t nb, const float* dz, float* grad,
+                               Workspace& w) {
+  const int64_t used = bits_in_use(idx, nb, bit_mask(p.shape.bits));
+  if (used == 0) return;
+  index_bits_as_floats(idx, nb, used, w.index_bits.data());
+  matmul_add(w.index_bits.data(), 1, 64, dz, p.hp, grad, p.hp, used, nb, p.hp);
+}
+
+// Zeroes nb rows of hp floats.
+void clear_rows(float* x, int64_t nb, int64_t hp) { std::fill(x, x + nb * hp, 0.0f); }
+
+// The gradients of one block. dh: dL/dh of the layer being undone. Where that h is also the residual stream
+// (the output of the input layer or of a residual layer), its gradient from the residual connections above is
+// pending; the product for that h then adds into `pending` itself, which serves as dh, instead of being added
+// later.
 void backward_block(const Packed& p, const Job& job, int64_t r0, int64_t nb, Workspace& w, const GradLayout& g,
                     float* grads) {
   const Shape& s = p.shape;
@@ -322,47 +458,60 @@ void backward_block(const Packed& p, const Job& job, int64_t r0, int64_t nb, Wor
   head_gradient(p, job, r0, nb, w);
   add_column_sums(w.logits.data(), nb, p.vp, grads + g.ob);
   transposed_times(p, w.logits.data(), p.vp, s.vocab, w.h_of(last), hp, nb, grads + g.out_w, w);  // dl^T @ h
-  std::fill(w.dh.begin(), w.dh.end(), 0.0f);
-  rows_times(p, w.logits.data(), p.vp, nb, p.out_w, p.out_w16.data(), s.vocab, w.dh.data(), hp, w);
 
-  std::fill(w.pending.begin(), w.pending.end(), 0.0f);  // dL/d(the running residual), not yet added
-  float* dh = w.dh.data();
-  float* pending = w.pending.data();
+  float* pending = w.pending.data();  // dL/d(the residual stream): the last residual layer's output, or h0
+  // Whether h_of(layer) (0: the input layer's output) is the residual stream.
+  auto carries_residual = [&](int64_t layer) { return layer == 0 || adds_residual(s, layer - 1); };
+  clear_rows(pending, nb, hp);
+  float* dh = carries_residual(last) ? pending : w.dh.data();
+  if (dh != pending) clear_rows(dh, nb, hp);
+  rows_times(p, w.logits.data(), p.vp, nb, p.out_w, p.out_w16.data(), s.vocab, dh, hp, w);
   for (int64_t l = last - 1; l >= 0; --l) {
-    if (adds_residual(s, l)) {  // h = y + res, and h is the next residual layer's res
-      for (int64_t i = 0; i < nb * hp; i += kVectorFloats) {
-        const VecF sum = load(dh + i) + load(pending + i);
-        store(dh + i, sum);
-        store(pending + i, sum);
-      }
-    }
     norm_backward(p, p.hg.data() + l * hp, w.z_of(l + 1), w.sig_of(l + 1), w.rstd_of(l + 1), dh, nb, w.dz.data(),
-                  grads + g.hg + l * hp);
-    add_column_sums(w.dz.data(), nb, hp, grads + g.hb + l * hp);
+                  grads + g.hg + l * hp, grads + g.hb + l * hp, w);
     transposed_times(p, w.dz.data(), hp, s.hidden, w.h_of(l), hp, nb, grads + g.w + l * hp * hp, w);  // dz^T @ h
-    std::fill(w.dh.begin(), w.dh.end(), 0.0f);
+    dh = carries_residual(l) ? pending : w.dh.data();
+    if (dh != pending) clear_rows(dh, nb, hp);
     rows_times(p, w.dz.data(), hp, nb, offset_or_null(p.w, l * hp * hp), offset_or_null(p.w16.data(), l * hp / 2 * hp),
                s.hidden, dh, hp, w);
   }
-  add_into(pending, nb * hp, dh);
-  norm_backward(p, p.in_g.data(), w.z_of(0), w.sig_of(0), w.rstd_of(0), dh, nb, w.dz.data(), grads + g.in_g);
-  add_column_sums(w.dz.data(), nb, hp, grads + g.in_b);
-  const uint64_t mask = bit_mask(s.bits);
-  for (int64_t r = 0; r < nb; ++r) {
-    const float* dzr = w.dz.data() + r * hp;
-    for (uint64_t u = static_cast<uint64_t>(job.idx[r0 + r]) & mask; u != 0; u &= u - 1) {
-      add_into(dzr, hp, grads + g.in_wt + __builtin_ctzll(u) * hp);
-    }
+  norm_backward(p, p.in_g.data(), w.z_of(0), w.sig_of(0), w.rstd_of(0), dh, nb, w.dz.data(), grads + g.in_g,
+                grads + g.in_b, w);
+  add_input_weight_gradient(p, job.idx + r0, nb, w.dz.data(), grads + g.in_wt, w);
+}
+
+}  // namespace
+
+namespace {
+
+// v holding n elements for a fresh pack: zeroed where the pack has padding (which it never writes), else only
+// resized (a pack reused at the same shape then neither allocates nor clears).
+template <class T>
+void fit(std::vector<T>& v, int64_t n, bool padded) {
+  if (padded) {
+    v.assign(n, T{});
+  } else {
+    v.resize(n);
   }
 }
 
 }  // namespace
 
-Packed::Packed(const Params& p, const Shape& s, bool for_backward)
-    : shape(s), hp(round_up(s.hidden, kVectorFloats)), vp(round_up(s.vocab, kVectorFloats)),
-      in_wt(s.bits * hp), in_b(hp), in_g(hp), hb(s.hidden_layers * hp), hg(s.hidden_layers * hp), ob(vp),
-      w(nullptr), out_w(nullptr) {
+Packed::Packed(const Params& p, const Shape& s, bool for_backward) { pack(p, s, for_backward); }
+
+void Packed::pack(const Params& p, const Shape& s, bool for_backward) {
+  shape = s;
+  hp = round_up(s.hidden, kVectorFloats);
+  vp = round_up(s.vocab, kVectorFloats);
+  w = out_w = nullptr;
   const int64_t h = s.hidden, n = s.hidden_layers;
+  const bool padded = h != hp;  // vp > vocab (nearly always): the vocab-sized buffers are always cleared
+  fit(in_wt, s.bits * hp, padded);
+  fit(in_b, hp, padded);
+  fit(in_g, hp, padded);
+  fit(hb, n * hp, padded);
+  fit(hg, n * hp, padded);
+  fit(ob, vp, true);
   transpose_into(p.in_weight, h, s.bits, s.bits, in_wt.data(), hp);
   std::memcpy(in_b.data(), p.in_bias, h * sizeof(float));
   std::memcpy(in_g.data(), p.in_gain, h * sizeof(float));
@@ -373,32 +522,32 @@ Packed::Packed(const Params& p, const Shape& s, bool for_backward)
   std::memcpy(ob.data(), p.out_bias, s.vocab * sizeof(float));
   if (s.bf16) {
     for (float& x : in_wt) x = bf16_round(x);
-    wt16.resize(n * hp / 2 * hp);
+    fit(wt16, n * hp / 2 * hp, padded);
     for (int64_t l = 0; l < n; ++l)
       pack_pairs(p.hidden_weight + l * h * h, 1, h, h, h, wt16.data() + l * hp / 2 * hp, hp);  // (W^T) pairs
-    out_wt16.resize(hp / 2 * vp);
+    fit(out_wt16, hp / 2 * vp, true);
     pack_pairs(p.out_weight, 1, h, h, s.vocab, out_wt16.data(), vp);
     if (!for_backward) return;
-    w16.resize(n * hp / 2 * hp);
+    fit(w16, n * hp / 2 * hp, padded);
     for (int64_t l = 0; l < n; ++l)
       pack_pairs(p.hidden_weight + l * h * h, h, 1, h, h, w16.data() + l * hp / 2 * hp, hp);  // W pairs
-    out_w16.resize(vp / 2 * hp);
+    fit(out_w16, vp / 2 * hp, true);
     pack_pairs(p.out_weight, h, 1, s.vocab, h, out_w16.data(), hp);
     return;
   }
-  wt.resize(n * hp * hp);
+  fit(wt, n * hp * hp, padded);
   for (int64_t l = 0; l < n; ++l) transpose_into(p.hidden_weight + l * h * h, h, h, h, wt.data() + l * hp * hp, hp);
-  out_wt.resize(hp * vp);
+  fit(out_wt, hp * vp, true);
   transpose_into(p.out_weight, s.vocab, h, h, out_wt.data(), vp);
   if (!for_backward) return;
-  if (h == hp) {
+  if (!padded) {
     w = p.hidden_weight;
     out_w = p.out_weight;
     return;
   }
-  w_copy.resize(n * hp * hp);
+  fit(w_copy, n * hp * hp, true);
   for (int64_t l = 0; l < n; ++l) pad_rows(p.hidden_weight + l * h * h, h, h, w_copy.data() + l * hp * hp, hp);
-  out_w_copy.resize(s.vocab * hp);
+  fit(out_w_copy, s.vocab * hp, true);
   pad_rows(p.out_weight, s.vocab, h, out_w_copy.data(), hp);
   w = w_copy.data();
   out_w = out_w_copy.data();
@@ -417,38 +566,53 @@ GradLayout::GradLayout(const Packed& p) {
   size = ob + p.vp;
 }
 
-std::vector<float> run(const Packed& packed, const Job& job) {
+namespace {
+
+// This thread's gradient sums, kept across calls.
+std::vector<float>& thread_gradients() {
+  thread_local std::vector<float> sums;
+  return sums;
+}
+
+}  // namespace
+
+const std::vector<float>& run(const Packed& packed, const Job& job) {
   const int64_t rows = block_rows(job.n);
   const int64_t blocks = (job.n + rows - 1) / rows;
   const GradLayout layout(packed);
-  std::vector<std::vector<float>> thread_grads(job.backward ? at::get_num_threads() : 0);
+  std::vector<std::vector<float>*> parts(job.backward ? at::get_num_threads() : 0, nullptr);
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t end) {
-    Workspace w(packed, std::min(rows, job.n - first * rows), job.backward);
+    Workspace& w = thread_workspace();
+    w.prepare(packed, std::min(rows, job.n - first * rows), job.backward);
     float* grads = nullptr;
     if (job.backward) {
       const int tid = at::get_thread_num();
-      TORCH_CHECK(tid < static_cast<int>(thread_grads.size()), "aunn_fast cpp: thread ", tid, " out of range");
-      thread_grads[tid].assign(layout.size, 0.0f);
-      grads = thread_grads[tid].data();
+      TORCH_CHECK(tid < static_cast<int>(parts.size()), "aunn_fast cpp: thread ", tid, " out of range");
+      parts[tid] = &thread_gradients();
+      parts[tid]->assign(layout.size, 0.0f);
+      grads = parts[tid]->data();
     }
     for (int64_t b = first; b < end; ++b) {
       const int64_t r0 = b * rows, nb = std::min(rows, job.n - r0);
       forward_block(packed, job.idx + r0, nb, w);
-      write_outputs(packed, job, r0, nb, w);
-      if (job.backward) backward_block(packed, job, r0, nb, w, layout, grads);
+      if (job.backward) {
+        backward_block(packed, job, r0, nb, w, layout, grads);  // writes the row losses itself
+      } else {
+        write_outputs(packed, job, r0, nb, w);
+      }
     }
   });
-  if (!job.backward) return {};
-  std::vector<float> total;
-  for (auto& part : thread_grads) {
-    if (part.empty()) continue;
-    if (total.empty()) {
-      total = std::move(part);  // one block (a prompt): no reduction
-      continue;
-    }
-    for (int64_t i = 0; i < layout.size; ++i) total[i] += part[i];
+  // The sum in this (the calling) thread's buffer: another thread's may be reused as soon as the loop ends.
+  std::vector<float>& total = thread_gradients();
+  if (!job.backward) {
+    total.clear();
+    return total;
   }
-  if (total.empty()) total.assign(layout.size, 0.0f);  // no rows
+  if (std::find(parts.begin(), parts.end(), &total) == parts.end()) total.assign(layout.size, 0.0f);
+  for (std::vector<float>* part : parts) {
+    if (part == nullptr || part == &total) continue;
+    for (int64_t i = 0; i < layout.size; ++i) total[i] += (*part)[i];
+  }
   return total;
 }
 

@@ -35,8 +35,8 @@ typedef uint32_t Bf16Pair;  // two bfloat16 values along a product's k (tile.h)
 // The weights padded and laid out for the products. float32: forward operands transposed ([in][out]),
 // backward operands as stored ([out][in]). bf16: the same products' operands rounded, in pairs along k.
 struct Packed {
-  Shape shape;
-  int64_t hp, vp;                 // hidden and vocab padded to the vector width
+  Shape shape{};
+  int64_t hp = 0, vp = 0;         // hidden and vocab padded to the vector width
   std::vector<float> in_wt;       // [B][Hp] (rounded in bf16: the input layer sums weight rows exactly)
   std::vector<float> in_b, in_g;  // [Hp]
   std::vector<float> hb, hg;      // [L-2][Hp]
@@ -46,13 +46,16 @@ struct Packed {
   std::vector<float> out_wt;      // [Hp][Vp]
   // The backward's operands as stored, rows Hp floats apart: the parameters themselves where H == Hp, else
   // padded copies (null without a backward).
-  const float* w;                 // [L-2] layers Hp * Hp floats apart, H rows of Hp
-  const float* out_w;             // [V][Hp]
+  const float* w = nullptr;       // [L-2] layers Hp * Hp floats apart, H rows of Hp
+  const float* out_w = nullptr;   // [V][Hp]
   std::vector<float> w_copy, out_w_copy;
   // bf16 (pack_pairs, bf16.h): forward operands [L-2][Hp/2][Hp] and [Hp/2][Vp], backward ones (only for a
   // backward) [L-2][Hp/2][Hp] and [Vp/2][Hp]
   std::vector<Bf16Pair> wt16, out_wt16, w16, out_w16;
+  Packed() = default;
   Packed(const Params& p, const Shape& s, bool for_backward);
+  // Packs p, reusing this pack's buffers (a prompt's step packs every call: the parameters change every step).
+  void pack(const Params& p, const Shape& s, bool for_backward);
 };
 
 // The gradients in the packed layout: in_weight transposed, everything padded.
@@ -75,8 +78,8 @@ struct Job {
 };
 
 // Runs the job over blocks of rows on torch's intra-op threads; returns the gradients summed over threads
-// (GradLayout), or an empty vector without a backward.
-std::vector<float> run(const Packed& packed, const Job& job);
+// (GradLayout), or an empty vector without a backward: a buffer of the calling thread, valid until its next run.
+const std::vector<float>& run(const Packed& packed, const Job& job);
 
 // Writes the packed gradients into the eight unpadded parameter-shaped buffers (order of Params).
 void unpack_gradients(const Packed& packed, const std::vector<float>& grads, float* const out[8]);

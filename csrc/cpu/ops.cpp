@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
+#include <cfloat>
 #include <cmath>
 #include <vector>
 
@@ -124,7 +126,7 @@ std::tuple<Tensor, std::vector<Tensor>> cpp_loss(const Tensor& idx, const Tensor
   job.backward = with_grads;
   job.grad = &one;
   job.grad_stride = 0;
-  std::vector<float> grads = run(packed, job);
+  const std::vector<float>& grads = run(packed, job);
   if (!with_grads) return {rows, {}};
   return {rows, gradients_as_tensors(packed, grads, AUNN_PARAM_LIST)};
 }
@@ -165,16 +167,23 @@ std::vector<Tensor> cpp_logits_backward(const Tensor& grad, const Tensor& idx, A
   return gradients_as_tensors(packed, run(packed, job), AUNN_PARAM_LIST);
 }
 
+// The sum of x[j]^2 over n floats, in double (eight independent sums, which the compiler vectorises).
+double sum_of_squares(const float* x, int64_t n) {
+  double part[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int k = 0; k < 8; ++k) part[k] += static_cast<double>(x[j + k]) * x[j + k];
+  for (; j < n; ++j) part[0] += static_cast<double>(x[j]) * x[j];
+  double total = 0.0;
+  for (double v : part) total += v;
+  return total;
+}
+
 // torch.nn.utils.clip_grad_norm_'s clipping, in place: the eight gradients' total 2-norm (each tensor's norm,
 // then the norm of those) and, where it exceeds max_norm, every gradient times max_norm / (norm + 1e-6).
 void clip_total_norm(float* const grads[8], at::TensorList params, double max_norm) {
   double total = 0.0;
-  for (int i = 0; i < 8; ++i) {
-    const int64_t n = params[i].numel();
-    double sum = 0.0;
-    for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(grads[i][j]) * grads[i][j];
-    total += sum;
-  }
+  for (int i = 0; i < 8; ++i) total += sum_of_squares(grads[i], params[i].numel());
   const float coef = static_cast<float>(max_norm / (std::sqrt(total) + 1e-6));
   if (!(coef < 1.0f)) return;  // at or below the limit; a NaN norm also leaves the gradients (and the loss) as they are
   for (int i = 0; i < 8; ++i) {
@@ -183,24 +192,132 @@ void clip_total_norm(float* const grads[8], at::TensorList params, double max_no
   }
 }
 
+// sqrt(x) and 1 / x per lane, within a few float32 ulps, without the divider: the estimate instructions and one
+// Newton step (an Adam step over every weight is otherwise two divisions and a square root per vector, the divider
+// busy for ~30 cycles per 16 floats). sqrt keeps 0 and +inf; NaN stays NaN; subnormals are zero here
+// (FlushSubnormals).
+#if defined(__AVX512F__)
+inline VecF rsqrt_estimate(VecF x) { return (VecF)_mm512_rsqrt14_ps((__m512)x); }
+inline VecF rcp_estimate(VecF x) { return (VecF)_mm512_rcp14_ps((__m512)x); }
+#elif defined(__AVX__)
+inline VecF rsqrt_estimate(VecF x) { return (VecF)_mm256_rsqrt_ps((__m256)x); }
+inline VecF rcp_estimate(VecF x) { return (VecF)_mm256_rcp_ps((__m256)x); }
+#else
+inline VecF rsqrt_estimate(VecF x) {
+  for (int i = 0; i < kVectorFloats; ++i) x[i] = 1.0f / std::sqrt(x[i]);
+  return x;
+}
+inline VecF rcp_estimate(VecF x) { return splat(1.0f) / x; }
+#endif
+
+inline VecF fast_sqrt(VecF x) {
+  VecF r = rsqrt_estimate(x);
+  r = r * (splat(1.5f) - splat(0.5f) * x * r * r);
+  return (x > splat(0.0f) && x < splat(INFINITY)) ? x * r : x;
+}
+
+inline VecF fast_reciprocal(VecF x) {
+  const VecF r = rcp_estimate(x);
+  return r + r * (splat(1.0f) - x * r);
+}
+
+// Subnormal inputs and results read and written as zero while it lives (x86's DAZ and FTZ), restored after. A
+// long run's moments decay into subnormals, where every operation would take a microcode assist (a 2-index
+// prompt's step measured ~3x slower after 150,000 steps); their values, under 1.2e-38, move no weight.
+class FlushSubnormals {
+ public:
+#if defined(__SSE__)
+  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
+
+// The optimizer's constants for one step.
+struct Update {
+  bool adam;
+  float lr, b1, b2, eps, decay;  // decay: 1 - lr * weight_decay
+  float step_size, inv_bias2_sqrt;  // lr / (1 - beta1^step), 1 / sqrt(1 - beta2^step)
+};
+
+// One AdamW (torch.optim.AdamW's formulas, the divisions as multiplications by reciprocals) or SGD update of n
+// parameters, in place.
+void update_parameters(const Update& u, float* p, const float* g, float* m1, float* m2, int64_t n) {
+  int64_t j = 0;
+  if (!u.adam) {
+    for (; j + kVectorFloats <= n; j += kVectorFloats) store(p + j, load(p + j) - u.lr * load(g + j));
+    for (; j < n; ++j) p[j] -= u.lr * g[j];
+    return;
+  }
+  for (; j + kVectorFloats <= n; j += kVectorFloats) {
+    const VecF gv = load(g + j), m1v = load(m1 + j) + (gv - load(m1 + j)) * (1.0f - u.b1);
+    const VecF m2v = load(m2 + j) * u.b2 + (1.0f - u.b2) * gv * gv;
+    const VecF denom = fast_sqrt(m2v) * u.inv_bias2_sqrt + u.eps;
+    store(m1 + j, m1v);
+    store(m2 + j, m2v);
+    store(p + j, load(p + j) * u.decay - u.step_size * m1v * fast_reciprocal(denom));
+  }
+  for (; j < n; ++j) {
+    m1[j] += (g[j] - m1[j]) * (1.0f - u.b1);
+    m2[j] = m2[j] * u.b2 + (1.0f - u.b2) * g[j] * g[j];
+    const float denom = std::sqrt(m2[j]) * u.inv_bias2_sqrt + u.eps;
+    p[j] = p[j] * u.decay - u.step_size * m1[j] / denom;
+  }
+}
+
+// Eight parameter-shaped float32 buffers named `name`: eight tensors shaped as the parameters, or one tensor
+// holding the eight back to back (a prompt's step passes three tensors instead of 24: each costs dispatch time).
+std::array<float*, 8> buffers_like(at::TensorList list, at::TensorList params, const char* name) {
+  std::array<float*, 8> out{};
+  int64_t total = 0;
+  for (const Tensor& p : params) total += p.numel();
+  if (list.size() == 1) {
+    check_param(list[0], name);
+    TORCH_CHECK(list[0].numel() == total, "aunn_fast cpp: a single ", name, " buffer must hold ", total,
+                " floats, got ", list[0].numel());
+    float* at = list[0].data_ptr<float>();
+    for (int i = 0; i < 8; ++i) {
+      out[i] = at;
+      at += params[i].numel();
+    }
+    return out;
+  }
+  TORCH_CHECK(list.size() == 8, "aunn_fast cpp: expected eight ", name, " buffers or one, got ", list.size());
+  for (int i = 0; i < 8; ++i) {
+    check_param(list[i], name);
+    TORCH_CHECK(list[i].sizes() == params[i].sizes(), "aunn_fast cpp: ", name, " must be shaped as the params");
+    out[i] = list[i].data_ptr<float>();
+  }
+  return out;
+}
+
 // One optimizer step on the mean loss of (idx, targets), in place: AdamW (torch.optim.AdamW's update: decoupled
 // weight decay, no amsgrad; weight_decay 0 is torch.optim.Adam's) when exp_avg holds the eight moment buffers,
 // plain SGD when it is empty. max_norm > 0 first clips the gradients' total norm to max_norm as
 // torch.nn.utils.clip_grad_norm_ does (<= 0: no clipping). `step` is the step's 1-based number (bias
-// correction). Writes the gradients the update used (clipped) into `grads` (eight parameter-shaped buffers)
-// and returns the mean loss before the update.
+// correction). Writes the gradients the update used (clipped) into `grads` and returns the mean loss before the
+// update. grads, exp_avg and exp_avg_sq: each eight parameter-shaped buffers or one holding them back to back
+// (buffers_like).
 Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList params, at::TensorList grads_out,
                       at::TensorList exp_avg, at::TensorList exp_avg_sq, int64_t step, double lr, double beta1,
                       double beta2, double adam_eps, double weight_decay, double max_norm, int64_t residual_every,
                       double eps, bool bf16) {
-  TORCH_CHECK(params.size() == 8 && grads_out.size() == 8, "aunn_fast cpp: expected eight parameters and grads");
+  TORCH_CHECK(params.size() == 8, "aunn_fast cpp: expected eight parameters");
   const bool adam = !exp_avg.empty();
-  TORCH_CHECK(!adam || (exp_avg.size() == 8 && exp_avg_sq.size() == 8 && step >= 1),
-              "aunn_fast cpp: Adam needs eight exp_avg and exp_avg_sq buffers and step >= 1");
+  TORCH_CHECK(!adam || step >= 1, "aunn_fast cpp: Adam's step must be >= 1");
   TORCH_CHECK(adam || weight_decay == 0.0, "aunn_fast cpp: weight decay is only implemented for AdamW");
   const Model m = model_of(params[0], params[1], params[2], params[3], params[4], params[5], params[6],
                            params[7], residual_every, eps, bf16);
-  const Packed packed(m.params, m.shape, true);
+  const std::array<float*, 8> grad_ptrs = buffers_like(grads_out, params, "grads");
+  std::array<float*, 8> m1{}, m2{};
+  if (adam) {
+    m1 = buffers_like(exp_avg, params, "exp_avg");
+    m2 = buffers_like(exp_avg_sq, params, "exp_avg_sq");
+  }
+  thread_local Packed packed;  // its buffers kept across steps; the weights packed anew (they change every step)
+  packed.pack(m.params, m.shape, true);
   Job job = make_job(idx, Mode::kLoss);
   check_rows(targets, "targets", job.n);
   check_targets(targets, m.shape.vocab);
@@ -211,41 +328,19 @@ Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList p
   job.backward = true;
   job.grad = &weight;
   job.grad_stride = 0;
-  const std::vector<float> packed_grads = run(packed, job);
-  float* grad_ptrs[8];
-  for (int i = 0; i < 8; ++i) {
-    check_param(grads_out[i], "grads");
-    TORCH_CHECK(grads_out[i].sizes() == params[i].sizes(), "aunn_fast cpp: grads must be shaped as the params");
-    grad_ptrs[i] = grads_out[i].data_ptr<float>();
+  const std::vector<float>& packed_grads = run(packed, job);
+  unpack_gradients(packed, packed_grads, grad_ptrs.data());
+  if (max_norm > 0.0) clip_total_norm(grad_ptrs.data(), params, max_norm);
+  Update u{adam, static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
+           static_cast<float>(adam_eps), static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(lr), 1.0f};
+  if (adam) {
+    u.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, step)));
+    u.inv_bias2_sqrt = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, step)));
   }
-  unpack_gradients(packed, packed_grads, grad_ptrs);
-  if (max_norm > 0.0) clip_total_norm(grad_ptrs, params, max_norm);
-  const double bias1 = adam ? 1.0 - std::pow(beta1, step) : 1.0;
-  const double bias2_sqrt = adam ? std::sqrt(1.0 - std::pow(beta2, step)) : 1.0;
-  const float step_size = static_cast<float>(lr / bias1);
-  for (int i = 0; i < 8; ++i) {
-    float* p = params[i].data_ptr<float>();
-    const float* g = grad_ptrs[i];
-    const int64_t n = params[i].numel();
-    if (!adam) {
-      for (int64_t j = 0; j < n; ++j) p[j] -= static_cast<float>(lr) * g[j];
-      continue;
-    }
-    check_param(exp_avg[i], "exp_avg");
-    check_param(exp_avg_sq[i], "exp_avg_sq");
-    TORCH_CHECK(exp_avg[i].numel() == n && exp_avg_sq[i].numel() == n, "aunn_fast cpp: moment shapes");
-    float* m1 = exp_avg[i].data_ptr<float>();
-    float* m2 = exp_avg_sq[i].data_ptr<float>();
-    const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
-    const float decay = static_cast<float>(1.0 - lr * weight_decay);
-    for (int64_t j = 0; j < n; ++j) {
-      p[j] *= decay;
-      m1[j] += (g[j] - m1[j]) * (1.0f - b1);
-      m2[j] = m2[j] * b2 + (1.0f - b2) * g[j] * g[j];
-      const float denom = std::sqrt(m2[j]) / static_cast<float>(bias2_sqrt) + static_cast<float>(adam_eps);
-      p[j] -= step_size * m1[j] / denom;
-    }
-  }
+  const FlushSubnormals flush;
+  for (int i = 0; i < 8; ++i)
+    update_parameters(u, params[i].data_ptr<float>(), grad_ptrs[i], adam ? m1[i] : nullptr, adam ? m2[i] : nullptr,
+                      params[i].numel());
   double total = 0.0;  // the mean without another operator's dispatch (a prompt's step is mostly overhead)
   for (int64_t i = 0; i < job.n; ++i) total += job.out_float[i];
   return at::scalar_tensor(job.n > 0 ? total / static_cast<double>(job.n) : NAN, idx.options().dtype(at::kFloat));
