@@ -72,48 +72,17 @@ void transpose_into(const float* src, int64_t rows, int64_t cols, int64_t src_ld
     for (int64_t c = r < r0 ? c0 : 0; c < cols; ++c) dst[c * ld + r] = src[r * src_ld + c];
 }
 
-// dst[0:width] += src[0:width]; width a multiple of the vector width.
-void add_into(const float* src, int64_t width, float* dst) {
-  for (int64_t c = 0; c < width; c += kVectorFloats) store(dst + c, load(dst + c) + load(src + c));
-}
-
-// The input layer's z as a sum of one row per group of kGroupBits bits of the index: sums[g][u] (rows hp floats
-// apart) is the sum of in_wt's rows of the set bits of u << (g * kGroupBits), with the bias added in group 0. At
-// H = 64 the table is 64 KB and cuts a random 64-bit index's ~32 rows of weights to 16.
-constexpr int64_t kGroupBits = 4;
-constexpr int64_t kGroupValues = int64_t{1} << kGroupBits;
-
-int64_t bit_groups(const Shape& s) { return (s.bits + kGroupBits - 1) / kGroupBits; }
-
-std::vector<float> input_group_sums(const Packed& p) {
-  const int64_t hp = p.hp, groups = bit_groups(p.shape);
-  std::vector<float> sums(groups * kGroupValues * hp);
-  for (int64_t g = 0; g < groups; ++g) {
-    float* table = sums.data() + g * kGroupValues * hp;
-    if (g == 0) std::memcpy(table, p.in_b.data(), hp * sizeof(float));  // other groups' u = 0: zeros
-    for (int64_t u = 1; u < kGroupValues; ++u) {
-      const int64_t bit = g * kGroupBits + __builtin_ctzll(u);
-      const float* without = table + (u & (u - 1)) * hp;  // u less its lowest bit, summed already
-      float* row = table + u * hp;
-      std::memcpy(row, without, hp * sizeof(float));
-      if (bit < p.shape.bits) add_into(p.in_wt.data() + bit * hp, hp, row);  // no row beyond the index's bits
-    }
-  }
-  return sums;
-}
-
 // Per-block buffers of one thread.
 struct Workspace {
   int64_t rows, hp, vp, layers;  // layers: the input layer and the hidden ones
   bool keeps_activations;        // z and sig for a backward (a forward alone needs only h)
   std::vector<float> z, sig, h, rstd, logits, dh, dz, pending;
   std::vector<float> row_sums;   // [rows][kVectorFloats]: partial sums of squares of a row's SiLU (Activation)
-  std::vector<float> input_sums;  // input_group_sums
   std::vector<Bf16Pair> rows16, pairs_a, pairs_b;  // bf16: one product's operands (bf16.h's layouts)
   Workspace(const Packed& p, int64_t rows_, bool backward)
       : rows(rows_), hp(p.hp), vp(p.vp), layers(p.shape.hidden_layers + 1), keeps_activations(backward),
         z(layers * rows * hp), sig(layers * rows * hp), h(layers * rows * hp), rstd(layers * rows),
-        logits(rows * vp), row_sums(rows * kVectorFloats), input_sums(input_group_sums(p)) {
+        logits(rows * vp), row_sums(rows * kVectorFloats) {
     if (backward) {
       dh.resize(rows * hp);
       dz.resize(rows * hp);
@@ -157,11 +126,10 @@ struct Activation {
 
   template <int ROWS, int NV>
   void operator()(Accumulators<ROWS, NV>& acc, int64_t row, int64_t col) const {
-    const bool row_ends = col + NV * kVectorFloats >= hp;
+    VecF sum_sq[ROWS];
 #pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {  // a row at a time: its registers are free for the next once it is stored
-      float* hr = h + (row + r) * hp;
-      VecF sum_sq = col == 0 ? splat(0.0f) : load(row_sums + (row + r) * kVectorFloats);
+    for (int r = 0; r < ROWS; ++r) {
+      sum_sq[r] = col == 0 ? splat(0.0f) : load(row_sums + (row + r) * kVectorFloats);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
         const int64_t at = (row + r) * hp + col + v * kVectorFloats;
@@ -171,16 +139,23 @@ struct Activation {
           store(sig + at, s);
         }
         acc[r][v] = zv * s;  // SiLU(z)
-        sum_sq += acc[r][v] * acc[r][v];
+        sum_sq[r] += acc[r][v] * acc[r][v];
       }
-      if (!row_ends) {
-        store(row_sums + (row + r) * kVectorFloats, sum_sq);
+    }
+    if (col + NV * kVectorFloats < hp) {
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) store(hr + col + v * kVectorFloats, acc[r][v]);
-        continue;
+      for (int r = 0; r < ROWS; ++r) {
+        store(row_sums + (row + r) * kVectorFloats, sum_sq[r]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) store(h + (row + r) * hp + col + v * kVectorFloats, acc[r][v]);
       }
-      const float inv_rms = 1.0f / std::sqrt(sum_lanes(sum_sq) * inv_h + eps);
+      return;
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      const float inv_rms = 1.0f / std::sqrt(sum_lanes(sum_sq[r]) * inv_h + eps);
       rstd[row + r] = inv_rms;
+      float* hr = h + (row + r) * hp;
       for (int64_t c = 0; c < col; c += kVectorFloats) store(hr + c, normalised(load(hr + c), inv_rms, row + r, c));
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
@@ -207,24 +182,19 @@ Activation activation(const Packed& p, const float* gain, const float* res, int6
   return act;
 }
 
-// The input layer's tile: the sum of one row of input_sums per group of the index's bits (the bias in group 0's),
+// The input layer's tile: bias + the sum of the weight rows of each row's set bits (in_wt's rows hp floats apart),
 // in registers, then finished by act.
 template <int ROWS, int NV>
-void input_tile(const Packed& p, const int64_t* idx, uint64_t mask, const float* input_sums, int64_t row,
-                int64_t col, const Activation& act) {
-  const int64_t groups = bit_groups(p.shape), hp = p.hp;
+void input_tile(const Packed& p, const int64_t* idx, uint64_t mask, int64_t row, int64_t col, const Activation& act) {
   Accumulators<ROWS, NV> acc;
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) {
-    uint64_t bits = static_cast<uint64_t>(idx[row + r]) & mask;
-    const float* first = input_sums + (bits % kGroupValues) * hp + col;
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = load(first + v * kVectorFloats);
-    for (int64_t g = 1; g < groups; ++g) {
-      bits >>= kGroupBits;
-      const float* sum = input_sums + (g * kGroupValues + bits % kGroupValues) * hp + col;
+    for (int v = 0; v < NV; ++v) acc[r][v] = load(p.in_b.data() + col + v * kVectorFloats);
+    for (uint64_t bits = static_cast<uint64_t>(idx[row + r]) & mask; bits != 0; bits &= bits - 1) {
+      const float* weights = p.in_wt.data() + __builtin_ctzll(bits) * p.hp + col;
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] += load(sum + v * kVectorFloats);
+      for (int v = 0; v < NV; ++v) acc[r][v] += load(weights + v * kVectorFloats);
     }
   }
   act(acc, row, col);
@@ -275,7 +245,7 @@ void forward_block(const Packed& p, const int64_t* idx, int64_t nb, Workspace& w
   const Activation input = activation(p, p.in_g.data(), nullptr, 0, w);
   for_column_tiles(hp, [&](auto nv, int64_t col) {
     for_row_tiles(nb, [&](auto rows, int64_t row) {
-      input_tile<decltype(rows)::value, decltype(nv)::value>(p, idx, mask, w.input_sums.data(), row, col, input);
+      input_tile<decltype(rows)::value, decltype(nv)::value>(p, idx, mask, row, col, input);
     });
   });
   const float* res = w.h_of(0);
@@ -369,6 +339,11 @@ void norm_backward(const Packed& p, const float* gain, const float* z, const flo
       store(dzr + c, da * s * (splat(1.0f) + zv * (splat(1.0f) - s)));
     }
   }
+}
+
+// dst[0:width] += src[0:width]; width a multiple of the vector width.
+void add_into(const float* src, int64_t width, float* dst) {
+  for (int64_t c = 0; c < width; c += kVectorFloats) store(dst + c, load(dst + c) + load(src + c));
 }
 
 // sums[0:width] += the column sums of x [nb][width], a vector of columns at a time in a register.
