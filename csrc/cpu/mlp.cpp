@@ -171,15 +171,24 @@ struct Activation {
   }
 };
 
-// The finish of `layer` (0: the input layer) into w's buffers.
-Activation activation(const Packed& p, const float* gain, const float* res, int64_t layer, Workspace& w) {
+// The finish of `layer` (0: the input layer) into h and w's other buffers.
+Activation activation(const Packed& p, const float* gain, const float* res, int64_t layer, float* h, Workspace& w) {
   Activation act{p.hp, 1.0f / static_cast<float>(p.shape.hidden), p.shape.eps, gain, res, nullptr, nullptr,
-                 w.h_of(layer), w.rstd_of(layer), w.row_sums.data()};
+                 h, w.rstd_of(layer), w.row_sums.data()};
   if (w.keeps_activations) {
     act.z = w.z_of(layer);
     act.sig = w.sig_of(layer);
   }
   return act;
+}
+
+// Where `layer`'s h goes: its own buffer where a backward reads every layer's, else the first buffer that is
+// neither the layer's input nor the residual (a forward alone cycles through at most three, kept in L1).
+float* h_out(Workspace& w, int64_t layer, const float* in, const float* res) {
+  if (w.keeps_activations) return w.h_of(layer);
+  int64_t i = 0;
+  while (w.h_of(i) == in || w.h_of(i) == res) ++i;
+  return w.h_of(i);
 }
 
 // The input layer's tile: bias + the sum of the weight rows of each row's set bits (in_wt's rows hp floats apart),
@@ -242,22 +251,25 @@ void forward_block(const Packed& p, const int64_t* idx, int64_t nb, Workspace& w
   const Shape& s = p.shape;
   const int64_t hp = p.hp;
   const uint64_t mask = bit_mask(s.bits);
-  const Activation input = activation(p, p.in_g.data(), nullptr, 0, w);
+  const Activation input = activation(p, p.in_g.data(), nullptr, 0, w.h_of(0), w);
   for_column_tiles(hp, [&](auto nv, int64_t col) {
     for_row_tiles(nb, [&](auto rows, int64_t row) {
       input_tile<decltype(rows)::value, decltype(nv)::value>(p, idx, mask, row, col, input);
     });
   });
-  const float* res = w.h_of(0);
+  const float* in = w.h_of(0);
+  const float* res = in;
   for (int64_t l = 0; l < s.hidden_layers; ++l) {
     const bool residual = adds_residual(s, l);
-    rows_times_finish(p, w.h_of(l), hp, nb, offset_or_null(p.wt.data(), l * hp * hp),
-                      offset_or_null(p.wt16.data(), l * hp / 2 * hp), s.hidden, p.hb.data() + l * hp, w.h_of(l + 1),
-                      hp, w, activation(p, p.hg.data() + l * hp, residual ? res : nullptr, l + 1, w));
-    if (residual) res = w.h_of(l + 1);
+    float* out = h_out(w, l + 1, in, res);
+    rows_times_finish(p, in, hp, nb, offset_or_null(p.wt.data(), l * hp * hp),
+                      offset_or_null(p.wt16.data(), l * hp / 2 * hp), s.hidden, p.hb.data() + l * hp, out, hp, w,
+                      activation(p, p.hg.data() + l * hp, residual ? res : nullptr, l + 1, out, w));
+    if (residual) res = out;
+    in = out;
   }
   float* logits = w.logits.data();
-  rows_times_finish(p, w.h_of(s.hidden_layers), hp, nb, p.out_wt.data(), p.out_wt16.data(), s.hidden, p.ob.data(),
+  rows_times_finish(p, in, hp, nb, p.out_wt.data(), p.out_wt16.data(), s.hidden, p.ob.data(),
                     logits, p.vp, w,
                     [&](auto& acc, int64_t r, int64_t j) { store_tile(acc, logits + r * p.vp + j, p.vp); });
 }
