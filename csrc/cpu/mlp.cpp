@@ -78,11 +78,12 @@ struct Workspace {
   bool keeps_activations;        // z and sig for a backward (a forward alone needs only h)
   std::vector<float> z, sig, h, rstd, logits, dh, dz, pending;
   std::vector<float> row_sums;   // [rows][kVectorFloats]: partial sums of squares of a row's SiLU (Activation)
+  std::vector<float> zero_row;   // [hp] zeros (input_tile)
   std::vector<Bf16Pair> rows16, pairs_a, pairs_b;  // bf16: one product's operands (bf16.h's layouts)
   Workspace(const Packed& p, int64_t rows_, bool backward)
       : rows(rows_), hp(p.hp), vp(p.vp), layers(p.shape.hidden_layers + 1), keeps_activations(backward),
         z(layers * rows * hp), sig(layers * rows * hp), h(layers * rows * hp), rstd(layers * rows),
-        logits(rows * vp), row_sums(rows * kVectorFloats) {
+        logits(rows * vp), row_sums(rows * kVectorFloats), zero_row(hp) {
     if (backward) {
       dh.resize(rows * hp);
       dz.resize(rows * hp);
@@ -192,18 +193,29 @@ float* h_out(Workspace& w, int64_t layer, const float* in, const float* res) {
 }
 
 // The input layer's tile: bias + the sum of the weight rows of each row's set bits (in_wt's rows hp floats apart),
-// in registers, then finished by act.
+// in registers, then finished by act. The rows step through their bits together, a row whose bits have run out
+// adding zeros: 4 x ROWS independent chains of additions and one loop exit per tile, where a loop per row would
+// wait on one chain's latency and mispredict every row's exit.
 template <int ROWS, int NV>
-void input_tile(const Packed& p, const int64_t* idx, uint64_t mask, int64_t row, int64_t col, const Activation& act) {
+void input_tile(const Packed& p, const int64_t* idx, uint64_t mask, const float* zeros, int64_t row, int64_t col,
+                const Activation& act) {
   Accumulators<ROWS, NV> acc;
+  uint64_t bits[ROWS];
+  int steps = 0;
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) {
+    bits[r] = static_cast<uint64_t>(idx[row + r]) & mask;
+    steps = std::max(steps, __builtin_popcountll(bits[r]));
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = load(p.in_b.data() + col + v * kVectorFloats);
-    for (uint64_t bits = static_cast<uint64_t>(idx[row + r]) & mask; bits != 0; bits &= bits - 1) {
-      const float* weights = p.in_wt.data() + __builtin_ctzll(bits) * p.hp + col;
+  }
+  for (int step = 0; step < steps; ++step) {
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      const float* weights = bits[r] == 0 ? zeros : p.in_wt.data() + __builtin_ctzll(bits[r]) * p.hp + col;
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] += load(weights + v * kVectorFloats);
+      bits[r] &= bits[r] - 1;
     }
   }
   act(acc, row, col);
@@ -254,7 +266,7 @@ void forward_block(const Packed& p, const int64_t* idx, int64_t nb, Workspace& w
   const Activation input = activation(p, p.in_g.data(), nullptr, 0, w.h_of(0), w);
   for_column_tiles(hp, [&](auto nv, int64_t col) {
     for_row_tiles(nb, [&](auto rows, int64_t row) {
-      input_tile<decltype(rows)::value, decltype(nv)::value>(p, idx, mask, row, col, input);
+      input_tile<decltype(rows)::value, decltype(nv)::value>(p, idx, mask, w.zero_row.data(), row, col, input);
     });
   });
   const float* in = w.h_of(0);
