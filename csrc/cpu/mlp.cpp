@@ -311,11 +311,15 @@ LogSumExp log_sum_exp(const float* row, int64_t v) {
 }
 
 // torch.argmax's choice: the first maximum, a NaN counting as the largest value.
+// Without branches on the values (a conditional move each step): random rows' comparisons are unpredictable.
 int64_t arg_max(const float* row, int64_t v) {
   int64_t best = 0;
+  float top = row[0];
   for (int64_t i = 1; i < v; ++i) {
-    if (std::isnan(row[best])) break;
-    if (row[i] > row[best] || std::isnan(row[i])) best = i;
+    const float x = row[i];
+    const bool take = (x > top) | ((x != x) & (top == top));  // a NaN beats any number, not an earlier NaN
+    best = take ? i : best;
+    top = take ? x : top;
   }
   return best;
 }
