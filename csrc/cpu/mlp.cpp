@@ -281,8 +281,7 @@ void forward_block(const Packed& p, const int64_t* idx, int64_t nb, Workspace& w
     in = out;
   }
   float* logits = w.logits.data();
-  rows_times_finish(p, in, hp, nb, p.out_wt.data(), p.out_wt16.data(), s.hidden, p.ob.data(),
-                    logits, p.vp, w,
+  rows_times_finish(p, in, hp, nb, p.out_wt.data(), p.out_wt16.data(), s.hidden, p.ob.data(), logits, p.vp, w,
                     [&](auto& acc, int64_t r, int64_t j) { store_tile(acc, logits + r * p.vp + j, p.vp); });
 }
 
