@@ -497,6 +497,29 @@ def test_opcheck(precision, generator):
 
 
 @needs_extension
+@pytest.mark.parametrize(
+    "out_bias",
+    [
+        [1.0, 3.0, 3.0, 2.0],  # ties: the first maximum
+        [0.0, float("nan"), 5.0, float("nan")],  # the first NaN beats every number
+        [float("nan"), 1.0, float("nan"), 2.0],  # a NaN first stays
+        [float("-inf"), float("-inf"), -1.0, float("-inf")],
+        [7.0, float("inf"), float("inf"), 0.0],
+    ],
+)
+def test_argmax_is_torchs_first_maximum_with_nan_largest(out_bias, generator):
+    from aunn_fast import cpp_backend
+
+    cfg = AUNNConfig(vocab_size=4, hidden=16, layers=4, bits=64)
+    params = make_params(cfg, generator)._replace(
+        out_weight=torch.zeros(4, 16), out_bias=torch.tensor(out_bias)
+    )  # every row's logits are the bias exactly
+    idx = make_indices(cfg, 7, generator)
+    expected = torch.tensor(out_bias).argmax().expand(7)
+    assert torch.equal(cpp_backend.predict(idx, params, cfg, "fp32"), expected)
+
+
+@needs_extension
 def test_compile_fullgraph(generator):
     cfg = AUNNConfig(vocab_size=5, hidden=16, layers=4, bits=64)
     model = random_model(cfg, generator, backend="cpp")

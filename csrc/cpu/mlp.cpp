@@ -108,7 +108,10 @@ void transpose_into(const float* src, int64_t rows, int64_t cols, int64_t src_ld
 // step allocates and zeroes nothing. Every buffer is written before it is read.
 struct Workspace {
   int64_t rows = 0, hp = 0, vp = 0, layers = 0;  // layers: the input layer and the hidden ones
+  bool keeps_activations = false;                 // z and sig for a backward (a forward alone needs only h)
   std::vector<float> z, sig, h, rstd, logits, dh, dz, pending;
+  std::vector<float> row_sums;    // [rows][kVectorFloats]: partial sums of squares of a row's SiLU (Activation)
+  std::vector<float> zero_row;    // [hp] zeros (input_tile); never written
   std::vector<float> coef;        // backward: each row's norm term (norm_backward)
   std::vector<float> index_bits;  // backward: the block's index bits as 0/1 floats, [rows][64]
   std::vector<Bf16Pair> rows16, pairs_a, pairs_b;  // bf16: one product's operands (bf16.h's layouts)
@@ -117,9 +120,12 @@ struct Workspace {
     hp = p.hp;
     vp = p.vp;
     layers = p.shape.hidden_layers + 1;
+    keeps_activations = backward;
     for (auto* v : {&z, &sig, &h}) grow(*v, layers * rows * hp);
     grow(rstd, layers * rows);
     grow(logits, rows * vp);
+    grow(row_sums, rows * kVectorFloats);
+    grow(zero_row, hp);
     if (backward) {
       for (auto* v : {&dh, &dz, &pending}) grow(*v, rows * hp);
       grow(coef, rows);
@@ -162,50 +168,135 @@ bool adds_residual(const Shape& s, int64_t hidden_layer) { return (hidden_layer 
 
 uint64_t bit_mask(int64_t bits) { return bits >= 64 ? ~uint64_t{0} : (uint64_t{1} << bits) - 1; }
 
-// h = RMSNorm(SiLU(z)) * gain (+ res) for nb rows; keeps sigmoid(z) and 1/rms for the backward.
-void activate(const Packed& p, const float* gain, const float* res, int64_t nb, float* z, float* sig, float* h,
-              float* rstd) {
-  const int64_t hp = p.hp;
-  const float inv_h = 1.0f / static_cast<float>(p.shape.hidden);
-  for (int64_t r = 0; r < nb; ++r) {
-    const float* zr = z + r * hp;
-    float* sr = sig + r * hp;
-    VecF sum_sq = splat(0.0f);
-    float* hr = h + r * hp;
-    for (int64_t c = 0; c < hp; c += kVectorFloats) {
-      const VecF zv = load(zr + c);
-      const VecF s = sigmoid(zv);
-      store(sr + c, s);
-      const VecF a = zv * s;
-      store(hr + c, a);  // SiLU(z), normalised below
-      sum_sq += a * a;
+// A layer's h = RMSNorm(SiLU(z)) * gain (+ res) as the finish of the tiles that sum its z (matmul_finish, tile.h):
+// SiLU and the rows' sums of squares while the tile is in registers. Tiles before a row's last store SiLU(z) into h
+// and their partial sums of squares into row_sums; the last one normalises the whole row. Keeps sigmoid(z), z and
+// 1/rms for a backward (z and sig null: predictions need only h).
+struct Activation {
+  int64_t hp;
+  float inv_h, eps;
+  const float* gain;
+  const float* res;  // the residual added to h, or null
+  float *z, *sig, *h, *rstd, *row_sums;
+
+  template <int ROWS, int NV>
+  void operator()(Accumulators<ROWS, NV>& acc, int64_t row, int64_t col) const {
+    VecF sum_sq[ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      sum_sq[r] = col == 0 ? splat(0.0f) : load(row_sums + (row + r) * kVectorFloats);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const int64_t at = (row + r) * hp + col + v * kVectorFloats;
+        const VecF zv = acc[r][v], s = sigmoid(zv);
+        if (z != nullptr) {
+          store(z + at, zv);
+          store(sig + at, s);
+        }
+        acc[r][v] = zv * s;  // SiLU(z)
+        sum_sq[r] += acc[r][v] * acc[r][v];
+      }
     }
-    const float inv_rms = 1.0f / std::sqrt(sum_lanes(sum_sq) * inv_h + p.shape.eps);
-    rstd[r] = inv_rms;
-    for (int64_t c = 0; c < hp; c += kVectorFloats) {
-      VecF y = load(hr + c) * inv_rms * load(gain + c);
-      if (res != nullptr) y += load(res + r * hp + c);
-      store(hr + c, y);
+    if (col + NV * kVectorFloats < hp) {
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        store(row_sums + (row + r) * kVectorFloats, sum_sq[r]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) store(h + (row + r) * hp + col + v * kVectorFloats, acc[r][v]);
+      }
+      return;
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      const float inv_rms = 1.0f / std::sqrt(sum_lanes(sum_sq[r]) * inv_h + eps);
+      rstd[row + r] = inv_rms;
+      float* hr = h + (row + r) * hp;
+      for (int64_t c = 0; c < col; c += kVectorFloats) store(hr + c, normalised(load(hr + c), inv_rms, row + r, c));
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const int64_t c = col + v * kVectorFloats;
+        store(hr + c, normalised(acc[r][v], inv_rms, row + r, c));
+      }
     }
   }
+
+  VecF normalised(VecF silu, float inv_rms, int64_t r, int64_t c) const {
+    const VecF y = silu * inv_rms * load(gain + c);
+    return res == nullptr ? y : y + load(res + r * hp + c);
+  }
+};
+
+// The finish of `layer` (0: the input layer) into h and w's other buffers.
+Activation activation(const Packed& p, const float* gain, const float* res, int64_t layer, float* h, Workspace& w) {
+  Activation act{p.hp, 1.0f / static_cast<float>(p.shape.hidden), p.shape.eps, gain, res, nullptr, nullptr,
+                 h, w.rstd_of(layer), w.row_sums.data()};
+  if (w.keeps_activations) {
+    act.z = w.z_of(layer);
+    act.sig = w.sig_of(layer);
+  }
+  return act;
 }
 
-void broadcast_rows(const float* row, int64_t nb, int64_t width, float* dst) {
-  for (int64_t r = 0; r < nb; ++r) std::memcpy(dst + r * width, row, width * sizeof(float));
+// Where `layer`'s h goes: its own buffer where a backward reads every layer's, else the first buffer that is
+// neither the layer's input nor the residual (a forward alone cycles through at most three, kept in L1).
+float* h_out(Workspace& w, int64_t layer, const float* in, const float* res) {
+  if (w.keeps_activations) return w.h_of(layer);
+  int64_t i = 0;
+  while (w.h_of(i) == in || w.h_of(i) == res) ++i;
+  return w.h_of(i);
 }
 
-// C[nb x m] += X @ B: X the block's float32 rows [nb][x_ld], B a packed weight's first k_len rows (b32 in
-// float32, b16 in bf16 pairs, m columns); C's rows m floats apart.
-void rows_times(const Packed& p, const float* x, int64_t x_ld, int64_t nb, const float* b32, const Bf16Pair* b16,
-                int64_t k_len, float* c, int64_t m, Workspace& w) {
+// The input layer's tile: bias + the sum of the weight rows of each row's set bits (in_wt's rows hp floats apart),
+// in registers, then finished by act. The rows step through their bits together, a row whose bits have run out
+// adding zeros: 4 x ROWS independent chains of additions and one loop exit per tile, where a loop per row would
+// wait on one chain's latency and mispredict every row's exit.
+template <int ROWS, int NV>
+void input_tile(const Packed& p, const int64_t* idx, uint64_t mask, const float* zeros, int64_t row, int64_t col,
+                const Activation& act) {
+  Accumulators<ROWS, NV> acc;
+  uint64_t bits[ROWS];
+  int steps = 0;
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r) {
+    bits[r] = static_cast<uint64_t>(idx[row + r]) & mask;
+    steps = std::max(steps, __builtin_popcountll(bits[r]));
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = load(p.in_b.data() + col + v * kVectorFloats);
+  }
+  for (int step = 0; step < steps; ++step) {
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      const float* weights = bits[r] == 0 ? zeros : p.in_wt.data() + __builtin_ctzll(bits[r]) * p.hp + col;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += load(weights + v * kVectorFloats);
+      bits[r] &= bits[r] - 1;
+    }
+  }
+  act(acc, row, col);
+}
+
+// C = bias + X @ B (bias null: C += X @ B), finished by finish(acc, row, col): X the block's float32 rows
+// [nb][x_ld], B a packed weight's first k_len rows (b32 in float32, b16 in bf16 pairs, m columns); C's rows m
+// floats apart.
+template <class Finish>
+void rows_times_finish(const Packed& p, const float* x, int64_t x_ld, int64_t nb, const float* b32,
+                       const Bf16Pair* b16, int64_t k_len, const float* bias, float* c, int64_t m, Workspace& w,
+                       Finish&& finish) {
 #if AUNN_HAS_BF16
   if (p.shape.bf16) {
     to_bf16_rows(x, nb, x_ld, w.rows16.data());
-    matmul_add<Bf16Product>(w.rows16.data(), x_ld / 2, 1, b16, m, c, m, nb, (k_len + 1) / 2, m);
+    matmul_finish<Bf16Product>(w.rows16.data(), x_ld / 2, 1, b16, m, bias, c, m, nb, (k_len + 1) / 2, m, finish);
     return;
   }
 #endif
-  matmul_add(x, x_ld, 1, b32, m, c, m, nb, k_len, m);
+  matmul_finish<Fp32Product>(x, x_ld, 1, b32, m, bias, c, m, nb, k_len, m, finish);
+}
+
+// C[nb x m] += X @ B (arguments as rows_times_finish's).
+void rows_times(const Packed& p, const float* x, int64_t x_ld, int64_t nb, const float* b32, const Bf16Pair* b16,
+                int64_t k_len, float* c, int64_t m, Workspace& w) {
+  rows_times_finish(p, x, x_ld, nb, b32, b16, k_len, nullptr, c, m, w,
+                    [&](auto& acc, int64_t r, int64_t j) { store_tile(acc, c + r * m + j, m); });
 }
 
 // C[y_cols x x_ld] += Y^T @ X over the block's nb rows (a weight gradient): Y [nb][y_ld], X [nb][x_ld].
@@ -225,32 +316,27 @@ void transposed_times(const Packed& p, const float* y, int64_t y_ld, int64_t y_c
 void forward_block(const Packed& p, const int64_t* idx, int64_t nb, Workspace& w) {
   const Shape& s = p.shape;
   const int64_t hp = p.hp;
-  float* z0 = w.z_of(0);
   const uint64_t mask = bit_mask(s.bits);
-  constexpr int64_t chunk = 4 * kVectorFloats;  // four vectors of sums held in registers over the set bits
-  for (int64_t r = 0; r < nb; ++r) {
-    const uint64_t bits = static_cast<uint64_t>(idx[r]) & mask;
-    int64_t c = 0;
-    for (; c + chunk <= hp; c += chunk)
-      sum_rows_of_bits<4>(p.in_b.data() + c, p.in_wt.data() + c, hp, bits, z0 + r * hp + c);
-    for (; c < hp; c += kVectorFloats)
-      sum_rows_of_bits<1>(p.in_b.data() + c, p.in_wt.data() + c, hp, bits, z0 + r * hp + c);
-  }
-  activate(p, p.in_g.data(), nullptr, nb, z0, w.sig_of(0), w.h_of(0), w.rstd_of(0));
-  const float* res = w.h_of(0);
+  const Activation input = activation(p, p.in_g.data(), nullptr, 0, w.h_of(0), w);
+  for_column_tiles(hp, [&](auto nv, int64_t col) {
+    for_row_tiles(nb, [&](auto rows, int64_t row) {
+      input_tile<decltype(rows)::value, decltype(nv)::value>(p, idx, mask, w.zero_row.data(), row, col, input);
+    });
+  });
+  const float* in = w.h_of(0);
+  const float* res = in;
   for (int64_t l = 0; l < s.hidden_layers; ++l) {
-    float* z = w.z_of(l + 1);
-    broadcast_rows(p.hb.data() + l * hp, nb, hp, z);
-    rows_times(p, w.h_of(l), hp, nb, offset_or_null(p.wt.data(), l * hp * hp),
-               offset_or_null(p.wt16.data(), l * hp / 2 * hp), s.hidden, z, hp, w);
     const bool residual = adds_residual(s, l);
-    activate(p, p.hg.data() + l * hp, residual ? res : nullptr, nb, z, w.sig_of(l + 1), w.h_of(l + 1),
-             w.rstd_of(l + 1));
-    if (residual) res = w.h_of(l + 1);
+    float* out = h_out(w, l + 1, in, res);
+    rows_times_finish(p, in, hp, nb, offset_or_null(p.wt.data(), l * hp * hp),
+                      offset_or_null(p.wt16.data(), l * hp / 2 * hp), s.hidden, p.hb.data() + l * hp, out, hp, w,
+                      activation(p, p.hg.data() + l * hp, residual ? res : nullptr, l + 1, out, w));
+    if (residual) res = out;
+    in = out;
   }
-  broadcast_rows(p.ob.data(), nb, p.vp, w.logits.data());
-  rows_times(p, w.h_of(s.hidden_layers), hp, nb, p.out_wt.data(), p.out_wt16.data(), s.hidden, w.logits.data(), p.vp,
-             w);
+  float* logits = w.logits.data();
+  rows_times_finish(p, in, hp, nb, p.out_wt.data(), p.out_wt16.data(), s.hidden, p.ob.data(), logits, p.vp, w,
+                    [&](auto& acc, int64_t r, int64_t j) { store_tile(acc, logits + r * p.vp + j, p.vp); });
 }
 
 // log(sum(exp(row))) over the first v entries, kept as max + log1p(the other entries' share) and never summed
@@ -278,11 +364,15 @@ LogSumExp log_sum_exp(const float* row, int64_t v) {
 }
 
 // torch.argmax's choice: the first maximum, a NaN counting as the largest value.
+// Without branches on the values (a conditional move each step): random rows' comparisons are unpredictable.
 int64_t arg_max(const float* row, int64_t v) {
   int64_t best = 0;
+  float top = row[0];
   for (int64_t i = 1; i < v; ++i) {
-    if (std::isnan(row[best])) break;
-    if (row[i] > row[best] || std::isnan(row[i])) best = i;
+    const float x = row[i];
+    const bool take = (x > top) | ((x != x) & (top == top));  // a NaN beats any number, not an earlier NaN
+    best = take ? i : best;
+    top = take ? x : top;
   }
   return best;
 }

@@ -1,6 +1,8 @@
-// Register-blocked product C[R x M] += A[R x K] @ B[K x M] into float32 C, on float32 operands or (AVX512-BF16)
+// Register-blocked products C = start + A[R x K] @ B[K x M] in float32 sums, on float32 operands or (AVX512-BF16)
 // bfloat16 pairs: B and C row-major with leading dimensions, A at any two strides (element (r, k) at
-// a[r * a_rs + k * a_ks]), so that A may be a transposed view.
+// a[r * a_rs + k * a_ks]), so that A may be a transposed view; start is C itself or a bias row. Each tile's final
+// sums go to a caller's finish while still in registers (the forward's SiLU and RMSNorm, mlp.cpp), or are stored.
+// Also the vector exp, sigmoid and reciprocal those finishes use.
 //
 // Written with GCC/Clang vector extensions at the width the build targets (-march=native): 16 floats with
 // AVX-512, 8 with AVX2, 4 otherwise. M must be a multiple of that width (callers pad every dimension).
@@ -10,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -42,34 +45,53 @@ typedef int32_t VecI __attribute__((vector_size(AUNN_VECTOR_FLOATS * 4)));
 
 inline VecF splat(float x) { return VecF{} + x; }
 
-// exp(x) per lane, within ~2 float32 ulps: 2^n * p(r) with r = x - n log(2), |r| <= log(2)/2, p the degree-7
-// Taylor polynomial; x is clamped to [-87, 88], where the result stays a normal float (a sigmoid's exp(-z)
-// beyond that range changes its result by under 1e-38).
-inline VecF exp(VecF x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  x = x > splat(88.0f) ? splat(88.0f) : x;
+// Lane-wise maximum and minimum of a limit and x that keep a NaN x (one instruction where the target has one).
+inline VecF at_least(VecF limit, VecF x) {
 #if defined(__AVX512F__)
-  const VecF n = (VecF)_mm512_roundscale_ps((__m512)(x * splat(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  return (VecF)_mm512_max_ps((__m512)limit, (__m512)x);  // the second operand where either is a NaN
+#elif defined(__AVX__)
+  return (VecF)_mm256_max_ps((__m256)limit, (__m256)x);
 #else
-  const VecF magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const VecF n = (x * splat(1.44269504088896341f) + magic) - magic;
-#endif
-  const VecF r = (x - n * splat(0.693145751953125f)) - n * splat(1.42860682030941723e-06f);
-  VecF p = splat(1.0f / 5040.0f);
-  p = p * r + splat(1.0f / 720.0f);
-  p = p * r + splat(1.0f / 120.0f);
-  p = p * r + splat(1.0f / 24.0f);
-  p = p * r + splat(1.0f / 6.0f);
-  p = p * r + splat(0.5f);
-  p = p * r + splat(1.0f);
-  p = p * r + splat(1.0f);
-#if defined(__AVX512F__)
-  return (VecF)_mm512_scalef_ps((__m512)p, (__m512)n);  // p * 2^n in one instruction
-#else
-  const VecI scale_bits = (__builtin_convertvector(n, VecI) + 127) << 23;
-  return p * reinterpret_cast<const VecF&>(scale_bits);
+  return x < limit ? limit : x;
 #endif
 }
+inline VecF at_most(VecF limit, VecF x) {
+#if defined(__AVX512F__)
+  return (VecF)_mm512_min_ps((__m512)limit, (__m512)x);
+#elif defined(__AVX__)
+  return (VecF)_mm256_min_ps((__m256)limit, (__m256)x);
+#else
+  return x > limit ? limit : x;
+#endif
+}
+
+// exp(-z) per lane as its two factors, 2^n * p(r) with n = round(-z / log(2)) and r = -z - n log(2) (|r| <=
+// log(2)/2), p a degree-5 polynomial fitted to exp on that range (relative error 9.2e-8 before rounding): within
+// ~2 float32 ulps. z is clamped to [-88, 87], where 2^n stays a normal float (a sigmoid's exp(-z) beyond that range
+// changes its result by under 1e-38). The rounding to n is fused into the multiplication by 1 / log(2): adding
+// 1.5 * 2^23 + 127 leaves n + 127 in the sum's low bits, which shifted into the exponent field are 2^n's bits.
+struct ExpOfNegative {
+  VecF scale, poly;
+  explicit ExpOfNegative(VecF z) {
+    z = at_most(splat(87.0f), at_least(splat(-88.0f), z));
+    const VecF shifted = z * splat(-1.44269504088896341f) + splat(12583039.0f);  // 1.5 * 2^23 + 127
+    const VecF n = shifted - splat(12583039.0f);
+    const VecF minus_r = (z + n * splat(0.693145751953125f)) + n * splat(1.42860682030941723e-06f);
+    VecF p = splat(-0x1.0fa81ap-7f);  // the odd coefficients negated: p is evaluated at -r
+    p = p * minus_r + splat(0x1.573a50p-5f);
+    p = p * minus_r + splat(-0x1.555a6ap-3f);
+    p = p * minus_r + splat(0x1.fffdc6p-2f);
+    p = p * minus_r + splat(-0x1.fffff6p-1f);
+    poly = p * minus_r + splat(1.0f);
+    const VecI bits = reinterpret_cast<const VecI&>(shifted) << 23;
+    scale = reinterpret_cast<const VecF&>(bits);
+  }
+  VecF value() const { return poly * scale; }
+  VecF one_plus() const { return poly * scale + splat(1.0f); }  // 1 + exp(-z) in one fused multiply-add
+};
+
+// exp(x) per lane, within ~2 float32 ulps (ExpOfNegative).
+inline VecF exp(VecF x) { return ExpOfNegative(-x).value(); }
 
 // 1 / d per lane for d >= 1. AVX-512: the 14-bit estimate and one Newton step (within ~1 ulp), a few cycles
 // where a division of 16 floats holds the divider for ~16; elsewhere the division (cheap at 8 lanes).
@@ -83,7 +105,7 @@ inline VecF reciprocal(VecF d) {
 }
 
 // sigmoid(z) = 1 / (1 + exp(-z)) per lane.
-inline VecF sigmoid(VecF z) { return reciprocal(splat(1.0f) + exp(-z)); }
+inline VecF sigmoid(VecF z) { return reciprocal(ExpOfNegative(z).one_plus()); }
 
 // The sum of the lanes, as a tree of shuffles and adds (a row's reduction runs once per row and layer).
 inline float sum_lanes(VecF v) {
@@ -128,15 +150,45 @@ struct Bf16Product {
 #define AUNN_HAS_BF16 0
 #endif
 
-// C[ROWS x NV vectors] += A @ B over k_len steps (k, or pairs of k), with the accumulators in registers.
-template <class P, int ROWS, int NV>
+// A tile's accumulators: ROWS rows x NV vectors of C, in registers.
+template <int ROWS, int NV>
+using Accumulators = VecF[ROWS][NV];
+
+// f(std::integral_constant<int, R>{}, row) for the row tiles of `rows` rows: kTileRows rows each and a last of fewer.
+template <class F>
+inline void for_row_tiles(int64_t rows, F&& f) {
+  int64_t r = 0;
+  for (; r + kTileRows <= rows; r += kTileRows) f(std::integral_constant<int, kTileRows>{}, r);
+  switch (rows - r) {
+    case 5: f(std::integral_constant<int, 5>{}, r); break;
+    case 4: f(std::integral_constant<int, 4>{}, r); break;
+    case 3: f(std::integral_constant<int, 3>{}, r); break;
+    case 2: f(std::integral_constant<int, 2>{}, r); break;
+    case 1: f(std::integral_constant<int, 1>{}, r); break;
+    default: break;
+  }
+}
+
+// f(std::integral_constant<int, NV>{}, column) for the column tiles of m columns (a multiple of kVectorFloats):
+// kTileVectors vectors each, then single vectors.
+template <class F>
+inline void for_column_tiles(int64_t m, F&& f) {
+  constexpr int64_t chunk = kTileVectors * kVectorFloats;
+  int64_t j = 0;
+  for (; j + chunk <= m; j += chunk) f(std::integral_constant<int, kTileVectors>{}, j);
+  for (; j < m; j += kVectorFloats) f(std::integral_constant<int, 1>{}, j);
+}
+
+// finish(acc, ...) of acc = start + A @ B over k_len steps (k, or pairs of k) for one tile: start's rows start_rs
+// floats apart (0: one row, a bias, for every row), A's element (r, k) at a[r * a_rs + k * a_ks], B's rows ldb apart.
+template <class P, int ROWS, int NV, class Finish>
 inline void tile(const typename P::Elem* a, int64_t a_rs, int64_t a_ks, const typename P::Elem* b, int64_t ldb,
-                 float* c, int64_t ldc, int64_t k_len) {
-  VecF acc[ROWS][NV];
+                 const float* start, int64_t start_rs, int64_t k_len, Finish&& finish) {
+  Accumulators<ROWS, NV> acc;
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = load(c + r * ldc + v * kVectorFloats);
+    for (int v = 0; v < NV; ++v) acc[r][v] = load(start + r * start_rs + v * kVectorFloats);
   for (int64_t k = 0; k < k_len; ++k) {
     typename P::BVec bv[NV];
 #pragma GCC unroll 8
@@ -148,69 +200,60 @@ inline void tile(const typename P::Elem* a, int64_t a_rs, int64_t a_ks, const ty
       for (int v = 0; v < NV; ++v) acc[r][v] = P::step(acc[r][v], av, bv[v]);
     }
   }
+  finish(acc);
+}
+
+// The tile's accumulators stored into C (rows ldc apart).
+template <int ROWS, int NV>
+inline void store_tile(const Accumulators<ROWS, NV>& acc, float* c, int64_t ldc) {
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) store(c + r * ldc + v * kVectorFloats, acc[r][v]);
 }
 
-// C[rows x NV vectors] += A[rows x k_len] @ B[k_len x NV vectors], in tiles of kTileRows rows and a last one.
-template <class P, int NV>
-inline void panel(const typename P::Elem* a, int64_t a_rs, int64_t a_ks, const typename P::Elem* b, int64_t ldb,
-                  float* c, int64_t ldc, int64_t rows, int64_t k_len) {
-  int64_t r = 0;
-  for (; r + kTileRows <= rows; r += kTileRows)
-    tile<P, kTileRows, NV>(a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc, k_len);
-  a += r * a_rs;
-  c += r * ldc;
-  switch (rows - r) {
-    case 5: tile<P, 5, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
-    case 4: tile<P, 4, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
-    case 3: tile<P, 3, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
-    case 2: tile<P, 2, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
-    case 1: tile<P, 1, NV>(a, a_rs, a_ks, b, ldb, c, ldc, k_len); break;
-    default: break;
-  }
-}
-
-// Steps of k a panel takes at a time: a kBlockK x (kTileVectors vectors) panel of B stays in L1 while every row
+// Steps of k a tile takes at a time: a kBlockK x (kTileVectors vectors) panel of B stays in L1 while every row
 // tile of A passes over it (wide layers: a 512 x 512 weight is 1 MB, out of L1 and L2).
 constexpr int64_t kBlockK = 128;
 
-// C[rows x m] += A[rows x k_len] @ B[k_len x m] (float32 C; k_len steps of P: k, or pairs of k), A's element
-// (r, k) at a[r * a_rs + k * a_ks], B's (k, j) at b[k * ldb + j]; m a multiple of kVectorFloats.
+// C = start + A[rows x k_len] @ B[k_len x m] (k_len steps of P: k, or pairs of k), each tile's final sums handed to
+// finish(acc, row, column) in registers (earlier k blocks go through C, rows ldc floats apart): start is `bias`
+// (one row of m floats, for every row) or, where bias is null, C's own values. A's element (r, k) at
+// a[r * a_rs + k * a_ks], B's (k, j) at b[k * ldb + j]; m a multiple of kVectorFloats. Tiles finish in order of
+// their columns for each row.
+template <class P, class Finish>
+inline void matmul_finish(const typename P::Elem* a, int64_t a_rs, int64_t a_ks, const typename P::Elem* b,
+                          int64_t ldb, const float* bias, float* c, int64_t ldc, int64_t rows, int64_t k_len, int64_t m,
+                          Finish&& finish) {
+  for_column_tiles(m, [&](auto nv, int64_t j) {
+    for (int64_t k = 0; k < k_len; k += kBlockK) {
+      const int64_t k_block = std::min(kBlockK, k_len - k);
+      const bool last = k + k_block >= k_len;
+      const typename P::Elem* bk = b + k * ldb + j;
+      for_row_tiles(rows, [&](auto row_count, int64_t r) {
+        constexpr int ROWS = decltype(row_count)::value, NV = decltype(nv)::value;
+        const bool from_bias = k == 0 && bias != nullptr;
+        const float* start = from_bias ? bias + j : c + r * ldc + j;
+        tile<P, ROWS, NV>(a + r * a_rs + k * a_ks, a_rs, a_ks, bk, ldb, start, from_bias ? 0 : ldc, k_block,
+                          [&](Accumulators<ROWS, NV>& acc) {
+                            if (last) {
+                              finish(acc, r, j);
+                            } else {
+                              store_tile(acc, c + r * ldc + j, ldc);
+                            }
+                          });
+      });
+    }
+  });
+}
+
+// C[rows x m] += A[rows x k_len] @ B[k_len x m] (float32 C; arguments as matmul_finish's).
 template <class P = Fp32Product>
 inline void matmul_add(const typename P::Elem* a, int64_t a_rs, int64_t a_ks, const typename P::Elem* b,
                        int64_t ldb, float* c, int64_t ldc, int64_t rows, int64_t k_len, int64_t m) {
-  constexpr int64_t chunk = kTileVectors * kVectorFloats;
-  for (int64_t j = 0; j < m; j += chunk) {
-    for (int64_t k = 0; k < k_len; k += kBlockK) {
-      const int64_t k_block = std::min(kBlockK, k_len - k);
-      const typename P::Elem* ak = a + k * a_ks;
-      const typename P::Elem* bk = b + k * ldb + j;
-      if (j + chunk <= m) {
-        panel<P, kTileVectors>(ak, a_rs, a_ks, bk, ldb, c + j, ldc, rows, k_block);
-      } else {
-        for (int64_t v = 0; j + v < m; v += kVectorFloats)
-          panel<P, 1>(ak, a_rs, a_ks, bk + v, ldb, c + j + v, ldc, rows, k_block);
-      }
-    }
-  }
-}
-
-// out[0 : NV vectors] = base + the sum of the rows `bit` of `rows` (ld floats apart) for every set bit.
-template <int NV>
-inline void sum_rows_of_bits(const float* base, const float* rows, int64_t ld, uint64_t bits, float* out) {
-  VecF acc[NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) acc[v] = load(base + v * kVectorFloats);
-  for (; bits != 0; bits &= bits - 1) {
-    const float* row = rows + __builtin_ctzll(bits) * ld;
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[v] += load(row + v * kVectorFloats);
-  }
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) store(out + v * kVectorFloats, acc[v]);
+  matmul_finish<P>(a, a_rs, a_ks, b, ldb, nullptr, c, ldc, rows, k_len, m, [&](auto& acc, int64_t r, int64_t j) {
+    store_tile(acc, c + r * ldc + j, ldc);
+  });
 }
 
 }  // namespace aunn_cpu
