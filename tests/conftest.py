@@ -16,11 +16,12 @@ if not torch.cuda.is_available():
     # fp32 kernels multiply with FMAs here: the interpreter's emulation of the GPU default, tf32x3 (three
     # products per dot), made the suite a third slower; the tests of tf32x3 select it themselves.
     os.environ.setdefault("AUNN_FAST_FP32_PRODUCTS", "ieee")
-    # In the interpreter the kernels are opaque custom ops, which Inductor's on-disk caches do not look
-    # inside: a graph compiled against earlier kernels (other output shapes) would be reused and fail.
-    # So the cache is kept per version of the package's sources. (On a GPU the graph holds the kernels.)
+    # In the interpreter the kernels are opaque custom ops, as are the C++ extension's operators, which
+    # Inductor's on-disk caches do not look inside: a graph compiled against earlier kernels or operators
+    # would be reused and fail (a test of the C++ operators once read a stale graph's wrong loss). So the
+    # cache is kept per version of the package's sources, C++ included. (On a GPU the graph holds the kernels.)
     root = Path(__file__).parents[1]
-    sources = sorted([*root.glob("aunn_fast/*.py"), *root.glob("kernels/*.py")])
+    sources = sorted([*root.glob("aunn_fast/*.py"), *root.glob("kernels/*.py"), *root.glob("csrc/*/*")])
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"aunn_inductor_{digest}"))
     # Imported here, under the variable: triton.language's own jit functions (tl.sum, ...) become interpretable
