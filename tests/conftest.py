@@ -18,11 +18,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("AUNN_FAST_FP32_PRODUCTS", "ieee")
     # In the interpreter the kernels are opaque custom ops, as are the C++ extension's operators, which
     # Inductor's on-disk caches do not look inside: a graph compiled against earlier kernels or operators
-    # would be reused and fail (a test of the C++ operators once read a stale graph's wrong loss). So the
-    # cache is kept per version of the package's sources, C++ included. (On a GPU the graph holds the kernels.)
+    # would be reused and fail. So the cache is kept per version of the package's sources, C++ included
+    # (on a GPU the graph holds the kernels), and per ATEN_CPU_CAPABILITY: torch 2.13's cache served a graph
+    # compiled for AVX-512 to a run forced to AVX2 (tests/test_cpp.py's compile test then read a wrong loss,
+    # and the other way round crashed).
     root = Path(__file__).parents[1]
     sources = sorted([*root.glob("aunn_fast/*.py"), *root.glob("kernels/*.py"), *root.glob("csrc/*/*")])
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").encode()
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + capability).hexdigest()[:16]
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"aunn_inductor_{digest}"))
     # Imported here, under the variable: triton.language's own jit functions (tl.sum, ...) become interpretable
     # only when triton is first imported with it set, and a test that unsets it (to check the refusal) would
