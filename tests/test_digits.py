@@ -8,7 +8,14 @@ import torch
 
 from aunn_fast import AUNN, AUNNConfig, digits
 from aunn_fast.cli import main
-from aunn_fast.data import DIGITS_HELD_OUT, DigitsData, data_from_description, load_data
+from aunn_fast.data import (
+    DIGIT_ORDERS,
+    DIGITS_HELD_OUT,
+    DigitsData,
+    data_from_description,
+    load_data,
+    similarity_tree_order,
+)
 from aunn_fast.train import TrainConfig, train
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is absent: pip install -e '.[digits]'")
@@ -42,15 +49,74 @@ def test_the_last_97_digits_are_held_out(data):
 
 
 def test_digits_spec_and_description_reopen(data):
-    assert (
-        load_data("digits").describe() == data.describe() == {"kind": "digits", "held_out": 97, "length": data.length}
-    )
+    described = {"kind": "digits", "held_out": 97, "order": "scikit", "length": data.length}
+    assert load_data("digits").describe() == load_data("digits:scikit").describe() == data.describe() == described
     reopened = data_from_description(data.describe(), data.vocab)
     assert isinstance(reopened, DigitsData) and reopened.length == data.length
-    with pytest.raises(ValueError, match="takes no argument"):
-        load_data("digits:5")
+    for spec in ("digits:5", "digits:labels", "digits:tree:1"):
+        with pytest.raises(ValueError, match=r"digits\[:ORDER\]"):
+            load_data(spec)
     with pytest.raises(ValueError, match="changed"):
         data_from_description({**data.describe(), "length": 64})
+    older = {"kind": "digits", "held_out": 97, "length": data.length}  # a checkpoint from before the orders
+    assert data_from_description(older).order == "scikit"
+    with pytest.raises(ValueError, match="unknown digits order"):
+        data_from_description({**data.describe(), "order": "shuffled"})
+
+
+@pytest.mark.parametrize("order", DIGIT_ORDERS)
+def test_every_order_places_the_same_training_digits(data, order):
+    placed = load_data(f"digits:{order}")
+    assert placed.describe() == {**data.describe(), "order": order}
+    assert data_from_description(placed.describe()).train_images.tobytes() == placed.train_images.tobytes()
+    pairs = sorted(zip(placed.train_images.reshape(data.images, -1).tolist(), placed.train_labels.tolist()))
+    assert pairs == sorted(zip(data.train_images.reshape(data.images, -1).tolist(), data.train_labels.tolist()))
+    every = placed.targets(torch.arange(placed.length)).numpy()
+    assert np.array_equal(every, placed.train_images.reshape(-1))
+    assert np.array_equal(placed.held_out_images, data.held_out_images)  # held out, and at their slots, alike
+
+
+def test_label_order_keeps_scikit_learns_order_within_a_label(data):
+    placed = DigitsData(order="label")
+    assert np.all(np.diff(placed.train_labels) >= 0)
+    for label in range(10):
+        assert np.array_equal(
+            placed.train_images[placed.train_labels == label], data.train_images[data.train_labels == label]
+        )
+
+
+def test_similarity_tree_splits_every_node_along_its_widest_direction():
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(13, 3)) * [5.0, 2.0, 0.5]  # 13 images fill slots 0..12 of a 16-slot tree
+    order = similarity_tree_order(points)
+    assert sorted(order.tolist()) == list(range(13))
+
+    def splits(first, slots):
+        """(left, right) members of every node that has both children, slots [first, first + slots)."""
+        half = slots // 2
+        if slots == 1 or first + half >= len(order):
+            return [] if slots == 1 else splits(first, half)
+        left, right = order[first : first + half], order[first + half : first + slots]
+        return [(left, right), *splits(first, half), *splits(first + half, half)]
+
+    nodes = splits(0, 16)
+    assert [len(left) + len(right) for left, right in nodes] == [13, 8, 4, 2, 2, 4, 2, 2, 5, 4, 2, 2]
+    for left, right in nodes:
+        members = points[np.concatenate([left, right])]
+        centre = members.mean(0)
+        direction = np.linalg.svd(members - centre, full_matrices=False)[2][0]
+        low, high = (points[left] - centre) @ direction, (points[right] - centre) @ direction
+        assert low.max() <= high.min() or high.max() <= low.min()
+
+
+def test_similarity_tree_puts_alike_digits_side_by_side(data):
+    def neighbour_distance(images):
+        flat = images.reshape(len(images), -1).astype(np.float64)
+        return np.abs(np.diff(flat, axis=0)).sum(1).mean()
+
+    tree = DigitsData(order="tree")
+    assert neighbour_distance(tree.train_images) < 0.6 * neighbour_distance(data.train_images)
+    assert np.mean(tree.train_labels[1:] == tree.train_labels[:-1]) > 0.8
 
 
 def test_digits_without_scikit_learn_say_how_to_install(monkeypatch):
