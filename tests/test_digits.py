@@ -1,13 +1,15 @@
 """The digits experiment: data layout, held-out split, generated and inpainted arrays, classifier metrics."""
 
+import json
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from aunn_fast import AUNN, AUNNConfig, digits
-from aunn_fast.cli import main
+from aunn_fast.cli import PRESETS, main
 from aunn_fast.data import (
     DIGIT_ORDERS,
     DIGITS_HELD_OUT,
@@ -192,3 +194,17 @@ def test_digits_without_scikit_learn_fail_in_one_line(monkeypatch, tmp_path, cap
         "aunn train: error: the digits data needs scikit-learn: pip install 'aunn_fast[digits]'"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_digits_demo_trains_the_tree_order_on_17_bits_with_focus(monkeypatch, tmp_path):
+    """The preset's data, index bits and focus reach the run (its model and length shrunk to a smoke test)."""
+    preset = PRESETS["digits"]
+    assert (preset.data, preset.bits, preset.train.focus, preset.train.target_accuracy) == ("digits:tree", 17, 0.25, 1)
+    small = replace(preset, hidden=16, layers=3, condition_steps=1, train=replace(preset.train, steps=4, eval_every=2))
+    monkeypatch.setitem(PRESETS, "digits", small)
+    assert main(["demo", "--preset", "digits", "--out", str(tmp_path), "--quiet", "--device", "cpu"]) == 0
+    model = AUNN.load(tmp_path / "model.safetensors")
+    assert model.cfg.bits == 17 and 1797 * 64 - 1 <= model.cfg.max_index  # every held-out slot fits
+    assert model.data_description == {"kind": "digits", "held_out": 97, "order": "tree", "length": 108800}
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["digits"]["inpainted"] == 97 and 0 <= metrics["train_accuracy"] <= 1
