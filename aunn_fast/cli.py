@@ -608,7 +608,7 @@ class Preset:
     train: TrainConfig
     condition_steps: int = 1
     condition_lr: float = 1e-3
-    bits: int = ARCHITECTURE["bits"]  # at least; a --data longer than 2^bits gets the bits it needs
+    bits: int = ARCHITECTURE["bits"]  # for the preset's own data; a --data of the user's gets the default
 
 
 # Every preset trains with TrainConfig's schedule (lr 1e-2 unless said, warm-up, cosine decay to 0; docs/training.md).
@@ -701,7 +701,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data = load_data(spec)
     if args.hold_out:
         data = HeldOutTail(data, args.hold_out)
-    bits = max(preset.bits, (data.length - 1).bit_length())
+    bits = ARCHITECTURE["bits"] if args.data else preset.bits
     cfg = AUNNConfig(vocab_size=data.vocab_size, hidden=preset.hidden, layers=preset.layers, bits=bits)
     model = AUNN(cfg, backend=args.backend, precision=args.precision, seed=args.seed).to(args.device)
     marker = args.out / DEMO_MARKER

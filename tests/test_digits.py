@@ -208,3 +208,6 @@ def test_digits_demo_trains_the_tree_order_on_17_bits_with_focus(monkeypatch, tm
     assert model.data_description == {"kind": "digits", "held_out": 97, "order": "tree", "length": 108800}
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["digits"]["inpainted"] == 97 and 0 <= metrics["train_accuracy"] <= 1
+    other = tmp_path / "other"
+    assert main(["demo", "--preset", "digits", "--data", "digits", "--out", str(other), "--quiet"]) == 0
+    assert AUNN.load(other / "model.safetensors").cfg.bits == 64  # the preset's bits are for its own data
