@@ -5,6 +5,7 @@ import csv
 import pytest
 import torch
 
+import aunn_fast.train as train_module
 from aunn_fast import AUNN, AUNNConfig
 from aunn_fast.callbacks import Callback
 from aunn_fast.data import ToyData
@@ -96,3 +97,10 @@ def test_a_run_resumed_at_a_full_pass_focuses_on_the_same_indices(tmp_path):
     unfocused = TrainConfig(**{**cfg.__dict__, "focus": 0.0})
     train(_model(), ToyData(chunks=40), unfocused, tmp_path / "plain", progress=False)
     assert _logged(tmp_path / "plain")[4:] != _logged(tmp_path / "full")[4:]  # focus changed the run
+
+
+def test_focus_is_refused_under_torchrun(monkeypatch):
+    monkeypatch.setattr(train_module.distributed, "rank_and_world_size", lambda: (0, 2))
+    cfg = TrainConfig(batch_size=32, steps=2, eval_every=1, focus=0.5)
+    with pytest.raises(ValueError, match="focus trains one process only"):
+        train(_model(), ToyData(chunks=40), cfg, progress=False)
