@@ -377,7 +377,8 @@ def similarity_tree_order(images: np.ndarray) -> np.ndarray:
     """int64 [n]: an order of the images (flattened [n, ...]) in which every bit of an image's slot number
     splits the images alike in the pixels. Slots 0 .. n-1 fill a binary tree of 2^ceil(log2 n) slots from
     the left: a node of 2^k slots holding m images gives its left child the min(m, 2^(k-1)) images lowest
-    along their first principal direction, the right child the rest, and so on down to single images. So
+    along their first principal direction (signed so that its largest component is positive), the right
+    child the rest, and so on down to single images. So
     the slot's highest bit tells the images apart along the widest direction of the whole set, and each
     lower bit along the widest direction of the images that share the bits above it."""
     pixels = images.reshape(len(images), -1).astype(np.float64)
@@ -390,6 +391,7 @@ def similarity_tree_order(images: np.ndarray) -> np.ndarray:
             return order(members, half)
         centred = pixels[members] - pixels[members].mean(axis=0)
         direction = np.linalg.svd(centred, full_matrices=False)[2][0]
+        direction *= np.sign(direction[np.argmax(np.abs(direction))])  # the SVD's sign varies with the LAPACK build
         ranked = members[np.argsort(centred @ direction, kind="stable")]
         return order(ranked[:half], half) + order(ranked[half:], half)
 
