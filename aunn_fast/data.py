@@ -10,9 +10,11 @@ checkpoint so the run can be reopened. Specs on the command line:
     bytes:PATH            raw bytes, vocabulary 256, memory-mapped (files larger than RAM work)
     tokens:PATH           token ids (e.g. BPE), memory-mapped: a 1-D integer .npy, or a .bin of
                           little-endian uint16 (nanoGPT's train.bin); vocabulary: the largest id + 1
-    digits                scikit-learn's 1,797 8x8 handwritten digits (optional extra `[digits]`), grey
+    digits[:ORDER]        scikit-learn's 1,797 8x8 handwritten digits (optional extra `[digits]`), grey
                           levels 0-16 as tokens, 64 pixels per image in row-major order, images end to end;
-                          the last DIGITS_HELD_OUT images are held out of training (for inpainting)
+                          the last DIGITS_HELD_OUT images are held out of training (for inpainting); ORDER
+                          (DIGIT_ORDERS) is the training images' order: scikit-learn's (default), by label,
+                          or a similarity tree (see :func:`similarity_tree_order`)
 
 A file dataset's description carries the file's SHA-256, so a checkpoint reopens the data only
 if the file is unchanged (an edit that keeps the length included).
@@ -368,23 +370,67 @@ def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     return bunch.images.astype(np.uint8), bunch.target.astype(np.int64)
 
 
+DIGIT_ORDERS = ("scikit", "label", "tree")
+
+
+def similarity_tree_order(images: np.ndarray) -> np.ndarray:
+    """int64 [n]: an order of the images (flattened [n, ...]) in which every bit of an image's slot number
+    splits the images alike in the pixels. Slots 0 .. n-1 fill a binary tree of 2^ceil(log2 n) slots from
+    the left: a node of 2^k slots holding m images gives its left child the min(m, 2^(k-1)) images lowest
+    along their first principal direction (signed so that its largest component is positive), the right
+    child the rest, and so on down to single images. So
+    the slot's highest bit tells the images apart along the widest direction of the whole set, and each
+    lower bit along the widest direction of the images that share the bits above it."""
+    pixels = images.reshape(len(images), -1).astype(np.float64)
+
+    def order(members: np.ndarray, slots: int) -> list[np.ndarray]:
+        if len(members) <= 1:
+            return [members]
+        half = slots // 2
+        if len(members) <= half:  # the right child is empty: this bit is 0 for every member
+            return order(members, half)
+        centred = pixels[members] - pixels[members].mean(axis=0)
+        direction = np.linalg.svd(centred, full_matrices=False)[2][0]
+        direction *= np.sign(direction[np.argmax(np.abs(direction))])  # the SVD's sign varies with the LAPACK build
+        ranked = members[np.argsort(centred @ direction, kind="stable")]
+        return order(ranked[:half], half) + order(ranked[half:], half)
+
+    slots = 1 << max(0, len(images) - 1).bit_length()
+    return np.concatenate(order(np.arange(len(images)), slots)).astype(np.int64)
+
+
+def digit_order(images: np.ndarray, labels: np.ndarray, name: str) -> np.ndarray:
+    """int64 [n]: the training images' order called ``name`` (one of DIGIT_ORDERS): scikit-learn's own,
+    by label (stable: scikit-learn's order within a label), or :func:`similarity_tree_order`."""
+    if name == "scikit":
+        return np.arange(len(images), dtype=np.int64)
+    if name == "label":
+        return np.argsort(labels, kind="stable").astype(np.int64)
+    if name == "tree":
+        return similarity_tree_order(images)
+    raise UserInputError(f"unknown digits order {name!r}; choose from {', '.join(DIGIT_ORDERS)}")
+
+
 class DigitsData:
-    """scikit-learn's 8x8 handwritten digits as one token sequence: image i's pixel (r, c) is token
-    ``64 i + 8 r + c``, its grey level 0..16 (vocabulary ``0``..``9``, ``a``..``g``). The last
-    ``held_out`` images are not part of the sequence; they sit where the sequence would continue
-    (image ``images + k`` at indices ``64 (images + k)`` ..), and are kept for inpainting."""
+    """scikit-learn's 8x8 handwritten digits as one token sequence: training image i's pixel (r, c) is token
+    ``64 i + 8 r + c``, its grey level 0..16 (vocabulary ``0``..``9``, ``a``..``g``). The training images
+    stand in the ``order`` of DIGIT_ORDERS (:func:`digit_order`); ``train_images`` and ``train_labels`` are
+    in that order. The last ``held_out`` images of scikit-learn's are not part of the sequence; they sit
+    where the sequence would continue (image ``images + k`` at indices ``64 (images + k)`` ..), and are kept
+    for inpainting."""
 
     kind = "digits"
     vocab = [format(level, "x") if level < 16 else "g" for level in range(DIGIT_LEVELS)]
 
-    def __init__(self, held_out: int = DIGITS_HELD_OUT) -> None:
+    def __init__(self, held_out: int = DIGITS_HELD_OUT, order: str = "scikit") -> None:
         all_images, all_labels = load_sklearn_digits()
         if not 0 <= held_out < len(all_images):
             raise UserInputError(f"held_out must be in 0..{len(all_images) - 1}, got {held_out}")
-        self.held_out = held_out
+        self.held_out, self.order = held_out, order
         self.images = len(all_images) - held_out
-        self.train_images, self.held_out_images = all_images[: self.images], all_images[self.images :]
-        self.train_labels, self.held_out_labels = all_labels[: self.images], all_labels[self.images :]
+        self.held_out_images, self.held_out_labels = all_images[self.images :], all_labels[self.images :]
+        placed = digit_order(all_images[: self.images], all_labels[: self.images], order)
+        self.train_images, self.train_labels = all_images[placed], all_labels[placed]
         self.array = self.train_images.reshape(-1)
         self.length = self.array.size
 
@@ -403,8 +449,8 @@ class DigitsData:
         return torch.from_numpy(picked.astype(np.int64)).to(idx.device)
 
     def describe(self) -> dict[str, Any]:
-        """JSON-able description (kind, held_out, length) that :func:`data_from_description` reopens."""
-        return {"kind": self.kind, "held_out": self.held_out, "length": self.length}
+        """JSON-able description (kind, held_out, order, length) that :func:`data_from_description` reopens."""
+        return {"kind": self.kind, "held_out": self.held_out, "order": self.order, "length": self.length}
 
 
 class HeldOutTail:
@@ -445,9 +491,11 @@ def load_data(spec: str) -> Dataset:
             raise UserInputError(f"toy spec is toy[:CHUNKS[:SEED]] with whole numbers, got {spec!r}")
         return ToyData(**{name: int(f) for name, f in zip(("chunks", "seed"), fields) if f})
     if kind == "digits":
-        if rest:
-            raise UserInputError(f"the digits spec takes no argument, got {spec!r}")
-        return DigitsData()
+        if rest not in ("", *DIGIT_ORDERS):
+            raise UserInputError(
+                f"the digits spec is digits[:ORDER], ORDER one of {', '.join(DIGIT_ORDERS)}; got {spec!r}"
+            )
+        return DigitsData(order=rest or "scikit")
     if kind in FILE_DATASETS:
         if not rest:
             raise UserInputError(f"{kind} spec needs a path: {kind}:PATH")
@@ -455,7 +503,7 @@ def load_data(spec: str) -> Dataset:
             raise MissingFileError(f"no such data file: {rest}")
         return FILE_DATASETS[kind](rest)
     raise UserInputError(
-        f"unknown data spec {spec!r}; use toy[:CHUNKS[:SEED]], text:PATH, bytes:PATH, tokens:PATH or digits"
+        f"unknown data spec {spec!r}; use toy[:CHUNKS[:SEED]], text:PATH, bytes:PATH, tokens:PATH or digits[:ORDER]"
     )
 
 
@@ -472,7 +520,7 @@ def data_from_description(description: dict[str, Any], vocab: Vocab = None) -> D
     if kind == "held_out_tail":
         return HeldOutTail(data_from_description(description["data"], vocab), description["held_out"])
     if kind == "digits":
-        data = DigitsData(description["held_out"])
+        data = DigitsData(description["held_out"], description.get("order", "scikit"))  # older: scikit-learn's
         if data.length != description["length"]:
             raise UserInputError(
                 f"scikit-learn's digits have changed since the checkpoint was saved "

@@ -8,6 +8,9 @@ of an epoch shorter when b does not divide the length. With ``world_size`` W, ra
 takes the contiguous r-th of W near-equal parts of that global batch, so the union of
 the ranks' indices at a step is the same for every W. The batch is a pure function of
 (seed, step, length, batch size): the same on every device and for every W.
+
+:func:`focus_indices` picks the indices a step adds to its batch from a set the trainer keeps (the indices
+a full-pass measurement found wrong: TrainConfig.focus), a pure function of the set and the step.
 """
 
 from __future__ import annotations
@@ -81,3 +84,12 @@ class EpochSampler:
             end = min(first + _CHUNK, self.length)
             order[first:end] = permutation(torch.arange(first, end, dtype=torch.int64, device=self.device))
         return order
+
+
+def focus_indices(chosen: torch.Tensor, step: int, count: int) -> torch.Tensor:
+    """int64 [min(count, len(chosen))]: the indices of ``chosen`` (int64 [n]) that step ``step`` adds to its
+    batch, ``chosen[(step * k + j) mod n]`` for j < k = min(count, n): consecutive steps walk through the set,
+    each taking k distinct indices of it."""
+    taken = min(count, chosen.numel())
+    positions = (step * taken + torch.arange(taken, dtype=torch.int64, device=chosen.device)) % max(chosen.numel(), 1)
+    return chosen[positions]

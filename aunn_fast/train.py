@@ -38,7 +38,7 @@ from .data import Dataset, uniform_indices
 from .divergence import LossWatch, check_finite
 from .errors import CheckpointError, UserInputError, UserTypeError
 from .model import AUNN
-from .sampler import EpochSampler
+from .sampler import EpochSampler, focus_indices
 from .schedule import SCHEDULES, StepSchedule, lr_at
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -70,7 +70,10 @@ class TrainConfig:
     total norm is clipped to ``clip_grad_norm`` before every optimizer step. ``eval_every``
     (0: never) measures the accuracy over the whole training data (above FULL_PASS_LIMIT indices, a fixed
     sample of that many) every so many steps and at the last; ``target_accuracy`` stops the run at the first
-    such measurement that reaches it.
+    such measurement that reaches it. ``focus`` (0: off) adds ceil(focus * batch_size) more indices to every
+    step after a full-pass measurement, drawn from the indices that measurement predicted wrong
+    (:func:`aunn_fast.sampler.focus_indices`), so that the model sees what it still gets wrong more often
+    than once an epoch; it needs ``eval_every`` and one process (no torchrun).
     """
 
     batch_size: int = 2048
@@ -87,6 +90,7 @@ class TrainConfig:
     save_every: int = 2000
     eval_every: int = 0
     target_accuracy: float | None = None
+    focus: float = 0.0
     cuda_graph: bool = True  # on CUDA, replay full-size steps from one captured graph
 
     def __post_init__(self) -> None:
@@ -95,7 +99,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise UserTypeError(f"TrainConfig.{name} must be an int, got {type(value).__name__} {value!r}")
-        for name in ("epochs", "lr", "weight_decay"):
+        for name in ("epochs", "lr", "weight_decay", "focus"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise UserTypeError(f"TrainConfig.{name} must be a number, got {type(value).__name__} {value!r}")
@@ -122,6 +126,10 @@ class TrainConfig:
             raise UserInputError(f"need 0 <= min_lr <= lr (finite), got min_lr {self.min_lr} and lr {self.lr}")
         if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
             raise UserInputError(f"clip_grad_norm must be a finite number > 0 or None, got {self.clip_grad_norm}")
+        if not 0 <= self.focus <= 1:
+            raise UserInputError(f"focus must be in [0, 1] (a share of the batch), got {self.focus}")
+        if self.focus and not self.eval_every:
+            raise UserInputError("focus needs eval_every: the indices it adds are those a full pass found wrong")
         if self.target_accuracy is not None:
             if not 0 < self.target_accuracy <= 1:
                 raise UserInputError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
@@ -142,6 +150,10 @@ class TrainConfig:
 
     def steps_per_epoch(self, length: int) -> int:
         return max(1, math.ceil(length / self.batch_size))
+
+    def focus_size(self) -> int:
+        """Indices each step adds from the ones last predicted wrong (``focus`` of the batch, rounded up)."""
+        return math.ceil(self.focus * self.batch_size)
 
     def lr_at(self, step: int, total: int) -> float:
         """The learning rate of optimizer step ``step`` (0-based) of a ``total``-step run."""
@@ -284,15 +296,23 @@ def read_log(path: Path, up_to_step: int = 1 << 62) -> list[dict[str, float]]:
 
 
 @torch.no_grad()
+def mistakes(model: AUNN, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """bool [N]: where the argmax prediction at idx (int64 [N]) is not its target (int64 [N])."""
+    if not idx.numel():
+        return torch.zeros(0, dtype=torch.bool, device=idx.device)
+    return torch.cat(
+        [
+            model.predict(chunk) != target
+            for chunk, target in zip(idx.split(PREDICT_CHUNK), targets.split(PREDICT_CHUNK))
+        ]
+    )
+
+
 def accuracy(model: AUNN, idx: torch.Tensor, targets: torch.Tensor) -> float:
     """Fraction of idx (int64 [N]) whose argmax prediction is its target (int64 [N]); NaN for N = 0."""
     if not idx.numel():
         return float("nan")
-    correct = sum(
-        int((model.predict(chunk) == target).sum())
-        for chunk, target in zip(idx.split(PREDICT_CHUNK), targets.split(PREDICT_CHUNK))
-    )
-    return correct / idx.numel()
+    return (idx.numel() - int(mistakes(model, idx, targets).sum())) / idx.numel()
 
 
 def full_pass_indices(length: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -404,6 +424,10 @@ def _train(
     if sampler.rank != 0:  # rank 0 alone writes the run directory and shows progress
         run_path, progress = None, False
     scored = full_pass_indices(data.length, cfg.seed, model.device) if cfg.eval_every else None
+    if cfg.focus and sampler.world_size > 1:
+        raise UserInputError("focus trains one process only: under torchrun, leave it at 0")
+    # the indices the last full pass found wrong (TrainConfig.focus); a resumed run finds them again
+    focus_on = _wrong(model, data, scored) if cfg.focus and scored is not None and start >= cfg.eval_every else None
     rows = read_log(run_path / LOG_NAME, start) if run_path else []
     if run_path is not None:  # the log is cut back to the checkpoint, or begun at the first row
         run_path.mkdir(parents=True, exist_ok=True)
@@ -445,6 +469,8 @@ def _train(
                     idx, targets, loss = parallel.step(step)
                 else:
                     idx = sampler.indices(step)
+                    if focus_on is not None:
+                        idx = torch.cat([idx, focus_indices(focus_on, step, cfg.focus_size())])
                     targets = data.targets(idx)
                     if graphed is not None and idx.numel() == graphed.batch_size:
                         loss = graphed(idx, targets)
@@ -459,7 +485,7 @@ def _train(
                             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
                         optimizer.step()
                 scheduler.step()
-                seen += sampler.global_batch_size(step)
+                seen += sampler.global_batch_size(step) if parallel is not None else idx.numel()
                 step += 1
                 watch.record(step, loss)
                 bar.update(1)
@@ -484,7 +510,9 @@ def _train(
                     }
                     if evaluated:
                         assert scored is not None
-                        row["full_accuracy"] = accuracy(model, scored, data.targets(scored))
+                        wrong = _wrong(model, data, scored)
+                        row["full_accuracy"] = (scored.numel() - wrong.numel()) / scored.numel()
+                        focus_on = wrong if cfg.focus else None
                         row["full_accuracy_indices"] = scored.numel()
                     rows.append(row)
                     bar.set_postfix(_postfix(row, rows))
@@ -508,6 +536,11 @@ def _train(
     for callback in callbacks:
         callback.on_end(rows)
     return rows
+
+
+def _wrong(model: AUNN, data: Dataset, scored: torch.Tensor) -> torch.Tensor:
+    """int64 [...]: the indices of ``scored`` whose argmax prediction is not the data's token."""
+    return scored[mistakes(model, scored, data.targets(scored))]
 
 
 def _postfix(row: dict[str, float], rows: list[dict[str, float]]) -> dict[str, str]:

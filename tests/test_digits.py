@@ -1,14 +1,23 @@
 """The digits experiment: data layout, held-out split, generated and inpainted arrays, classifier metrics."""
 
+import json
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from aunn_fast import AUNN, AUNNConfig, digits
-from aunn_fast.cli import main
-from aunn_fast.data import DIGITS_HELD_OUT, DigitsData, data_from_description, load_data
+from aunn_fast.cli import PRESETS, main
+from aunn_fast.data import (
+    DIGIT_ORDERS,
+    DIGITS_HELD_OUT,
+    DigitsData,
+    data_from_description,
+    load_data,
+    similarity_tree_order,
+)
 from aunn_fast.train import TrainConfig, train
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is absent: pip install -e '.[digits]'")
@@ -42,15 +51,75 @@ def test_the_last_97_digits_are_held_out(data):
 
 
 def test_digits_spec_and_description_reopen(data):
-    assert (
-        load_data("digits").describe() == data.describe() == {"kind": "digits", "held_out": 97, "length": data.length}
-    )
+    described = {"kind": "digits", "held_out": 97, "order": "scikit", "length": data.length}
+    assert load_data("digits").describe() == load_data("digits:scikit").describe() == data.describe() == described
     reopened = data_from_description(data.describe(), data.vocab)
     assert isinstance(reopened, DigitsData) and reopened.length == data.length
-    with pytest.raises(ValueError, match="takes no argument"):
-        load_data("digits:5")
+    for spec in ("digits:5", "digits:labels", "digits:tree:1"):
+        with pytest.raises(ValueError, match=r"digits\[:ORDER\]"):
+            load_data(spec)
     with pytest.raises(ValueError, match="changed"):
         data_from_description({**data.describe(), "length": 64})
+    older = {"kind": "digits", "held_out": 97, "length": data.length}  # a checkpoint from before the orders
+    assert data_from_description(older).order == "scikit"
+    with pytest.raises(ValueError, match="unknown digits order"):
+        data_from_description({**data.describe(), "order": "shuffled"})
+
+
+@pytest.mark.parametrize("order", DIGIT_ORDERS)
+def test_every_order_places_the_same_training_digits(data, order):
+    placed = load_data(f"digits:{order}")
+    assert placed.describe() == {**data.describe(), "order": order}
+    assert data_from_description(placed.describe()).train_images.tobytes() == placed.train_images.tobytes()
+    pairs = sorted(zip(placed.train_images.reshape(data.images, -1).tolist(), placed.train_labels.tolist()))
+    assert pairs == sorted(zip(data.train_images.reshape(data.images, -1).tolist(), data.train_labels.tolist()))
+    every = placed.targets(torch.arange(placed.length)).numpy()
+    assert np.array_equal(every, placed.train_images.reshape(-1))
+    assert np.array_equal(placed.held_out_images, data.held_out_images)  # held out, and at their slots, alike
+
+
+def test_label_order_keeps_scikit_learns_order_within_a_label(data):
+    placed = DigitsData(order="label")
+    assert np.all(np.diff(placed.train_labels) >= 0)
+    for label in range(10):
+        assert np.array_equal(
+            placed.train_images[placed.train_labels == label], data.train_images[data.train_labels == label]
+        )
+
+
+def test_similarity_tree_splits_every_node_along_its_widest_direction():
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(13, 3)) * [5.0, 2.0, 0.5]  # 13 images fill slots 0..12 of a 16-slot tree
+    order = similarity_tree_order(points)
+    assert sorted(order.tolist()) == list(range(13))
+
+    def splits(first, slots):
+        """(left, right) members of every node that has both children, slots [first, first + slots)."""
+        half = slots // 2
+        if slots == 1 or first + half >= len(order):
+            return [] if slots == 1 else splits(first, half)
+        left, right = order[first : first + half], order[first + half : first + slots]
+        return [(left, right), *splits(first, half), *splits(first + half, half)]
+
+    nodes = splits(0, 16)
+    assert [len(left) + len(right) for left, right in nodes] == [13, 8, 4, 2, 2, 4, 2, 2, 5, 4, 2, 2]
+    for left, right in nodes:
+        members = points[np.concatenate([left, right])]
+        centre = members.mean(0)
+        direction = np.linalg.svd(members - centre, full_matrices=False)[2][0]
+        direction *= np.sign(direction[np.argmax(np.abs(direction))])  # the left child is the low side of this
+        low, high = (points[left] - centre) @ direction, (points[right] - centre) @ direction
+        assert low.max() <= high.min()
+
+
+def test_similarity_tree_puts_alike_digits_side_by_side(data):
+    def neighbour_distance(images):
+        flat = images.reshape(len(images), -1).astype(np.float64)
+        return np.abs(np.diff(flat, axis=0)).sum(1).mean()
+
+    tree = DigitsData(order="tree")
+    assert neighbour_distance(tree.train_images) < 0.6 * neighbour_distance(data.train_images)
+    assert np.mean(tree.train_labels[1:] == tree.train_labels[:-1]) > 0.8
 
 
 def test_digits_without_scikit_learn_say_how_to_install(monkeypatch):
@@ -126,3 +195,20 @@ def test_digits_without_scikit_learn_fail_in_one_line(monkeypatch, tmp_path, cap
         "aunn train: error: the digits data needs scikit-learn: pip install 'aunn_fast[digits]'"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_digits_demo_trains_the_tree_order_on_17_bits_with_focus(monkeypatch, tmp_path):
+    """The preset's data, index bits and focus reach the run (its model and length shrunk to a smoke test)."""
+    preset = PRESETS["digits"]
+    assert (preset.data, preset.bits, preset.train.focus, preset.train.target_accuracy) == ("digits:tree", 17, 0.25, 1)
+    small = replace(preset, hidden=16, layers=3, condition_steps=1, train=replace(preset.train, steps=4, eval_every=2))
+    monkeypatch.setitem(PRESETS, "digits", small)
+    assert main(["demo", "--preset", "digits", "--out", str(tmp_path), "--quiet", "--device", "cpu"]) == 0
+    model = AUNN.load(tmp_path / "model.safetensors")
+    assert model.cfg.bits == 17 and 1797 * 64 - 1 <= model.cfg.max_index  # every held-out slot fits
+    assert model.data_description == {"kind": "digits", "held_out": 97, "order": "tree", "length": 108800}
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["digits"]["inpainted"] == 97 and 0 <= metrics["train_accuracy"] <= 1
+    other = tmp_path / "other"
+    assert main(["demo", "--preset", "digits", "--data", "digits", "--out", str(other), "--quiet"]) == 0
+    assert AUNN.load(other / "model.safetensors").cfg.bits == 64  # the preset's bits are for its own data
