@@ -62,6 +62,7 @@ COUNT, NON_NEGATIVE_INT = _number(int, 1), _number(int, 0)
 SEED = _number(int, 0, high=2**63 - 1)  # what torch.Generator.manual_seed takes
 POSITIVE, NON_NEGATIVE = _number(float, 0, strict=True), _number(float, 0)
 FRACTION = _number(float, 0, strict=True, high=1.0)  # in (0, 1]
+SHARE = _number(float, 0, high=1.0)  # in [0, 1]
 
 
 def _index(text: str) -> str | int:
@@ -171,6 +172,13 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="stop once a --eval-every measurement reaches this accuracy (a fraction, e.g. 1.0)",
     )
     p.add_argument(
+        "--focus",
+        type=SHARE,
+        default=None,
+        help="after each --eval-every measurement, add this share of a batch to every step from the indices it "
+        f"found wrong (default {d.focus:g}: off)",
+    )
+    p.add_argument(
         "--no-cuda-graph",
         dest="cuda_graph",
         action="store_const",
@@ -207,6 +215,7 @@ TRAIN_OPTIONS = (
     "save_every",
     "eval_every",
     "target_accuracy",
+    "focus",
     "cuda_graph",
 )
 

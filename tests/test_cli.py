@@ -241,6 +241,8 @@ def test_train_never_overwrites_a_run(run_dir, capsys, extra):
         (["--target-accuracy", "1.5"], "--target-accuracy"),
         (["--target-accuracy", "1"], "needs eval_every"),
         (["--eval-every", "-2"], "--eval-every"),
+        (["--focus", "1.5", "--eval-every", "10"], "--focus"),
+        (["--focus", "0.25"], "focus needs eval_every"),
     ],
 )
 def test_train_rejects_bad_values_before_writing_anything(tmp_path, capsys, bad, expected):
@@ -478,3 +480,12 @@ def test_ctrl_c_advice_matches_what_was_saved(tmp_path, capsys, monkeypatch, sav
     assert main(["train", "--data", "toy:8", "--out", str(out), "--hidden", "16", "--layers", "2", "--quiet"]) == 130
     err = capsys.readouterr().err
     assert ("--resume" in err) == saved and ("nothing to resume" in err) != saved
+
+
+def test_train_focus_reaches_the_trainer(tmp_path, capsys):
+    """`--focus` is TrainConfig.focus (the digits preset's memorisation aid): the run's recipe line names it."""
+    out = tmp_path / "run"
+    main(
+        ["train", "--data", "toy:100", "--out", str(out), *TINY, "--steps", "4", "--eval-every", "2", "--focus", "0.25"]
+    )
+    assert "focus 0.25 of the batch on the last full pass's mistakes" in capsys.readouterr().out
