@@ -11,8 +11,10 @@ uses. Every demo runs ``--backend`` (default auto, the demo's own default: cpp o
 the table's backend column is the one the demo reports it ran. The cpp extension is built for each ISA
 before the first run, so that no run's time includes a build. Prints one table row per run as it finishes
 (seed, threads, ISA, backend, time, training accuracy,
-valid chunks near the data and 10M past it, conditioning success rate, whether the run meets the
-bar: 100% training accuracy, near >= 0.9, 10M >= 0.85), then the table again with the machine,
+valid chunks near the data and 10M past it, conditioning success rate; on ``--preset digits`` the share of
+generated digits a classifier calls one class with p >= 0.9 and its accuracy on the inpainted ones; whether the run
+meets its preset's bar: 100% training accuracy, and on the toy data near >= 0.9, 10M >= 0.85), then the table
+again with the machine,
 and writes ``results.md``, ``results.json`` and each demo's output (``logs/``) into --out (default
 bench/results/<cpu>-<date>-convergence).
 Exit status 1 when any run fails the bar or crashes.
@@ -42,7 +44,21 @@ AVX2_ENV = {
     "DNNL_MAX_CPU_ISA": "AVX2",
     "AUNN_FAST_CPP_MARCH": "haswell",
 }
-BAR = {"train_accuracy": 1.0, "near": 0.9, "10M": 0.85}
+# What a run must reach: on the toy data, 100% training accuracy and valid chunks near the data and 10M past it;
+# on the digits (issue 26), 100% training accuracy (its generated and inpainted digits are reported, not judged).
+BARS = {"toy": {"train_accuracy": 1.0, "near": 0.9, "10M": 0.85}, "digits": {"train_accuracy": 1.0}}
+
+
+def bar_of(preset: str) -> dict[str, float]:
+    return BARS["digits" if preset == "digits" else "toy"]
+
+
+def bar_text(preset: str) -> str:
+    if preset == "digits":
+        return "100% training accuracy"
+    return "100% training accuracy, valid chunks near the data >= 0.9 and 10M past it >= 0.85"
+
+
 BUILD = """
 from aunn_fast import cpp_build
 print(cpp_build.unavailable_reason() or "built")
@@ -66,6 +82,8 @@ COLUMNS = (
     "near",
     "10M",
     "conditioning",
+    "generated_confident",
+    "inpainted",
     "meets_bar",
 )
 
@@ -107,7 +125,7 @@ def run_one(
     preset: str, seed: int, threads: int, isa: str, backend: str, work_dir: Path, log_dir: Path, timeout_s: float
 ) -> dict[str, Any]:
     """One demo in a subprocess (its output saved in log_dir); its figures from metrics.json, its wall time, and
-    whether it meets BAR."""
+    whether it meets its preset's bar."""
     out = work_dir / f"{preset}-s{seed}-t{threads}-{isa}"
     argv = [
         "demo",
@@ -153,13 +171,16 @@ def run_one(
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
         return {**row, "error": f"exit {done.returncode}: {tail[0]}", "meets_bar": False}
     metrics = json.loads((out / "metrics.json").read_text())
+    extrapolation, digits = metrics.get("extrapolation", {}), metrics.get("digits", {})
     row.update(
         train_accuracy=metrics["train_accuracy"],
-        near=metrics["extrapolation"]["near"],
-        **{"10M": metrics["extrapolation"]["10M"]},
+        near=extrapolation.get("near"),
+        **{"10M": extrapolation.get("10M")},
         conditioning=metrics.get("conditioning", {}).get("success_rate"),
+        generated_confident=digits.get("confident_share"),
+        inpainted=digits.get("inpainted_accuracy"),
     )
-    row["meets_bar"] = all(row[key] >= bar for key, bar in BAR.items())
+    row["meets_bar"] = all(row[key] is not None and row[key] >= bar for key, bar in bar_of(preset).items())
     return row
 
 
@@ -223,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         f"demo --preset {args.preset} --backend {args.backend} on {meta['device']}, torch {meta['torch']}, "
         f"commit {meta['commit']}, started {meta['date']}, load average {meta['load_average']} at the start and "
         f"{meta['load_average_end']} at the end\n\n{table(rows)}\n\n"
-        f"{sum(r['meets_bar'] for r in rows)} of {len(rows)} runs meet the bar (100% training accuracy, "
-        f"valid chunks near the data >= 0.9 and 10M past it >= 0.85).\n"
+        f"{sum(r['meets_bar'] for r in rows)} of {len(rows)} runs meet the bar ({bar_text(args.preset)}).\n"
     )
     (out_dir / "results.md").write_text(text)
     print("\n" + text)

@@ -1,6 +1,6 @@
 """bench/convergence.py's plumbing (the matrix itself is a benchmark, run by hand)."""
 
-from aunn_fast.bench.convergence import _int_list, run_order, table
+from aunn_fast.bench.convergence import _int_list, bar_of, run_order, table
 
 
 def test_run_order_covers_every_pair_and_spreads_the_first_runs():
@@ -31,6 +31,14 @@ def test_seed_lists_and_the_table():
         {"seed": 1, "threads": 2, "isa": "native", "time_s": 3.0, "error": "exit 2: boom", "meets_bar": False},
     ]
     lines = table(rows).splitlines()
-    assert lines[2] == "| 0 | 1 | avx2 | AVX2 | cpp | 61.2 | 50.0 | 1.0000 | 0.9600 | 0.9000 | 0.5000 | yes |"
+    assert lines[2] == "| 0 | 1 | avx2 | AVX2 | cpp | 61.2 | 50.0 | 1.0000 | 0.9600 | 0.9000 | 0.5000 | - | - | yes |"
     assert lines[3].startswith("| 1 | 2 | native | - | - | 3.0 |") and lines[3].endswith("| NO |")
     assert "error: exit 2: boom" in lines[4]
+
+
+def test_each_preset_has_its_bar():
+    """The digits are judged by memorisation alone (they have no chunks to extrapolate); the toy presets also by
+    valid chunks near the data and far past it."""
+    assert bar_of("digits") == {"train_accuracy": 1.0}
+    for preset in ("cpu", "tiny", "seed"):
+        assert bar_of(preset) == {"train_accuracy": 1.0, "near": 0.9, "10M": 0.85}
