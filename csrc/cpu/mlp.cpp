@@ -19,21 +19,18 @@
 namespace aunn_cpu {
 namespace {
 
-// Rows per block of a backward: eight 6-row tiles. The block's activations stay in L2 up to H = 128; wider layers
-// keep 48 rows too, as fewer would read each layer's weights (and write its weight gradient) more often per row.
-constexpr int64_t kBackwardBlockRows = 48;
-// A forward alone keeps only each layer's output, so twice the rows fit in L2 and each weight tile loaded serves
-// twice the rows (measured 2-3% faster at H = 64).
-constexpr int64_t kForwardBlockRows = 96;
-// Fewer rows than 2 blocks are split evenly over the threads, in blocks of at least this many rows (an even
+// Rows per block: eight 6-row tiles. The block's activations stay in L2 up to H = 128; wider layers keep
+// 48 rows too, as fewer would read each layer's weights (and write its weight gradient) more often per row.
+constexpr int64_t kBlockRows = 48;
+// Fewer rows than 2 x kBlockRows are split evenly over the threads, in blocks of at least this many rows (an even
 // number: bf16 pairs rows): a 64-row prompt runs as two 32-row blocks, one per core, not 48 on one and 16 on the
 // other; smaller ones stay in one block, where a second thread's start and reduction would cost more.
 constexpr int64_t kMinSplitRows = 16;
 
-int64_t block_rows(int64_t n, bool backward) {
+int64_t block_rows(int64_t n) {
   const int64_t threads = at::get_num_threads();
   const int64_t even_share = round_up((n + threads - 1) / threads, 2);
-  return std::min(backward ? kBackwardBlockRows : kForwardBlockRows, std::max(kMinSplitRows, even_share));
+  return std::min(kBlockRows, std::max(kMinSplitRows, even_share));
 }
 
 void pad_rows(const float* src, int64_t rows, int64_t cols, float* dst, int64_t ld) {
@@ -316,6 +313,27 @@ void transposed_times(const Packed& p, const float* y, int64_t y_ld, int64_t y_c
   matmul_add(y, 1, y_ld, x, x_ld, c, x_ld, y_cols, nb, x_ld);
 }
 
+// Vocabularies up to this size (one vector of logits a row) take the fp32 head as dot products (head_as_dots).
+constexpr int64_t kDotHeadVocab = 4;
+
+// logits = h @ out_w^T + bias for vocab <= kDotHeadVocab (fp32): each row's dot products with the vocab's weight
+// rows, 4 x Hp / kVectorFloats multiply-adds and one sum_lanes_of_four a row where the product's tile takes Hp
+// (its columns padded from the vocab to a whole vector). Writes each row's first vector of logits, padding zeros.
+void head_as_dots(const Packed& p, const float* h, int64_t nb, float* logits) {
+  const int64_t hp = p.hp, v = p.shape.vocab;
+  const VecF bias = load(p.ob.data());
+  for (int64_t r = 0; r < nb; ++r) {
+    VecF acc[kDotHeadVocab] = {};
+    for (int64_t c = 0; c < hp; c += kVectorFloats) {
+      const VecF x = load(h + r * hp + c);
+#pragma GCC unroll 4
+      for (int64_t t = 0; t < kDotHeadVocab; ++t)
+        if (t < v) acc[t] += x * load(p.out_w + t * hp + c);
+    }
+    store(logits + r * p.vp, bias + sum_lanes_of_four(acc[0], acc[1], acc[2], acc[3]));
+  }
+}
+
 void forward_block(const Packed& p, const int64_t* idx, int64_t nb, Workspace& w) {
   const Shape& s = p.shape;
   const int64_t hp = p.hp;
@@ -336,6 +354,10 @@ void forward_block(const Packed& p, const int64_t* idx, int64_t nb, Workspace& w
                       activation(p, p.hg.data() + l * hp, residual ? res : nullptr, l + 1, out, w));
     if (residual) res = out;
     in = out;
+  }
+  if (!s.bf16 && s.vocab <= kDotHeadVocab) {
+    head_as_dots(p, in, nb, w.logits.data());
+    return;
   }
   float* logits = w.logits.data();
   rows_times_finish(p, in, hp, nb, p.out_wt.data(), p.out_wt16.data(), s.hidden, p.ob.data(), logits, p.vp, w,
@@ -632,18 +654,19 @@ void Packed::pack(const Params& p, const Shape& s, bool for_backward) {
   for (int64_t l = 0; l < n; ++l) transpose_into(p.hidden_weight + l * h * h, h, h, h, wt.data() + l * hp * hp, hp);
   fit(out_wt, hp * vp, true);
   transpose_into(p.out_weight, s.vocab, h, h, out_wt.data(), vp);
+  if (padded) {
+    fit(out_w_copy, s.vocab * hp, true);
+    pad_rows(p.out_weight, s.vocab, h, out_w_copy.data(), hp);
+  }
+  out_w = padded ? out_w_copy.data() : p.out_weight;
   if (!for_backward) return;
   if (!padded) {
     w = p.hidden_weight;
-    out_w = p.out_weight;
     return;
   }
   fit(w_copy, n * hp * hp, true);
   for (int64_t l = 0; l < n; ++l) pad_rows(p.hidden_weight + l * h * h, h, h, w_copy.data() + l * hp * hp, hp);
-  fit(out_w_copy, s.vocab * hp, true);
-  pad_rows(p.out_weight, s.vocab, h, out_w_copy.data(), hp);
   w = w_copy.data();
-  out_w = out_w_copy.data();
 }
 
 GradLayout::GradLayout(const Packed& p) {
@@ -670,7 +693,7 @@ std::vector<float>& thread_gradients() {
 }  // namespace
 
 const std::vector<float>& run(const Packed& packed, const Job& job) {
-  const int64_t rows = block_rows(job.n, job.backward);
+  const int64_t rows = block_rows(job.n);
   const int64_t blocks = (job.n + rows - 1) / rows;
   const GradLayout layout(packed);
   std::vector<std::vector<float>*> parts(job.backward ? at::get_num_threads() : 0, nullptr);
