@@ -128,7 +128,7 @@ def check_against_reference(
 
 FIXED_CASES = [
     # hidden, layers, residual_every, bits, vocab, batch
-    (64, 8, 2, 64, 4, 300),  # the seed model, several 48-row blocks over the threads
+    (64, 8, 2, 64, 4, 300),  # the seed model (its head as dot products), 48-row blocks over the threads
     (16, 2, 1, 64, 5, 37),  # no hidden layer
     (17, 3, 1, 20, 2, 1),  # hidden not a multiple of the vector width, binary vocab, one row
     (48, 5, 3, 64, 300, 97),  # residual_every 3, vocab padded, a short last block

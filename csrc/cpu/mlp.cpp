@@ -313,6 +313,27 @@ void transposed_times(const Packed& p, const float* y, int64_t y_ld, int64_t y_c
   matmul_add(y, 1, y_ld, x, x_ld, c, x_ld, y_cols, nb, x_ld);
 }
 
+// Vocabularies up to this size (one vector of logits a row) take the fp32 head as dot products (head_as_dots).
+constexpr int64_t kDotHeadVocab = 4;
+
+// logits = h @ out_w^T + bias for vocab <= kDotHeadVocab (fp32): each row's dot products with the vocab's weight
+// rows, 4 x Hp / kVectorFloats multiply-adds and one sum_lanes_of_four a row where the product's tile takes Hp
+// (its columns padded from the vocab to a whole vector). Writes each row's first vector of logits, padding zeros.
+void head_as_dots(const Packed& p, const float* h, int64_t nb, float* logits) {
+  const int64_t hp = p.hp, v = p.shape.vocab;
+  const VecF bias = load(p.ob.data());
+  for (int64_t r = 0; r < nb; ++r) {
+    VecF acc[kDotHeadVocab] = {};
+    for (int64_t c = 0; c < hp; c += kVectorFloats) {
+      const VecF x = load(h + r * hp + c);
+#pragma GCC unroll 4
+      for (int64_t t = 0; t < kDotHeadVocab; ++t)
+        if (t < v) acc[t] += x * load(p.out_w + t * hp + c);
+    }
+    store(logits + r * p.vp, bias + sum_lanes_of_four(acc[0], acc[1], acc[2], acc[3]));
+  }
+}
+
 void forward_block(const Packed& p, const int64_t* idx, int64_t nb, Workspace& w) {
   const Shape& s = p.shape;
   const int64_t hp = p.hp;
@@ -333,6 +354,10 @@ void forward_block(const Packed& p, const int64_t* idx, int64_t nb, Workspace& w
                       activation(p, p.hg.data() + l * hp, residual ? res : nullptr, l + 1, out, w));
     if (residual) res = out;
     in = out;
+  }
+  if (!s.bf16 && s.vocab <= kDotHeadVocab) {
+    head_as_dots(p, in, nb, w.logits.data());
+    return;
   }
   float* logits = w.logits.data();
   rows_times_finish(p, in, hp, nb, p.out_wt.data(), p.out_wt16.data(), s.hidden, p.ob.data(), logits, p.vp, w,
@@ -629,18 +654,19 @@ void Packed::pack(const Params& p, const Shape& s, bool for_backward) {
   for (int64_t l = 0; l < n; ++l) transpose_into(p.hidden_weight + l * h * h, h, h, h, wt.data() + l * hp * hp, hp);
   fit(out_wt, hp * vp, true);
   transpose_into(p.out_weight, s.vocab, h, h, out_wt.data(), vp);
+  if (padded) {
+    fit(out_w_copy, s.vocab * hp, true);
+    pad_rows(p.out_weight, s.vocab, h, out_w_copy.data(), hp);
+  }
+  out_w = padded ? out_w_copy.data() : p.out_weight;
   if (!for_backward) return;
   if (!padded) {
     w = p.hidden_weight;
-    out_w = p.out_weight;
     return;
   }
   fit(w_copy, n * hp * hp, true);
   for (int64_t l = 0; l < n; ++l) pad_rows(p.hidden_weight + l * h * h, h, h, w_copy.data() + l * hp * hp, hp);
-  fit(out_w_copy, s.vocab * hp, true);
-  pad_rows(p.out_weight, s.vocab, h, out_w_copy.data(), hp);
   w = w_copy.data();
-  out_w = out_w_copy.data();
 }
 
 GradLayout::GradLayout(const Packed& p) {

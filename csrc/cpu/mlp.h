@@ -44,10 +44,9 @@ struct Packed {
   // float32
   std::vector<float> wt;          // [L-2][Hp][Hp], transposed
   std::vector<float> out_wt;      // [Hp][Vp]
-  // The backward's operands as stored, rows Hp floats apart: the parameters themselves where H == Hp, else
-  // padded copies (null without a backward).
-  const float* w = nullptr;       // [L-2] layers Hp * Hp floats apart, H rows of Hp
-  const float* out_w = nullptr;   // [V][Hp]
+  // The weights as stored, rows Hp floats apart: the parameters themselves where H == Hp, else padded copies.
+  const float* w = nullptr;       // [L-2] layers Hp * Hp floats apart, H rows of Hp (null without a backward)
+  const float* out_w = nullptr;   // [V][Hp] (the backward's operand, and a small vocabulary's head)
   std::vector<float> w_copy, out_w_copy;
   // bf16 (pack_pairs, bf16.h): forward operands [L-2][Hp/2][Hp] and [Hp/2][Vp], backward ones (only for a
   // backward) [L-2][Hp/2][Hp] and [Vp/2][Hp]
