@@ -595,10 +595,6 @@ void backward_block(const Packed& p, const Job& job, int64_t r0, int64_t nb, Wor
   add_input_weight_gradient(p, job.idx + r0, nb, w.dz.data(), grads + g.in_wt, w);
 }
 
-}  // namespace
-
-namespace {
-
 // v holding n elements for a fresh pack: zeroed where the pack has padding (which it never writes), else only
 // resized (a pack reused at the same shape then neither allocates nor clears).
 template <class T>
