@@ -171,9 +171,8 @@ class OneCallStep:
         self.op = torch.ops.aunn_fast.cpp_train_step.default
         self.update = (float(lr), *ADAM_BETAS, ADAM_EPS, 0.0, 0.0, *_settings(model.cfg, model.active_precision()))
 
-    @torch.no_grad()
     def __call__(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """The mean loss before the step, float32 scalar."""
+        """The mean loss before the step, float32 scalar (the operator runs outside autograd in any grad mode)."""
         self.steps += 1
         loss = self.op(idx, targets, self.params, self.flat_grads, *self.moments, self.steps, *self.update)
         for p, g in zip(self.params, self.grads):

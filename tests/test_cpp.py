@@ -55,6 +55,16 @@ def poison_outputs():
     torch.utils.deterministic.fill_uninitialized_memory = old[1]
 
 
+@pytest.fixture
+def threads(request):
+    """torch's intra-op threads set to the parameter for the test (the cpp backend splits blocks of rows, and
+    the gradients' sum and update, among them), restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
 def make_params(cfg: AUNNConfig, generator: torch.Generator) -> AUNNParams:
     """Seed-model init with every tensor perturbed: non-trivial biases and gains."""
     return AUNNParams(*[t + 0.3 * torch.randn(t.shape, generator=generator) for t in init_params(cfg, generator)])
@@ -151,6 +161,15 @@ def test_against_reference(hidden, layers, residual_every, bits, vocab, batch, g
     check_against_reference(cfg, batch, generator)
 
 
+@needs_extension
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+def test_threads_against_reference(threads, generator):
+    """Every output and gradient with the rows in blocks on one, two and three threads, whose gradient sums
+    are then added up and unpacked in shares of the parameters' rows."""
+    cfg = AUNNConfig(vocab_size=7, hidden=40, layers=6, bits=64)
+    check_against_reference(cfg, 211, generator)
+
+
 @needs_bf16
 @pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", BF16_CASES)
 def test_bf16_against_reference(hidden, layers, residual_every, bits, vocab, batch, generator):
@@ -216,17 +235,18 @@ def test_logits_gradient_against_reference(precision, generator):
 @pytest.mark.parametrize(
     "optimizer,precision", [("adam", "fp32"), ("sgd", "fp32"), pytest.param("sgd", "bf16", marks=needs_bf16)]
 )
-def test_one_call_step_matches_torch_optim(optimizer, precision, generator):
+@pytest.mark.parametrize("batch,threads", [(6, 2), (40, 2)], indirect=["threads"])
+def test_one_call_step_matches_torch_optim(optimizer, precision, batch, threads, generator):
     """Two steps of OneCallStep against autograd + torch.optim on the reference, in float32 and float64, by the
     2x rule on each parameter's total change (bf16: its factor and floor); its returned loss is the first
-    step's."""
+    step's. A prompt of 6 indices runs in one block, 40 in two: the update is shared between the threads."""
     from aunn_fast import cpp_backend
     from aunn_fast.inference import conditioning_optimizer
 
     cfg = AUNNConfig(vocab_size=5, hidden=32, layers=4, bits=64)
     start = random_model(cfg, generator, backend="reference").state_dict()
-    idx = make_indices(cfg, 6, generator)
-    targets = torch.randint(0, 5, (6,), generator=generator)
+    idx = make_indices(cfg, batch, generator)
+    targets = torch.randint(0, 5, (batch,), generator=generator)
     lr = 1e-2 if optimizer == "sgd" else 1e-3
 
     def torch_steps(dtype):
@@ -267,7 +287,8 @@ def test_one_call_step_matches_torch_optim(optimizer, precision, generator):
 
 @needs_extension
 @pytest.mark.parametrize("max_norm", [None, 0.05])  # 0.05 clips these gradients (norms ~0.3-1), None never
-def test_fused_adamw_step_matches_clipped_torch_adamw(max_norm, generator):
+@pytest.mark.parametrize("threads", [2], indirect=True)  # 40 rows in two blocks: sum and update shared
+def test_fused_adamw_step_matches_clipped_torch_adamw(max_norm, threads, generator):
     """Three steps of FusedAdamWStep (weight decay, a learning rate changed between steps as a schedule does)
     against autograd + clip_grad_norm_ + torch.optim.AdamW on the reference, in float32 and float64, by the 2x
     rule on each parameter's total change and on the moments; the optimizer's state is torch's own."""

@@ -19,6 +19,37 @@
 namespace aunn_cpu {
 namespace {
 
+// The weights padded and laid out for the products. float32: forward operands transposed ([in][out]),
+// backward operands as stored ([out][in]). bf16: the same products' operands rounded, in pairs along k.
+struct Packed {
+  Shape shape{};
+  int64_t hp = 0, vp = 0;         // hidden and vocab padded to the vector width
+  std::vector<float> in_wt;       // [B][Hp] (rounded in bf16: the input layer sums weight rows exactly)
+  std::vector<float> in_b, in_g;  // [Hp]
+  std::vector<float> hb, hg;      // [L-2][Hp]
+  std::vector<float> ob;          // [Vp]
+  // float32
+  std::vector<float> wt;          // [L-2][Hp][Hp], transposed
+  std::vector<float> out_wt;      // [Hp][Vp]
+  // The weights as stored, rows Hp floats apart: the parameters themselves where H == Hp, else padded copies.
+  const float* w = nullptr;       // [L-2] layers Hp * Hp floats apart, H rows of Hp (null without a backward)
+  const float* out_w = nullptr;   // [V][Hp] (the backward's operand, and a small vocabulary's head)
+  std::vector<float> w_copy, out_w_copy;
+  // bf16 (pack_pairs, bf16.h): forward operands [L-2][Hp/2][Hp] and [Hp/2][Vp], backward ones (only for a
+  // backward) [L-2][Hp/2][Hp] and [Vp/2][Hp]
+  std::vector<Bf16Pair> wt16, out_wt16, w16, out_w16;
+  // Packs p, reusing this pack's buffers (each thread keeps one: the parameters change between calls).
+  void pack(const Params& p, const Shape& s, bool for_backward);
+};
+
+// The gradients in the packed layout: in_weight transposed, everything padded.
+struct GradLayout {
+  int64_t in_wt, in_b, in_g, w, hb, hg, out_w, ob, size;  // offsets into one buffer, and its size
+  explicit GradLayout(const Shape& s);
+};
+
+
+
 // Rows per block: eight 6-row tiles. The block's activations stay in L2 up to H = 128; wider layers keep
 // 48 rows too, as fewer would read each layer's weights (and write its weight gradient) more often per row.
 constexpr int64_t kBlockRows = 48;
@@ -608,8 +639,6 @@ void fit(std::vector<T>& v, int64_t n, bool padded) {
 
 }  // namespace
 
-Packed::Packed(const Params& p, const Shape& s, bool for_backward) { pack(p, s, for_backward); }
-
 void Packed::pack(const Params& p, const Shape& s, bool for_backward) {
   shape = s;
   hp = round_up(s.hidden, kVectorFloats);
@@ -665,44 +694,80 @@ void Packed::pack(const Params& p, const Shape& s, bool for_backward) {
   w = w_copy.data();
 }
 
-GradLayout::GradLayout(const Packed& p) {
-  const int64_t hp = p.hp, n = p.shape.hidden_layers;
+GradLayout::GradLayout(const Shape& s) {
+  const int64_t hp = round_up(s.hidden, kVectorFloats), vp = round_up(s.vocab, kVectorFloats), n = s.hidden_layers;
   in_wt = 0;
-  in_b = in_wt + p.shape.bits * hp;
+  in_b = in_wt + s.bits * hp;
   in_g = in_b + hp;
   w = in_g + hp;
   hb = w + n * hp * hp;
   hg = hb + n * hp;
   out_w = hg + n * hp;
-  ob = out_w + p.vp * hp;
-  size = ob + p.vp;
+  ob = out_w + vp * hp;
+  size = ob + vp;
+}
+
+ParamRows::ParamRows(const Shape& s) {
+  const int64_t h = s.hidden, n = s.hidden_layers;
+  const int64_t shape[8][2] = {{1, h * s.bits}, {1, h}, {1, h}, {n * h, h}, {n, h}, {n, h}, {s.vocab, h}, {1, s.vocab}};
+  total = 0;
+  for (int i = 0; i < 8; ++i) {
+    rows[i] = shape[i][0];
+    cols[i] = shape[i][1];
+    total += rows[i];
+  }
 }
 
 namespace {
 
-// This thread's gradient sums, kept across calls.
+// This thread's gradient sums and its pack of the weights, kept across calls.
 std::vector<float>& thread_gradients() {
   thread_local std::vector<float> sums;
   return sums;
 }
 
+Packed& thread_pack() {
+  thread_local Packed packed;
+  return packed;
+}
+
+// out[0:count] = the sum of the parts' floats from offset (zeros without parts).
+void add_parts(const GradientParts& parts, int64_t offset, int64_t count, float* out) {
+  int64_t j = 0;
+  for (; j + kVectorFloats <= count; j += kVectorFloats) {
+    VecF total = splat(0.0f);
+    for (const float* part : parts) total += load(part + offset + j);
+    store(out + j, total);
+  }
+  for (; j < count; ++j) {
+    float total = 0.0f;
+    for (const float* part : parts) total += part[offset + j];
+    out[j] = total;
+  }
+}
+
 }  // namespace
 
-const std::vector<float>& run(const Packed& packed, const Job& job) {
+const GradientParts& run(const Params& params, const Shape& shape, const Job& job) {
   const int64_t rows = block_rows(job.n);
   const int64_t blocks = (job.n + rows - 1) / rows;
-  const GradLayout layout(packed);
-  std::vector<std::vector<float>*> parts(job.backward ? at::get_num_threads() : 0, nullptr);
+  const GradLayout layout(shape);
+  thread_local GradientParts caller_parts;
+  GradientParts& parts = caller_parts;  // the caller's, in every thread (a thread_local itself would be each one's)
+  parts.assign(job.backward ? at::get_num_threads() : 0, nullptr);
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t end) {
+    Packed& packed = thread_pack();
+    packed.pack(params, shape, job.backward);
     Workspace& w = thread_workspace();
     w.prepare(packed, std::min(rows, job.n - first * rows), job.backward);
     float* grads = nullptr;
     if (job.backward) {
       const int tid = at::get_thread_num();
       TORCH_CHECK(tid < static_cast<int>(parts.size()), "aunn_fast cpp: thread ", tid, " out of range");
-      parts[tid] = &thread_gradients();
-      parts[tid]->assign(layout.size, 0.0f);
-      grads = parts[tid]->data();
+      std::vector<float>& sums = thread_gradients();
+      sums.assign(layout.size, 0.0f);
+      grads = sums.data();
+      parts[tid] = grads;
     }
     for (int64_t b = first; b < end; ++b) {
       const int64_t r0 = b * rows, nb = std::min(rows, job.n - r0);
@@ -714,36 +779,39 @@ const std::vector<float>& run(const Packed& packed, const Job& job) {
       }
     }
   });
-  // The sum in this (the calling) thread's buffer: another thread's may be reused as soon as the loop ends.
-  std::vector<float>& total = thread_gradients();
-  if (!job.backward) {
-    total.clear();
-    return total;
-  }
-  if (std::find(parts.begin(), parts.end(), &total) == parts.end()) total.assign(layout.size, 0.0f);
-  for (std::vector<float>* part : parts) {
-    if (part == nullptr || part == &total) continue;
-    for (int64_t i = 0; i < layout.size; ++i) total[i] += (*part)[i];
-  }
-  return total;
+  parts.erase(std::remove(parts.begin(), parts.end(), nullptr), parts.end());
+  return parts;
 }
 
-void unpack_gradients(const Packed& p, const std::vector<float>& grads, float* const out[8]) {
-  const GradLayout g(p);
-  const Shape& s = p.shape;
-  const int64_t h = s.hidden, hp = p.hp, n = s.hidden_layers;
-  const float* src = grads.data();
-  transpose_into(src + g.in_wt, s.bits, h, hp, out[0], s.bits);  // [B][Hp] -> [H][B], padding dropped
-  std::memcpy(out[1], src + g.in_b, h * sizeof(float));
-  std::memcpy(out[2], src + g.in_g, h * sizeof(float));
-  for (int64_t l = 0; l < n; ++l) {
-    for (int64_t r = 0; r < h; ++r)
-      std::memcpy(out[3] + (l * h + r) * h, src + g.w + (l * hp + r) * hp, h * sizeof(float));
-    std::memcpy(out[4] + l * h, src + g.hb + l * hp, h * sizeof(float));
-    std::memcpy(out[5] + l * h, src + g.hg + l * hp, h * sizeof(float));
-  }
-  for (int64_t v = 0; v < s.vocab; ++v) std::memcpy(out[6] + v * h, src + g.out_w + v * hp, h * sizeof(float));
-  std::memcpy(out[7], src + g.ob, s.vocab * sizeof(float));
+void sum_gradient_rows(const Shape& s, const GradientParts& parts, int64_t begin, int64_t end, float* const out[8]) {
+  const GradLayout g(s);
+  const int64_t h = s.hidden, hp = round_up(h, kVectorFloats);
+  ParamRows(s).for_each(begin, end, [&](int param, int64_t row, int64_t count) {
+    float* dst = out[param];
+    switch (param) {
+      case 0: {  // [B][Hp] summed, then transposed into [H][B]
+        thread_local std::vector<float> sum;
+        sum.resize(s.bits * hp);
+        add_parts(parts, g.in_wt, s.bits * hp, sum.data());
+        transpose_into(sum.data(), s.bits, h, hp, dst, s.bits);
+        break;
+      }
+      case 1: add_parts(parts, g.in_b, h, dst); break;
+      case 2: add_parts(parts, g.in_g, h, dst); break;
+      case 3:  // row l * H + i of [L-2][H][H] is row l * Hp + i of the padded layers
+        for (int64_t r = row; r < row + count; ++r)
+          add_parts(parts, g.w + (r / h * hp + r % h) * hp, h, dst + r * h);
+        break;
+      case 4:
+      case 5:
+      case 6: {
+        const int64_t base = param == 4 ? g.hb : param == 5 ? g.hg : g.out_w;
+        for (int64_t r = row; r < row + count; ++r) add_parts(parts, base + r * hp, h, dst + r * h);
+        break;
+      }
+      default: add_parts(parts, g.ob, s.vocab, dst); break;
+    }
+  });
 }
 
 }  // namespace aunn_cpu

@@ -2,9 +2,10 @@
 //
 // Float32 activations, gradients and sums; the products' operands in float32 or, in bf16 (Shape::bf16), rounded
 // to bfloat16 (bf16.h). Every dimension is padded to a multiple of the vector width (padding holds zeros in
-// weights, biases and gains, so padded activations are exactly zero); weights are packed once per call.
+// weights, biases and gains, so padded activations are exactly zero); each thread packs the weights once per call.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -30,39 +31,6 @@ struct Shape {
   bool bf16;  // the products' operands rounded to bfloat16, float32 sums (needs AUNN_HAS_BF16, tile.h)
 };
 
-typedef uint32_t Bf16Pair;  // two bfloat16 values along a product's k (tile.h)
-
-// The weights padded and laid out for the products. float32: forward operands transposed ([in][out]),
-// backward operands as stored ([out][in]). bf16: the same products' operands rounded, in pairs along k.
-struct Packed {
-  Shape shape{};
-  int64_t hp = 0, vp = 0;         // hidden and vocab padded to the vector width
-  std::vector<float> in_wt;       // [B][Hp] (rounded in bf16: the input layer sums weight rows exactly)
-  std::vector<float> in_b, in_g;  // [Hp]
-  std::vector<float> hb, hg;      // [L-2][Hp]
-  std::vector<float> ob;          // [Vp]
-  // float32
-  std::vector<float> wt;          // [L-2][Hp][Hp], transposed
-  std::vector<float> out_wt;      // [Hp][Vp]
-  // The weights as stored, rows Hp floats apart: the parameters themselves where H == Hp, else padded copies.
-  const float* w = nullptr;       // [L-2] layers Hp * Hp floats apart, H rows of Hp (null without a backward)
-  const float* out_w = nullptr;   // [V][Hp] (the backward's operand, and a small vocabulary's head)
-  std::vector<float> w_copy, out_w_copy;
-  // bf16 (pack_pairs, bf16.h): forward operands [L-2][Hp/2][Hp] and [Hp/2][Vp], backward ones (only for a
-  // backward) [L-2][Hp/2][Hp] and [Vp/2][Hp]
-  std::vector<Bf16Pair> wt16, out_wt16, w16, out_w16;
-  Packed() = default;
-  Packed(const Params& p, const Shape& s, bool for_backward);
-  // Packs p, reusing this pack's buffers (a prompt's step packs every call: the parameters change every step).
-  void pack(const Params& p, const Shape& s, bool for_backward);
-};
-
-// The gradients in the packed layout: in_weight transposed, everything padded.
-struct GradLayout {
-  int64_t in_wt, in_b, in_g, w, hb, hg, out_w, ob, size;  // offsets into one buffer, and its size
-  explicit GradLayout(const Packed& p);
-};
-
 // What one call computes over rows [0, n).
 struct Job {
   const int64_t* idx;       // [n]
@@ -76,11 +44,35 @@ struct Job {
   int64_t* out_index;       // argmax [n], or nullptr
 };
 
-// Runs the job over blocks of rows on torch's intra-op threads; returns the gradients summed over threads
-// (GradLayout), or an empty vector without a backward: a buffer of the calling thread, valid until its next run.
-const std::vector<float>& run(const Packed& packed, const Job& job);
+// The eight parameters as rows of their own row-major layout, numbered one after another: in_weight as one row
+// of H * B (its gradient is summed transposed), in_bias [1][H], in_gain [1][H], hidden_weight [(L-2) * H][H],
+// hidden_bias [L-2][H], hidden_gain [L-2][H], out_weight [V][H], out_bias [1][V]. The unit in which threads share
+// the gradients' sum and an optimizer's update.
+struct ParamRows {
+  int64_t rows[8], cols[8], total;
+  explicit ParamRows(const Shape& s);
+  // f(param, first_row, row_count) for the rows of each parameter within [begin, end), in order.
+  template <class F>
+  void for_each(int64_t begin, int64_t end, F&& f) const {
+    int64_t first = 0;
+    for (int i = 0; i < 8 && first < end; first += rows[i], ++i) {
+      const int64_t from = std::max(begin, first), to = std::min(end, first + rows[i]);
+      if (from < to) f(i, from - first, to - from);
+    }
+  }
+};
 
-// Writes the packed gradients into the eight unpadded parameter-shaped buffers (order of Params).
-void unpack_gradients(const Packed& packed, const std::vector<float>& grads, float* const out[8]);
+// The gradient sums of one run's backward, one buffer per thread that ran blocks (padded layout, mlp.cpp).
+using GradientParts = std::vector<const float*>;
+
+// Runs the job over blocks of rows on torch's intra-op threads, each thread with its own pack of p's weights
+// (packing on every core costs less than one pack that the other cores then read); returns the threads'
+// gradient sums, empty without a backward: buffers of those threads and of the caller, valid until the calling
+// thread's next run.
+const GradientParts& run(const Params& p, const Shape& s, const Job& job);
+
+// Rows [begin, end) (ParamRows) of the gradients summed over parts, unpadded, into the eight parameter-shaped
+// buffers out (order of Params); no parts: zeros.
+void sum_gradient_rows(const Shape& s, const GradientParts& parts, int64_t begin, int64_t end, float* const out[8]);
 
 }  // namespace aunn_cpu

@@ -1,6 +1,7 @@
 // The fused CPU AUNN as PyTorch operators in the aunn_fast namespace (prefix cpp_). Their fake (meta)
 // implementations and autograd formulas are registered from Python (aunn_fast/cpp_backend.py).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <array>
@@ -69,15 +70,40 @@ Job make_job(const Tensor& idx, Mode mode) {
   return job;
 }
 
-std::vector<Tensor> gradients_as_tensors(const Packed& packed, const std::vector<float>& grads,
-                                         const std::vector<Tensor>& like) {
+// Parameter rows (ParamRows) per task where threads share the gradients' sum and the update: a few hidden rows
+// each, so that both halves of a small model's rows go to two threads.
+constexpr int64_t kRowGrain = 16;
+
+// f(begin, end) over the parameter rows: shared among torch's threads where more than one thread ran blocks
+// (`parts` of the run), else in this thread, whose cache holds the one part (a prompt's few rows in one block).
+template <class F>
+void for_param_rows(const ParamRows& rows, const GradientParts& parts, F&& f) {
+  if (parts.size() < 2) {
+    f(int64_t{0}, rows.total);
+    return;
+  }
+  at::parallel_for(0, rows.total, kRowGrain, f);
+}
+
+// The gradients summed over parts into out (eight parameter-shaped buffers); then(rows, begin, end) on the rows
+// just summed, in the thread that summed them.
+template <class F>
+void sum_gradients(const Shape& s, const GradientParts& parts, float* const out[8], F&& then) {
+  const ParamRows rows(s);
+  for_param_rows(rows, parts, [&](int64_t begin, int64_t end) {
+    sum_gradient_rows(s, parts, begin, end, out);
+    then(rows, begin, end);
+  });
+}
+
+std::vector<Tensor> gradients_as_tensors(const Shape& s, const GradientParts& parts, const std::vector<Tensor>& like) {
   std::vector<Tensor> out;
   float* ptrs[8];
   for (int i = 0; i < 8; ++i) {
     out.push_back(at::empty_like(like[i]));
     ptrs[i] = out.back().data_ptr<float>();
   }
-  unpack_gradients(packed, grads, ptrs);
+  sum_gradients(s, parts, ptrs, [](const ParamRows&, int64_t, int64_t) {});
   return out;
 }
 
@@ -92,21 +118,19 @@ std::vector<Tensor> gradients_as_tensors(const Packed& packed, const std::vector
 
 Tensor cpp_logits(const Tensor& idx, AUNN_PARAMS_DECL) {
   const Model m = model_of(AUNN_PARAMS_ARGS);
-  const Packed packed(m.params, m.shape, false);
   Job job = make_job(idx, Mode::kLogits);
   Tensor out = at::empty({job.n, m.shape.vocab}, idx.options().dtype(at::kFloat));
   job.out_float = out.data_ptr<float>();
-  run(packed, job);
+  run(m.params, m.shape, job);
   return out;
 }
 
 Tensor cpp_argmax(const Tensor& idx, AUNN_PARAMS_DECL) {
   const Model m = model_of(AUNN_PARAMS_ARGS);
-  const Packed packed(m.params, m.shape, false);
   Job job = make_job(idx, Mode::kArgmax);
   Tensor out = at::empty({job.n}, idx.options());
   job.out_index = out.data_ptr<int64_t>();
-  run(packed, job);
+  run(m.params, m.shape, job);
   return out;
 }
 
@@ -115,7 +139,6 @@ Tensor cpp_argmax(const Tensor& idx, AUNN_PARAMS_DECL) {
 std::tuple<Tensor, std::vector<Tensor>> cpp_loss(const Tensor& idx, const Tensor& targets, AUNN_PARAMS_DECL,
                                                  bool with_grads) {
   const Model m = model_of(AUNN_PARAMS_ARGS);
-  const Packed packed(m.params, m.shape, with_grads);
   Job job = make_job(idx, Mode::kLoss);
   check_rows(targets, "targets", job.n);
   check_targets(targets, m.shape.vocab);
@@ -126,9 +149,9 @@ std::tuple<Tensor, std::vector<Tensor>> cpp_loss(const Tensor& idx, const Tensor
   job.backward = with_grads;
   job.grad = &one;
   job.grad_stride = 0;
-  const std::vector<float>& grads = run(packed, job);
+  const GradientParts& parts = run(m.params, m.shape, job);
   if (!with_grads) return {rows, {}};
-  return {rows, gradients_as_tensors(packed, grads, AUNN_PARAM_LIST)};
+  return {rows, gradients_as_tensors(m.shape, parts, AUNN_PARAM_LIST)};
 }
 
 std::vector<Tensor> cpp_loss_backward(const Tensor& grad, at::TensorList unit_grads, const Tensor& idx,
@@ -145,7 +168,6 @@ std::vector<Tensor> cpp_loss_backward(const Tensor& grad, at::TensorList unit_gr
     for (const Tensor& t : unit_grads) out.push_back(t * gp[0]);
     return out;
   }
-  const Packed packed(m.params, m.shape, true);
   Job job = make_job(idx, Mode::kLoss);
   check_rows(targets, "targets", job.n);
   check_targets(targets, m.shape.vocab);
@@ -153,18 +175,17 @@ std::vector<Tensor> cpp_loss_backward(const Tensor& grad, at::TensorList unit_gr
   job.backward = true;
   job.grad = gp;
   job.grad_stride = 1;
-  return gradients_as_tensors(packed, run(packed, job), AUNN_PARAM_LIST);
+  return gradients_as_tensors(m.shape, run(m.params, m.shape, job), AUNN_PARAM_LIST);
 }
 
 std::vector<Tensor> cpp_logits_backward(const Tensor& grad, const Tensor& idx, AUNN_PARAMS_DECL) {
   const Model m = model_of(AUNN_PARAMS_ARGS);
-  const Packed packed(m.params, m.shape, true);
   Job job = make_job(idx, Mode::kLogits);
   const Tensor g = grad.to(at::kFloat).contiguous();
   TORCH_CHECK(g.numel() == job.n * m.shape.vocab, "aunn_fast cpp: logits gradient has the wrong size");
   job.backward = true;
   job.grad = g.data_ptr<float>();
-  return gradients_as_tensors(packed, run(packed, job), AUNN_PARAM_LIST);
+  return gradients_as_tensors(m.shape, run(m.params, m.shape, job), AUNN_PARAM_LIST);
 }
 
 // The sum of x[j]^2 over n floats, in double (eight independent sums, which the compiler vectorises).
@@ -316,8 +337,6 @@ Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList p
     m1 = buffers_like(exp_avg, params, "exp_avg");
     m2 = buffers_like(exp_avg_sq, params, "exp_avg_sq");
   }
-  thread_local Packed packed;  // its buffers kept across steps; the weights packed anew (they change every step)
-  packed.pack(m.params, m.shape, true);
   Job job = make_job(idx, Mode::kLoss);
   check_rows(targets, "targets", job.n);
   check_targets(targets, m.shape.vocab);
@@ -328,19 +347,34 @@ Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList p
   job.backward = true;
   job.grad = &weight;
   job.grad_stride = 0;
-  const std::vector<float>& packed_grads = run(packed, job);
-  unpack_gradients(packed, packed_grads, grad_ptrs.data());
-  if (max_norm > 0.0) clip_total_norm(grad_ptrs.data(), params, max_norm);
+  const GradientParts& parts = run(m.params, m.shape, job);
   Update u{adam, static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
            static_cast<float>(adam_eps), static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(lr), 1.0f};
   if (adam) {
     u.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, step)));
     u.inv_bias2_sqrt = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, step)));
   }
-  const FlushSubnormals flush;
-  for (int i = 0; i < 8; ++i)
-    update_parameters(u, params[i].data_ptr<float>(), grad_ptrs[i], adam ? m1[i] : nullptr, adam ? m2[i] : nullptr,
-                      params[i].numel());
+  float* param_ptrs[8];
+  for (int i = 0; i < 8; ++i) param_ptrs[i] = params[i].data_ptr<float>();
+  // The update of the rows a thread has summed, on that thread (a row's gradient is then in its cache).
+  auto update_rows = [&](const ParamRows& param_rows, int64_t begin, int64_t end) {
+    const FlushSubnormals flush;
+    param_rows.for_each(begin, end, [&](int i, int64_t row, int64_t count) {
+      const int64_t first = row * param_rows.cols[i], n = count * param_rows.cols[i];
+      update_parameters(u, param_ptrs[i] + first, grad_ptrs[i] + first, adam ? m1[i] + first : nullptr,
+                        adam ? m2[i] + first : nullptr, n);
+    });
+  };
+  if (max_norm > 0.0) {  // the total norm needs every gradient before any update
+    sum_gradients(m.shape, parts, grad_ptrs.data(), [](const ParamRows&, int64_t, int64_t) {});
+    clip_total_norm(grad_ptrs.data(), params, max_norm);
+    const ParamRows param_rows(m.shape);
+    for_param_rows(param_rows, parts, [&](int64_t begin, int64_t end) { update_rows(param_rows, begin, end); });
+  } else {
+    sum_gradients(m.shape, parts, grad_ptrs.data(), update_rows);
+  }
+  for (const at::TensorList& mutated : {params, grads_out, exp_avg, exp_avg_sq})
+    for (const Tensor& t : mutated) t.unsafeGetTensorImpl()->bump_version();  // as torch.optim's in-place updates
   double total = 0.0;  // the mean without another operator's dispatch (a prompt's step is mostly overhead)
   for (int64_t i = 0; i < job.n; ++i) total += job.out_float[i];
   return at::scalar_tensor(job.n > 0 ? total / static_cast<double>(job.n) : NAN, idx.options().dtype(at::kFloat));
@@ -377,5 +411,9 @@ TORCH_LIBRARY_IMPL(aunn_fast, CPU, m) {
   m.impl("cpp_logits_backward", &cpp_logits_backward);
   m.impl("cpp_train_step", &cpp_train_step);
 }
+
+// The step is an optimizer's update, outside autograd as torch.optim's steps are: no autograd kernel to pass
+// through (a prompt's step would pay for one in every call, grad mode on or off).
+TORCH_LIBRARY_IMPL(aunn_fast, Autograd, m) { m.impl("cpp_train_step", torch::CppFunction::makeFallthrough()); }
 
 }  // namespace aunn_cpu
