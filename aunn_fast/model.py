@@ -97,7 +97,12 @@ class AUNN(nn.Module):
 
     def active_precision(self) -> str:
         """The precision a call runs now: "fp32", "tf32" or "bf16" ("auto" resolved for this device)."""
-        return resolve_precision(self.precision, self.device, self.active_backend())
+        return self._plan()[1]
+
+    def _plan(self) -> tuple[Backend, str]:
+        """The backend and the precision a call runs now, each resolved once."""
+        backend = self.active_backend()
+        return backend, resolve_precision(self.precision, self.device, backend)
 
     def extra_repr(self) -> str:
         return f"{self.cfg}, backend={self.backend!r}, precision={self.precision!r}"
@@ -119,9 +124,9 @@ class AUNN(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """int64 indices [...] -> float32 logits [..., vocab]."""
         idx = self._indices(idx)
-        backend = self.active_backend()
+        backend, precision = self._plan()
         with self._own_precision():
-            flat = backend.logits(idx.reshape(-1).contiguous(), self.params, self.cfg, self.active_precision())
+            flat = backend.logits(idx.reshape(-1).contiguous(), self.params, self.cfg, precision)
         return flat.reshape(*idx.shape, self.cfg.vocab_size)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -134,14 +139,14 @@ class AUNN(nn.Module):
         if idx.numel() == 0:  # zero, still connected to the parameters so that backward() works
             zero = sum(p.sum() for p in self.parameters()) * 0.0
             return zero.expand(idx.shape) if reduction == "none" else zero
-        backend = self.active_backend()
+        backend, precision = self._plan()
         with self._own_precision():
             losses = backend.loss(
                 idx.reshape(-1).contiguous(),
                 targets.reshape(-1).contiguous(),
                 self.params,
                 self.cfg,
-                self.active_precision(),
+                precision,
                 reduction,
             )
         return losses.reshape(idx.shape) if reduction == "none" else losses
@@ -150,9 +155,9 @@ class AUNN(nn.Module):
     def predict(self, idx: torch.Tensor) -> torch.Tensor:
         """int64 indices [...] -> int64 argmax tokens [...]."""
         idx = self._indices(idx)
-        backend = self.active_backend()
+        backend, precision = self._plan()
         with self._own_precision():
-            flat = backend.predict(idx.reshape(-1).contiguous(), self.params, self.cfg, self.active_precision())
+            flat = backend.predict(idx.reshape(-1).contiguous(), self.params, self.cfg, precision)
         return flat.reshape(idx.shape)
 
     # -- persistence -------------------------------------------------------------------

@@ -1,8 +1,9 @@
 // The fused CPU AUNN (see mlp.h). One block of rows goes through every layer while its activations stay in
 // cache: the input layer as the sum of the weight rows of the index's set bits, the hidden products and the
 // head through tile.h's register-blocked product, the loss without writing logits out, and, for a backward,
-// every layer's gradients from the block's stored activations. Weight gradients are summed per thread and
-// reduced once at the end; each thread keeps its block buffers and gradient sums across calls.
+// every layer's gradients from the block's stored activations. Each thread packs the weights itself and sums its
+// blocks' weight gradients; the threads then add those sums up by parameter rows (sum_gradient_rows). Each thread
+// keeps its block buffers, its gradient sums and (up to kKeptPackBytes) its pack across calls.
 #include "mlp.h"
 
 #include <ATen/Parallel.h>
@@ -40,6 +41,14 @@ struct Packed {
   std::vector<Bf16Pair> wt16, out_wt16, w16, out_w16;
   // Packs p, reusing this pack's buffers (each thread keeps one: the parameters change between calls).
   void pack(const Params& p, const Shape& s, bool for_backward);
+  int64_t bytes() const {
+    int64_t total = 0;
+    for (const auto* v : {&in_wt, &in_b, &in_g, &hb, &hg, &ob, &wt, &out_wt, &w_copy, &out_w_copy})
+      total += static_cast<int64_t>(v->capacity() * sizeof(float));
+    for (const auto* v : {&wt16, &out_wt16, &w16, &out_w16})
+      total += static_cast<int64_t>(v->capacity() * sizeof(Bf16Pair));
+    return total;
+  }
 };
 
 // The gradients in the packed layout: in_weight transposed, everything padded.
@@ -731,6 +740,10 @@ Packed& thread_pack() {
   return packed;
 }
 
+// A thread's pack larger than this is freed after each call (a large vocabulary's head is tens of MB a thread;
+// packing a model that large anew costs little against its rows).
+constexpr int64_t kKeptPackBytes = int64_t{8} << 20;
+
 // out[0:count] = the sum of the parts' floats from offset (zeros without parts).
 void add_parts(const GradientParts& parts, int64_t offset, int64_t count, float* out) {
   int64_t j = 0;
@@ -778,6 +791,7 @@ const GradientParts& run(const Params& params, const Shape& shape, const Job& jo
         write_outputs(packed, job, r0, nb, w);
       }
     }
+    if (packed.bytes() > kKeptPackBytes) packed = Packed();
   });
   parts.erase(std::remove(parts.begin(), parts.end(), nullptr), parts.end());
   return parts;
