@@ -145,6 +145,7 @@ FIXED_CASES = [
     (32, 12, 2, 1, 3, 50),  # a single bit, the deepest model
     (16, 4, 5, 7, 7, 0),  # residual_every beyond the hidden layers; an empty batch
     (16, 3, 1, 64, 3, 4097),  # the largest batch: 86 blocks and a 17-row one over the threads
+    (24, 4, 2, 37, 6, 1500),  # the input layer by 4-bit groups (>= 256 rows a thread), the last group of one bit
 ]
 BF16_CASES = [  # odd rows in a block (its bf16 row pairs end in a zero row), odd hidden and vocab (pairs along k)
     (64, 8, 2, 64, 4, 300),

@@ -26,6 +26,9 @@ struct Packed {
   Shape shape{};
   int64_t hp = 0, vp = 0;         // hidden and vocab padded to the vector width
   std::vector<float> in_wt;       // [B][Hp] (rounded in bf16: the input layer sums weight rows exactly)
+  // The input layer's sums for every value of each 4-bit group of an index: [ceil(B/4)][16][Hp], entry (g, v) the
+  // sum of in_wt's rows 4g + b for v's set bits b; empty where the input layer adds rows bit by bit.
+  std::vector<float> group_sums;
   std::vector<float> in_b, in_g;  // [Hp]
   std::vector<float> hb, hg;      // [L-2][Hp]
   std::vector<float> ob;          // [Vp]
@@ -39,11 +42,12 @@ struct Packed {
   // bf16 (pack_pairs, bf16.h): forward operands [L-2][Hp/2][Hp] and [Hp/2][Vp], backward ones (only for a
   // backward) [L-2][Hp/2][Hp] and [Vp/2][Hp]
   std::vector<Bf16Pair> wt16, out_wt16, w16, out_w16;
-  // Packs p, reusing this pack's buffers (each thread keeps one: the parameters change between calls).
-  void pack(const Params& p, const Shape& s, bool for_backward);
+  // Packs p, reusing this pack's buffers (each thread keeps one: the parameters change between calls); with
+  // group_sums, also the input layer's group_sums.
+  void pack(const Params& p, const Shape& s, bool for_backward, bool with_group_sums);
   int64_t bytes() const {
     int64_t total = 0;
-    for (const auto* v : {&in_wt, &in_b, &in_g, &hb, &hg, &ob, &wt, &out_wt, &w_copy, &out_w_copy})
+    for (const auto* v : {&in_wt, &group_sums, &in_b, &in_g, &hb, &hg, &ob, &wt, &out_wt, &w_copy, &out_w_copy})
       total += static_cast<int64_t>(v->capacity() * sizeof(float));
     for (const auto* v : {&wt16, &out_wt16, &w16, &out_w16})
       total += static_cast<int64_t>(v->capacity() * sizeof(Bf16Pair));
@@ -286,23 +290,44 @@ float* h_out(Workspace& w, int64_t layer, const float* in, const float* res) {
   return w.h_of(i);
 }
 
+// Bits of an index per group of the input layer's group_sums, and entries per group.
+constexpr int kGroupBits = 4;
+constexpr int64_t kGroupValues = int64_t{1} << kGroupBits;
+
 // The input layer's tile: bias + the sum of the weight rows of each row's set bits (in_wt's rows hp floats apart),
-// in registers, then finished by act. The rows step through their bits together, a row whose bits have run out
-// adding zeros: 4 x ROWS independent chains of additions and one loop exit per tile, where a loop per row would
-// wait on one chain's latency and mispredict every row's exit.
+// in registers, then finished by act. With group_sums, one precomputed sum per 4-bit group of the index: 16
+// independent loads and adds a row for 64 bits, no branch on the values. Without them (a few rows, where building
+// the sums would cost more), the rows step through their bits together, a row whose bits have run out adding
+// zeros: 4 x ROWS independent chains of additions and one loop exit per tile, where a loop per row would wait on
+// one chain's latency and mispredict every row's exit.
 template <int ROWS, int NV>
 void input_tile(const Packed& p, const int64_t* idx, uint64_t mask, const float* zeros, int64_t row, int64_t col,
                 const Activation& act) {
   Accumulators<ROWS, NV> acc;
   uint64_t bits[ROWS];
-  int steps = 0;
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) {
     bits[r] = static_cast<uint64_t>(idx[row + r]) & mask;
-    steps = std::max(steps, __builtin_popcountll(bits[r]));
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = load(p.in_b.data() + col + v * kVectorFloats);
   }
+  if (!p.group_sums.empty()) {
+    const int64_t groups = (p.shape.bits + kGroupBits - 1) / kGroupBits;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* sums = p.group_sums.data() + g * kGroupValues * p.hp + col;
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        const float* sum = sums + static_cast<int64_t>((bits[r] >> (g * kGroupBits)) & (kGroupValues - 1)) * p.hp;
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] += load(sum + v * kVectorFloats);
+      }
+    }
+    act(acc, row, col);
+    return;
+  }
+  int steps = 0;
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r) steps = std::max(steps, __builtin_popcountll(bits[r]));
   for (int step = 0; step < steps; ++step) {
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
@@ -648,7 +673,29 @@ void fit(std::vector<T>& v, int64_t n, bool padded) {
 
 }  // namespace
 
-void Packed::pack(const Params& p, const Shape& s, bool for_backward) {
+// The sums of in_wt's rows for every value of each 4-bit group (Packed::group_sums), each from the entry of the
+// value without its lowest bit plus that bit's row: one vector add per entry and vector.
+void sum_groups(const std::vector<float>& in_wt, int64_t bits, int64_t hp, std::vector<float>& sums) {
+  const int64_t groups = (bits + kGroupBits - 1) / kGroupBits;
+  sums.resize(groups * kGroupValues * hp);
+  for (int64_t g = 0; g < groups; ++g) {
+    float* table = sums.data() + g * kGroupValues * hp;
+    std::fill(table, table + hp, 0.0f);
+    for (int64_t v = 1; v < kGroupValues; ++v) {
+      const int64_t bit = g * kGroupBits + __builtin_ctzll(v);
+      const float* without = table + (v & (v - 1)) * hp;
+      float* out = table + v * hp;
+      if (bit >= bits) {  // no index has this bit (masked); keeps every entry defined
+        std::memcpy(out, without, hp * sizeof(float));
+        continue;
+      }
+      const float* weights = in_wt.data() + bit * hp;
+      for (int64_t j = 0; j < hp; j += kVectorFloats) store(out + j, load(without + j) + load(weights + j));
+    }
+  }
+}
+
+void Packed::pack(const Params& p, const Shape& s, bool for_backward, bool with_group_sums) {
   shape = s;
   hp = round_up(s.hidden, kVectorFloats);
   vp = round_up(s.vocab, kVectorFloats);
@@ -669,8 +716,14 @@ void Packed::pack(const Params& p, const Shape& s, bool for_backward) {
     std::memcpy(hg.data() + l * hp, p.hidden_gain + l * h, h * sizeof(float));
   }
   std::memcpy(ob.data(), p.out_bias, s.vocab * sizeof(float));
-  if (s.bf16) {
+  if (s.bf16)
     for (float& x : in_wt) x = bf16_round(x);
+  if (with_group_sums) {
+    sum_groups(in_wt, s.bits, hp, group_sums);
+  } else {
+    group_sums.clear();
+  }
+  if (s.bf16) {
     fit(wt16, n * hp / 2 * hp, padded);
     for (int64_t l = 0; l < n; ++l)
       pack_pairs(p.hidden_weight + l * h * h, 1, h, h, h, wt16.data() + l * hp / 2 * hp, hp);  // (W^T) pairs
@@ -740,6 +793,16 @@ Packed& thread_pack() {
   return packed;
 }
 
+// A thread with at least this many rows sums the input layer by 4-bit groups (Packed::group_sums): building them
+// costs 15 vector adds per group and vector of Hp, repaid by the ~80 cycles it saved per row (seed model, 64 bits).
+constexpr int64_t kGroupSumRows = 256;
+// ... where the sums fit in L2 with room to spare (64 KB at H = 64 and 64 bits; 256 KB at H = 256).
+constexpr int64_t kMaxGroupSumBytes = int64_t{256} << 10;
+
+int64_t group_sums_bytes(const Shape& s) {
+  return (s.bits + kGroupBits - 1) / kGroupBits * kGroupValues * round_up(s.hidden, kVectorFloats) * 4;
+}
+
 // A thread's pack larger than this is freed after each call (a large vocabulary's head is tens of MB a thread;
 // packing a model that large anew costs little against its rows).
 constexpr int64_t kKeptPackBytes = int64_t{8} << 20;
@@ -770,7 +833,8 @@ const GradientParts& run(const Params& params, const Shape& shape, const Job& jo
   parts.assign(job.backward ? at::get_num_threads() : 0, nullptr);
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t end) {
     Packed& packed = thread_pack();
-    packed.pack(params, shape, job.backward);
+    const int64_t my_rows = std::min(end * rows, job.n) - first * rows;
+    packed.pack(params, shape, job.backward, my_rows >= kGroupSumRows && group_sums_bytes(shape) <= kMaxGroupSumBytes);
     Workspace& w = thread_workspace();
     w.prepare(packed, std::min(rows, job.n - first * rows), job.backward);
     float* grads = nullptr;
