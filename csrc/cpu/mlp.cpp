@@ -294,6 +294,9 @@ float* h_out(Workspace& w, int64_t layer, const float* in, const float* res) {
 constexpr int kGroupBits = 4;
 constexpr int64_t kGroupValues = int64_t{1} << kGroupBits;
 
+// The groups of an index's `bits` low bits (the last one partial where bits is not a multiple of kGroupBits).
+constexpr int64_t index_groups(int64_t bits) { return (bits + kGroupBits - 1) / kGroupBits; }
+
 // The input layer's tile: bias + the sum of the weight rows of each row's set bits (in_wt's rows hp floats apart),
 // in registers, then finished by act. With group_sums, one precomputed sum per 4-bit group of the index: 16
 // independent loads and adds a row for 64 bits, no branch on the values. Without them (a few rows, where building
@@ -312,7 +315,7 @@ void input_tile(const Packed& p, const int64_t* idx, uint64_t mask, const float*
     for (int v = 0; v < NV; ++v) acc[r][v] = load(p.in_b.data() + col + v * kVectorFloats);
   }
   if (!p.group_sums.empty()) {
-    const int64_t groups = (p.shape.bits + kGroupBits - 1) / kGroupBits;
+    const int64_t groups = index_groups(p.shape.bits);
     for (int64_t g = 0; g < groups; ++g) {
       const float* sums = p.group_sums.data() + g * kGroupValues * p.hp + col;
 #pragma GCC unroll 8
@@ -676,7 +679,7 @@ void fit(std::vector<T>& v, int64_t n, bool padded) {
 // The sums of in_wt's rows for every value of each 4-bit group (Packed::group_sums), each from the entry of the
 // value without its lowest bit plus that bit's row: one vector add per entry and vector.
 void sum_groups(const std::vector<float>& in_wt, int64_t bits, int64_t hp, std::vector<float>& sums) {
-  const int64_t groups = (bits + kGroupBits - 1) / kGroupBits;
+  const int64_t groups = index_groups(bits);
   sums.resize(groups * kGroupValues * hp);
   for (int64_t g = 0; g < groups; ++g) {
     float* table = sums.data() + g * kGroupValues * hp;
@@ -800,7 +803,7 @@ constexpr int64_t kGroupSumRows = 256;
 constexpr int64_t kMaxGroupSumBytes = int64_t{256} << 10;
 
 int64_t group_sums_bytes(const Shape& s) {
-  return (s.bits + kGroupBits - 1) / kGroupBits * kGroupValues * round_up(s.hidden, kVectorFloats) * 4;
+  return index_groups(s.bits) * kGroupValues * round_up(s.hidden, kVectorFloats) * 4;
 }
 
 // A thread's pack larger than this is freed after each call (a large vocabulary's head is tens of MB a thread;

@@ -88,8 +88,7 @@ void for_param_rows(const ParamRows& rows, const GradientParts& parts, F&& f) {
 // The gradients summed over parts into out (eight parameter-shaped buffers); then(rows, begin, end) on the rows
 // just summed, in the thread that summed them.
 template <class F>
-void sum_gradients(const Shape& s, const GradientParts& parts, float* const out[8], F&& then) {
-  const ParamRows rows(s);
+void sum_gradients(const Shape& s, const ParamRows& rows, const GradientParts& parts, float* const out[8], F&& then) {
   for_param_rows(rows, parts, [&](int64_t begin, int64_t end) {
     sum_gradient_rows(s, parts, begin, end, out);
     then(rows, begin, end);
@@ -103,7 +102,7 @@ std::vector<Tensor> gradients_as_tensors(const Shape& s, const GradientParts& pa
     out.push_back(at::empty_like(like[i]));
     ptrs[i] = out.back().data_ptr<float>();
   }
-  sum_gradients(s, parts, ptrs, [](const ParamRows&, int64_t, int64_t) {});
+  sum_gradients(s, ParamRows(s), parts, ptrs, [](const ParamRows&, int64_t, int64_t) {});
   return out;
 }
 
@@ -365,13 +364,13 @@ Tensor cpp_train_step(const Tensor& idx, const Tensor& targets, at::TensorList p
                         adam ? m2[i] + first : nullptr, n);
     });
   };
+  const ParamRows param_rows(m.shape);
   if (max_norm > 0.0) {  // the total norm needs every gradient before any update
-    sum_gradients(m.shape, parts, grad_ptrs.data(), [](const ParamRows&, int64_t, int64_t) {});
+    sum_gradients(m.shape, param_rows, parts, grad_ptrs.data(), [](const ParamRows&, int64_t, int64_t) {});
     clip_total_norm(grad_ptrs.data(), params, max_norm);
-    const ParamRows param_rows(m.shape);
     for_param_rows(param_rows, parts, [&](int64_t begin, int64_t end) { update_rows(param_rows, begin, end); });
   } else {
-    sum_gradients(m.shape, parts, grad_ptrs.data(), update_rows);
+    sum_gradients(m.shape, param_rows, parts, grad_ptrs.data(), update_rows);
   }
   for (const at::TensorList& mutated : {params, grads_out, exp_avg, exp_avg_sq})
     for (const Tensor& t : mutated) t.unsafeGetTensorImpl()->bump_version();  // as torch.optim's in-place updates
