@@ -53,10 +53,15 @@ def bar_of(preset: str) -> dict[str, float]:
     return BARS["digits" if preset == "digits" else "toy"]
 
 
+BAR_WORDS = {"near": "valid chunks near the data", "10M": "10M past it"}
+
+
 def bar_text(preset: str) -> str:
-    if preset == "digits":
-        return "100% training accuracy"
-    return "100% training accuracy, valid chunks near the data >= 0.9 and 10M past it >= 0.85"
+    """The preset's bar in words, from BARS: "100% training accuracy[, ... and ...]"."""
+    bar = bar_of(preset)
+    parts = [f"{bar['train_accuracy']:.0%} training accuracy"]
+    parts += [f"{BAR_WORDS[key]} >= {value:g}" for key, value in bar.items() if key != "train_accuracy"]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 BUILD = """

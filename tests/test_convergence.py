@@ -1,6 +1,6 @@
 """bench/convergence.py's plumbing (the matrix itself is a benchmark, run by hand)."""
 
-from aunn_fast.bench.convergence import _int_list, bar_of, run_order, table
+from aunn_fast.bench.convergence import _int_list, bar_of, bar_text, run_order, table
 
 
 def test_run_order_covers_every_pair_and_spreads_the_first_runs():
@@ -42,3 +42,5 @@ def test_each_preset_has_its_bar():
     assert bar_of("digits") == {"train_accuracy": 1.0}
     for preset in ("cpu", "tiny", "seed"):
         assert bar_of(preset) == {"train_accuracy": 1.0, "near": 0.9, "10M": 0.85}
+    assert bar_text("digits") == "100% training accuracy"
+    assert bar_text("cpu") == "100% training accuracy, valid chunks near the data >= 0.9 and 10M past it >= 0.85"
