@@ -159,11 +159,10 @@ class OneCallStep:
         self.params = [getattr(model, name) for name in AUNNParams._fields]
         if any(p.dtype != torch.float32 or not p.is_contiguous() for p in self.params):
             raise TypeError("the cpp backend's step takes contiguous float32 parameters")
-        total = sum(p.numel() for p in self.params)
-        flat = torch.zeros(3 if optimizer == "adam" else 1, total)
+        sizes = [p.numel() for p in self.params]
+        flat = torch.zeros(3 if optimizer == "adam" else 1, sum(sizes))
         self.flat_grads = [flat[0]]
         self.moments = ([flat[1]], [flat[2]]) if optimizer == "adam" else ([], [])
-        sizes = [p.numel() for p in self.params]
         self.grads = [g.view_as(p) for g, p in zip(flat[0].split(sizes), self.params)]
         self.steps = 0
         # the operator's overload itself (no overload resolution per call) and its arguments after `step`: no

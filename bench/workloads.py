@@ -110,12 +110,12 @@ def benchmark_optimizer(model: AUNN, kind: str) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=CONDITION_LR)
 
 
-def _training_call(model: AUNN, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def _training_call(model: AUNN, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], object]:
     """One training step as `aunn train` takes it: on the cpp backend one C++ call (forward, loss, backward and
     the AdamW update: `fused_adamw_step`), elsewhere eager autograd and the optimizer's own step."""
     fused = fused_adamw_step(model, optimizer, max_norm=None)
     if fused is not None:
-        return lambda idx, targets: fused(idx, targets)
+        return fused
 
     def call(idx: torch.Tensor, targets: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
