@@ -171,6 +171,28 @@ def test_threads_against_reference(threads, generator):
     check_against_reference(cfg, 211, generator)
 
 
+@needs_extension
+def test_forward_does_not_depend_on_the_thread_count(generator):
+    """The logits are the same bits on one, two and three threads where every thread has at least 256 rows (then
+    every thread sums the input layer by groups, and the blocks are 48 rows whichever thread claims them): at 800
+    rows three threads get 266 each; a thread's own share of the blocks deciding would give the third 224 rows
+    and the bit-by-bit sums."""
+    from aunn_fast import cpp_backend
+
+    cfg = AUNNConfig(vocab_size=5, hidden=40, layers=6, bits=64)
+    params = make_params(cfg, generator)
+    idx = make_indices(cfg, 800, generator)
+    old = torch.get_num_threads()
+    logits = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            logits.append(cpp_backend.logits(idx, params, cfg, "fp32"))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+
+
 @needs_bf16
 @pytest.mark.parametrize("hidden,layers,residual_every,bits,vocab,batch", BF16_CASES)
 def test_bf16_against_reference(hidden, layers, residual_every, bits, vocab, batch, generator):

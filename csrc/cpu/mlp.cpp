@@ -1,15 +1,17 @@
 // The fused CPU AUNN (see mlp.h). One block of rows goes through every layer while its activations stay in
 // cache: the input layer as the sum of the weight rows of the index's set bits, the hidden products and the
 // head through tile.h's register-blocked product, the loss without writing logits out, and, for a backward,
-// every layer's gradients from the block's stored activations. Each thread packs the weights itself and sums its
-// blocks' weight gradients; the threads then add those sums up by parameter rows (sum_gradient_rows). Each thread
-// keeps its block buffers, its gradient sums and (up to kKeptPackBytes) its pack across calls.
+// every layer's gradients from the block's stored activations. Each thread packs the weights itself and claims
+// chunks of blocks until none is left, summing each chunk's weight gradients in the chunk's own buffer; the threads
+// then add those sums up by parameter rows (sum_gradient_rows). Each thread keeps its block buffers and (up to
+// kKeptPackBytes) its pack across calls, the calling thread the chunks' buffers.
 #include "mlp.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <utility>
@@ -785,18 +787,23 @@ ParamRows::ParamRows(const Shape& s) {
 
 namespace {
 
-// This thread's gradient sums and its pack of the weights, kept across calls.
-std::vector<float>& thread_gradients() {
-  thread_local std::vector<float> sums;
-  return sums;
-}
-
+// This thread's pack of the weights, kept across calls.
 Packed& thread_pack() {
   thread_local Packed packed;
   return packed;
 }
 
-// A thread with at least this many rows sums the input layer by 4-bit groups (Packed::group_sums): building them
+// The threads claim a job's blocks as they come free, not in equal shares fixed up front: on a shared machine one
+// core can run the same work 1.5x slower than the other for seconds at a time (a 2-core VM, each core timed alone),
+// and a fixed share makes every call wait for the slower one. A forward claims its blocks one at a time. A backward
+// sums its weight gradients in one buffer per chunk of blocks, one chunk a thread, added up in chunk order: which
+// thread ran a chunk does not change a result. (Eight chunks, for finer claims, made the 8,192-row train step
+// ~15% slower on the 2-core EPYC: more buffers to clear and add up.)
+int64_t chunk_count(const Job& job, int64_t blocks, int64_t threads) {
+  return job.backward ? std::min(blocks, threads) : blocks;
+}
+
+// A thread expecting at least this many rows sums the input layer by 4-bit groups (Packed::group_sums): building them
 // costs 15 vector adds per group and vector of Hp, repaid by the ~80 cycles it saved per row (seed model, 64 bits).
 constexpr int64_t kGroupSumRows = 256;
 // ... where the sums fit in L2 with room to spare (64 KB at H = 64 and 64 bits; 256 KB at H = 256).
@@ -831,36 +838,49 @@ const GradientParts& run(const Params& params, const Shape& shape, const Job& jo
   const int64_t rows = block_rows(job.n);
   const int64_t blocks = (job.n + rows - 1) / rows;
   const GradLayout layout(shape);
+  const int64_t chunks = chunk_count(job, blocks, at::get_num_threads());
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  const bool group_sums = job.n / std::max<int64_t>(threads, 1) >= kGroupSumRows &&
+                          group_sums_bytes(shape) <= kMaxGroupSumBytes;
+  // The caller's, reached from every thread (a thread_local named inside the lambda would be each thread's own).
+  thread_local std::vector<std::vector<float>> caller_sums;  // the chunks' gradient sums, kept across calls
   thread_local GradientParts caller_parts;
-  GradientParts& parts = caller_parts;  // the caller's, in every thread (a thread_local itself would be each one's)
-  parts.assign(job.backward ? at::get_num_threads() : 0, nullptr);
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t end) {
+  std::vector<std::vector<float>>& sums = caller_sums;
+  GradientParts& parts = caller_parts;
+  parts.clear();
+  if (job.backward && static_cast<int64_t>(sums.size()) < chunks) sums.resize(chunks);
+  const int64_t per_chunk = chunks == 0 ? 0 : (blocks + chunks - 1) / chunks;  // blocks; the last chunks may have none
+  std::vector<std::atomic<bool>> taken(chunks);
+  at::parallel_for(0, threads, 1, [&](int64_t thread, int64_t) {
     Packed& packed = thread_pack();
-    const int64_t my_rows = std::min(end * rows, job.n) - first * rows;
-    packed.pack(params, shape, job.backward, my_rows >= kGroupSumRows && group_sums_bytes(shape) <= kMaxGroupSumBytes);
+    packed.pack(params, shape, job.backward, group_sums);
     Workspace& w = thread_workspace();
-    w.prepare(packed, std::min(rows, job.n - first * rows), job.backward);
-    float* grads = nullptr;
-    if (job.backward) {
-      const int tid = at::get_thread_num();
-      TORCH_CHECK(tid < static_cast<int>(parts.size()), "aunn_fast cpp: thread ", tid, " out of range");
-      std::vector<float>& sums = thread_gradients();
-      sums.assign(layout.size, 0.0f);
-      grads = sums.data();
-      parts[tid] = grads;
-    }
-    for (int64_t b = first; b < end; ++b) {
-      const int64_t r0 = b * rows, nb = std::min(rows, job.n - r0);
-      forward_block(packed, job.idx + r0, nb, w);
+    w.prepare(packed, std::min(rows, job.n), job.backward);
+    auto run_chunk = [&](int64_t c) {
+      if (c * per_chunk >= blocks || taken[c].exchange(true)) return;
+      float* grads = nullptr;
       if (job.backward) {
-        backward_block(packed, job, r0, nb, w, layout, grads);  // writes the row losses itself
-      } else {
-        write_outputs(packed, job, r0, nb, w);
+        sums[c].assign(layout.size, 0.0f);
+        grads = sums[c].data();
       }
-    }
+      for (int64_t b = c * per_chunk; b < std::min(blocks, (c + 1) * per_chunk); ++b) {
+        const int64_t r0 = b * rows, nb = std::min(rows, job.n - r0);
+        forward_block(packed, job.idx + r0, nb, w);
+        if (job.backward) {
+          backward_block(packed, job, r0, nb, w, layout, grads);  // writes the row losses itself
+        } else {
+          write_outputs(packed, job, r0, nb, w);
+        }
+      }
+    };
+    // This thread's own chunks first (a backward's one: the same gradient buffer every call, in its cache), then any
+    // left.
+    for (int64_t c = thread; c < chunks; c += threads) run_chunk(c);
+    for (int64_t c = 0; c < chunks; ++c) run_chunk(c);
     if (packed.bytes() > kKeptPackBytes) packed = Packed();
   });
-  parts.erase(std::remove(parts.begin(), parts.end(), nullptr), parts.end());
+  if (job.backward)
+    for (int64_t c = 0; c * per_chunk < blocks; ++c) parts.push_back(sums[c].data());
   return parts;
 }
 
