@@ -2,9 +2,10 @@
 // cache: the input layer as the sum of the weight rows of the index's set bits, the hidden products and the
 // head through tile.h's register-blocked product, the loss without writing logits out, and, for a backward,
 // every layer's gradients from the block's stored activations. Each thread packs the weights itself and claims
-// chunks of blocks until none is left, summing each chunk's weight gradients in the chunk's own buffer; the threads
-// then add those sums up by parameter rows (sum_gradient_rows). Each thread keeps its block buffers and (up to
-// kKeptPackBytes) its pack across calls, the calling thread the chunks' buffers.
+// chunks of blocks until none is left, summing each chunk's weight gradients in the chunk's own buffer; each
+// thread's share of chunks is added up, then the threads add the shares up by parameter rows (sum_gradient_rows).
+// Each thread keeps its block buffers and (up to kKeptPackBytes) its pack across calls, the calling thread the
+// chunks' buffers.
 #include "mlp.h"
 
 #include <ATen/Parallel.h>
@@ -796,11 +797,17 @@ Packed& thread_pack() {
 // The threads claim a job's blocks as they come free, not in equal shares fixed up front: on a shared machine one
 // core can run the same work 1.5x slower than the other for seconds at a time (a 2-core VM, each core timed alone),
 // and a fixed share makes every call wait for the slower one. A forward claims its blocks one at a time. A backward
-// sums its weight gradients in one buffer per chunk of blocks, one chunk a thread, added up in chunk order: which
-// thread ran a chunk does not change a result. (Eight chunks, for finer claims, made the 8,192-row train step
-// ~15% slower on the 2-core EPYC: more buffers to clear and add up.)
-int64_t chunk_count(const Job& job, int64_t blocks, int64_t threads) {
-  return job.backward ? std::min(blocks, threads) : blocks;
+// claims chunks of blocks, kChunksPerThread a thread, each summing its weight gradients in its own buffer; thread
+// t's share is chunks t * kChunksPerThread onwards, which it runs first (their buffers stay in its cache from call
+// to call) before taking what the others have not started. The chunks of each share are then added up in order,
+// and the shares in order, so which thread ran a chunk does not change a result. A gradient too large for that
+// many copies (over kMaxChunkedGradientBytes) keeps one chunk a thread.
+constexpr int64_t kChunksPerThread = 4;
+constexpr int64_t kMaxChunkedGradientBytes = int64_t{4} << 20;
+
+int64_t chunks_per_share(const Job& job, int64_t gradient_floats) {
+  if (!job.backward) return 1;
+  return gradient_floats * static_cast<int64_t>(sizeof(float)) <= kMaxChunkedGradientBytes ? kChunksPerThread : 1;
 }
 
 // A thread expecting at least this many rows sums the input layer by 4-bit groups (Packed::group_sums): building them
@@ -816,6 +823,13 @@ int64_t group_sums_bytes(const Shape& s) {
 // A thread's pack larger than this is freed after each call (a large vocabulary's head is tens of MB a thread;
 // packing a model that large anew costs little against its rows).
 constexpr int64_t kKeptPackBytes = int64_t{8} << 20;
+
+// dst[0:n] += src[0:n].
+void add_into(float* dst, const float* src, int64_t n) {
+  int64_t j = 0;
+  for (; j + kVectorFloats <= n; j += kVectorFloats) store(dst + j, load(dst + j) + load(src + j));
+  for (; j < n; ++j) dst[j] += src[j];
+}
 
 // out[0:count] = the sum of the parts' floats from offset (zeros without parts).
 void add_parts(const GradientParts& parts, int64_t offset, int64_t count, float* out) {
@@ -838,8 +852,19 @@ const GradientParts& run(const Params& params, const Shape& shape, const Job& jo
   const int64_t rows = block_rows(job.n);
   const int64_t blocks = (job.n + rows - 1) / rows;
   const GradLayout layout(shape);
-  const int64_t chunks = chunk_count(job, blocks, at::get_num_threads());
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  // A forward: one block a chunk, one share a thread. A backward: a share a thread (as parallel_for splits the
+  // blocks), its blocks in up to chunks_per_share chunks.
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
+  const int64_t shares = job.backward ? threads : blocks;
+  const int64_t share_blocks = shares == 0 ? 0 : (blocks + shares - 1) / shares;  // the last shares may have fewer
+  const int64_t per_share = std::min(share_blocks, chunks_per_share(job, layout.size));
+  const int64_t chunk_blocks = per_share == 0 ? 0 : (share_blocks + per_share - 1) / per_share;
+  const int64_t chunks = shares * per_share;  // chunk c: blocks of share c / per_share, some chunks empty
+  auto chunk_range = [&](int64_t c) {
+    const int64_t share_end = std::min(blocks, (c / per_share + 1) * share_blocks);
+    const int64_t first = std::min(share_end, (c / per_share) * share_blocks + (c % per_share) * chunk_blocks);
+    return std::make_pair(first, std::min(share_end, first + chunk_blocks));
+  };
   const bool group_sums = job.n / std::max<int64_t>(threads, 1) >= kGroupSumRows &&
                           group_sums_bytes(shape) <= kMaxGroupSumBytes;
   // The caller's, reached from every thread (a thread_local named inside the lambda would be each thread's own).
@@ -849,7 +874,6 @@ const GradientParts& run(const Params& params, const Shape& shape, const Job& jo
   GradientParts& parts = caller_parts;
   parts.clear();
   if (job.backward && static_cast<int64_t>(sums.size()) < chunks) sums.resize(chunks);
-  const int64_t per_chunk = chunks == 0 ? 0 : (blocks + chunks - 1) / chunks;  // blocks; the last chunks may have none
   std::vector<std::atomic<bool>> taken(chunks);
   at::parallel_for(0, threads, 1, [&](int64_t thread, int64_t) {
     Packed& packed = thread_pack();
@@ -857,13 +881,14 @@ const GradientParts& run(const Params& params, const Shape& shape, const Job& jo
     Workspace& w = thread_workspace();
     w.prepare(packed, std::min(rows, job.n), job.backward);
     auto run_chunk = [&](int64_t c) {
-      if (c * per_chunk >= blocks || taken[c].exchange(true)) return;
+      const auto [first, end] = chunk_range(c);
+      if (first >= end || taken[c].exchange(true)) return;
       float* grads = nullptr;
       if (job.backward) {
         sums[c].assign(layout.size, 0.0f);
         grads = sums[c].data();
       }
-      for (int64_t b = c * per_chunk; b < std::min(blocks, (c + 1) * per_chunk); ++b) {
+      for (int64_t b = first; b < end; ++b) {
         const int64_t r0 = b * rows, nb = std::min(rows, job.n - r0);
         forward_block(packed, job.idx + r0, nb, w);
         if (job.backward) {
@@ -873,14 +898,31 @@ const GradientParts& run(const Params& params, const Shape& shape, const Job& jo
         }
       }
     };
-    // This thread's own chunks first (a backward's one: the same gradient buffer every call, in its cache), then any
-    // left.
-    for (int64_t c = thread; c < chunks; c += threads) run_chunk(c);
-    for (int64_t c = 0; c < chunks; ++c) run_chunk(c);
+    // This thread's own share first, then what is left, from the other shares' ends (where their own threads
+    // would come last).
+    if (job.backward) {
+      for (int64_t c = thread * per_share; c < (thread + 1) * per_share; ++c) run_chunk(c);
+    } else {
+      for (int64_t c = thread; c < chunks; c += threads) run_chunk(c);
+    }
+    for (int64_t c = chunks - 1; c >= 0; --c) run_chunk(c);
     if (packed.bytes() > kKeptPackBytes) packed = Packed();
   });
-  if (job.backward)
-    for (int64_t c = 0; c * per_chunk < blocks; ++c) parts.push_back(sums[c].data());
+  if (!job.backward) return parts;
+  // Each share's chunks added up into its first chunk's buffer, in order, by the share's own thread (whose cache
+  // holds them unless another took them).
+  auto nonempty = [&](int64_t c) { return chunk_range(c).first < chunk_range(c).second; };
+  if (per_share > 1) {
+    at::parallel_for(0, threads, 1, [&](int64_t first_share, int64_t end_share) {
+      for (int64_t share = first_share; share < end_share; ++share) {
+        float* total = sums[share * per_share].data();
+        for (int64_t c = share * per_share + 1; c < (share + 1) * per_share && nonempty(c); ++c)
+          add_into(total, sums[c].data(), layout.size);
+      }
+    });
+  }
+  for (int64_t share = 0; share < shares; ++share)
+    if (nonempty(share * per_share)) parts.push_back(sums[share * per_share].data());
   return parts;
 }
 

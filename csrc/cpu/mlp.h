@@ -62,14 +62,15 @@ struct ParamRows {
   }
 };
 
-// The gradient sums of one run's backward, one buffer per chunk of blocks, in the chunks' order (padded layout,
-// mlp.cpp).
+// The gradient sums of one run's backward, one buffer per share of the blocks, in the shares' order (padded
+// layout, mlp.cpp).
 using GradientParts = std::vector<const float*>;
 
 // Runs the job over blocks of rows on torch's intra-op threads, which claim the blocks a chunk at a time, each
 // thread with its own pack of p's weights (packing on every core costs less than one pack that the other cores
-// then read); returns the chunks' gradient sums, empty without a backward: the caller's buffers, valid until the
-// calling thread's next run. The results do not depend on which thread ran which chunk.
+// then read); returns the gradient sums of the threads' shares of the blocks, empty without a backward: the
+// caller's buffers, valid until the calling thread's next run. The results do not depend on which thread ran
+// which chunk.
 const GradientParts& run(const Params& p, const Shape& s, const Job& job);
 
 // Rows [begin, end) (ParamRows) of the gradients summed over parts, unpadded, into the eight parameter-shaped
