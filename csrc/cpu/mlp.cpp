@@ -824,13 +824,6 @@ int64_t group_sums_bytes(const Shape& s) {
 // packing a model that large anew costs little against its rows).
 constexpr int64_t kKeptPackBytes = int64_t{8} << 20;
 
-// dst[0:n] += src[0:n].
-void add_into(float* dst, const float* src, int64_t n) {
-  int64_t j = 0;
-  for (; j + kVectorFloats <= n; j += kVectorFloats) store(dst + j, load(dst + j) + load(src + j));
-  for (; j < n; ++j) dst[j] += src[j];
-}
-
 // out[0:count] = the sum of the parts' floats from offset (zeros without parts).
 void add_parts(const GradientParts& parts, int64_t offset, int64_t count, float* out) {
   int64_t j = 0;
@@ -911,13 +904,19 @@ const GradientParts& run(const Params& params, const Shape& shape, const Job& jo
   if (!job.backward) return parts;
   // Each share's chunks added up into its first chunk's buffer, in order, by the share's own thread (whose cache
   // holds them unless another took them).
-  auto nonempty = [&](int64_t c) { return chunk_range(c).first < chunk_range(c).second; };
+  auto nonempty = [&](int64_t c) {
+    const auto [first, end] = chunk_range(c);
+    return first < end;
+  };
   if (per_share > 1) {
     at::parallel_for(0, threads, 1, [&](int64_t first_share, int64_t end_share) {
+      GradientParts chunk_sums;
       for (int64_t share = first_share; share < end_share; ++share) {
-        float* total = sums[share * per_share].data();
-        for (int64_t c = share * per_share + 1; c < (share + 1) * per_share && nonempty(c); ++c)
-          add_into(total, sums[c].data(), layout.size);
+        chunk_sums.clear();
+        for (int64_t c = share * per_share; c < (share + 1) * per_share && nonempty(c); ++c)
+          chunk_sums.push_back(sums[c].data());
+        if (chunk_sums.size() > 1)  // into the first chunk's buffer: each float is read before it is written
+          add_parts(chunk_sums, 0, layout.size, sums[share * per_share].data());
       }
     });
   }
