@@ -2,8 +2,10 @@
 
 A CPU has no datasheet figure the suite can trust (clocks, cores and the load of a shared machine vary), so
 the rate is measured at the start of the run: the best of a few ``torch.mm`` of two SIZE x SIZE matrices
-(MKL / oneDNN on all of torch's threads; bf16 uses AMX or AVX512-BF16 where the CPU has them). A row's share
-is its rate in FLOP/s (``ceilings.forward_flops`` per index, x3 for a training step) over that ceiling.
+(MKL / oneDNN on all of torch's threads; bf16 uses AMX or AVX512-BF16). On a CPU without bf16 instructions
+bf16 is not measured: oneDNN emulates it there (a 1024 x 1024 product took ~0.5 s on a 2-core AMD EPYC, ~25 s
+a run), no backend runs bf16 faster than fp32 there, and its rows get no share. A row's share is its rate in
+FLOP/s (``ceilings.forward_flops`` per index, x3 for a training step) over that ceiling.
 """
 
 from __future__ import annotations
@@ -40,12 +42,19 @@ def matmul_flops(dtype: torch.dtype, size: int = SIZE, repeats: int = REPEATS) -
     return 2.0 * size**3 / best
 
 
+def has_bf16_instructions() -> bool:
+    """Whether the CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX tiles)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def measure() -> dict[str, Any]:
-    """results.json's meta.cpu_ceiling: FLOP/s per precision and how they were measured."""
+    """results.json's meta.cpu_ceiling: FLOP/s per precision measured and how they were measured."""
+    measured = [name for name in PRECISION_DTYPES if name != "bf16" or has_bf16_instructions()]
+    skipped = "" if "bf16" in measured else "; bf16 not measured: this CPU has no bf16 instructions"
     return {
-        "flops": {name: matmul_flops(dtype) for name, dtype in PRECISION_DTYPES.items()},
+        "flops": {name: matmul_flops(PRECISION_DTYPES[name]) for name in measured},
         "source": f"best of {REPEATS} torch.mm of {SIZE} x {SIZE} per dtype after {WARMUP_S} s of them, on "
-        f"{torch.get_num_threads()} threads, measured at the start of this run",
+        f"{torch.get_num_threads()} threads, measured at the start of this run{skipped}",
     }
 
 

@@ -700,6 +700,20 @@ def test_cpu_ceiling_shares():
     assert cpu_ceiling.matmul_flops(torch.float32, size=64, repeats=1) > 0
 
 
+@pytest.mark.parametrize("bf16_instructions", [False, True])
+def test_cpu_ceiling_measures_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch, bf16_instructions):
+    """Emulated, a bf16 product is no ceiling (and took ~25 s a bench run on an AVX2 CPU): it is left out."""
+    from aunn_fast.bench import cpu_ceiling
+
+    timed = []
+    monkeypatch.setattr(cpu_ceiling, "matmul_flops", lambda dtype: timed.append(dtype) or 1e11)
+    monkeypatch.setattr(cpu_ceiling, "has_bf16_instructions", lambda: bf16_instructions)
+    measured = cpu_ceiling.measure()
+    assert timed == ([torch.float32, torch.bfloat16] if bf16_instructions else [torch.float32])
+    assert set(measured["flops"]) == ({"fp32", "bf16"} if bf16_instructions else {"fp32"})
+    assert ("bf16 not measured" in measured["source"]) != bf16_instructions
+
+
 # ----------------------------------------------------------------------------- the CUDA plumbing
 
 
