@@ -1,7 +1,7 @@
 """Compile every Triton kernel for a Hopper GPU (sm_90a) on a machine without one.
 
     python -m aunn_fast.bench.compile_check [--configs seed,bytes] [--precisions fp32,bf16]
-        [--fp32-products tf32x3,ieee] [--tiles block_hc=256,num_warps_head=4] [--out FILE]
+        [--fp32-products tf32x3,ieee] [--tiles block_hc=256,num_warps_head=4] [--defaults-only] [--out FILE]
 
 Triton compiles to a cubin without a driver when it is handed the target; its bundled
 ``ptxas -v`` then reports what a GPU run would pay: registers per thread, spill stores
@@ -15,7 +15,9 @@ exp2, rcp, tanh, rsqrt...) and MMA (HMMA/HGMMA tensor-core instructions). Each i
 once per place in the code, so a loop body counts once.
 In bf16 every path is compiled with both sigmoid choices (``KernelOptions.sigmoid``); in fp32 with each
 product method of ``--fp32-products`` (``KernelOptions.fp32_products``; the default "tf32x3" in rows "fp32",
-FMAs in rows "fp32 ieee").
+FMAs in rows "fp32 ieee"). Both trunk weight-gradient candidates (``KernelOptions.weight_grad``) are compiled;
+``--defaults-only`` compiles only the default sigmoid and weight gradient, the kernels a GPU run takes (about half
+the compile time).
 ``--tiles`` overrides fields of every ``choose_tiles`` answer (``KernelOptions.tiles``, as
 kernel_variants' candidates do), to see a candidate's registers and spills before timing it.
 Runs without TRITON_INTERPRET (it re-executes itself with the variable removed).
@@ -127,9 +129,11 @@ def _compile_all(
     precisions: list[str],
     fp32_products: tuple[str, ...] = FP32_PRODUCT_METHODS[:1],
     tiles: dict[str, int] | None = None,
+    defaults_only: bool = False,
 ) -> list[dict[str, object]]:
     """Run every launcher on CPU tensors with launches replaced by compile-only warmups; tiles: Tiles fields
-    replaced in every choose_tiles answer."""
+    replaced in every choose_tiles answer; defaults_only: KernelOptions' own sigmoid and weight gradient only,
+    not the candidates."""
     import torch
     from triton.runtime.driver import driver
 
@@ -172,6 +176,8 @@ def _compile_all(
     # 4,096 rows, compiled as a large batch runs them (bf16 weight copies, KernelOptions.weight_copy_min_rows);
     # and for a large head 64, whose few row blocks split the vocabulary into ranges
     base = KernelOptions(weight_copy_min_rows=4096, tiles=tuple((tiles or {}).items()))
+    sigmoids = (base.sigmoid,) if defaults_only else SIGMOID_METHODS
+    weight_grads = (base.weight_grad,) if defaults_only else WEIGHT_GRAD_METHODS
     for name in configs:
         hidden, layers, vocab = CONFIGS[name]
         cfg = AUNNConfig(vocab_size=vocab, hidden=hidden, layers=layers)
@@ -183,16 +189,16 @@ def _compile_all(
             variants = [
                 (p, s, f)
                 for p in precisions
-                for s in (SIGMOID_METHODS if p == "bf16" else ("exact",))
+                for s in (sigmoids if p == "bf16" else ("exact",))
                 for f in (fp32_products if p == "fp32" else FP32_PRODUCT_METHODS[:1])
             ]
             for precision, sigmoid, products in variants:
                 shown = precision if products == FP32_PRODUCT_METHODS[0] else f"{precision} {products}"
                 context.update(config=name, precision=shown, sigmoid=sigmoid)
-                for weight_grad in WEIGHT_GRAD_METHODS:
+                for weight_grad in weight_grads:
                     options = replace(base, sigmoid=sigmoid, fp32_products=products, weight_grad=weight_grad)
                     config = choose_config(hidden, cfg.bits, vocab, precision, compile_device, options)
-                    if weight_grad == WEIGHT_GRAD_METHODS[0]:  # the forward does not depend on it
+                    if weight_grad == weight_grads[0]:  # the forward does not depend on it
                         for mode, label in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_LOSS, "loss")):
                             context["path"] = f"forward {label}{rows_label}"
                             mlp_forward.forward(
@@ -290,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         default={},
         help="comma-separated Tiles field=value overrides, e.g. block_hc=256 (default: none)",
     )
+    parser.add_argument(
+        "--defaults-only",
+        action="store_true",
+        help="only the default sigmoid and weight gradient, not the candidates (about half the time)",
+    )
     parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels cannot be compiled
@@ -297,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run(
             [sys.executable, "-m", "aunn_fast.bench.compile_check", *(argv or sys.argv[1:])], env=env
         ).returncode
-    rows = _compile_all(args.configs, args.precisions, tuple(args.fp32_products), args.tiles)
+    rows = _compile_all(args.configs, args.precisions, tuple(args.fp32_products), args.tiles, args.defaults_only)
     table = _table(rows)
     print(table)
     if args.out:
