@@ -44,15 +44,3 @@ def generator() -> torch.Generator:
     g.manual_seed(seed)
     print(f"generator seed: {seed}")
     return g
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``expensive`` first, the longest (``seconds``, default 10) first among them: pytest-xdist hands
-    tests out in collection order, and a long test handed out last ends the run on one worker while the others
-    wait."""
-
-    def seconds(item: pytest.Item) -> float:
-        marker = item.get_closest_marker("expensive")
-        return 0.0 if marker is None else marker.kwargs.get("seconds", 10.0)
-
-    items.sort(key=seconds, reverse=True)

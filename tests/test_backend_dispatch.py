@@ -17,7 +17,6 @@ TOLERANCE = {"fp32": 1e-5, "tf32": 1e-3, "bf16": 1e-2}
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 @pytest.mark.parametrize("backend", USABLE)
-@pytest.mark.expensive
 def test_backend_matches_reference_through_the_module(generator, backend, precision):
     if precision not in BACKENDS[backend].precisions:
         pytest.skip(f"backend {backend} does not offer {precision}")

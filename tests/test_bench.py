@@ -231,7 +231,6 @@ def test_ceiling_shares_are_plotted_for_h100_rows(tmp_path: Path) -> None:
     assert plots.ceiling_shares(rows, tmp_path, "NVIDIA H100 80GB HBM3") == [tmp_path / "ceiling_share.png"]
 
 
-@pytest.mark.expensive(seconds=20)
 def test_kernel_variants_check_then_time_and_report_failures():
     """Each candidate is checked, then timed with its own options; one that raises is a row with its error.
     An unknown method is refused when the candidate is made."""

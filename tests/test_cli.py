@@ -92,7 +92,6 @@ def test_condition_rejects_unknown_characters_and_an_empty_prompt(run_dir, capsy
     assert "--prompt is empty" in _error(["condition", str(run_dir), "--prompt", ""], capsys)
 
 
-@pytest.mark.expensive
 def test_demo_tiny_preset(tmp_path, capsys):
     assert main(["demo", "--preset", "tiny", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out

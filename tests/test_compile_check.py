@@ -65,7 +65,6 @@ def compile_report(tmp_path, config: str, defaults_only: bool) -> list[dict[str,
 
 
 @pytest.mark.parametrize("config", ["seed", "narrow", "bytes", "vocab"])
-@pytest.mark.expensive(seconds=60)
 def test_default_paths_compile_for_hopper(tmp_path, config):
     """The seed model's with every candidate (the sigmoids, the weight gradients), the others' defaults."""
     rows = compile_report(tmp_path, config, defaults_only=config != "seed")

@@ -519,7 +519,6 @@ def test_train_step_leaves_subnormals_on(generator):
 
 @needs_extension
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.expensive
 def test_opcheck(precision, generator):
     cfg = AUNNConfig(vocab_size=6, hidden=16, layers=4, bits=64)
     params = [p.requires_grad_() for p in make_params(cfg, generator)]

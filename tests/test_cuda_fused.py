@@ -288,7 +288,6 @@ def test_cuda_backend_is_bf16_only_and_never_auto(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")
-@pytest.mark.expensive(seconds=30)
 def test_every_cuda_kernel_compiles_for_hopper_without_spills(tmp_path):
     """compile_check --cuda: every csrc/cuda/*.cu compiles for sm_90a, no kernel spills or exceeds the H100's
     shared memory, and the fused step has its 20 kernels (4 widths x 5 modes)."""

@@ -197,7 +197,6 @@ def test_digits_without_scikit_learn_fail_in_one_line(monkeypatch, tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.expensive
 def test_digits_demo_trains_the_tree_order_on_17_bits_with_focus(monkeypatch, tmp_path):
     """The preset's data, index bits and focus reach the run (its model and length shrunk to a smoke test)."""
     preset = PRESETS["digits"]

@@ -102,7 +102,6 @@ def one_process_rows():
     return train(_model(), ToyData(chunks=CHUNKS), _config(8), progress=False)
 
 
-@pytest.mark.expensive
 def test_torchrun_runs_one_run_that_resumes_on_one_process(tmp_path, one_process_rows):
     """`torchrun --nproc-per-node 2 -m aunn_fast train`: rank 0 alone writes the log and checkpoint (with world
     size 2), whose losses are the 1-process run's; the run then resumes as 1 process, and goes on like it."""
@@ -159,7 +158,6 @@ def test_torchrun_runs_one_run_that_resumes_on_one_process(tmp_path, one_process
     _assert_same_losses(_losses(rows), _losses(one_process_rows))
 
 
-@pytest.mark.expensive
 def test_a_one_process_run_resumes_on_two(tmp_path, one_process_rows):
     run = tmp_path / "run"
     train(_model(), ToyData(chunks=CHUNKS), _config(4, save_every=2), run, progress=False)
@@ -175,7 +173,6 @@ def test_a_one_process_run_resumes_on_two(tmp_path, one_process_rows):
     assert max(rel_err(a, b) for a, b in zip(model.params, reference.params)) < 1e-5
 
 
-@pytest.mark.expensive
 def test_a_failing_rank_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path):
     """Rank 1 fails in its 5th step: it raises its own error, rank 0 says which rank failed; the checkpoint of
     step 4 stays, complete."""
@@ -187,7 +184,6 @@ def test_a_failing_rank_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path)
     assert state["step"] == 4 and [int(r["step"]) for r in read_log(run / LOG_NAME)] == [1, 2, 3, 4]
 
 
-@pytest.mark.expensive
 def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     """SIGINT reaches rank 1 during its 3rd step: every rank completes that step (whose all-reduce tells them),
     then stops, and rank 0 saves the checkpoint of step 3."""
@@ -198,7 +194,6 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["reference", "compile", "triton"])
-@pytest.mark.expensive
 def test_every_backend_packs_its_gradients_for_the_all_reduce(backend):
     """The buffer each rank all-reduces holds its share's gradients of the global batch's mean loss: the sum of
     the two ranks' buffers is the 1-process gradient (the reference's), for every backend, so no path can skip

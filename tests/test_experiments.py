@@ -67,7 +67,6 @@ def test_demo_refusals_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="shared/data/tinyshakespeare.txt is absent")
-@pytest.mark.expensive(seconds=90)
 def test_shakespeare_recipe_memorises_20000_characters(tmp_path):
     """The shakespeare preset's recipe (epochs, learning-rate schedule, weight decay, depth) on its first 20,000
     characters, scaled to them: H=128 (82k parameters, 4.1 per character as H=1024's 4.3M are 3.9 for the
@@ -91,7 +90,6 @@ def test_shakespeare_recipe_memorises_20000_characters(tmp_path):
     assert fit(model, data, torch.Generator())["train_accuracy"] >= 0.99
 
 
-@pytest.mark.expensive
 def test_demo_holds_out_a_tail_that_eval_scores_again(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("the cat sat on the mat. " * 20)

@@ -202,7 +202,6 @@ def test_good_eps_is_accepted():
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 @pytest.mark.parametrize("backend", ["reference", "compile"])
-@pytest.mark.expensive
 def test_compiled_model_runs_in_one_graph(backend, precision, generator):
     """Compiled, the model keeps its precision: Inductor would drop a bf16 cast round trip (it did)."""
     cfg = AUNNConfig(vocab_size=5, hidden=16, layers=4, bits=20)
@@ -252,7 +251,6 @@ def test_no_backend_call_sees_autocast(model, generator, monkeypatch):
 @pytest.mark.parametrize(
     "backend", [name for name, reason in backends.available_backends("cpu").items() if reason is None]
 )
-@pytest.mark.expensive
 def test_loss_reductions(backend, generator):
     model = random_model(
         AUNNConfig(vocab_size=5, hidden=16, layers=4, bits=20), generator, backend=backend, precision="fp32"

@@ -958,7 +958,6 @@ def test_gpu_model_on_a_device_that_is_not_current(generator):
         (False, 20, False, False, 5),
     ],
 )
-@pytest.mark.expensive
 def test_opcheck(force_layerwise, n, split_vocab, weight_copies, vocab, generator, options):
     """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of both operators,
     fused and layer-wise (whose forward also calls PyTorch GEMMs); at 37 rows the head's
@@ -996,7 +995,6 @@ def test_opcheck(force_layerwise, n, split_vocab, weight_copies, vocab, generato
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.expensive
 def test_torch_compile_fullgraph(precision, generator, weight_grad):
     """logits, predict and loss + backward under torch.compile(fullgraph=True) match eager."""
     check_compiled_matches_eager(precision, generator)
